@@ -1,0 +1,1 @@
+"""Config and result types, validation, errors and well-known paths (stdlib only)."""

@@ -1,0 +1,52 @@
+"""Small filesystem helpers used by every cache: locks and atomic publication."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock held for the duration of the block (flock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """Build into a temporary sibling directory, then rename it to `final`.
+
+    Readers only ever see a complete directory, and a crash mid-build leaves a
+    `.tmp-*` directory that is removed on the next attempt.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield work
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(work, final)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def directory_digest_input(root: Path, suffixes: tuple[str, ...] = (".py",)) -> bytes:
+    """Stable bytes describing the files under `root` (paths and contents), for cache keys."""
+    parts = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes):
+        parts.append(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return b"".join(parts)

@@ -1,0 +1,66 @@
+"""Entry point of the `matchlock` command.
+
+Subcommands live in their own modules and are imported only when invoked,
+so `matchlock exec` does not pay for importing the image or kernel code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .. import __version__
+from ..api.errors import MatchlockError
+
+# name -> (module, attribute); aliases map to the same entry.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("matchlock.cli.run", "run"),
+    "version": ("matchlock.cli.info", "version"),
+    "diagnose": ("matchlock.cli.info", "diagnose"),
+    "kernel": ("matchlock.cli.kernel", "kernel"),
+    "image": ("matchlock.cli.image", "image"),
+    "setup": ("matchlock.cli.setup", "setup"),
+}
+ALIASES: dict[str, str] = {}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        name = ALIASES.get(name, name)
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="matchlock", message="%(prog)s version %(version)s")
+def cli() -> None:
+    """Run untrusted code in disposable micro-VMs; the host controls everything that leaves them."""
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        # One line naming the bad value, then exit 2 (usage) as the contract asks.
+        message = exc.format_message()
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            message = f"{message} (see '{exc.ctx.command_path} --help')"
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(exc.exit_code)
+    except MatchlockError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

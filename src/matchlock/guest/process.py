@@ -1,0 +1,240 @@
+"""Start one workload command in its own PID and mount namespaces.
+
+Process tree for one exec (all forked from the agent, so nothing is loaded
+from the image):
+
+    agent
+     └─ launcher      new process group; unshares PID+mount namespaces,
+         │            hides the runtime mounts, then waits and mirrors the status
+         └─ ns init   PID 1 of the new namespace: mounts /proc, reaps orphans
+             └─ sh -c COMMAND   caps dropped, no_new_privs, seccomp, user, cwd
+
+When the command exits, the namespace init exits, and the kernel kills every
+process left in the namespace, so background jobs of a finished command never
+linger and never hold its output pipes open. Cancellation signals the
+launcher's process group; SIGKILL to that group takes down the namespace init
+and with it everything inside.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import struct
+import termios
+
+from ..wire.agent import ExecRequest, TerminalSize
+from . import seccomp, syscalls
+from .users import resolve_user
+
+HIDDEN_MOUNTS = ("/run/matchlock",)
+DROPPED_CAPABILITIES = {
+    "CAP_SYS_MODULE": 16,
+    "CAP_SYS_RAWIO": 17,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_BOOT": 22,
+}
+EXEC_FAILED = 127
+_SECCOMP_PROGRAM = seccomp.build_filter()
+_DEFAULT_SIGNALS = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]
+
+
+class SpawnError(Exception):
+    pass
+
+
+def set_window_size(fd: int, size: TerminalSize) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
+
+
+class Spawned:
+    """The agent's handle on a running command: pid, pgid and its pipe ends."""
+
+    def __init__(self, pid: int, stdin: int | None, stdout: int, stderr: int | None, pty: bool, error_pipe: int):
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.pty = pty
+        self.error_pipe = error_pipe
+
+    def signal(self, signum: int) -> None:
+        targets = {self.pid}
+        if self.pty:
+            try:
+                targets.add(os.tcgetpgrp(self.stdout))
+            except OSError:
+                pass
+        for pgid in targets:
+            try:
+                os.killpg(pgid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def spawn(request: ExecRequest, *, privileged: bool, hidden_devices: tuple[str, ...] = ()) -> Spawned:
+    """Fork the launcher; returns at once. Exec errors arrive on `error_pipe`."""
+    if request.tty:
+        master, slave = os.openpty()
+        set_window_size(master, request.tty)
+        child_fds = (slave, slave, slave)
+        parent_fds = (master, master, None)
+        to_close_in_parent = [slave]
+    else:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        if request.stdin:
+            in_r, in_w = os.pipe()
+        else:
+            in_r, in_w = os.open("/dev/null", os.O_RDONLY), None
+        child_fds = (in_r, out_w, err_w)
+        parent_fds = (in_w, out_r, err_r)
+        to_close_in_parent = [in_r, out_w, err_w]
+    error_r, error_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            # Drop everything inherited from the agent (the port, other
+            # commands' pipes) so this command cannot hold them open.
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _close_all_except({0, 1, 2, error_w, *child_fds})
+            _launcher(request, child_fds, error_w, privileged, hidden_devices)
+        except BaseException as exc:  # noqa: BLE001 - must never return into the agent
+            _report(error_w, f"launcher: {exc}")
+        finally:
+            os._exit(EXEC_FAILED)
+    for fd in to_close_in_parent + [error_w]:
+        os.close(fd)
+    stdin, stdout, stderr = parent_fds
+    for fd in {fd for fd in parent_fds if fd is not None}:
+        os.set_blocking(fd, False)
+    return Spawned(pid, stdin, stdout, stderr, request.tty is not None, error_r)
+
+
+def _close_all_except(keep: set[int]) -> None:
+    low = 0
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
+
+
+def _report(error_w: int, message: str) -> None:
+    try:
+        os.write(error_w, message.encode("utf-8", "replace")[:4000])
+    except OSError:
+        pass
+
+
+def _launcher(request: ExecRequest, child_fds, error_w: int, privileged: bool, hidden_devices) -> None:
+    os.setpgid(0, 0)
+    syscalls.unshare(syscalls.CLONE_NEWPID | syscalls.CLONE_NEWNS)
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    for path in HIDDEN_MOUNTS:
+        try:
+            syscalls.umount(path, syscalls.MNT_DETACH)
+        except OSError:
+            pass
+    for device in hidden_devices:
+        try:
+            syscalls.mount("/dev/null", device, None, syscalls.MS_BIND)
+        except OSError:
+            pass
+    init_pid = os.fork()
+    if init_pid == 0:
+        try:
+            _namespace_init(request, child_fds, error_w, privileged)
+        except BaseException as exc:  # noqa: BLE001
+            _report(error_w, f"namespace init: {exc}")
+        finally:
+            os._exit(EXEC_FAILED)
+    os.close(error_w)
+    for fd in set(child_fds):
+        os.close(fd)
+    # Signals aimed at the group are for the command; the launcher just waits.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_IGN)
+    os._exit(_wait_exit_code(init_pid))
+
+
+def _wait_exit_code(pid: int) -> int:
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except InterruptedError:
+            continue
+        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _namespace_init(request: ExecRequest, child_fds, error_w: int, privileged: bool) -> None:
+    syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    command_pid = os.fork()
+    if command_pid == 0:
+        try:
+            _exec_command(request, child_fds, error_w, privileged)
+        except BaseException as exc:  # noqa: BLE001
+            _report(error_w, str(exc))
+        finally:
+            os._exit(EXEC_FAILED)
+    os.close(error_w)
+    for fd in set(child_fds):
+        os.close(fd)
+    # As PID 1 we inherit every orphan in the namespace: reap until the
+    # command itself is done, then exit, which ends the whole namespace.
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            os._exit(EXEC_FAILED)
+        if pid == command_pid:
+            code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+            os._exit(code)
+
+
+def _exec_command(request: ExecRequest, child_fds, error_w: int, privileged: bool) -> None:
+    stdin, stdout, stderr = child_fds
+    if request.tty:
+        os.setsid()
+        fcntl.ioctl(stdin, termios.TIOCSCTTY, 0)
+    os.dup2(stdin, 0)
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    _close_all_except({0, 1, 2, error_w})
+
+    env = dict(request.env)
+    user = resolve_user(request.user) if request.user else resolve_user("0")
+    if user.home and "HOME" not in env:
+        env["HOME"] = user.home
+    if request.tty and "TERM" not in env:
+        env["TERM"] = "xterm"
+
+    if not privileged:
+        for cap in DROPPED_CAPABILITIES.values():
+            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+    os.setgroups(list(user.groups))
+    os.setgid(user.gid)
+    os.setuid(user.uid)
+    if not privileged:
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+        syscalls.set_seccomp_filter(_SECCOMP_PROGRAM)
+    try:
+        os.chdir(request.cwd)
+    except OSError as exc:
+        raise SpawnError(f"cannot use working directory {request.cwd}: {exc.strerror}") from None
+
+    for signum in _DEFAULT_SIGNALS:
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    try:
+        os.execve("/bin/sh", ["sh", "-c", request.command], env)
+    except OSError as exc:
+        raise SpawnError(f"cannot run /bin/sh in the image: {exc.strerror}") from None

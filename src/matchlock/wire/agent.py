@@ -1,0 +1,262 @@
+"""Agent messages carried over the multiplexer (stdlib only, shared by both sides).
+
+A stream is opened with a request (`op` plus fields). The guest answers with
+MESSAGE frames whose `type` is one of the reply types below; the last one on a
+stream is `exit` (for exec), `result` or `error`. Both sides parse what they
+receive with the functions here, which reject anything malformed with a
+ValueError naming the bad field; the host treats such a reply from the guest
+as a protocol violation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# Host -> guest: stream requests
+OP_EXEC = "exec"
+OP_WRITE_FILE = "write_file"
+OP_READ_FILE = "read_file"
+OP_LIST_FILES = "list_files"
+OP_SHUTDOWN = "shutdown"
+OPS = (OP_EXEC, OP_WRITE_FILE, OP_READ_FILE, OP_LIST_FILES, OP_SHUTDOWN)
+
+# Guest -> host: replies on a stream; stream 0 carries `ready` and `fatal`
+REPLY_STARTED = "started"
+REPLY_EXIT = "exit"
+REPLY_RESULT = "result"
+REPLY_ERROR = "error"
+EVENT_READY = "ready"
+EVENT_FATAL = "fatal"
+
+# Host -> guest: control messages on an exec stream
+CTL_SIGNAL = "signal"
+CTL_RESIZE = "resize"
+CTL_CANCEL = "cancel"
+
+READ_FILE_LIMIT = 16 * 1024 * 1024
+MAX_PATH = 4096
+MAX_COMMAND = 256 * 1024
+MAX_ENV_ENTRIES = 4096
+CANCEL_GRACE_SECONDS = 5.0
+
+
+def _str(msg: dict, key: str, *, default: str | None = None, max_len: int = MAX_PATH) -> str:
+    value = msg.get(key, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string")
+    if len(value) > max_len:
+        raise ValueError(f"{key!r} is longer than {max_len} characters")
+    if "\x00" in value:
+        raise ValueError(f"{key!r} contains a NUL byte")
+    return value
+
+
+def _int(msg: dict, key: str, *, default: int | None = None, lo: int = 0, hi: int = 1 << 62) -> int:
+    value = msg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key!r} must be an integer")
+    if not lo <= value <= hi:
+        raise ValueError(f"{key!r} = {value} is outside {lo}..{hi}")
+    return value
+
+
+def _path(msg: dict, key: str = "path") -> str:
+    path = _str(msg, key)
+    if not path.startswith("/"):
+        raise ValueError(f"{key!r} must be an absolute path, got {path!r}")
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalSize:
+    rows: int
+    cols: int
+
+    @classmethod
+    def parse(cls, msg: dict) -> "TerminalSize":
+        return cls(_int(msg, "rows", lo=1, hi=65535), _int(msg, "cols", lo=1, hi=65535))
+
+    def to_wire(self) -> dict:
+        return {"rows": self.rows, "cols": self.cols}
+
+
+@dataclass(frozen=True, slots=True)
+class ExecRequest:
+    command: str
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = "/"
+    user: str = ""
+    stdin: bool = False
+    tty: TerminalSize | None = None
+
+    @classmethod
+    def parse(cls, msg: dict) -> "ExecRequest":
+        env = msg.get("env", {})
+        if not isinstance(env, dict) or len(env) > MAX_ENV_ENTRIES:
+            raise ValueError("'env' must be an object with at most 4096 entries")
+        for key, value in env.items():
+            if not isinstance(value, str) or not key or "=" in key or "\x00" in key + value:
+                raise ValueError(f"invalid environment entry {key!r}")
+        tty = msg.get("tty")
+        if tty is not None and not isinstance(tty, dict):
+            raise ValueError("'tty' must be an object or null")
+        stdin = msg.get("stdin", False)
+        if not isinstance(stdin, bool):
+            raise ValueError("'stdin' must be a boolean")
+        return cls(
+            command=_str(msg, "command", max_len=MAX_COMMAND),
+            env=dict(env),
+            cwd=_path(msg, "cwd") if "cwd" in msg else "/",
+            user=_str(msg, "user", default="", max_len=256),
+            stdin=stdin,
+            tty=TerminalSize.parse(tty) if tty is not None else None,
+        )
+
+    def to_wire(self) -> dict:
+        return {
+            "op": OP_EXEC,
+            "command": self.command,
+            "env": self.env,
+            "cwd": self.cwd,
+            "user": self.user,
+            "stdin": self.stdin,
+            "tty": self.tty.to_wire() if self.tty else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFileRequest:
+    path: str
+    mode: int = 0o644
+
+    @classmethod
+    def parse(cls, msg: dict) -> "WriteFileRequest":
+        return cls(_path(msg), _int(msg, "mode", default=0o644, hi=0o7777))
+
+    def to_wire(self) -> dict:
+        return {"op": OP_WRITE_FILE, "path": self.path, "mode": self.mode}
+
+
+@dataclass(frozen=True, slots=True)
+class PathRequest:
+    """read_file and list_files take only a path."""
+
+    op: str
+    path: str
+
+    @classmethod
+    def parse(cls, msg: dict) -> "PathRequest":
+        return cls(msg["op"], _path(msg))
+
+    def to_wire(self) -> dict:
+        return {"op": self.op, "path": self.path}
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    name: str
+    size: int
+    mode: int  # POSIX st_mode
+    is_dir: bool
+
+    @classmethod
+    def parse(cls, msg: dict) -> "FileInfo":
+        name = _str(msg, "name", max_len=255)
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"invalid file name {name!r}")
+        is_dir = msg.get("is_dir")
+        if not isinstance(is_dir, bool):
+            raise ValueError("'is_dir' must be a boolean")
+        return cls(name, _int(msg, "size"), _int(msg, "mode", hi=0xFFFFFFFF), is_dir)
+
+    def to_wire(self) -> dict:
+        return {"name": self.name, "size": self.size, "mode": self.mode, "is_dir": self.is_dir}
+
+
+def parse_request(msg: dict):
+    """Parse an OPEN request in the guest; raises ValueError on bad input."""
+    op = msg.get("op")
+    if op == OP_EXEC:
+        return ExecRequest.parse(msg)
+    if op == OP_WRITE_FILE:
+        return WriteFileRequest.parse(msg)
+    if op in (OP_READ_FILE, OP_LIST_FILES):
+        return PathRequest.parse(msg)
+    if op == OP_SHUTDOWN:
+        return op
+    raise ValueError(f"unknown op {op!r}")
+
+
+def parse_exit(msg: dict) -> tuple[int, int | None]:
+    """Return (exit code, terminating signal or None) from an `exit` reply."""
+    code = _int(msg, "code", lo=0, hi=255)
+    signal = msg.get("signal")
+    if signal is not None:
+        signal = _int(msg, "signal", lo=1, hi=64)
+    return code, signal
+
+
+def parse_files(msg: dict) -> list[FileInfo]:
+    files = msg.get("files")
+    if not isinstance(files, list):
+        raise ValueError("'files' must be a list")
+    return [FileInfo.parse(f) if isinstance(f, dict) else _bad_entry() for f in files]
+
+
+def _bad_entry():
+    raise ValueError("file entries must be objects")
+
+
+def parse_cpus(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"cpus must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class GuestConfig:
+    """Sandbox settings the host sends in its HELLO; the guest applies them at boot."""
+
+    hostname: str
+    time_ns: int
+    privileged: bool = False
+    cpus: float = 1.0
+    dns_servers: tuple[str, ...] = ()
+    extra_hosts: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, msg: dict) -> "GuestConfig":
+        hostname = _str(msg, "hostname", max_len=64)
+        if not hostname or any(c.isspace() for c in hostname):
+            raise ValueError(f"invalid hostname {hostname!r}")
+        privileged = msg.get("privileged", False)
+        if not isinstance(privileged, bool):
+            raise ValueError("'privileged' must be a boolean")
+        dns = msg.get("dns_servers", [])
+        hosts = msg.get("extra_hosts", [])
+        if not isinstance(dns, list) or not all(isinstance(d, str) and d and len(d) < 64 for d in dns):
+            raise ValueError("'dns_servers' must be a list of addresses")
+        if not isinstance(hosts, list) or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(p, str) and p and len(p) < 256 for p in h)
+            for h in hosts
+        ):
+            raise ValueError("'extra_hosts' must be a list of [host, ip] pairs")
+        return cls(
+            hostname=hostname,
+            time_ns=_int(msg, "time_ns"),
+            privileged=privileged,
+            cpus=parse_cpus(msg.get("cpus", 1.0)),
+            dns_servers=tuple(dns),
+            extra_hosts=tuple((h[0], h[1]) for h in hosts),
+        )
+
+    def to_wire(self) -> dict:
+        return {
+            "hostname": self.hostname,
+            "time_ns": self.time_ns,
+            "privileged": self.privileged,
+            "cpus": self.cpus,
+            "dns_servers": list(self.dns_servers),
+            "extra_hosts": [list(h) for h in self.extra_hosts],
+        }

@@ -1,0 +1,97 @@
+"""Frame codec for the host-guest channel (sans-IO, stdlib only).
+
+Every frame is a 9-byte header followed by a payload:
+
+    length: u32 BE   payload length in bytes (not counting the header)
+    kind:   u8       one of FrameKind
+    stream: u32 BE   stream id; 0 is the connection itself
+
+The decoder never trusts the peer: an unknown kind or a length above
+MAX_PAYLOAD raises ProtocolError at once, before any payload is buffered, so
+a hostile guest cannot make the host allocate or wait for an absurd frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+HEADER = struct.Struct(">IBI")
+HEADER_SIZE = HEADER.size
+# Control messages (JSON) and data chunks both fit comfortably; anything
+# larger is a protocol violation, not a big message.
+MAX_PAYLOAD = 1 << 20
+MAX_STREAM_ID = (1 << 32) - 1
+
+
+class ProtocolError(Exception):
+    """The peer sent something that breaks the wire protocol."""
+
+
+class FrameKind(enum.IntEnum):
+    HELLO = 1  # stream 0: JSON handshake
+    OPEN = 2  # JSON request that opens a stream
+    DATA = 3  # channel byte + bytes; counted against the flow-control window
+    EOF = 4  # channel byte: no more DATA on that channel
+    MESSAGE = 5  # JSON control message on an open stream
+    WINDOW = 6  # u32: grant that many more DATA bytes to the peer
+    CLOSE = 7  # sender will send nothing more on this stream
+    RESET = 8  # JSON {"reason": str}: abort the stream in both directions
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: FrameKind
+    stream: int
+    payload: bytes = b""
+
+
+def encode_frame(kind: FrameKind, stream: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    if not 0 <= stream <= MAX_STREAM_ID:
+        raise ValueError(f"stream id {stream} out of range")
+    return HEADER.pack(len(payload), kind, stream) + payload
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames; keeps at most one partial frame."""
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buffer = bytearray()
+        self._max_payload = max_payload
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buffer += data
+        frames: list[Frame] = []
+        buf = self._buffer
+        offset = 0
+        while len(buf) - offset >= HEADER_SIZE:
+            length, kind, stream = HEADER.unpack_from(buf, offset)
+            try:
+                kind = FrameKind(kind)
+            except ValueError:
+                raise ProtocolError(f"unknown frame kind {kind}") from None
+            if length > self._max_payload:
+                raise ProtocolError(
+                    f"frame of {length} bytes exceeds the {self._max_payload}-byte limit"
+                )
+            end = offset + HEADER_SIZE + length
+            if len(buf) < end:
+                break
+            frames.append(Frame(kind, stream, bytes(buf[offset + HEADER_SIZE : end])))
+            offset = end
+        del buf[:offset]
+        return frames
+
+    def close(self) -> None:
+        """Call at end of input; a partial frame left over is a protocol error."""
+        if self._buffer:
+            raise ProtocolError(
+                f"connection closed in the middle of a frame ({len(self._buffer)} bytes pending)"
+            )
