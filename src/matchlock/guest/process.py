@@ -115,9 +115,12 @@ def spawn(request: ExecRequest, *, privileged: bool, hidden_devices: tuple[str, 
 
 
 def _close_all_except(keep: set[int]) -> None:
+    # os.closerange(n, n) would become close_range(n, n - 1): with n = 0
+    # that is close_range(0, UINT_MAX), which closes everything.
     low = 0
     for fd in sorted(keep):
-        os.closerange(low, fd)
+        if fd > low:
+            os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, 65536)
 

@@ -1,0 +1,157 @@
+"""Sandbox configuration: the `create` parameters of the RPC, and what `run` builds.
+
+Field names follow the published wire format (`api.Config`), so the same
+dataclasses parse RPC params and serialise state. Every value is validated
+here, once, with an error that names the field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .image import ImageConfig
+
+DEFAULT_CPUS = 1.0
+DEFAULT_MEMORY_MB = 512
+DEFAULT_DISK_SIZE_MB = 5120
+DEFAULT_TIMEOUT_SECONDS = 300
+DEFAULT_DNS_SERVERS = ("8.8.8.8", "8.8.4.4")
+MIN_MEMORY_MB = 128
+MIN_DISK_SIZE_MB = 64
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def host_cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def host_memory_mb() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = DEFAULT_CPUS
+    memory_mb: int = DEFAULT_MEMORY_MB
+    disk_size_mb: int = DEFAULT_DISK_SIZE_MB
+    timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS
+
+    def validate(self) -> None:
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, (int, float)) or not math.isfinite(self.cpus):
+            raise UsageError(f"invalid --cpus {self.cpus!r}: must be a finite number")
+        if self.cpus <= 0:
+            raise UsageError(f"invalid --cpus {self.cpus}: must be greater than 0")
+        if math.ceil(self.cpus) > host_cpu_count():
+            raise UsageError(
+                f"invalid --cpus {self.cpus:g}: this host has {host_cpu_count()} CPUs; use at most that many"
+            )
+        _check_int("--memory", self.memory_mb, MIN_MEMORY_MB, host_memory_mb(), "MB")
+        _check_int("--disk-size", self.disk_size_mb, MIN_DISK_SIZE_MB, 16 * 1024 * 1024, "MB")
+        _check_int("--timeout", self.timeout_seconds, 0, 365 * 24 * 3600, "seconds")
+
+
+def _check_int(flag: str, value, lo: int, hi: int, unit: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"invalid {flag} {value!r}: must be a whole number of {unit}")
+    if not lo <= value <= hi:
+        raise UsageError(f"invalid {flag} {value}: must be between {lo} and {hi} {unit}")
+
+
+@dataclass(frozen=True)
+class HostMapping:
+    host: str
+    ip: str
+
+    @classmethod
+    def parse(cls, spec: str) -> "HostMapping":
+        host, sep, ip = spec.partition(":")
+        if not sep or not host or not ip:
+            raise UsageError(f"invalid add-host mapping {spec!r}: expected host:ip")
+        return cls.validated(host, ip)
+
+    @classmethod
+    def validated(cls, host: str, ip: str) -> "HostMapping":
+        if any(c.isspace() for c in host) or ":" in host or not host:
+            raise UsageError(f"invalid add-host mapping {host!r}: the host name may not contain ':' or spaces")
+        try:
+            normalised = str(ipaddress.ip_address(ip.strip("[]")))
+        except ValueError:
+            raise UsageError(f"invalid add-host mapping {host}:{ip}: {ip!r} is not an IP address") from None
+        return cls(host, normalised)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    hostname: str = ""
+    dns_servers: tuple[str, ...] = ()
+    add_hosts: tuple[HostMapping, ...] = ()
+    no_network: bool = True  # networking arrives with the network issue; until then no NIC
+
+    def validate(self) -> None:
+        if self.hostname and (len(self.hostname) > 64 or not _HOSTNAME.match(self.hostname)):
+            raise UsageError(f"invalid --hostname {self.hostname!r}: use letters, digits, '-' and '.'")
+        for server in self.dns_servers:
+            try:
+                ipaddress.ip_address(server)
+            except ValueError:
+                raise UsageError(f"invalid --dns-servers entry {server!r}: must be an IP address") from None
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    image: str
+    privileged: bool = False
+    resources: Resources = field(default_factory=Resources)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    env: dict[str, str] = field(default_factory=dict)
+    image_config: ImageConfig = field(default_factory=ImageConfig)
+
+    def validate(self) -> None:
+        if not self.image:
+            raise UsageError("image is required (e.g., alpine:latest)")
+        self.resources.validate()
+        self.network.validate()
+        for key in self.env:
+            validate_env_key(key)
+
+
+def validate_env_key(key: str) -> None:
+    if not _ENV_KEY.match(key):
+        raise UsageError(f"invalid environment variable name {key!r}: use letters, digits and '_'")
+
+
+def parse_env_assignment(entry: str, environ: dict[str, str] | None = None, origin: str = "-e") -> tuple[str, str]:
+    """`KEY=VALUE`, or `KEY` to copy the value from the host environment."""
+    key, sep, value = entry.partition("=")
+    key = key.strip()
+    validate_env_key(key)
+    if sep:
+        return key, value
+    source = os.environ if environ is None else environ
+    if key not in source:
+        raise UsageError(f"invalid environment variable {key} ({origin}): it is not set in the host environment")
+    return key, source[key]
+
+
+def parse_env_file(path: str) -> list[tuple[str, str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read --env-file {path}: {exc.strerror}") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            entries.append(parse_env_assignment(stripped, origin=f"{path}:{number}"))
+        except UsageError as exc:
+            raise UsageError(f"{path}:{number}: {exc}") from None
+    return entries

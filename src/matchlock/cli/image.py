@@ -1,0 +1,70 @@
+"""`matchlock image ...`: import, list, remove and garbage-collect local images."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+
+import click
+
+from ..api.errors import UsageError
+from ..image.store import ImageStore, validate_tag
+
+_MB = 1024 * 1024
+
+
+def _created(stamp: str) -> str:
+    """RFC3339 UTC -> local 'YYYY-MM-DD HH:MM:SS' (as `docker images` shows times)."""
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return stamp
+
+
+@click.group("image")
+def image() -> None:
+    """Manage local images (import, ls, rm, gc)."""
+
+
+@image.command("import")
+@click.argument("tag")
+def import_(tag: str) -> None:
+    """Import a `docker save` or OCI-layout tarball from stdin as TAG."""
+    validate_tag(tag)
+    stdin = sys.stdin.buffer
+    if stdin.isatty():
+        raise UsageError(f"pipe a docker save or OCI-layout tarball into stdin, e.g. docker save {tag} | matchlock image import {tag}")
+    click.echo(f"Importing {tag} from stdin...", err=True)
+    info = ImageStore().import_tarball(stdin, tag)
+    click.echo(f"Imported: {info.tag}")
+    click.echo(f"Layers: {info.layers}")
+    click.echo(f"Size: {info.size / _MB:.1f} MB")
+
+
+@image.command("ls")
+def ls() -> None:
+    """List local images."""
+    rows = [("TAG", "SOURCE", "SIZE", "CREATED")]
+    rows += [(i.tag, i.source, f"{i.size / _MB:.1f} MB", _created(i.created_at)) for i in ImageStore().list()]
+    widths = [max(len(row[col]) for row in rows) for col in range(3)]
+    for row in rows:
+        click.echo("   ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "   " + row[3])
+
+
+@image.command("rm")
+@click.argument("tag")
+def rm(tag: str) -> None:
+    """Remove a local image and any blobs only it used."""
+    ImageStore().remove(tag)
+    click.echo(f"Removed {tag}")
+
+
+@image.command("gc")
+def gc() -> None:
+    """Delete blobs no image references."""
+    click.echo(f"Removed {ImageStore().gc()} unreferenced blobs")
+
+
+# Aliases, hidden so --help lists each command once.
+image.add_command(click.Command("list", callback=ls.callback, help=ls.help, hidden=True))
+image.add_command(click.Command("remove", callback=rm.callback, params=rm.params, help=rm.help, hidden=True))

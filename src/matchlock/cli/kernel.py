@@ -1,0 +1,65 @@
+"""`matchlock kernel`: build the tuned guest kernel, show which kernel runs."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def _progress(stream=sys.stderr):
+    """One status line: rewritten in place on a terminal, one line per update otherwise."""
+    tty = stream.isatty()
+
+    def log(message: str) -> None:
+        if tty:
+            width = 200
+            stream.write("\r\033[K" + message[:width])
+        else:
+            stream.write(message + "\n")
+        stream.flush()
+
+    def done() -> None:
+        if tty:
+            stream.write("\r\033[K")
+            stream.flush()
+
+    return log, done
+
+
+@click.group("kernel")
+def kernel() -> None:
+    """Build and inspect the guest kernel."""
+
+
+@kernel.command("build")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, help="Parallel make jobs (default: number of CPUs).")
+def build(jobs: int | None) -> None:
+    """Build the tuned guest kernel (a few minutes, once; cached afterwards)."""
+    from ..kernel.build import build_tuned, cached_tuned
+
+    existing = cached_tuned()
+    if existing is not None:
+        click.echo(f"Kernel already built: {existing}")
+        return
+    log, done = _progress()
+    try:
+        path = build_tuned(jobs=jobs, log=log)
+    finally:
+        done()
+    click.echo(str(path))
+
+
+@kernel.command("path")
+def path() -> None:
+    """Show the kernel `matchlock run` would boot: kind, version and path.
+
+    Without a tuned kernel this prepares (downloads and caches) the fallback,
+    as `matchlock run` would.
+    """
+    from ..kernel.resolve import resolve
+
+    image = resolve()
+    click.echo(f"{image.kind} {image.version} {image.path}")
+    if image.initrd is not None:
+        click.echo(f"initrd {image.initrd}")

@@ -1,0 +1,115 @@
+"""`matchlock run`: boot a sandbox from an image, run one command, clean up."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import sys
+
+import click
+
+from ..api.config import (
+    DEFAULT_CPUS,
+    DEFAULT_DISK_SIZE_MB,
+    DEFAULT_MEMORY_MB,
+    HostMapping,
+    NetworkConfig,
+    Resources,
+    SandboxConfig,
+    parse_env_assignment,
+    parse_env_file,
+)
+from ..api.errors import UsageError
+from ..api.image import ImageConfig, compose_command
+from .common import BoolFlagsCommand
+from .terminal import run_attached
+
+DEFAULT_IMAGE = "matchlock/busybox:builtin"
+TIMEOUT_EXIT_CODE = 124
+
+
+def _split_commas(values: tuple[str, ...]) -> list[str]:
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def build_config(
+    *, image, env, env_file, cpus, memory, disk_size, timeout, privileged, hostname, dns_servers, add_host, entrypoint, user
+) -> SandboxConfig:
+    environment: dict[str, str] = {}
+    for path in env_file:
+        environment.update(parse_env_file(path))
+    for entry in env:
+        key, value = parse_env_assignment(entry)
+        environment[key] = value
+    override = ImageConfig(
+        user=user,
+        # Docker: an explicit --entrypoint also drops the image's CMD.
+        entrypoint=(tuple(shlex.split(entrypoint)[:1]) if entrypoint else ()) if entrypoint is not None else None,
+        cmd=() if entrypoint is not None else None,
+    )
+    config = SandboxConfig(
+        image=image,
+        privileged=privileged,
+        resources=Resources(cpus=cpus, memory_mb=memory, disk_size_mb=disk_size, timeout_seconds=timeout or 0),
+        network=NetworkConfig(
+            hostname=hostname,
+            dns_servers=tuple(_split_commas(dns_servers)),
+            add_hosts=tuple(HostMapping.parse(spec) for spec in _split_commas(add_host)),
+        ),
+        env=environment,
+        image_config=override,
+    )
+    config.validate()
+    return config
+
+
+@click.command(cls=BoolFlagsCommand, context_settings={"allow_interspersed_args": False})
+@click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="Image tag (imported or built in).")
+@click.option("-e", "--env", multiple=True, metavar="KEY[=VALUE]", help="Set a variable; KEY alone copies it from the host.")
+@click.option("--env-file", multiple=True, metavar="PATH", help="Read KEY[=VALUE] lines (applied before -e).")
+@click.option("-w", "--workdir", default="", help="Working directory (default: image WORKDIR, then /).")
+@click.option("-u", "--user", default="", help="uid, uid:gid or user name (overrides the image USER).")
+@click.option("--entrypoint", default=None, help="Replace the image ENTRYPOINT; empty clears it.")
+@click.option("--cpus", type=float, default=DEFAULT_CPUS, show_default=True, help="CPUs; fractions are enforced as a quota.")
+@click.option("--memory", type=int, default=DEFAULT_MEMORY_MB, show_default=True, help="Memory in MB.")
+@click.option("--disk-size", type=int, default=DEFAULT_DISK_SIZE_MB, show_default=True, help="Writable disk in MB.")
+@click.option("--timeout", type=int, default=None, help="Seconds for the whole run, boot included.")
+@click.option("--hostname", default="", help="Guest hostname (default: the VM ID).")
+@click.option("--dns-servers", multiple=True, metavar="IP[,IP]", help="Resolvers written to /etc/resolv.conf.")
+@click.option("--add-host", multiple=True, metavar="HOST:IP", help="Extra /etc/hosts entries.")
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
+@click.option("-t", "--tty", is_flag=True, help="With -i: run in a pseudo-terminal.")
+@click.option("--privileged/--no-privileged", default=False, help="Skip the seccomp filter, capability drop and no_new_privs.")
+@click.option("--rm/--no-rm", default=True, show_default=True, help="Remove the sandbox when the command exits.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size, timeout, hostname, dns_servers,
+        add_host, interactive, tty, privileged, rm, command) -> None:  # fmt: skip
+    """Boot a sandbox from IMAGE and run COMMAND in it (after `--`)."""
+    if timeout is not None and timeout <= 0:
+        raise UsageError(f"invalid --timeout {timeout}: must be a positive number of seconds")
+    if not rm:
+        raise UsageError("--rm=false (long-lived sandboxes) is not available yet")
+    config = build_config(
+        image=image, env=env, env_file=env_file, cpus=cpus, memory=memory, disk_size=disk_size, timeout=timeout,
+        privileged=privileged, hostname=hostname, dns_servers=dns_servers, add_host=add_host,
+        entrypoint=entrypoint, user=user,
+    )  # fmt: skip
+    use_pty = interactive and tty
+    if use_pty and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("-it requires a TTY: run it from a terminal, or drop -t to pipe stdin")
+
+    from ..image.store import ImageStore
+
+    image_config = ImageStore().resolve(image).config.merged(config.image_config)
+    argv = compose_command(image_config, command)
+    if not argv:
+        raise UsageError(f"command required: image {image} has no ENTRYPOINT or CMD; pass one after --")
+    try:
+        code = asyncio.run(
+            run_attached(config, shlex.join(argv), workdir=workdir, interactive=interactive, pty=use_pty, timeout=timeout)
+        )
+    except asyncio.TimeoutError:
+        click.echo(f"Error: timed out after {timeout} s (--timeout)", err=True)
+        code = TIMEOUT_EXIT_CODE
+    sys.stdout.flush()
+    sys.exit(code)

@@ -1,0 +1,33 @@
+"""`matchlock setup`: build every cached artefact a sandbox needs, once."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+
+def _step(label: str, action) -> object:
+    started = time.monotonic()
+    click.echo(f"{label}...", err=True)
+    result = action()
+    click.echo(f"  done in {time.monotonic() - started:.1f} s: {result}", err=True)
+    return result
+
+
+@click.command()
+@click.option("--kernel/--no-kernel", "build_kernel", default=True, show_default=True,
+              help="Build the tuned guest kernel (~5-10 min once); without it the Debian fallback kernel is used.")  # fmt: skip
+@click.option("--jobs", type=int, default=None, help="Parallel jobs for the kernel build (default: all CPUs).")
+def setup(build_kernel: bool, jobs: int | None) -> None:
+    """Prepare the guest runtime, kernel and built-in image (cached under ~/.cache/matchlock)."""
+    from ..image.runtime import ensure_runtime_disk
+    from ..image.store import DEFAULT_IMAGE, ImageStore
+    from ..kernel import build_tuned, resolve
+
+    _step("Guest runtime disk", ensure_runtime_disk)
+    if build_kernel:
+        _step("Guest kernel (tuned)", lambda: build_tuned(jobs=jobs, log=lambda line: click.echo(f"  {line}", err=True)))
+    kernel = _step("Kernel in use", lambda: resolve())
+    _step(f"Built-in image {DEFAULT_IMAGE}", lambda: ImageStore().resolve(DEFAULT_IMAGE).lower_path)
+    click.echo(f"Ready: {kernel.kind} kernel, run `matchlock run -- uname -a` to try it.")

@@ -1,0 +1,358 @@
+"""The guest agent: one single-threaded event loop over the virtio-serial port.
+
+It runs in PID 1 after init has assembled the root filesystem. The host
+drives it through the multiplexer in `matchlock.wire`; every stream is one
+operation (exec, write_file, read_file, list_files, shutdown). The loop is a
+plain `selectors` reactor: asyncio would cost a few hundred milliseconds of
+import time under emulation, and forking workloads from a single-threaded
+process is safe.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import heapq
+import itertools
+import os
+import platform
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+
+from ..wire import agent as msgs
+from ..wire.frames import ProtocolError
+from ..wire.mux import (
+    ChannelEnded,
+    Connection,
+    DataReceived,
+    HelloReceived,
+    MessageReceived,
+    Role,
+    StreamClosed,
+    StreamOpened,
+    StreamReset,
+    WindowOpened,
+)
+from . import syscalls
+from .handlers import ExecHandler, ReadFileHandler, StreamHandler, WriteFileHandler, list_files
+
+AGENT_VERSION = "1"
+CGROUP_ROOT = "/sys/fs/cgroup"
+CPU_PERIOD_US = 100_000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def log(message: str) -> None:
+    os.write(2, f"matchlock-agent: {message}\n".encode())
+
+
+class Timer:
+    __slots__ = ("deadline", "callback", "cancelled")
+
+    def __init__(self, deadline: float, callback) -> None:
+        self.deadline, self.callback, self.cancelled = deadline, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Agent:
+    def __init__(self, port_fd: int, *, hidden_devices: tuple[str, ...] = (), boot_started: float = 0.0) -> None:
+        self.port = port_fd
+        self.hidden_devices = hidden_devices
+        self.boot_started = boot_started
+        self.conn = Connection(Role.GUEST)
+        self.selector = selectors.DefaultSelector()
+        self._callbacks: dict[int, list] = {}  # fd -> [read callback, write callback]
+        self._timers: list = []
+        self._timer_ids = itertools.count()
+        self.handlers: dict[int, StreamHandler] = {}
+        self.processes: dict[int, ExecHandler] = {}
+        self.privileged = False
+        self.running = True
+        self._outbound = bytearray()
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r = wake_r
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.watch_read(wake_r, self._reap_children)
+        self.watch_read(port_fd, self._read_port)
+
+    # --- reactor --------------------------------------------------------------
+
+    def _update(self, fd: int) -> None:
+        read_cb, write_cb = self._callbacks.get(fd, (None, None))
+        events = (selectors.EVENT_READ if read_cb else 0) | (selectors.EVENT_WRITE if write_cb else 0)
+        registered = fd in self.selector.get_map()
+        if not events:
+            self._callbacks.pop(fd, None)
+            if registered:
+                self.selector.unregister(fd)
+        elif registered:
+            self.selector.modify(fd, events)
+        else:
+            self.selector.register(fd, events)
+
+    def watch_read(self, fd: int, callback) -> None:
+        self._callbacks.setdefault(fd, [None, None])[0] = callback
+        self._update(fd)
+
+    def unwatch_read(self, fd: int) -> None:
+        if fd in self._callbacks:
+            self._callbacks[fd][0] = None
+            self._update(fd)
+
+    def watch_write(self, fd: int, callback) -> None:
+        self._callbacks.setdefault(fd, [None, None])[1] = callback
+        self._update(fd)
+
+    def unwatch_write(self, fd: int) -> None:
+        if fd in self._callbacks:
+            self._callbacks[fd][1] = None
+            self._update(fd)
+
+    def call_later(self, delay: float, callback) -> Timer:
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (timer.deadline, next(self._timer_ids), timer))
+        return timer
+
+    def _next_timeout(self) -> float | None:
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.callback()
+
+    def run(self) -> None:
+        self.conn.send_hello(
+            {
+                "agent_version": AGENT_VERSION,
+                "python": sys.version.split()[0],
+                "kernel": platform.release(),
+                "boot_ms": int((time.monotonic() - self.boot_started) * 1000),
+            }
+        )
+        self._flush()
+        while self.running:
+            for key, events in self.selector.select(self._next_timeout()):
+                callbacks = self._callbacks.get(key.fd)
+                if callbacks and events & selectors.EVENT_READ and callbacks[0]:
+                    self._guarded(callbacks[0])
+                callbacks = self._callbacks.get(key.fd)
+                if callbacks and events & selectors.EVENT_WRITE and callbacks[1]:
+                    self._guarded(callbacks[1])
+            self._run_timers()
+            self._flush()
+
+    def _guarded(self, callback) -> None:
+        try:
+            callback()
+        except ProtocolError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug in one handler must not take down PID 1
+            log(f"handler error: {type(exc).__name__}: {exc}")
+
+    # --- port I/O -------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._outbound += self.conn.data_to_send()
+        if not self._outbound:
+            self.unwatch_write(self.port)
+            return
+        try:
+            written = os.write(self.port, self._outbound)
+        except BlockingIOError:
+            written = 0
+        del self._outbound[:written]
+        if self._outbound:
+            self.watch_write(self.port, self._flush)
+        else:
+            self.unwatch_write(self.port)
+
+    def flush_blocking(self) -> None:
+        self._outbound += self.conn.data_to_send()
+        os.set_blocking(self.port, True)
+        while self._outbound:
+            del self._outbound[: os.write(self.port, self._outbound)]
+
+    def _read_port(self) -> None:
+        try:
+            data = os.read(self.port, 256 * 1024)
+        except BlockingIOError:
+            return
+        if not data:
+            log("host closed the channel; powering off")
+            syscalls.reboot()
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as exc:
+            log(f"FATAL: host broke the protocol: {exc}")
+            syscalls.reboot()
+            return
+        for event in events:
+            self._dispatch(event)
+
+    def _dispatch(self, event) -> None:
+        if isinstance(event, HelloReceived):
+            self._configure(event.info)
+            return
+        if isinstance(event, StreamOpened):
+            self._open(event.stream, event.request)
+            return
+        handler = self.handlers.get(getattr(event, "stream", 0))
+        if handler is None:
+            return
+        if isinstance(event, DataReceived):
+            self._guarded(lambda: handler.on_data(event.channel, event.data))
+        elif isinstance(event, ChannelEnded):
+            self._guarded(lambda: handler.on_eof(event.channel))
+        elif isinstance(event, MessageReceived):
+            self._guarded(lambda: handler.on_message(event.message))
+        elif isinstance(event, WindowOpened):
+            self._guarded(handler.on_window)
+        elif isinstance(event, StreamReset):
+            self._guarded(lambda: handler.on_reset(event.reason))
+        elif isinstance(event, StreamClosed):
+            pass
+        self._forget_if_done(event.stream, handler)
+
+    def _forget_if_done(self, stream: int, handler: StreamHandler) -> None:
+        if handler.done and not self.conn.is_open(stream):
+            self.handlers.pop(stream, None)
+
+    def _open(self, stream: int, request: dict) -> None:
+        try:
+            parsed = msgs.parse_request(request)
+        except (ValueError, KeyError) as exc:
+            self.conn.reset_stream(stream, f"invalid request: {exc}")
+            return
+        try:
+            if isinstance(parsed, msgs.ExecRequest):
+                handler = ExecHandler(self, stream, parsed)
+            elif isinstance(parsed, msgs.WriteFileRequest):
+                handler = WriteFileHandler(self, stream, parsed)
+            elif isinstance(parsed, msgs.PathRequest) and parsed.op == msgs.OP_READ_FILE:
+                handler = ReadFileHandler(self, stream, parsed.path)
+            elif isinstance(parsed, msgs.PathRequest):
+                handler = StreamHandler(self, stream)
+                try:
+                    handler.finish(list_files(parsed.path))
+                except OSError as exc:
+                    handler.fail(f"cannot list {parsed.path}: {exc.strerror}", exc.errno)
+            else:
+                self._shutdown(stream)
+                return
+        except Exception as exc:  # noqa: BLE001
+            self.conn.reset_stream(stream, f"{type(exc).__name__}: {exc}")
+            return
+        self.handlers[stream] = handler
+
+    def _shutdown(self, stream: int) -> None:
+        for handler in list(self.processes.values()):
+            handler.proc.signal(signal.SIGKILL)
+        os.sync()
+        self.conn.send_message(stream, {"type": msgs.REPLY_RESULT})
+        self.conn.close_stream(stream)
+        self.flush_blocking()
+        syscalls.reboot()
+
+    # --- children -------------------------------------------------------------
+
+    def _reap_children(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handler = self.processes.pop(pid, None)
+            if handler is not None:
+                code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+                self._guarded(lambda: handler.on_exit(code))
+                self._forget_if_done(handler.stream, handler)
+
+    # --- boot configuration from the host's HELLO --------------------------------
+
+    def _configure(self, info: dict) -> None:
+        try:
+            config = msgs.GuestConfig.parse(info)
+            apply_config(config)
+            self.privileged = config.privileged
+        except Exception as exc:  # noqa: BLE001 - report instead of hanging the host
+            message = f"{type(exc).__name__}: {exc}"
+            log(f"FATAL: {message}")
+            self.conn.send_message(0, {"type": msgs.EVENT_FATAL, "message": message})
+            self.flush_blocking()
+            sys.exit(1)
+        boot_ms = int((time.monotonic() - self.boot_started) * 1000)
+        self.conn.send_message(0, {"type": msgs.EVENT_READY, "boot_ms": boot_ms})
+
+
+def _write_etc(path: str, content: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.islink(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, content.encode())
+    finally:
+        os.close(fd)
+
+
+def render_hosts(hostname: str, extra_hosts) -> str:
+    lines = [f"127.0.0.1\tlocalhost localhost.localdomain {hostname}"]
+    lines += [f"{ip}\t{host}" for host, ip in extra_hosts]
+    lines += ["::1\tlocalhost ip6-localhost ip6-loopback", "ff02::1\tip6-allnodes", "ff02::2\tip6-allrouters"]
+    return "\n".join(lines) + "\n"
+
+
+def apply_config(config: msgs.GuestConfig) -> None:
+    syscalls.set_realtime_clock(config.time_ns)
+    socket.sethostname(config.hostname)
+    _write_etc("/etc/hostname", config.hostname + "\n")
+    _write_etc("/etc/hosts", render_hosts(config.hostname, config.extra_hosts))
+    if config.dns_servers:
+        _write_etc("/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in config.dns_servers))
+    _bring_up_loopback()
+    _setup_cgroups(config.cpus)
+
+
+def _bring_up_loopback() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _setup_cgroups(cpus: float) -> None:
+    """Move PID 1 into /init, delegate every controller, and cap CPU time for fractional CPUs."""
+    init_group = f"{CGROUP_ROOT}/init"
+    os.makedirs(init_group, exist_ok=True)
+    with open(f"{init_group}/cgroup.procs", "w") as f:
+        f.write("1")
+    with open(f"{CGROUP_ROOT}/cgroup.controllers") as f:
+        controllers = f.read().split()
+    if controllers:
+        with open(f"{CGROUP_ROOT}/cgroup.subtree_control", "w") as f:
+            f.write(" ".join("+" + c for c in controllers))
+    if "cpu" in controllers:
+        quota = max(1000, int(cpus * CPU_PERIOD_US))
+        with open(f"{init_group}/cpu.max", "w") as f:
+            f.write(f"{quota} {CPU_PERIOD_US}")

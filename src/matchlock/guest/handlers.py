@@ -1,0 +1,331 @@
+"""Per-stream handlers of the guest agent: exec and file operations.
+
+Each handler reacts to events for its stream and uses the agent's small
+reactor (`watch_read`, `watch_write`, `call_later`) for its file
+descriptors. Output is read from a command only while the host has granted
+window on the stream, so a host that stops reading stalls that one command
+(its pipe fills and it blocks), never the agent or other streams.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+
+from ..wire import agent as msgs
+from ..wire.mux import DATA_CHUNK, STDERR, STDIN, STDOUT
+from .process import EXEC_FAILED, Spawned, set_window_size, spawn
+
+_ERROR_PIPE_LIMIT = 8192
+
+
+class StreamHandler:
+    def __init__(self, agent, stream: int) -> None:
+        self.agent = agent
+        self.stream = stream
+        self.done = False
+
+    @property
+    def conn(self):
+        return self.agent.conn
+
+    def on_data(self, channel: int, data: bytes) -> None:
+        self.conn.consumed(self.stream, len(data))
+
+    def on_eof(self, channel: int) -> None:
+        pass
+
+    def on_message(self, message: dict) -> None:
+        pass
+
+    def on_window(self) -> None:
+        pass
+
+    def on_reset(self, reason: str) -> None:
+        self.done = True
+
+    def finish(self, reply: dict) -> None:
+        if not self.done:
+            self.done = True
+            self.conn.send_message(self.stream, reply)
+            self.conn.close_stream(self.stream)
+
+    def fail(self, message: str, err: int | None = None) -> None:
+        reply = {"type": msgs.REPLY_ERROR, "message": message}
+        if err is not None:
+            reply["errno"] = err
+        self.finish(reply)
+
+
+class ExecHandler(StreamHandler):
+    def __init__(self, agent, stream: int, request: msgs.ExecRequest) -> None:
+        super().__init__(agent, stream)
+        self.request = request
+        self.proc: Spawned = spawn(request, privileged=agent.privileged, hidden_devices=agent.hidden_devices)
+        self.exit_code: int | None = None
+        self.error = b""
+        self.stdin_buffer = bytearray()
+        self.stdin_eof = False
+        self.open_outputs: dict[int, int] = {STDOUT: self.proc.stdout}
+        if self.proc.stderr is not None:
+            self.open_outputs[STDERR] = self.proc.stderr
+        self.kill_timer = None
+        agent.processes[self.proc.pid] = self
+        agent.watch_read(self.proc.error_pipe, self._read_error)
+        self.conn.send_message(stream, {"type": msgs.REPLY_STARTED, "pid": self.proc.pid})
+        self._watch_outputs()
+
+    # --- output -------------------------------------------------------------
+
+    def _watch_outputs(self) -> None:
+        can_send = self.conn.send_window(self.stream) > 0
+        for channel, fd in self.open_outputs.items():
+            if can_send:
+                self.agent.watch_read(fd, lambda ch=channel: self._read_output(ch))
+            else:
+                self.agent.unwatch_read(fd)
+
+    def _read_output(self, channel: int) -> None:
+        fd = self.open_outputs[channel]
+        window = self.conn.send_window(self.stream)
+        try:
+            data = os.read(fd, min(window, DATA_CHUNK)) if window else None
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: the pty's last slave closed
+                raise
+            data = b""
+        if data is None:
+            self._watch_outputs()
+            return
+        if not data:
+            self._close_output(channel)
+            return
+        if not self.done:
+            self.conn.send_data(self.stream, channel, data)
+        if self.conn.send_window(self.stream) == 0:
+            self._watch_outputs()
+
+    def _close_output(self, channel: int) -> None:
+        fd = self.open_outputs.pop(channel)
+        self.agent.unwatch_read(fd)
+        if fd != self.proc.stdin:
+            os.close(fd)
+        self._maybe_finish()
+
+    def _read_error(self) -> None:
+        data = os.read(self.proc.error_pipe, 4096)
+        if data and len(self.error) < _ERROR_PIPE_LIMIT:
+            self.error += data
+            return
+        if not data:
+            self.agent.unwatch_read(self.proc.error_pipe)
+            os.close(self.proc.error_pipe)
+            self.proc.error_pipe = -1
+            self._maybe_finish()
+
+    def on_window(self) -> None:
+        self._watch_outputs()
+
+    # --- input and control --------------------------------------------------
+
+    def on_data(self, channel: int, data: bytes) -> None:
+        if channel != STDIN or self.proc.stdin is None or self.stdin_eof or self.done:
+            self.conn.consumed(self.stream, len(data))
+            return
+        self.stdin_buffer += data
+        self.agent.watch_write(self.proc.stdin, self._write_stdin)
+
+    def on_eof(self, channel: int) -> None:
+        if channel == STDIN:
+            self.stdin_eof = True
+            if self.proc.stdin is not None:
+                self.agent.watch_write(self.proc.stdin, self._write_stdin)
+
+    def _write_stdin(self) -> None:
+        fd = self.proc.stdin
+        try:
+            written = os.write(fd, self.stdin_buffer[:DATA_CHUNK]) if self.stdin_buffer else 0
+        except BlockingIOError:
+            return
+        except OSError:  # EPIPE: the command closed its stdin
+            written = len(self.stdin_buffer)
+            self.stdin_eof = True
+        del self.stdin_buffer[:written]
+        self.conn.consumed(self.stream, written)
+        if self.stdin_buffer:
+            return
+        self.agent.unwatch_write(fd)
+        if self.stdin_eof:
+            if self.proc.pty:
+                # A terminal has no half-close: send the EOF character (^D).
+                try:
+                    os.write(fd, b"\x04")
+                except OSError:
+                    pass
+            else:
+                os.close(fd)
+                self.proc.stdin = None
+
+    def on_message(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == msgs.CTL_RESIZE and self.proc.pty:
+            set_window_size(self.proc.stdout, msgs.TerminalSize.parse(message))
+        elif kind == msgs.CTL_SIGNAL:
+            signum = message.get("signal")
+            if isinstance(signum, int) and 1 <= signum <= 64:
+                self.proc.signal(signum)
+        elif kind == msgs.CTL_CANCEL:
+            self.cancel()
+
+    def on_reset(self, reason: str) -> None:
+        super().on_reset(reason)
+        self.cancel()
+
+    def cancel(self) -> None:
+        """SIGTERM to the command's group now, SIGKILL to everything after the grace period."""
+        if self.exit_code is not None or self.kill_timer is not None:
+            return
+        self.proc.signal(signal.SIGTERM)
+        self.kill_timer = self.agent.call_later(msgs.CANCEL_GRACE_SECONDS, self._kill)
+
+    def _kill(self) -> None:
+        self.proc.signal(signal.SIGKILL)
+
+    # --- completion ---------------------------------------------------------
+
+    def on_exit(self, code: int) -> None:
+        self.exit_code = code
+        if self.kill_timer is not None:
+            self.kill_timer.cancel()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.exit_code is None or self.open_outputs or self.proc.error_pipe != -1:
+            return
+        if self.proc.stdin is not None:
+            self.agent.unwatch_write(self.proc.stdin)
+            os.close(self.proc.stdin)
+            self.proc.stdin = None
+        reply: dict = {"type": msgs.REPLY_EXIT, "code": self.exit_code}
+        if self.error:
+            reply["error"] = self.error.decode("utf-8", "replace")
+            if self.exit_code == 0:
+                reply["code"] = EXEC_FAILED
+        self.finish(reply)
+
+
+class WriteFileHandler(StreamHandler):
+    def __init__(self, agent, stream: int, request: msgs.WriteFileRequest) -> None:
+        super().__init__(agent, stream)
+        self.mode = request.mode
+        self.path = request.path
+        parent = os.path.dirname(request.path)
+        try:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+            self.fd = os.open(request.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, request.mode)
+        except OSError as exc:
+            self.fd = -1
+            self.fail(f"cannot write {request.path}: {exc.strerror}", exc.errno)
+
+    def on_data(self, channel: int, data: bytes) -> None:
+        if self.fd >= 0 and not self.done:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+            except OSError as exc:
+                self._close()
+                self.fail(f"cannot write {self.path}: {exc.strerror}", exc.errno)
+        super().on_data(channel, data)
+
+    def on_eof(self, channel: int) -> None:
+        if self.done:
+            return
+        try:
+            os.fchmod(self.fd, self.mode)
+        except OSError as exc:
+            self._close()
+            self.fail(f"cannot chmod {self.path}: {exc.strerror}", exc.errno)
+            return
+        self._close()
+        self.finish({"type": msgs.REPLY_RESULT})
+
+    def on_reset(self, reason: str) -> None:
+        super().on_reset(reason)
+        self._close()
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ReadFileHandler(StreamHandler):
+    def __init__(self, agent, stream: int, path: str) -> None:
+        super().__init__(agent, stream)
+        self.fd = -1
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            info = os.fstat(self.fd)
+        except OSError as exc:
+            self._close()
+            self.fail(f"cannot read {path}: {exc.strerror}", exc.errno)
+            return
+        if not stat.S_ISREG(info.st_mode):
+            self._close()
+            self.fail(f"cannot read {path}: not a regular file")
+            return
+        if info.st_size > msgs.READ_FILE_LIMIT:
+            self._close()
+            self.fail(
+                f"cannot read {path}: the file is {info.st_size} bytes, above the "
+                f"{msgs.READ_FILE_LIMIT // (1024 * 1024)} MiB limit of read_file"
+            )
+            return
+        self.remaining = msgs.READ_FILE_LIMIT
+        self.on_window()
+
+    def on_window(self) -> None:
+        while self.fd >= 0 and not self.done:
+            window = self.conn.send_window(self.stream)
+            if window == 0:
+                return
+            data = os.read(self.fd, min(window, DATA_CHUNK, self.remaining + 1))
+            if len(data) > self.remaining:
+                self._close()
+                self.fail("file grew beyond the read_file limit while it was read")
+                return
+            if not data:
+                self._close()
+                self.finish({"type": msgs.REPLY_RESULT})
+                return
+            self.remaining -= len(data)
+            self.conn.send_data(self.stream, STDOUT, data)
+
+    def on_reset(self, reason: str) -> None:
+        super().on_reset(reason)
+        self._close()
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def list_files(path: str) -> dict:
+    entries = []
+    with os.scandir(path) as it:
+        for entry in it:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            entries.append(
+                msgs.FileInfo(entry.name, info.st_size, info.st_mode, stat.S_ISDIR(info.st_mode)).to_wire()
+            )
+    entries.sort(key=lambda e: e["name"])
+    return {"type": msgs.REPLY_RESULT, "files": entries}

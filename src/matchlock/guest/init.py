@@ -1,0 +1,143 @@
+"""PID 1 of the guest: assemble the root filesystem, then serve the agent.
+
+Boot order:
+1. The kernel mounts the runtime disk (read-only) as / and runs /init (us).
+2. Mount the image's read-only lower disk and the writable ext4 upper disk,
+   join them with overlayfs and pivot_root into the result. The runtime disk
+   ends up at /run/matchlock/rt; each workload's mount namespace detaches
+   /run/matchlock, so workloads never see it.
+3. Mount /proc, /sys, /dev, /dev/pts, /dev/shm, /dev/mqueue, /run, /tmp and
+   cgroup2; open the virtio-serial port and hand over to the agent, which
+   applies the host's settings (clock, hostname, hosts, DNS, CPU quota)
+   from the handshake and then reports ready.
+
+Any failure prints `FATAL: ...` on the console (the host shows the tail of
+the console log) and exits, which panics the kernel and ends QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from . import syscalls
+from .agent import Agent
+
+PORT_NAME = "matchlock.agent"
+RUNTIME_MOUNT = "/run/matchlock/rt"
+STAGING = "/run/boot"
+NEWROOT = STAGING + "/root"
+NOSUID_NODEV_NOEXEC = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def log(message: str) -> None:
+    os.write(2, f"matchlock-init: {message}\n".encode())
+
+
+def _mount_quiet(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
+    """Mount, tolerating a filesystem that is already there (EBUSY)."""
+    os.makedirs(target, exist_ok=True)
+    try:
+        syscalls.mount(source, target, fstype, flags, data)
+    except OSError as exc:
+        if exc.errno != 16:
+            raise
+
+
+def find_disk(serial: str) -> str:
+    for name in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{name}/serial") as f:
+                if f.read().strip() == serial:
+                    return "/dev/" + name
+        except OSError:
+            continue
+    raise RuntimeError(f"no virtio disk with serial {serial!r}")
+
+
+def find_port(name: str) -> str:
+    base = "/sys/class/virtio-ports"
+    for entry in sorted(os.listdir(base)):
+        try:
+            with open(f"{base}/{entry}/name") as f:
+                if f.read().strip() == name:
+                    return "/dev/" + entry
+        except OSError:
+            continue
+    raise RuntimeError(f"no virtio-serial port named {name!r}")
+
+
+def assemble_root() -> None:
+    _mount_quiet("devtmpfs", "/dev", "devtmpfs", syscalls.MS_NOSUID, "mode=0755")
+    _mount_quiet("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC)
+    _mount_quiet("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC)
+    syscalls.mount("tmpfs", "/run", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755")
+
+    lower, upper = STAGING + "/lower", STAGING + "/upperfs"
+    for path in (lower, upper, NEWROOT):
+        os.makedirs(path)
+    syscalls.mount(find_disk("lower"), lower, "erofs", syscalls.MS_RDONLY)
+    syscalls.mount(find_disk("upper"), upper, "ext4", 0)
+    os.makedirs(upper + "/upper", exist_ok=True)
+    os.makedirs(upper + "/work", exist_ok=True)
+    syscalls.mount(
+        "overlay", NEWROOT, "overlay", 0,
+        f"lowerdir={lower},upperdir={upper}/upper,workdir={upper}/work",
+    )  # fmt: skip
+
+    # The image's /run becomes a tmpfs holding /run/matchlock, itself a tmpfs
+    # so workloads can detach it (and with it the runtime) in one call.
+    _mount_quiet("tmpfs", NEWROOT + "/run", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755")
+    _mount_quiet("tmpfs", NEWROOT + "/run/matchlock", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0700")
+    os.makedirs(NEWROOT + RUNTIME_MOUNT)
+    syscalls.pivot_root(NEWROOT, NEWROOT + RUNTIME_MOUNT)
+    os.chdir("/")
+    # Everything still loads from the runtime disk, now under its new path.
+    sys.path[:] = [RUNTIME_MOUNT + p if p.startswith("/") else p for p in sys.path]
+    sys.path_importer_cache.clear()
+    for stale in ("/dev", "/proc", "/sys"):
+        try:
+            syscalls.umount(RUNTIME_MOUNT + stale, syscalls.MNT_DETACH)
+        except OSError:
+            pass
+
+
+def mount_system() -> None:
+    dev_flags = syscalls.MS_NOSUID | syscalls.MS_NOEXEC
+    _mount_quiet("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC)
+    _mount_quiet("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC)
+    _mount_quiet("devtmpfs", "/dev", "devtmpfs", syscalls.MS_NOSUID, "mode=0755")
+    _mount_quiet("devpts", "/dev/pts", "devpts", dev_flags, "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    _mount_quiet("shm", "/dev/shm", "tmpfs", dev_flags | syscalls.MS_NODEV, "mode=1777")
+    _mount_quiet("mqueue", "/dev/mqueue", "mqueue", NOSUID_NODEV_NOEXEC)
+    _mount_quiet("tmpfs", "/tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777")
+    _mount_quiet("cgroup2", "/sys/fs/cgroup", "cgroup2", NOSUID_NODEV_NOEXEC)
+    try:
+        _mount_quiet("bpf", "/sys/fs/bpf", "bpf", NOSUID_NODEV_NOEXEC)
+    except OSError:
+        pass  # older fallback kernels may lack bpffs; nothing depends on it
+    for link, target in (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                         ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")):  # fmt: skip
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+    if os.path.lexists("/dev/ptmx") and not os.path.islink("/dev/ptmx"):
+        os.unlink("/dev/ptmx")
+    if not os.path.lexists("/dev/ptmx"):
+        os.symlink("pts/ptmx", "/dev/ptmx")
+
+
+def main() -> None:
+    started = time.monotonic()
+    os.environ.clear()
+    os.environ.update({"PATH": PATH, "HOME": "/root", "TERM": "linux"})
+    try:
+        assemble_root()
+        mount_system()
+        port = find_port(PORT_NAME)
+        fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except Exception as exc:  # noqa: BLE001 - PID 1 must report, never traceback silently
+        log(f"FATAL: {type(exc).__name__}: {exc}")
+        sys.exit(1)
+    Agent(fd, hidden_devices=(port,), boot_started=started).run()

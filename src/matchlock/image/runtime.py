@@ -1,0 +1,200 @@
+"""The guest runtime disk: a self-contained Python plus the guest code, read-only.
+
+The disk is the guest kernel's root filesystem. Its `/init` is a Python
+script run by Debian's interpreter with Debian's own loader and libc from the
+same disk, so the guest side never depends on anything in the user's image
+(which may have musl, an old glibc or no libc at all). After boot, init
+pivots into the image and keeps this disk mounted where only the agent can
+see it.
+
+Two cache levels keep `matchlock run` cheap:
+- the pruned, precompiled Python tree, keyed by the exact Debian package
+  versions (built once; needs apt);
+- the disk itself, keyed by that tree plus the guest source code, rebuilt in
+  well under a second whenever `matchlock.guest` or `matchlock.wire` change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .. import debian
+from ..api.errors import SetupError
+from ..api.fsutil import directory_digest_input, file_lock, staging_dir
+from ..api.paths import runtime_dir
+
+# Bump when the layout of the tree or the disk changes.
+BUILDER_VERSION = "1"
+PYTHON = "python3.11"
+PACKAGES = [
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libc6",
+    "zlib1g",
+    "libexpat1",
+    "libffi8",
+]
+# Libraries the runtime may contain; extension modules needing anything else are dropped.
+LIBRARIES = ("libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1", "libffi.so.8")
+LOADER = "lib64/ld-linux-x86-64.so.2"
+LIBDIR = "lib/x86_64-linux-gnu"
+PRUNED_STDLIB = (
+    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
+    "distutils", "unittest/test", "sqlite3", "curses", "dbm", "msilib", "venv",
+    "config-3.11-x86_64-linux-gnu", "__phello__", "site-packages", "dist-packages",
+)  # fmt: skip
+GUEST_PACKAGES = ("guest", "wire")
+INIT_SCRIPT = f"""#!/usr/bin/{PYTHON} -IS
+import sys
+sys.path.insert(0, "/opt/matchlock")
+from matchlock.guest.init import main
+main()
+"""
+MOUNTPOINTS = ("dev", "proc", "sys", "run", "tmp")
+
+
+def _source_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def guest_code_digest() -> str:
+    root = _source_root()
+    h = hashlib.sha256(BUILDER_VERSION.encode() + INIT_SCRIPT.encode())
+    h.update((root / "__init__.py").read_bytes())
+    for package in GUEST_PACKAGES:
+        h.update(directory_digest_input(root / package))
+    return h.hexdigest()
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        raise SetupError(f"{' '.join(map(str, argv[:3]))} ... failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+    return proc
+
+
+def _python_in(tree: Path) -> list[str]:
+    """Run the tree's interpreter on the host through its own loader."""
+    return [str(tree / LOADER), "--library-path", str(tree / LIBDIR), str(tree / "usr/bin" / PYTHON)]
+
+
+def _needed_libraries(elf: Path) -> list[str]:
+    out = _run(["readelf", "-d", str(elf)]).stdout
+    return [line.split("[", 1)[1].split("]", 1)[0] for line in out.splitlines() if "(NEEDED)" in line]
+
+
+def _build_python_tree(target: Path, debs: dict[str, Path]) -> None:
+    unpacked = target / "unpacked"
+    for deb in debs.values():
+        debian.extract(deb, unpacked)
+    tree = target / "tree"
+    (tree / "usr/bin").mkdir(parents=True)
+    (tree / "lib64").mkdir()
+    (tree / LIBDIR).mkdir(parents=True)
+    shutil.copy2(unpacked / "usr/bin" / PYTHON, tree / "usr/bin" / PYTHON)
+    shutil.copy2((unpacked / LOADER).resolve(), tree / LOADER)
+    for lib in LIBRARIES:
+        candidates = [unpacked / LIBDIR / lib, unpacked / "usr" / LIBDIR / lib]
+        source = next((c for c in candidates if c.exists()), None)
+        if source is None:
+            raise SetupError(f"{lib} is missing from the downloaded Debian packages")
+        shutil.copy2(source.resolve(), tree / LIBDIR / lib)
+
+    stdlib = tree / "usr/lib" / PYTHON
+    shutil.copytree(unpacked / "usr/lib" / PYTHON, stdlib, symlinks=True)
+    for name in PRUNED_STDLIB:
+        shutil.rmtree(stdlib / name, ignore_errors=True)
+    for cache in list(stdlib.rglob("__pycache__")):
+        shutil.rmtree(cache, ignore_errors=True)
+    (stdlib / "EXTERNALLY-MANAGED").unlink(missing_ok=True)
+    for module in (stdlib / "lib-dynload").glob("*.so"):
+        if module.name.startswith(("_test", "xx", "_xx", "_ctypes_test")) or not set(
+            _needed_libraries(module)
+        ) <= set(LIBRARIES):
+            module.unlink()
+    missing = set(_needed_libraries(tree / "usr/bin" / PYTHON)) - set(LIBRARIES)
+    if missing:
+        raise SetupError(f"{PYTHON} needs libraries the runtime does not ship: {sorted(missing)}")
+    _run([*_python_in(tree), "-I", "-c", "import ctypes, termios, fcntl, select, json, struct, socket"])
+    _compile(tree, stdlib)
+    shutil.rmtree(unpacked)
+
+
+def _compile(tree: Path, directory: Path, strip_prefix: Path | None = None) -> None:
+    # unchecked-hash pycs are never re-validated against the source, so the
+    # guest skips a stat per import on a read-only disk that cannot change.
+    argv = [*_python_in(tree), "-I", "-m", "compileall", "-q", "-j0", "--invalidation-mode", "unchecked-hash"]
+    if strip_prefix is not None:
+        argv += ["-s", str(strip_prefix), "-p", "/"]
+    _run([*argv, str(directory)])
+
+
+def python_tree() -> Path:
+    """The pruned interpreter tree, building it once per set of package versions."""
+    base = runtime_dir()
+    pointer = base / "python.current"
+    if pointer.exists():
+        tree = base / pointer.read_text().strip() / "tree"
+        if tree.is_dir():
+            return tree
+    with file_lock(base / ".python.lock"):
+        versions = debian.versions(PACKAGES)
+        key = hashlib.sha256(json.dumps([BUILDER_VERSION, versions], sort_keys=True).encode()).hexdigest()[:16]
+        name = f"python-{key}"
+        if not (base / name / "tree").is_dir():
+            debs = debian.download(PACKAGES)
+            with staging_dir(base / name) as work:
+                _build_python_tree(work, debs)
+                (work / "versions.json").write_text(json.dumps(versions, indent=1))
+        pointer.write_text(name + "\n")
+        return base / name / "tree"
+
+
+def runtime_disk_path() -> Path:
+    """Where the disk for the current code lives (it may not be built yet)."""
+    tree = python_tree()
+    key = hashlib.sha256(f"{tree.parent.name}\n{guest_code_digest()}".encode()).hexdigest()[:16]
+    return runtime_dir() / f"runtime-{key}.erofs"
+
+
+def ensure_runtime_disk() -> Path:
+    disk = runtime_disk_path()
+    if disk.exists():
+        return disk
+    tree = python_tree()
+    with file_lock(runtime_dir() / ".disk.lock"):
+        if disk.exists():
+            return disk
+        with staging_dir(disk.with_suffix(".root")) as root:
+            _assemble_root(tree, root)
+            tmp = disk.with_suffix(".tmp")
+            _run(["mkfs.erofs", "--quiet", "-T0", "--all-root", str(tmp), str(root)])
+            os.rename(tmp, disk)
+        shutil.rmtree(disk.with_suffix(".root"), ignore_errors=True)
+        for stale in runtime_dir().glob("runtime-*.erofs"):
+            if stale != disk:
+                stale.unlink(missing_ok=True)
+    return disk
+
+
+def _assemble_root(tree: Path, root: Path) -> None:
+    # Hard links: the tree is never modified, and linking is much faster than copying.
+    shutil.copytree(tree, root, symlinks=True, copy_function=os.link, dirs_exist_ok=True)
+    package_root = root / "opt/matchlock/matchlock"
+    package_root.mkdir(parents=True)
+    source = _source_root()
+    shutil.copy2(source / "__init__.py", package_root / "__init__.py")
+    for package in GUEST_PACKAGES:
+        shutil.copytree(source / package, package_root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    _compile(tree, root / "opt/matchlock", strip_prefix=root)
+    init = root / "init"
+    init.write_text(INIT_SCRIPT)
+    init.chmod(0o755)
+    for name in MOUNTPOINTS:
+        (root / name).mkdir(exist_ok=True)

@@ -1,0 +1,227 @@
+"""Host end of the agent channel: drives the sans-IO multiplexer with asyncio.
+
+Everything the guest sends is untrusted. A frame that breaks the protocol, a
+reply that does not parse, or more data than was granted marks the channel
+broken: every waiting operation fails at once with GuestProtocolError naming
+the violation, so a hostile or crashed guest can never hang the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from ..api.errors import GuestProtocolError, VMError
+from ..wire import agent as msgs
+from ..wire.frames import ProtocolError
+from ..wire.mux import (
+    ChannelEnded,
+    Connection,
+    DataReceived,
+    HelloReceived,
+    MessageReceived,
+    Role,
+    StreamClosed,
+    StreamOpened,
+    StreamReset,
+    WindowOpened,
+)
+
+READ_SIZE = 256 * 1024
+
+
+class ChannelClosed(VMError):
+    pass
+
+
+class GuestStream:
+    """One operation on the channel; consume its events with `next_event()`."""
+
+    def __init__(self, channel: "GuestChannel", stream_id: int) -> None:
+        self.channel = channel
+        self.id = stream_id
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._window = asyncio.Event()
+        self.closed_by_guest = False
+
+    def _push(self, event) -> None:
+        self._events.put_nowait(event)
+
+    async def next_event(self):
+        """The next DataReceived/ChannelEnded/MessageReceived/StreamClosed/StreamReset."""
+        event = await self._events.get()
+        if isinstance(event, BaseException):
+            self._events.put_nowait(event)  # every later call fails the same way
+            raise event
+        return event
+
+    async def send(self, channel: int, data: bytes) -> None:
+        """Send stdin/file bytes, waiting for window as the guest consumes."""
+        view = memoryview(data)
+        while view:
+            self.channel.raise_if_broken()
+            window = self.channel.conn.send_window(self.id)
+            if window == 0:
+                if not self.channel.conn.is_open(self.id):
+                    raise ChannelClosed("the guest ended this operation")
+                self._window.clear()
+                await self._window.wait()
+                continue
+            chunk, view = view[:window], view[window:]
+            self.channel.conn.send_data(self.id, channel, bytes(chunk))
+            self.channel.flush()
+            await self.channel.drain()
+
+    def end(self, channel: int) -> None:
+        if self.channel.conn.is_open(self.id):
+            self.channel.conn.end_channel(self.id, channel)
+            self.channel.flush()
+
+    def message(self, message: dict) -> None:
+        if self.channel.conn.is_open(self.id):
+            self.channel.conn.send_message(self.id, message)
+            self.channel.flush()
+
+    def consumed(self, nbytes: int) -> None:
+        self.channel.conn.consumed(self.id, nbytes)
+        self.channel.flush()
+
+    def close(self) -> None:
+        if self.channel.conn.is_open(self.id):
+            self.channel.conn.close_stream(self.id)
+            self.channel.flush()
+        self.channel.forget(self.id)
+
+    def reset(self, reason: str) -> None:
+        self.channel.conn.reset_stream(self.id, reason)
+        self.channel.flush()
+        self.channel.forget(self.id)
+
+
+class GuestChannel:
+    def __init__(self, sock: socket.socket) -> None:
+        self.conn = Connection(Role.HOST)
+        self._sock = sock
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._streams: dict[int, GuestStream] = {}
+        self._hello: asyncio.Future | None = None
+        self._ready: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self.broken: BaseException | None = None
+        self.guest_info: dict = {}
+        self.boot_ms: int | None = None
+
+    async def start(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(sock=self._sock, limit=READ_SIZE)
+        loop = asyncio.get_running_loop()
+        self._hello = loop.create_future()
+        self._ready = loop.create_future()
+        self._task = asyncio.create_task(self._read_loop())
+
+    async def handshake(self, config: msgs.GuestConfig) -> None:
+        """Wait for the guest's HELLO, send the sandbox settings, wait for `ready`."""
+        assert self._hello is not None and self._ready is not None
+        self.guest_info = await self._hello
+        self.conn.send_hello(config.to_wire())
+        self.flush()
+        self.boot_ms = await self._ready
+
+    def raise_if_broken(self) -> None:
+        if self.broken is not None:
+            raise self.broken
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)
+
+    async def drain(self) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            try:
+                await self._writer.drain()
+            except ConnectionError as exc:
+                self._fail(ChannelClosed(f"guest channel closed: {exc}"))
+        self.raise_if_broken()
+
+    def open(self, request: dict) -> GuestStream:
+        self.raise_if_broken()
+        stream_id = self.conn.open_stream(request)
+        stream = GuestStream(self, stream_id)
+        self._streams[stream_id] = stream
+        self.flush()
+        return stream
+
+    def forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                data = await self._reader.read(READ_SIZE)
+                if not data:
+                    self.conn.receive_eof()
+                    raise ChannelClosed("the guest closed the agent channel (the VM stopped)")
+                for event in self.conn.receive_data(data):
+                    self._dispatch(event)
+                self.flush()
+        except ProtocolError as exc:
+            self._fail(GuestProtocolError(f"guest broke the wire protocol: {exc}"))
+        except (ChannelClosed, GuestProtocolError) as exc:
+            self._fail(exc)
+        except (ConnectionError, OSError) as exc:
+            self._fail(ChannelClosed(f"guest channel failed: {exc}"))
+
+    def _dispatch(self, event) -> None:
+        if isinstance(event, HelloReceived):
+            if self._hello is not None and not self._hello.done():
+                self._hello.set_result(event.info)
+            return
+        if isinstance(event, StreamOpened):
+            # The guest has no reason to open streams on this port yet.
+            raise GuestProtocolError(f"guest opened stream {event.stream}, which the host never allows")
+        if isinstance(event, MessageReceived) and event.stream == 0:
+            self._on_connection_message(event.message)
+            return
+        stream = self._streams.get(event.stream)
+        if stream is None:
+            return
+        if isinstance(event, WindowOpened):
+            stream._window.set()
+            return
+        if isinstance(event, (StreamClosed, StreamReset)):
+            stream.closed_by_guest = True
+            stream._window.set()
+        stream._push(event)
+
+    def _on_connection_message(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == msgs.EVENT_READY and self._ready is not None and not self._ready.done():
+            boot_ms = message.get("boot_ms")
+            self._ready.set_result(boot_ms if isinstance(boot_ms, int) else None)
+        elif kind == msgs.EVENT_FATAL:
+            text = str(message.get("message", ""))[:2000]
+            self._fail(VMError(f"guest init failed: {text}"))
+        else:
+            raise GuestProtocolError(f"unexpected connection message {str(kind)[:100]!r}")
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.broken is not None:
+            return
+        self.broken = exc
+        for future in (self._hello, self._ready):
+            if future is not None and not future.done():
+                future.set_exception(exc)
+                future.exception()  # mark retrieved; callers may be gone
+        for stream in list(self._streams.values()):
+            stream._push(exc)
+            stream._window.set()
+        if self._writer is not None:
+            self._writer.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._writer is not None:
+            self._writer.close()

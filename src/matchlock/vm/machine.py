@@ -1,0 +1,205 @@
+"""One QEMU `-M microvm` process: command line, launch, QMP, shutdown.
+
+The agent channel and QMP use socketpairs whose guest ends are handed to
+QEMU as inherited file descriptors, so there is no socket file to race on or
+clean up, and QEMU is connected before the guest runs. QEMU is started with
+a parent-death signal (setpriv --pdeathsig KILL): if the process that owns
+the sandbox dies, even by SIGKILL, QEMU dies with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import signal
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..api.errors import SetupError, VMError
+from .accel import AccelChoice
+from .qmp import QMPClient, QMPError
+
+QEMU = "qemu-system-x86_64"
+AGENT_PORT_NAME = "matchlock.agent"
+BASE_CMDLINE = ("console=ttyS0", "panic=-1", "reboot=t", "quiet", "mitigations=off", "8250.nr_uarts=1")
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: Path
+    serial: str
+    readonly: bool = False
+    ephemeral: bool = False  # contents are discarded with the sandbox: skip host flushes
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    name: str
+    kernel: Path
+    kernel_args: tuple[str, ...]
+    disks: tuple[Disk, ...]
+    console_log: Path
+    accel: AccelChoice
+    cpus: float = 1.0
+    memory_mb: int = 512
+    initrd: Path | None = None
+    acpi: bool = False
+    tsc_khz: int | None = None
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def vcpus(self) -> int:
+        return max(1, math.ceil(self.cpus))
+
+
+def find_qemu() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        raise SetupError(f"{QEMU} not found; fix: apt-get install qemu-system-x86")
+    return path
+
+
+def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int) -> list[str]:
+    machine = "microvm" if spec.acpi else "microvm,acpi=off,rtc=off"
+    cmdline = list(BASE_CMDLINE)
+    if spec.accel.name == "tcg" and spec.tsc_khz:
+        cmdline.append(f"tsc_early_khz={spec.tsc_khz}")
+    cmdline += spec.kernel_args
+    argv = [
+        find_qemu(),
+        "-name", f"{spec.name},process=matchlock-{spec.name}",
+        "-accel", spec.accel.name,
+        "-cpu", "host" if spec.accel.name == "kvm" else "max",
+        "-M", machine,
+        "-m", str(spec.memory_mb),
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(spec.kernel),
+        "-append", " ".join(cmdline),
+        "-chardev", f"file,id=console,path={spec.console_log},append=on",
+        "-serial", "chardev:console",
+    ]  # fmt: skip
+    if spec.initrd is not None:
+        argv += ["-initrd", str(spec.initrd)]
+    for index, disk in enumerate(spec.disks):
+        options = [f"id=disk{index}", f"file={disk.path}", "format=raw", "if=none"]
+        if disk.readonly:
+            options.append("readonly=on")
+        if disk.ephemeral:
+            options.append("cache=unsafe")
+        argv += ["-drive", ",".join(options), "-device", f"virtio-blk-device,drive=disk{index},serial={disk.serial}"]
+    argv += [
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,fd={agent_fd}",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-chardev", f"socket,id=qmp,fd={qmp_fd}",
+        "-mon", "chardev=qmp,mode=control",
+        "-device", "virtio-rng-device",
+    ]  # fmt: skip
+    return argv + list(spec.extra_args)
+
+
+class Machine:
+    def __init__(self, spec: MachineSpec) -> None:
+        self.spec = spec
+        self.process: asyncio.subprocess.Process | None = None
+        self.qmp: QMPClient | None = None
+        self.agent_socket: socket.socket | None = None
+        self._stderr = b""
+        self._stderr_task: asyncio.Task | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    async def start(self) -> socket.socket:
+        """Launch QEMU; returns the host end of the agent channel."""
+        agent_host, agent_guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        qmp_host, qmp_guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = build_argv(self.spec, agent_guest.fileno(), qmp_guest.fileno())
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise SetupError("setpriv not found; fix: apt-get install util-linux")
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                setpriv, "--pdeathsig", "KILL", "--", *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(agent_guest.fileno(), qmp_guest.fileno()),
+            )  # fmt: skip
+        finally:
+            agent_guest.close()
+            qmp_guest.close()
+        self._stderr_task = asyncio.create_task(self._collect_stderr())
+        self.qmp = QMPClient(qmp_host)
+        try:
+            await asyncio.wait_for(self.qmp.connect(), timeout=30)
+        except (QMPError, asyncio.TimeoutError, ConnectionError) as exc:
+            await self.kill()
+            raise VMError(f"QEMU did not start: {self.stderr_text() or exc}") from None
+        self.agent_socket = agent_host
+        return agent_host
+
+    async def _collect_stderr(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        while chunk := await self.process.stderr.read(65536):
+            if len(self._stderr) < 65536:
+                self._stderr += chunk
+
+    def stderr_text(self) -> str:
+        return self._stderr.decode(errors="replace").strip()
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        code = await self.process.wait()
+        if self._stderr_task is not None:
+            await asyncio.wait([self._stderr_task], timeout=1)
+        return code
+
+    async def stop(self, timeout: float) -> None:
+        """Ask QEMU to quit; SIGKILL if it is still there after `timeout` seconds."""
+        if self.process is None or self.process.returncode is not None:
+            return self._close_sockets()
+        try:
+            if self.qmp is not None:
+                await asyncio.wait_for(self.qmp.execute("quit"), timeout=max(timeout, 0.1))
+        except (QMPError, asyncio.TimeoutError, ConnectionError):
+            pass
+        try:
+            await asyncio.wait_for(self.wait(), timeout=max(timeout, 0.1))
+        except asyncio.TimeoutError:
+            await self.kill()
+        self._close_sockets()
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            try:
+                self.process.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await self.wait()
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+        if self.agent_socket is not None:
+            self.agent_socket.close()
+
+
+def console_tail(path: Path, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

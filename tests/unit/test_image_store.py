@@ -1,0 +1,217 @@
+"""The local image store and the `matchlock image` commands."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from matchlock.api.errors import ImageError, NotFoundError, UsageError
+from matchlock.api.image import ImageConfig
+from matchlock.cli.image import image as image_cli
+from matchlock.image.layers import squash_digest
+from matchlock.image.store import DEFAULT_IMAGE, ImageStore, validate_tag
+from test_image_layers import assert_sample_tree, docker_save, ent, make_layer, mounted, oci_layout, sample_layers
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def blobs(cache):
+    d = cache / "images" / "blobs"
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def test_import_docker_save(cache, tmp_path):
+    tars = sample_layers()
+    info = ImageStore().import_tarball(io.BytesIO(docker_save(tars)), "test/img:1")
+    assert info.tag == "test/img:1" and info.source == "import" and info.layers == 3
+    assert info.lower_fstype == "erofs" and info.lower_path.parent == cache / "images" / "blobs"
+    assert info.size == info.lower_path.stat().st_size > 0
+    assert info.config == ImageConfig(
+        user="1000", working_dir="/w", cmd=("/bin/sh",), env={"PATH": "/usr/bin:/bin", "A": "b=c"}
+    )
+    assert info.created_at.endswith("Z") and "T" in info.created_at
+    assert ImageStore().get("test/img:1") == info == ImageStore().resolve("test/img:1")
+    with mounted(info.lower_path, tmp_path / "mnt") as root:
+        assert_sample_tree(root)
+
+
+def test_import_compressed_oci_layout(cache):
+    data = gzip.compress(oci_layout(sample_layers(), compress="zstd"))
+    info = ImageStore().import_tarball(io.BytesIO(data), "oci:latest")
+    assert info.layers == 3 and info.digest.startswith("sha256:")
+
+
+def test_schema(cache):
+    ImageStore().list()
+    conn = sqlite3.connect(cache / "images" / "metadata.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert conn.execute("SELECT module, version FROM schema_migrations").fetchall() == [("image", 1)]
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(images)")]
+    assert columns == ["scope", "tag", "digest", "size", "created_at", "source", "rootfs_path", "oci_json", "updated_at"]
+
+
+def test_duplicate_import_reuses_blob(cache):
+    tars = sample_layers()
+    a = ImageStore().import_tarball(io.BytesIO(docker_save(tars)), "a:1")
+    mtime = a.lower_path.stat().st_mtime_ns
+    b = ImageStore().import_tarball(io.BytesIO(oci_layout(tars)), "b:1")  # same diff_ids, other format
+    again = ImageStore().import_tarball(io.BytesIO(docker_save(tars)), "a:1")
+    assert a.lower_path == b.lower_path == again.lower_path
+    assert a.lower_path.stat().st_mtime_ns == mtime
+    assert blobs(cache) == [a.lower_path.name]
+    assert a.lower_path.name == f"sha256_{squash_digest(['sha256:' + __import__('hashlib').sha256(t).hexdigest() for t in tars])}.erofs"
+
+
+def test_reimport_with_new_content_drops_old_blob(cache):
+    first = ImageStore().import_tarball(io.BytesIO(docker_save(sample_layers())), "x:1")
+    second = ImageStore().import_tarball(io.BytesIO(docker_save([make_layer([ent("only", data=b"1")])])), "x:1")
+    assert first.lower_path != second.lower_path
+    assert blobs(cache) == [second.lower_path.name]
+
+
+def test_corrupted_blob_caches_nothing(cache):
+    with pytest.raises(ImageError, match="blob blobs/sha256/"):
+        ImageStore().import_tarball(io.BytesIO(oci_layout(sample_layers(), corrupt_layer=0)), "bad:1")
+    assert blobs(cache) == []
+    assert ImageStore().get("bad:1") is None
+    assert list((cache / "images" / "tmp").iterdir()) == []
+
+
+def test_escaping_image_caches_nothing(cache):
+    evil = make_layer([ent("lnk", "sym", link="/"), ent("lnk/etc/passwd", data=b"x")])
+    with pytest.raises(ImageError, match="path escape"):
+        ImageStore().import_tarball(io.BytesIO(docker_save([evil])), "evil:1")
+    assert blobs(cache) == [] and ImageStore().list() == []
+
+
+def test_remove_twice_fails(cache):
+    info = ImageStore().import_tarball(io.BytesIO(docker_save(sample_layers())), "r:1")
+    ImageStore().remove("r:1")
+    assert not info.lower_path.exists()
+    with pytest.raises(NotFoundError, match="image not found: r:1"):
+        ImageStore().remove("r:1")
+
+
+def test_remove_keeps_blob_shared_with_another_tag(cache):
+    data = docker_save(sample_layers())
+    a = ImageStore().import_tarball(io.BytesIO(data), "a:1")
+    ImageStore().import_tarball(io.BytesIO(data), "b:1")
+    ImageStore().remove("a:1")
+    assert a.lower_path.exists()
+
+
+def test_gc_removes_orphans(cache):
+    info = ImageStore().import_tarball(io.BytesIO(docker_save(sample_layers())), "g:1")
+    orphan = info.lower_path.with_name("sha256_" + "0" * 64 + ".erofs")
+    orphan.write_bytes(b"orphan")
+    stale_tmp = info.lower_path.with_name("sha256_" + "1" * 64 + ".erofs.tmp")
+    stale_tmp.write_bytes(b"half")
+    dead_work = cache / "images" / "tmp" / "import-999999999-abc"
+    dead_work.mkdir(parents=True)
+    assert ImageStore().gc() == 2
+    assert blobs(cache) == [info.lower_path.name]
+    assert not dead_work.exists()
+    assert ImageStore().gc() == 0
+
+
+def test_resolve_unknown_tag_explains_import(cache):
+    with pytest.raises(NotFoundError) as exc:
+        ImageStore().resolve("alpine:3")
+    assert str(exc.value) == (
+        'image "alpine:3" not found locally; import it with: docker save alpine:3 | matchlock image import alpine:3'
+    )
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "tab\there", "x" * 256, "new\nline"])
+def test_invalid_tags(cache, bad):
+    with pytest.raises(UsageError, match="invalid image tag"):
+        validate_tag(bad)
+    with pytest.raises(UsageError):
+        ImageStore().import_tarball(io.BytesIO(b""), bad)
+    validate_tag("x" * 255)
+
+
+def test_concurrent_imports_share_one_blob(cache, tmp_path):
+    tarball = tmp_path / "img.tar"
+    tarball.write_bytes(docker_save(sample_layers()))
+    script = textwrap.dedent(f"""
+        import sys
+        from matchlock.image.store import ImageStore
+        info = ImageStore().import_tarball(open({str(tarball)!r}, "rb"), sys.argv[1])
+        print(info.lower_path)
+    """)
+    env = {**os.environ, "MATCHLOCK_CACHE_DIR": str(cache)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, tag], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for tag in ("same:1", "same:1", "other:1")
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], results
+    paths = {out.strip() for out, _ in results}
+    assert len(paths) == 1
+    assert blobs(cache) == [os.path.basename(paths.pop())]
+    assert sorted(i.tag for i in ImageStore().list()) == ["other:1", "same:1"]
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_import_ls_rm_gc(cache):
+    try:
+        runner = CliRunner(mix_stderr=False)  # click 8.1
+    except TypeError:
+        runner = CliRunner()  # click >= 8.2 always keeps stderr apart
+    result = runner.invoke(image_cli, ["import", "cli/img:1"], input=docker_save(sample_layers()))
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == "Importing cli/img:1 from stdin...\n"
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["Imported: cli/img:1", "Layers: 3"]
+    size = ImageStore().get("cli/img:1").size
+    assert lines[2] == f"Size: {size / 1048576:.1f} MB"
+
+    for command in ("ls", "list"):
+        result = runner.invoke(image_cli, [command])
+        assert result.exit_code == 0
+        header, row = result.stdout.splitlines()
+        assert header.split() == ["TAG", "SOURCE", "SIZE", "CREATED"]
+        fields = row.split()
+        assert fields[:4] == ["cli/img:1", "import", f"{size / 1048576:.1f}", "MB"]
+        assert len(fields[4]) == 10 and len(fields[5]) == 8  # YYYY-MM-DD HH:MM:SS
+        assert header.index("SOURCE") == row.index("import")
+
+    (cache / "images" / "blobs" / ("sha256_" + "f" * 64 + ".erofs")).write_bytes(b"x")
+    result = runner.invoke(image_cli, ["gc"])
+    assert result.stdout == "Removed 1 unreferenced blobs\n"
+
+    result = runner.invoke(image_cli, ["rm", "cli/img:1"])
+    assert result.exit_code == 0 and result.stdout == "Removed cli/img:1\n"
+    result = runner.invoke(image_cli, ["remove", "cli/img:1"])
+    assert isinstance(result.exception, NotFoundError) and result.exception.exit_code != 0
+
+
+def test_cli_through_main_reports_errors(cache):
+    env = {**os.environ, "MATCHLOCK_CACHE_DIR": str(cache)}
+    run = [sys.executable, "-c", "from matchlock.cli.main import main; main()", "image"]
+    proc = subprocess.run(run + ["rm", "nope:1"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr == "Error: image not found: nope:1\n"
+    proc = subprocess.run(run + ["import", "bad tag"], env=env, capture_output=True, text=True, input="")
+    assert proc.returncode == 2 and "invalid image tag 'bad tag'" in proc.stderr
+    proc = subprocess.run(run + ["import", "x:1"], env=env, capture_output=True, input=b"garbage" * 100)
+    assert proc.returncode == 1 and b"Error: not a tar archive" in proc.stderr
+
+
+def test_default_image_constant():
+    assert DEFAULT_IMAGE == "matchlock/busybox:builtin"
