@@ -131,7 +131,10 @@ class Sandbox:
 
     async def _boot(self, spec: MachineSpec) -> None:
         self.machine = Machine(spec)
-        sock = await self.machine.start()
+        try:
+            sock = await self.machine.start()
+        except VMError as exc:
+            raise VMError(self._boot_failure(str(exc))) from None
         self.channel = GuestChannel(sock)
         await self.channel.start()
         handshake = asyncio.ensure_future(self.channel.handshake(self._guest_config()))
