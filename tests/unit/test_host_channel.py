@@ -622,6 +622,13 @@ def test_guest_data_beyond_window_across_frames_while_callback_is_slow():
         guest.conn.send_data(sid, STDOUT, b"x" * INITIAL_WINDOW)
         await guest.flush()
         await guest.send_raw(encode_frame(FrameKind.DATA, sid, b"\x01y"))
+        # The read loop catches the violation even while the consumer is busy...
+        await asyncio.wait_for(guest.host_closed(), 5)
+        assert isinstance(channel.broken, GuestProtocolError)
+        assert "peer sent 1 bytes with only 0 granted" in str(channel.broken)
+        assert not waiter.done()
+        # ...and the consumer sees it as soon as its callback returns.
+        release.set()
         with pytest.raises(GuestProtocolError, match="peer sent 1 bytes with only 0 granted"):
             await waiter
         await shutdown(channel, guest)
@@ -653,7 +660,7 @@ async def stream_out(guest: FakeGuest, sid: int, total: int, fill: bytes = b"r")
     while sent < total:
         window = guest.conn.send_window(sid)
         if window == 0:
-            event = await guest.next_event()
+            event = await guest.next_event(skip=())
             if isinstance(event, StreamReset):
                 return sent, event
             continue
@@ -793,17 +800,21 @@ def test_write_file_1mib_with_slow_window_grants():
         assert request == {"op": "write_file", "path": "/data/blob", "mode": 0o600}
         received = bytearray()
         unconsumed = 0
-        saw_exhausted_window = 0
+        stalls = 0
         while True:
             event = await guest.next_event()
             if isinstance(event, DataReceived):
                 assert event.channel == STDIN
                 received += event.data
                 unconsumed += len(event.data)
-                if unconsumed == INITIAL_WINDOW:
-                    saw_exhausted_window += 1
-                    assert channel.conn.send_window(sid) == 0
-                    assert not task.done()
+                # (the guest's own Connection would raise if the host overran the window)
+                if unconsumed < INITIAL_WINDOW and len(received) < len(content):
+                    continue
+                # The host used up all its credit and must now be waiting.
+                stalls += 1
+                await asyncio.sleep(0.01)
+                assert channel.conn.send_window(sid) == 0
+                assert not task.done()
                 # Grant credit back slowly, in small pieces.
                 while unconsumed:
                     await asyncio.sleep(0.001)
@@ -817,7 +828,7 @@ def test_write_file_1mib_with_slow_window_grants():
             else:
                 raise AssertionError(f"unexpected {event!r}")
         assert bytes(received) == content
-        assert saw_exhausted_window >= 1
+        assert stalls == len(content) // INITIAL_WINDOW
         guest.conn.send_message(sid, {"type": "result"})
         guest.conn.close_stream(sid)
         await guest.flush()

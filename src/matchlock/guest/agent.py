@@ -3,21 +3,21 @@
 It runs in PID 1 after init has assembled the root filesystem. The host
 drives it through the multiplexer in `matchlock.wire`; every stream is one
 operation (exec, write_file, read_file, list_files, shutdown). The loop is a
-plain `selectors` reactor: asyncio would cost a few hundred milliseconds of
-import time under emulation, and forking workloads from a single-threaded
-process is safe.
+plain epoll reactor: asyncio (or even `selectors`, `signal` and `socket`,
+which import `enum` and `collections`) would cost hundreds of milliseconds of
+import time per boot under CPU emulation, and forking workloads from a
+single-threaded process is safe.
 """
 
 from __future__ import annotations
 
+import _signal
+import _socket
 import fcntl
 import heapq
 import itertools
 import os
-import platform
-import selectors
-import signal
-import socket
+import select
 import struct
 import sys
 import time
@@ -65,7 +65,8 @@ class Agent:
         self.hidden_devices = hidden_devices
         self.boot_started = boot_started
         self.conn = Connection(Role.GUEST)
-        self.selector = selectors.DefaultSelector()
+        self._poll = select.epoll()
+        self._registered: set[int] = set()
         self._callbacks: dict[int, list] = {}  # fd -> [read callback, write callback]
         self._timers: list = []
         self._timer_ids = itertools.count()
@@ -76,8 +77,8 @@ class Agent:
         self._outbound = bytearray()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r = wake_r
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
+        _signal.set_wakeup_fd(wake_w)
+        _signal.signal(_signal.SIGCHLD, lambda *_: None)
         self.watch_read(wake_r, self._reap_children)
         self.watch_read(port_fd, self._read_port)
 
@@ -85,16 +86,17 @@ class Agent:
 
     def _update(self, fd: int) -> None:
         read_cb, write_cb = self._callbacks.get(fd, (None, None))
-        events = (selectors.EVENT_READ if read_cb else 0) | (selectors.EVENT_WRITE if write_cb else 0)
-        registered = fd in self.selector.get_map()
+        events = (select.EPOLLIN if read_cb else 0) | (select.EPOLLOUT if write_cb else 0)
         if not events:
             self._callbacks.pop(fd, None)
-            if registered:
-                self.selector.unregister(fd)
-        elif registered:
-            self.selector.modify(fd, events)
+            if fd in self._registered:
+                self._registered.discard(fd)
+                self._poll.unregister(fd)
+        elif fd in self._registered:
+            self._poll.modify(fd, events)
         else:
-            self.selector.register(fd, events)
+            self._poll.register(fd, events)
+            self._registered.add(fd)
 
     def watch_read(self, fd: int, callback) -> None:
         self._callbacks.setdefault(fd, [None, None])[0] = callback
@@ -138,18 +140,21 @@ class Agent:
             {
                 "agent_version": AGENT_VERSION,
                 "python": sys.version.split()[0],
-                "kernel": platform.release(),
+                "kernel": os.uname().release,
                 "boot_ms": int((time.monotonic() - self.boot_started) * 1000),
             }
         )
         self._flush()
+        readable = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+        writable = select.EPOLLOUT | select.EPOLLERR
         while self.running:
-            for key, events in self.selector.select(self._next_timeout()):
-                callbacks = self._callbacks.get(key.fd)
-                if callbacks and events & selectors.EVENT_READ and callbacks[0]:
+            timeout = self._next_timeout()
+            for fd, events in self._poll.poll(-1 if timeout is None else timeout):
+                callbacks = self._callbacks.get(fd)
+                if callbacks and events & readable and callbacks[0]:
                     self._guarded(callbacks[0])
-                callbacks = self._callbacks.get(key.fd)
-                if callbacks and events & selectors.EVENT_WRITE and callbacks[1]:
+                callbacks = self._callbacks.get(fd)
+                if callbacks and events & writable and callbacks[1]:
                     self._guarded(callbacks[1])
             self._run_timers()
             self._flush()
@@ -260,7 +265,7 @@ class Agent:
 
     def _shutdown(self, stream: int) -> None:
         for handler in list(self.processes.values()):
-            handler.proc.signal(signal.SIGKILL)
+            handler.proc.signal(_signal.SIGKILL)
         os.sync()
         self.conn.send_message(stream, {"type": msgs.REPLY_RESULT})
         self.conn.close_stream(stream)
@@ -325,7 +330,7 @@ def render_hosts(hostname: str, extra_hosts) -> str:
 
 def apply_config(config: msgs.GuestConfig) -> None:
     syscalls.set_realtime_clock(config.time_ns)
-    socket.sethostname(config.hostname)
+    _socket.sethostname(config.hostname)
     _write_etc("/etc/hostname", config.hostname + "\n")
     _write_etc("/etc/hosts", render_hosts(config.hostname, config.extra_hosts))
     if config.dns_servers:
@@ -335,10 +340,13 @@ def apply_config(config: msgs.GuestConfig) -> None:
 
 
 def _bring_up_loopback() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
         request = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    finally:
+        sock.close()
 
 
 def _setup_cgroups(cpus: float) -> None:

@@ -9,9 +9,9 @@ window on the stream, so a host that stops reading stalls that one command
 
 from __future__ import annotations
 
+import _signal
 import errno
 import os
-import signal
 import stat
 
 from ..wire import agent as msgs
@@ -189,11 +189,11 @@ class ExecHandler(StreamHandler):
         """SIGTERM to the command's group now, SIGKILL to everything after the grace period."""
         if self.exit_code is not None or self.kill_timer is not None:
             return
-        self.proc.signal(signal.SIGTERM)
+        self.proc.signal(_signal.SIGTERM)
         self.kill_timer = self.agent.call_later(msgs.CANCEL_GRACE_SECONDS, self._kill)
 
     def _kill(self) -> None:
-        self.proc.signal(signal.SIGKILL)
+        self.proc.signal(_signal.SIGKILL)
 
     # --- completion ---------------------------------------------------------
 

@@ -18,9 +18,9 @@ and with it everything inside.
 
 from __future__ import annotations
 
+import _signal
 import fcntl
 import os
-import signal
 import struct
 import termios
 
@@ -38,7 +38,7 @@ DROPPED_CAPABILITIES = {
 }
 EXEC_FAILED = 127
 _SECCOMP_PROGRAM = seccomp.build_filter()
-_DEFAULT_SIGNALS = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]
+_UNCATCHABLE = (_signal.SIGKILL, _signal.SIGSTOP)
 
 
 class SpawnError(Exception):
@@ -98,8 +98,8 @@ def spawn(request: ExecRequest, *, privileged: bool, hidden_devices: tuple[str, 
         try:
             # Drop everything inherited from the agent (the port, other
             # commands' pipes) so this command cannot hold them open.
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _signal.set_wakeup_fd(-1)
+            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
             _close_all_except({0, 1, 2, error_w, *child_fds})
             _launcher(request, child_fds, error_w, privileged, hidden_devices)
         except BaseException as exc:  # noqa: BLE001 - must never return into the agent
@@ -158,8 +158,8 @@ def _launcher(request: ExecRequest, child_fds, error_w: int, privileged: bool, h
     for fd in set(child_fds):
         os.close(fd)
     # Signals aimed at the group are for the command; the launcher just waits.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(signum, signal.SIG_IGN)
+    for signum in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT):
+        _signal.signal(signum, _signal.SIG_IGN)
     os._exit(_wait_exit_code(init_pid))
 
 
@@ -174,7 +174,7 @@ def _wait_exit_code(pid: int) -> int:
 
 def _namespace_init(request: ExecRequest, child_fds, error_w: int, privileged: bool) -> None:
     syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     command_pid = os.fork()
     if command_pid == 0:
         try:
@@ -231,12 +231,14 @@ def _exec_command(request: ExecRequest, child_fds, error_w: int, privileged: boo
     except OSError as exc:
         raise SpawnError(f"cannot use working directory {request.cwd}: {exc.strerror}") from None
 
-    for signum in _DEFAULT_SIGNALS:
-        try:
-            signal.signal(signum, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
+    for signum in range(1, _signal.NSIG):
+        if signum not in _UNCATCHABLE:
+            try:
+                _signal.signal(signum, _signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
     try:
         os.execve("/bin/sh", ["sh", "-c", request.command], env)
     except OSError as exc:

@@ -6,17 +6,15 @@ go through NSS and could load shared libraries from the (untrusted) image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..wire._records import Record
 
 MAX_ID = (1 << 32) - 2
 
 
-@dataclass(frozen=True, slots=True)
-class ResolvedUser:
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    home: str | None
+class ResolvedUser(Record):
+    """uid: int; gid: int; groups: tuple[int, ...]; home: str | None"""
+
+    __slots__ = ("uid", "gid", "groups", "home")
 
 
 def _read_db(path: str, min_fields: int) -> list[list[str]]:

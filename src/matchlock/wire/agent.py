@@ -11,7 +11,7 @@ as a protocol violation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from ._records import Record
 
 # Host -> guest: stream requests
 OP_EXEC = "exec"
@@ -68,10 +68,8 @@ def _path(msg: dict, key: str = "path") -> str:
     return path
 
 
-@dataclass(frozen=True, slots=True)
-class TerminalSize:
-    rows: int
-    cols: int
+class TerminalSize(Record):
+    __slots__ = ("rows", "cols")
 
     @classmethod
     def parse(cls, msg: dict) -> "TerminalSize":
@@ -81,14 +79,11 @@ class TerminalSize:
         return {"rows": self.rows, "cols": self.cols}
 
 
-@dataclass(frozen=True, slots=True)
-class ExecRequest:
-    command: str
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str = "/"
-    user: str = ""
-    stdin: bool = False
-    tty: TerminalSize | None = None
+class ExecRequest(Record):
+    """command: str; env: dict; cwd: str; user: str; stdin: bool; tty: TerminalSize | None"""
+
+    __slots__ = ("command", "env", "cwd", "user", "stdin", "tty")
+    _defaults = {"env": dict, "cwd": "/", "user": "", "stdin": False, "tty": None}
 
     @classmethod
     def parse(cls, msg: dict) -> "ExecRequest":
@@ -125,10 +120,9 @@ class ExecRequest:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class WriteFileRequest:
-    path: str
-    mode: int = 0o644
+class WriteFileRequest(Record):
+    __slots__ = ("path", "mode")
+    _defaults = {"mode": 0o644}
 
     @classmethod
     def parse(cls, msg: dict) -> "WriteFileRequest":
@@ -138,12 +132,10 @@ class WriteFileRequest:
         return {"op": OP_WRITE_FILE, "path": self.path, "mode": self.mode}
 
 
-@dataclass(frozen=True, slots=True)
-class PathRequest:
+class PathRequest(Record):
     """read_file and list_files take only a path."""
 
-    op: str
-    path: str
+    __slots__ = ("op", "path")
 
     @classmethod
     def parse(cls, msg: dict) -> "PathRequest":
@@ -153,12 +145,10 @@ class PathRequest:
         return {"op": self.op, "path": self.path}
 
 
-@dataclass(frozen=True, slots=True)
-class FileInfo:
-    name: str
-    size: int
-    mode: int  # POSIX st_mode
-    is_dir: bool
+class FileInfo(Record):
+    """name: str; size: int; mode: int (POSIX st_mode); is_dir: bool"""
+
+    __slots__ = ("name", "size", "mode", "is_dir")
 
     @classmethod
     def parse(cls, msg: dict) -> "FileInfo":
@@ -214,16 +204,11 @@ def parse_cpus(value) -> float:
     return float(value)
 
 
-@dataclass(frozen=True, slots=True)
-class GuestConfig:
+class GuestConfig(Record):
     """Sandbox settings the host sends in its HELLO; the guest applies them at boot."""
 
-    hostname: str
-    time_ns: int
-    privileged: bool = False
-    cpus: float = 1.0
-    dns_servers: tuple[str, ...] = ()
-    extra_hosts: tuple[tuple[str, str], ...] = ()
+    __slots__ = ("hostname", "time_ns", "privileged", "cpus", "dns_servers", "extra_hosts")
+    _defaults = {"privileged": False, "cpus": 1.0, "dns_servers": (), "extra_hosts": ()}
 
     @classmethod
     def parse(cls, msg: dict) -> "GuestConfig":

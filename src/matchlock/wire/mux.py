@@ -17,12 +17,11 @@ buffer without bound.
 
 from __future__ import annotations
 
-import enum
-import json
 import struct
-from dataclasses import dataclass, field
 
-from .frames import MAX_PAYLOAD, MAX_STREAM_ID, Frame, FrameDecoder, FrameKind, ProtocolError, encode_frame
+from . import jsonlite
+from ._records import Record
+from .frames import KIND_NAMES, MAX_PAYLOAD, MAX_STREAM_ID, Frame, FrameDecoder, FrameKind, ProtocolError, encode_frame
 
 PROTOCOL_NAME = "matchlock-wire"
 PROTOCOL_VERSION = 1
@@ -36,7 +35,7 @@ CHANNELS = (STDIN, STDOUT, STDERR)
 _U32 = struct.Struct(">I")
 
 
-class Role(enum.Enum):
+class Role:
     HOST = "host"
     GUEST = "guest"
 
@@ -52,82 +51,58 @@ class FlowControlError(Exception):
 # --- events -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class HelloReceived:
-    info: dict
+class HelloReceived(Record):
+    __slots__ = ("info",)
 
 
-@dataclass(frozen=True, slots=True)
-class StreamOpened:
-    stream: int
-    request: dict
+class StreamOpened(Record):
+    __slots__ = ("stream", "request")
 
 
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    stream: int
-    channel: int
-    data: bytes
+class DataReceived(Record):
+    __slots__ = ("stream", "channel", "data")
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelEnded:
-    stream: int
-    channel: int
+class ChannelEnded(Record):
+    __slots__ = ("stream", "channel")
 
 
-@dataclass(frozen=True, slots=True)
-class MessageReceived:
-    stream: int
-    message: dict
+class MessageReceived(Record):
+    __slots__ = ("stream", "message")
 
 
-@dataclass(frozen=True, slots=True)
-class StreamClosed:
+class StreamClosed(Record):
     """The peer will send nothing more on this stream."""
 
-    stream: int
+    __slots__ = ("stream",)
 
 
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    stream: int
-    reason: str
+class StreamReset(Record):
+    __slots__ = ("stream", "reason")
 
 
-@dataclass(frozen=True, slots=True)
-class WindowOpened:
+class WindowOpened(Record):
     """The peer granted more send credit on this stream."""
 
-    stream: int
+    __slots__ = ("stream",)
 
 
-Event = (
-    HelloReceived
-    | StreamOpened
-    | DataReceived
-    | ChannelEnded
-    | MessageReceived
-    | StreamClosed
-    | StreamReset
-    | WindowOpened
-)
-
-
-@dataclass(slots=True)
 class _Stream:
-    send_window: int
-    recv_window: int
-    unacked: int = 0
-    local_closed: bool = False
-    remote_closed: bool = False
-    ended_remote_channels: set = field(default_factory=set)
+    __slots__ = ("send_window", "recv_window", "unacked", "local_closed", "remote_closed", "ended_remote_channels")
+
+    def __init__(self, window: int) -> None:
+        self.send_window = window
+        self.recv_window = window
+        self.unacked = 0
+        self.local_closed = False
+        self.remote_closed = False
+        self.ended_remote_channels: set[int] = set()
 
 
 def _decode_json(payload: bytes, what: str) -> dict:
     try:
-        value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        value = jsonlite.loads(payload)
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"malformed JSON in {what} frame: {exc}") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} frame must carry a JSON object, got {type(value).__name__}")
@@ -135,7 +110,7 @@ def _decode_json(payload: bytes, what: str) -> dict:
 
 
 def _encode_json(value: dict) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+    return jsonlite.dumps(value)
 
 
 class Connection:
@@ -154,7 +129,7 @@ class Connection:
         self._decoder = FrameDecoder()
         self._out = bytearray()
         self._streams: dict[int, _Stream] = {}
-        self._next_id = 1 if role is Role.HOST else 2
+        self._next_id = 1 if role == Role.HOST else 2
         # Highest stream id ever opened by each side: frames for a lower id
         # whose stream is gone are late arrivals and are dropped.
         self._highest_local = 0
@@ -174,7 +149,7 @@ class Connection:
         body = {
             "protocol": PROTOCOL_NAME,
             "version": PROTOCOL_VERSION,
-            "role": self.role.value,
+            "role": self.role,
             "features": sorted(self.features),
         }
         if info:
@@ -195,9 +170,9 @@ class Connection:
                 f"version {PROTOCOL_VERSION}; the host and the guest runtime are from "
                 "different matchlock releases (rebuild the guest runtime disk)"
             )
-        expected_role = Role.GUEST if self.role is Role.HOST else Role.HOST
-        if hello.get("role") != expected_role.value:
-            raise HandshakeError(f"peer claims role {hello.get('role')!r}, expected {expected_role.value!r}")
+        expected_role = Role.GUEST if self.role == Role.HOST else Role.HOST
+        if hello.get("role") != expected_role:
+            raise HandshakeError(f"peer claims role {hello.get('role')!r}, expected {expected_role!r}")
         features = hello.get("features", [])
         if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
             raise ProtocolError("HELLO features must be a list of strings")
@@ -215,7 +190,7 @@ class Connection:
         self._out.clear()
         return out
 
-    def _emit(self, kind: FrameKind, stream: int, payload: bytes = b"") -> None:
+    def _emit(self, kind: int, stream: int, payload: bytes = b"") -> None:
         self._out += encode_frame(kind, stream, payload)
 
     def _require_ready(self) -> None:
@@ -231,7 +206,7 @@ class Connection:
             raise ProtocolError("stream ids exhausted")
         self._next_id += 2
         self._highest_local = stream_id
-        self._streams[stream_id] = _Stream(self._initial_window, self._initial_window)
+        self._streams[stream_id] = _Stream(self._initial_window)
         self._emit(FrameKind.OPEN, stream_id, _encode_json(request))
         return stream_id
 
@@ -337,50 +312,50 @@ class Connection:
             raise
 
     def _is_remote_id(self, stream_id: int) -> bool:
-        remote_parity = 0 if self.role is Role.HOST else 1
+        remote_parity = 0 if self.role == Role.HOST else 1
         return stream_id % 2 == remote_parity
 
     def _on_frame(self, frame: Frame) -> Event | None:
         kind, stream_id, payload = frame.kind, frame.stream, frame.payload
-        if kind is FrameKind.HELLO:
+        if kind == FrameKind.HELLO:
             if stream_id != 0:
                 raise ProtocolError("HELLO on a stream other than 0")
             return self._on_hello(payload)
         if self.peer_info is None:
-            raise ProtocolError(f"{kind.name} frame before HELLO")
-        if kind is FrameKind.OPEN:
+            raise ProtocolError(f"{KIND_NAMES[kind]} frame before HELLO")
+        if kind == FrameKind.OPEN:
             return self._on_open(stream_id, payload)
         if stream_id == 0:
-            if kind is FrameKind.MESSAGE:
+            if kind == FrameKind.MESSAGE:
                 return MessageReceived(0, _decode_json(payload, "MESSAGE"))
-            raise ProtocolError(f"{kind.name} frame on stream 0")
+            raise ProtocolError(f"{KIND_NAMES[kind]} frame on stream 0")
         stream = self._streams.get(stream_id)
         if stream is None:
             known = stream_id <= (self._highest_remote if self._is_remote_id(stream_id) else self._highest_local)
             if known:
                 return None  # late frame for a stream that has already ended
-            raise ProtocolError(f"{kind.name} frame for stream {stream_id}, which was never opened")
-        if kind is FrameKind.RESET:
+            raise ProtocolError(f"{KIND_NAMES[kind]} frame for stream {stream_id}, which was never opened")
+        if kind == FrameKind.RESET:
             del self._streams[stream_id]
             reason = _decode_json(payload, "RESET").get("reason", "")
             return StreamReset(stream_id, str(reason)[:4096])
-        if kind is FrameKind.WINDOW:
+        if kind == FrameKind.WINDOW:
             return self._on_window(stream_id, stream, payload)
         if stream.remote_closed:
-            raise ProtocolError(f"{kind.name} frame on stream {stream_id} after the peer closed it")
-        if kind is FrameKind.DATA:
+            raise ProtocolError(f"{KIND_NAMES[kind]} frame on stream {stream_id} after the peer closed it")
+        if kind == FrameKind.DATA:
             return self._on_stream_data(stream_id, stream, payload)
-        if kind is FrameKind.EOF:
+        if kind == FrameKind.EOF:
             channel = self._channel(payload)
             stream.ended_remote_channels.add(channel)
             return ChannelEnded(stream_id, channel)
-        if kind is FrameKind.MESSAGE:
+        if kind == FrameKind.MESSAGE:
             return MessageReceived(stream_id, _decode_json(payload, "MESSAGE"))
-        if kind is FrameKind.CLOSE:
+        if kind == FrameKind.CLOSE:
             stream.remote_closed = True
             self._maybe_forget(stream_id, stream)
             return StreamClosed(stream_id)
-        raise ProtocolError(f"unexpected {kind.name} frame")  # pragma: no cover - enum is exhaustive
+        raise ProtocolError(f"unexpected {KIND_NAMES[kind]} frame")  # pragma: no cover - enum is exhaustive
 
     def _on_open(self, stream_id: int, payload: bytes) -> StreamOpened:
         if stream_id == 0 or not self._is_remote_id(stream_id):
@@ -389,7 +364,7 @@ class Connection:
             raise ProtocolError(f"peer reused stream id {stream_id}")
         self._highest_remote = stream_id
         request = _decode_json(payload, "OPEN")
-        self._streams[stream_id] = _Stream(self._initial_window, self._initial_window)
+        self._streams[stream_id] = _Stream(self._initial_window)
         return StreamOpened(stream_id, request)
 
     def _on_window(self, stream_id: int, stream: _Stream, payload: bytes) -> WindowOpened:
