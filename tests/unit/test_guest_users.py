@@ -176,3 +176,27 @@ def test_non_utf8_bytes_do_not_break_parsing(tmp_path):
     (etc / "passwd").write_bytes(b"\xff\xfe:x:9:9::/x:/bin/sh\nbob:x:7:7::/home/bob:/bin/sh\n")
     (etc / "group").write_bytes(b"g\xff:x:9:bob\n")
     assert resolve_user("bob", str(tmp_path)) == ResolvedUser(7, 7, (7, 9), "/home/bob")
+
+
+# --- known bug: str.isdigit() accepts non-ASCII digits ------------------------
+# src/matchlock/guest/users.py line 36 (`_parse_id`) tests `text.isdigit()`, which is
+# True for characters such as '²' that int() rejects, so int() raises ValueError
+# instead of the documented LookupError; an image whose passwd has such a uid field
+# breaks every numeric --user lookup. ('١٠٠٠' is also accepted as uid 1000.)
+
+def test_superscript_digit_user_spec_is_lookup_error(root):
+    with pytest.raises(LookupError, match="user '²' not found"):
+        resolve_user("²", root)
+
+
+def test_superscript_digit_group_spec_is_lookup_error(root):
+    with pytest.raises(LookupError, match="group '²' not found"):
+        resolve_user("alice:²", root)
+
+
+def test_hostile_passwd_uid_field_does_not_break_other_lookups(tmp_path):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("evil:x:³:0::/:/bin/sh\nbob:x:7:7::/home/bob:/bin/sh\n")
+    (etc / "group").write_text("")
+    assert resolve_user("7", str(tmp_path)) == ResolvedUser(7, 7, (7,), "/home/bob")

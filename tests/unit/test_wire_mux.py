@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from matchlock.wire.frames import MAX_PAYLOAD, FrameKind, ProtocolError, encode_frame
+from matchlock.wire.frames import KIND_NAMES, MAX_PAYLOAD, FrameKind, ProtocolError, encode_frame
 from matchlock.wire.mux import (
     DATA_CHUNK,
     INITIAL_WINDOW,
@@ -184,7 +184,7 @@ def test_hello_on_nonzero_stream_rejected():
 )
 def test_frames_before_hello_rejected(kind, stream, payload):
     host = Connection(Role.HOST)
-    with pytest.raises(ProtocolError, match=f"{kind.name} frame before HELLO"):
+    with pytest.raises(ProtocolError, match=f"{KIND_NAMES[kind]} frame before HELLO"):
         host.receive_data(frame(kind, stream, payload))
 
 
@@ -301,7 +301,7 @@ def test_messages_on_stream_zero():
 @pytest.mark.parametrize("kind", [FrameKind.DATA, FrameKind.EOF, FrameKind.WINDOW, FrameKind.CLOSE, FrameKind.RESET])
 def test_non_message_frames_on_stream_zero_rejected(kind):
     host, _ = pair()
-    with pytest.raises(ProtocolError, match=f"{kind.name} frame on stream 0"):
+    with pytest.raises(ProtocolError, match=f"{KIND_NAMES[kind]} frame on stream 0"):
         host.receive_data(frame(kind, 0, b"\x01"))
 
 
@@ -447,7 +447,7 @@ def test_lower_stream_id_after_higher_rejected():
 @pytest.mark.parametrize("sid", [1, 2, 101])
 def test_frames_for_never_opened_streams_rejected(kind, sid):
     host, _ = pair()
-    with pytest.raises(ProtocolError, match=f"{kind.name} frame for stream {sid}, which was never opened"):
+    with pytest.raises(ProtocolError, match=f"{KIND_NAMES[kind]} frame for stream {sid}, which was never opened"):
         host.receive_data(frame(kind, sid, b"\x01"))
 
 
@@ -531,6 +531,9 @@ def test_reset_without_reason_and_with_bad_json():
         (b"[" * 100000, "malformed JSON in MESSAGE frame"),
         (b'{"a":' * 100000, "malformed JSON in MESSAGE frame"),
         (b"1" * 10000, "malformed JSON in MESSAGE frame"),
+        (b'{"code": NaN}', "malformed JSON in MESSAGE frame: invalid JSON constant NaN"),
+        (b'{"a":1} {"b":2}', "malformed JSON in MESSAGE frame: extra data"),
+        (b'{"a":"\x01"}', "malformed JSON in MESSAGE frame"),
     ],
 )
 def test_bad_json_message_is_protocol_error(payload, match):
@@ -541,6 +544,8 @@ def test_bad_json_message_is_protocol_error(payload, match):
 
 def test_deeply_nested_json_in_hello_and_open():
     with pytest.raises(ProtocolError, match="malformed JSON in HELLO frame"):
+        Connection(Role.HOST).receive_data(frame(FrameKind.HELLO, 0, b"[" * 60000))
+    with pytest.raises(ProtocolError, match="HELLO of 100000 bytes exceeds"):
         Connection(Role.HOST).receive_data(frame(FrameKind.HELLO, 0, b"[" * 100000))
     host, _ = pair()
     with pytest.raises(ProtocolError, match="malformed JSON in OPEN frame"):

@@ -33,7 +33,7 @@ def _read_db(path: str, min_fields: int) -> list[list[str]]:
 
 
 def _parse_id(text: str) -> int | None:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # isdigit() alone accepts superscripts and Arabic digits
         value = int(text)
         if value <= MAX_ID:
             return value

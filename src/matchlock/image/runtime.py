@@ -167,23 +167,32 @@ def ensure_runtime_disk() -> Path:
     disk = runtime_disk_path()
     if disk.exists():
         return disk
-    tree = python_tree()
     with file_lock(runtime_dir() / ".disk.lock"):
         if disk.exists():
             return disk
-        with staging_dir(disk.with_suffix(".root")) as root:
-            _assemble_root(tree, root)
-            tmp = disk.with_suffix(".tmp")
-            _run(["mkfs.erofs", "--quiet", "-T0", "--all-root", str(tmp), str(root)])
-            os.rename(tmp, disk)
-        shutil.rmtree(disk.with_suffix(".root"), ignore_errors=True)
+        build_disk(disk)
         for stale in runtime_dir().glob("runtime-*.erofs"):
             if stale != disk:
                 stale.unlink(missing_ok=True)
     return disk
 
 
-def _assemble_root(tree: Path, root: Path) -> None:
+def build_disk(disk: Path, init_script: str = INIT_SCRIPT) -> None:
+    """Assemble the runtime root and write it as a read-only erofs image.
+
+    Tests pass their own `init_script` to boot a deliberately hostile guest
+    on the real interpreter and kernel.
+    """
+    tree = python_tree()
+    with staging_dir(disk.with_name(disk.name + ".root")) as root:
+        _assemble_root(tree, root, init_script)
+        tmp = disk.with_name(disk.name + ".tmp")
+        _run(["mkfs.erofs", "--quiet", "-T0", "--all-root", str(tmp), str(root)])
+        os.rename(tmp, disk)
+    shutil.rmtree(disk.with_name(disk.name + ".root"), ignore_errors=True)
+
+
+def _assemble_root(tree: Path, root: Path, init_script: str) -> None:
     # Hard links: the tree is never modified, and linking is much faster than copying.
     shutil.copytree(tree, root, symlinks=True, copy_function=os.link, dirs_exist_ok=True)
     package_root = root / "opt/matchlock/matchlock"
@@ -194,7 +203,7 @@ def _assemble_root(tree: Path, root: Path) -> None:
         shutil.copytree(source / package, package_root / package, ignore=shutil.ignore_patterns("__pycache__"))
     _compile(tree, root / "opt/matchlock", strip_prefix=root)
     init = root / "init"
-    init.write_text(INIT_SCRIPT)
+    init.write_text(init_script)
     init.chmod(0o755)
     for name in MOUNTPOINTS:
         (root / name).mkdir(exist_ok=True)

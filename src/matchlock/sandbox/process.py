@@ -95,7 +95,7 @@ class GuestProcess:
         if callback is not None:
             result = callback(event.data)
             if inspect.isawaitable(result):
-                await result
+                await self.stream.guard(result)
         self.stream.consumed(len(event.data))
 
     def _on_message(self, message: dict, exit_reply: dict | None) -> dict | None:

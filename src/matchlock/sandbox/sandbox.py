@@ -76,7 +76,10 @@ class Sandbox:
     # --- creation -----------------------------------------------------------------
 
     @classmethod
-    async def create(cls, config: SandboxConfig, *, vm_id: str | None = None) -> "Sandbox":
+    async def create(
+        cls, config: SandboxConfig, *, vm_id: str | None = None, runtime_disk: Path | None = None
+    ) -> "Sandbox":
+        """Boot a sandbox. `runtime_disk` replaces the guest runtime (tests boot hostile guests)."""
         # Imported here so `matchlock exec` and friends never pay for them.
         from ..image.runtime import ensure_runtime_disk
         from ..image.store import ImageStore
@@ -85,7 +88,7 @@ class Sandbox:
         config.validate()
         image = ImageStore().resolve(config.image)
         kernel = resolve_kernel()
-        runtime_disk = ensure_runtime_disk()
+        runtime_disk = runtime_disk or ensure_runtime_disk()
         vm_id = vm_id or new_vm_id()
         directory = vms_dir() / vm_id
         (directory / "logs").mkdir(parents=True, mode=0o700)
@@ -144,6 +147,10 @@ class Sandbox:
                                          return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         finally:
             exited.cancel()
+            if not handshake.done():
+                handshake.cancel()
+            elif not handshake.cancelled():
+                handshake.exception()  # mark retrieved; raised below when relevant
         if handshake in done:
             try:
                 handshake.result()
@@ -151,7 +158,6 @@ class Sandbox:
                 raise VMError(self._boot_failure(str(exc))) from None
             self.boot_ms = self.channel.boot_ms
             return
-        handshake.cancel()
         if exited in done and not exited.cancelled():
             raise VMError(self._boot_failure(f"the VM stopped during boot (QEMU exit code {exited.result()})"))
         raise VMError(self._boot_failure(f"the guest was not ready after {BOOT_TIMEOUT_SECONDS:g} s"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 
 from ..api.errors import GuestProtocolError, VMError
 from ..wire import agent as msgs
@@ -28,6 +29,11 @@ from ..wire.mux import (
 )
 
 READ_SIZE = 256 * 1024
+# DATA is bounded by the flow-control window; control frames are not, so a
+# guest that floods a stream nobody is reading breaks the protocol here
+# instead of growing host memory.
+MAX_QUEUED_EVENTS = 64
+MAX_QUEUED_MESSAGES = 8  # a well-behaved guest sends two or three per stream
 
 
 class ChannelClosed(VMError):
@@ -40,30 +46,71 @@ class GuestStream:
     def __init__(self, channel: "GuestChannel", stream_id: int) -> None:
         self.channel = channel
         self.id = stream_id
-        self._events: asyncio.Queue = asyncio.Queue()
+        self._events: deque = deque()
+        self._arrived = asyncio.Event()
         self._window = asyncio.Event()
+        self._failed = asyncio.Event()
+        self._failure: BaseException | None = None
         self.closed_by_guest = False
 
     def _push(self, event) -> None:
-        self._events.put_nowait(event)
+        last = self._events[-1] if self._events else None
+        if isinstance(event, DataReceived) and isinstance(last, DataReceived) and last.channel == event.channel:
+            # Coalesce: queued output costs one entry per run of a channel.
+            self._events[-1] = DataReceived(event.stream, event.channel, last.data + event.data)
+        elif len(self._events) >= MAX_QUEUED_EVENTS or (
+            isinstance(event, MessageReceived)
+            and sum(isinstance(e, MessageReceived) for e in self._events) >= MAX_QUEUED_MESSAGES
+        ):
+            raise GuestProtocolError(f"the guest flooded stream {self.id} with {len(self._events)} unread frames")
+        else:
+            self._events.append(event)
+        self._arrived.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        self._arrived.set()
+        self._window.set()
+        self._failed.set()
+
+    async def guard(self, awaitable):
+        """Await a consumer's callback, but give up if the channel breaks meanwhile.
+
+        A consumer that is blocked (a paused terminal, a stalled RPC client)
+        must not hide a guest that broke the protocol.
+        """
+        task = asyncio.ensure_future(awaitable)
+        failed = asyncio.ensure_future(self._failed.wait())
+        try:
+            await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failed.cancel()
+        if not task.done():
+            task.cancel()
+            assert self._failure is not None
+            raise self._failure
+        return task.result()
 
     async def next_event(self):
         """The next DataReceived/ChannelEnded/MessageReceived/StreamClosed/StreamReset."""
-        event = await self._events.get()
-        if isinstance(event, BaseException):
-            self._events.put_nowait(event)  # every later call fails the same way
-            raise event
-        return event
+        while not self._events:
+            if self._failure is not None:
+                raise self._failure  # every later call fails the same way
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._events.popleft()
 
     async def send(self, channel: int, data: bytes) -> None:
         """Send stdin/file bytes, waiting for window as the guest consumes."""
         view = memoryview(data)
         while view:
             self.channel.raise_if_broken()
+            if self._failure is not None:
+                raise self._failure
+            if self.closed_by_guest or not self.channel.conn.is_open(self.id):
+                raise ChannelClosed("the guest ended this operation before taking all its input")
             window = self.channel.conn.send_window(self.id)
             if window == 0:
-                if not self.channel.conn.is_open(self.id):
-                    raise ChannelClosed("the guest ended this operation")
                 self._window.clear()
                 await self._window.wait()
                 continue
@@ -215,8 +262,7 @@ class GuestChannel:
                 future.set_exception(exc)
                 future.exception()  # mark retrieved; callers may be gone
         for stream in list(self._streams.values()):
-            stream._push(exc)
-            stream._window.set()
+            stream._fail(exc)
         if self._writer is not None:
             self._writer.close()
 

@@ -34,6 +34,9 @@ class Record:
     def __setattr__(self, name, value) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
+    def __delattr__(self, name) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
     def _values(self) -> tuple:
         return tuple(getattr(self, name) for name in self.__slots__)
 

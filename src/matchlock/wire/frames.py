@@ -72,25 +72,39 @@ class FrameDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[Frame]:
-        self._buffer += data
-        frames: list[Frame] = []
-        buf = self._buffer
-        offset = 0
-        while len(buf) - offset >= HEADER_SIZE:
-            length, kind, stream = HEADER.unpack_from(buf, offset)
-            if kind not in KIND_NAMES:
-                raise ProtocolError(f"unknown frame kind {kind}")
-            if length > self._max_payload:
-                raise ProtocolError(
-                    f"frame of {length} bytes exceeds the {self._max_payload}-byte limit"
-                )
-            end = offset + HEADER_SIZE + length
-            if len(buf) < end:
-                break
-            frames.append(Frame(kind, stream, bytes(buf[offset + HEADER_SIZE : end])))
-            offset = end
-        del buf[:offset]
+        """Add bytes and return every frame now complete."""
+        self.push(data)
+        frames = []
+        while (frame := self.next_frame()) is not None:
+            frames.append(frame)
         return frames
+
+    def push(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_frame(self, check_header=None) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive.
+
+        `check_header(kind, stream, length)` runs as soon as a header is
+        buffered, before its payload arrives, so a peer cannot make us wait
+        for (or buffer) a payload that would be rejected anyway.
+        """
+        buf = self._buffer
+        if len(buf) < HEADER_SIZE:
+            return None
+        length, kind, stream = HEADER.unpack_from(buf, 0)
+        if kind not in KIND_NAMES:
+            raise ProtocolError(f"unknown frame kind {kind}")
+        if length > self._max_payload:
+            raise ProtocolError(f"frame of {length} bytes exceeds the {self._max_payload}-byte limit")
+        if check_header is not None:
+            check_header(kind, stream, length)
+        end = HEADER_SIZE + length
+        if len(buf) < end:
+            return None
+        frame = Frame(kind, stream, bytes(buf[HEADER_SIZE:end]))
+        del buf[:end]
+        return frame
 
     def close(self) -> None:
         """Call at end of input; a partial frame left over is a protocol error."""

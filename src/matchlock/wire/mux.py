@@ -26,6 +26,7 @@ from .frames import KIND_NAMES, MAX_PAYLOAD, MAX_STREAM_ID, Frame, FrameDecoder,
 PROTOCOL_NAME = "matchlock-wire"
 PROTOCOL_VERSION = 1
 INITIAL_WINDOW = 256 * 1024
+MAX_HELLO = 64 * 1024
 MAX_WINDOW = (1 << 31) - 1
 DATA_CHUNK = 64 * 1024
 
@@ -33,6 +34,12 @@ STDIN, STDOUT, STDERR = 0, 1, 2
 CHANNELS = (STDIN, STDOUT, STDERR)
 
 _U32 = struct.Struct(">I")
+
+
+# Frames with a tiny fixed payload; their exact size is checked with the
+# payload, this bound only stops a header from making us wait for megabytes.
+_SMALL_FRAMES = (FrameKind.EOF, FrameKind.WINDOW, FrameKind.CLOSE)
+_SMALL_FRAME_LIMIT = 16
 
 
 class Role:
@@ -85,6 +92,18 @@ class WindowOpened(Record):
     """The peer granted more send credit on this stream."""
 
     __slots__ = ("stream",)
+
+
+Event = (
+    HelloReceived
+    | StreamOpened
+    | DataReceived
+    | ChannelEnded
+    | MessageReceived
+    | StreamClosed
+    | StreamReset
+    | WindowOpened
+)
 
 
 class _Stream:
@@ -298,11 +317,36 @@ class Connection:
     def receive_data(self, data: bytes) -> list[Event]:
         if self._broken:
             raise ProtocolError(f"connection is broken: {self._broken}")
+        self._decoder.push(data)
+        events: list[Event] = []
         try:
-            return [event for frame in self._decoder.feed(data) if (event := self._on_frame(frame))]
+            while (frame := self._decoder.next_frame(self._check_header)) is not None:
+                event = self._on_frame(frame)
+                if event is not None:
+                    events.append(event)
         except ProtocolError as exc:
             self._broken = str(exc)
             raise
+        return events
+
+    def _check_header(self, kind: int, stream_id: int, length: int) -> None:
+        """Reject a frame from its header alone, before waiting for its payload."""
+        if self.peer_info is None:
+            if kind != FrameKind.HELLO:
+                raise ProtocolError(f"{KIND_NAMES[kind]} frame before HELLO (stream {stream_id})")
+            if stream_id != 0:
+                raise ProtocolError("HELLO on a stream other than 0")
+            if length > MAX_HELLO:
+                raise ProtocolError(f"HELLO of {length} bytes exceeds {MAX_HELLO}")
+            return
+        if kind == FrameKind.DATA:
+            stream = self._streams.get(stream_id)
+            if stream is not None and length - 1 > stream.recv_window:
+                raise ProtocolError(
+                    f"stream {stream_id}: peer sent {length - 1} bytes with only {stream.recv_window} granted"
+                )
+        elif kind in _SMALL_FRAMES and length > _SMALL_FRAME_LIMIT:
+            raise ProtocolError(f"{KIND_NAMES[kind]} frame of {length} bytes is malformed")
 
     def receive_eof(self) -> None:
         try:
@@ -352,6 +396,8 @@ class Connection:
         if kind == FrameKind.MESSAGE:
             return MessageReceived(stream_id, _decode_json(payload, "MESSAGE"))
         if kind == FrameKind.CLOSE:
+            if payload:
+                raise ProtocolError(f"CLOSE frame with a {len(payload)}-byte payload")
             stream.remote_closed = True
             self._maybe_forget(stream_id, stream)
             return StreamClosed(stream_id)
