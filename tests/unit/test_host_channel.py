@@ -138,6 +138,9 @@ async def accept(guest: FakeGuest, op: str) -> tuple[int, dict]:
     event = await guest.next_event()
     assert isinstance(event, StreamOpened), event
     assert event.request["op"] == op
+    if op in ("read_file", "list_files"):
+        # Request-only operations half-close together with the request.
+        assert await guest.next_event() == StreamClosed(event.stream)
     return event.stream, event.request
 
 

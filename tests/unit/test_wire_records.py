@@ -33,10 +33,10 @@ def test_callable_defaults_are_fresh_per_instance():
 @pytest.mark.parametrize(
     "args, kwargs, match",
     [
-        ((1, 2, 3, 4), {}, "Point takes 3 arguments"),
-        ((), {}, "Point: missing argument 'x'"),
-        ((1,), {"x": 2}, "Point: unexpected or repeated argument 'x'"),
-        ((1,), {"z": 2}, "Point: unexpected or repeated argument 'z'"),
+        ((1, 2, 3, 4), {}, r"Point.__init__\(\) takes from 2 to 4 positional arguments but 5"),
+        ((), {}, r"Point.__init__\(\) missing 1 required positional argument: 'x'"),
+        ((1,), {"x": 2}, r"Point.__init__\(\) got multiple values for argument 'x'"),
+        ((1,), {"z": 2}, r"Point.__init__\(\) got an unexpected keyword argument 'z'"),
     ],
 )
 def test_bad_construction(args, kwargs, match):

@@ -173,3 +173,23 @@ def test_no_qemu_survives_a_killed_cli(cli, state_dir):
                 break
             subprocess.run(["sleep", "0.1"])
         assert not os.path.exists(f"/proc/{pid}"), f"QEMU {pid} outlived its killed owner"
+
+
+def test_cpus_and_memory_are_applied(cli):
+    result = cli("run", "--cpus", "0.5", "--memory", "256", "--", "sh", "-c",
+                 "cat /sys/fs/cgroup/init/cpu.max; nproc; grep MemTotal /proc/meminfo")  # fmt: skip
+    assert result.returncode == 0, result
+    quota, nproc, memtotal = result.stdout.splitlines()
+    assert quota == "50000 100000" and nproc == "1"
+    assert 200_000 < int(memtotal.split()[1]) <= 256 * 1024
+
+
+def test_two_vcpus_for_one_and_a_half_cpus(cli):
+    result = cli("run", "--cpus", "1.5", "--", "sh", "-c", "nproc; cat /sys/fs/cgroup/init/cpu.max")
+    assert result.stdout.splitlines() == ["2", "150000 100000"], result
+
+
+def test_disk_size_sets_the_writable_space(cli):
+    result = cli("run", "--disk-size", "300", "--", "sh", "-c", "df -m / | tail -1")
+    size_mb = int(result.stdout.split()[1])
+    assert 250 <= size_mb <= 300, result

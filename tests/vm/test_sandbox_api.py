@@ -138,3 +138,21 @@ def test_workloads_are_confined(sandbox, loop_thread):
 def test_pid_namespace_per_exec(sandbox, loop_thread):
     first = sh(sandbox, loop_thread, "echo $$").stdout
     assert first == b"2\n"  # sh is PID 2 under the namespace's init
+
+
+def test_clean_shutdown_and_forced_kill(loop_thread, module_state_dir):
+    from matchlock.api.config import SandboxConfig
+    from matchlock.sandbox.sandbox import Sandbox
+
+    async def scenario():
+        graceful = await Sandbox.create(SandboxConfig(image="matchlock/busybox:builtin"))
+        await graceful.write_file("/tmp/data", b"synced")
+        await graceful.close(graceful_timeout=20)
+        forced = await Sandbox.create(SandboxConfig(image="matchlock/busybox:builtin"))
+        pid = forced.machine.pid
+        await forced.close()
+        return graceful.machine.returncode, forced.machine.returncode, pid
+
+    graceful_code, forced_code, forced_pid = loop_thread.run(scenario())
+    assert graceful_code == 0  # the guest synced and reset; QEMU exited on its own (-no-reboot)
+    assert forced_code is not None and not os.path.exists(f"/proc/{forced_pid}")

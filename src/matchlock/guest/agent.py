@@ -75,6 +75,9 @@ class Agent:
         self.privileged = False
         self.running = True
         self._outbound = bytearray()
+        self._port_write_watched = False
+        self._read_buffer = bytearray(256 * 1024)
+        self._read_view = memoryview(self._read_buffer)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r = wake_r
         _signal.set_wakeup_fd(wake_w)
@@ -141,7 +144,9 @@ class Agent:
                 "agent_version": AGENT_VERSION,
                 "python": sys.version.split()[0],
                 "kernel": os.uname().release,
-                "boot_ms": int((time.monotonic() - self.boot_started) * 1000),
+                # Guest uptime (since the kernel started) when init began and now.
+                "init_started_ms": int(self.boot_started * 1000),
+                "hello_ms": _uptime_ms(),
             }
         )
         self._flush()
@@ -170,19 +175,21 @@ class Agent:
     # --- port I/O -------------------------------------------------------------
 
     def _flush(self) -> None:
+        # Called every loop turn: touch epoll only when the port's write
+        # interest actually changes (each syscall is costly under emulation).
         self._outbound += self.conn.data_to_send()
-        if not self._outbound:
-            self.unwatch_write(self.port)
-            return
-        try:
-            written = os.write(self.port, self._outbound)
-        except BlockingIOError:
-            written = 0
-        del self._outbound[:written]
         if self._outbound:
-            self.watch_write(self.port, self._flush)
-        else:
-            self.unwatch_write(self.port)
+            try:
+                del self._outbound[: os.write(self.port, self._outbound)]
+            except BlockingIOError:
+                pass
+        waiting = bool(self._outbound)
+        if waiting != self._port_write_watched:
+            self._port_write_watched = waiting
+            if waiting:
+                self.watch_write(self.port, self._flush)
+            else:
+                self.unwatch_write(self.port)
 
     def flush_blocking(self) -> None:
         self._outbound += self.conn.data_to_send()
@@ -191,10 +198,13 @@ class Agent:
             del self._outbound[: os.write(self.port, self._outbound)]
 
     def _read_port(self) -> None:
+        # readv into a reused buffer: os.read(fd, 256 KiB) would allocate (and
+        # mmap/munmap) a 256 KiB object on every wake-up.
         try:
-            data = os.read(self.port, 256 * 1024)
+            count = os.readv(self.port, [self._read_buffer])
         except BlockingIOError:
             return
+        data = self._read_view[:count].tobytes()
         if not data:
             log("host closed the channel; powering off")
             syscalls.reboot()
@@ -208,29 +218,33 @@ class Agent:
         for event in events:
             self._dispatch(event)
 
+    # event type -> how a stream handler receives it
+    _HANDLER_CALLS = {
+        DataReceived: lambda h, e: h.on_data(e.channel, e.data),
+        ChannelEnded: lambda h, e: h.on_eof(e.channel),
+        MessageReceived: lambda h, e: h.on_message(e.message),
+        WindowOpened: lambda h, e: h.on_window(),
+        StreamReset: lambda h, e: h.on_reset(e.reason),
+        StreamClosed: lambda h, e: None,
+    }
+
     def _dispatch(self, event) -> None:
-        if isinstance(event, HelloReceived):
-            self._configure(event.info)
-            return
-        if isinstance(event, StreamOpened):
+        kind = type(event)
+        if kind is StreamOpened:
             self._open(event.stream, event.request)
             return
-        handler = self.handlers.get(getattr(event, "stream", 0))
+        if kind is HelloReceived:
+            self._configure(event.info)
+            return
+        handler = self.handlers.get(event.stream)
         if handler is None:
             return
-        if isinstance(event, DataReceived):
-            self._guarded(lambda: handler.on_data(event.channel, event.data))
-        elif isinstance(event, ChannelEnded):
-            self._guarded(lambda: handler.on_eof(event.channel))
-        elif isinstance(event, MessageReceived):
-            self._guarded(lambda: handler.on_message(event.message))
-        elif isinstance(event, WindowOpened):
-            self._guarded(handler.on_window)
-        elif isinstance(event, StreamReset):
-            self._guarded(lambda: handler.on_reset(event.reason))
-        elif isinstance(event, StreamClosed):
-            pass
-        self._forget_if_done(event.stream, handler)
+        try:
+            self._HANDLER_CALLS[kind](handler, event)
+        except Exception as exc:  # noqa: BLE001 - a bug in one handler must not take down PID 1
+            log(f"handler error: {type(exc).__name__}: {exc}")
+        if handler.done and not self.conn.is_open(event.stream):
+            self.handlers.pop(event.stream, None)
 
     def _forget_if_done(self, stream: int, handler: StreamHandler) -> None:
         if handler.done and not self.conn.is_open(stream):
@@ -255,6 +269,9 @@ class Agent:
                     handler.finish(list_files(parsed.path))
                 except OSError as exc:
                     handler.fail(f"cannot list {parsed.path}: {exc.strerror}", exc.errno)
+            elif parsed == msgs.OP_PING:
+                handler = StreamHandler(self, stream)
+                handler.finish({"type": msgs.REPLY_RESULT})
             else:
                 self._shutdown(stream)
                 return
@@ -306,8 +323,15 @@ class Agent:
             self.conn.send_message(0, {"type": msgs.EVENT_FATAL, "message": message})
             self.flush_blocking()
             sys.exit(1)
-        boot_ms = int((time.monotonic() - self.boot_started) * 1000)
-        self.conn.send_message(0, {"type": msgs.EVENT_READY, "boot_ms": boot_ms})
+        self.conn.send_message(0, {"type": msgs.EVENT_READY, "boot_ms": _uptime_ms()})
+
+
+def uptime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _uptime_ms() -> int:
+    return int(uptime() * 1000)
 
 
 def _write_etc(path: str, content: str) -> None:

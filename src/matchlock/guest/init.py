@@ -22,7 +22,7 @@ import sys
 import time
 
 from . import syscalls
-from .agent import Agent
+from .agent import Agent, uptime
 
 PORT_NAME = "matchlock.agent"
 RUNTIME_MOUNT = "/run/matchlock/rt"
@@ -129,7 +129,7 @@ def mount_system() -> None:
 
 
 def main() -> None:
-    started = time.monotonic()
+    started = uptime()
     os.environ.clear()
     os.environ.update({"PATH": PATH, "HOME": "/root", "TERM": "linux"})
     try:

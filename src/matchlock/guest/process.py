@@ -1,19 +1,22 @@
 """Start one workload command in its own PID and mount namespaces.
 
-Process tree for one exec (all forked from the agent, so nothing is loaded
-from the image):
+Process tree for one exec (forked from the agent, so nothing is loaded from
+the image):
 
-    agent
-     └─ launcher      new process group; unshares PID+mount namespaces,
-         │            hides the runtime mounts, then waits and mirrors the status
-         └─ ns init   PID 1 of the new namespace: mounts /proc, reaps orphans
-             └─ sh -c COMMAND   caps dropped, no_new_privs, seccomp, user, cwd
+    agent             unshare(CLONE_NEWPID) just around the fork, so only this
+     │                child lands in a new PID namespace
+     └─ ns init       PID 1 there; own process group and mount namespace with
+         │            the runtime hidden; mounts /proc, reaps orphans, mirrors
+         │            the command's exit status
+         └─ sh -c COMMAND   caps dropped, no_new_privs, seccomp, user, cwd
 
 When the command exits, the namespace init exits, and the kernel kills every
 process left in the namespace, so background jobs of a finished command never
 linger and never hold its output pipes open. Cancellation signals the
-launcher's process group; SIGKILL to that group takes down the namespace init
-and with it everything inside.
+group: the command gets SIGTERM, while the namespace init (which, as PID 1
+seen from an ancestor namespace, only receives SIGKILL) keeps reaping; the
+final SIGKILL takes it down and with it everything inside. Two forks per
+exec: forks of the Python agent are the main cost of an exec under emulation.
 """
 
 from __future__ import annotations
@@ -74,8 +77,19 @@ class Spawned:
                 pass
 
 
+_own_pid_namespace: int | None = None
+
+
+def _restore_pid_namespace() -> None:
+    """Later forks of the agent must stay in its own PID namespace."""
+    global _own_pid_namespace
+    if _own_pid_namespace is None:
+        _own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    syscalls.setns(_own_pid_namespace, syscalls.CLONE_NEWPID)
+
+
 def spawn(request: ExecRequest, *, privileged: bool, hidden_devices: tuple[str, ...] = ()) -> Spawned:
-    """Fork the launcher; returns at once. Exec errors arrive on `error_pipe`."""
+    """Fork the namespace init; returns at once. Exec errors arrive on `error_pipe`."""
     if request.tty:
         master, slave = os.openpty()
         set_window_size(master, request.tty)
@@ -93,7 +107,14 @@ def spawn(request: ExecRequest, *, privileged: bool, hidden_devices: tuple[str, 
         parent_fds = (in_w, out_r, err_r)
         to_close_in_parent = [in_r, out_w, err_w]
     error_r, error_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    if _own_pid_namespace is None:
+        _restore_pid_namespace()  # opens the handle while /proc is the agent's
+    syscalls.unshare(syscalls.CLONE_NEWPID)
+    try:
+        pid = os.fork()
+    except BaseException:
+        _restore_pid_namespace()
+        raise
     if pid == 0:
         try:
             # Drop everything inherited from the agent (the port, other
@@ -101,11 +122,12 @@ def spawn(request: ExecRequest, *, privileged: bool, hidden_devices: tuple[str, 
             _signal.set_wakeup_fd(-1)
             _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
             _close_all_except({0, 1, 2, error_w, *child_fds})
-            _launcher(request, child_fds, error_w, privileged, hidden_devices)
+            _namespace_init(request, child_fds, error_w, privileged, hidden_devices)
         except BaseException as exc:  # noqa: BLE001 - must never return into the agent
-            _report(error_w, f"launcher: {exc}")
+            _report(error_w, f"namespace init: {exc}")
         finally:
             os._exit(EXEC_FAILED)
+    _restore_pid_namespace()
     for fd in to_close_in_parent + [error_w]:
         os.close(fd)
     stdin, stdout, stderr = parent_fds
@@ -132,9 +154,11 @@ def _report(error_w: int, message: str) -> None:
         pass
 
 
-def _launcher(request: ExecRequest, child_fds, error_w: int, privileged: bool, hidden_devices) -> None:
+def _namespace_init(request: ExecRequest, child_fds, error_w: int, privileged: bool, hidden_devices) -> None:
     os.setpgid(0, 0)
-    syscalls.unshare(syscalls.CLONE_NEWPID | syscalls.CLONE_NEWNS)
+    # Handlers inherited from the agent would make PID 1 killable by them.
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    syscalls.unshare(syscalls.CLONE_NEWNS)
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     for path in HIDDEN_MOUNTS:
         try:
@@ -146,35 +170,7 @@ def _launcher(request: ExecRequest, child_fds, error_w: int, privileged: bool, h
             syscalls.mount("/dev/null", device, None, syscalls.MS_BIND)
         except OSError:
             pass
-    init_pid = os.fork()
-    if init_pid == 0:
-        try:
-            _namespace_init(request, child_fds, error_w, privileged)
-        except BaseException as exc:  # noqa: BLE001
-            _report(error_w, f"namespace init: {exc}")
-        finally:
-            os._exit(EXEC_FAILED)
-    os.close(error_w)
-    for fd in set(child_fds):
-        os.close(fd)
-    # Signals aimed at the group are for the command; the launcher just waits.
-    for signum in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT):
-        _signal.signal(signum, _signal.SIG_IGN)
-    os._exit(_wait_exit_code(init_pid))
-
-
-def _wait_exit_code(pid: int) -> int:
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-        except InterruptedError:
-            continue
-        return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-
-
-def _namespace_init(request: ExecRequest, child_fds, error_w: int, privileged: bool) -> None:
     syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
-    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     command_pid = os.fork()
     if command_pid == 0:
         try:

@@ -47,6 +47,7 @@ async def write_file(channel: GuestChannel, path: str, content: bytes, mode: int
     try:
         await stream.send(STDIN, content)
         stream.end(STDIN)
+        stream.finish_sending()
     except Exception:
         if not stream.closed_by_guest:
             raise
@@ -57,6 +58,7 @@ async def read_file(channel: GuestChannel, path: str) -> bytes:
     request = msgs.PathRequest(msgs.OP_READ_FILE, path)
     msgs.PathRequest.parse(request.to_wire())
     stream = channel.open(request.to_wire())
+    stream.finish_sending()
     content = bytearray()
 
     def on_data(data: bytes) -> None:
@@ -73,8 +75,17 @@ async def read_file(channel: GuestChannel, path: str) -> bytes:
 async def list_files(channel: GuestChannel, path: str) -> list[msgs.FileInfo]:
     request = msgs.PathRequest(msgs.OP_LIST_FILES, path)
     msgs.PathRequest.parse(request.to_wire())
-    reply = await _final_reply(channel.open(request.to_wire()))
+    stream = channel.open(request.to_wire())
+    stream.finish_sending()
+    reply = await _final_reply(stream)
     try:
         return msgs.parse_files(reply)
     except ValueError as exc:
         raise GuestProtocolError(f"malformed file list from the guest: {exc}") from None
+
+
+async def ping(channel: GuestChannel) -> None:
+    """One round trip through the agent (liveness and latency checks)."""
+    stream = channel.open({"op": msgs.OP_PING})
+    stream.finish_sending()
+    await _final_reply(stream)

@@ -220,6 +220,9 @@ class Sandbox:
     async def list_files(self, path: str) -> list[msgs.FileInfo]:
         return await files.list_files(self._channel(), path)
 
+    async def ping(self) -> None:
+        await files.ping(self._channel())
+
     def _channel(self) -> GuestChannel:
         if self.channel is None or self.closed:
             raise VMError(f"sandbox {self.id} is not running")

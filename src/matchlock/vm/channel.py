@@ -116,7 +116,7 @@ class GuestStream:
                 continue
             chunk, view = view[:window], view[window:]
             self.channel.conn.send_data(self.id, channel, bytes(chunk))
-            self.channel.flush()
+            self.channel.flush_now()
             await self.channel.drain()
 
     def end(self, channel: int) -> None:
@@ -133,10 +133,18 @@ class GuestStream:
         self.channel.conn.consumed(self.id, nbytes)
         self.channel.flush()
 
-    def close(self) -> None:
+    def finish_sending(self) -> None:
+        """Half-close: the host sends nothing more, but still reads the replies.
+
+        Request-only operations half-close with their request, so the guest
+        sees OPEN and CLOSE in one wake-up and the stream ends with its reply.
+        """
         if self.channel.conn.is_open(self.id):
             self.channel.conn.close_stream(self.id)
             self.channel.flush()
+
+    def close(self) -> None:
+        self.finish_sending()
         self.channel.forget(self.id)
 
     def reset(self, reason: str) -> None:
@@ -158,6 +166,7 @@ class GuestChannel:
         self.broken: BaseException | None = None
         self.guest_info: dict = {}
         self.boot_ms: int | None = None
+        self._flush_scheduled = False
 
     async def start(self) -> None:
         self._reader, self._writer = await asyncio.open_connection(sock=self._sock, limit=READ_SIZE)
@@ -179,6 +188,18 @@ class GuestChannel:
             raise self.broken
 
     def flush(self) -> None:
+        """Write queued frames at the end of this event-loop turn.
+
+        Frames produced in one turn (a CLOSE and the next request, say) reach
+        the guest in one write, so its agent wakes up once instead of twice:
+        under emulation each wake-up costs a large part of a round trip.
+        """
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_scheduled = False
         data = self.conn.data_to_send()
         if data and self._writer is not None and not self._writer.is_closing():
             self._writer.write(data)

@@ -4,32 +4,43 @@ The wire package runs in the guest, where Python executes under CPU
 emulation when there is no KVM: importing `dataclasses` (which pulls in
 `inspect`, `ast`, `re` and `enum`) cost about 0.4 s of every boot there.
 These records give the same ergonomics (keyword/positional construction,
-equality, repr, immutability) for a few microseconds of import time.
+defaults, equality, repr, immutability). Each subclass gets an `__init__`
+generated for its fields, as namedtuple does, because records are built for
+every frame and a generic loop was the largest cost of a guest round trip.
 """
 
 from __future__ import annotations
 
+_set = object.__setattr__
+
 
 class Record:
     __slots__: tuple[str, ...] = ()
+    _defaults: dict = {}
 
-    def __init__(self, *args, **kwargs) -> None:
-        names = self.__slots__
-        if len(args) > len(names):
-            raise TypeError(f"{type(self).__name__} takes {len(names)} arguments")
-        values = dict(zip(names, args))
-        for key, value in kwargs.items():
-            if key not in names or key in values:
-                raise TypeError(f"{type(self).__name__}: unexpected or repeated argument {key!r}")
-            values[key] = value
-        defaults = getattr(type(self), "_defaults", {})
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        names = cls.__slots__
+        defaults = cls._defaults
+        params, body, namespace = [], [], {"_set": _set}
         for name in names:
-            if name not in values:
-                if name not in defaults:
-                    raise TypeError(f"{type(self).__name__}: missing argument {name!r}")
+            if name in defaults:
                 default = defaults[name]
-                values[name] = default() if callable(default) else default
-            object.__setattr__(self, name, values[name])
+                namespace[f"_default_{name}"] = default
+                params.append(f"{name}=_MISSING")
+                value = f"_default_{name}() if {name} is _MISSING else {name}" if callable(default) else (
+                    f"_default_{name} if {name} is _MISSING else {name}"
+                )
+                body.append(f"    _set(self, {name!r}, {value})")
+            else:
+                params.append(name)
+                body.append(f"    _set(self, {name!r}, {name})")
+        namespace["_MISSING"] = _MISSING
+        source = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "    pass") + "\n"
+        exec(source, namespace)  # noqa: S102 - source is built from the class's own field names
+        init = namespace["__init__"]
+        init.__qualname__ = f"{cls.__qualname__}.__init__"
+        cls.__init__ = init
 
     def __setattr__(self, name, value) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
@@ -49,3 +60,6 @@ class Record:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"{type(self).__name__}({fields})"
+
+
+_MISSING = object()

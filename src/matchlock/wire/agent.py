@@ -19,7 +19,8 @@ OP_WRITE_FILE = "write_file"
 OP_READ_FILE = "read_file"
 OP_LIST_FILES = "list_files"
 OP_SHUTDOWN = "shutdown"
-OPS = (OP_EXEC, OP_WRITE_FILE, OP_READ_FILE, OP_LIST_FILES, OP_SHUTDOWN)
+OP_PING = "ping"  # liveness: the agent answers at once
+OPS = (OP_EXEC, OP_WRITE_FILE, OP_READ_FILE, OP_LIST_FILES, OP_SHUTDOWN, OP_PING)
 
 # Guest -> host: replies on a stream; stream 0 carries `ready` and `fatal`
 REPLY_STARTED = "started"
@@ -173,7 +174,7 @@ def parse_request(msg: dict):
         return WriteFileRequest.parse(msg)
     if op in (OP_READ_FILE, OP_LIST_FILES):
         return PathRequest.parse(msg)
-    if op == OP_SHUTDOWN:
+    if op in (OP_SHUTDOWN, OP_PING):
         return op
     raise ValueError(f"unknown op {op!r}")
 

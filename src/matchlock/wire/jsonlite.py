@@ -49,7 +49,7 @@ else:
     def loads(data: bytes):
         text = data.decode("utf-8")
         end = len(text)
-        index = _skip_space(text, 0)
+        index = _skip_space(text, 0) if text[:1] in _SPACE else 0
         try:
             value, index = _scan(text, index)
         except StopIteration as exc:
@@ -58,10 +58,13 @@ else:
             # The C scanner reports errors through json.decoder.JSONDecodeError
             # and fails without an exception when that module is not loaded.
             raise ValueError("malformed JSON") from None
-        index = _skip_space(text, index)
+        if index != end:
+            index = _skip_space(text, index)
         if index != end:
             raise ValueError(f"extra data after the JSON value at offset {index}")
         return value
+
+    _SPACE = (" ", "\t", "\n", "\r")
 
     def _skip_space(text: str, index: int) -> int:
         while index < len(text) and text[index] in " \t\n\r":
