@@ -19,10 +19,10 @@ MATCHLOCK = os.path.join(os.path.dirname(sys.executable), "matchlock")
 
 
 class Terminal:
-    def __init__(self, *args: str, rows: int = 30, cols: int = 100) -> None:
+    def __init__(self, *args: str, rows: int = 30, cols: int = 100, command: tuple[str, ...] = ("run", "-it")) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child becomes `matchlock run -it` on the pty's slave side
-            os.execv(MATCHLOCK, [MATCHLOCK, "run", "-it", *args])
+            os.execv(MATCHLOCK, [MATCHLOCK, *command, *args])
         self.resize(rows, cols)
         self.output = b""
 
@@ -83,3 +83,22 @@ def test_ctrl_c_reaches_the_guest_process(state_dir):
     term.expect(b"typed\r\ntyped")  # echoed by the guest's terminal, then printed by cat
     term.send(b"\x03")  # raw mode: ^C travels to the guest's terminal, whose driver sends SIGINT
     assert term.wait() == 130
+
+
+def test_exec_it_into_a_detached_sandbox(cli):
+    started = cli("run", "-d")
+    vm = started.stdout.strip()
+    assert vm.startswith("vm-"), started
+    try:
+        term = Terminal(rows=25, cols=90, command=("exec", "-it", vm, "--", "sh"))
+        term.expect(b"# ")
+        term.send(b"stty size; echo $TERM\n")
+        term.expect(b"25 90")
+        term.resize(50, 160)
+        time.sleep(0.5)
+        term.send(b"stty size\n")
+        term.expect(b"50 160")
+        term.send(b"exit 3\n")
+        assert term.wait() == 3
+    finally:
+        cli("kill", vm)

@@ -155,3 +155,55 @@ def parse_env_file(path: str) -> list[tuple[str, str]]:
         except UsageError as exc:
             raise UsageError(f"{path}:{number}: {exc}") from None
     return entries
+
+
+REDACTED = "[redacted]"
+
+
+def public_config(config: SandboxConfig) -> dict:
+    """The config as stored in state and shown by `get`/`inspect`: no secret values.
+
+    Environment values can carry credentials, so only their names are kept.
+    """
+    network = config.network
+    return {
+        "image": config.image,
+        "privileged": config.privileged,
+        "resources": {
+            "cpus": config.resources.cpus,
+            "memory_mb": config.resources.memory_mb,
+            "disk_size_mb": config.resources.disk_size_mb,
+            "timeout_seconds": config.resources.timeout_seconds,
+        },
+        "network": {
+            "no_network": network.no_network,
+            "hostname": network.hostname,
+            "dns_servers": list(network.dns_servers),
+            "add_hosts": [{"host": m.host, "ip": m.ip} for m in network.add_hosts],
+        },
+        "env": {key: REDACTED for key in config.env},
+        "image_config": {**config.image_config.to_json(), **({"env": {k: REDACTED for k in config.image_config.env}} if config.image_config.env else {})},
+    }
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_duration(text: str, flag: str = "duration") -> float:
+    """Go-style durations ("1m30s", "500ms", "2h"); a bare number is seconds. Returns seconds."""
+    value = text.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for match in _DURATION.finditer(value):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+            pos = match.end()
+        if pos != len(value) or not value:
+            raise UsageError(f"invalid {flag} {text!r}: use a duration such as 10s, 1m30s or 500ms") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise UsageError(f"invalid {flag} {text!r}: must be zero or positive")
+    return seconds

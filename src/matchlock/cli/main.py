@@ -17,13 +17,22 @@ from ..api.errors import MatchlockError
 # name -> (module, attribute); aliases map to the same entry.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("matchlock.cli.run", "run"),
+    "exec": ("matchlock.cli.exec", "exec_"),
+    "log": ("matchlock.cli.vms", "log"),
+    "list": ("matchlock.cli.vms", "list_vms"),
+    "get": ("matchlock.cli.vms", "get"),
+    "inspect": ("matchlock.cli.vms", "inspect"),
+    "kill": ("matchlock.cli.vms", "kill"),
+    "rm": ("matchlock.cli.vms", "rm"),
+    "prune": ("matchlock.cli.vms", "prune"),
+    "gc": ("matchlock.cli.vms", "gc"),
     "version": ("matchlock.cli.info", "version"),
     "diagnose": ("matchlock.cli.info", "diagnose"),
     "kernel": ("matchlock.cli.kernel", "kernel"),
     "image": ("matchlock.cli.image", "image"),
     "setup": ("matchlock.cli.setup", "setup"),
 }
-ALIASES: dict[str, str] = {}
+ALIASES: dict[str, str] = {"ls": "list", "stat": "inspect", "remove": "rm"}
 
 
 class LazyGroup(click.Group):
@@ -35,7 +44,9 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attribute = COMMANDS[name]
-        return getattr(importlib.import_module(module), attribute)
+        command = getattr(importlib.import_module(module), attribute)
+        command.name = name
+        return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
+import subprocess
 import sys
+import threading
 
 import click
 
 from ..api.config import (
     DEFAULT_CPUS,
+    parse_duration,
     DEFAULT_DISK_SIZE_MB,
     DEFAULT_MEMORY_MB,
     HostMapping,
@@ -22,7 +26,7 @@ from ..api.config import (
 from ..api.errors import UsageError
 from ..api.image import ImageConfig, compose_command
 from .common import BoolFlagsCommand
-from .terminal import run_attached
+from .owner import READY_FD_ENV, RunOptions, own_sandbox
 
 DEFAULT_IMAGE = "matchlock/busybox:builtin"
 TIMEOUT_EXIT_CODE = 124
@@ -80,15 +84,23 @@ def build_config(
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
 @click.option("-t", "--tty", is_flag=True, help="With -i: run in a pseudo-terminal.")
 @click.option("--privileged/--no-privileged", default=False, help="Skip the seccomp filter, capability drop and no_new_privs.")
-@click.option("--rm/--no-rm", default=True, show_default=True, help="Remove the sandbox when the command exits.")
+@click.option("--rm/--no-rm", default=True, show_default=True,
+              help="Remove the sandbox when the command exits; --rm=false keeps it until SIGINT/SIGTERM.")  # fmt: skip
+@click.option("-d", "--detach/--no-detach", default=False, help="Start in the background and print the VM ID.")
+@click.option("--graceful-shutdown", default="0s", show_default=True, metavar="DURATION",
+              help="Time the guest gets to stop its processes and sync when the sandbox closes.")  # fmt: skip
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size, timeout, hostname, dns_servers,
-        add_host, interactive, tty, privileged, rm, command) -> None:  # fmt: skip
+        add_host, interactive, tty, privileged, rm, detach, graceful_shutdown, command) -> None:  # fmt: skip
     """Boot a sandbox from IMAGE and run COMMAND in it (after `--`)."""
     if timeout is not None and timeout <= 0:
         raise UsageError(f"invalid --timeout {timeout}: must be a positive number of seconds")
-    if not rm:
-        raise UsageError("--rm=false (long-lived sandboxes) is not available yet")
+    grace = parse_duration(graceful_shutdown, "--graceful-shutdown")
+    detached_child = READY_FD_ENV in os.environ
+    if detach and (interactive or tty):
+        raise UsageError("--detach cannot be combined with -t/--tty or -i/--interactive")
+    if detach or detached_child:
+        rm = False
     config = build_config(
         image=image, env=env, env_file=env_file, cpus=cpus, memory=memory, disk_size=disk_size, timeout=timeout,
         privileged=privileged, hostname=hostname, dns_servers=dns_servers, add_host=add_host,
@@ -102,14 +114,52 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
 
     image_config = ImageStore().resolve(image).config.merged(config.image_config)
     argv = compose_command(image_config, command)
-    if not argv:
-        raise UsageError(f"command required: image {image} has no ENTRYPOINT or CMD; pass one after --")
-    try:
-        code = asyncio.run(
-            run_attached(config, shlex.join(argv), workdir=workdir, interactive=interactive, pty=use_pty, timeout=timeout)
+    if not argv and rm and not use_pty:
+        raise UsageError(
+            f"command required: image {image} has no ENTRYPOINT or CMD; pass one after -- "
+            "(or use --rm=false to start without a command)"
         )
+    if detach and not detached_child:
+        sys.exit(start_detached())
+    options = RunOptions(
+        command=shlex.join(argv) if argv else None, workdir=workdir, interactive=interactive, pty=use_pty,
+        remove=rm, detached=detached_child, graceful_shutdown=grace, timeout=None if detached_child else timeout,
+    )  # fmt: skip
+    try:
+        code = asyncio.run(own_sandbox(config, options))
     except asyncio.TimeoutError:
         click.echo(f"Error: timed out after {timeout} s (--timeout)", err=True)
         code = TIMEOUT_EXIT_CODE
     sys.stdout.flush()
     sys.exit(code)
+
+
+def start_detached() -> int:
+    """`run -d`: re-run this command as a background owner, print its VM ID once ready.
+
+    The child reports readiness through an inherited pipe rather than the
+    parent polling the state database; if it dies first, its error output is
+    shown here with its exit code.
+    """
+    ready_r, ready_w = os.pipe()
+    env = {**os.environ, READY_FD_ENV: str(ready_w)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "matchlock", *sys.argv[1:]],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        pass_fds=(ready_w,), env=env, start_new_session=True,
+    )  # fmt: skip
+    os.close(ready_w)
+    errors: list[bytes] = []
+    # Drain the child's stderr meanwhile, so a chatty child can never block on a full pipe.
+    drain = threading.Thread(target=lambda: errors.append(child.stderr.read()), daemon=True)
+    drain.start()
+    with os.fdopen(ready_r, "rb") as ready:
+        line = ready.readline().decode().strip()
+    if line:
+        click.echo(line)
+        return 0
+    code = child.wait()
+    drain.join(5)
+    error = b"".join(errors).decode(errors="replace").strip()
+    click.echo(error or f"Error: the detached sandbox exited with code {code} before it was ready", err=True)
+    return code or 1

@@ -11,97 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
-import termios
-import threading
-import tty
-from collections.abc import Iterator
 
-from ..api.config import SandboxConfig
 from ..sandbox.process import GuestProcess
 from ..sandbox.sandbox import ExecSpec, Sandbox
-from ..wire.agent import TerminalSize
-
-READ_CHUNK = 64 * 1024
+from .tty import OutputSink, raw_terminal, start_stdin_reader, terminal_size
 
 
-class OutputSink:
-    """Writes to a local fd and tees into the console log; stops quietly on EPIPE."""
-
-    def __init__(self, fd: int, log) -> None:
-        self.fd = fd
-        self.log = log
-        self.broken = False
-
-    def __call__(self, data: bytes) -> None:
-        self.log.write(data)
-        view = memoryview(data)
-        while view and not self.broken:
-            try:
-                view = view[os.write(self.fd, view) :]
-            except BlockingIOError:
-                continue
-            except (BrokenPipeError, OSError):
-                self.broken = True
-
-
-def _start_stdin_reader(loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-    """Read stdin on a daemon thread: works for ttys, pipes and regular files
-    alike, never flips the shared terminal to non-blocking, and cannot keep
-    the process alive at exit."""
-    queue: asyncio.Queue = asyncio.Queue(maxsize=16)
-
-    def reader() -> None:
-        while True:
-            try:
-                data = os.read(sys.stdin.fileno(), READ_CHUNK)
-            except OSError:
-                data = b""
-            future = asyncio.run_coroutine_threadsafe(queue.put(data), loop)
-            try:
-                future.result()
-            except Exception:  # noqa: BLE001 - loop closed: nothing left to feed
-                return
-            if not data:
-                return
-
-    threading.Thread(target=reader, name="stdin", daemon=True).start()
-    return queue
-
-
-async def _forward_stdin(process: GuestProcess, queue: asyncio.Queue) -> None:
+async def forward_stdin(process: GuestProcess, queue: asyncio.Queue) -> None:
     while data := await queue.get():
         await process.write(data)
     process.close_stdin()
 
 
-@contextlib.contextmanager
-def _raw_terminal(fd: int) -> Iterator[None]:
-    saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-def _terminal_size() -> TerminalSize:
-    size = os.get_terminal_size(sys.stdout.fileno())
-    return TerminalSize(max(size.lines, 1), max(size.columns, 1))
-
-
-async def attach(sandbox: Sandbox, spec: ExecSpec, *, interactive: bool, pty: bool) -> int:
+async def attach(
+    sandbox: Sandbox, spec: ExecSpec, *, interactive: bool, pty: bool, handle_signals: bool = True
+) -> int:
     loop = asyncio.get_running_loop()
     with open(sandbox.console_log, "ab", buffering=0) as log:
         stdout = OutputSink(sys.stdout.fileno(), log)
         stderr = OutputSink(sys.stderr.fileno(), log)
         if pty:
-            process = sandbox.start_exec(spec, on_stdout=stdout, stdin=True, tty=_terminal_size())
+            process = sandbox.start_exec(spec, on_stdout=stdout, stdin=True, tty=terminal_size())
         else:
             process = sandbox.start_exec(spec, on_stdout=stdout, on_stderr=stderr, stdin=interactive)
-        feeder = asyncio.create_task(_forward_stdin(process, _start_stdin_reader(loop))) if interactive else None
+        feeder = asyncio.create_task(forward_stdin(process, start_stdin_reader(loop))) if interactive else None
         interrupts = 0
 
         def interrupt() -> None:
@@ -114,13 +49,13 @@ async def attach(sandbox: Sandbox, spec: ExecSpec, *, interactive: bool, pty: bo
 
         main = asyncio.current_task()
         assert main is not None
-        handled = [signal.SIGINT, signal.SIGTERM] + ([] if pty else [signal.SIGHUP])
+        handled = ([signal.SIGINT, signal.SIGTERM] + ([] if pty else [signal.SIGHUP])) if handle_signals else []
         for signum in handled:
             loop.add_signal_handler(signum, interrupt)
         if pty:
-            loop.add_signal_handler(signal.SIGWINCH, lambda: process.resize(**_terminal_size().to_wire()))
+            loop.add_signal_handler(signal.SIGWINCH, lambda: process.resize(**terminal_size().to_wire()))
         try:
-            with _raw_terminal(sys.stdin.fileno()) if pty else contextlib.nullcontext():
+            with raw_terminal(sys.stdin.fileno()) if pty else contextlib.nullcontext():
                 result = await process.wait()
         finally:
             for signum in handled + ([signal.SIGWINCH] if pty else []):
@@ -130,14 +65,3 @@ async def attach(sandbox: Sandbox, spec: ExecSpec, *, interactive: bool, pty: bo
     if result.error:
         print(f"Error: {result.error}", file=sys.stderr)
     return result.exit_code
-
-
-async def run_attached(
-    config: SandboxConfig, command: str, *, workdir: str, interactive: bool, pty: bool, timeout: float | None
-) -> int:
-    async with asyncio.timeout(timeout) if timeout else contextlib.nullcontext():
-        sandbox = await Sandbox.create(config)
-        try:
-            return await attach(sandbox, ExecSpec(command, working_dir=workdir), interactive=interactive, pty=pty)
-        finally:
-            await sandbox.close()

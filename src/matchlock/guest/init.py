@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from . import syscalls
 from .agent import Agent, uptime

@@ -16,16 +16,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..api.config import DEFAULT_DNS_SERVERS, SandboxConfig
+from ..api.config import DEFAULT_DNS_SERVERS, SandboxConfig, public_config
 from ..api.errors import SetupError, VMError
 from ..api.image import ImageConfig
 from ..api.paths import vms_dir
+from ..state.store import StateStore
 from ..vm.accel import choose_accelerator, host_tsc_khz
 from ..vm.channel import GuestChannel
 from ..vm.machine import Disk, Machine, MachineSpec, console_tail
 from ..wire import agent as msgs
+from ..state import lifecycle as phases
 from . import files
 from .process import ExecResult, GuestProcess, OutputCallback
+from .tracking import Tracker
 
 BOOT_TIMEOUT_SECONDS = float(os.environ.get("MATCHLOCK_BOOT_TIMEOUT", "60"))
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -59,11 +62,14 @@ class ExecSpec:
 
 
 class Sandbox:
-    def __init__(self, vm_id: str, config: SandboxConfig, directory: Path, image_config: ImageConfig) -> None:
+    def __init__(
+        self, vm_id: str, config: SandboxConfig, directory: Path, image_config: ImageConfig, tracker: Tracker
+    ) -> None:
         self.id = vm_id
         self.config = config
         self.directory = directory
         self.image_config = image_config
+        self.tracker = tracker
         self.machine: Machine | None = None
         self.channel: GuestChannel | None = None
         self.boot_ms: int | None = None
@@ -75,11 +81,23 @@ class Sandbox:
 
     # --- creation -----------------------------------------------------------------
 
+    @property
+    def upper_disk(self) -> Path:
+        return self.directory / "upper.ext4"
+
     @classmethod
     async def create(
-        cls, config: SandboxConfig, *, vm_id: str | None = None, runtime_disk: Path | None = None
+        cls,
+        config: SandboxConfig,
+        *,
+        store: StateStore | None = None,
+        vm_id: str | None = None,
+        runtime_disk: Path | None = None,
     ) -> "Sandbox":
-        """Boot a sandbox. `runtime_disk` replaces the guest runtime (tests boot hostile guests)."""
+        """Boot a sandbox, recording it in `store` when given.
+
+        `runtime_disk` replaces the guest runtime (tests boot hostile guests).
+        """
         # Imported here so `matchlock exec` and friends never pay for them.
         from ..image.runtime import ensure_runtime_disk
         from ..image.store import ImageStore
@@ -90,13 +108,16 @@ class Sandbox:
         kernel = resolve_kernel()
         runtime_disk = runtime_disk or ensure_runtime_disk()
         vm_id = vm_id or new_vm_id()
-        directory = vms_dir() / vm_id
-        (directory / "logs").mkdir(parents=True, mode=0o700)
-        directory.chmod(0o700)
-        sandbox = cls(vm_id, config, directory, image.config.merged(config.image_config))
+        directory = (store.vm_dir(vm_id) if store is not None else vms_dir() / vm_id)
+        tracker = Tracker(store, vm_id)
+        tracker.register(config.image, public_config(config))
+        sandbox = cls(vm_id, config, directory, image.config.merged(config.image_config), tracker)
         try:
+            (directory / "logs").mkdir(parents=True, mode=0o700)
+            directory.chmod(0o700)
             sandbox.console_log.touch(mode=0o600)
-            upper = directory / "upper.ext4"
+            upper = sandbox.upper_disk
+            tracker.resources(console_log=str(sandbox.console_log), upper_disk=str(upper), image_disk=str(image.lower_path))
             make_upper_disk(upper, config.resources.disk_size_mb)
             spec = MachineSpec(
                 name=vm_id,
@@ -115,8 +136,13 @@ class Sandbox:
                 cpus=config.resources.cpus,
                 memory_mb=config.resources.memory_mb,
             )
+            tracker.move(phases.CREATED)
+            tracker.move(phases.STARTING)
             await sandbox._boot(spec)
-        except BaseException:
+            tracker.move(phases.RUNNING)
+        except BaseException as exc:
+            failed = phases.START_FAILED if tracker.phase == phases.STARTING else phases.CREATE_FAILED
+            tracker.move(failed, error=str(exc) or type(exc).__name__)
             await sandbox.close(remove=True)
             raise
         return sandbox
@@ -138,6 +164,7 @@ class Sandbox:
             sock = await self.machine.start()
         except VMError as exc:
             raise VMError(self._boot_failure(str(exc))) from None
+        self.tracker.record_process("qemu", self.machine.pid)
         self.channel = GuestChannel(sock)
         await self.channel.start()
         handshake = asyncio.ensure_future(self.channel.handshake(self._guest_config()))
@@ -232,24 +259,37 @@ class Sandbox:
     # --- shutdown -----------------------------------------------------------------
 
     async def close(self, *, graceful_timeout: float = 0.0, remove: bool = True) -> None:
-        """Stop the VM and release everything. Safe to call more than once.
+        """Stop the VM and release everything, recording each step. Safe to call twice.
 
         With a grace period the guest first kills its workloads, syncs its
-        disks and powers off; otherwise QEMU is told to quit at once.
+        disks and powers off; otherwise QEMU is told to quit at once. With
+        `remove` the sandbox's directory and state go too; otherwise it is
+        left `stopped` with its logs, for `inspect`, `log` and `rm`.
         """
         if self.closed:
             return
         self.closed = True
+        tracker = self.tracker
+        tracker.move(phases.STOPPING)
+        failed = False
         try:
             if self.machine is not None:
                 if graceful_timeout > 0 and self.channel is not None and self.channel.broken is None:
                     await self._guest_poweroff(graceful_timeout)
-                await self.machine.stop(timeout=max(graceful_timeout, 2.0))
-        finally:
+                try:
+                    await self.machine.stop(timeout=max(graceful_timeout, 2.0))
+                    tracker.record("machine_stop")
+                except Exception as exc:  # noqa: BLE001 - record, then go on cleaning
+                    tracker.record("machine_stop", f"{type(exc).__name__}: {exc}")
+                    failed = True
             if self.channel is not None:
                 await self.channel.close()
-            if remove:
-                shutil.rmtree(self.directory, ignore_errors=True)
+        finally:
+            tracker.move(phases.CLEANING)
+            failed |= not tracker.cleanup("upper_remove", lambda: self.upper_disk.unlink(missing_ok=True))
+            if remove and self.directory.exists():
+                failed |= not tracker.cleanup("state_dir_remove", lambda: shutil.rmtree(self.directory))
+            tracker.finish(remove=remove, failed=failed)
 
     async def _guest_poweroff(self, timeout: float) -> None:
         assert self.channel is not None and self.machine is not None

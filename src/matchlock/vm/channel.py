@@ -16,7 +16,6 @@ from ..api.errors import GuestProtocolError, VMError
 from ..wire import agent as msgs
 from ..wire.frames import ProtocolError
 from ..wire.mux import (
-    ChannelEnded,
     Connection,
     DataReceived,
     HelloReceived,
