@@ -108,7 +108,9 @@ def test_process_identity_detects_death_zombies_and_reuse():
     assert process_identity(os.getpid())
     assert process_identity(_dead_pid()) == ""
     zombie = subprocess.Popen(["true"])
-    time.sleep(0.3)  # exited but not reaped yet
+    deadline = time.monotonic() + 30
+    while " Z " not in open(f"/proc/{zombie.pid}/stat").read() and time.monotonic() < deadline:
+        time.sleep(0.02)  # wait until it has exited; nobody reaps it yet
     assert process_identity(zombie.pid) == ""
     zombie.wait()
 

@@ -4,58 +4,80 @@ Plain mode streams stdout and stderr as they come (stdin is closed), `-i`
 forwards stdin, `-it` puts the local terminal in raw mode and forwards window
 size changes. Ctrl-C (or SIGTERM) disconnects, which makes the owner cancel
 the command in the guest.
+
+This command is on the hot path of agents that exec many times, so it stays
+small: plain blocking sockets (no asyncio), and the state database is only
+opened to explain a failure.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
+import os
 import shlex
 import signal
+import socket
 import sys
+import threading
 
 import click
 
 from ..api.errors import MatchlockError, UsageError
+from ..api.paths import vms_dir
 from ..sandbox import relay_protocol as rp
-from ..state.store import RUNNING, StateStore
-from .tty import OutputSink, raw_terminal, start_stdin_reader, terminal_size
+from .tty import OutputSink, raw_terminal, terminal_size
 
 INTERRUPTED = 130
+READ_CHUNK = 64 * 1024
 
 
-class RelayClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.decoder = rp.Decoder(rp.SERVER_TYPES)
-        self.frames: list[tuple[int, bytes]] = []
-
-    def send(self, kind: int, payload: bytes = b"") -> None:
-        self.writer.write(rp.encode(kind, payload))
-
-    async def next_frame(self) -> tuple[int, bytes] | None:
-        while not self.frames:
-            data = await self.reader.read(65536)
-            if not data:
-                return None
-            self.frames += self.decoder.feed(data)
-        return self.frames.pop(0)
+class _Interrupted(Exception):
+    pass
 
 
-def relay_socket(vm_id: str) -> str:
+def _connect(vm_id: str) -> socket.socket:
+    path = vms_dir() / vm_id / "exec.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        return sock
+    except OSError:
+        sock.close()
+    # Explain why, from the state database (only on this slow path).
+    from ..state.store import RUNNING, StateStore
+
     store = StateStore()
     try:
         vm = store.require(vm_id)
-        if vm.status != RUNNING:
-            raise MatchlockError(f"VM {vm_id} is not running (status: {vm.status})")
-        path = store.vm_dir(vm_id) / "exec.sock"
     finally:
         store.close()
-    if not path.exists():
-        raise MatchlockError(f"exec socket not found for {vm_id} (was it started with --rm=false?)")
-    return str(path)
+    if vm.status != RUNNING:
+        raise MatchlockError(f"VM {vm_id} is not running (status: {vm.status})")
+    raise MatchlockError(f"exec socket not found for {vm_id} (was it started with --rm=false?)")
+
+
+class _Sender:
+    """Frames to the relay from several threads (stdin, SIGWINCH) without interleaving."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, kind: int, payload: bytes = b"") -> None:
+        with self.lock, contextlib.suppress(OSError):
+            self.sock.sendall(rp.encode(kind, payload))
+
+
+def _forward_stdin(sender: _Sender) -> None:
+    while True:
+        try:
+            data = os.read(sys.stdin.fileno(), READ_CHUNK)
+        except OSError:
+            data = b""
+        sender.send(rp.STDIN, data)
+        if not data:
+            return
 
 
 def _error_from(payload: bytes) -> str:
@@ -65,70 +87,52 @@ def _error_from(payload: bytes) -> str:
         return "the sandbox sent an unreadable error"
 
 
-async def _forward_input(client: RelayClient, forward: bool) -> None:
-    if not forward:
-        client.send(rp.STDIN, b"")  # no stdin: EOF at once
-        return
-    queue = start_stdin_reader(asyncio.get_running_loop())
-    while data := await queue.get():
-        client.send(rp.STDIN, data)
-        await client.writer.drain()
-    client.send(rp.STDIN, b"")
-
-
-async def relay_exec(path: str, request: dict, *, interactive: bool, pty: bool) -> int:
-    loop = asyncio.get_running_loop()
-    reader, writer = await asyncio.open_unix_connection(path)
-    client = RelayClient(reader, writer)
+def relay_exec(sock: socket.socket, request: dict, *, interactive: bool, pty: bool) -> int:
+    sender = _Sender(sock)
     if pty:
         size = terminal_size()
-        client.send(rp.EXEC_INTERACTIVE, json.dumps({**request, "rows": size.rows, "cols": size.cols}).encode())
-    else:
-        client.send(rp.EXEC_PIPE, json.dumps(request).encode())
-    stdout, stderr = OutputSink(sys.stdout.fileno()), OutputSink(sys.stderr.fileno())
-    interrupted = asyncio.Event()
-    main = asyncio.current_task()
-    assert main is not None
+        sender.send(rp.EXEC_INTERACTIVE, json.dumps({**request, "rows": size.rows, "cols": size.cols}).encode())
 
-    def interrupt() -> None:
-        interrupted.set()
-        main.cancel()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, interrupt)
-    if pty:
-        def resize() -> None:
+        def resize(*_) -> None:
             size = terminal_size()
-            client.send(rp.RESIZE, rp.pack_resize(size.rows, size.cols))
+            sender.send(rp.RESIZE, rp.pack_resize(size.rows, size.cols))
 
-        loop.add_signal_handler(signal.SIGWINCH, resize)
-    feeder = asyncio.create_task(_forward_input(client, interactive or pty))
+        signal.signal(signal.SIGWINCH, resize)
+    else:
+        sender.send(rp.EXEC_PIPE, json.dumps(request).encode())
+    if interactive or pty:
+        threading.Thread(target=_forward_stdin, args=(sender,), name="stdin", daemon=True).start()
+    else:
+        sender.send(rp.STDIN, b"")  # no stdin: EOF at once
+
+    def interrupt(*_) -> None:
+        raise _Interrupted
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    stdout, stderr = OutputSink(sys.stdout.fileno()), OutputSink(sys.stderr.fileno())
+    decoder = rp.Decoder(rp.SERVER_TYPES)
     try:
         with raw_terminal(sys.stdin.fileno()) if pty else contextlib.nullcontext():
             while True:
-                frame = await client.next_frame()
-                if frame is None:
+                data = sock.recv(READ_CHUNK)
+                if not data:
                     raise MatchlockError("the sandbox closed the connection (its owner stopped?)")
-                kind, payload = frame
-                if kind == rp.STDOUT:
-                    stdout(payload)
-                elif kind == rp.STDERR:
-                    stderr(payload)
-                elif kind == rp.EXIT:
-                    return rp.unpack_exit(payload)
-                elif kind == rp.EXEC_RESULT:
-                    raise MatchlockError(_error_from(payload))
-    except asyncio.CancelledError:
-        if interrupted.is_set():
-            return INTERRUPTED  # closing the connection cancels the command in the guest
-        raise
+                for kind, payload in decoder.feed(data):
+                    if kind == rp.STDOUT:
+                        stdout(payload)
+                    elif kind == rp.STDERR:
+                        stderr(payload)
+                    elif kind == rp.EXIT:
+                        return rp.unpack_exit(payload)
+                    elif kind == rp.EXEC_RESULT:
+                        raise MatchlockError(_error_from(payload))
+    except _Interrupted:
+        return INTERRUPTED  # closing the connection cancels the command in the guest
     except rp.RelayProtocolError as exc:
         raise MatchlockError(f"the sandbox broke the relay protocol: {exc}") from None
     finally:
-        feeder.cancel()
-        writer.close()
-        for signum in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGWINCH,) if pty else ()):
-            loop.remove_signal_handler(signum)
+        sock.close()
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
@@ -150,10 +154,6 @@ def exec_(interactive: bool, tty: bool, workdir: str, user: str, vm_id: str, com
     if workdir and not workdir.startswith("/"):
         raise UsageError(f"invalid --workdir {workdir!r}: must be an absolute path")
     request = {"command": shlex.join(command) if command else "exec sh", "working_dir": workdir, "user": user}
-    path = relay_socket(vm_id)
-    try:
-        code = asyncio.run(relay_exec(path, request, interactive=interactive, pty=pty))
-    except (ConnectionError, FileNotFoundError) as exc:
-        raise MatchlockError(f"cannot reach sandbox {vm_id}: {exc}") from None
+    code = relay_exec(_connect(vm_id), request, interactive=interactive, pty=pty)
     sys.stdout.flush()
     sys.exit(code)

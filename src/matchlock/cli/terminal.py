@@ -11,12 +11,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
+import threading
 
 from ..sandbox.process import GuestProcess
 from ..sandbox.sandbox import ExecSpec, Sandbox
-from .tty import OutputSink, raw_terminal, start_stdin_reader, terminal_size
+from .tty import OutputSink, raw_terminal, terminal_size
+
+READ_CHUNK = 64 * 1024
+
+
+def start_stdin_reader(loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+    """Read stdin on a daemon thread: works for ttys, pipes and regular files
+    alike, never flips the shared terminal to non-blocking, and cannot keep
+    the process alive at exit."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=16)
+
+    def reader() -> None:
+        while True:
+            try:
+                data = os.read(sys.stdin.fileno(), READ_CHUNK)
+            except OSError:
+                data = b""
+            future = asyncio.run_coroutine_threadsafe(queue.put(data), loop)
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - loop closed: nothing left to feed
+                return
+            if not data:
+                return
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
+    return queue
 
 
 async def forward_stdin(process: GuestProcess, queue: asyncio.Queue) -> None:

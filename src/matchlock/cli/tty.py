@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sys
 import termios
-import threading
 import tty
 from collections.abc import Iterator
 
 from ..wire.agent import TerminalSize
-
-READ_CHUNK = 64 * 1024
 
 
 class OutputSink:
@@ -35,30 +31,6 @@ class OutputSink:
                 continue
             except (BrokenPipeError, OSError):
                 self.broken = True
-
-
-def start_stdin_reader(loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-    """Read stdin on a daemon thread: works for ttys, pipes and regular files
-    alike, never flips the shared terminal to non-blocking, and cannot keep
-    the process alive at exit."""
-    queue: asyncio.Queue = asyncio.Queue(maxsize=16)
-
-    def reader() -> None:
-        while True:
-            try:
-                data = os.read(sys.stdin.fileno(), READ_CHUNK)
-            except OSError:
-                data = b""
-            future = asyncio.run_coroutine_threadsafe(queue.put(data), loop)
-            try:
-                future.result()
-            except Exception:  # noqa: BLE001 - loop closed: nothing left to feed
-                return
-            if not data:
-                return
-
-    threading.Thread(target=reader, name="stdin", daemon=True).start()
-    return queue
 
 
 @contextlib.contextmanager
