@@ -20,6 +20,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
+ISOLATED_ENV = "MATCHLOCK_TESTS_ISOLATED"
+
+
+def pytest_configure(config) -> None:
+    """Run the whole session in a private network namespace with only loopback.
+
+    Sandboxes have networking by default and their proxy dials out from the
+    namespace of the process that owns them. Inside this namespace nothing
+    can reach the outside world: network tests add their own stand-in hosts
+    (documentation addresses in namespaces they create), and every other
+    test simply has nowhere to send traffic.
+    """
+    if os.environ.get(ISOLATED_ENV) == "1":
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        return
+    if os.geteuid() != 0:
+        pytest.exit("the tests boot VMs and create network namespaces: run them as root", returncode=2)
+    os.environ[ISOLATED_ENV] = "1"
+    sys.stdout.flush()
+    os.execvp("unshare", ["unshare", "--net", "--", sys.executable, "-m", "pytest", *sys.argv[1:]])
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""The built-in busybox image (downloads busybox-static from the Debian mirror into a temp cache)."""
+"""The built-in busybox image, built from scratch in a temp cache.
+
+The busybox-static package comes from the shared cache that `scripts/setup.sh`
+filled: tests run without network access.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,15 @@ from test_image_layers import mounted
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    from matchlock.api.paths import debs_dir
+
+    cached = sorted(debs_dir().glob("busybox-static_*.deb"))
+    if not cached:
+        pytest.fail("busybox-static is not in the package cache: run scripts/setup.sh first")
     monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "debs").mkdir(parents=True)
+    for deb in cached:
+        shutil.copy2(deb, tmp_path / "cache" / "debs" / deb.name)
     return tmp_path / "cache"
 
 

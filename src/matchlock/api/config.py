@@ -7,7 +7,6 @@ here, once, with an error that names the field, the bad value and the fix.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 from .image import ImageConfig
+from .network import HostMapping, NetworkConfig, SecretConfig  # noqa: F401 - re-exported
 
 DEFAULT_CPUS = 1.0
 DEFAULT_MEMORY_MB = 512
@@ -23,7 +23,6 @@ DEFAULT_TIMEOUT_SECONDS = 300
 DEFAULT_DNS_SERVERS = ("8.8.8.8", "8.8.4.4")
 MIN_MEMORY_MB = 128
 MIN_DISK_SIZE_MB = 64
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -61,46 +60,6 @@ def _check_int(flag: str, value, lo: int, hi: int, unit: str) -> None:
         raise UsageError(f"invalid {flag} {value!r}: must be a whole number of {unit}")
     if not lo <= value <= hi:
         raise UsageError(f"invalid {flag} {value}: must be between {lo} and {hi} {unit}")
-
-
-@dataclass(frozen=True)
-class HostMapping:
-    host: str
-    ip: str
-
-    @classmethod
-    def parse(cls, spec: str) -> "HostMapping":
-        host, sep, ip = spec.partition(":")
-        if not sep or not host or not ip:
-            raise UsageError(f"invalid add-host mapping {spec!r}: expected host:ip")
-        return cls.validated(host, ip)
-
-    @classmethod
-    def validated(cls, host: str, ip: str) -> "HostMapping":
-        if any(c.isspace() for c in host) or ":" in host or not host:
-            raise UsageError(f"invalid add-host mapping {host!r}: the host name may not contain ':' or spaces")
-        try:
-            normalised = str(ipaddress.ip_address(ip.strip("[]")))
-        except ValueError:
-            raise UsageError(f"invalid add-host mapping {host}:{ip}: {ip!r} is not an IP address") from None
-        return cls(host, normalised)
-
-
-@dataclass(frozen=True)
-class NetworkConfig:
-    hostname: str = ""
-    dns_servers: tuple[str, ...] = ()
-    add_hosts: tuple[HostMapping, ...] = ()
-    no_network: bool = True  # networking arrives with the network issue; until then no NIC
-
-    def validate(self) -> None:
-        if self.hostname and (len(self.hostname) > 64 or not _HOSTNAME.match(self.hostname)):
-            raise UsageError(f"invalid --hostname {self.hostname!r}: use letters, digits, '-' and '.'")
-        for server in self.dns_servers:
-            try:
-                ipaddress.ip_address(server)
-            except ValueError:
-                raise UsageError(f"invalid --dns-servers entry {server!r}: must be an IP address") from None
 
 
 @dataclass(frozen=True)
@@ -177,9 +136,16 @@ def public_config(config: SandboxConfig) -> dict:
         },
         "network": {
             "no_network": network.no_network,
+            "allowed_hosts": list(network.allowed_hosts),
+            "block_private_ips": network.block_private_ips,
+            "intercept": network.intercept,
+            # Secret names and hosts only: values never reach disk.
+            "secrets": {name: {"hosts": list(s.hosts)} for name, s in network.secrets.items()},
             "hostname": network.hostname,
             "dns_servers": list(network.dns_servers),
             "add_hosts": [{"host": m.host, "ip": m.ip} for m in network.add_hosts],
+            "mtu": network.mtu,
+            "interception_rules": len(network.interception.rules) if network.interception else 0,
         },
         "env": {key: REDACTED for key in config.env},
         "image_config": {**config.image_config.to_json(), **({"env": {k: REDACTED for k in config.image_config.env}} if config.image_config.env else {})},

@@ -36,7 +36,7 @@ class _Interrupted(Exception):
     pass
 
 
-def _connect(vm_id: str) -> socket.socket:
+def connect_relay(vm_id: str) -> socket.socket:
     path = vms_dir() / vm_id / "exec.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -154,6 +154,6 @@ def exec_(interactive: bool, tty: bool, workdir: str, user: str, vm_id: str, com
     if workdir and not workdir.startswith("/"):
         raise UsageError(f"invalid --workdir {workdir!r}: must be an absolute path")
     request = {"command": shlex.join(command) if command else "exec sh", "working_dir": workdir, "user": user}
-    code = relay_exec(_connect(vm_id), request, interactive=interactive, pty=pty)
+    code = relay_exec(connect_relay(vm_id), request, interactive=interactive, pty=pty)
     sys.stdout.flush()
     sys.exit(code)

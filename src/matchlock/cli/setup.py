@@ -23,11 +23,14 @@ def setup(build_kernel: bool, jobs: int | None) -> None:
     """Prepare the guest runtime, kernel and built-in image (cached under ~/.cache/matchlock)."""
     from ..image.runtime import ensure_runtime_disk
     from ..image.store import DEFAULT_IMAGE, ImageStore
-    from ..kernel import build_tuned, resolve
+    from ..kernel import build_tuned, fallback, resolve
 
     _step("Guest runtime disk", ensure_runtime_disk)
     if build_kernel:
         _step("Guest kernel (tuned)", lambda: build_tuned(jobs=jobs, log=lambda line: click.echo(f"  {line}", err=True)))
-    kernel = _step("Kernel in use", lambda: resolve())
+    _step("Fallback kernel (Debian cloud kernel + initramfs)",
+          lambda: (fallback.cached_fallback() or fallback.build_fallback(log=lambda m: None)).vmlinuz)  # fmt: skip
+    kernel = resolve()
+    click.echo(f"Kernel in use: {kernel.kind} {kernel.version}", err=True)
     _step(f"Built-in image {DEFAULT_IMAGE}", lambda: ImageStore().resolve(DEFAULT_IMAGE).lower_path)
     click.echo(f"Ready: {kernel.kind} kernel, run `matchlock run -- uname -a` to try it.")

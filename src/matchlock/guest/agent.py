@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import _signal
 import _socket
-import fcntl
 import heapq
 import itertools
 import os
 import select
-import struct
 import sys
 import time
 
@@ -36,13 +34,12 @@ from ..wire.mux import (
     StreamReset,
     WindowOpened,
 )
-from . import syscalls
+from . import netconfig, syscalls
 from .handlers import ExecHandler, ReadFileHandler, StreamHandler, WriteFileHandler, list_files
 
 AGENT_VERSION = "1"
 CGROUP_ROOT = "/sys/fs/cgroup"
 CPU_PERIOD_US = 100_000
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 
 def log(message: str) -> None:
@@ -315,7 +312,7 @@ class Agent:
     def _configure(self, info: dict) -> None:
         try:
             config = msgs.GuestConfig.parse(info)
-            apply_config(config)
+            ca_bundle = apply_config(config)
             self.privileged = config.privileged
         except Exception as exc:  # noqa: BLE001 - report instead of hanging the host
             message = f"{type(exc).__name__}: {exc}"
@@ -323,7 +320,7 @@ class Agent:
             self.conn.send_message(0, {"type": msgs.EVENT_FATAL, "message": message})
             self.flush_blocking()
             sys.exit(1)
-        self.conn.send_message(0, {"type": msgs.EVENT_READY, "boot_ms": _uptime_ms()})
+        self.conn.send_message(0, {"type": msgs.EVENT_READY, "boot_ms": _uptime_ms(), "ca_bundle": ca_bundle})
 
 
 def uptime() -> float:
@@ -352,25 +349,49 @@ def render_hosts(hostname: str, extra_hosts) -> str:
     return "\n".join(lines) + "\n"
 
 
-def apply_config(config: msgs.GuestConfig) -> None:
+def apply_config(config: msgs.GuestConfig) -> str:
+    """Apply the host's settings; returns the system CA bundle the sandbox CA joined ("" if none)."""
     syscalls.set_realtime_clock(config.time_ns)
     _socket.sethostname(config.hostname)
     _write_etc("/etc/hostname", config.hostname + "\n")
     _write_etc("/etc/hosts", render_hosts(config.hostname, config.extra_hosts))
     if config.dns_servers:
         _write_etc("/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in config.dns_servers))
-    _bring_up_loopback()
-    _setup_cgroups(config.cpus)
-
-
-def _bring_up_loopback() -> None:
     sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
     try:
-        request = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        netconfig.set_link_up(sock, b"lo")
     finally:
         sock.close()
+    if config.network is not None:
+        net = config.network
+        netconfig.configure_interface(net.interface, net.address, net.prefix, net.gateway, net.mtu)
+    bundle = _install_ca(config.ca_certificate) if config.ca_certificate else ""
+    _setup_cgroups(config.cpus)
+    return bundle
+
+
+CA_PATH = "/etc/ssl/certs/matchlock-ca.crt"
+# Where distributions keep their CA bundle; the sandbox CA is appended to whichever exists.
+SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+    "/etc/ssl/cert.pem",  # Alpine (LibreSSL), macOS-style
+)
+
+
+def _install_ca(pem: str) -> str:
+    """The proxy's CA for this sandbox: its own file, and appended to the image's bundle."""
+    _write_etc(CA_PATH, pem)
+    for bundle in SYSTEM_BUNDLES:
+        if os.path.isfile(bundle):
+            try:
+                with open(os.path.realpath(bundle), "a") as f:
+                    f.write("\n" + pem)
+            except OSError:
+                continue  # a read-only or odd bundle: the CA file and env vars still work
+            return bundle
+    return ""
 
 
 def _setup_cgroups(cpus: float) -> None:

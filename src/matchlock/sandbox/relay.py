@@ -127,14 +127,33 @@ class _Connection:
                 await self._buffered(payload)
             elif kind in (rp.EXEC_PIPE, rp.EXEC_INTERACTIVE):
                 await self._streaming(payload, interactive=kind == rp.EXEC_INTERACTIVE)
-            elif kind in (rp.PORT_FORWARD, rp.ALLOW_LIST_ADD, rp.ALLOW_LIST_DELETE):
-                await self.fail("this sandbox has no network: port forwarding and allow-lists need networking")
+            elif kind in (rp.ALLOW_LIST_ADD, rp.ALLOW_LIST_DELETE):
+                await self._allow_list(payload, add=kind == rp.ALLOW_LIST_ADD)
+            elif kind == rp.PORT_FORWARD:
+                await self.fail("port forwarding is not available in this build")
             else:
                 await self.fail(f"relay frame type {kind} cannot start an operation")
         except (RelayRequestError, rp.RelayProtocolError) as exc:
             await self.fail(str(exc))
         except MatchlockError as exc:
             await self.fail(str(exc))
+
+    async def _allow_list(self, payload: bytes, *, add: bool) -> None:
+        network = self.sandbox.network
+        if network is None or not network.policy.intercepting:
+            reply = {"error": "allow-list updates unavailable: sandbox was started without network interception"}
+        else:
+            try:
+                request = json.loads(payload)
+                hosts = request.get("hosts") if isinstance(request, dict) else None
+                if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
+                    raise RelayRequestError("'hosts' must be a non-empty list of strings")
+                policy = network.policy
+                changed = policy.add_hosts(hosts) if add else policy.remove_hosts(hosts)
+                reply = {"added" if add else "removed": changed, "allowed_hosts": policy.allowed_hosts}
+            except (ValueError, MatchlockError) as exc:
+                reply = {"error": str(exc)}
+        await self.send(rp.ALLOW_LIST_RESULT, json.dumps(reply).encode())
 
     async def _buffered(self, payload: bytes) -> None:
         spec, _ = parse_exec_request(payload, interactive=False)

@@ -74,6 +74,8 @@ class Sandbox:
         self.channel: GuestChannel | None = None
         self.boot_ms: int | None = None
         self.closed = False
+        self.network = None  # SandboxNetwork, unless --no-network
+        self.event_listeners: list = []  # called with every api.events event
 
     @property
     def console_log(self) -> Path:
@@ -119,6 +121,7 @@ class Sandbox:
             upper = sandbox.upper_disk
             tracker.resources(console_log=str(sandbox.console_log), upper_disk=str(upper), image_disk=str(image.lower_path))
             make_upper_disk(upper, config.resources.disk_size_mb)
+            machine_network = await sandbox._start_network()
             spec = MachineSpec(
                 name=vm_id,
                 kernel=kernel.path,
@@ -135,6 +138,7 @@ class Sandbox:
                 tsc_khz=host_tsc_khz(),
                 cpus=config.resources.cpus,
                 memory_mb=config.resources.memory_mb,
+                network=machine_network,
             )
             tracker.move(phases.CREATED)
             tracker.move(phases.STARTING)
@@ -147,6 +151,27 @@ class Sandbox:
             raise
         return sandbox
 
+    async def _start_network(self):
+        """Namespace, policy and proxy (recorded before they exist); None with --no-network."""
+        if self.config.network.no_network:
+            return None
+        from .network import SandboxNetwork  # sandboxes without a network never import the proxy
+
+        self.network = SandboxNetwork(self.config.network, self._emit_event)
+        self.tracker.resources(network="private namespace held by the owner and QEMU")
+        await self.network.start()
+        self.tracker.resources(netns_inode=self.network.namespace.inode)
+        return self.network.machine_network()
+
+    def _emit_event(self, event) -> None:
+        try:
+            with open(self.console_log, "a") as log:
+                log.write(event.log_line() + "\n")
+        except OSError:
+            pass
+        for listener in list(self.event_listeners):
+            listener(event)
+
     def _guest_config(self) -> msgs.GuestConfig:
         network = self.config.network
         return msgs.GuestConfig(
@@ -156,6 +181,8 @@ class Sandbox:
             cpus=self.config.resources.cpus,
             dns_servers=network.dns_servers or DEFAULT_DNS_SERVERS,
             extra_hosts=tuple((m.host, m.ip) for m in network.add_hosts),
+            network=self.network.guest_network() if self.network is not None else None,
+            ca_certificate=self.network.ca_pem if self.network is not None else "",
         )
 
     async def _boot(self, spec: MachineSpec) -> None:
@@ -203,6 +230,9 @@ class Sandbox:
     def prepare_exec(self, spec: ExecSpec) -> dict[str, object]:
         """Image defaults first, then the sandbox config, then this call."""
         env = {"PATH": DEFAULT_PATH, **self.image_config.env, **self.config.env, **spec.env}
+        if self.network is not None:
+            # CA locations, then secret placeholders: they override everything.
+            env.update(self.network.exec_environment(self.channel.ready_info.get("ca_bundle") if self.channel else None))
         return {
             "env": env,
             "cwd": spec.working_dir or self.image_config.working_dir or "/",
@@ -284,6 +314,13 @@ class Sandbox:
                     failed = True
             if self.channel is not None:
                 await self.channel.close()
+            if self.network is not None:
+                try:
+                    await self.network.close()
+                    tracker.record("network_close")
+                except Exception as exc:  # noqa: BLE001
+                    tracker.record("network_close", f"{type(exc).__name__}: {exc}")
+                    failed = True
         finally:
             tracker.move(phases.CLEANING)
             failed |= not tracker.cleanup("upper_remove", lambda: self.upper_disk.unlink(missing_ok=True))

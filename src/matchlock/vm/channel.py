@@ -164,6 +164,7 @@ class GuestChannel:
         self._task: asyncio.Task | None = None
         self.broken: BaseException | None = None
         self.guest_info: dict = {}
+        self.ready_info: dict = {}
         self.boot_ms: int | None = None
         self._flush_scheduled = False
 
@@ -266,6 +267,8 @@ class GuestChannel:
         kind = message.get("type")
         if kind == msgs.EVENT_READY and self._ready is not None and not self._ready.done():
             boot_ms = message.get("boot_ms")
+            bundle = message.get("ca_bundle")
+            self.ready_info = {"ca_bundle": bundle if isinstance(bundle, str) and bundle.startswith("/") else ""}
             self._ready.set_result(boot_ms if isinstance(boot_ms, int) else None)
         elif kind == msgs.EVENT_FATAL:
             text = str(message.get("message", ""))[:2000]

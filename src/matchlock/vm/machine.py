@@ -36,6 +36,16 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class MachineNetwork:
+    """A virtio-net NIC on a TAP that exists inside the sandbox's network namespace."""
+
+    tap: str
+    mac: str
+    wrapper: tuple[str, ...] = ()  # argv prefix that starts QEMU inside the namespace
+    pass_fds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     name: str
     kernel: Path
@@ -48,6 +58,7 @@ class MachineSpec:
     initrd: Path | None = None
     acpi: bool = False
     tsc_khz: int | None = None
+    network: MachineNetwork | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -102,6 +113,11 @@ def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int) -> list[str]:
         "-mon", "chardev=qmp,mode=control",
         "-device", "virtio-rng-device",
     ]  # fmt: skip
+    if spec.network is not None:
+        argv += [
+            "-netdev", f"tap,id=net0,ifname={spec.network.tap},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=net0,mac={spec.network.mac}",
+        ]  # fmt: skip
     return argv + list(spec.extra_args)
 
 
@@ -130,13 +146,18 @@ class Machine:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             raise SetupError("setpriv not found; fix: apt-get install util-linux")
+        network = self.spec.network
+        wrapper = list(network.wrapper) if network is not None else []
+        extra_fds = network.pass_fds if network is not None else ()
         try:
+            # setpriv sets the parent-death signal, which survives the exec into
+            # the namespace wrapper (nsenter) and then QEMU: one process throughout.
             self.process = await asyncio.create_subprocess_exec(
-                setpriv, "--pdeathsig", "KILL", "--", *argv,
+                setpriv, "--pdeathsig", "KILL", "--", *wrapper, *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=(agent_guest.fileno(), qmp_guest.fileno()),
+                pass_fds=(agent_guest.fileno(), qmp_guest.fileno(), *extra_fds),
             )  # fmt: skip
         finally:
             agent_guest.close()

@@ -205,11 +205,36 @@ def parse_cpus(value) -> float:
     return float(value)
 
 
+class GuestNetwork(Record):
+    """How the guest's interface is configured (the kernel has no `ip=`)."""
+
+    __slots__ = ("interface", "address", "prefix", "gateway", "mtu")
+
+    @classmethod
+    def parse(cls, msg: dict) -> "GuestNetwork":
+        interface = _str(msg, "interface", max_len=15)
+        if not interface.isalnum():
+            raise ValueError(f"invalid interface name {interface!r}")
+        address, gateway = _str(msg, "address", max_len=15), _str(msg, "gateway", max_len=15)
+        for value in (address, gateway):
+            parts = value.split(".")
+            if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
+                raise ValueError(f"invalid IPv4 address {value!r}")
+        return cls(interface, address, _int(msg, "prefix", lo=1, hi=30), gateway, _int(msg, "mtu", lo=576, hi=65535))
+
+    def to_wire(self) -> dict:
+        return {"interface": self.interface, "address": self.address, "prefix": self.prefix,
+                "gateway": self.gateway, "mtu": self.mtu}  # fmt: skip
+
+
 class GuestConfig(Record):
     """Sandbox settings the host sends in its HELLO; the guest applies them at boot."""
 
-    __slots__ = ("hostname", "time_ns", "privileged", "cpus", "dns_servers", "extra_hosts")
-    _defaults = {"privileged": False, "cpus": 1.0, "dns_servers": (), "extra_hosts": ()}
+    __slots__ = (
+        "hostname", "time_ns", "privileged", "cpus", "dns_servers", "extra_hosts", "network", "ca_certificate",
+    )  # fmt: skip
+    _defaults = {"privileged": False, "cpus": 1.0, "dns_servers": (), "extra_hosts": (), "network": None,
+                 "ca_certificate": ""}  # fmt: skip
 
     @classmethod
     def parse(cls, msg: dict) -> "GuestConfig":
@@ -228,6 +253,12 @@ class GuestConfig(Record):
             for h in hosts
         ):
             raise ValueError("'extra_hosts' must be a list of [host, ip] pairs")
+        network = msg.get("network")
+        if network is not None and not isinstance(network, dict):
+            raise ValueError("'network' must be an object or null")
+        ca = _str(msg, "ca_certificate", default="", max_len=64 * 1024)
+        if ca and not ca.startswith("-----BEGIN CERTIFICATE-----"):
+            raise ValueError("'ca_certificate' must be a PEM certificate")
         return cls(
             hostname=hostname,
             time_ns=_int(msg, "time_ns"),
@@ -235,6 +266,8 @@ class GuestConfig(Record):
             cpus=parse_cpus(msg.get("cpus", 1.0)),
             dns_servers=tuple(dns),
             extra_hosts=tuple((h[0], h[1]) for h in hosts),
+            network=GuestNetwork.parse(network) if network is not None else None,
+            ca_certificate=ca,
         )
 
     def to_wire(self) -> dict:
@@ -245,4 +278,6 @@ class GuestConfig(Record):
             "cpus": self.cpus,
             "dns_servers": list(self.dns_servers),
             "extra_hosts": [list(h) for h in self.extra_hosts],
+            "network": self.network.to_wire() if self.network is not None else None,
+            "ca_certificate": self.ca_certificate,
         }

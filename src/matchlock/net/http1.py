@@ -1,0 +1,226 @@
+"""HTTP/1.1 through the proxy, with h11 on both sides.
+
+One guest connection carries any number of requests (keep-alive). Each
+request passes the policy (allow-list, interception rules, secrets) before
+anything is sent upstream; a refused one gets `403 Blocked by policy`.
+Bodies stream in both directions as they arrive (SSE, chunked, unknown
+length): nothing is buffered unless a rule must rewrite a whole body. An
+`Upgrade` (WebSocket) that the server accepts with 101 turns both sides into
+a raw byte relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import h11
+
+from ..policy.engine import Blocked, HttpRequest, NetworkPolicy
+from ..policy.hosts import normalise_host
+from .relay import pipe_both_ways
+from .upstream import Upstream, UpstreamError, connect
+
+READ_SIZE = 64 * 1024
+MAX_HEADERS = 64 * 1024
+HOP_BY_HOP = {b"proxy-connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization"}
+
+
+class H11Stream:
+    """An h11 connection driven over an asyncio stream pair."""
+
+    def __init__(self, role, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEADERS)
+        self.reader = reader
+        self.writer = writer
+
+    async def next_event(self):
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.conn.receive_data(await self.reader.read(READ_SIZE))
+
+    async def send(self, event) -> None:
+        data = self.conn.send(event)
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    def leftover(self) -> bytes:
+        return self.conn.trailing_data[0]
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    if target.startswith(("http://", "https://")):  # absolute form: keep only the path
+        target = "/" + target.split("://", 1)[1].partition("/")[2]
+    path, _, query = target.partition("?")
+    return path or "/", query
+
+
+def _text_headers(headers) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k.lower() not in HOP_BY_HOP]
+
+
+def _byte_headers(headers) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+class HTTP1Session:
+    def __init__(
+        self,
+        policy: NetworkPolicy,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        scheme: str,
+        default_host: str,
+        port: int,
+        upstream: Upstream | None = None,
+    ) -> None:
+        self.policy = policy
+        self.guest = H11Stream(h11.SERVER, reader, writer)
+        self.scheme = scheme
+        self.default_host = default_host
+        self.port = port
+        # HTTPS: the connection made with the guest's SNI; every request must be for that host.
+        self.pinned = upstream
+        self.upstreams: dict[tuple[str, int], tuple[Upstream, H11Stream]] = {}
+
+    async def run(self) -> None:
+        try:
+            while await self._one_exchange():
+                if self.guest.conn.our_state is h11.MUST_CLOSE or self.guest.conn.their_state is h11.MUST_CLOSE:
+                    break
+                self.guest.conn.start_next_cycle()
+        except (h11.ProtocolError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for upstream, _ in self.upstreams.values():
+                upstream.close()
+            if self.pinned is not None:
+                self.pinned.close()
+
+    async def _reply(self, status: int, reason: str, *, close: bool = True) -> None:
+        body = f"{reason}\n".encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        if close:
+            headers.append((b"connection", b"close"))
+        with contextlib.suppress(h11.LocalProtocolError):
+            await self.guest.send(h11.Response(status_code=status, headers=headers))
+            await self.guest.send(h11.Data(data=body))
+            await self.guest.send(h11.EndOfMessage())
+
+    async def _one_exchange(self) -> bool:
+        event = await self.guest.next_event()
+        if not isinstance(event, h11.Request):
+            return False
+        started = time.monotonic()
+        path, query = _split_target(event.target.decode("latin-1"))
+        headers = _text_headers(event.headers)
+        host_header = next((v for k, v in headers if k.lower() == "host"), "")
+        request = HttpRequest(
+            method=event.method.decode("latin-1"),
+            scheme=self.scheme,
+            host=normalise_host(host_header) or self.default_host,
+            port=self.port,
+            path=path,
+            query=query,
+            headers=headers,
+        )
+        try:
+            if self.pinned is not None and request.host != self.pinned.host:
+                raise Blocked(f"request for {request.host} on a TLS connection to {self.pinned.host}", 421)
+            self.policy.prepare_request(request)
+            upstream, client = await self._upstream_for(request)
+        except Blocked as exc:
+            self.policy.event(method=request.method, url=request.url, host=request.host, status=exc.status,
+                              started=started, blocked=True, reason=exc.reason)  # fmt: skip
+            await self._reply(exc.status, f"Blocked by policy: {exc.reason}")
+            return False
+        except UpstreamError as exc:
+            self.policy.event(method=request.method, url=request.url, host=request.host, status=502,
+                              started=started, reason=str(exc))  # fmt: skip
+            await self._reply(502, f"Failed to connect: {exc}")
+            return False
+        await client.send(h11.Request(method=request.method, target=request.target, headers=_byte_headers(request.headers)))
+        sent = await self._copy_body(self.guest, client)
+        return await self._relay_response(request, upstream, client, started, sent)
+
+    async def _upstream_for(self, request: HttpRequest) -> tuple[Upstream, H11Stream]:
+        key = (request.host, request.port)
+        existing = self.upstreams.get(key)
+        if existing is not None and existing[1].conn.our_state is h11.IDLE:
+            return existing
+        if existing is not None:
+            existing[0].close()
+            del self.upstreams[key]
+        if self.pinned is not None:
+            upstream, self.pinned = self.pinned, None
+        else:
+            upstream = await connect(self.policy, request.host, request.port, tls=self.scheme == "https")
+        pair = (upstream, H11Stream(h11.CLIENT, upstream.reader, upstream.writer))
+        self.upstreams[key] = pair
+        return pair
+
+    async def _copy_body(self, source: H11Stream, sink: H11Stream, body_filter=None) -> int:
+        copied = 0
+        while True:
+            event = await source.next_event()
+            if isinstance(event, h11.Data):
+                copied += len(event.data)
+                data = body_filter.feed(event.data) if body_filter is not None else event.data
+                if data:
+                    await sink.send(h11.Data(data=data))
+            elif isinstance(event, h11.EndOfMessage):
+                if body_filter is not None:
+                    tail = body_filter.finish()
+                    if tail:
+                        await sink.send(h11.Data(data=tail))
+                await sink.send(h11.EndOfMessage(headers=event.headers))
+                return copied
+            else:
+                raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in a message body")
+
+    async def _relay_response(
+        self, request: HttpRequest, upstream: Upstream, client: H11Stream, started: float, sent: int
+    ) -> bool:
+        while True:
+            event = await client.next_event()
+            if isinstance(event, h11.InformationalResponse):
+                await self.guest.send(event)
+                if event.status_code == 101:  # Upgrade accepted (WebSocket): from now on raw bytes
+                    self.policy.event(method=request.method, url=request.url, host=request.host, status=101,
+                                      request_bytes=sent, started=started)  # fmt: skip
+                    await self._switch_protocols(upstream, client)
+                    return False
+                continue
+            if not isinstance(event, h11.Response):
+                raise h11.RemoteProtocolError("upstream sent no response")
+            break
+        headers = _text_headers(event.headers)
+        headers, body_filter = self.policy.prepare_response(request, event.status_code, headers)
+        if body_filter is not None:
+            headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")]
+            headers.append(("Transfer-Encoding", "chunked"))
+        await self.guest.send(h11.Response(status_code=event.status_code, headers=_byte_headers(headers),
+                                           reason=event.reason))  # fmt: skip
+        received = await self._copy_body(client, self.guest, body_filter)
+        self.policy.event(method=request.method, url=request.url, host=request.host, status=event.status_code,
+                          request_bytes=sent, response_bytes=received, started=started)  # fmt: skip
+        if client.conn.our_state is h11.MUST_CLOSE or client.conn.their_state is h11.MUST_CLOSE:
+            upstream.close()
+            self.upstreams.pop((upstream.host, upstream.port), None)
+        else:
+            client.conn.start_next_cycle()
+        return True
+
+    async def _switch_protocols(self, upstream: Upstream, client: H11Stream) -> None:
+        guest_extra, upstream_extra = self.guest.leftover(), client.leftover()
+        if upstream_extra:
+            self.guest.writer.write(upstream_extra)
+        if guest_extra:
+            upstream.writer.write(guest_extra)
+        self.upstreams.pop((upstream.host, upstream.port), None)
+        await pipe_both_ways(self.guest.reader, self.guest.writer, upstream.reader, upstream.writer)

@@ -1,0 +1,38 @@
+"""Copy bytes between two stream pairs in both directions, honouring half-close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+READ_SIZE = 64 * 1024
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: list[int]) -> None:
+    try:
+        while data := await reader.read(READ_SIZE):
+            counter[0] += len(data)
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    # The other side may still be talking: pass on our EOF, keep reading theirs.
+    with contextlib.suppress(OSError, RuntimeError):
+        if writer.can_write_eof():
+            writer.write_eof()
+
+
+async def pipe_both_ways(
+    a_reader: asyncio.StreamReader,
+    a_writer: asyncio.StreamWriter,
+    b_reader: asyncio.StreamReader,
+    b_writer: asyncio.StreamWriter,
+) -> tuple[int, int]:
+    """Relay until both directions end; returns (bytes a->b, bytes b->a)."""
+    forward, backward = [0], [0]
+    try:
+        await asyncio.gather(_pump(a_reader, b_writer, forward), _pump(b_reader, a_writer, backward))
+    finally:
+        for writer in (a_writer, b_writer):
+            writer.close()
+    return forward[0], backward[0]
