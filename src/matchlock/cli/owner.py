@@ -34,6 +34,8 @@ class RunOptions:
     detached: bool
     graceful_shutdown: float
     timeout: float | None
+    publish: tuple = ()  # sandbox.portforward.ForwardSpec
+    addresses: tuple = ()
 
 
 def _print_hints(vm_id: str) -> None:
@@ -81,7 +83,13 @@ async def _own(store: StateStore, config: SandboxConfig, options: RunOptions) ->
         relay = ExecRelay(sandbox, sandbox.directory / "exec.sock")
         sandbox.tracker.resources(exec_socket=str(relay.path))
         await relay.start()
+        forwarder = None
         try:
+            if options.publish:
+                forwarder = await sandbox.port_forward(options.publish, options.addresses)
+                for binding in forwarder.bindings:
+                    print(f"Forwarding {binding.address}:{binding.local_port} -> sandbox:{binding.remote_port}",
+                          file=sys.stderr, flush=True)  # fmt: skip
             if options.remove:
                 async with asyncio.timeout_at(deadline):
                     return await attach(
@@ -113,6 +121,8 @@ async def _own(store: StateStore, config: SandboxConfig, options: RunOptions) ->
                 background.cancel()
             return code
         finally:
+            if forwarder is not None:
+                await forwarder.close()
             await relay.stop()
     finally:
         await sandbox.close(graceful_timeout=options.graceful_shutdown, remove=options.remove)

@@ -35,7 +35,7 @@ from ..wire.mux import (
     WindowOpened,
 )
 from . import netconfig, syscalls
-from .handlers import ExecHandler, ReadFileHandler, StreamHandler, WriteFileHandler, list_files
+from .handlers import ExecHandler, PortForwardHandler, ReadFileHandler, StreamHandler, WriteFileHandler, list_files
 
 AGENT_VERSION = "1"
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -266,6 +266,8 @@ class Agent:
                     handler.finish(list_files(parsed.path))
                 except OSError as exc:
                     handler.fail(f"cannot list {parsed.path}: {exc.strerror}", exc.errno)
+            elif isinstance(parsed, msgs.PortForwardRequest):
+                handler = PortForwardHandler(self, stream, parsed)
             elif parsed == msgs.OP_PING:
                 handler = StreamHandler(self, stream)
                 handler.finish({"type": msgs.REPLY_RESULT})

@@ -10,6 +10,7 @@ window on the stream, so a host that stops reading stalls that one command
 from __future__ import annotations
 
 import _signal
+import _socket
 import errno
 import os
 import stat
@@ -216,6 +217,124 @@ class ExecHandler(StreamHandler):
             if self.exit_code == 0:
                 reply["code"] = EXEC_FAILED
         self.finish(reply)
+
+
+class PortForwardHandler(StreamHandler):
+    """One forwarded connection: a TCP connection to 127.0.0.1:port inside the guest.
+
+    Half-close travels both ways: the host's EOF on stdin becomes
+    shutdown(SHUT_WR) here, and the local server's EOF becomes EOF on stdout.
+    """
+
+    def __init__(self, agent, stream: int, request: msgs.PortForwardRequest) -> None:
+        super().__init__(agent, stream)
+        self.port = request.port
+        self.sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.pending = bytearray()
+        self.host_eof = False
+        self.guest_eof = False
+        self.connected = False
+        err = self.sock.connect_ex(("127.0.0.1", self.port))
+        if err not in (0, errno.EINPROGRESS):
+            self._abort(f"cannot connect to 127.0.0.1:{self.port} in the sandbox: {os.strerror(err)}")
+            return
+        agent.watch_write(self.fd, self._connected)
+
+    def _abort(self, message: str) -> None:
+        self._close_socket()
+        self.fail(message)
+
+    def _connected(self) -> None:
+        self.agent.unwatch_write(self.fd)
+        err = self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+        if err:
+            self._abort(f"cannot connect to 127.0.0.1:{self.port} in the sandbox: {os.strerror(err)}")
+            return
+        self.connected = True
+        self.conn.send_message(self.stream, {"type": msgs.REPLY_STARTED})
+        self.on_window()
+        if self.pending or self.host_eof:
+            self.agent.watch_write(self.fd, self._write)
+
+    def on_window(self) -> None:
+        if self.connected and not self.guest_eof and not self.done:
+            if self.conn.send_window(self.stream) > 0:
+                self.agent.watch_read(self.fd, self._read)
+            else:
+                self.agent.unwatch_read(self.fd)
+
+    def _read(self) -> None:
+        window = self.conn.send_window(self.stream)
+        if window == 0:
+            self.agent.unwatch_read(self.fd)
+            return
+        try:
+            data = self.sock.recv(min(window, DATA_CHUNK))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.conn.send_data(self.stream, STDOUT, data)
+            if self.conn.send_window(self.stream) == 0:
+                self.agent.unwatch_read(self.fd)
+            return
+        self.guest_eof = True
+        self.agent.unwatch_read(self.fd)
+        self.conn.end_channel(self.stream, STDOUT)
+        self._maybe_finish()
+
+    def on_data(self, channel: int, data: bytes) -> None:
+        if self.done or channel != STDIN:
+            self.conn.consumed(self.stream, len(data))
+            return
+        self.pending += data
+        if self.connected:
+            self.agent.watch_write(self.fd, self._write)
+
+    def on_eof(self, channel: int) -> None:
+        if channel == STDIN:
+            self.host_eof = True
+            if self.connected:
+                self.agent.watch_write(self.fd, self._write)
+
+    def _write(self) -> None:
+        try:
+            written = self.sock.send(self.pending[:DATA_CHUNK]) if self.pending else 0
+        except BlockingIOError:
+            return
+        except OSError:
+            written, self.pending[:] = len(self.pending), b""
+            self.host_eof = True
+        del self.pending[:written]
+        self.conn.consumed(self.stream, written)
+        if self.pending:
+            return
+        self.agent.unwatch_write(self.fd)
+        if self.host_eof:
+            try:
+                self.sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                pass
+            self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.guest_eof and self.host_eof and not self.pending:
+            self._close_socket()
+            self.finish({"type": msgs.REPLY_RESULT})
+
+    def on_reset(self, reason: str) -> None:
+        super().on_reset(reason)
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self.fd >= 0:
+            self.agent.unwatch_read(self.fd)
+            self.agent.unwatch_write(self.fd)
+            self.sock.close()
+            self.fd = -1
 
 
 class WriteFileHandler(StreamHandler):

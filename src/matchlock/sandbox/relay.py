@@ -130,7 +130,7 @@ class _Connection:
             elif kind in (rp.ALLOW_LIST_ADD, rp.ALLOW_LIST_DELETE):
                 await self._allow_list(payload, add=kind == rp.ALLOW_LIST_ADD)
             elif kind == rp.PORT_FORWARD:
-                await self.fail("port forwarding is not available in this build")
+                await self._port_forward(payload)
             else:
                 await self.fail(f"relay frame type {kind} cannot start an operation")
         except (RelayRequestError, rp.RelayProtocolError) as exc:
@@ -154,6 +154,36 @@ class _Connection:
             except (ValueError, MatchlockError) as exc:
                 reply = {"error": str(exc)}
         await self.send(rp.ALLOW_LIST_RESULT, json.dumps(reply).encode())
+
+    async def _port_forward(self, payload: bytes) -> None:
+        """Type 9: this connection becomes a tunnel to the guest's 127.0.0.1:<remote_port>."""
+        try:
+            request = json.loads(payload)
+            port = request.get("remote_port") if isinstance(request, dict) else None
+        except ValueError:
+            port = None
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise RelayRequestError("'remote_port' must be a port number (1-65535)")
+        from .portforward import forward_connection  # only tunnels pay for it
+
+        local_reader, remote_writer = asyncio.StreamReader(), _FrameWriter(self)
+        pump = asyncio.ensure_future(self._tunnel_input(local_reader))
+        try:
+            await forward_connection(self.sandbox.open_stream, local_reader, remote_writer, port)
+        finally:
+            pump.cancel()
+        with contextlib.suppress(ConnectionError):
+            await self.send(rp.EXIT, rp.pack_exit(0))
+
+    async def _tunnel_input(self, sink: asyncio.StreamReader) -> None:
+        while True:
+            frame = await self.next_frame()
+            if frame is None or (frame[0] == rp.STDIN and not frame[1]):
+                sink.feed_eof()
+                return
+            if frame[0] != rp.STDIN:
+                raise rp.RelayProtocolError(f"unexpected relay frame type {frame[0]} in a tunnel")
+            sink.feed_data(frame[1])
 
     async def _buffered(self, payload: bytes) -> None:
         spec, _ = parse_exec_request(payload, interactive=False)
@@ -228,3 +258,25 @@ class _Connection:
                 process.resize(*rp.unpack_resize(payload))
             else:
                 raise rp.RelayProtocolError(f"unexpected relay frame type {kind} during an exec")
+
+
+class _FrameWriter:
+    """A StreamWriter look-alike that wraps what it is given in STDOUT frames (tunnel replies)."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self.connection = connection
+
+    def write(self, data: bytes) -> None:
+        self.connection.writer.write(rp.encode(rp.STDOUT, data))
+
+    async def drain(self) -> None:
+        await self.connection.writer.drain()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.connection.writer.write(rp.encode(rp.STDOUT, b""))  # empty STDOUT frame = EOF
+
+    def close(self) -> None:
+        pass

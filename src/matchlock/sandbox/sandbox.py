@@ -280,6 +280,18 @@ class Sandbox:
     async def ping(self) -> None:
         await files.ping(self._channel())
 
+    def open_stream(self, request: dict):
+        """A raw agent stream (port forwarding opens one per connection)."""
+        return self._channel().open(request)
+
+    async def port_forward(self, specs, addresses):
+        """Start host listeners for `[LOCAL:]REMOTE` forwards; returns the running PortForwarder."""
+        from .portforward import PortForwarder
+
+        forwarder = PortForwarder(self.open_stream)
+        await forwarder.start(list(specs), list(addresses))
+        return forwarder
+
     def _channel(self) -> GuestChannel:
         if self.channel is None or self.closed:
             raise VMError(f"sandbox {self.id} is not running")

@@ -20,7 +20,8 @@ OP_READ_FILE = "read_file"
 OP_LIST_FILES = "list_files"
 OP_SHUTDOWN = "shutdown"
 OP_PING = "ping"  # liveness: the agent answers at once
-OPS = (OP_EXEC, OP_WRITE_FILE, OP_READ_FILE, OP_LIST_FILES, OP_SHUTDOWN, OP_PING)
+OP_PORT_FORWARD = "port_forward"
+OPS = (OP_EXEC, OP_WRITE_FILE, OP_READ_FILE, OP_LIST_FILES, OP_SHUTDOWN, OP_PING, OP_PORT_FORWARD)
 
 # Guest -> host: replies on a stream; stream 0 carries `ready` and `fatal`
 REPLY_STARTED = "started"
@@ -146,6 +147,19 @@ class PathRequest(Record):
         return {"op": self.op, "path": self.path}
 
 
+class PortForwardRequest(Record):
+    """Connect to `port` on the guest's loopback and relay bytes (stdin channel in, stdout out)."""
+
+    __slots__ = ("port",)
+
+    @classmethod
+    def parse(cls, msg: dict) -> "PortForwardRequest":
+        return cls(_int(msg, "port", lo=1, hi=65535))
+
+    def to_wire(self) -> dict:
+        return {"op": OP_PORT_FORWARD, "port": self.port}
+
+
 class FileInfo(Record):
     """name: str; size: int; mode: int (POSIX st_mode); is_dir: bool"""
 
@@ -176,6 +190,8 @@ def parse_request(msg: dict):
         return PathRequest.parse(msg)
     if op in (OP_SHUTDOWN, OP_PING):
         return op
+    if op == OP_PORT_FORWARD:
+        return PortForwardRequest.parse(msg)
     raise ValueError(f"unknown op {op!r}")
 
 
