@@ -10,6 +10,8 @@ packages=(
   python3 python3-venv
   qemu-system-x86 util-linux e2fsprogs erofs-utils busybox-static nftables iproute2
   linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc libc6-dev binutils cpio kmod xz-utils zstd
+  # registry tests and benchmarks: a real registry on loopback, a pusher, htpasswd, curl as the baseline
+  docker-registry skopeo apache2-utils curl ca-certificates
 )
 missing=()
 for p in "${packages[@]}"; do

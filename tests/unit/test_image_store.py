@@ -57,9 +57,25 @@ def test_schema(cache):
     ImageStore().list()
     conn = sqlite3.connect(cache / "images" / "metadata.db")
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert conn.execute("SELECT module, version FROM schema_migrations").fetchall() == [("image", 1)]
+    assert conn.execute("SELECT module, version FROM schema_migrations").fetchall() == [("image", 1), ("image", 2)]
     columns = [row[1] for row in conn.execute("PRAGMA table_info(images)")]
     assert columns == ["scope", "tag", "digest", "size", "created_at", "source", "rootfs_path", "oci_json", "updated_at"]
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(image_layers)")]
+    assert columns == ["scope", "tag", "ordinal", "digest", "media_type", "size", "diff_id"]
+
+
+def test_store_from_before_image_layers_migrates_forward(cache):
+    """A metadata.db written by the previous release (only migration 1) keeps its images."""
+    info = ImageStore().import_tarball(io.BytesIO(docker_save(sample_layers())), "old:1")
+    conn = sqlite3.connect(cache / "images" / "metadata.db")
+    conn.execute("DROP TABLE image_layers")
+    conn.execute("DELETE FROM schema_migrations WHERE version = 2")
+    conn.commit()
+    conn.close()
+    assert ImageStore().get("old:1") == info
+    conn = sqlite3.connect(cache / "images" / "metadata.db")
+    assert conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall() == [(1,), (2,)]
+    assert conn.execute("SELECT count(*) FROM image_layers").fetchone() == (0,)
 
 
 def test_duplicate_import_reuses_blob(cache):
@@ -130,7 +146,8 @@ def test_resolve_unknown_tag_explains_import(cache):
     with pytest.raises(NotFoundError) as exc:
         ImageStore().resolve("alpine:3")
     assert str(exc.value) == (
-        'image "alpine:3" not found locally; import it with: docker save alpine:3 | matchlock image import alpine:3'
+        'image "alpine:3" not found locally; pull it with: matchlock pull alpine:3, '
+        "or import it with: docker save alpine:3 | matchlock image import alpine:3"
     )
 
 

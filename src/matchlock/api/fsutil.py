@@ -12,13 +12,25 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock held for the duration of the block (flock)."""
+def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """Advisory lock (flock) held for the duration of the block; exclusive unless `shared`."""
+    with try_file_lock(path, shared=shared, blocking=True):
+        yield
+
+
+@contextlib.contextmanager
+def try_file_lock(path: Path, *, shared: bool = False, blocking: bool = False) -> Iterator[bool]:
+    """Like file_lock, but yields False instead of waiting when the lock is busy."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, flags)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
 

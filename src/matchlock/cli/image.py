@@ -1,4 +1,4 @@
-"""`matchlock image ...`: import, list, remove and garbage-collect local images."""
+"""`matchlock image ...`: import, list, remove and garbage-collect images (local tags and the pull cache)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _created(stamp: str) -> str:
 
 @click.group("image")
 def image() -> None:
-    """Manage local images (import, ls, rm, gc)."""
+    """Manage images (import, ls, rm, gc); `matchlock pull` fetches them."""
 
 
 @image.command("import")
@@ -43,8 +43,9 @@ def import_(tag: str) -> None:
 
 @image.command("ls")
 def ls() -> None:
-    """List local images."""
+    """List local images, then the registry cache."""
     rows = [("TAG", "SOURCE", "SIZE", "CREATED")]
+    # SOURCE: import, tag or builtin for local images; registry for the pull cache.
     rows += [(i.tag, i.source, f"{i.size / _MB:.1f} MB", _created(i.created_at)) for i in ImageStore().list()]
     widths = [max(len(row[col]) for row in rows) for col in range(3)]
     for row in rows:
@@ -54,7 +55,7 @@ def ls() -> None:
 @image.command("rm")
 @click.argument("tag")
 def rm(tag: str) -> None:
-    """Remove a local image and any blobs only it used."""
+    """Remove a local tag (else a cached pull) and any blobs only it used."""
     ImageStore().remove(tag)
     click.echo(f"Removed {tag}")
 

@@ -26,10 +26,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("matchlock.cli.vms", "rm"),
     "prune": ("matchlock.cli.vms", "prune"),
     "gc": ("matchlock.cli.vms", "gc"),
+    "allow-list": ("matchlock.cli.allowlist", "allow_list"),
+    "port-forward": ("matchlock.cli.portforward", "port_forward"),
     "version": ("matchlock.cli.info", "version"),
     "diagnose": ("matchlock.cli.info", "diagnose"),
     "kernel": ("matchlock.cli.kernel", "kernel"),
     "image": ("matchlock.cli.image", "image"),
+    "pull": ("matchlock.cli.pull", "pull"),
     "setup": ("matchlock.cli.setup", "setup"),
 }
 ALIASES: dict[str, str] = {"ls": "list", "stat": "inspect", "remove": "rm"}

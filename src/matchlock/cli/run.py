@@ -24,7 +24,9 @@ from ..api.config import (
     parse_env_file,
 )
 from ..api.errors import UsageError
+from ..api.network import DEFAULT_MTU, SecretConfig
 from ..api.image import ImageConfig, compose_command
+from ..sandbox.portforward import ForwardSpec, parse_addresses
 from .common import BoolFlagsCommand
 from .owner import READY_FD_ENV, RunOptions, own_sandbox
 
@@ -37,8 +39,9 @@ def _split_commas(values: tuple[str, ...]) -> list[str]:
 
 
 def build_config(
-    *, image, env, env_file, cpus, memory, disk_size, timeout, privileged, hostname, dns_servers, add_host, entrypoint, user
-) -> SandboxConfig:
+    *, image, env, env_file, cpus, memory, disk_size, timeout, privileged, hostname, dns_servers, add_host, entrypoint,
+    user, allow_host=(), secret=(), network_intercept=False, no_network=False, mtu=DEFAULT_MTU,
+) -> SandboxConfig:  # fmt: skip
     environment: dict[str, str] = {}
     for path in env_file:
         environment.update(parse_env_file(path))
@@ -59,6 +62,11 @@ def build_config(
             hostname=hostname,
             dns_servers=tuple(_split_commas(dns_servers)),
             add_hosts=tuple(HostMapping.parse(spec) for spec in _split_commas(add_host)),
+            no_network=no_network,
+            allowed_hosts=tuple(dict.fromkeys(_split_commas(allow_host))),
+            intercept=network_intercept,
+            secrets=dict(SecretConfig.parse_flag(spec, os.environ) for spec in secret),
+            mtu=mtu,
         ),
         env=environment,
         image_config=override,
@@ -68,7 +76,8 @@ def build_config(
 
 
 @click.command(cls=BoolFlagsCommand, context_settings={"allow_interspersed_args": False})
-@click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="Image tag (imported or built in).")
+@click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="Image: a local tag, else pulled on a cache miss.")
+@click.option("--pull", "force_pull", is_flag=True, help="Pull the image from its registry even when it is cached.")
 @click.option("-e", "--env", multiple=True, metavar="KEY[=VALUE]", help="Set a variable; KEY alone copies it from the host.")
 @click.option("--env-file", multiple=True, metavar="PATH", help="Read KEY[=VALUE] lines (applied before -e).")
 @click.option("-w", "--workdir", default="", help="Working directory (default: image WORKDIR, then /).")
@@ -81,6 +90,16 @@ def build_config(
 @click.option("--hostname", default="", help="Guest hostname (default: the VM ID).")
 @click.option("--dns-servers", multiple=True, metavar="IP[,IP]", help="Resolvers written to /etc/resolv.conf.")
 @click.option("--add-host", multiple=True, metavar="HOST:IP", help="Extra /etc/hosts entries.")
+@click.option("--allow-host", multiple=True, metavar="GLOB[,GLOB]",
+              help="Hosts the sandbox may reach (turns interception on); *.example.com, api-*, name.*")  # fmt: skip
+@click.option("--secret", multiple=True, metavar="NAME=VALUE@HOSTS",
+              help="Secret added by the proxy for HOSTS only; the guest sees a placeholder. NAME@HOSTS reads $NAME.")  # fmt: skip
+@click.option("--network-intercept", is_flag=True, help="Intercept even with an empty allow-list (edit it at runtime).")
+@click.option("--no-network", is_flag=True, help="No network interface at all.")
+@click.option("--mtu", type=int, default=DEFAULT_MTU, show_default=True, help="MTU of the guest interface.")
+@click.option("-p", "--publish", multiple=True, metavar="[LOCAL:]REMOTE",
+              help="Forward a local port to the guest's 127.0.0.1:REMOTE (repeatable).")  # fmt: skip
+@click.option("--address", multiple=True, metavar="IP", help="Listen address for -p (default 127.0.0.1; repeatable).")
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
 @click.option("-t", "--tty", is_flag=True, help="With -i: run in a pseudo-terminal.")
 @click.option("--privileged/--no-privileged", default=False, help="Skip the seccomp filter, capability drop and no_new_privs.")
@@ -91,7 +110,8 @@ def build_config(
               help="Time the guest gets to stop its processes and sync when the sandbox closes.")  # fmt: skip
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size, timeout, hostname, dns_servers,
-        add_host, interactive, tty, privileged, rm, detach, graceful_shutdown, command) -> None:  # fmt: skip
+        add_host, interactive, tty, privileged, rm, detach, graceful_shutdown, command, force_pull, allow_host,
+        secret, network_intercept, no_network, mtu, publish, address) -> None:  # fmt: skip
     """Boot a sandbox from IMAGE and run COMMAND in it (after `--`)."""
     if timeout is not None and timeout <= 0:
         raise UsageError(f"invalid --timeout {timeout}: must be a positive number of seconds")
@@ -104,15 +124,18 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
     config = build_config(
         image=image, env=env, env_file=env_file, cpus=cpus, memory=memory, disk_size=disk_size, timeout=timeout,
         privileged=privileged, hostname=hostname, dns_servers=dns_servers, add_host=add_host,
-        entrypoint=entrypoint, user=user,
+        entrypoint=entrypoint, user=user, allow_host=allow_host, secret=secret,
+        network_intercept=network_intercept, no_network=no_network, mtu=mtu,
     )  # fmt: skip
     use_pty = interactive and tty
     if use_pty and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("-it requires a TTY: run it from a terminal, or drop -t to pipe stdin")
 
-    from ..image.store import ImageStore
+    from ..image import progress
+    from ..image.pull import resolve_or_pull
 
-    image_config = ImageStore().resolve(image).config.merged(config.image_config)
+    with progress.for_stderr() as bars:
+        image_config = resolve_or_pull(image, force_pull=force_pull, progress=bars).config.merged(config.image_config)
     argv = compose_command(image_config, command)
     if not argv and rm and not use_pty:
         raise UsageError(
@@ -124,6 +147,7 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
     options = RunOptions(
         command=shlex.join(argv) if argv else None, workdir=workdir, interactive=interactive, pty=use_pty,
         remove=rm, detached=detached_child, graceful_shutdown=grace, timeout=None if detached_child else timeout,
+        publish=tuple(ForwardSpec.parse(spec) for spec in publish), addresses=tuple(parse_addresses(address)),
     )  # fmt: skip
     try:
         code = asyncio.run(own_sandbox(config, options))
@@ -134,6 +158,35 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
     sys.exit(code)
 
 
+def _secrets_out_of_argv(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Move `--secret NAME=VALUE@hosts` values into the environment of the background owner.
+
+    Its command line is readable by every user through /proc; its
+    environment only by its owner. The child reads them back (`NAME@hosts`).
+    """
+    rewritten, env, index = [], {}, 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            rewritten += args[index:]
+            break
+        if arg == "--secret" and index + 1 < len(args):
+            spec, index = args[index + 1], index + 2
+        elif arg.startswith("--secret="):
+            spec, index = arg.split("=", 1)[1], index + 1
+        else:
+            rewritten.append(arg)
+            index += 1
+            continue
+        head, at, hosts = spec.rpartition("@")
+        name, has_value, value = head.partition("=")
+        if at and has_value:
+            env[name] = value
+            spec = f"{name}@{hosts}"
+        rewritten += ["--secret", spec]
+    return rewritten, env
+
+
 def start_detached() -> int:
     """`run -d`: re-run this command as a background owner, print its VM ID once ready.
 
@@ -142,9 +195,10 @@ def start_detached() -> int:
     shown here with its exit code.
     """
     ready_r, ready_w = os.pipe()
-    env = {**os.environ, READY_FD_ENV: str(ready_w)}
+    args, secret_env = _secrets_out_of_argv(sys.argv[1:])
+    env = {**os.environ, **secret_env, READY_FD_ENV: str(ready_w)}
     child = subprocess.Popen(
-        [sys.executable, "-m", "matchlock", *sys.argv[1:]],
+        [sys.executable, "-m", "matchlock", *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         pass_fds=(ready_w,), env=env, start_new_session=True,
     )  # fmt: skip

@@ -81,6 +81,12 @@ def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int) -> list[str]:
         # Skip the emulated delay-loop calibration (~0.25 s under TCG): with
         # a known TSC the loops per jiffy follow directly (HZ=250 in our kernel).
         cmdline.append(f"lpj={spec.tsc_khz * 1000 // 250}")
+        # Emulated LAPIC timer calibration costs ~0.25 s of every boot; the
+        # PIT serves as the clock event device instead (broadcast on SMP).
+        cmdline.append("noapictimer")
+        # TCG's vCPUs share the host's clock, but their TSCs fail the kernel's
+        # sync check, which would leave timekeeping on 4 ms jiffies.
+        cmdline.append("tsc=reliable")
     cmdline += spec.kernel_args
     argv = [
         find_qemu(),
