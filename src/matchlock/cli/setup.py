@@ -33,4 +33,23 @@ def setup(build_kernel: bool, jobs: int | None) -> None:
     kernel = resolve()
     click.echo(f"Kernel in use: {kernel.kind} {kernel.version}", err=True)
     _step(f"Built-in image {DEFAULT_IMAGE}", lambda: ImageStore().resolve(DEFAULT_IMAGE).lower_path)
+    _step("Boot templates (default machine, with and without a network)", _warm_templates)
     click.echo(f"Ready: {kernel.kind} kernel, run `matchlock run -- uname -a` to try it.")
+
+
+def _warm_templates() -> str:
+    """Boot one sandbox of each common shape, so the first real `run` starts from a template."""
+    import asyncio
+
+    from ..api.config import SandboxConfig
+    from ..api.network import NetworkConfig
+    from ..image.store import DEFAULT_IMAGE
+    from ..sandbox.sandbox import Sandbox
+
+    async def warm() -> None:
+        for network in (NetworkConfig(), NetworkConfig(no_network=True)):
+            sandbox = await Sandbox.create(SandboxConfig(image=DEFAULT_IMAGE, network=network))
+            await sandbox.close()
+
+    asyncio.run(warm())
+    return "ready"

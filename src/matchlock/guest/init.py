@@ -24,6 +24,9 @@ from . import syscalls
 from .agent import Agent, uptime
 
 PORT_NAME = "matchlock.agent"
+TEMPLATE_FLAG = "matchlock.template=1"
+TEMPLATE_READY = b"T"
+WAKE_SIZE = 64
 RUNTIME_MOUNT = "/run/matchlock/rt"
 STAGING = "/run/boot"
 NEWROOT = STAGING + "/root"
@@ -68,10 +71,35 @@ def find_port(name: str) -> str:
     raise RuntimeError(f"no virtio-serial port named {name!r}")
 
 
-def assemble_root() -> None:
+def mount_early() -> None:
     _mount_quiet("devtmpfs", "/dev", "devtmpfs", syscalls.MS_NOSUID, "mode=0755")
     _mount_quiet("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC)
     _mount_quiet("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC)
+
+
+def wait_for_wake() -> None:
+    """The snapshot point of a template VM (kernel booted, Python and the agent loaded).
+
+    The host saves the machine while it waits here; every sandbox restored
+    from the snapshot continues from this read, with its own disks attached.
+    The wake message is fresh host entropy: clones must not share the
+    template's random state.
+    """
+    fd = os.open(find_port(PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.write(fd, TEMPLATE_READY)
+        seed = b""
+        while len(seed) < WAKE_SIZE:
+            chunk = os.read(fd, WAKE_SIZE - len(seed))
+            if not chunk:
+                raise RuntimeError("the host went away before waking the template")
+            seed += chunk
+    finally:
+        os.close(fd)
+    syscalls.reseed_random(seed)
+
+
+def assemble_root() -> None:
     syscalls.mount("tmpfs", "/run", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755")
 
     lower, upper = STAGING + "/lower", STAGING + "/upperfs"
@@ -132,6 +160,11 @@ def main() -> None:
     os.environ.clear()
     os.environ.update({"PATH": PATH, "HOME": "/root", "TERM": "linux"})
     try:
+        mount_early()
+        with open("/proc/cmdline") as f:
+            if TEMPLATE_FLAG in f.read().split():
+                wait_for_wake()
+                started = uptime()
         assemble_root()
         mount_system()
         port = find_port(PORT_NAME)

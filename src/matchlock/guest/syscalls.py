@@ -105,6 +105,23 @@ def set_realtime_clock(time_ns: int) -> None:
     _check(_libc.clock_settime(CLOCK_REALTIME, ctypes.byref(ts)), "clock_settime")
 
 
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+
+
+def reseed_random(seed: bytes) -> None:
+    """Mix host entropy into the kernel pool and force a new CRNG key (for restored clones)."""
+    import fcntl
+    import struct
+
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
+
+
 def reboot() -> None:
     """Reset the machine; with QEMU's -no-reboot this ends the QEMU process."""
     os.sync()

@@ -22,9 +22,24 @@ from ..policy.hosts import normalise_host
 from .relay import pipe_both_ways
 from .upstream import Upstream, UpstreamError, connect
 
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
 MAX_HEADERS = 64 * 1024
 HOP_BY_HOP = {b"proxy-connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization"}
+
+
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024
+
+
+def tune_transport(writer: asyncio.StreamWriter) -> None:
+    """Let a few MiB queue before `drain()` waits.
+
+    asyncio's default (64 KiB) makes the proxy stop reading upstream whenever
+    one side is briefly slower, turning a bulk transfer into a ping-pong.
+    The flow stays bounded: reads pause once this much is queued.
+    """
+    transport = writer.transport
+    if transport is not None and not transport.is_closing():
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
 
 class H11Stream:
@@ -52,7 +67,7 @@ class H11Stream:
         return self.conn.trailing_data[0]
 
 
-def _split_target(target: str) -> tuple[str, str]:
+def split_target(target: str) -> tuple[str, str]:
     if target.startswith(("http://", "https://")):  # absolute form: keep only the path
         target = "/" + target.split("://", 1)[1].partition("/")[2]
     path, _, query = target.partition("?")
@@ -80,6 +95,7 @@ class HTTP1Session:
         upstream: Upstream | None = None,
     ) -> None:
         self.policy = policy
+        tune_transport(writer)
         self.guest = H11Stream(h11.SERVER, reader, writer)
         self.scheme = scheme
         self.default_host = default_host
@@ -117,7 +133,7 @@ class HTTP1Session:
         if not isinstance(event, h11.Request):
             return False
         started = time.monotonic()
-        path, query = _split_target(event.target.decode("latin-1"))
+        path, query = split_target(event.target.decode("latin-1"))
         headers = _text_headers(event.headers)
         host_header = next((v for k, v in headers if k.lower() == "host"), "")
         request = HttpRequest(
@@ -132,7 +148,7 @@ class HTTP1Session:
         try:
             if self.pinned is not None and request.host != self.pinned.host:
                 raise Blocked(f"request for {request.host} on a TLS connection to {self.pinned.host}", 421)
-            self.policy.prepare_request(request)
+            await self.policy.prepare_request(request)
             upstream, client = await self._upstream_for(request)
         except Blocked as exc:
             self.policy.event(method=request.method, url=request.url, host=request.host, status=exc.status,
@@ -199,8 +215,16 @@ class HTTP1Session:
             if not isinstance(event, h11.Response):
                 raise h11.RemoteProtocolError("upstream sent no response")
             break
-        headers = _text_headers(event.headers)
-        headers, body_filter = self.policy.prepare_response(request, event.status_code, headers)
+        try:
+            headers, body_filter = await self.policy.prepare_response(request, event.status_code,
+                                                                      _text_headers(event.headers))  # fmt: skip
+        except Blocked as exc:  # an after-rule refused it: the unread upstream body goes with its connection
+            upstream.close()
+            self.upstreams.pop((upstream.host, upstream.port), None)
+            self.policy.event(method=request.method, url=request.url, host=request.host, status=exc.status,
+                              request_bytes=sent, started=started, blocked=True, reason=exc.reason)  # fmt: skip
+            await self._reply(exc.status, f"Blocked by policy: {exc.reason}")
+            return False
         if body_filter is not None:
             headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")]
             headers.append(("Transfer-Encoding", "chunked"))

@@ -145,7 +145,10 @@ class SandboxNamespace:
 
     def listen_tcp(self, port: int) -> socket.socket:
         def make() -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # IPPROTO_TCP explicitly: asyncio enables TCP_NODELAY only on sockets
+            # whose protocol it recognises, and accepted sockets inherit it.
+            # Without it every kept-alive response stalls ~40 ms on delayed ACKs.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("0.0.0.0", port))
             sock.listen(512)

@@ -23,6 +23,7 @@ from .clienthello import ClientHello, NotTLS
 from .clienthello import parse as parse_client_hello
 from .dns import DNSForwarder
 from .http1 import HTTP1Session
+from .http2 import HTTP2Session
 from .namespace import PORTS, SandboxNamespace
 from .relay import pipe_both_ways
 from .tls import CertificateAuthority
@@ -31,7 +32,7 @@ from .upstream import CONNECT_TIMEOUT, UpstreamError, connect
 SO_ORIGINAL_DST = 80
 HELLO_TIMEOUT = 10.0
 TLS_HANDSHAKE_TIMEOUT = 30.0
-SUPPORTED_ALPN = ("http/1.1",)  # HTTP/2 is offered once its relay is in place
+SUPPORTED_ALPN = ("h2", "http/1.1")
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -115,12 +116,14 @@ class NetworkProxy:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(listener)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._spawn(self._on_tls(sock))
 
     async def _accept_raw(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(listener)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._spawn(self._on_raw_socket(sock))
 
     async def _on_raw_socket(self, sock: socket.socket) -> None:
@@ -128,10 +131,21 @@ class NetworkProxy:
         await self._on_passthrough(reader, writer)
 
     async def _on_tls(self, sock: socket.socket) -> None:
+        try:
+            address, port = original_destination(sock)
+        except OSError:
+            sock.close()
+            return
+        await self.intercept_tls(sock, address, port)
+
+    async def intercept_tls(self, sock: socket.socket, address: str, port: int) -> None:
+        """Terminate the guest's TLS with a minted certificate and relay HTTP/1.1 or HTTP/2 under the policy.
+
+        The upstream connection is made first, offering what the guest offered,
+        so the guest is given the protocol the real server chose."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            address, port = original_destination(sock)
             hello = await peek_client_hello(sock)
         except (OSError, NotTLS, asyncio.TimeoutError):
             sock.close()
@@ -170,6 +184,10 @@ class NetworkProxy:
             session = HTTP1Session(self.policy, reader, writer, scheme="https", default_host=server_name, port=port)
             await session._reply(status, message)
             writer.close()
+            return
+        assert upstream is not None
+        if chosen == "h2" and transport.get_extra_info("ssl_object").selected_alpn_protocol() == "h2":
+            await HTTP2Session(self.policy, reader, writer, server_name=server_name, port=port, upstream=upstream).run()
             return
         await HTTP1Session(self.policy, reader, writer, scheme="https", default_host=server_name, port=port,
                            upstream=upstream).run()  # fmt: skip

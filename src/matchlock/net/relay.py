@@ -17,9 +17,13 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, coun
     except (ConnectionError, asyncio.IncompleteReadError):
         pass
     # The other side may still be talking: pass on our EOF, keep reading theirs.
+    # TLS has no half-close, so there the end can only be passed on by closing;
+    # otherwise a WebSocket peer waits for a close that never comes.
     with contextlib.suppress(OSError, RuntimeError):
         if writer.can_write_eof():
             writer.write_eof()
+        else:
+            writer.close()
 
 
 async def pipe_both_ways(

@@ -71,6 +71,7 @@ async def connect(
         except (OSError, asyncio.TimeoutError) as exc:
             errors.append(f"{address}: {exc.__class__.__name__}: {exc}")
             continue
+        writer.transport.set_write_buffer_limits(high=4 * 1024 * 1024)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

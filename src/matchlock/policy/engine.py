@@ -47,6 +47,9 @@ class HttpRequest:
     path: str
     query: str  # raw, without '?'
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # The request after interception rules but before secret substitution:
+    # all that SDK callbacks may ever see (set by the rules engine when needed).
+    before_secrets: HttpRequest | None = field(default=None, repr=False, compare=False)
 
     @property
     def target(self) -> str:
@@ -172,20 +175,22 @@ class NetworkPolicy:
 
     # --- requests ------------------------------------------------------------------
 
-    def prepare_request(self, request: HttpRequest) -> HttpRequest:
-        """Before-rules, then secrets (so placeholders set by a rule are substituted too)."""
+    async def prepare_request(self, request: HttpRequest) -> HttpRequest:
+        """Before-rules, then secrets (so placeholders set by a rule are substituted too).
+
+        Async because a rule may wait for an SDK callback."""
         self.check_host(request.host)
         if self.rules is not None:
-            self.rules.before(request)
+            await self.rules.before(request)
         self.apply_secrets(request)
         return request
 
-    def prepare_response(self, request: HttpRequest, status: int, headers: list[tuple[str, str]]):
+    async def prepare_response(self, request: HttpRequest, status: int, headers: list[tuple[str, str]]):
         """After-rules: the headers to send to the guest and an optional body filter
         (`feed(bytes) -> bytes`, `finish() -> bytes`), or None to stream the body untouched."""
         if self.rules is None:
             return headers, None
-        return self.rules.after(request, status, headers)
+        return await self.rules.after(request, status, headers)
 
     def event(self, *, method: str = "", url: str = "", host: str = "", status: int = 0, request_bytes: int = 0,
               response_bytes: int = 0, started: float | None = None, blocked: bool = False,

@@ -8,6 +8,7 @@ with the reason and the tail of the console log.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import shutil
@@ -22,6 +23,7 @@ from ..api.image import ImageConfig
 from ..api.paths import vms_dir
 from ..state.store import StateStore
 from ..vm.accel import choose_accelerator, host_tsc_khz
+from ..vm import snapshot
 from ..vm.channel import GuestChannel
 from ..vm.machine import Disk, Machine, MachineSpec, console_tail
 from ..wire import agent as msgs
@@ -108,6 +110,7 @@ class Sandbox:
         config.validate()
         image = ImageStore().resolve(config.image)
         kernel = resolve_kernel()
+        custom_runtime = runtime_disk
         runtime_disk = runtime_disk or ensure_runtime_disk()
         vm_id = vm_id or new_vm_id()
         directory = (store.vm_dir(vm_id) if store is not None else vms_dir() / vm_id)
@@ -142,7 +145,7 @@ class Sandbox:
             )
             tracker.move(phases.CREATED)
             tracker.move(phases.STARTING)
-            await sandbox._boot(spec)
+            await sandbox._boot(spec, use_template=custom_runtime is None)
             tracker.move(phases.RUNNING)
         except BaseException as exc:
             failed = phases.START_FAILED if tracker.phase == phases.STARTING else phases.CREATE_FAILED
@@ -185,10 +188,56 @@ class Sandbox:
             ca_certificate=self.network.ca_pem if self.network is not None else "",
         )
 
-    async def _boot(self, spec: MachineSpec) -> None:
+    async def _boot(self, spec: MachineSpec, *, use_template: bool = True) -> None:
+        """Start from a boot template when possible (much faster), else boot cold."""
+        if use_template and snapshot.enabled():
+            try:
+                state = await snapshot.TemplateCache().ensure(spec, self._template_namespace)
+            except Exception as exc:  # noqa: BLE001 - a template is an optimisation, never a requirement
+                self._note(f"boot template unavailable ({exc}); booting cold")
+            else:
+                restore = dataclasses.replace(
+                    spec, incoming=state, kernel_args=tuple(spec.kernel_args) + (snapshot.TEMPLATE_FLAG,)
+                )
+                try:
+                    await self._start_machine(restore, wake=True)
+                    return
+                except VMError as exc:
+                    self._note(f"restoring the boot template failed ({exc.args[0].splitlines()[0]}); booting cold")
+                    await self._discard_machine()
+                    state.unlink(missing_ok=True)
+        await self._start_machine(spec, wake=False)
+
+    def _template_namespace(self):
+        """A throwaway namespace with a TAP, for booting a template that has a NIC."""
+        from ..net.namespace import SandboxNamespace
+
+        namespace = SandboxNamespace(self.config.network.mtu)
+        namespace.create()
+        wrapper, fds = namespace.qemu_wrapper()
+        return tuple(wrapper), fds, namespace.close
+
+    def _note(self, message: str) -> None:
+        try:
+            with open(self.console_log, "a") as log:
+                log.write(f"[matchlock] {message}\n")
+        except OSError:
+            pass
+
+    async def _discard_machine(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+        if self.machine is not None:
+            await self.machine.kill()
+            self.machine = None
+
+    async def _start_machine(self, spec: MachineSpec, *, wake: bool) -> None:
         self.machine = Machine(spec)
         try:
             sock = await self.machine.start()
+            if wake:
+                await self.machine.wake(os.urandom(snapshot.WAKE_SIZE))
         except VMError as exc:
             raise VMError(self._boot_failure(str(exc))) from None
         self.tracker.record_process("qemu", self.machine.pid)

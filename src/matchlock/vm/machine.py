@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -59,6 +60,7 @@ class MachineSpec:
     acpi: bool = False
     tsc_khz: int | None = None
     network: MachineNetwork | None = None
+    incoming: Path | None = None  # restore this saved state instead of booting
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -81,9 +83,11 @@ def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int) -> list[str]:
         # Skip the emulated delay-loop calibration (~0.25 s under TCG): with
         # a known TSC the loops per jiffy follow directly (HZ=250 in our kernel).
         cmdline.append(f"lpj={spec.tsc_khz * 1000 // 250}")
-        # Emulated LAPIC timer calibration costs ~0.25 s of every boot; the
-        # PIT serves as the clock event device instead (broadcast on SMP).
-        cmdline.append("noapictimer")
+        if not spec.acpi:
+            # Emulated LAPIC timer calibration costs ~0.25 s of every boot; our
+            # kernel then uses the PIT as its clock event device (broadcast on
+            # SMP). Debian's kernel hangs without the LAPIC timer on microvm.
+            cmdline.append("noapictimer")
         # TCG's vCPUs share the host's clock, but their TSCs fail the kernel's
         # sync check, which would leave timekeeping on 4 ms jiffies.
         cmdline.append("tsc=reliable")
@@ -124,6 +128,8 @@ def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int) -> list[str]:
             "-netdev", f"tap,id=net0,ifname={spec.network.tap},script=no,downscript=no",
             "-device", f"virtio-net-device,netdev=net0,mac={spec.network.mac}",
         ]  # fmt: skip
+    if spec.incoming is not None:
+        argv += ["-incoming", f"exec:cat {shlex.quote(str(spec.incoming))}"]
     return argv + list(spec.extra_args)
 
 
@@ -176,7 +182,31 @@ class Machine:
             await self.kill()
             raise VMError(f"QEMU did not start: {self.stderr_text() or exc}") from None
         self.agent_socket = agent_host
+        if self.spec.incoming is not None:
+            await self._finish_restore()
         return agent_host
+
+    async def _finish_restore(self) -> None:
+        """Wait until the saved state is loaded, then let the restored guest run."""
+        assert self.qmp is not None
+        deadline = asyncio.get_running_loop().time() + 60
+        while asyncio.get_running_loop().time() < deadline:
+            status = (await self.qmp.execute("query-status"))["status"]
+            if status == "running":
+                return
+            migration = (await self.qmp.execute("query-migrate")).get("status")
+            if migration == "completed" and status == "paused":
+                await self.qmp.execute("cont")  # the template was saved stopped
+                continue
+            if migration == "failed" or self.process.returncode is not None:
+                break
+            await asyncio.sleep(0.005)
+        raise VMError(f"restoring the boot template failed: {self.stderr_text() or 'migration did not finish'}")
+
+    async def wake(self, seed: bytes) -> None:
+        """A restored guest waits for this: fresh entropy, then it continues its boot."""
+        assert self.agent_socket is not None
+        await asyncio.get_running_loop().sock_sendall(self.agent_socket, seed)
 
     async def _collect_stderr(self) -> None:
         assert self.process is not None and self.process.stderr is not None

@@ -1,0 +1,419 @@
+"""The proxy's HTTP/1.1, HTTP/2 and WebSocket paths, driven in-process over loopback.
+
+The guest side is a real client (httpx, websockets, curl, or a frame-level
+h2 client); the upstreams are real servers on 127.0.0.1 (the standard
+library's HTTP/1.1 server, an h2 server over TLS with a test CA, websockets).
+Nothing leaves loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import time
+
+import h2.errors
+import h2.events
+import httpx
+import pytest
+from proxy_harness import PlainHTTPProxy, RawH2Client, TLSInterceptProxy, h2_through_proxy, make_policy
+from proxy_upstreams import HTTP1Upstream, HTTP2Upstream, UpstreamCA
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import serve as ws_serve
+
+from matchlock.api.network import SecretConfig
+from matchlock.net import tls
+from matchlock.net.http2 import STREAM_WINDOW
+
+pytestmark = pytest.mark.timeout(90)
+PLACEHOLDER = "SANDBOX_SECRET_" + "b" * 32
+SECRETS = {"KEY": SecretConfig("sk-real-value", ("localhost",), PLACEHOLDER)}
+
+
+@pytest.fixture
+def upstream_ca(tmp_path, monkeypatch) -> UpstreamCA:
+    ca = UpstreamCA(tmp_path)
+    monkeypatch.setenv(tls.UPSTREAM_CA_ENV, str(ca.ca_file))
+    monkeypatch.setattr(tls, "_upstream_contexts", {})
+    return ca
+
+
+def client(**kwargs) -> httpx.AsyncClient:
+    return httpx.AsyncClient(trust_env=False, timeout=10, **kwargs)
+
+
+# --- HTTP/1.1 ---------------------------------------------------------------------------
+
+
+def test_http1_keep_alive_with_rules_and_secrets():
+    rules = [{"set_headers": {"x-added": "1"}},
+             {"phase": "after", "set_response_headers": {"x-rule": "yes"}, "delete_response_headers": ["x-remove-me"]}]
+
+    async def scenario(upstream):
+        policy, events = make_policy(rules, secrets=SECRETS)
+        async with PlainHTTPProxy(policy, upstream.port) as proxy, client() as http:
+            responses = [await http.get(f"http://localhost:{proxy.port}/echo?k={PLACEHOLDER}",
+                                        headers={"authorization": f"Bearer {PLACEHOLDER}"}) for _ in range(2)]
+        return responses, events
+
+    with HTTP1Upstream() as upstream:
+        responses, events = asyncio.run(scenario(upstream))
+    for response in responses:
+        echo = response.json()
+        assert echo["headers"]["authorization"] == "Bearer sk-real-value"
+        assert echo["query"] == {"k": ["sk-real-value"]}
+        assert echo["headers"]["x-added"] == "1"
+        assert response.headers["x-rule"] == "yes" and "x-remove-me" not in response.headers
+    assert [(e.status_code, e.blocked) for e in events] == [(200, False), (200, False)]
+    assert "sk-real-value" not in events[0].url
+
+
+def test_http1_sse_streams_events_and_rewrites_only_data_lines():
+    rules = [{"phase": "after", "path": "/sse", "body_replacements": [{"find": "secret", "replace": "[hidden]"}]}]
+
+    async def scenario(upstream):
+        policy, _ = make_policy(rules)
+        async with PlainHTTPProxy(policy, upstream.port) as proxy, client() as http:
+            async with http.stream("GET", f"http://localhost:{proxy.port}/sse") as response:
+                chunks = response.aiter_raw()
+                first = b""
+                while b"\r\n\r\n" not in first:  # arrives while upstream still holds the second event
+                    first += await asyncio.wait_for(chunks.__anext__(), 5)
+                upstream.sse_gate.set()
+                rest = b"".join([chunk async for chunk in chunks])
+            return response, first, rest
+
+    with HTTP1Upstream() as upstream:
+        response, first, rest = asyncio.run(scenario(upstream))
+    assert response.headers["content-type"] == "text/event-stream"
+    assert first == b"event: greeting\r\ndata: hello [hidden] world\r\n\r\n"
+    assert rest == b"data: second [hidden]\n\n: secret comment\n"
+
+
+def test_http1_whole_body_replacement_and_blocks():
+    rules = [{"phase": "after", "path": "/text", "body_replacements": [{"find": "quick", "replace": "slow"},
+                                                                       {"find": "slow brown", "replace": "grey"}]},
+             {"path": "/echo", "methods": ["DELETE"], "action": "block"},
+             {"phase": "after", "path": "/forbidden-answer", "action": "block"}]  # fmt: skip
+
+    async def scenario(upstream):
+        policy, events = make_policy(rules)
+        async with PlainHTTPProxy(policy, upstream.port) as proxy, client() as http:
+            base = f"http://localhost:{proxy.port}"
+            text = await http.get(f"{base}/text")
+            head = await http.head(f"{base}/text")  # no body: no filter, framing untouched
+            deleted = await http.delete(f"{base}/echo")
+            refused = await http.get(f"{base}/forbidden-answer")
+            after = await http.get(f"{base}/echo")
+        return text, head, deleted, refused, after, events
+
+    with HTTP1Upstream() as upstream:
+        text, head, deleted, refused, after, events = asyncio.run(scenario(upstream))
+        assert [seen[0] for seen in upstream.seen] == ["GET", "HEAD", "GET", "GET"]  # DELETE never left
+    assert text.content == b"the grey fox jumps over the lazy dog"
+    assert head.status_code == 200 and head.headers["content-length"] == "12"
+    assert deleted.status_code == 403 and deleted.text == "Blocked by policy: request blocked by policy\n"
+    assert refused.status_code == 403 and refused.text == "Blocked by policy: response blocked by policy\n"
+    assert after.status_code == 200
+    assert [(e.method, e.status_code, e.blocked) for e in events] == [
+        ("GET", 200, False), ("HEAD", 200, False), ("DELETE", 403, True), ("GET", 403, True), ("GET", 200, False)]
+
+
+def test_http1_declined_upgrade_keeps_the_connection_usable():
+    async def scenario(upstream):
+        policy, events = make_policy()
+        async with PlainHTTPProxy(policy, upstream.port) as proxy, client() as http:
+            declined = await http.get(f"http://localhost:{proxy.port}/echo",
+                                      headers={"connection": "upgrade", "upgrade": "websocket"})
+            again = await http.get(f"http://localhost:{proxy.port}/echo")
+        return declined, again, events
+
+    with HTTP1Upstream() as upstream:
+        declined, again, events = asyncio.run(scenario(upstream))
+    assert declined.status_code == 200 and declined.json()["headers"]["upgrade"] == "websocket"
+    assert again.status_code == 200 and len(events) == 2
+
+
+# --- WebSocket --------------------------------------------------------------------------
+
+
+async def echo_socket(websocket) -> None:
+    async for message in websocket:
+        await websocket.send(message)
+
+
+async def talk(websocket) -> list:
+    """Echo three messages, then close; the close must complete promptly (the server's TCP
+    close has to reach the guest, or the client sits out its close timeout)."""
+    replies = []
+    for message in ("hello", b"\x00\xff" * 70000, "bye"):
+        await websocket.send(message)
+        replies.append(await asyncio.wait_for(websocket.recv(), 5))
+    started = time.monotonic()
+    await websocket.close()
+    assert websocket.close_code == 1000
+    replies.append(time.monotonic() - started < 2)
+    return replies
+
+
+def test_websocket_over_plain_http():
+    async def scenario():
+        policy, events = make_policy(secrets=SECRETS)
+        async with ws_serve(echo_socket, "127.0.0.1", 0) as server:
+            async with PlainHTTPProxy(policy, server.sockets[0].getsockname()[1]) as proxy:
+                async with ws_connect(f"ws://localhost:{proxy.port}/chat?k={PLACEHOLDER}", open_timeout=5) as ws:
+                    replies = await talk(ws)
+        return replies, events
+
+    replies, events = asyncio.run(scenario())
+    assert replies == ["hello", b"\x00\xff" * 70000, "bye", True]
+    assert [(e.status_code, e.blocked) for e in events] == [(101, False)]
+
+
+def test_websocket_through_tls_interception(upstream_ca):
+    async def scenario():
+        policy, events = make_policy()
+        context = upstream_ca.server_context(["http/1.1"])
+        async with ws_serve(echo_socket, "127.0.0.1", 0, ssl=context) as server:
+            async with TLSInterceptProxy(policy, server.sockets[0].getsockname()[1]) as proxy:
+                async with ws_connect(f"wss://localhost:{proxy.port}/chat", ssl=proxy.client_context(("http/1.1",)),
+                                      open_timeout=5) as ws:  # fmt: skip
+                    replies = await talk(ws)
+        return replies, events
+
+    replies, events = asyncio.run(scenario())
+    assert replies == ["hello", b"\x00\xff" * 70000, "bye", True]
+    assert [(e.url.split("/")[-1], e.status_code) for e in events] == [("chat", 101)]
+
+
+# --- TLS and HTTP/2 ---------------------------------------------------------------------
+
+
+def test_tls_http1_when_the_guest_offers_only_http11(upstream_ca):
+    async def scenario(upstream):
+        policy, _ = make_policy()
+        async with TLSInterceptProxy(policy, upstream.port) as proxy:
+            async with client(verify=proxy.client_context(("http/1.1",)), http2=False) as http:
+                return await http.get(f"https://localhost:{proxy.port}/echo")
+
+    with HTTP1Upstream(tls=upstream_ca.server_context(["http/1.1"])) as upstream:
+        response = asyncio.run(scenario(upstream))
+    assert response.http_version == "HTTP/1.1" and response.headers["x-upstream"] == "h1"
+
+
+def test_tls_host_outside_the_allow_list_is_refused_without_dialling(upstream_ca):
+    async def scenario(upstream):
+        policy, events = make_policy(allowed_hosts=("api.example.com",))
+        async with upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
+            async with client(verify=proxy.client_context(), http2=True) as http:
+                response = await http.get(f"https://localhost:{proxy.port}/echo")
+        return response, events
+
+    upstream = HTTP2Upstream(upstream_ca)
+    response, events = asyncio.run(scenario(upstream))
+    assert response.status_code == 403 and upstream.connections == 0
+    assert events[0].blocked
+
+
+def test_h2_requests_pass_rules_and_secrets(upstream_ca):
+    rules = [{"set_headers": {"x-added": "1"}, "delete_headers": ["x-drop"]},
+             {"phase": "after", "set_response_headers": {"x-rule": "after"}}]  # fmt: skip
+
+    async def scenario():
+        policy, events = make_policy(rules, secrets=SECRETS)
+        async with HTTP2Upstream(upstream_ca) as upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
+            async with client(verify=proxy.client_context(), http2=True) as http:
+                response = await http.get(f"https://localhost:{proxy.port}/echo?k={PLACEHOLDER}",
+                                          headers={"authorization": f"Bearer {PLACEHOLDER}", "x-drop": "1"})
+        return response, events
+
+    response, events = asyncio.run(scenario())
+    echo = response.json()
+    assert response.http_version == "HTTP/2" and response.headers["x-upstream"] == "h2"
+    assert response.headers["x-rule"] == "after"
+    assert echo["query"] == "k=sk-real-value"
+    assert echo["headers"]["authorization"] == "Bearer sk-real-value"
+    assert echo["headers"]["x-added"] == "1" and "x-drop" not in echo["headers"]
+    assert [(e.method, e.status_code, e.host) for e in events] == [("GET", 200, "localhost")]
+
+
+def test_h2_concurrent_streams_on_one_connection_refuse_only_the_blocked_one(upstream_ca):
+    async def scenario():
+        policy, events = make_policy([{"path": "/blocked", "action": "block"}])
+        async with HTTP2Upstream(upstream_ca) as upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
+            async with client(verify=proxy.client_context(), http2=True) as http:
+                paths = [f"/echo?i={i}" for i in range(24)] + ["/blocked"]
+                responses = await asyncio.gather(*(http.get(f"https://localhost:{proxy.port}{p}") for p in paths))
+            return responses, upstream.connections, events
+
+    responses, connections, events = asyncio.run(scenario())
+    assert [r.json()["query"] for r in responses[:-1]] == [f"i={i}" for i in range(24)]
+    assert responses[-1].status_code == 403
+    assert connections == 1
+    assert sum(e.blocked for e in events) == 1 and len(events) == 25
+
+
+def test_h2_large_bodies_both_ways(upstream_ca):
+    upload = bytes(range(256)) * (5 * 4096)  # 5 MiB
+
+    async def scenario():
+        policy, events = make_policy()
+        async with HTTP2Upstream(upstream_ca) as upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
+            async with client(verify=proxy.client_context(), http2=True) as http:
+                down = await http.get(f"https://localhost:{proxy.port}/download?size={8 << 20}")
+                up = await http.post(f"https://localhost:{proxy.port}/echo", content=upload)
+        return down, up, events
+
+    down, up, events = asyncio.run(scenario())
+    assert down.content == (b"0123456789abcdef" * (1 << 19))
+    assert up.json()["body_length"] == len(upload)
+    assert up.json()["body_sha256"] == hashlib.sha256(upload).hexdigest()
+    assert (events[0].response_bytes, events[1].request_bytes) == (8 << 20, len(upload))
+
+
+def test_h2_flow_control_holds_back_for_a_slow_guest(upstream_ca):
+    size = 8 << 20
+
+    async def scenario():
+        policy, _ = make_policy()
+        async with h2_through_proxy(upstream_ca, policy, auto_ack=False) as (upstream, _, guest):
+            stream = guest.request(f"/download?size={size}")
+            await asyncio.sleep(1.0)  # the guest reads nothing more than its initial window
+            stalled_sent, stalled_received = upstream.sent, len(guest.body(stream))
+            guest.auto_ack = True
+            guest.conn.acknowledge_received_data(stalled_received, stream)
+            guest.flush()
+            await guest.ended(stream, timeout=30)
+            return stalled_sent, stalled_received, guest.body(stream)
+
+    stalled_sent, stalled_received, body = asyncio.run(scenario())
+    assert stalled_received <= 65535
+    # Upstream can only fill the proxy's window for this stream plus what reached the guest.
+    assert stalled_sent <= STREAM_WINDOW + 65535
+    assert len(body) == size
+
+
+def test_h2_trailers_resets_and_misdirected_requests(upstream_ca):
+    async def scenario():
+        policy, events = make_policy()
+        async with h2_through_proxy(upstream_ca, policy) as (upstream, _, guest):
+            with_trailers = guest.request("/trailers")
+            sent_trailers = guest.request("/echo", method="POST", body=b"abc", trailers=[("x-req-sum", "9")])
+            reset_upstream = guest.request("/reset")
+            misdirected = guest.request("/echo", authority="elsewhere.test")
+            held = guest.request("/hold")
+            for stream in (with_trailers, sent_trailers, reset_upstream, misdirected):
+                await guest.ended(stream)
+            await guest.wait_for(lambda: guest.of(held, h2.events.ResponseReceived))
+            guest.conn.reset_stream(held, h2.errors.ErrorCodes.CANCEL)
+            guest.flush()
+            await asyncio.wait_for(_until(lambda: upstream.resets), 5)
+            return guest, upstream.resets, events, (with_trailers, sent_trailers, reset_upstream, misdirected)
+
+    guest, resets, events, (with_trailers, sent_trailers, reset_upstream, misdirected) = asyncio.run(scenario())
+    assert guest.body(with_trailers) == b"body before trailers"
+    assert [e.headers for e in guest.of(with_trailers, h2.events.TrailersReceived)] == [[("x-checksum", "abc123")]]
+    assert b'"trailers": {"x-req-sum": "9"}' in guest.body(sent_trailers)
+    assert [e.error_code for e in guest.of(reset_upstream, h2.events.StreamReset)] == [
+        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+    assert guest.status(misdirected) == 421
+    assert [code for _, code in resets] == [h2.errors.ErrorCodes.CANCEL]
+    assert any(e.status_code == 421 and e.blocked for e in events)
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
+def test_h2_sse_streams_and_after_rules_rewrite_data(upstream_ca):
+    rules = [{"phase": "after", "body_replacements": [{"find": "secret", "replace": "***"}]}]
+
+    async def scenario():
+        policy, _ = make_policy(rules)
+        async with h2_through_proxy(upstream_ca, policy) as (upstream, _, guest):
+            stream = guest.request("/sse")
+            await guest.wait_for(lambda: guest.body(stream))
+            first = guest.body(stream)
+            upstream.sse_gate.set()
+            await guest.ended(stream)
+            return first, guest.body(stream)
+
+    first, whole = asyncio.run(scenario())
+    assert first == b"data: one ***\n\n"
+    assert whole == b"data: one ***\n\ndata: two ***\n\n"
+
+
+def test_h2_upstream_goaway_lets_the_stream_in_flight_finish(upstream_ca):
+    async def scenario():
+        policy, _ = make_policy()
+        async with h2_through_proxy(upstream_ca, policy) as (upstream, proxy, guest):
+            stream = guest.request("/goaway")
+            await guest.ended(stream)
+            await guest.wait_for(lambda: "closed" in guest.events)
+            fresh = await RawH2Client().connect(proxy.port, proxy.client_context(("h2",)))
+            again = fresh.request("/echo")
+            await fresh.ended(again)
+            fresh.close()
+            return guest, stream, fresh.status(again), upstream.connections
+
+    guest, stream, status_again, connections = asyncio.run(scenario())
+    assert guest.status(stream) == 200 and guest.body(stream) == b"finished after goaway"
+    assert [e.last_stream_id for e in guest.events if isinstance(e, h2.events.ConnectionTerminated)] == [stream]
+    assert status_again == 200 and connections == 2
+
+
+def test_h2_guest_goaway_still_gets_the_response_in_flight(upstream_ca):
+    """Node-style: the client says GOAWAY right after its request and still reads the answer."""
+
+    async def scenario():
+        policy, _ = make_policy()
+        async with h2_through_proxy(upstream_ca, policy) as (upstream, _, guest):
+            stream = guest.request("/sse")
+            await guest.wait_for(lambda: guest.body(stream))
+            guest.conn.announce_goaway(last_stream_id=0)
+            guest.flush()
+            await asyncio.sleep(0.1)
+            upstream.sse_gate.set()
+            await guest.ended(stream)
+            await guest.wait_for(lambda: "closed" in guest.events)
+            return guest.body(stream), guest.of(stream, h2.events.StreamReset)
+
+    body, resets = asyncio.run(scenario())
+    assert body == b"data: one secret\n\ndata: two secret\n\n" and resets == []
+
+
+def test_h2_early_answer_reaches_the_guest_and_stops_its_upload(upstream_ca):
+    async def scenario():
+        policy, _ = make_policy()
+        async with h2_through_proxy(upstream_ca, policy) as (_, _, guest):
+            stream = guest.request("/early", method="POST", body=b"x" * 1000, end=False)
+            await guest.wait_for(lambda: guest.of(stream, h2.events.StreamReset))
+            return guest.status(stream), guest.body(stream), guest.of(stream, h2.events.StreamReset)
+
+    status, body, resets = asyncio.run(scenario())
+    assert (status, body) == (413, b"too large, stop sending")
+    assert [e.error_code for e in resets] == [h2.errors.ErrorCodes.NO_ERROR]
+
+
+def test_h2_with_curl(upstream_ca, tmp_path):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+
+    async def scenario():
+        policy, _ = make_policy([{"set_headers": {"x-added": "curl"}}])
+        async with HTTP2Upstream(upstream_ca) as upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
+            ca_file = tmp_path / "sandbox-ca.pem"
+            ca_file.write_text(proxy.proxy.ca.pem)
+            process = await asyncio.create_subprocess_exec(
+                curl, "-sS", "--http2", "--include", "--cacert", str(ca_file), "--noproxy", "*",
+                "--resolve", f"localhost:{proxy.port}:127.0.0.1", f"https://localhost:{proxy.port}/echo",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+            out, err = await asyncio.wait_for(process.communicate(), 30)
+            return out.decode(), err.decode()
+
+    out, err = asyncio.run(scenario())
+    assert out.startswith("HTTP/2 200"), err
+    assert '"x-added": "curl"' in out
