@@ -3,7 +3,7 @@
 What is compared, and why it is fair:
 - One client program (this file, `client` mode: Python's http.client over
   ssl, one process) talks HTTPS to the same stand-in server (192.0.2.10,
-  name api.test, from tests/vm/netfixtures.py) in both cases. Only the path
+  name api.test, from tests/vm/netservers.py) in both cases. Only the path
   differs:
   - direct: the client runs in the benchmark's own network namespace and
     reaches the server over the veth pair to the stand-in internet;
@@ -224,7 +224,8 @@ def run_client(prefix: list[str], *args: str) -> dict:
 
 def guest_latency(inet, requests: int) -> float | None:
     """Median latency from inside a real VM (the test client image), through the same kind of proxy."""
-    from netfixtures import HOSTS, ensure_client_image
+    from netclient import ensure_client_image
+    from netfixtures import HOSTS
 
     from matchlock.api.config import SandboxConfig
     from matchlock.api.network import HostMapping, NetworkConfig

@@ -48,27 +48,32 @@ def _mount_quiet(source: str, target: str, fstype: str, flags: int = 0, data: st
             raise
 
 
-def find_disk(serial: str) -> str:
-    for name in sorted(os.listdir("/sys/block")):
-        try:
-            with open(f"/sys/block/{name}/serial") as f:
-                if f.read().strip() == serial:
-                    return "/dev/" + name
-        except OSError:
-            continue
-    raise RuntimeError(f"no virtio disk with serial {serial!r}")
-
-
-def find_port(name: str) -> str:
-    base = "/sys/class/virtio-ports"
+def _device_with(base: str, attribute: str, value: str) -> str | None:
+    """/dev/<entry> for the sysfs entry under `base` whose `attribute` file holds `value`."""
     for entry in sorted(os.listdir(base)):
         try:
-            with open(f"{base}/{entry}/name") as f:
-                if f.read().strip() == name:
+            with open(f"{base}/{entry}/{attribute}") as f:
+                if f.read().strip() == value:
                     return "/dev/" + entry
         except OSError:
             continue
-    raise RuntimeError(f"no virtio-serial port named {name!r}")
+    return None
+
+
+def find_disk(serial: str) -> str:
+    # By serial, not by name: device order is an accident of the command line.
+    device = _device_with("/sys/block", "serial", serial)
+    if device is None:
+        raise RuntimeError(f"no virtio disk with serial {serial!r}")
+    return device
+
+
+def find_port(name: str) -> str:
+    # No udev in the guest, so no /dev/virtio-ports/<name> links: look in sysfs.
+    device = _device_with("/sys/class/virtio-ports", "name", name)
+    if device is None:
+        raise RuntimeError(f"no virtio-serial port named {name!r}")
+    return device
 
 
 def mount_early() -> None:

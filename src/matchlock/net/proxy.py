@@ -81,7 +81,7 @@ class NetworkProxy:
             await asyncio.start_server(self._on_http if intercept else self._on_passthrough, sock=http),
             await asyncio.start_server(self._on_passthrough, sock=passthrough),
         ]
-        self._spawn(self._accept_tls(self._tls_listener) if intercept else self._accept_raw(self._tls_listener))
+        self._spawn(self._accept(self._tls_listener, self._on_tls if intercept else self._on_raw_socket))
         await self.dns.start(ns.bind_udp(PORTS.dns))
 
     async def close(self) -> None:
@@ -112,19 +112,13 @@ class NetworkProxy:
 
     # --- port 443 ----------------------------------------------------------------
 
-    async def _accept_tls(self, listener: socket.socket) -> None:
+    async def _accept(self, listener: socket.socket, handle) -> None:
+        """Accept raw sockets (TLS needs to peek at the ClientHello before any stream exists)."""
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(listener)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._on_tls(sock))
-
-    async def _accept_raw(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            sock, _ = await loop.sock_accept(listener)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._on_raw_socket(sock))
+            self._spawn(handle(sock))
 
     async def _on_raw_socket(self, sock: socket.socket) -> None:
         reader, writer = await asyncio.open_connection(sock=sock)
