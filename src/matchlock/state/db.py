@@ -53,16 +53,17 @@ def open_database(path: Path, module: str, migrations: Sequence[Migration]) -> s
     versions = [m.version for m in migrations]
     if versions != sorted(set(versions)):
         raise ValueError(f"{module}: migration versions must be unique and increasing")
-    conn = connect(path)
-    try:
-        if _pending(conn, module, migrations):
-            with file_lock(path.with_name(path.name + ".init.lock")):
-                pending = _pending(conn, module, migrations)
-                if pending:
-                    conn = _migrate(conn, path, module, pending)
-    except BaseException:
-        conn.close()
-        raise
+    # The whole first open (journal mode, schema table, migrations) happens under
+    # one lock: processes racing to create a fresh database must not interleave.
+    with file_lock(path.with_name(path.name + ".init.lock")):
+        conn = connect(path)
+        try:
+            pending = _pending(conn, module, migrations)
+            if pending:
+                conn = _migrate(conn, path, module, pending)
+        except BaseException:
+            conn.close()
+            raise
     return conn
 
 
