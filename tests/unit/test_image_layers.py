@@ -187,7 +187,8 @@ def mounted(blob: Path, where: Path):
     where.mkdir(exist_ok=True)
     proc = subprocess.run(["mount", "-o", "loop,ro", "-t", "erofs", str(blob), str(where)], capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount erofs here: {proc.stderr.strip()}")
+        pytest.fail(f"cannot loop-mount the erofs image: {proc.stderr.strip()}; run the tests as root on a "
+                    f"kernel with erofs (modprobe erofs) and loop devices (modprobe loop)")
     try:
         yield where
     finally:

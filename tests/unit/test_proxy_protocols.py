@@ -399,8 +399,7 @@ def test_h2_early_answer_reaches_the_guest_and_stops_its_upload(upstream_ca):
 
 def test_h2_with_curl(upstream_ca, tmp_path):
     curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed")
+    assert curl, "curl is missing: run scripts/setup.sh (apt-get install curl)"
 
     async def scenario():
         policy, _ = make_policy([{"set_headers": {"x-added": "curl"}}])

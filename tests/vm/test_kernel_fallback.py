@@ -15,7 +15,6 @@ it fails with the fix rather than skipping when that is missing.
 from __future__ import annotations
 
 import os
-import re
 import select
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 from matchlock import debian
 from matchlock.kernel import fallback
 from matchlock.kernel.resolve import TUNED_CMDLINE, find_tuned
+from matchlock.vm.accel import host_tsc_khz
 
 pytestmark = pytest.mark.vm
 
@@ -65,20 +65,13 @@ reboot -f
 """
 
 
-def host_tsc_khz() -> int:
-    """The host TSC frequency in kHz (microvm under TCG hangs at random without it)."""
-    try:
-        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        log = ""
-    for pattern in (r"tsc: Refined TSC clocksource calibration: ([0-9.]+) MHz", r"tsc: Detected ([0-9.]+) MHz"):
-        found = re.findall(pattern, log)
-        if found:
-            return round(float(found[-1]) * 1000)
-    found = re.findall(r"^cpu MHz\s*:\s*([0-9.]+)", Path("/proc/cpuinfo").read_text(), re.M)
-    if not found:
-        pytest.skip("cannot find the host TSC frequency")
-    return round(float(found[0]) * 1000)
+def tsc_khz() -> int:
+    """microvm under TCG hangs at random in TSC calibration without `tsc_early_khz=`."""
+    khz = host_tsc_khz()
+    if not khz:
+        pytest.fail("cannot find the host TSC frequency in the kernel log or /proc/cpuinfo; "
+                    "run the tests as root so `dmesg` is readable")
+    return khz
 
 
 def make_erofs(tmp_path: Path, name: str, busybox: Path | None, init: str | None) -> Path:
@@ -125,7 +118,7 @@ def qemu_argv(kernel: Path, initrd: Path | None, cmdline: tuple[str, ...], acpi:
     # boot ("Unable to read current time from RTC") and the guest starts in 1970. The
     # tuned kernel has no CMOS RTC driver, so nothing in it claims IRQ 8.
     machine = "microvm" if acpi else "microvm,acpi=off"
-    append = ["console=ttyS0", "panic=-1", "reboot=t", f"tsc_early_khz={host_tsc_khz()}", "quiet",
+    append = ["console=ttyS0", "panic=-1", "reboot=t", f"tsc_early_khz={tsc_khz()}", "quiet",
               "mitigations=off", *cmdline]
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-M", machine, "-m", "512", "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
@@ -179,6 +172,19 @@ def report(output: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in line.split()[1:] if "=" in field)
 
 
+def assert_booted_runtime(seen: dict[str, str]) -> None:
+    """What /init on the runtime disk saw: it is PID 1 on the runtime erofs with the VM layer's devices."""
+    assert seen["pid"] == "1"
+    assert seen["root"] == "erofs"
+    assert seen["which"] == "runtime"
+    assert seen["dev"] == "devtmpfs"
+    assert seen["agent"].startswith("vport")
+    assert seen["hwrng"].startswith("virtio_rng")
+    assert seen["rngbytes"] == "16"
+    assert int(seen["year"]) >= 2024  # the wall clock came from QEMU's RTC
+    assert seen["fs"] == "erofs,ext4,fuse,overlay,"
+
+
 def test_fallback_kernel_boots_runtime_disk_by_serial(tmp_path, disks):
     kernel = fallback.build_fallback()
     argv = qemu_argv(
@@ -191,15 +197,7 @@ def test_fallback_kernel_boots_runtime_disk_by_serial(tmp_path, disks):
     assert "WRONG-DISK-BOOTED" not in output, output
     seen = report(output)
     print(f"fallback {kernel.release}: marker after {marker_at:.2f} s, exit after {total:.2f} s, guest uptime {seen['uptime']} s")
-    assert seen["pid"] == "1"
-    assert seen["root"] == "erofs"
-    assert seen["which"] == "runtime"
-    assert seen["dev"] == "devtmpfs"
-    assert seen["agent"].startswith("vport")
-    assert seen["hwrng"].startswith("virtio_rng")
-    assert seen["rngbytes"] == "16"
-    assert int(seen["year"]) >= 2024  # the wall clock came from QEMU's RTC
-    assert seen["fs"] == "erofs,ext4,fuse,overlay,"
+    assert_booted_runtime(seen)
     assert seen["disks"] == "decoy,lower,runtime,upper,"
     assert "MATCHLOCK-OVERLAY lower" in output
 
@@ -216,14 +214,6 @@ def test_tuned_kernel_boots_runtime_disk(tmp_path, disks):
     output, marker_at, total = boot(argv)
     seen = report(output)
     print(f"tuned {vmlinux.parent.name}: marker after {marker_at:.2f} s, exit after {total:.2f} s, guest uptime {seen['uptime']} s")
-    assert seen["pid"] == "1"
-    assert seen["root"] == "erofs"
-    assert seen["which"] == "runtime"
-    assert seen["dev"] == "devtmpfs"
-    assert seen["agent"].startswith("vport")
-    assert seen["hwrng"].startswith("virtio_rng")
-    assert seen["rngbytes"] == "16"
-    assert int(seen["year"]) >= 2024  # the wall clock came from QEMU's RTC
-    assert seen["fs"] == "erofs,ext4,fuse,overlay,"
+    assert_booted_runtime(seen)
     assert seen["disks"] == "lower,runtime,upper,"
     assert "MATCHLOCK-OVERLAY lower" in output

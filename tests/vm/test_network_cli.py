@@ -348,6 +348,13 @@ def test_secrets_substituted_only_for_their_hosts(net_cli, net_detached, client_
         if path.is_file():
             data = path.read_bytes()
             assert value.encode() not in data and env_value.encode() not in data, path
+    # ...nor the command line or environment of the background owner or its QEMU (`ps` shows command lines to all).
+    owner = json.loads(net_cli("get", vm).stdout)["pid"]
+    qemu = json.loads(net_cli("inspect", vm).stdout)["lifecycle"]["resources"]["qemu_pid"]
+    for pid in (owner, qemu):
+        for exposed in ("cmdline", "environ"):
+            with open(f"/proc/{pid}/{exposed}", "rb") as f:
+                assert value.encode() not in f.read(), f"the secret is in /proc/{pid}/{exposed}"
 
 
 def test_two_sandboxes_with_different_secrets_do_not_cross(net_cli, net_detached):

@@ -7,6 +7,8 @@ so `matchlock exec` does not pay for importing the image or kernel code.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sys
 
 import click
@@ -37,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 ALIASES: dict[str, str] = {"ls": "list", "stat": "inspect", "remove": "rm"}
 
+# `run -d` hands the background owner its arguments through this inherited pipe
+# (a JSON list) instead of its command line, which every user can read.
+ARGS_FD_ENV = "MATCHLOCK_ARGS_FD"
+
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -58,9 +64,23 @@ def cli() -> None:
     """Run untrusted code in disposable micro-VMs; the host controls everything that leaves them."""
 
 
+def _arguments_from_pipe() -> list[str] | None:
+    fd = os.environ.pop(ARGS_FD_ENV, None)
+    if fd is None:
+        return None  # click reads sys.argv
+    with os.fdopen(int(fd), "rb") as pipe:
+        try:
+            args = json.loads(pipe.read())
+        except ValueError:
+            args = None
+    if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+        raise SystemExit(f"Error: {ARGS_FD_ENV} must carry a JSON list of strings")
+    return args
+
+
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=_arguments_from_pipe(), standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

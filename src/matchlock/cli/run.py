@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import subprocess
@@ -28,6 +29,7 @@ from ..api.network import DEFAULT_MTU, SecretConfig
 from ..api.image import ImageConfig, compose_command
 from ..sandbox.portforward import ForwardSpec, parse_addresses
 from .common import BoolFlagsCommand
+from .main import ARGS_FD_ENV
 from .owner import READY_FD_ENV, RunOptions, own_sandbox
 
 DEFAULT_IMAGE = "matchlock/busybox:builtin"
@@ -158,55 +160,34 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
     sys.exit(code)
 
 
-def _secrets_out_of_argv(args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Move `--secret NAME=VALUE@hosts` values into the environment of the background owner.
-
-    Its command line is readable by every user through /proc; its
-    environment only by its owner. The child reads them back (`NAME@hosts`).
-    """
-    rewritten, env, index = [], {}, 0
-    while index < len(args):
-        arg = args[index]
-        if arg == "--":
-            rewritten += args[index:]
-            break
-        if arg == "--secret" and index + 1 < len(args):
-            spec, index = args[index + 1], index + 2
-        elif arg.startswith("--secret="):
-            spec, index = arg.split("=", 1)[1], index + 1
-        else:
-            rewritten.append(arg)
-            index += 1
-            continue
-        head, at, hosts = spec.rpartition("@")
-        name, has_value, value = head.partition("=")
-        if at and has_value:
-            env[name] = value
-            spec = f"{name}@{hosts}"
-        rewritten += ["--secret", spec]
-    return rewritten, env
-
-
 def start_detached() -> int:
     """`run -d`: re-run this command as a background owner, print its VM ID once ready.
 
     The child reports readiness through an inherited pipe rather than the
     parent polling the state database; if it dies first, its error output is
-    shown here with its exit code.
+    shown here with its exit code. The arguments travel through another pipe,
+    not the child's command line: that is readable by every user through
+    /proc, and `-e` and `--secret` values must not be.
     """
     ready_r, ready_w = os.pipe()
-    args, secret_env = _secrets_out_of_argv(sys.argv[1:])
-    env = {**os.environ, **secret_env, READY_FD_ENV: str(ready_w)}
+    args_r, args_w = os.pipe()
     child = subprocess.Popen(
-        [sys.executable, "-m", "matchlock", *args],
+        [sys.executable, "-m", "matchlock"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        pass_fds=(ready_w,), env=env, start_new_session=True,
+        pass_fds=(ready_w, args_r), env={**os.environ, READY_FD_ENV: str(ready_w), ARGS_FD_ENV: str(args_r)},
+        start_new_session=True,
     )  # fmt: skip
     os.close(ready_w)
+    os.close(args_r)
     errors: list[bytes] = []
     # Drain the child's stderr meanwhile, so a chatty child can never block on a full pipe.
     drain = threading.Thread(target=lambda: errors.append(child.stderr.read()), daemon=True)
     drain.start()
+    try:
+        with os.fdopen(args_w, "wb") as pipe:
+            pipe.write(json.dumps(sys.argv[1:]).encode())
+    except BrokenPipeError:
+        pass  # the child died before reading; its error output is reported below
     with os.fdopen(ready_r, "rb") as ready:
         line = ready.readline().decode().strip()
     if line:

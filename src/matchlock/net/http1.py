@@ -118,7 +118,8 @@ class HTTP1Session:
             if self.pinned is not None:
                 self.pinned.close()
 
-    async def _reply(self, status: int, reason: str, *, close: bool = True) -> None:
+    async def reply(self, status: int, reason: str, *, close: bool = True) -> None:
+        """Answer the guest with a plain-text status of our own (blocked, bad gateway, ...)."""
         body = f"{reason}\n".encode()
         headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
         if close:
@@ -153,12 +154,12 @@ class HTTP1Session:
         except Blocked as exc:
             self.policy.event(method=request.method, url=request.url, host=request.host, status=exc.status,
                               started=started, blocked=True, reason=exc.reason)  # fmt: skip
-            await self._reply(exc.status, f"Blocked by policy: {exc.reason}")
+            await self.reply(exc.status, f"Blocked by policy: {exc.reason}")
             return False
         except UpstreamError as exc:
             self.policy.event(method=request.method, url=request.url, host=request.host, status=502,
                               started=started, reason=str(exc))  # fmt: skip
-            await self._reply(502, f"Failed to connect: {exc}")
+            await self.reply(502, f"Failed to connect: {exc}")
             return False
         await client.send(h11.Request(method=request.method, target=request.target, headers=_byte_headers(request.headers)))
         sent = await self._copy_body(self.guest, client)
@@ -223,7 +224,7 @@ class HTTP1Session:
             self.upstreams.pop((upstream.host, upstream.port), None)
             self.policy.event(method=request.method, url=request.url, host=request.host, status=exc.status,
                               request_bytes=sent, started=started, blocked=True, reason=exc.reason)  # fmt: skip
-            await self._reply(exc.status, f"Blocked by policy: {exc.reason}")
+            await self.reply(exc.status, f"Blocked by policy: {exc.reason}")
             return False
         if body_filter is not None:
             headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")]

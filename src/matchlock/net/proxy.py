@@ -12,7 +12,6 @@ private and local destinations.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import struct
 import time
@@ -176,7 +175,7 @@ class NetworkProxy:
             self.policy.event(url=f"https://{server_name}:{port}", host=server_name, status=status,
                               started=started, blocked=blocked, reason=reason)  # fmt: skip
             session = HTTP1Session(self.policy, reader, writer, scheme="https", default_host=server_name, port=port)
-            await session._reply(status, message)
+            await session.reply(status, message)
             writer.close()
             return
         assert upstream is not None
@@ -211,9 +210,3 @@ class NetworkProxy:
             return
         sent, received = await pipe_both_ways(reader, writer, up_reader, up_writer)
         self.policy.event(url=url, host=address, request_bytes=sent, response_bytes=received, started=started)
-
-
-async def close_quietly(writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(Exception):
-        writer.close()
-        await writer.wait_closed()
