@@ -325,8 +325,10 @@ def main() -> None:
         if results[label]["connections"]["errors"]:
             print(f"    {label} errors: {results[label]['connections']['errors']}")
     if in_guest is not None:
-        print(f"  for reference, from inside a real VM ({'TCG' if 'tcg' in _accel() else 'KVM'}): "
-              f"median {in_guest:.2f} ms per kept-alive HTTPS request")
+        print(
+            f"  for reference, from inside a real VM ({'TCG' if 'tcg' in _accel() else 'KVM'}): "
+            f"median {in_guest:.2f} ms per kept-alive HTTPS request"
+        )
 
 
 def _accel() -> str:

@@ -30,14 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from registry_support import Registry, make_image, push_image, tar_layer
-
 from matchlock.image.archive import host_arch
 from matchlock.image.progress import PullProgress
 from matchlock.image.pull import MAX_PARALLEL_LAYERS, Platform, _Puller, pull
 from matchlock.image.reference import parse
 from matchlock.image.registry import RegistryClient
 from matchlock.image.store import ImageStore, LayerRecord
+from registry_support import Registry, make_image, push_image, tar_layer
 
 MB = 1024 * 1024
 MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
@@ -104,8 +103,12 @@ def main() -> None:
             sizes = {d: len(image.blobs[d]) for d in image.layer_digests}
             compressed = sum(sizes.values())
             uncompressed = sum(len(layer) for layer in layers)
-            records = [LayerRecord(d, "application/vnd.oci.image.layer.v1.tar+gzip", sizes[d], "") for d in image.layer_digests]
-            print(f"image: {uncompressed / MB:.1f} MB uncompressed, {compressed / MB:.1f} MB in {len(layers)} gzip layers")
+            records = [
+                LayerRecord(d, "application/vnd.oci.image.layer.v1.tar+gzip", sizes[d], "") for d in image.layer_digests
+            ]
+            print(
+                f"image: {uncompressed / MB:.1f} MB uncompressed, {compressed / MB:.1f} MB in {len(layers)} gzip layers"
+            )
 
             curl_times, ours = [], []
             for run in range(runs):

@@ -101,7 +101,7 @@ def bench_cold_start(work: Path, runs: int) -> None:
         ours.append(_matchlock_run_seconds())
         booted.append(_matchlock_run_seconds({"MATCHLOCK_NO_TEMPLATES": "1"}))
     raw_median = statistics.median(raw)
-    print("cold start: a new sandbox each time (median of %d, interleaved)" % runs)
+    print(f"cold start: a new sandbox each time (median of {runs}, interleaved)")
     print(f"  raw QEMU, same kernel, /init = reboot -f        : {raw_median:.3f} s  {[round(x, 2) for x in raw]}")
     for label, samples in (("matchlock run -- true (boot template)", ours),
                            ("matchlock run -- true (full boot, no template)", booted)):  # fmt: skip

@@ -19,7 +19,6 @@ import ssl
 import h2.config
 import h2.events
 import h2.exceptions
-from proxy_upstreams import HTTP2Upstream, UpstreamCA
 
 from matchlock.api.network import InterceptionConfig, InterceptionRule, NetworkConfig
 from matchlock.net.http1 import HTTP1Session
@@ -27,6 +26,7 @@ from matchlock.net.http2 import GracefulH2Connection
 from matchlock.net.proxy import NetworkProxy
 from matchlock.policy.engine import NetworkPolicy
 from matchlock.policy.rules import InterceptionRules
+from proxy_upstreams import HTTP2Upstream, UpstreamCA
 
 
 def make_policy(rules=(), callback_socket: str = "", **network) -> tuple[NetworkPolicy, list]:

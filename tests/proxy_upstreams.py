@@ -118,8 +118,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if url.path == "/text":
             return self._send(200, b"the quick brown fox jumps over the lazy dog", "text/plain")
-        echo = {"method": self.command, "path": url.path, "query": parse_qs(url.query, keep_blank_values=True),
-                "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body.decode("latin-1")}
+        echo = {
+            "method": self.command,
+            "path": url.path,
+            "query": parse_qs(url.query, keep_blank_values=True),
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body": body.decode("latin-1"),
+        }
         self._send(200, json.dumps(echo).encode(), extra=[("X-Upstream", "h1"), ("X-Remove-Me", "yes")])
 
 
@@ -210,7 +215,8 @@ class HTTP2Upstream:
                         streams[event.stream_id] = request
                         if request["headers"][":path"] == "/early":  # answers without waiting for the body
                             tasks[event.stream_id] = asyncio.ensure_future(
-                                self._respond(conn, writer, window, event.stream_id, request))
+                                self._respond(conn, writer, window, event.stream_id, request)
+                            )
                     elif isinstance(event, h2.events.DataReceived):
                         streams[event.stream_id]["body"] += event.data
                         conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -220,7 +226,8 @@ class HTTP2Upstream:
                         request = streams[event.stream_id]
                         self.requests.append(request)
                         tasks[event.stream_id] = asyncio.ensure_future(
-                            self._respond(conn, writer, window, event.stream_id, request))
+                            self._respond(conn, writer, window, event.stream_id, request)
+                        )
                     elif isinstance(event, h2.events.StreamReset):
                         self.resets.append((event.stream_id, int(event.error_code)))
                         if event.stream_id in tasks:

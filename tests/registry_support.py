@@ -70,7 +70,7 @@ def make_tls(directory: Path) -> TLSFiles:
     from cryptography.x509.oid import NameOID
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "matchlock test CA")])
     ca = (
@@ -177,7 +177,7 @@ class Registry:
                 self.proc.wait(10)
         self.proc = None
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self) -> Registry:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -249,7 +249,9 @@ def make_image(layers: list[bytes], *, arch: str = "amd64", kind: str = "gzip", 
     }).encode()  # fmt: skip
     blobs[sha256(config_blob)] = config_blob
     media_type = DOCKER_MANIFEST if docker else OCI_MANIFEST
-    config_type = "application/vnd.docker.container.image.v1+json" if docker else "application/vnd.oci.image.config.v1+json"
+    config_type = (
+        "application/vnd.docker.container.image.v1+json" if docker else "application/vnd.oci.image.config.v1+json"
+    )
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": media_type,
         "config": {"mediaType": config_type, "digest": sha256(config_blob), "size": len(config_blob)},
@@ -452,7 +454,7 @@ class TokenServer:
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
 
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self._key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "matchlock test token signer")])
         cert = (

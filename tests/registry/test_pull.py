@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from matchlock.image.archive import host_arch
 from registry_support import (
     Image,
     extract_lower,
@@ -26,8 +28,6 @@ from registry_support import (
     tar_layer,
     write_oci_layout,
 )  # fmt: skip
-
-from matchlock.image.archive import host_arch
 
 pytestmark = pytest.mark.registry
 MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
@@ -72,7 +72,9 @@ def test_pull_docker_schema2_pushed_by_skopeo(plain_registry, env, tmp_path):
     assert lines[2] == size_line(env, ref) and len(lines) == 3
     assert result.stderr == ""  # not a terminal: no progress bars
     with plain_registry.client() as client:  # skopeo converted it to schema 2; the digest is the registry's
-        head = client.head("/v2/test/app/manifests/v1", headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+        head = client.head(
+            "/v2/test/app/manifests/v1", headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+        )
     assert lines[1] == f"Digest: {head.headers['docker-content-digest']}"
     assert [row[:3] for row in image_rows(env)] == [[ref, "registry", lines[2].split()[1]]]
     root = extract_lower(lower_of(env, ref), tmp_path / "root")
@@ -205,8 +207,13 @@ def test_concurrent_pulls_of_one_image(plain_registry, env):
     push_image(plain_registry, "test/concurrent", "v1", image)
     ref = f"{plain_registry.address}/test/concurrent:v1"
     procs = [
-        subprocess.Popen([MATCHLOCK, "pull", ref], env={**os.environ, **env.vars}, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [MATCHLOCK, "pull", ref],
+            env={**os.environ, **env.vars},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for _ in range(3)
     ]
     results = [proc.communicate(timeout=120) for proc in procs]

@@ -11,7 +11,9 @@ import os
 import stat
 
 import pytest
+
 from conftest import PASSWORD, USER
+from matchlock.image.archive import host_arch
 from registry_support import (
     Registry,
     TokenServer,
@@ -21,8 +23,6 @@ from registry_support import (
     tar_layer,
     write_oci_layout,
 )
-
-from matchlock.image.archive import host_arch
 
 pytestmark = pytest.mark.registry
 
@@ -57,7 +57,10 @@ def test_wrong_password_is_rejected_clearly(secure_registry, secure_image, env):
     env.login(f"https://{secure_registry.address}", password="Not-The-Pass-7")  # any spelling of the key matches
     result = env.run("pull", secure_image)
     assert result.returncode == 1
-    assert f"the credentials for {secure_registry.address} in {env.docker_config}/config.json were rejected" in result.stderr
+    assert (
+        f"the credentials for {secure_registry.address} in {env.docker_config}/config.json were rejected"
+        in result.stderr
+    )
     assert "Not-The-Pass-7" not in result.stderr  # never echo the secret
     assert not (env.store / "layers").exists() or not any((env.store / "layers").rglob("*"))
 
@@ -80,7 +83,9 @@ def _helper(tmp_path, name: str) -> str:
 def test_credential_helpers(secure_registry, secure_image, env, tmp_path, key):
     env.trust(secure_registry)
     path = _helper(tmp_path, "mltest")
-    env.write_config({"credHelpers": {secure_registry.address: "mltest"}} if key == "credHelpers" else {"credsStore": "mltest"})
+    env.write_config(
+        {"credHelpers": {secure_registry.address: "mltest"}} if key == "credHelpers" else {"credsStore": "mltest"}
+    )
     result = env.run("pull", secure_image, extra={"PATH": path})
     assert result.returncode == 0, result.stderr
 
@@ -91,7 +96,9 @@ def test_untrusted_tls_is_refused_unless_listed_insecure(secure_registry, secure
     assert refused.returncode == 1
     assert f"TLS certificate of registry {secure_registry.address} is not trusted" in refused.stderr
     assert f"certs.d/{secure_registry.address}/ca.crt" in refused.stderr
-    allowed = env.run("pull", secure_image, extra={"MATCHLOCK_INSECURE_REGISTRIES": f"other:1,{secure_registry.address}"})
+    allowed = env.run(
+        "pull", secure_image, extra={"MATCHLOCK_INSECURE_REGISTRIES": f"other:1,{secure_registry.address}"}
+    )
     assert allowed.returncode == 0, allowed.stderr
 
 
@@ -118,7 +125,11 @@ def test_bearer_token_anonymous_and_with_credentials(token_registry, env):
 
     private = f"{registry.address}/private/app:v1"
     denied = env.run("pull", private)
-    assert denied.returncode == 1 and "unauthorized" in denied.stderr and f"docker login {registry.address}" in denied.stderr
+    assert (
+        denied.returncode == 1
+        and "unauthorized" in denied.stderr
+        and f"docker login {registry.address}" in denied.stderr
+    )
 
     env.login(registry.address)
     allowed = env.run("pull", private)

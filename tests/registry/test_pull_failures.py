@@ -9,9 +9,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from registry_support import CuttingProxy, make_image, push_image, tar_layer
 
 from matchlock.image.archive import host_arch
+from registry_support import CuttingProxy, make_image, push_image, tar_layer
 
 pytestmark = pytest.mark.registry
 
@@ -40,7 +40,9 @@ def test_corrupted_blob_is_rejected_and_nothing_cached(plain_registry, env):
     served.write_bytes(bytes(data))
     result = env.run("pull", f"{plain_registry.address}/test/corrupt:v1")
     assert result.returncode == 1
-    assert f"blob {image.layer_digests[1]} of {plain_registry.address}/test/corrupt failed verification" in result.stderr
+    assert (
+        f"blob {image.layer_digests[1]} of {plain_registry.address}/test/corrupt failed verification" in result.stderr
+    )
     assert "nothing was cached" in result.stderr
     assert rows(env) == []
     assert not (env.store / "layers/sha256" / image.layer_digests[1].split(":")[1]).exists()

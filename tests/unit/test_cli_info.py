@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 
 from matchlock.cli import info
-import importlib
 
 resolve_module = importlib.import_module("matchlock.kernel.resolve")
 

@@ -18,8 +18,10 @@ from matchlock.guest import seccomp, syscalls
 def linux_x86_64() -> None:
     """Guests are x86_64 Linux, so the filter is installed for real only there; fail (not skip) elsewhere."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
-        pytest.fail(f"these tests install the guest's x86_64 seccomp filter; run them on Linux x86_64, "
-                    f"not {platform.system()} {platform.machine()}")
+        pytest.fail(
+            f"these tests install the guest's x86_64 seccomp filter; run them on Linux x86_64, "
+            f"not {platform.system()} {platform.machine()}"
+        )
 
 
 SYS_GETPID = 39
@@ -184,7 +186,8 @@ def test_without_filter_the_probes_succeed():
     assert result["x32_getpid"][1] != errno.EPERM
     assert result["ptrace"] == [0, 0], (
         "PTRACE_TRACEME is denied on this host even without the filter, so the filter test cannot tell "
-        "the filter's denial apart: allow ptrace (kernel.yama.ptrace_scope < 3, no container seccomp profile)")
+        "the filter's denial apart: allow ptrace (kernel.yama.ptrace_scope < 3, no container seccomp profile)"
+    )
 
 
 def test_installed_filter_denies_ptrace_and_process_vm_with_eperm():

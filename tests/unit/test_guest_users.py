@@ -184,6 +184,7 @@ def test_non_utf8_bytes_do_not_break_parsing(tmp_path):
 # instead of the documented LookupError; an image whose passwd has such a uid field
 # breaks every numeric --user lookup. ('١٠٠٠' is also accepted as uid 1000.)
 
+
 def test_superscript_digit_user_spec_is_lookup_error(root):
     with pytest.raises(LookupError, match="user '²' not found"):
         resolve_user("²", root)

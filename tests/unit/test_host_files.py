@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(120)
 class TrackingBytearray(bytearray):
     """Stands in for the read buffer in sandbox.files to observe its peak size."""
 
-    instances: list["TrackingBytearray"] = []
+    instances: list[TrackingBytearray] = []
 
     def __init__(self, *args):
         super().__init__(*args)

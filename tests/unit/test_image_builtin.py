@@ -12,10 +12,10 @@ import stat
 import subprocess
 
 import pytest
+from test_image_layers import mounted
 
 from matchlock.image import builtin
 from matchlock.image.store import DEFAULT_IMAGE, ImageStore
-from test_image_layers import mounted
 
 
 @pytest.fixture
@@ -81,8 +81,16 @@ def test_builtin_image(cache, tmp_path):
 
         # The image really works: run its shell in a chroot (we are root).
         out = subprocess.run(
-            [shutil.which("chroot") or "/usr/sbin/chroot", str(root), "/bin/sh", "-c", "echo $(id -un):$(basename $(readlink /bin/ls))"],
-            capture_output=True, text=True, env={"PATH": "/bin:/usr/bin"},
+            [
+                shutil.which("chroot") or "/usr/sbin/chroot",
+                str(root),
+                "/bin/sh",
+                "-c",
+                "echo $(id -un):$(basename $(readlink /bin/ls))",
+            ],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/bin:/usr/bin"},
         )
         assert out.returncode == 0 and out.stdout == "root:busybox\n", out.stderr
 

@@ -32,8 +32,13 @@ MTIME = 1_600_000_000
 def ent(name, kind="file", data=b"", mode=None, uid=0, gid=0, link="", mtime=MTIME, xattrs=None, dev=(0, 0)):
     info = tarfile.TarInfo(name)
     info.type = {
-        "file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "link": tarfile.LNKTYPE,
-        "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE,
+        "file": tarfile.REGTYPE,
+        "dir": tarfile.DIRTYPE,
+        "sym": tarfile.SYMTYPE,
+        "link": tarfile.LNKTYPE,
+        "chr": tarfile.CHRTYPE,
+        "blk": tarfile.BLKTYPE,
+        "fifo": tarfile.FIFOTYPE,
     }[kind]
     info.mode = mode if mode is not None else (0o755 if kind == "dir" else 0o777 if kind == "sym" else 0o644)
     info.uid, info.gid, info.linkname, info.mtime = uid, gid, link, mtime
@@ -107,10 +112,15 @@ def oci_layout(layer_tars: list[bytes], compress="gzip", platforms=None, corrupt
             else:
                 layer_descs.append(blob(data, "application/vnd.oci.image.layer.v1.tar"))
         config = blob(_config(layer_tars, architecture=arch), "application/vnd.oci.image.config.v1+json")
-        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "config": config, "layers": layer_descs}
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config,
+            "layers": layer_descs,
+        }
         return blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json") | {
-            "platform": {"os": "linux", "architecture": arch}}
+            "platform": {"os": "linux", "architecture": arch}
+        }
 
     manifests = [manifest_for(arch) for arch in (platforms or [host_arch()])]
     if corrupt_layer is not None:
@@ -130,51 +140,57 @@ def oci_layout(layer_tars: list[bytes], compress="gzip", platforms=None, corrupt
 
 # The standard three-layer image used by most tests.
 def sample_layers() -> list[bytes]:
-    base = make_layer([
-        ent("./", "dir"),
-        ent("bin", "dir"),
-        ent("bin/tool", data=b"#!/bin/sh\necho tool\n", mode=0o4755),
-        ent("bin/sgid", data=b"x", mode=0o2711, gid=42),
-        ent("etc", "dir"),
-        ent("etc/conf", data=b"conf-v1"),
-        ent("etc/gone", data=b"deleted later"),
-        ent("home", "dir"),
-        ent("home/user", "dir", uid=1000, gid=1000, mode=0o700),
-        ent("home/user/file", data=b"mine", uid=1000, gid=1000, mode=0o600),
-        ent("tmp", "dir", mode=0o1777),
-        ent("usr", "dir"),
-        ent("usr/lib", "dir"),
-        ent("usr/lib/a.so", data=b"AAAA"),
-        ent("usr/lib/sub", "dir"),
-        ent("usr/lib/sub/deep", data=b"deep"),
-        ent("opt", "dir"),
-        ent("opt/old1", data=b"1"),
-        ent("opt/keep", "dir"),
-        ent("opt/keep/old2", data=b"2"),
-        ent("var", "dir"),
-        ent("var/thing", "dir"),
-        ent("var/thing/child", data=b"c"),
-        ent("dev", "dir"),
-        ent("dev/null", "chr", mode=0o666, dev=(1, 3)),
-        ent("dev/fifo", "fifo", mode=0o600),
-    ])
-    middle = make_layer([
-        ent("bin/link-to-tool", "link", link="bin/tool"),
-        ent("bin/sh", "sym", link="/bin/tool"),
-        ent("bin/rel", "sym", link="../usr/lib/a.so", uid=1000, gid=1000),
-        ent("etc/conf", data=b"conf-v2", uid=1000, gid=1000),
-        ent("etc/.wh.gone", data=b""),
-        ent("usr/lib/.wh.sub", data=b""),
-        ent("opt/.wh..wh..opq", data=b""),
-        ent("opt/new", data=b"new in opaque layer"),
-        ent("var/thing", data=b"now a file"),
-        ent("capfile", data=b"cap", xattrs={"user.note": "hello"}),
-    ])
-    top = make_layer([
-        ent("top", data=b"top", mtime=MTIME + 100),
-        ent("./usr/lib/sub2/", "dir"),
-        ent("usr/lib/sub2/x", data=b"implicit parents"),
-    ])
+    base = make_layer(
+        [
+            ent("./", "dir"),
+            ent("bin", "dir"),
+            ent("bin/tool", data=b"#!/bin/sh\necho tool\n", mode=0o4755),
+            ent("bin/sgid", data=b"x", mode=0o2711, gid=42),
+            ent("etc", "dir"),
+            ent("etc/conf", data=b"conf-v1"),
+            ent("etc/gone", data=b"deleted later"),
+            ent("home", "dir"),
+            ent("home/user", "dir", uid=1000, gid=1000, mode=0o700),
+            ent("home/user/file", data=b"mine", uid=1000, gid=1000, mode=0o600),
+            ent("tmp", "dir", mode=0o1777),
+            ent("usr", "dir"),
+            ent("usr/lib", "dir"),
+            ent("usr/lib/a.so", data=b"AAAA"),
+            ent("usr/lib/sub", "dir"),
+            ent("usr/lib/sub/deep", data=b"deep"),
+            ent("opt", "dir"),
+            ent("opt/old1", data=b"1"),
+            ent("opt/keep", "dir"),
+            ent("opt/keep/old2", data=b"2"),
+            ent("var", "dir"),
+            ent("var/thing", "dir"),
+            ent("var/thing/child", data=b"c"),
+            ent("dev", "dir"),
+            ent("dev/null", "chr", mode=0o666, dev=(1, 3)),
+            ent("dev/fifo", "fifo", mode=0o600),
+        ]
+    )
+    middle = make_layer(
+        [
+            ent("bin/link-to-tool", "link", link="bin/tool"),
+            ent("bin/sh", "sym", link="/bin/tool"),
+            ent("bin/rel", "sym", link="../usr/lib/a.so", uid=1000, gid=1000),
+            ent("etc/conf", data=b"conf-v2", uid=1000, gid=1000),
+            ent("etc/.wh.gone", data=b""),
+            ent("usr/lib/.wh.sub", data=b""),
+            ent("opt/.wh..wh..opq", data=b""),
+            ent("opt/new", data=b"new in opaque layer"),
+            ent("var/thing", data=b"now a file"),
+            ent("capfile", data=b"cap", xattrs={"user.note": "hello"}),
+        ]
+    )
+    top = make_layer(
+        [
+            ent("top", data=b"top", mtime=MTIME + 100),
+            ent("./usr/lib/sub2/", "dir"),
+            ent("usr/lib/sub2/x", data=b"implicit parents"),
+        ]
+    )
     return [base, middle, top]
 
 
@@ -185,10 +201,14 @@ def squash_bytes(layer_tars: list[bytes]):
 @contextlib.contextmanager
 def mounted(blob: Path, where: Path):
     where.mkdir(exist_ok=True)
-    proc = subprocess.run(["mount", "-o", "loop,ro", "-t", "erofs", str(blob), str(where)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-o", "loop,ro", "-t", "erofs", str(blob), str(where)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        pytest.fail(f"cannot loop-mount the erofs image: {proc.stderr.strip()}; run the tests as root on a "
-                    f"kernel with erofs (modprobe erofs) and loop devices (modprobe loop)")
+        pytest.fail(
+            f"cannot loop-mount the erofs image: {proc.stderr.strip()}; run the tests as root on a "
+            f"kernel with erofs (modprobe erofs) and loop devices (modprobe loop)"
+        )
     try:
         yield where
     finally:
@@ -405,8 +425,13 @@ def test_docker_save_with_symlinked_duplicate_layer(tmp_path):
         link.type, link.linkname = tarfile.SYMTYPE, f"../{0:064x}/layer.tar"
         tar.addfile(link)
         _add(tar, _sha(config) + ".json", config)
-        manifest = [{"Config": _sha(config) + ".json", "RepoTags": None,
-                     "Layers": [f"{0:064x}/layer.tar", f"./{1:064x}/layer.tar"]}]
+        manifest = [
+            {
+                "Config": _sha(config) + ".json",
+                "RepoTags": None,
+                "Layers": [f"{0:064x}/layer.tar", f"./{1:064x}/layer.tar"],
+            }
+        ]
         _add(tar, "manifest.json", json.dumps(manifest).encode())
     path = tmp_path / "dup.tar"
     path.write_bytes(buf.getvalue())

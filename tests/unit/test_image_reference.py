@@ -34,7 +34,11 @@ DIGEST = "sha256:" + "ab" * 32
         ("localhost/img", "localhost/img:latest", "localhost"),
         ("127.0.0.1:5000/a/b/c:t", "127.0.0.1:5000/a/b/c:t", "127.0.0.1:5000"),
         ("[::1]:5000/x", "[::1]:5000/x:latest", "[::1]:5000"),
-        ("registry.example:443/my_app/sub-name.x:1.0_rc", "registry.example:443/my_app/sub-name.x:1.0_rc", "registry.example:443"),
+        (
+            "registry.example:443/my_app/sub-name.x:1.0_rc",
+            "registry.example:443/my_app/sub-name.x:1.0_rc",
+            "registry.example:443",
+        ),
     ],
 )
 def test_references_normalise_like_docker(text, canonical, api_host):
@@ -43,11 +47,20 @@ def test_references_normalise_like_docker(text, canonical, api_host):
 
 
 def test_alpine_spellings_share_one_key():
-    assert len({parse(t).canonical for t in ("alpine", "alpine:latest", "library/alpine", "docker.io/library/alpine:latest")}) == 1
+    assert (
+        len(
+            {
+                parse(t).canonical
+                for t in ("alpine", "alpine:latest", "library/alpine", "docker.io/library/alpine:latest")
+            }
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize(
-    "bad", ["", " alpine", "Alpine", "alpine:", "a//b", "alpine@sha256:xyz", "alpine@md5:" + "0" * 32, "-x", "x:" + "t" * 129]
+    "bad",
+    ["", " alpine", "Alpine", "alpine:", "a//b", "alpine@sha256:xyz", "alpine@md5:" + "0" * 32, "-x", "x:" + "t" * 129],
 )
 def test_invalid_references(bad):
     with pytest.raises(UsageError, match="invalid image reference"):
@@ -126,8 +139,13 @@ def test_cred_helpers_and_store(tmp_path, monkeypatch):
 
 
 def test_challenges():
-    bearer = auth.parse_challenge('Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push"')
-    assert bearer == auth.Challenge("bearer", {"realm": "https://auth.example/token", "service": "registry.example", "scope": "repository:a/b:pull,push"})
+    bearer = auth.parse_challenge(
+        'Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push"'
+    )
+    assert bearer == auth.Challenge(
+        "bearer",
+        {"realm": "https://auth.example/token", "service": "registry.example", "scope": "repository:a/b:pull,push"},
+    )
     assert auth.parse_challenge('Basic realm="x"') == auth.Challenge("basic", {"realm": "x"})
     assert auth.parse_challenge("") is None
 
@@ -153,7 +171,9 @@ def test_platform_selection():
     assert select_manifest(index, Platform.parse("linux/arm64/v8"))["platform"]["architecture"] == "arm64"
     assert select_manifest(index, Platform.parse("linux/arm/v7"))["platform"]["variant"] == "v7"
     assert select_manifest(index, Platform.parse("windows/amd64"))["platform"]["os"] == "windows"
-    with pytest.raises(ImageError, match=r"no linux/arm/v6 variant \(it has: linux/arm/v7, linux/arm64/v8, linux/amd64"):
+    with pytest.raises(
+        ImageError, match=r"no linux/arm/v6 variant \(it has: linux/arm/v7, linux/arm64/v8, linux/amd64"
+    ):
         select_manifest(index, Platform.parse("linux/arm/v6"))
     attestation = {"manifests": [{"digest": "sha256:" + "0" * 64, "size": 1, "platform": {"os": "linux", "architecture": "amd64"},
                                   "annotations": {"vnd.docker.reference.type": "attestation-manifest"}}]}  # fmt: skip

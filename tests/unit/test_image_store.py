@@ -12,13 +12,13 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
+from test_image_layers import assert_sample_tree, docker_save, ent, make_layer, mounted, oci_layout, sample_layers
 
 from matchlock.api.errors import ImageError, NotFoundError, UsageError
 from matchlock.api.image import ImageConfig
 from matchlock.cli.image import image as image_cli
 from matchlock.image.layers import squash_digest
 from matchlock.image.store import DEFAULT_IMAGE, ImageStore, validate_tag
-from test_image_layers import assert_sample_tree, docker_save, ent, make_layer, mounted, oci_layout, sample_layers
 
 
 @pytest.fixture
@@ -59,7 +59,17 @@ def test_schema(cache):
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert conn.execute("SELECT module, version FROM schema_migrations").fetchall() == [("image", 1), ("image", 2)]
     columns = [row[1] for row in conn.execute("PRAGMA table_info(images)")]
-    assert columns == ["scope", "tag", "digest", "size", "created_at", "source", "rootfs_path", "oci_json", "updated_at"]
+    assert columns == [
+        "scope",
+        "tag",
+        "digest",
+        "size",
+        "created_at",
+        "source",
+        "rootfs_path",
+        "oci_json",
+        "updated_at",
+    ]
     columns = [row[1] for row in conn.execute("PRAGMA table_info(image_layers)")]
     assert columns == ["scope", "tag", "ordinal", "digest", "media_type", "size", "diff_id"]
 
@@ -87,7 +97,10 @@ def test_duplicate_import_reuses_blob(cache):
     assert a.lower_path == b.lower_path == again.lower_path
     assert a.lower_path.stat().st_mtime_ns == mtime
     assert blobs(cache) == [a.lower_path.name]
-    assert a.lower_path.name == f"sha256_{squash_digest(['sha256:' + __import__('hashlib').sha256(t).hexdigest() for t in tars])}.erofs"
+    assert (
+        a.lower_path.name
+        == f"sha256_{squash_digest(['sha256:' + __import__('hashlib').sha256(t).hexdigest() for t in tars])}.erofs"
+    )
 
 
 def test_reimport_with_new_content_drops_old_blob(cache):
@@ -171,7 +184,9 @@ def test_concurrent_imports_share_one_blob(cache, tmp_path):
     """)
     env = {**os.environ, "MATCHLOCK_CACHE_DIR": str(cache)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", script, tag], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", script, tag], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for tag in ("same:1", "same:1", "other:1")
     ]
     results = [p.communicate(timeout=120) for p in procs]

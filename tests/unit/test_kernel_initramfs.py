@@ -42,8 +42,18 @@ def test_load_order_puts_dependencies_first():
     assert deps["virtio_rng"][0] == "kernel/drivers/char/hw_random/virtio-rng.ko.xz"
     order = fallback.load_order(["virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "erofs"], deps)
     assert len(order) == len(set(order))
-    assert set(order) == {"virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "failover", "net_failover",
-                          "virtio_net", "virtio_rng", "libcrc32c", "erofs"}
+    assert set(order) == {
+        "virtio",
+        "virtio_ring",
+        "virtio_mmio",
+        "virtio_blk",
+        "failover",
+        "net_failover",
+        "virtio_net",
+        "virtio_rng",
+        "libcrc32c",
+        "erofs",
+    }
     for name in order:
         for dep in deps[name][1]:
             assert order.index(dep) < order.index(name), (dep, name)
@@ -70,14 +80,14 @@ def parse_newc(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
     pos = 0
     while True:
         assert pos % 4 == 0
-        assert data[pos:pos + 6] == b"070701"
-        fields = [int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i in range(13)]
+        assert data[pos : pos + 6] == b"070701"
+        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
         mode, size, rmaj, rmin, namesize = fields[1], fields[6], fields[9], fields[10], fields[11]
         name_start = pos + 110
-        name = data[name_start:name_start + namesize - 1].decode()
+        name = data[name_start : name_start + namesize - 1].decode()
         assert data[name_start + namesize - 1] == 0
         body_start = name_start + namesize + (-(110 + namesize) % 4)
-        body = data[body_start:body_start + size]
+        body = data[body_start : body_start + size]
         pos = body_start + size + (-size % 4)
         if name == "TRAILER!!!":
             assert pos == len(data)
@@ -86,8 +96,9 @@ def parse_newc(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
 
 
 def test_initramfs_layout():
-    archive = fallback.build_initramfs(b"BUSYBOX", ["busybox", "sh", "mount", "switch_root"],
-                                       [("virtio", b"v1"), ("virtio_blk", b"blk!!")])
+    archive = fallback.build_initramfs(
+        b"BUSYBOX", ["busybox", "sh", "mount", "switch_root"], [("virtio", b"v1"), ("virtio_blk", b"blk!!")]
+    )
     entries = parse_newc(archive)
     assert entries["init"][0] == 0o100755
     assert entries["init"][1].decode() == fallback.INIT_SCRIPT
@@ -100,16 +111,30 @@ def test_initramfs_layout():
     for directory in ("proc", "sys", "dev", "newroot"):
         assert entries[directory][0] == 0o040755
     # deterministic: the same inputs give the same bytes
-    assert archive == fallback.build_initramfs(b"BUSYBOX", ["sh", "mount", "switch_root", "busybox"],
-                                               [("virtio", b"v1"), ("virtio_blk", b"blk!!")])
+    assert archive == fallback.build_initramfs(
+        b"BUSYBOX", ["sh", "mount", "switch_root", "busybox"], [("virtio", b"v1"), ("virtio_blk", b"blk!!")]
+    )
 
 
 def test_initramfs_is_readable_by_gnu_cpio():
     assert shutil.which("cpio"), "cpio is missing: run scripts/setup.sh (apt-get install cpio)"
     archive = fallback.build_initramfs(b"BB", ["sh"], [("virtio", b"v")])
     listing = subprocess.run(["cpio", "-it", "--quiet"], input=archive, capture_output=True, check=True).stdout.decode()
-    assert listing.split() == ["bin", "dev", "lib", "lib/modules", "newroot", "proc", "sys", "dev/console",
-                               "bin/busybox", "bin/sh", "lib/modules/virtio.ko", "lib/modules/order", "init"]
+    assert listing.split() == [
+        "bin",
+        "dev",
+        "lib",
+        "lib/modules",
+        "newroot",
+        "proc",
+        "sys",
+        "dev/console",
+        "bin/busybox",
+        "bin/sh",
+        "lib/modules/virtio.ko",
+        "lib/modules/order",
+        "init",
+    ]
 
 
 def test_init_script_is_valid_sh():

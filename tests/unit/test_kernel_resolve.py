@@ -58,7 +58,13 @@ def test_fragment_has_the_measured_edits():
     for off in ("CONFIG_RTC_HCTOSYS", "CONFIG_RTC_DRV_CMOS", "CONFIG_PCI", "CONFIG_VIRTIO_PCI"):
         assert values[off] == "n", off
     assert values["CONFIG_BLK_DEV_LOOP_MIN_COUNT"] == "0"
-    for on in ("CONFIG_PVH", "CONFIG_VIRTIO_MMIO", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES", "CONFIG_EROFS_FS", "CONFIG_VIRTIO_BLK"):
+    for on in (
+        "CONFIG_PVH",
+        "CONFIG_VIRTIO_MMIO",
+        "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES",
+        "CONFIG_EROFS_FS",
+        "CONFIG_VIRTIO_BLK",
+    ):
         assert values[on] == "y", on
 
 
@@ -72,8 +78,13 @@ def test_override_is_used_first(tmp_path, isolated_cache, monkeypatch):
     monkeypatch.setenv("MATCHLOCK_KERNEL", str(kernel))
     image = resolve()
     assert image == KernelImage(
-        path=kernel.resolve(), kind="override", version="custom", initrd=None,
-        cmdline=TUNED_CMDLINE, acpi=False, reason=image.reason,
+        path=kernel.resolve(),
+        kind="override",
+        version="custom",
+        initrd=None,
+        cmdline=TUNED_CMDLINE,
+        acpi=False,
+        reason=image.reason,
     )
     assert "MATCHLOCK_KERNEL" in image.reason
 

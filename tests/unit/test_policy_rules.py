@@ -208,8 +208,11 @@ def test_before_callback_mutates_with_the_documented_payload(tmp_path):
         async with HookServer(tmp_path / "hook.sock", replying(reply)) as hooks:
             rules = make_rules({"callback_id": "network_hook_1", "hosts": ["api.example.com"]},
                                callback_socket=hooks.path)  # fmt: skip
-            request = make_request("POST", query="a=1&a=2&b=", headers=[("Host", "api.example.com"),
-                                                                       ("x-token", "t"), ("Content-Length", "3")])
+            request = make_request(
+                "POST",
+                query="a=1&a=2&b=",
+                headers=[("Host", "api.example.com"), ("x-token", "t"), ("Content-Length", "3")],
+            )
             await rules.before(request)
             return hooks.payloads, request
 
@@ -314,8 +317,11 @@ def test_callbacks_never_see_secret_values(tmp_path):
     async def scenario():
         async with HookServer(tmp_path / "hook.sock", replying({})) as hooks:
             policy = NetworkPolicy(NetworkConfig(secrets={"KEY": secret}))
-            policy.rules = make_rules({"callback_id": "network_hook_1"},
-                                      {"phase": "after", "callback_id": "network_hook_2"}, callback_socket=hooks.path)
+            policy.rules = make_rules(
+                {"callback_id": "network_hook_1"},
+                {"phase": "after", "callback_id": "network_hook_2"},
+                callback_socket=hooks.path,
+            )
             request = make_request(query=f"key={secret.placeholder}", headers=[
                 ("Host", "api.example.com"), ("Authorization", f"Bearer {secret.placeholder}")])  # fmt: skip
             await policy.prepare_request(request)

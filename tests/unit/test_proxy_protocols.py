@@ -17,14 +17,14 @@ import h2.errors
 import h2.events
 import httpx
 import pytest
-from proxy_harness import PlainHTTPProxy, RawH2Client, TLSInterceptProxy, h2_through_proxy, make_policy
-from proxy_upstreams import HTTP1Upstream, HTTP2Upstream, UpstreamCA
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 
 from matchlock.api.network import SecretConfig
 from matchlock.net import tls
 from matchlock.net.http2 import STREAM_WINDOW
+from proxy_harness import PlainHTTPProxy, RawH2Client, TLSInterceptProxy, h2_through_proxy, make_policy
+from proxy_upstreams import HTTP1Upstream, HTTP2Upstream, UpstreamCA
 
 pytestmark = pytest.mark.timeout(90)
 PLACEHOLDER = "SANDBOX_SECRET_" + "b" * 32
@@ -47,14 +47,21 @@ def client(**kwargs) -> httpx.AsyncClient:
 
 
 def test_http1_keep_alive_with_rules_and_secrets():
-    rules = [{"set_headers": {"x-added": "1"}},
-             {"phase": "after", "set_response_headers": {"x-rule": "yes"}, "delete_response_headers": ["x-remove-me"]}]
+    rules = [
+        {"set_headers": {"x-added": "1"}},
+        {"phase": "after", "set_response_headers": {"x-rule": "yes"}, "delete_response_headers": ["x-remove-me"]},
+    ]
 
     async def scenario(upstream):
         policy, events = make_policy(rules, secrets=SECRETS)
         async with PlainHTTPProxy(policy, upstream.port) as proxy, client() as http:
-            responses = [await http.get(f"http://localhost:{proxy.port}/echo?k={PLACEHOLDER}",
-                                        headers={"authorization": f"Bearer {PLACEHOLDER}"}) for _ in range(2)]
+            responses = [
+                await http.get(
+                    f"http://localhost:{proxy.port}/echo?k={PLACEHOLDER}",
+                    headers={"authorization": f"Bearer {PLACEHOLDER}"},
+                )
+                for _ in range(2)
+            ]
         return responses, events
 
     with HTTP1Upstream() as upstream:
@@ -117,15 +124,21 @@ def test_http1_whole_body_replacement_and_blocks():
     assert refused.status_code == 403 and refused.text == "Blocked by policy: response blocked by policy\n"
     assert after.status_code == 200
     assert [(e.method, e.status_code, e.blocked) for e in events] == [
-        ("GET", 200, False), ("HEAD", 200, False), ("DELETE", 403, True), ("GET", 403, True), ("GET", 200, False)]
+        ("GET", 200, False),
+        ("HEAD", 200, False),
+        ("DELETE", 403, True),
+        ("GET", 403, True),
+        ("GET", 200, False),
+    ]
 
 
 def test_http1_declined_upgrade_keeps_the_connection_usable():
     async def scenario(upstream):
         policy, events = make_policy()
         async with PlainHTTPProxy(policy, upstream.port) as proxy, client() as http:
-            declined = await http.get(f"http://localhost:{proxy.port}/echo",
-                                      headers={"connection": "upgrade", "upgrade": "websocket"})
+            declined = await http.get(
+                f"http://localhost:{proxy.port}/echo", headers={"connection": "upgrade", "upgrade": "websocket"}
+            )
             again = await http.get(f"http://localhost:{proxy.port}/echo")
         return declined, again, events
 
@@ -224,8 +237,10 @@ def test_h2_requests_pass_rules_and_secrets(upstream_ca):
         policy, events = make_policy(rules, secrets=SECRETS)
         async with HTTP2Upstream(upstream_ca) as upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
             async with client(verify=proxy.client_context(), http2=True) as http:
-                response = await http.get(f"https://localhost:{proxy.port}/echo?k={PLACEHOLDER}",
-                                          headers={"authorization": f"Bearer {PLACEHOLDER}", "x-drop": "1"})
+                response = await http.get(
+                    f"https://localhost:{proxy.port}/echo?k={PLACEHOLDER}",
+                    headers={"authorization": f"Bearer {PLACEHOLDER}", "x-drop": "1"},
+                )
         return response, events
 
     response, events = asyncio.run(scenario())
@@ -316,7 +331,8 @@ def test_h2_trailers_resets_and_misdirected_requests(upstream_ca):
     assert [e.headers for e in guest.of(with_trailers, h2.events.TrailersReceived)] == [[("x-checksum", "abc123")]]
     assert b'"trailers": {"x-req-sum": "9"}' in guest.body(sent_trailers)
     assert [e.error_code for e in guest.of(reset_upstream, h2.events.StreamReset)] == [
-        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    ]
     assert guest.status(misdirected) == 421
     assert [code for _, code in resets] == [h2.errors.ErrorCodes.CANCEL]
     assert any(e.status_code == 421 and e.blocked for e in events)

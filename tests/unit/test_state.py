@@ -56,7 +56,9 @@ def test_older_schema_migrates_and_keeps_rows(tmp_path):
 
 def test_failed_migration_restores_the_backup(tmp_path):
     path = tmp_path / "db.sqlite"
-    conn = open_database(path, "demo", [Migration(1, "create", "CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1);")])
+    conn = open_database(
+        path, "demo", [Migration(1, "create", "CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1);")]
+    )
     conn.close()
     broken = [
         Migration(1, "create", ""),
@@ -73,7 +75,9 @@ def test_failed_migration_restores_the_backup(tmp_path):
 
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "db.sqlite"
-    open_database(path, "demo", [Migration(1, "a", "CREATE TABLE a (x);"), Migration(2, "b", "CREATE TABLE b (x);")]).close()
+    open_database(
+        path, "demo", [Migration(1, "a", "CREATE TABLE a (x);"), Migration(2, "b", "CREATE TABLE b (x);")]
+    ).close()
     with pytest.raises(MigrationError, match="newer than this matchlock"):
         open_database(path, "demo", [Migration(1, "a", "CREATE TABLE a (x);")])
 

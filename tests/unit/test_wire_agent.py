@@ -26,7 +26,11 @@ from matchlock.wire.agent import (
 
 def test_exec_request_round_trip_full():
     req = ExecRequest(
-        command="echo hi", env={"A": "1", "PATH": "/bin"}, cwd="/tmp", user="nobody", stdin=True,
+        command="echo hi",
+        env={"A": "1", "PATH": "/bin"},
+        cwd="/tmp",
+        user="nobody",
+        stdin=True,
         tty=TerminalSize(24, 80),
     )
     wire = req.to_wire()

@@ -9,16 +9,15 @@ import pytest
 
 from matchlock.wire.frames import (
     HEADER_SIZE,
+    KIND_NAMES,
     MAX_PAYLOAD,
     MAX_STREAM_ID,
     Frame,
     FrameDecoder,
-    KIND_NAMES,
     FrameKind,
     ProtocolError,
     encode_frame,
 )
-
 
 ALL_KINDS = sorted(KIND_NAMES)
 
@@ -47,7 +46,14 @@ def test_encode_rejects_oversized_payload():
 
 def test_kind_names_cover_exactly_the_eight_kinds():
     assert KIND_NAMES == {
-        1: "HELLO", 2: "OPEN", 3: "DATA", 4: "EOF", 5: "MESSAGE", 6: "WINDOW", 7: "CLOSE", 8: "RESET",
+        1: "HELLO",
+        2: "OPEN",
+        3: "DATA",
+        4: "EOF",
+        5: "MESSAGE",
+        6: "WINDOW",
+        7: "CLOSE",
+        8: "RESET",
     }
     assert FrameKind.DATA == 3 and FrameKind.RESET == 8
 
@@ -118,8 +124,7 @@ def test_byte_at_a_time_feeding():
 def test_many_frames_in_one_chunk():
     rng = random.Random(1234)
     sent = [
-        Frame(rng.choice(ALL_KINDS), rng.randrange(0, 1000), rng.randbytes(rng.randrange(0, 300)))
-        for _ in range(500)
+        Frame(rng.choice(ALL_KINDS), rng.randrange(0, 1000), rng.randbytes(rng.randrange(0, 300))) for _ in range(500)
     ]
     wire = b"".join(encode_frame(f.kind, f.stream, f.payload) for f in sent)
     decoder = FrameDecoder()

@@ -159,8 +159,11 @@ def test_handshake_error_is_a_protocol_error_and_breaks_the_connection():
 
 @pytest.mark.parametrize(
     "overrides, match",
-    [({"features": "abc"}, "features must be a list of strings"), ({"features": [1]}, "features must be a list"),
-     ({"info": [1, 2]}, "HELLO info must be a JSON object")],
+    [
+        ({"features": "abc"}, "features must be a list of strings"),
+        ({"features": [1]}, "features must be a list"),
+        ({"info": [1, 2]}, "HELLO info must be a JSON object"),
+    ],
 )
 def test_malformed_hello_fields(overrides, match):
     with pytest.raises(ProtocolError, match=match):
@@ -552,15 +555,19 @@ def test_deeply_nested_json_in_hello_and_open():
         host.receive_data(frame(FrameKind.OPEN, 2, b"{" * 100000))
 
 
-@pytest.mark.parametrize("payload, match", [(b"", "missing or malformed channel byte"), (b"\x05x", "unknown channel 5")])
+@pytest.mark.parametrize(
+    "payload, match", [(b"", "missing or malformed channel byte"), (b"\x05x", "unknown channel 5")]
+)
 def test_bad_data_channel(payload, match):
     host, guest, sid = open_pair()
     with pytest.raises(ProtocolError, match=match):
         host.receive_data(frame(FrameKind.DATA, sid, payload))
 
 
-@pytest.mark.parametrize("payload, match", [(b"", "missing or malformed"), (b"\x01\x02", "missing or malformed"),
-                                            (b"\x03", "unknown channel 3")])
+@pytest.mark.parametrize(
+    "payload, match",
+    [(b"", "missing or malformed"), (b"\x01\x02", "missing or malformed"), (b"\x03", "unknown channel 3")],
+)
 def test_bad_eof_channel(payload, match):
     host, guest, sid = open_pair()
     with pytest.raises(ProtocolError, match=match):

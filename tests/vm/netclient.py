@@ -101,7 +101,18 @@ def build_client_image(work: Path, tag: str) -> Path:
         for top in ("lib", "lib64", "bin", "sbin"):
             _entry(tar, top, kind=tarfile.SYMTYPE, linkname=f"usr/{top}", mode=0o777)
         _tar_tree(tar, root)
-        for directory in ("etc", "etc/ssl", "etc/ssl/certs", "tmp", "root", "proc", "sys", "dev", "run", "usr/local/bin"):
+        for directory in (
+            "etc",
+            "etc/ssl",
+            "etc/ssl/certs",
+            "tmp",
+            "root",
+            "proc",
+            "sys",
+            "dev",
+            "run",
+            "usr/local/bin",
+        ):
             _entry(tar, directory, kind=tarfile.DIRTYPE, mode=0o1777 if directory == "tmp" else 0o755)
         for applet in ("sh", "wget", "nc", "nslookup", "cat", "env", "grep", "ls", "timeout", "echo", "sleep", "tr",
                        "hostname", "head", "id", "ps", "wc", "sed", "find", "xargs", "sort", "seq"):  # fmt: skip

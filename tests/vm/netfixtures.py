@@ -95,9 +95,17 @@ def make_test_pki(directory: Path) -> tuple[Path, Path, Path]:
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )  # fmt: skip
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
@@ -124,9 +132,7 @@ def make_test_pki(directory: Path) -> tuple[Path, Path, Path]:
     ca_path, cert_path, key_path = directory / "ca.pem", directory / "server.pem", directory / "server.key"
     ca_path.write_bytes(ca.public_bytes(pem))
     cert_path.write_bytes(cert.public_bytes(pem) + ca.public_bytes(pem))
-    key_path.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     key_path.chmod(0o600)
     return ca_path, cert_path, key_path
 
@@ -244,7 +250,18 @@ class StandInInternet:
     def wrap(self, argv: list[str]) -> list[str]:
         """Run argv in a private mount namespace whose /etc/resolv.conf names the stand-in DNS server."""
         script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
-        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, str(self.resolv_conf), *argv]
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            str(self.resolv_conf),
+            *argv,
+        ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,8 +324,6 @@ class NetLoopThread:
         self.thread.join(10)
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # pytest fixtures (test modules import them by name)
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +379,9 @@ if pytest is not None:
             net_cli("kill", vm_id)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            states = [json.loads(r.stdout)["status"] for r in map(lambda v: net_cli("get", v), started) if r.returncode == 0]
+            states = [
+                json.loads(r.stdout)["status"] for r in map(lambda v: net_cli("get", v), started) if r.returncode == 0
+            ]
             if "running" not in states:
                 break
             time.sleep(0.3)

@@ -180,9 +180,15 @@ class Servers:
             else:
                 status, content_type, payload = self.respond(entry)
                 await send(
-                    h11.Response(status_code=status, headers=[("Content-Type", content_type),
-                                 ("Content-Length", str(len(payload))), ("X-Served-By", "stand-in"),
-                                 ("X-Upstream-Secret", "remove-me")]),  # fmt: skip
+                    h11.Response(
+                        status_code=status,
+                        headers=[
+                            ("Content-Type", content_type),
+                            ("Content-Length", str(len(payload))),
+                            ("X-Served-By", "stand-in"),
+                            ("X-Upstream-Secret", "remove-me"),
+                        ],
+                    ),  # fmt: skip
                     h11.Data(data=payload),
                     h11.EndOfMessage(),
                 )

@@ -84,7 +84,11 @@ def _image_tarball(tmp_path: Path, tag: str) -> Path:
     config = {
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin", "FROM_IMAGE=yes"], "Cmd": ["sh", "-c", "echo default-cmd"], "WorkingDir": "/data"},
+        "config": {
+            "Env": ["PATH=/bin", "FROM_IMAGE=yes"],
+            "Cmd": ["sh", "-c", "echo default-cmd"],
+            "WorkingDir": "/data",
+        },
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]},
     }
     config_bytes = json.dumps(config).encode()

@@ -69,8 +69,10 @@ def tsc_khz() -> int:
     """microvm under TCG hangs at random in TSC calibration without `tsc_early_khz=`."""
     khz = host_tsc_khz()
     if not khz:
-        pytest.fail("cannot find the host TSC frequency in the kernel log or /proc/cpuinfo; "
-                    "run the tests as root so `dmesg` is readable")
+        pytest.fail(
+            "cannot find the host TSC frequency in the kernel log or /proc/cpuinfo; "
+            "run the tests as root so `dmesg` is readable"
+        )
     return khz
 
 
@@ -81,7 +83,23 @@ def make_erofs(tmp_path: Path, name: str, busybox: Path | None, init: str | None
     (root / "which").write_text(name + "\n")
     if busybox is not None:
         shutil.copy2(busybox, root / "bin" / "busybox")
-        for applet in ("sh", "mount", "awk", "cat", "echo", "grep", "sort", "cut", "tr", "mkdir", "reboot", "ls", "dd", "wc", "date"):
+        for applet in (
+            "sh",
+            "mount",
+            "awk",
+            "cat",
+            "echo",
+            "grep",
+            "sort",
+            "cut",
+            "tr",
+            "mkdir",
+            "reboot",
+            "ls",
+            "dd",
+            "wc",
+            "date",
+        ):
             (root / "bin" / applet).symlink_to("busybox")
     if init is not None:
         (root / "init").write_text(init)
@@ -112,27 +130,64 @@ def disks(tmp_path, busybox) -> dict[str, Path]:
     }
 
 
-def qemu_argv(kernel: Path, initrd: Path | None, cmdline: tuple[str, ...], acpi: bool,
-              disks: list[tuple[str, Path]], sock: Path) -> list[str]:
+def qemu_argv(
+    kernel: Path, initrd: Path | None, cmdline: tuple[str, ...], acpi: bool, disks: list[tuple[str, Path]], sock: Path
+) -> list[str]:
     # Keep QEMU's RTC: with rtc=off the kernel waits 1 s for the CMOS clock early in
     # boot ("Unable to read current time from RTC") and the guest starts in 1970. The
     # tuned kernel has no CMOS RTC driver, so nothing in it claims IRQ 8.
     machine = "microvm" if acpi else "microvm,acpi=off"
-    append = ["console=ttyS0", "panic=-1", "reboot=t", f"tsc_early_khz={tsc_khz()}", "quiet",
-              "mitigations=off", *cmdline]
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-M", machine, "-m", "512", "-smp", "1",
-            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
-            "-kernel", str(kernel), "-append", " ".join(append)]
+    append = [
+        "console=ttyS0",
+        "panic=-1",
+        "reboot=t",
+        f"tsc_early_khz={tsc_khz()}",
+        "quiet",
+        "mitigations=off",
+        *cmdline,
+    ]
+    argv = [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-M",
+        machine,
+        "-m",
+        "512",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-append",
+        " ".join(append),
+    ]
     if initrd is not None:
         argv += ["-initrd", str(initrd)]
     for serial, path in disks:
         readonly = ",readonly=on" if path.suffix == ".erofs" else ""
-        argv += ["-drive", f"id={serial},file={path},format=raw,if=none{readonly}",
-                 "-device", f"virtio-blk-device,drive={serial},serial={serial}"]
-    argv += ["-device", "virtio-serial-device",
-             "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
-             "-device", "virtserialport,chardev=agent,name=matchlock.agent",
-             "-device", "virtio-rng-device"]
+        argv += [
+            "-drive",
+            f"id={serial},file={path},format=raw,if=none{readonly}",
+            "-device",
+            f"virtio-blk-device,drive={serial},serial={serial}",
+        ]
+    argv += [
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        f"socket,id=agent,path={sock},server=on,wait=off",
+        "-device",
+        "virtserialport,chardev=agent,name=matchlock.agent",
+        "-device",
+        "virtio-rng-device",
+    ]
     return argv
 
 
@@ -148,7 +203,9 @@ def boot(argv: list[str], timeout: float = 180) -> tuple[str, float | None, floa
         while True:
             remaining = started + timeout - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"QEMU did not exit within {timeout} s; console:\n{output.decode(errors='replace')}")
+                raise AssertionError(
+                    f"QEMU did not exit within {timeout} s; console:\n{output.decode(errors='replace')}"
+                )
             ready, _, _ = select.select([fd], [], [], remaining)
             if not ready:
                 continue
@@ -167,7 +224,7 @@ def boot(argv: list[str], timeout: float = 180) -> tuple[str, float | None, floa
 
 
 def report(output: str) -> dict[str, str]:
-    line = next((l for l in output.splitlines() if l.startswith(MARKER)), None)
+    line = next((ln for ln in output.splitlines() if ln.startswith(MARKER)), None)
     assert line is not None, f"marker missing; console:\n{output}"
     return dict(field.split("=", 1) for field in line.split()[1:] if "=" in field)
 
@@ -188,15 +245,25 @@ def assert_booted_runtime(seen: dict[str, str]) -> None:
 def test_fallback_kernel_boots_runtime_disk_by_serial(tmp_path, disks):
     kernel = fallback.build_fallback()
     argv = qemu_argv(
-        kernel.vmlinuz, kernel.initrd, fallback.FALLBACK_CMDLINE, True,
-        [("decoy", disks["decoy"]), ("runtime", disks["runtime"]), ("lower", disks["lower"]), ("upper", disks["upper"])],
+        kernel.vmlinuz,
+        kernel.initrd,
+        fallback.FALLBACK_CMDLINE,
+        True,
+        [
+            ("decoy", disks["decoy"]),
+            ("runtime", disks["runtime"]),
+            ("lower", disks["lower"]),
+            ("upper", disks["upper"]),
+        ],
         tmp_path / "agent.sock",
     )
     output, marker_at, total = boot(argv)
     assert "FATAL" not in output, output
     assert "WRONG-DISK-BOOTED" not in output, output
     seen = report(output)
-    print(f"fallback {kernel.release}: marker after {marker_at:.2f} s, exit after {total:.2f} s, guest uptime {seen['uptime']} s")
+    print(
+        f"fallback {kernel.release}: marker after {marker_at:.2f} s, exit after {total:.2f} s, guest uptime {seen['uptime']} s"
+    )
     assert_booted_runtime(seen)
     assert seen["disks"] == "decoy,lower,runtime,upper,"
     assert "MATCHLOCK-OVERLAY lower" in output
@@ -207,13 +274,18 @@ def test_tuned_kernel_boots_runtime_disk(tmp_path, disks):
     if vmlinux is None:
         pytest.fail("the tuned kernel is not built: run `matchlock kernel build` (or scripts/setup.sh)")
     argv = qemu_argv(
-        vmlinux, None, TUNED_CMDLINE, False,
+        vmlinux,
+        None,
+        TUNED_CMDLINE,
+        False,
         [("runtime", disks["runtime"]), ("lower", disks["lower"]), ("upper", disks["upper"])],
         tmp_path / "agent.sock",
     )
     output, marker_at, total = boot(argv)
     seen = report(output)
-    print(f"tuned {vmlinux.parent.name}: marker after {marker_at:.2f} s, exit after {total:.2f} s, guest uptime {seen['uptime']} s")
+    print(
+        f"tuned {vmlinux.parent.name}: marker after {marker_at:.2f} s, exit after {total:.2f} s, guest uptime {seen['uptime']} s"
+    )
     assert_booted_runtime(seen)
     assert seen["disks"] == "lower,runtime,upper,"
     assert "MATCHLOCK-OVERLAY lower" in output

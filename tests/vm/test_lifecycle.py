@@ -91,7 +91,7 @@ def test_full_lifecycle(cli, detached, state_dir):
 
     assert cli("rm", vm).stdout == f"Removed {vm}\n"
     assert _rows(cli) == [] and not (state_dir / "vms" / vm).exists()
-    assert "s3cr3t-value".encode() not in (state_dir / "state.db").read_bytes()
+    assert b"s3cr3t-value" not in (state_dir / "state.db").read_bytes()
     gone = cli("get", vm)
     assert gone.returncode == 1 and f"VM {vm} not found" in gone.stderr
 

@@ -170,7 +170,9 @@ def test_allow_list_globs(net_cli, inet, pattern, expected):
             assert served_from(detail) == HOSTS[name]
         else:
             assert "403" in detail, (pattern, name, detail)
-    assert sorted(e["host"] for e in inet.served_since(mark, kind="http")) == sorted(n for n, a in expected.items() if a)
+    assert sorted(e["host"] for e in inet.served_since(mark, kind="http")) == sorted(
+        n for n, a in expected.items() if a
+    )
 
 
 def test_intercept_with_empty_list_allows_all_and_open_mode_passes_tls_through(net_cli, client_image):
@@ -311,7 +313,7 @@ def test_secrets_substituted_only_for_their_hosts(net_cli, net_detached, client_
         'p "http://api.test/echo?key=$API_KEY&other=$ENV_KEY" --header "Authorization: Bearer $API_KEY"; '
         'p "http://other.test/echo?key=$API_KEY"; '
         'p "http://other.test/echo" --header "Authorization: Bearer $ENV_KEY"; '
-        'mlk-net multi "get https://api.test/echo?key=$API_KEY -H \'X-Env: $ENV_KEY\'" '
+        "mlk-net multi \"get https://api.test/echo?key=$API_KEY -H 'X-Env: $ENV_KEY'\" "
         '"get https://other.test/echo?key=$ENV_KEY"'
     )
     output = net_cli("exec", vm, "--", "sh", "-c", script).stdout
@@ -389,8 +391,10 @@ def test_streaming_is_not_buffered(net_cli, client_image):
     assert chunked["lines"] == [f"chunk-{i} foo\n" for i in range(4)], result
     assert chunked["times"][-1] - chunked["times"][0] >= 1.2, chunked  # each chunk arrived when it was sent
     assert sse["status"] == 200 and ["content-type", "text/event-stream"] in sse["headers"], sse
-    assert "".join(sse["lines"]) == 'event: greeting\ndata: hello foo\n\ndata: foo and foo\n\n: comment foo\n\n' \
+    assert (
+        "".join(sse["lines"]) == "event: greeting\ndata: hello foo\n\ndata: foo and foo\n\n: comment foo\n\n"
         'id: foo-1\ndata: {"v": "foo"}\n\n'
+    )
     assert close["lines"] == [f"part-{i} foo\n" for i in range(3)], close
 
 

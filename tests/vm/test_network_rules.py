@@ -217,7 +217,7 @@ def test_sse_rewrites_only_data_lines(ruled, net_loop):
     (sse,) = client(box, net_loop, "stream https://api.test/sse")
     assert sse["status"] == 200, sse
     assert "".join(sse["lines"]) == (
-        "event: greeting\ndata: hello bar\n\ndata: bar and bar\n\n: comment foo\n\nid: foo-1\ndata: {\"v\": \"bar\"}\n\n"
+        'event: greeting\ndata: hello bar\n\ndata: bar and bar\n\n: comment foo\n\nid: foo-1\ndata: {"v": "bar"}\n\n'
     ), sse
     assert header(sse, "content-length") == []
     assert sse["times"][-1] - sse["times"][0] >= 0.1, sse  # still streamed, event by event

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from matchlock.image.archive import host_arch
 from registry_support import (
     Registry,
     busybox_binary,
@@ -23,8 +24,6 @@ from registry_support import (
     tar_layer,
     write_oci_layout,
 )  # fmt: skip
-
-from matchlock.image.archive import host_arch
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry, pytest.mark.usefixtures("vm_prerequisites")]
 MATCHLOCK = str(Path(sys.executable).parent / "matchlock")

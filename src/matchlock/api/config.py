@@ -148,7 +148,10 @@ def public_config(config: SandboxConfig) -> dict:
             "interception_rules": len(network.interception.rules) if network.interception else 0,
         },
         "env": {key: REDACTED for key in config.env},
-        "image_config": {**config.image_config.to_json(), **({"env": {k: REDACTED for k in config.image_config.env}} if config.image_config.env else {})},
+        "image_config": {
+            **config.image_config.to_json(),
+            **({"env": {k: REDACTED for k in config.image_config.env}} if config.image_config.env else {}),
+        },
     }
 
 

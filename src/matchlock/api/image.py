@@ -21,7 +21,7 @@ class ImageConfig:
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_oci(cls, config: dict) -> "ImageConfig":
+    def from_oci(cls, config: dict) -> ImageConfig:
         """Build from the `config` object of an OCI/Docker image config blob."""
         env: dict[str, str] = {}
         for entry in config.get("Env") or []:
@@ -53,7 +53,7 @@ class ImageConfig:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "ImageConfig":
+    def from_json(cls, data: dict) -> ImageConfig:
         return cls(
             user=data.get("user", ""),
             working_dir=data.get("working_dir", ""),
@@ -62,7 +62,7 @@ class ImageConfig:
             env=dict(data.get("env") or {}),
         )
 
-    def merged(self, override: "ImageConfig") -> "ImageConfig":
+    def merged(self, override: ImageConfig) -> ImageConfig:
         """Apply an override: non-empty strings and non-None lists/maps replace."""
         return replace(
             self,

@@ -30,14 +30,14 @@ class HostMapping:
     ip: str
 
     @classmethod
-    def parse(cls, spec: str) -> "HostMapping":
+    def parse(cls, spec: str) -> HostMapping:
         host, sep, ip = spec.partition(":")
         if not sep or not host or not ip:
             raise UsageError(f"invalid add-host mapping {spec!r}: expected host:ip")
         return cls.validated(host, ip)
 
     @classmethod
-    def validated(cls, host: str, ip: str) -> "HostMapping":
+    def validated(cls, host: str, ip: str) -> HostMapping:
         if any(c.isspace() for c in host) or ":" in host or not host:
             raise UsageError(f"invalid add-host mapping {host!r}: the host name may not contain ':' or spaces")
         try:
@@ -56,11 +56,13 @@ class SecretConfig:
     placeholder: str = ""
 
     @classmethod
-    def parse_flag(cls, spec: str, environ) -> tuple[str, "SecretConfig"]:
+    def parse_flag(cls, spec: str, environ) -> tuple[str, SecretConfig]:
         """`NAME=VALUE@host1,host2`, or `NAME@hosts` taking VALUE from the environment."""
         head, sep, hosts = spec.rpartition("@")
         if not sep or not head:
-            raise UsageError(f"invalid --secret {spec.split('=', 1)[0]!r}: expected NAME=VALUE@host[,host] or NAME@host")
+            raise UsageError(
+                f"invalid --secret {spec.split('=', 1)[0]!r}: expected NAME=VALUE@host[,host] or NAME@host"
+            )
         name, has_value, value = head.partition("=")
         if not _ENV_KEY.match(name):
             raise UsageError(f"invalid --secret name {name!r}: use letters, digits and '_'")
@@ -100,7 +102,7 @@ class InterceptionRule:
     body_replacements: tuple[BodyReplacement, ...] = ()
 
     @classmethod
-    def from_json(cls, data: dict) -> "InterceptionRule":
+    def from_json(cls, data: dict) -> InterceptionRule:
         def strings(key: str) -> tuple[str, ...]:
             value = data.get(key) or []
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -109,7 +111,9 @@ class InterceptionRule:
 
         def mapping(key: str) -> dict[str, str]:
             value = data.get(key) or {}
-            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
                 raise UsageError(f"interception rule {key!r} must map strings to strings")
             return dict(value)
 
@@ -186,9 +190,7 @@ class NetworkConfig:
         if isinstance(self.mtu, bool) or not isinstance(self.mtu, int) or not 576 <= self.mtu <= 65535:
             raise UsageError(f"invalid --mtu {self.mtu!r}: must be between 576 and 65535")
         if self.no_network and (self.allowed_hosts or self.secrets or self.intercept or self.interception):
-            raise UsageError(
-                "--no-network cannot be combined with --allow-host, --secret or --network-intercept"
-            )
+            raise UsageError("--no-network cannot be combined with --allow-host, --secret or --network-intercept")
         for pattern in self.allowed_hosts:
             validate_host_glob(pattern)
         for name, secret in self.secrets.items():

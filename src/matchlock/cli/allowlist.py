@@ -38,7 +38,9 @@ def _request(vm_id: str, kind: int, hosts: list[str]) -> dict:
 
 
 def _print_current(allowed) -> None:
-    click.echo(f"Current allow-list: {','.join(allowed)}" if allowed else "Current allow-list: (empty: all hosts allowed)")
+    click.echo(
+        f"Current allow-list: {','.join(allowed)}" if allowed else "Current allow-list: (empty: all hosts allowed)"
+    )
 
 
 @click.group("allow-list")

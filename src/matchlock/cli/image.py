@@ -33,7 +33,9 @@ def import_(tag: str) -> None:
     validate_tag(tag)
     stdin = sys.stdin.buffer
     if stdin.isatty():
-        raise UsageError(f"pipe a docker save or OCI-layout tarball into stdin, e.g. docker save {tag} | matchlock image import {tag}")
+        raise UsageError(
+            f"pipe a docker save or OCI-layout tarball into stdin, e.g. docker save {tag} | matchlock image import {tag}"
+        )
     click.echo(f"Importing {tag} from stdin...", err=True)
     info = ImageStore().import_tarball(stdin, tag)
     click.echo(f"Imported: {info.tag}")

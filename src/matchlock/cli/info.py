@@ -47,7 +47,9 @@ class Check:
     fix: str | None = None
 
 
-def _tool_check(name: str, binary: str, package: str, *, required: bool = True, version_arg: str | None = None) -> Check:
+def _tool_check(
+    name: str, binary: str, package: str, *, required: bool = True, version_arg: str | None = None
+) -> Check:
     path = shutil.which(binary)
     if path is None:
         return Check(name, "fail" if required else "warn", f"{binary} not found", f"apt-get install {package}")
@@ -122,7 +124,11 @@ def diagnose(as_json: bool) -> None:
     checks = collect_checks()
     ok = all(c.status != "fail" for c in checks)
     if as_json:
-        click.echo(json.dumps({"ok": ok, "checks": [{k: v for k, v in asdict(c).items() if v is not None} for c in checks]}, indent=2))
+        click.echo(
+            json.dumps(
+                {"ok": ok, "checks": [{k: v for k, v in asdict(c).items() if v is not None} for c in checks]}, indent=2
+            )
+        )
     else:
         symbols = {"pass": "✓", "fail": "✗", "warn": "⚠"}
         for check in checks:

@@ -33,7 +33,9 @@ def kernel() -> None:
 
 
 @kernel.command("build")
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, help="Parallel make jobs (default: number of CPUs).")
+@click.option(
+    "--jobs", "-j", type=click.IntRange(min=1), default=None, help="Parallel make jobs (default: number of CPUs)."
+)
 def build(jobs: int | None) -> None:
     """Build the tuned guest kernel (a few minutes, once; cached afterwards)."""
     from ..kernel.build import build_tuned, cached_tuned

@@ -60,6 +60,7 @@ async def _serve(vm_id: str, specs: list[ForwardSpec], addresses: list[str]) -> 
     servers = []
     for spec in specs:
         for address in addresses:
+
             def handle(reader, writer, remote=spec.remote_port):
                 return _tunnel(socket_path, remote, reader, writer)
 

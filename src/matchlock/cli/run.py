@@ -14,19 +14,19 @@ import click
 
 from ..api.config import (
     DEFAULT_CPUS,
-    parse_duration,
     DEFAULT_DISK_SIZE_MB,
     DEFAULT_MEMORY_MB,
     HostMapping,
     NetworkConfig,
     Resources,
     SandboxConfig,
+    parse_duration,
     parse_env_assignment,
     parse_env_file,
 )
 from ..api.errors import UsageError
-from ..api.network import DEFAULT_MTU, SecretConfig
 from ..api.image import ImageConfig, compose_command
+from ..api.network import DEFAULT_MTU, SecretConfig
 from ..sandbox.portforward import ForwardSpec, parse_addresses
 from .common import BoolFlagsCommand
 from .main import ARGS_FD_ENV
@@ -78,14 +78,20 @@ def build_config(
 
 
 @click.command(cls=BoolFlagsCommand, context_settings={"allow_interspersed_args": False})
-@click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="Image: a local tag, else pulled on a cache miss.")
+@click.option(
+    "--image", default=DEFAULT_IMAGE, show_default=True, help="Image: a local tag, else pulled on a cache miss."
+)
 @click.option("--pull", "force_pull", is_flag=True, help="Pull the image from its registry even when it is cached.")
-@click.option("-e", "--env", multiple=True, metavar="KEY[=VALUE]", help="Set a variable; KEY alone copies it from the host.")
+@click.option(
+    "-e", "--env", multiple=True, metavar="KEY[=VALUE]", help="Set a variable; KEY alone copies it from the host."
+)
 @click.option("--env-file", multiple=True, metavar="PATH", help="Read KEY[=VALUE] lines (applied before -e).")
 @click.option("-w", "--workdir", default="", help="Working directory (default: image WORKDIR, then /).")
 @click.option("-u", "--user", default="", help="uid, uid:gid or user name (overrides the image USER).")
 @click.option("--entrypoint", default=None, help="Replace the image ENTRYPOINT; empty clears it.")
-@click.option("--cpus", type=float, default=DEFAULT_CPUS, show_default=True, help="CPUs; fractions are enforced as a quota.")
+@click.option(
+    "--cpus", type=float, default=DEFAULT_CPUS, show_default=True, help="CPUs; fractions are enforced as a quota."
+)
 @click.option("--memory", type=int, default=DEFAULT_MEMORY_MB, show_default=True, help="Memory in MB.")
 @click.option("--disk-size", type=int, default=DEFAULT_DISK_SIZE_MB, show_default=True, help="Writable disk in MB.")
 @click.option("--timeout", type=int, default=None, help="Seconds for the whole run, boot included.")
@@ -104,7 +110,9 @@ def build_config(
 @click.option("--address", multiple=True, metavar="IP", help="Listen address for -p (default 127.0.0.1; repeatable).")
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
 @click.option("-t", "--tty", is_flag=True, help="With -i: run in a pseudo-terminal.")
-@click.option("--privileged/--no-privileged", default=False, help="Skip the seccomp filter, capability drop and no_new_privs.")
+@click.option(
+    "--privileged/--no-privileged", default=False, help="Skip the seccomp filter, capability drop and no_new_privs."
+)
 @click.option("--rm/--no-rm", default=True, show_default=True,
               help="Remove the sandbox when the command exits; --rm=false keeps it until SIGINT/SIGTERM.")  # fmt: skip
 @click.option("-d", "--detach/--no-detach", default=False, help="Start in the background and print the VM ID.")
@@ -153,7 +161,7 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
     )  # fmt: skip
     try:
         code = asyncio.run(own_sandbox(config, options))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         click.echo(f"Error: timed out after {timeout} s (--timeout)", err=True)
         code = TIMEOUT_EXIT_CODE
     sys.stdout.flush()

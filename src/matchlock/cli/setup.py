@@ -27,7 +27,9 @@ def setup(build_kernel: bool, jobs: int | None) -> None:
 
     _step("Guest runtime disk", ensure_runtime_disk)
     if build_kernel:
-        _step("Guest kernel (tuned)", lambda: build_tuned(jobs=jobs, log=lambda line: click.echo(f"  {line}", err=True)))
+        _step(
+            "Guest kernel (tuned)", lambda: build_tuned(jobs=jobs, log=lambda line: click.echo(f"  {line}", err=True))
+        )
     _step("Fallback kernel (Debian cloud kernel + initramfs)",
           lambda: (fallback.cached_fallback() or fallback.build_fallback(log=lambda m: None)).vmlinuz)  # fmt: skip
     kernel = resolve()

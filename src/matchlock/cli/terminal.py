@@ -53,9 +53,7 @@ async def forward_stdin(process: GuestProcess, queue: asyncio.Queue) -> None:
     process.close_stdin()
 
 
-async def attach(
-    sandbox: Sandbox, spec: ExecSpec, *, interactive: bool, pty: bool, handle_signals: bool = True
-) -> int:
+async def attach(sandbox: Sandbox, spec: ExecSpec, *, interactive: bool, pty: bool, handle_signals: bool = True) -> int:
     loop = asyncio.get_running_loop()
     with open(sandbox.console_log, "ab", buffering=0) as log:
         stdout = OutputSink(sys.stdout.fileno(), log)

@@ -46,5 +46,3 @@ def raw_terminal(fd: int) -> Iterator[None]:
 def terminal_size() -> TerminalSize:
     size = os.get_terminal_size(sys.stdout.fileno())
     return TerminalSize(max(size.lines, 1), max(size.columns, 1))
-
-

@@ -306,7 +306,7 @@ class Agent:
             handler = self.processes.pop(pid, None)
             if handler is not None:
                 code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-                self._guarded(lambda: handler.on_exit(code))
+                self._guarded(lambda handler=handler, code=code: handler.on_exit(code))
                 self._forget_if_done(handler.stream, handler)
 
     # --- boot configuration from the host's HELLO --------------------------------

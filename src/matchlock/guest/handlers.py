@@ -449,8 +449,6 @@ def list_files(path: str) -> dict:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            entries.append(
-                msgs.FileInfo(entry.name, info.st_size, info.st_mode, stat.S_ISDIR(info.st_mode)).to_wire()
-            )
+            entries.append(msgs.FileInfo(entry.name, info.st_size, info.st_mode, stat.S_ISDIR(info.st_mode)).to_wire())
     entries.sort(key=lambda e: e["name"])
     return {"type": msgs.REPLY_RESULT, "files": entries}

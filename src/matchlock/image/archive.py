@@ -192,7 +192,9 @@ class _Outer:
             if member is None:
                 raise ImageError(f"archive has no {name!r}")
             if member.issym():
-                name = "/".join(normalise(posixpath.join(posixpath.dirname(name), member.linkname), f"archive link {name}"))
+                name = "/".join(
+                    normalise(posixpath.join(posixpath.dirname(name), member.linkname), f"archive link {name}")
+                )
             elif member.islnk():
                 name = "/".join(normalise(member.linkname, f"archive link {name}"))
             elif member.isreg() and not member.issparse():
@@ -239,7 +241,7 @@ class LoadedImage:
             closer()
         self._closers.clear()
 
-    def __enter__(self) -> "LoadedImage":
+    def __enter__(self) -> LoadedImage:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -305,7 +307,9 @@ def _load_docker(outer: _Outer, workdir: Path, tag: str | None) -> LoadedImage:
         entries = [e for e in manifest if tag and tag in (e.get("RepoTags") or [])]
         if len(entries) != 1:
             tags = sorted(t for e in manifest for t in e.get("RepoTags") or [])
-            raise ImageError(f"tarball holds {len(manifest)} images ({', '.join(tags) or 'untagged'}); save one image at a time")
+            raise ImageError(
+                f"tarball holds {len(manifest)} images ({', '.join(tags) or 'untagged'}); save one image at a time"
+            )
     entry = entries[0]
     config_name, layer_names = entry.get("Config"), entry.get("Layers")
     if not isinstance(config_name, str) or not isinstance(layer_names, list):
@@ -385,8 +389,13 @@ def _select_manifest(outer: _Outer, index: object, tag: str | None) -> dict:
     collect(index, 0)
     if len(candidates) > 1 and tag:
         named = [
-            d for d in candidates
-            if tag in {(d.get("annotations") or {}).get(k) for k in ("io.containerd.image.name", "org.opencontainers.image.ref.name")}
+            d
+            for d in candidates
+            if tag
+            in {
+                (d.get("annotations") or {}).get(k)
+                for k in ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+            }
         ]
         candidates = named or candidates
     if not candidates:

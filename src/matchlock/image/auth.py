@@ -120,9 +120,7 @@ def _from_helper(helper: str, registry: str) -> Credentials | None:
     program = f"docker-credential-{helper}"
     server = DOCKER_HUB_AUTH_KEY if registry == DOCKER_HUB else registry
     try:
-        proc = subprocess.run(
-            [program, "get"], input=server, capture_output=True, text=True, timeout=_HELPER_TIMEOUT
-        )
+        proc = subprocess.run([program, "get"], input=server, capture_output=True, text=True, timeout=_HELPER_TIMEOUT)
     except FileNotFoundError:
         raise ImageError(f"credential helper {program} (named in {config_path()}) is not installed") from None
     except subprocess.TimeoutExpired:

@@ -25,11 +25,28 @@ PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # (path, mode); parents come first once sorted.
 DIRECTORIES = {
-    "bin": 0o755, "dev": 0o755, "etc": 0o755, "etc/ssl": 0o755, "etc/ssl/certs": 0o755,
-    "home": 0o755, "proc": 0o555, "root": 0o700, "run": 0o755, "sbin": 0o755, "sys": 0o555,
-    "tmp": 0o1777, "usr": 0o755, "usr/bin": 0o755, "usr/sbin": 0o755, "usr/local": 0o755,
-    "usr/local/bin": 0o755, "usr/local/sbin": 0o755, "usr/share": 0o755, "usr/share/doc": 0o755,
-    "var": 0o755, "var/tmp": 0o1777,
+    "bin": 0o755,
+    "dev": 0o755,
+    "etc": 0o755,
+    "etc/ssl": 0o755,
+    "etc/ssl/certs": 0o755,
+    "home": 0o755,
+    "proc": 0o555,
+    "root": 0o700,
+    "run": 0o755,
+    "sbin": 0o755,
+    "sys": 0o555,
+    "tmp": 0o1777,
+    "usr": 0o755,
+    "usr/bin": 0o755,
+    "usr/sbin": 0o755,
+    "usr/local": 0o755,
+    "usr/local/bin": 0o755,
+    "usr/local/sbin": 0o755,
+    "usr/share": 0o755,
+    "usr/share/doc": 0o755,
+    "var": 0o755,
+    "var/tmp": 0o1777,
 }
 PASSWD = """\
 root:x:0:0:root:/root:/bin/sh

@@ -183,7 +183,7 @@ def _check_hardlinks(root: _Node, node: _Node, parts: tuple[str, ...]) -> None:
 def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
     prefix = "SCHILY.xattr."
     return [
-        (key[len(prefix):], value.encode("utf-8", "surrogateescape"))
+        (key[len(prefix) :], value.encode("utf-8", "surrogateescape"))
         for key, value in member.pax_headers.items()
         if key.startswith(prefix)
     ]
@@ -229,7 +229,9 @@ def materialise(tree: SquashedTree, dest: Path) -> None:
         for path, node in links:
             parent = _open_dir(root_fd, path[:-1])
             try:
-                os.link("/".join(node.link_target), path[-1], src_dir_fd=root_fd, dst_dir_fd=parent, follow_symlinks=False)
+                os.link(
+                    "/".join(node.link_target), path[-1], src_dir_fd=root_fd, dst_dir_fd=parent, follow_symlinks=False
+                )
             finally:
                 os.close(parent)
         for path, node in sorted(dirs, key=lambda item: len(item[0]), reverse=True):
@@ -317,7 +319,7 @@ def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, dir_fd: int, name
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 # ---------------------------------------------------------------------------

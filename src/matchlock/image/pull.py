@@ -84,7 +84,9 @@ def select_manifest(index: dict, platform: Platform) -> dict:
         found.append(str(Platform(plat.get("os", "?"), plat.get("architecture", "?"), plat.get("variant", ""))))
         if platform.matches(plat.get("os", ""), plat.get("architecture", ""), plat.get("variant", "")):
             return desc
-    raise ImageError(f"the image has no {platform} variant (it has: {', '.join(found) or 'none'}); choose one with --platform")
+    raise ImageError(
+        f"the image has no {platform} variant (it has: {', '.join(found) or 'none'}); choose one with --platform"
+    )
 
 
 def _json(body: bytes, what: str) -> dict:
@@ -132,7 +134,9 @@ class _Puller:
             raise ImageError(f"{self.ref} is for {os_name}/{arch}, not {platform}{hint}")
         diff_ids = (config.get("rootfs") or {}).get("diff_ids")
         if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest["layers"]):
-            raise ImageError(f"{self.ref}: config diff_ids do not match the manifest's {len(manifest['layers'])} layers")
+            raise ImageError(
+                f"{self.ref}: config diff_ids do not match the manifest's {len(manifest['layers'])} layers"
+            )
         for diff_id in diff_ids:
             archive._parse_digest(diff_id, "config diff_id")
         return config, diff_ids
@@ -148,7 +152,9 @@ class _Puller:
             if not (dest.is_file() and dest.stat().st_size == record.size):
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.work / (record.digest.replace(":", "_") + ".part")
-                self.client.download_blob(record.digest, record.size, dest, tmp, self.progress.layer(record.digest, record.size))
+                self.client.download_blob(
+                    record.digest, record.size, dest, tmp, self.progress.layer(record.digest, record.size)
+                )
                 fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     os.fsync(fd)  # the rename must survive a crash before the DB row does
@@ -163,7 +169,9 @@ class _Puller:
         actual, compressed = archive.decompress_to(lambda: open(blob, "rb"), f"layer {record.digest}", plain)
         if "sha256:" + actual != record.diff_id:
             plain.unlink(missing_ok=True)
-            raise ImageError(f"layer {record.digest}: uncompressed content is sha256:{actual}, not diff_id {record.diff_id}")
+            raise ImageError(
+                f"layer {record.digest}: uncompressed content is sha256:{actual}, not diff_id {record.diff_id}"
+            )
         return plain if compressed else blob
 
 

@@ -78,7 +78,9 @@ def load_system_cas(ctx: ssl.SSLContext) -> None:
     else:
         import certifi  # httpx's own dependency: a fallback on hosts without ca-certificates
 
-        ctx.load_verify_locations(cafile=paths.cafile if paths.cafile and os.path.exists(paths.cafile) else certifi.where())
+        ctx.load_verify_locations(
+            cafile=paths.cafile if paths.cafile and os.path.exists(paths.cafile) else certifi.where()
+        )
 
 
 def ssl_context(registry: str, *, system_cas: bool = True) -> ssl.SSLContext:
@@ -146,7 +148,9 @@ class RegistryClient:
                 f"TLS certificate of registry {self.ref.registry} is not trusted ({text}); put its CA in "
                 f"{DEFAULT_CERTS_DIR}/{self.ref.registry}/ca.crt, or list it in MATCHLOCK_INSECURE_REGISTRIES"
             )
-        return ImageError(f"network failure talking to registry {self.ref.registry}: {type(exc).__name__}: {text or 'no detail'}")
+        return ImageError(
+            f"network failure talking to registry {self.ref.registry}: {type(exc).__name__}: {text or 'no detail'}"
+        )
 
     def _ensure_base(self) -> str:
         with self._lock:
@@ -170,8 +174,10 @@ class RegistryClient:
         except ImageError as exc:
             cause = exc.__cause__
             # A plain-HTTP server answers the TLS hello with garbage: fall back only where allowed.
-            if not http_allowed(self.ref.registry) or not isinstance(cause, httpx.ConnectError) or (
-                "CERTIFICATE_VERIFY_FAILED" in str(cause)
+            if (
+                not http_allowed(self.ref.registry)
+                or not isinstance(cause, httpx.ConnectError)
+                or ("CERTIFICATE_VERIFY_FAILED" in str(cause))
             ):
                 raise
             resp = self._retrying(lambda: self._client.get(f"http://{host}/v2/"))
@@ -199,8 +205,10 @@ class RegistryClient:
     def _token(self, params: dict[str, str], creds: auth.Credentials | None) -> str:
         realm = params.get("realm", "")
         parts = httpx.URL(realm) if realm else None
-        if parts is None or parts.scheme not in ("https", "http") or (
-            parts.scheme == "http" and not (is_loopback(parts.host) or http_allowed(parts.netloc.decode()))
+        if (
+            parts is None
+            or parts.scheme not in ("https", "http")
+            or (parts.scheme == "http" and not (is_loopback(parts.host) or http_allowed(parts.netloc.decode())))
         ):
             raise ImageError(f"registry {self.ref.registry} named an unusable token realm {realm!r}")
         scope = f"repository:{self.ref.repository}:pull"
@@ -209,7 +217,12 @@ class RegistryClient:
 
         def fetch() -> httpx.Response:
             if creds is not None and creds.username == "<token>":
-                form = {"grant_type": "refresh_token", "refresh_token": creds.password, "client_id": "matchlock", **query}
+                form = {
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.password,
+                    "client_id": "matchlock",
+                    **query,
+                }
                 return self._client.post(realm, data=form)
             headers = {"Authorization": auth.basic_header(creds)} if creds is not None else {}
             return self._client.get(realm, params=query, headers=headers)
@@ -369,7 +382,7 @@ class RegistryClient:
                     for chunk in resp.iter_raw():  # as received: a cut keeps what already arrived
                         view = memoryview(chunk)
                         while view:
-                            view = view[os.write(fd, view):]
+                            view = view[os.write(fd, view) :]
                         hasher.update(chunk)
                         written += len(chunk)
                         progress(len(chunk))

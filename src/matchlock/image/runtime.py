@@ -114,9 +114,9 @@ def _build_python_tree(target: Path, debs: dict[str, Path]) -> None:
         shutil.rmtree(cache, ignore_errors=True)
     (stdlib / "EXTERNALLY-MANAGED").unlink(missing_ok=True)
     for module in (stdlib / "lib-dynload").glob("*.so"):
-        if module.name.startswith(("_test", "xx", "_xx", "_ctypes_test")) or not set(
-            _needed_libraries(module)
-        ) <= set(LIBRARIES):
+        if module.name.startswith(("_test", "xx", "_xx", "_ctypes_test")) or not set(_needed_libraries(module)) <= set(
+            LIBRARIES
+        ):
             module.unlink()
     missing = set(_needed_libraries(tree / "usr/bin" / PYTHON)) - set(LIBRARIES)
     if missing:

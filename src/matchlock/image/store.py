@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,7 +77,7 @@ MIGRATIONS = [
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def validate_tag(tag: str) -> str:
@@ -152,7 +152,9 @@ class ImageStore:
 
     def get(self, tag: str, scope: str = LOCAL) -> ImageInfo | None:
         with self._db() as conn:
-            row = conn.execute(f"SELECT {self._COLUMNS} FROM images WHERE scope = ? AND tag = ?", (scope, tag)).fetchone()
+            row = conn.execute(
+                f"SELECT {self._COLUMNS} FROM images WHERE scope = ? AND tag = ?", (scope, tag)
+            ).fetchone()
         return self._info(row) if row else None
 
     def lookup(self, name: str) -> ImageInfo | None:
@@ -165,9 +167,7 @@ class ImageStore:
 
     def list(self) -> list[ImageInfo]:
         with self._db() as conn:
-            rows = conn.execute(
-                f"SELECT {self._COLUMNS} FROM images ORDER BY scope = ?, tag", (REGISTRY,)
-            ).fetchall()
+            rows = conn.execute(f"SELECT {self._COLUMNS} FROM images ORDER BY scope = ?, tag", (REGISTRY,)).fetchall()
         return [self._info(row) for row in rows]
 
     def layer_records(self, info: ImageInfo) -> list[LayerRecord]:

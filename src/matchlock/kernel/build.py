@@ -115,17 +115,14 @@ def check_prerequisites() -> None:
             missing.append(package)
     if missing:
         raise SetupError(
-            f"building the kernel needs {', '.join(missing)}\n"
-            f"  fix: apt-get install -y {' '.join(missing)}"
+            f"building the kernel needs {', '.join(missing)}\n  fix: apt-get install -y {' '.join(missing)}"
         )
 
 
 def source_version() -> str:
     """Debian version of the installed linux-source package, e.g. `6.1.192-3`."""
     try:
-        proc = subprocess.run(
-            ["dpkg-query", "-W", "-f", "${Version}", SOURCE_PACKAGE], capture_output=True, text=True
-        )
+        proc = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", SOURCE_PACKAGE], capture_output=True, text=True)
     except FileNotFoundError:
         raise SetupError("building the kernel needs a Debian host (dpkg-query not found)") from None
     version = proc.stdout.strip()
@@ -250,7 +247,9 @@ def _prepare_tree(work: Path, log: Log) -> Path:
     log(f"unpacking {SOURCE_TARBALL} ...")
     proc = subprocess.run(["tar", "-xf", str(SOURCE_TARBALL), "-C", str(work)], capture_output=True, text=True)
     if proc.returncode != 0 or not tree.is_dir():
-        raise KernelError(f"could not unpack {SOURCE_TARBALL}: {proc.stderr.strip()}\n  fix: apt-get install --reinstall {SOURCE_PACKAGE}")
+        raise KernelError(
+            f"could not unpack {SOURCE_TARBALL}: {proc.stderr.strip()}\n  fix: apt-get install --reinstall {SOURCE_PACKAGE}"
+        )
     marker.write_text("")
     return tree
 
@@ -272,7 +271,11 @@ def _configure(tree: Path, log_file, log_path: Path, log: Log) -> None:
     _run_logged(["make", "tinyconfig"], tree, log_file, log_path, "make tinyconfig", env)
     _run_logged(
         ["scripts/kconfig/merge_config.sh", "-m", ".config", str(fragment)],
-        tree, log_file, log_path, "merge_config.sh", env,
+        tree,
+        log_file,
+        log_path,
+        "merge_config.sh",
+        env,
     )
     _run_logged(["make", "olddefconfig"], tree, log_file, log_path, "make olddefconfig", env)
     verify_config(CONFIG_FRAGMENT.read_text(), (tree / ".config").read_text())
@@ -316,9 +319,7 @@ def _make(tree: Path, jobs: int, log_file, log_path: Path, log: Log) -> None:
 def _strip_if_smaller(vmlinux: Path, log: Log) -> None:
     """Drop debug sections when that shrinks the file and keeps the PVH note."""
     stripped = vmlinux.with_name("vmlinux.stripped")
-    proc = subprocess.run(
-        ["strip", "--strip-debug", "-o", str(stripped), str(vmlinux)], capture_output=True, text=True
-    )
+    proc = subprocess.run(["strip", "--strip-debug", "-o", str(stripped), str(vmlinux)], capture_output=True, text=True)
     if proc.returncode != 0 or not stripped.is_file():
         log(f"strip failed, keeping the unstripped vmlinux: {proc.stderr.strip()}")
         return

@@ -397,7 +397,22 @@ def _collect_kernel(root: Path, release: str, log: Log) -> tuple[Path, list[tupl
 def _busybox_applets(busybox: Path) -> list[str]:
     proc = subprocess.run([str(busybox), "--list"], capture_output=True, text=True)
     applets = proc.stdout.split()
-    needed = {"sh", "mount", "umount", "insmod", "cat", "sleep", "mknod", "switch_root", "reboot", "poweroff", "ls", "echo"}
+    needed = {
+        "sh",
+        "mount",
+        "umount",
+        "insmod",
+        "cat",
+        "sleep",
+        "mknod",
+        "switch_root",
+        "reboot",
+        "poweroff",
+        "ls",
+        "echo",
+    }
     if proc.returncode != 0 or not needed <= set(applets):
-        raise KernelError(f"{busybox} --list did not list the applets the initramfs needs ({', '.join(sorted(needed))})")
+        raise KernelError(
+            f"{busybox} --list did not list the applets the initramfs needs ({', '.join(sorted(needed))})"
+        )
     return applets

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 
 import dns.exception
@@ -36,7 +37,7 @@ def host_resolvers(path: str = "/etc/resolv.conf") -> list[str]:
 
 
 class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, forwarder: "DNSForwarder") -> None:
+    def __init__(self, forwarder: DNSForwarder) -> None:
         self.forwarder = forwarder
 
     def connection_made(self, transport) -> None:
@@ -121,13 +122,15 @@ class DNSForwarder:
         for server in self.upstreams:
             future: asyncio.Future = loop.create_future()
             try:
-                transport, _ = await loop.create_datagram_endpoint(lambda: _UpstreamReply(future), remote_addr=(server, 53))
+                transport, _ = await loop.create_datagram_endpoint(
+                    functools.partial(_UpstreamReply, future), remote_addr=(server, 53)
+                )
             except OSError:
                 continue
             try:
                 transport.sendto(data)
                 return await asyncio.wait_for(future, UPSTREAM_TIMEOUT)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 continue
             finally:
                 transport.close()

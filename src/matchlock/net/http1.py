@@ -161,7 +161,9 @@ class HTTP1Session:
                               started=started, reason=str(exc))  # fmt: skip
             await self.reply(502, f"Failed to connect: {exc}")
             return False
-        await client.send(h11.Request(method=request.method, target=request.target, headers=_byte_headers(request.headers)))
+        await client.send(
+            h11.Request(method=request.method, target=request.target, headers=_byte_headers(request.headers))
+        )
         sent = await self._copy_body(self.guest, client)
         return await self._relay_response(request, upstream, client, started, sent)
 

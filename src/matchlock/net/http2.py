@@ -182,8 +182,10 @@ class HTTP2Session:
             self.upstream.start({h2.settings.SettingCodes.ENABLE_PUSH: 0,
                                  h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})  # fmt: skip
             await self._flush_both()
-            readers = [asyncio.ensure_future(self._read(self.guest, self._on_guest_event, self._guest_gone)),
-                       asyncio.ensure_future(self._read(self.upstream, self._on_upstream_event, self._upstream_gone))]
+            readers = [
+                asyncio.ensure_future(self._read(self.guest, self._on_guest_event, self._guest_gone)),
+                asyncio.ensure_future(self._read(self.upstream, self._on_upstream_event, self._upstream_gone)),
+            ]
             await self._finished.wait()
         except (ConnectionError, OSError):
             pass

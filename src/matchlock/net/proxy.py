@@ -40,13 +40,18 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(address), port
 
 
+def _set_once(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def peek_client_hello(sock: socket.socket) -> ClientHello:
     """Read the ClientHello without consuming it, so the TLS layer still sees it."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + HELLO_TIMEOUT
     while loop.time() < deadline:
         readable = loop.create_future()
-        loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+        loop.add_reader(sock.fileno(), _set_once, readable)
         try:
             await asyncio.wait_for(readable, max(0.01, deadline - loop.time()))
         finally:
@@ -140,7 +145,7 @@ class NetworkProxy:
         started = time.monotonic()
         try:
             hello = await peek_client_hello(sock)
-        except (OSError, NotTLS, asyncio.TimeoutError):
+        except (TimeoutError, OSError, NotTLS):
             sock.close()
             return
         server_name = hello.server_name or address
@@ -165,7 +170,7 @@ class NetworkProxy:
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
             )  # fmt: skip
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             sock.close()
             if upstream is not None:
                 upstream.close()
@@ -204,7 +209,7 @@ class NetworkProxy:
             self.policy.event(url=url, host=address, started=started, blocked=True, reason=exc.reason)
             writer.close()
             return
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.policy.event(url=url, host=address, started=started, reason=f"connect failed: {exc}")
             writer.close()
             return

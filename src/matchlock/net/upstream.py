@@ -68,7 +68,7 @@ async def connect(
                 ),
                 CONNECT_TIMEOUT,
             )  # fmt: skip
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             errors.append(f"{address}: {exc.__class__.__name__}: {exc}")
             continue
         writer.transport.set_write_buffer_limits(high=4 * 1024 * 1024)

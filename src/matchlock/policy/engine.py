@@ -210,4 +210,3 @@ class NetworkPolicy:
                 block_reason=self.redact(reason),
             )
         )
-

@@ -29,7 +29,7 @@ class ForwardSpec:
     remote_port: int
 
     @classmethod
-    def parse(cls, spec: str) -> "ForwardSpec":
+    def parse(cls, spec: str) -> ForwardSpec:
         local, sep, remote = spec.partition(":")
         if not sep:
             local = remote = spec

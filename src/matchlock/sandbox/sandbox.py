@@ -21,13 +21,13 @@ from ..api.config import DEFAULT_DNS_SERVERS, SandboxConfig, public_config
 from ..api.errors import SetupError, VMError
 from ..api.image import ImageConfig
 from ..api.paths import vms_dir
+from ..state import lifecycle as phases
 from ..state.store import StateStore
-from ..vm.accel import choose_accelerator, host_tsc_khz
 from ..vm import snapshot
+from ..vm.accel import choose_accelerator, host_tsc_khz
 from ..vm.channel import GuestChannel
 from ..vm.machine import Disk, Machine, MachineSpec, console_tail
 from ..wire import agent as msgs
-from ..state import lifecycle as phases
 from . import files
 from .process import ExecResult, GuestProcess, OutputCallback
 from .tracking import Tracker
@@ -97,7 +97,7 @@ class Sandbox:
         store: StateStore | None = None,
         vm_id: str | None = None,
         runtime_disk: Path | None = None,
-    ) -> "Sandbox":
+    ) -> Sandbox:
         """Boot a sandbox, recording it in `store` when given.
 
         `runtime_disk` replaces the guest runtime (tests boot hostile guests).
@@ -113,7 +113,7 @@ class Sandbox:
         custom_runtime = runtime_disk
         runtime_disk = runtime_disk or ensure_runtime_disk()
         vm_id = vm_id or new_vm_id()
-        directory = (store.vm_dir(vm_id) if store is not None else vms_dir() / vm_id)
+        directory = store.vm_dir(vm_id) if store is not None else vms_dir() / vm_id
         tracker = Tracker(store, vm_id)
         tracker.register(config.image, public_config(config))
         sandbox = cls(vm_id, config, directory, image.config.merged(config.image_config), tracker)
@@ -122,7 +122,9 @@ class Sandbox:
             directory.chmod(0o700)
             sandbox.console_log.touch(mode=0o600)
             upper = sandbox.upper_disk
-            tracker.resources(console_log=str(sandbox.console_log), upper_disk=str(upper), image_disk=str(image.lower_path))
+            tracker.resources(
+                console_log=str(sandbox.console_log), upper_disk=str(upper), image_disk=str(image.lower_path)
+            )
             make_upper_disk(upper, config.resources.disk_size_mb)
             machine_network = await sandbox._start_network()
             spec = MachineSpec(
@@ -281,7 +283,9 @@ class Sandbox:
         env = {"PATH": DEFAULT_PATH, **self.image_config.env, **self.config.env, **spec.env}
         if self.network is not None:
             # CA locations, then secret placeholders: they override everything.
-            env.update(self.network.exec_environment(self.channel.ready_info.get("ca_bundle") if self.channel else None))
+            env.update(
+                self.network.exec_environment(self.channel.ready_info.get("ca_bundle") if self.channel else None)
+            )
         return {
             "env": env,
             "cwd": spec.working_dir or self.image_config.working_dir or "/",
@@ -395,5 +399,5 @@ class Sandbox:
             stream = self.channel.open({"op": msgs.OP_SHUTDOWN})
             await asyncio.wait_for(self.machine.wait(), timeout=timeout)
             stream.close()
-        except (asyncio.TimeoutError, VMError, ConnectionError):
+        except (TimeoutError, VMError, ConnectionError):
             pass

@@ -80,7 +80,7 @@ class LifecycleRecord:
     resources: dict = field(default_factory=dict)
     cleanup: dict[str, CleanupStep] = field(default_factory=dict)
 
-    def evolve(self, **changes) -> "LifecycleRecord":
+    def evolve(self, **changes) -> LifecycleRecord:
         return replace(self, **changes)
 
     def to_json(self) -> dict:

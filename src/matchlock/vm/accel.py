@@ -38,9 +38,11 @@ def hardware_kvm_available() -> tuple[bool, str]:
         return False, "/dev/kvm does not exist"
     flags = _cpu_flags()
     if not flags & {"vmx", "svm"}:
-        pvm = " (/dev/kvm is backed by kvm_pvm, which cannot run stock guest kernels)" if os.path.isdir(
-            "/sys/module/kvm_pvm"
-        ) else ""
+        pvm = (
+            " (/dev/kvm is backed by kvm_pvm, which cannot run stock guest kernels)"
+            if os.path.isdir("/sys/module/kvm_pvm")
+            else ""
+        )
         return False, f"the CPU reports no vmx/svm flag{pvm}"
     if not (os.path.isdir("/sys/module/kvm_intel") or os.path.isdir("/sys/module/kvm_amd")):
         return False, "neither kvm_intel nor kvm_amd is loaded"

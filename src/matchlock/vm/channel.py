@@ -42,7 +42,7 @@ class ChannelClosed(VMError):
 class GuestStream:
     """One operation on the channel; consume its events with `next_event()`."""
 
-    def __init__(self, channel: "GuestChannel", stream_id: int) -> None:
+    def __init__(self, channel: GuestChannel, stream_id: int) -> None:
         self.channel = channel
         self.id = stream_id
         self._events: deque = deque()

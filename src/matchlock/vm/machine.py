@@ -178,7 +178,7 @@ class Machine:
         self.qmp = QMPClient(qmp_host)
         try:
             await asyncio.wait_for(self.qmp.connect(), timeout=30)
-        except (QMPError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, QMPError, ConnectionError) as exc:
             await self.kill()
             raise VMError(f"QEMU did not start: {self.stderr_text() or exc}") from None
         self.agent_socket = agent_host
@@ -231,11 +231,11 @@ class Machine:
         try:
             if self.qmp is not None:
                 await asyncio.wait_for(self.qmp.execute("quit"), timeout=max(timeout, 0.1))
-        except (QMPError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, QMPError, ConnectionError):
             pass
         try:
             await asyncio.wait_for(self.wait(), timeout=max(timeout, 0.1))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.kill()
         self._close_sockets()
 

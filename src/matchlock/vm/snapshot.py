@@ -150,4 +150,3 @@ class TemplateCache:
         states = sorted(self.root.glob("*/state"), key=lambda p: p.stat().st_mtime, reverse=True)
         for stale in states[KEEP_TEMPLATES:]:
             shutil.rmtree(stale.parent, ignore_errors=True)
-

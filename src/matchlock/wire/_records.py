@@ -28,8 +28,10 @@ class Record:
                 default = defaults[name]
                 namespace[f"_default_{name}"] = default
                 params.append(f"{name}=_MISSING")
-                value = f"_default_{name}() if {name} is _MISSING else {name}" if callable(default) else (
-                    f"_default_{name} if {name} is _MISSING else {name}"
+                value = (
+                    f"_default_{name}() if {name} is _MISSING else {name}"
+                    if callable(default)
+                    else (f"_default_{name} if {name} is _MISSING else {name}")
                 )
                 body.append(f"    _set(self, {name!r}, {value})")
             else:

@@ -11,6 +11,7 @@ as a protocol violation.
 from __future__ import annotations
 
 import math
+
 from ._records import Record
 
 # Host -> guest: stream requests
@@ -74,7 +75,7 @@ class TerminalSize(Record):
     __slots__ = ("rows", "cols")
 
     @classmethod
-    def parse(cls, msg: dict) -> "TerminalSize":
+    def parse(cls, msg: dict) -> TerminalSize:
         return cls(_int(msg, "rows", lo=1, hi=65535), _int(msg, "cols", lo=1, hi=65535))
 
     def to_wire(self) -> dict:
@@ -88,7 +89,7 @@ class ExecRequest(Record):
     _defaults = {"env": dict, "cwd": "/", "user": "", "stdin": False, "tty": None}
 
     @classmethod
-    def parse(cls, msg: dict) -> "ExecRequest":
+    def parse(cls, msg: dict) -> ExecRequest:
         env = msg.get("env", {})
         if not isinstance(env, dict) or len(env) > MAX_ENV_ENTRIES:
             raise ValueError("'env' must be an object with at most 4096 entries")
@@ -127,7 +128,7 @@ class WriteFileRequest(Record):
     _defaults = {"mode": 0o644}
 
     @classmethod
-    def parse(cls, msg: dict) -> "WriteFileRequest":
+    def parse(cls, msg: dict) -> WriteFileRequest:
         return cls(_path(msg), _int(msg, "mode", default=0o644, hi=0o7777))
 
     def to_wire(self) -> dict:
@@ -140,7 +141,7 @@ class PathRequest(Record):
     __slots__ = ("op", "path")
 
     @classmethod
-    def parse(cls, msg: dict) -> "PathRequest":
+    def parse(cls, msg: dict) -> PathRequest:
         return cls(msg["op"], _path(msg))
 
     def to_wire(self) -> dict:
@@ -153,7 +154,7 @@ class PortForwardRequest(Record):
     __slots__ = ("port",)
 
     @classmethod
-    def parse(cls, msg: dict) -> "PortForwardRequest":
+    def parse(cls, msg: dict) -> PortForwardRequest:
         return cls(_int(msg, "port", lo=1, hi=65535))
 
     def to_wire(self) -> dict:
@@ -166,7 +167,7 @@ class FileInfo(Record):
     __slots__ = ("name", "size", "mode", "is_dir")
 
     @classmethod
-    def parse(cls, msg: dict) -> "FileInfo":
+    def parse(cls, msg: dict) -> FileInfo:
         name = _str(msg, "name", max_len=255)
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"invalid file name {name!r}")
@@ -227,7 +228,7 @@ class GuestNetwork(Record):
     __slots__ = ("interface", "address", "prefix", "gateway", "mtu")
 
     @classmethod
-    def parse(cls, msg: dict) -> "GuestNetwork":
+    def parse(cls, msg: dict) -> GuestNetwork:
         interface = _str(msg, "interface", max_len=15)
         if not interface.isalnum():
             raise ValueError(f"invalid interface name {interface!r}")
@@ -253,7 +254,7 @@ class GuestConfig(Record):
                  "ca_certificate": ""}  # fmt: skip
 
     @classmethod
-    def parse(cls, msg: dict) -> "GuestConfig":
+    def parse(cls, msg: dict) -> GuestConfig:
         hostname = _str(msg, "hostname", max_len=64)
         if not hostname or any(c.isspace() for c in hostname):
             raise ValueError(f"invalid hostname {hostname!r}")

@@ -109,6 +109,4 @@ class FrameDecoder:
     def close(self) -> None:
         """Call at end of input; a partial frame left over is a protocol error."""
         if self._buffer:
-            raise ProtocolError(
-                f"connection closed in the middle of a frame ({len(self._buffer)} bytes pending)"
-            )
+            raise ProtocolError(f"connection closed in the middle of a frame ({len(self._buffer)} bytes pending)")
