@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from benchstate import private_state_dir
 
 from matchlock.sandbox.sandbox import ExecSpec
 
@@ -63,22 +63,22 @@ async def _in_process(runs: int) -> tuple[list[float], list[float]]:
             execs.append(time.perf_counter() - started)
         return pings, execs
     finally:
-        await box.close()
+        await box.aclose()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=30)
     runs = max(5, min(parser.parse_args().runs, 500))
-    os.environ.setdefault("MATCHLOCK_STATE_DIR", tempfile.mkdtemp(prefix="matchlock-bench-"))
-    vm_id = subprocess.run([MATCHLOCK, "run", "-d"], check=True, capture_output=True, text=True).stdout.strip()
-    try:
-        pings, in_process = asyncio.run(_in_process(runs))
-        _time_command([MATCHLOCK, "exec", vm_id, "--", "true"], 5)  # warm caches
-        startup = _time_command([MATCHLOCK, "version"], runs)
-        cli_exec = _time_command([MATCHLOCK, "exec", vm_id, "--", "true"], runs)
-    finally:
-        subprocess.run([MATCHLOCK, "kill", vm_id], capture_output=True)
+    with private_state_dir():
+        vm_id = subprocess.run([MATCHLOCK, "run", "-d"], check=True, capture_output=True, text=True).stdout.strip()
+        try:
+            pings, in_process = asyncio.run(_in_process(runs))
+            _time_command([MATCHLOCK, "exec", vm_id, "--", "true"], 5)  # warm caches
+            startup = _time_command([MATCHLOCK, "version"], runs)
+            cli_exec = _time_command([MATCHLOCK, "exec", vm_id, "--", "true"], runs)
+        finally:
+            subprocess.run([MATCHLOCK, "rm", "-f", vm_id], capture_output=True)
     ping_ms, inproc_ms = _median_ms(pings), _median_ms(in_process)
     startup_ms, cli_ms = _median_ms(startup), _median_ms(cli_exec)
     budget = 2 * inproc_ms + startup_ms

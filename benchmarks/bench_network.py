@@ -56,6 +56,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "vm"))
+sys.path.insert(0, str(REPO / "tests"))  # support/, which netclient.py uses
 
 ISOLATED = "MATCHLOCK_BENCH_ISOLATED"
 SERVER = "192.0.2.10"
@@ -166,6 +167,7 @@ def build_proxy(inet, workdir: Path, loop: asyncio.AbstractEventLoop):
     from matchlock.api.network import NetworkConfig
     from matchlock.net import namespace as ns
     from matchlock.net.proxy import NetworkProxy
+    from matchlock.net.tls import UpstreamTLS
     from matchlock.policy.engine import NetworkPolicy
 
     guest = f"mlk-bench-{secrets.token_hex(3)}"
@@ -195,14 +197,14 @@ def build_proxy(inet, workdir: Path, loop: asyncio.AbstractEventLoop):
             f.write(event.log_line() + "\n")
 
     policy = NetworkPolicy(NetworkConfig(allowed_hosts=(NAME,), dns_servers=(inet_dns(),)), emit)
-    proxy = NetworkProxy(namespace, policy, [inet_dns()])
+    proxy = NetworkProxy(namespace, policy, [inet_dns()], upstream_tls=UpstreamTLS(str(inet.ca)))
     asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(30)
     ca = workdir / "sandbox-ca.pem"
     ca.write_text(proxy.ca.pem)
 
     def close() -> None:
-        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(30)
-        namespace.close()
+        asyncio.run_coroutine_threadsafe(proxy.aclose(), loop).result(30)
+        asyncio.run_coroutine_threadsafe(namespace.aclose(), loop).result(30)
         subprocess.run(["ip", "netns", "del", guest], capture_output=True)
 
     return guest, ca, close
@@ -231,7 +233,8 @@ def guest_latency(inet, requests: int) -> float | None:
     from matchlock.api.network import HostMapping, NetworkConfig
     from matchlock.sandbox.sandbox import ExecSpec, Sandbox
 
-    tag = ensure_client_image(Path(tempfile.mkdtemp(prefix="netclient-")))
+    with tempfile.TemporaryDirectory(prefix="netclient-") as work:  # the image is imported: the build can go
+        tag = ensure_client_image(Path(work))
 
     async def measure() -> float:
         config = SandboxConfig(image=tag, network=NetworkConfig(
@@ -242,7 +245,7 @@ def guest_latency(inet, requests: int) -> float | None:
             result = await box.exec(ExecSpec(f"mlk-net latency https://{NAME}/echo {requests}"))
             return json.loads(result.stdout.decode().strip().splitlines()[-1])["median_ms"]
         finally:
-            await box.close()
+            await box.aclose()
 
     return asyncio.run(measure())
 
@@ -280,7 +283,8 @@ def main() -> None:
 
     from netfixtures import StandInInternet
 
-    workdir = Path(tempfile.mkdtemp(prefix="matchlock-bench-net-"))
+    scratch = tempfile.TemporaryDirectory(prefix="matchlock-bench-net-")  # removed at the end, whatever happens
+    workdir = Path(scratch.name)
     os.environ.setdefault("MATCHLOCK_STATE_DIR", str(workdir / "state"))
     inet = StandInInternet(workdir / "inet").start()
     loop = asyncio.new_event_loop()
@@ -306,6 +310,7 @@ def main() -> None:
             close_proxy()
         loop.call_soon_threadsafe(loop.stop)
         inet.stop()
+        scratch.cleanup()
 
     d, p = results["direct"], results["proxied"]
     added = p["latency"]["median_ms"] - d["latency"]["median_ms"]

@@ -36,7 +36,9 @@ from matchlock.image.pull import MAX_PARALLEL_LAYERS, Platform, _Puller, pull
 from matchlock.image.reference import parse
 from matchlock.image.registry import RegistryClient
 from matchlock.image.store import ImageStore, LayerRecord
-from registry_support import Registry, make_image, push_image, tar_layer
+from registry_support import Registry, push_image
+from support.images import make_image
+from support.tarballs import tar_layer
 
 MB = 1024 * 1024
 MATCHLOCK = str(Path(sys.executable).parent / "matchlock")

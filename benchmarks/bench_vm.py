@@ -27,10 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from matchlock import debian
+from benchstate import private_state_dir
+
 from matchlock.api.config import SandboxConfig
 from matchlock.kernel import resolve
 from matchlock.sandbox.sandbox import Sandbox
+from matchlock.util import debian
 from matchlock.vm.accel import choose_accelerator, host_tsc_khz
 from matchlock.vm.machine import Disk, MachineSpec, build_argv
 
@@ -173,7 +175,7 @@ async def _agent_rtts_and_memory(count: int) -> tuple[dict, dict]:
         }
         return rtts, memory
     finally:
-        await box.close()
+        await box.aclose()
 
 
 def _rss_kib(pid: int) -> tuple[int, int]:
@@ -202,8 +204,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--round-trips", type=int, default=300)
     args = parser.parse_args()
-    os.environ.setdefault("MATCHLOCK_STATE_DIR", tempfile.mkdtemp(prefix="matchlock-bench-"))
-    with tempfile.TemporaryDirectory(prefix="matchlock-bench-") as tmp:
+    with private_state_dir(), tempfile.TemporaryDirectory(prefix="matchlock-bench-") as tmp:
         work = Path(tmp)
         bench_cold_start(work, max(1, min(args.runs, 50)))
         bench_round_trip_and_memory(work, max(10, min(args.round_trips, 5000)))

@@ -3,23 +3,24 @@
 VM tests boot real QEMU machines. They need the guest kernel and runtime
 built by `scripts/setup.sh`; when those are missing the tests FAIL with the
 fix, they are never skipped. Every test gets its own state directory
-(MATCHLOCK_STATE_DIR) and shares the expensive caches in ~/.cache/matchlock.
+(MATCHLOCK_STATE_DIR) and shares the expensive caches in ~/.cache/matchlock;
+a test that writes to the cache takes `cache_dir` (a private, empty one).
+Helpers that are not fixtures live in tests/support.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
+from support.cli import run_matchlock
+from support.loop_thread import LoopThread
+
 ISOLATED_ENV = "MATCHLOCK_TESTS_ISOLATED"
 
 
@@ -37,6 +38,9 @@ def pytest_configure(config) -> None:
         return
     if os.geteuid() != 0:
         pytest.exit("the tests boot VMs and create network namespaces: run them as root", returncode=2)
+    from support.sdk_compat import prefetch
+
+    prefetch(sys.argv[1:])  # PyPI is out of reach inside the namespace
     os.environ[ISOLATED_ENV] = "1"
     sys.stdout.flush()
     os.execvp("unshare", ["unshare", "--net", "--", sys.executable, "-m", "pytest", *sys.argv[1:]])
@@ -47,6 +51,24 @@ def state_dir(tmp_path, monkeypatch) -> Path:
     state = tmp_path / "state"
     monkeypatch.setenv("MATCHLOCK_STATE_DIR", str(state))
     return state
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """A private, empty MATCHLOCK_CACHE_DIR: images, kernels and packages the test makes stay in it."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def busybox_path(tmp_path_factory) -> Path:
+    """Debian's static busybox, from the package cache that scripts/setup.sh filled."""
+    from matchlock.util import debian
+
+    root = tmp_path_factory.mktemp("busybox")
+    debian.extract(debian.download(["busybox-static"])["busybox-static"], root)
+    return root / "bin" / "busybox"
 
 
 @pytest.fixture(scope="session")
@@ -65,49 +87,10 @@ def vm_prerequisites() -> None:
         pytest.fail(f"VM tests cannot run: {exc}\nfix: run scripts/setup.sh")
 
 
-class CLIResult:
-    def __init__(self, proc: subprocess.CompletedProcess) -> None:
-        self.returncode = proc.returncode
-        self.stdout = proc.stdout
-        self.stderr = proc.stderr
-
-    def __repr__(self) -> str:
-        return f"<rc={self.returncode} stdout={self.stdout[-2000:]!r} stderr={self.stderr[-2000:]!r}>"
-
-
 @pytest.fixture
 def cli(state_dir):
-    """Run the real `matchlock` console script; returns a CLIResult."""
-
-    def run(*args: str, input: bytes | str | None = None, timeout: float = 180, env: dict | None = None) -> CLIResult:
-        full_env = {**os.environ, **(env or {})}
-        text = not isinstance(input, bytes)
-        proc = subprocess.run(
-            [MATCHLOCK, *args], input=input, capture_output=True, timeout=timeout, env=full_env, text=text
-        )
-        return CLIResult(proc)
-
-    return run
-
-
-class LoopThread:
-    """An asyncio loop on a thread that lives for the whole fixture.
-
-    QEMU gets a parent-death signal tied to the thread that started it, so
-    the sandbox must be created and closed from this long-lived thread.
-    """
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 180):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+    """Run the real `matchlock` console script (support.cli.run_matchlock); returns a CLIResult."""
+    return run_matchlock
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +102,11 @@ def loop_thread():
 
 @pytest.fixture(scope="module")
 def module_state_dir(tmp_path_factory):
+    """`state_dir` for a test module whose tests share one sandbox."""
     state = tmp_path_factory.mktemp("state")
-    old = os.environ.get("MATCHLOCK_STATE_DIR")
-    os.environ["MATCHLOCK_STATE_DIR"] = str(state)
-    yield state
-    if old is None:
-        os.environ.pop("MATCHLOCK_STATE_DIR", None)
-    else:
-        os.environ["MATCHLOCK_STATE_DIR"] = old
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MATCHLOCK_STATE_DIR", str(state))
+        yield state
 
 
 @pytest.fixture(scope="module")
@@ -137,4 +117,4 @@ def sandbox(vm_prerequisites, loop_thread, module_state_dir):
 
     box = loop_thread.run(Sandbox.create(SandboxConfig(image="matchlock/busybox:builtin")))
     yield box
-    loop_thread.run(box.close())
+    loop_thread.run(box.aclose())

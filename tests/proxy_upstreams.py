@@ -1,7 +1,7 @@
 """Real upstream servers on 127.0.0.1 for the proxy tests, and the test CA that signs them.
 
 - `UpstreamCA`: a CA and a leaf for `localhost`/127.0.0.1, made with cryptography;
-  the proxy trusts it through MATCHLOCK_UPSTREAM_CA_FILE.
+  the proxy trusts it through `trust()` (an `UpstreamTLS` with its CA file).
 - `HTTP1Upstream`: the standard library's threaded HTTP/1.1 server (plain or TLS).
 - `HTTP2Upstream`: an HTTP/2 server over TLS written with h2's server side.
 - WebSocket servers come straight from the `websockets` library in the tests.
@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hyperframe.frame import GoAwayFrame
+
+from matchlock.net.tls import UpstreamTLS
 
 
 class UpstreamCA:
@@ -64,6 +66,10 @@ class UpstreamCA:
         self.key_file = directory / "upstream-leaf.key"
         self.key_file.write_bytes(leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                          serialization.NoEncryption()))  # fmt: skip
+
+    def trust(self) -> UpstreamTLS:
+        """What a proxy needs to verify these upstreams."""
+        return UpstreamTLS(str(self.ca_file))
 
     def server_context(self, alpn: list[str]) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -208,14 +214,27 @@ class HTTP2Upstream:
         tasks: dict[int, asyncio.Task] = {}
         window = asyncio.Condition()
         try:
+            async with asyncio.TaskGroup() as group:  # each stream's responder ends with its connection
+                try:
+                    await self._read_streams(conn, reader, writer, window, group, streams, tasks)
+                finally:
+                    for task in tasks.values():
+                        task.cancel()
+        except* (ConnectionError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            writer.close()
+
+    async def _read_streams(self, conn, reader, writer, window, group, streams, tasks) -> None:
+        try:
             while data := await reader.read(65536):
                 for event in conn.receive_data(data):
                     if isinstance(event, h2.events.RequestReceived):
                         request = {"headers": dict(event.headers), "body": bytearray(), "trailers": None}
                         streams[event.stream_id] = request
                         if request["headers"][":path"] == "/early":  # answers without waiting for the body
-                            tasks[event.stream_id] = asyncio.ensure_future(
-                                self._respond(conn, writer, window, event.stream_id, request)
+                            tasks[event.stream_id] = group.create_task(
+                                self._respond_quietly(conn, writer, window, event.stream_id, request)
                             )
                     elif isinstance(event, h2.events.DataReceived):
                         streams[event.stream_id]["body"] += event.data
@@ -225,8 +244,8 @@ class HTTP2Upstream:
                     elif isinstance(event, h2.events.StreamEnded):
                         request = streams[event.stream_id]
                         self.requests.append(request)
-                        tasks[event.stream_id] = asyncio.ensure_future(
-                            self._respond(conn, writer, window, event.stream_id, request)
+                        tasks[event.stream_id] = group.create_task(
+                            self._respond_quietly(conn, writer, window, event.stream_id, request)
                         )
                     elif isinstance(event, h2.events.StreamReset):
                         self.resets.append((event.stream_id, int(event.error_code)))
@@ -237,10 +256,6 @@ class HTTP2Upstream:
                     window.notify_all()
         except (ConnectionError, h2.exceptions.ProtocolError):
             pass
-        finally:
-            for task in tasks.values():
-                task.cancel()
-            writer.close()
 
     async def _send_body(self, conn, writer, window, stream_id: int, data: bytes, end: bool = True) -> None:
         view = memoryview(data)
@@ -258,6 +273,13 @@ class HTTP2Upstream:
         if end:
             conn.end_stream(stream_id)
             writer.write(conn.data_to_send())
+
+    async def _respond_quietly(self, conn, writer, window, stream_id: int, request: dict) -> None:
+        """One stream's failure (the proxy reset it, the connection went) ends only that stream."""
+        try:
+            await self._respond(conn, writer, window, stream_id, request)
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            pass
 
     async def _respond(self, conn, writer, window, stream_id: int, request: dict) -> None:
         url = urlsplit(request["headers"][":path"])

@@ -1,53 +1,33 @@
-"""Test support: Debian's docker-registry on loopback, test images, pushers, a cutting proxy.
+"""Test support: Debian's docker-registry on loopback, pushers, a cutting proxy, a token server.
 
 Everything here listens on 127.0.0.1 only, on ports the kernel picks, and
 every process started is stopped by its PID. Images are built from bytes
-the tests make (tar layers written with `tarfile`), pushed either with
-skopeo (a real third-party client) or with `push_image` (the distribution
-API done by hand, for combinations skopeo would rewrite: zstd, uncompressed
-layers, hand-made indexes).
+the tests make (support.images), pushed either with skopeo (a real
+third-party client) or with `push_image` (the distribution API done by
+hand, for combinations skopeo would rewrite: zstd, uncompressed layers,
+hand-made indexes).
 """
 
 from __future__ import annotations
 
 import datetime
-import gzip
-import hashlib
-import io
 import json
 import select
 import shutil
 import socket
 import subprocess
-import tarfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-LAYER_TYPES = {
-    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-    "none": "application/vnd.oci.image.layer.v1.tar",
-    "docker-gzip": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-}
-MTIME = 1_700_000_000
+from support.images import OCI_INDEX, Image
+from support.ports import free_port
+from support.tarballs import tar_layer
 
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+USER, PASSWORD = "tester", "s3cret-pass"  # the one account of the secure and token registries
 
 # ---------------------------------------------------------------------------
 # TLS and htpasswd
@@ -192,86 +172,6 @@ class Registry:
 # Images
 
 
-def tar_layer(files: dict[str, bytes | str], *, dirs: tuple[str, ...] = (), symlinks: dict[str, str] | None = None,
-              modes: dict[str, int] | None = None) -> bytes:  # fmt: skip
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in dirs:
-            info = tarfile.TarInfo(name)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, MTIME
-            tar.addfile(info)
-        for name, target in (symlinks or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, MTIME
-            tar.addfile(info)
-        for name, data in files.items():
-            raw = data.encode() if isinstance(data, str) else data
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(raw), (modes or {}).get(name, 0o644), MTIME
-            tar.addfile(info, io.BytesIO(raw))
-    return buf.getvalue()
-
-
-def compress(data: bytes, kind: str) -> bytes:
-    if kind in ("gzip", "docker-gzip"):
-        return gzip.compress(data, compresslevel=1, mtime=0)
-    if kind == "zstd":
-        return subprocess.run(["zstd", "-q", "-1", "-c"], input=data, capture_output=True, check=True).stdout
-    return data
-
-
-@dataclass
-class Image:
-    """One platform's manifest with its blobs (name -> bytes, addressed by digest)."""
-
-    manifest: bytes
-    media_type: str
-    blobs: dict[str, bytes] = field(default_factory=dict)
-    layer_digests: list[str] = field(default_factory=list)
-
-    @property
-    def digest(self) -> str:
-        return sha256(self.manifest)
-
-
-def make_image(layers: list[bytes], *, arch: str = "amd64", kind: str = "gzip", config: dict | None = None,
-               docker: bool = False) -> Image:  # fmt: skip
-    blobs: dict[str, bytes] = {}
-    descriptors = []
-    for layer in layers:
-        packed = compress(layer, kind)
-        blobs[sha256(packed)] = packed
-        descriptors.append({"mediaType": LAYER_TYPES[kind], "digest": sha256(packed), "size": len(packed)})
-    config_blob = json.dumps({
-        "architecture": arch, "os": "linux",
-        "config": config or {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [sha256(layer) for layer in layers]},
-    }).encode()  # fmt: skip
-    blobs[sha256(config_blob)] = config_blob
-    media_type = DOCKER_MANIFEST if docker else OCI_MANIFEST
-    config_type = (
-        "application/vnd.docker.container.image.v1+json" if docker else "application/vnd.oci.image.config.v1+json"
-    )
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": media_type,
-        "config": {"mediaType": config_type, "digest": sha256(config_blob), "size": len(config_blob)},
-        "layers": descriptors,
-    }).encode()  # fmt: skip
-    return Image(manifest, media_type, blobs, [d["digest"] for d in descriptors])
-
-
-def make_index(images: dict[str, Image]) -> bytes:
-    """An OCI index over per-architecture images (keys: amd64, arm64, ...)."""
-    return json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_INDEX,
-        "manifests": [
-            {"mediaType": img.media_type, "digest": img.digest, "size": len(img.manifest),
-             "platform": {"os": "linux", "architecture": arch, **({"variant": "v8"} if arch == "arm64" else {})}}
-            for arch, img in images.items()
-        ],
-    }).encode()  # fmt: skip
-
-
 def push_image(registry: Registry, repo: str, tag: str, image: Image, *, index: bytes | None = None,
                others: list[Image] = ()) -> None:  # fmt: skip
     """Push blobs and manifests through the distribution API (monolithic uploads)."""
@@ -295,20 +195,6 @@ def push_image(registry: Registry, repo: str, tag: str, image: Image, *, index: 
         assert put.status_code == 201, put.text
 
 
-def write_oci_layout(directory: Path, image: Image, tag: str) -> Path:
-    """An OCI image layout directory (what `skopeo copy oci:<dir>:<tag>` reads)."""
-    blobs = directory / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-    for digest, data in [*image.blobs.items(), (image.digest, image.manifest)]:
-        (blobs / digest.split(":", 1)[1]).write_bytes(data)
-    (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    index = {"schemaVersion": 2, "manifests": [{
-        "mediaType": image.media_type, "digest": image.digest, "size": len(image.manifest),
-        "annotations": {"org.opencontainers.image.ref.name": tag}}]}  # fmt: skip
-    (directory / "index.json").write_text(json.dumps(index))
-    return directory
-
-
 def skopeo_push(layout: Path, tag: str, registry: Registry, repo: str, *, creds: str | None = None,
                 fmt: str = "v2s2") -> None:  # fmt: skip
     argv = ["skopeo", "--insecure-policy", "copy", "--quiet", "--format", fmt]
@@ -323,14 +209,6 @@ def skopeo_push(layout: Path, tag: str, registry: Registry, repo: str, *, creds:
     argv += [f"oci:{layout}:{tag}", f"docker://127.0.0.1:{registry.port}/{repo}:{tag}"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-
-
-def busybox_binary(work: Path) -> bytes:
-    from matchlock import debian
-
-    deb = debian.download(["busybox-static"])["busybox-static"]
-    debian.extract(deb, work / "bb")
-    return (work / "bb" / "bin" / "busybox").read_bytes()
 
 
 def busybox_layer(busybox: bytes) -> bytes:

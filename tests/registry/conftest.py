@@ -3,28 +3,23 @@
 - `plain_registry`: plain HTTP on localhost (allowed for loopback registries);
 - `secure_registry`: TLS from a test CA plus htpasswd basic auth, on 127.0.0.1.
 Both live for the module and are stopped by PID in teardown. Every test gets
-its own image store (MATCHLOCK_CACHE_DIR) and Docker client config (DOCKER_CONFIG).
+its own image store (the `cache_dir` fixture) and Docker client config (DOCKER_CONFIG).
 """
 
 from __future__ import annotations
 
+import base64
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from registry_support import Registry, make_htpasswd, make_tls
-
-MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
+from registry_support import PASSWORD, USER, Registry, make_htpasswd, make_tls
+from support.cli import CLIResult, run_matchlock
 
 pytestmark = pytest.mark.registry
-USER, PASSWORD = "tester", "s3cret-pass"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,11 +50,8 @@ class Env:
     store: Path
     docker_config: Path
     certs: Path
-    vars: dict
 
     def login(self, registry: str, user: str = USER, password: str = PASSWORD) -> None:
-        import base64
-
         auth = base64.b64encode(f"{user}:{password}".encode()).decode()
         self.write_config({"auths": {registry: {"auth": auth}}})
 
@@ -72,20 +64,15 @@ class Env:
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(registry.tls.ca, target / "ca.crt")
 
-    def run(self, *args: str, timeout: float = 120, extra: dict | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, **self.vars, **(extra or {})}
-        return subprocess.run([MATCHLOCK, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    def run(self, *args: str, timeout: float = 120, extra: dict | None = None) -> CLIResult:
+        return run_matchlock(*args, timeout=timeout, env=extra)
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch) -> Env:
-    values = {
-        "MATCHLOCK_CACHE_DIR": str(tmp_path / "cache"),
-        "DOCKER_CONFIG": str(tmp_path / "docker"),
-        "MATCHLOCK_REGISTRY_CERTS_DIR": str(tmp_path / "certs.d"),
-        "MATCHLOCK_PULL_BACKOFF": "0.05",
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
+def env(cache_dir, tmp_path, monkeypatch) -> Env:
+    env = Env(cache_dir / "images", tmp_path / "docker", tmp_path / "certs.d")
+    monkeypatch.setenv("DOCKER_CONFIG", str(env.docker_config))
+    monkeypatch.setenv("MATCHLOCK_REGISTRY_CERTS_DIR", str(env.certs))
+    monkeypatch.setenv("MATCHLOCK_PULL_BACKOFF", "0.05")
     monkeypatch.delenv("MATCHLOCK_INSECURE_REGISTRIES", raising=False)
-    return Env(tmp_path / "cache" / "images", tmp_path / "docker", tmp_path / "certs.d", values)
+    return env

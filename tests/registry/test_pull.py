@@ -11,26 +11,17 @@ import fcntl
 import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from matchlock.image.archive import host_arch
-from registry_support import (
-    Image,
-    extract_lower,
-    make_image,
-    make_index,
-    push_image,
-    skopeo_push,
-    stored_bytes,
-    tar_layer,
-    write_oci_layout,
-)  # fmt: skip
+from registry_support import extract_lower, push_image, skopeo_push, stored_bytes
+from support.cli import MATCHLOCK
+from support.images import Image, make_image, make_index, sha256, write_oci_layout
+from support.tarballs import tar_layer
 
 pytestmark = pytest.mark.registry
-MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
 OTHER_ARCH = "arm64" if host_arch() == "amd64" else "amd64"
 
 
@@ -70,7 +61,8 @@ def test_pull_docker_schema2_pushed_by_skopeo(plain_registry, env, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == f"Pulling {ref}..." and lines[1].startswith("Digest: sha256:")
     assert lines[2] == size_line(env, ref) and len(lines) == 3
-    assert result.stderr == ""  # not a terminal: no progress bars
+    # Not a terminal: no bars, but a line per layer.
+    assert [line.split(": ", 1)[1].split(" (")[0] for line in result.stderr.splitlines()] == ["downloaded"] * 2
     with plain_registry.client() as client:  # skopeo converted it to schema 2; the digest is the registry's
         head = client.head(
             "/v2/test/app/manifests/v1", headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
@@ -138,8 +130,6 @@ def test_digest_pinning(plain_registry, env):
     images = {arch: make_image([tar_layer({"platform": arch})], arch=arch) for arch in (host_arch(), OTHER_ARCH)}
     index = make_index(images)
     push_image(plain_registry, "test/pinned", "v1", images[host_arch()], index=index, others=[images[OTHER_ARCH]])
-    from registry_support import sha256
-
     name = f"{plain_registry.address}/test/pinned"
     pinned = env.run("pull", f"{name}@{images[host_arch()].digest}")
     assert pinned.returncode == 0, pinned.stderr
@@ -209,7 +199,6 @@ def test_concurrent_pulls_of_one_image(plain_registry, env):
     procs = [
         subprocess.Popen(
             [MATCHLOCK, "pull", ref],
-            env={**os.environ, **env.vars},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

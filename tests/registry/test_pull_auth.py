@@ -12,17 +12,10 @@ import stat
 
 import pytest
 
-from conftest import PASSWORD, USER
 from matchlock.image.archive import host_arch
-from registry_support import (
-    Registry,
-    TokenServer,
-    make_image,
-    push_image,
-    skopeo_push,
-    tar_layer,
-    write_oci_layout,
-)
+from registry_support import PASSWORD, USER, Registry, TokenServer, push_image, skopeo_push
+from support.images import make_image, write_oci_layout
+from support.tarballs import tar_layer
 
 pytestmark = pytest.mark.registry
 

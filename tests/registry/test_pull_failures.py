@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from matchlock.image.archive import host_arch
-from registry_support import CuttingProxy, make_image, push_image, tar_layer
+from registry_support import CuttingProxy, push_image
+from support.images import make_image
+from support.tarballs import tar_layer
 
 pytestmark = pytest.mark.registry
 

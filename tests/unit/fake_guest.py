@@ -1,20 +1,23 @@
 """A hand-driven (and often hostile) fake guest for tests of the host end of the agent channel.
 
 The fake guest is a real `wire.mux.Connection(Role.GUEST)` on the other end of a
-socketpair; each test drives it step by step. Every scenario runs under
-`asyncio.wait_for` (`run`) so a host that hangs fails the test instead of the suite.
+socketpair; each test drives it step by step. `connected()` and `booted()` give a
+host channel and its guest, before and after the handshake, and always close both;
+the tests' pytest timeout turns a host that hangs into a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 from matchlock.vm.channel import GuestChannel
 from matchlock.wire import agent as msgs
 from matchlock.wire.mux import Connection, HelloReceived, Role, StreamClosed, StreamOpened, WindowOpened
+from matchlock.wire.replies import Ready
 
-HANG = 10.0  # seconds: a hang detector, not a performance assertion
 CONFIG = msgs.GuestConfig(
     hostname="sandbox",
     time_ns=1_700_000_000_123_456_789,
@@ -72,39 +75,39 @@ class FakeGuest:
             self.writer.close()
 
 
-def run(coro_fn, timeout: float = HANG):
-    async def main():
-        return await asyncio.wait_for(coro_fn(), timeout)
-
-    return asyncio.run(main())
-
-
-async def connect() -> tuple[GuestChannel, FakeGuest]:
+@contextlib.asynccontextmanager
+async def connected() -> AsyncIterator[tuple[GuestChannel, FakeGuest]]:
+    """A started host channel and the fake guest on its other end, no handshake yet."""
     host_sock, guest_sock = socket.socketpair()
-    channel = GuestChannel(host_sock)
-    await channel.start()
     guest = FakeGuest()
-    await guest.attach(guest_sock)
-    return channel, guest
+    async with GuestChannel(host_sock) as channel:
+        await guest.attach(guest_sock)
+        try:
+            yield channel, guest
+        finally:
+            guest.close()
 
 
-async def boot() -> tuple[GuestChannel, FakeGuest]:
-    channel, guest = await connect()
+async def start_handshake(channel: GuestChannel, guest: FakeGuest, info: dict | None = None) -> asyncio.Task:
+    """The host waits in `handshake()`; the guest has sent its HELLO and received the host's."""
     handshake = asyncio.create_task(channel.handshake(CONFIG))
-    guest.conn.send_hello(GUEST_INFO)
+    guest.conn.send_hello(info)
     await guest.flush()
     event = await guest.next_event()
     assert isinstance(event, HelloReceived)
     assert msgs.GuestConfig.parse(event.info) == CONFIG
-    guest.conn.send_message(0, {"type": msgs.EVENT_READY, "boot_ms": 42})
-    await guest.flush()
-    await handshake
-    return channel, guest
+    return handshake
 
 
-async def shutdown(channel: GuestChannel, guest: FakeGuest) -> None:
-    await channel.close()
-    guest.close()
+@contextlib.asynccontextmanager
+async def booted() -> AsyncIterator[tuple[GuestChannel, FakeGuest]]:
+    """A channel whose handshake is done (the guest reported ready in 42 ms)."""
+    async with connected() as (channel, guest):
+        handshake = await start_handshake(channel, guest, GUEST_INFO)
+        guest.conn.send_message(0, Ready(42).to_wire())
+        await guest.flush()
+        await handshake
+        yield channel, guest
 
 
 async def accept(guest: FakeGuest, op: str) -> tuple[int, dict]:

@@ -9,8 +9,9 @@ import asyncio
 import json
 import struct
 
+import fake_guest
 import pytest
-from fake_guest import CONFIG, GUEST_INFO, accept, boot, connect, run, shutdown
+from fake_guest import CONFIG, GUEST_INFO, accept, start_handshake
 
 from matchlock.api.errors import ExecError, GuestProtocolError, VMError
 from matchlock.sandbox.process import ExecResult, GuestProcess
@@ -26,83 +27,81 @@ from matchlock.wire.mux import (
     STDOUT,
     ChannelEnded,
     DataReceived,
-    HelloReceived,
     MessageReceived,
     StreamClosed,
 )
+from matchlock.wire.replies import Ready
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(120)  # a hang detector, not a performance assertion
+
+
+@pytest.fixture
+async def connected():
+    async with fake_guest.connected() as pair:
+        yield pair
+
+
+@pytest.fixture
+async def booted():
+    async with fake_guest.booted() as pair:
+        yield pair
 
 
 # --- handshake --------------------------------------------------------------
 
 
-def test_normal_handshake_sets_boot_ms_and_sends_config():
-    async def scenario():
-        channel, guest = await boot()
-        assert channel.boot_ms == 42
-        assert channel.guest_info == GUEST_INFO
-        assert channel.conn.handshake_complete and guest.conn.handshake_complete
-        assert channel.broken is None
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_normal_handshake_sets_boot_ms_and_sends_config(booted):
+    channel, guest = booted
+    assert channel.boot_ms == 42
+    assert channel.guest_info == GUEST_INFO
+    assert channel.conn.handshake_complete and guest.conn.handshake_complete
+    assert channel.broken is None
 
 
-def test_ready_without_integer_boot_ms():
-    async def scenario():
-        channel, guest = await connect()
-        handshake = asyncio.create_task(channel.handshake(CONFIG))
-        guest.conn.send_hello()
-        await guest.flush()
-        assert isinstance(await guest.next_event(), HelloReceived)
-        guest.conn.send_message(0, {"type": "ready", "boot_ms": "fast"})
-        await guest.flush()
+async def test_ready_with_malformed_boot_ms_is_a_protocol_error(connected):
+    channel, guest = connected
+    handshake = await start_handshake(channel, guest)
+    assert channel.guest_info == {}
+    guest.conn.send_message(0, {"type": "ready", "boot_ms": "fast"})
+    await guest.flush()
+    with pytest.raises(
+        GuestProtocolError, match="malformed 'ready' reply from the guest: 'boot_ms' must be an integer"
+    ):
         await handshake
-        assert channel.boot_ms is None
-        assert channel.guest_info == {}
-        await shutdown(channel, guest)
-
-    run(scenario)
+    assert channel.boot_ms is None
 
 
-def test_guest_fatal_during_handshake_raises_vm_error_with_text():
-    async def scenario():
-        channel, guest = await connect()
-        handshake = asyncio.create_task(channel.handshake(CONFIG))
-        guest.conn.send_hello()
-        await guest.flush()
-        assert isinstance(await guest.next_event(), HelloReceived)
-        guest.conn.send_message(0, {"type": "fatal", "message": "OSError: cannot mount cgroup2"})
-        await guest.flush()
-        with pytest.raises(VMError) as info:
-            await handshake
-        assert type(info.value) is VMError
-        assert str(info.value) == "guest init failed: OSError: cannot mount cgroup2"
-        assert channel.broken is info.value
-        with pytest.raises(VMError, match="cannot mount cgroup2"):
-            channel.open({"op": "list_files", "path": "/"})
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_ready_reports_the_ca_bundle(connected):
+    channel, guest = connected
+    handshake = await start_handshake(channel, guest)
+    guest.conn.send_message(0, Ready(7, "/etc/ssl/certs/ca-certificates.crt").to_wire())
+    await guest.flush()
+    await handshake
+    assert channel.boot_ms == 7 and channel.ready_info == {"ca_bundle": "/etc/ssl/certs/ca-certificates.crt"}
 
 
-def test_fatal_text_is_truncated():
-    async def scenario():
-        channel, guest = await connect()
-        handshake = asyncio.create_task(channel.handshake(CONFIG))
-        guest.conn.send_hello()
-        guest.conn._hello_sent = True
-        await guest.flush()
-        assert isinstance(await guest.next_event(), HelloReceived)
-        guest.conn.send_message(0, {"type": "fatal", "message": "x" * 100_000})
-        await guest.flush()
-        with pytest.raises(VMError) as info:
-            await handshake
-        assert str(info.value) == "guest init failed: " + "x" * 2000
-        await shutdown(channel, guest)
+async def test_guest_fatal_during_handshake_raises_vm_error_with_text(connected):
+    channel, guest = connected
+    handshake = await start_handshake(channel, guest)
+    guest.conn.send_message(0, {"type": "fatal", "message": "OSError: cannot mount cgroup2"})
+    await guest.flush()
+    with pytest.raises(VMError) as info:
+        await handshake
+    assert type(info.value) is VMError
+    assert str(info.value) == "guest init failed: OSError: cannot mount cgroup2"
+    assert channel.broken is info.value
+    with pytest.raises(VMError, match="cannot mount cgroup2"):
+        channel.open({"op": "list_files", "path": "/"})
 
-    run(scenario)
+
+async def test_fatal_text_is_truncated(connected):
+    channel, guest = connected
+    handshake = await start_handshake(channel, guest)
+    guest.conn.send_message(0, {"type": "fatal", "message": "x" * 100_000})
+    await guest.flush()
+    with pytest.raises(VMError) as info:
+        await handshake
+    assert str(info.value) == "guest init failed: " + "x" * 2000
 
 
 @pytest.mark.parametrize(
@@ -115,107 +114,76 @@ def test_fatal_text_is_truncated():
         (encode_frame(FrameKind.HELLO, 0, b"[" * 100_000), "HELLO of 100000 bytes exceeds"),
     ],
 )
-def test_garbage_instead_of_hello_fails_handshake_quickly(garbage, match):
-    async def scenario():
-        channel, guest = await connect()
-        await guest.send_raw(garbage)
-        with pytest.raises(GuestProtocolError, match=f"guest broke the wire protocol: .*{match}"):
-            await asyncio.wait_for(channel.handshake(CONFIG), 5)
-        assert isinstance(channel.broken, GuestProtocolError)
-        # The host hangs up on a guest that broke the protocol.
-        assert await asyncio.wait_for(guest.host_closed(), 5)
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_garbage_instead_of_hello_fails_handshake_quickly(garbage, match, connected):
+    channel, guest = connected
+    await guest.send_raw(garbage)
+    with pytest.raises(GuestProtocolError, match=f"guest broke the wire protocol: .*{match}"):
+        await asyncio.wait_for(channel.handshake(CONFIG), 5)
+    assert isinstance(channel.broken, GuestProtocolError)
+    # The host hangs up on a guest that broke the protocol.
+    assert await asyncio.wait_for(guest.host_closed(), 5)
 
 
-def test_version_mismatch_fails_handshake_naming_versions():
-    async def scenario():
-        channel, guest = await connect()
-        hello = {"protocol": PROTOCOL_NAME, "version": 99, "role": "guest", "features": []}
-        await guest.send_raw(encode_frame(FrameKind.HELLO, 0, json.dumps(hello).encode()))
-        with pytest.raises(GuestProtocolError, match=r"version 99 but this side speaks version 1"):
-            await asyncio.wait_for(channel.handshake(CONFIG), 5)
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_version_mismatch_fails_handshake_naming_versions(connected):
+    channel, guest = connected
+    hello = {"protocol": PROTOCOL_NAME, "version": 99, "role": "guest", "features": []}
+    await guest.send_raw(encode_frame(FrameKind.HELLO, 0, json.dumps(hello).encode()))
+    with pytest.raises(GuestProtocolError, match=r"version 99 but this side speaks version 1"):
+        await asyncio.wait_for(channel.handshake(CONFIG), 5)
 
 
-def test_guest_closes_socket_mid_frame_during_handshake():
-    async def scenario():
-        channel, guest = await connect()
-        guest.conn.send_hello()
-        await guest.send_raw(guest.conn.data_to_send()[:12])  # header + 3 bytes of payload
-        guest.close()
-        with pytest.raises(GuestProtocolError, match=r"closed in the middle of a frame \(12 bytes pending\)"):
-            await asyncio.wait_for(channel.handshake(CONFIG), 5)
-        await channel.close()
-
-    run(scenario)
+async def test_guest_closes_socket_mid_frame_during_handshake(connected):
+    channel, guest = connected
+    guest.conn.send_hello()
+    await guest.send_raw(guest.conn.data_to_send()[:12])  # header + 3 bytes of payload
+    guest.close()
+    with pytest.raises(GuestProtocolError, match=r"closed in the middle of a frame \(12 bytes pending\)"):
+        await asyncio.wait_for(channel.handshake(CONFIG), 5)
+    await channel.aclose()
 
 
-def test_guest_closes_socket_cleanly_before_ready():
-    async def scenario():
-        channel, guest = await connect()
-        handshake = asyncio.create_task(channel.handshake(CONFIG))
-        guest.conn.send_hello()
-        await guest.flush()
-        assert isinstance(await guest.next_event(), HelloReceived)
-        guest.close()
-        with pytest.raises(ChannelClosed, match="the guest closed the agent channel"):
-            await asyncio.wait_for(handshake, 5)
-        await channel.close()
-
-    run(scenario)
+async def test_guest_closes_socket_cleanly_before_ready(connected):
+    channel, guest = connected
+    handshake = await start_handshake(channel, guest)
+    guest.close()
+    with pytest.raises(ChannelClosed, match="the guest closed the agent channel"):
+        await asyncio.wait_for(handshake, 5)
+    await channel.aclose()
 
 
-def test_guest_sending_partial_header_then_nothing_is_pending_not_error():
+async def test_guest_sending_partial_header_then_nothing_is_pending_not_error(connected):
     """Five bytes are not yet a header; they must just be buffered (the boot timeout covers silence)."""
-
-    async def scenario():
-        channel, guest = await connect()
-        await guest.send_raw(b"\x00\x00\x00")
-        handshake = asyncio.create_task(channel.handshake(CONFIG))
-        await asyncio.sleep(0.05)
-        assert not handshake.done()
-        assert channel.broken is None
-        await guest.send_raw(b"\x00\xff\x00\x00\x00\x00")  # completes a header with kind 255
-        with pytest.raises(GuestProtocolError, match="unknown frame kind 255"):
-            await asyncio.wait_for(handshake, 5)
-        await shutdown(channel, guest)
-
-    run(scenario)
+    channel, guest = connected
+    await guest.send_raw(b"\x00\x00\x00")
+    handshake = asyncio.create_task(channel.handshake(CONFIG))
+    while channel.conn._decoder.pending < 3:  # until the host has read them
+        await asyncio.sleep(0)
+    assert not handshake.done()
+    assert channel.broken is None
+    await guest.send_raw(b"\x00\xff\x00\x00\x00\x00")  # completes a header with kind 255
+    with pytest.raises(GuestProtocolError, match="unknown frame kind 255"):
+        await asyncio.wait_for(handshake, 5)
 
 
-def test_unexpected_stream0_message_breaks_channel():
-    async def scenario():
-        channel, guest = await connect()
-        handshake = asyncio.create_task(channel.handshake(CONFIG))
-        guest.conn.send_hello()
-        await guest.flush()
-        assert isinstance(await guest.next_event(), HelloReceived)
-        guest.conn.send_message(0, {"type": "surprise"})
-        await guest.flush()
-        with pytest.raises(GuestProtocolError, match="unexpected connection message 'surprise'"):
-            await asyncio.wait_for(handshake, 5)
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_unexpected_stream0_message_breaks_channel(connected):
+    channel, guest = connected
+    handshake = await start_handshake(channel, guest)
+    guest.conn.send_message(0, {"type": "surprise"})
+    await guest.flush()
+    with pytest.raises(GuestProtocolError, match=r"sent 'surprise' on the connection \(stream 0\) before 'ready'"):
+        await asyncio.wait_for(handshake, 5)
 
 
-def test_guest_opening_a_stream_breaks_channel():
-    async def scenario():
-        channel, guest = await boot()
-        guest.conn.open_stream({"op": "exec"})
-        await guest.flush()
-        await asyncio.wait_for(guest.host_closed(), 5)
-        assert isinstance(channel.broken, GuestProtocolError)
-        assert "guest opened stream 2, which the host never allows" in str(channel.broken)
-        with pytest.raises(GuestProtocolError):
-            channel.open({"op": "list_files", "path": "/"})
-        await channel.close()
-
-    run(scenario)
+async def test_guest_opening_a_stream_breaks_channel(booted):
+    channel, guest = booted
+    guest.conn.open_stream({"op": "exec"})
+    await guest.flush()
+    await asyncio.wait_for(guest.host_closed(), 5)
+    assert isinstance(channel.broken, GuestProtocolError)
+    assert "guest opened stream 2, which the host never allows" in str(channel.broken)
+    with pytest.raises(GuestProtocolError):
+        channel.open({"op": "list_files", "path": "/"})
+    await channel.aclose()
 
 
 # --- exec -------------------------------------------------------------------
@@ -225,305 +193,261 @@ def exec_request(command: str = "echo hi") -> dict:
     return msgs.ExecRequest(command, env={"A": "1"}, cwd="/tmp").to_wire()
 
 
-def test_exec_started_data_exit_close_gives_result():
-    async def scenario():
-        channel, guest = await boot()
-        out: list[bytes] = []
-        err: list[bytes] = []
+async def test_exec_started_data_exit_close_gives_result(booted):
+    channel, guest = booted
+    out: list[bytes] = []
+    err: list[bytes] = []
 
-        async def on_stderr(data: bytes) -> None:  # async callbacks are awaited
-            await asyncio.sleep(0)
-            err.append(data)
+    async def on_stderr(data: bytes) -> None:  # async callbacks are awaited
+        await asyncio.sleep(0)
+        err.append(data)
 
-        proc = GuestProcess(channel.open(exec_request()), out.append, on_stderr)
-        waiter = asyncio.create_task(proc.wait())
-        sid, request = await accept(guest, "exec")
-        assert sid == 1
-        assert msgs.ExecRequest.parse(request) == msgs.ExecRequest("echo hi", {"A": "1"}, "/tmp")
-        guest.conn.send_message(sid, {"type": "started", "pid": 77})
-        guest.conn.send_data(sid, STDOUT, b"hello ")
-        guest.conn.send_data(sid, STDERR, b"warning\n")
-        guest.conn.send_data(sid, STDOUT, b"world\n")
-        guest.conn.end_channel(sid, STDOUT)
-        guest.conn.end_channel(sid, STDERR)
-        guest.conn.send_message(sid, {"type": "exit", "code": 3})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        result = await waiter
-        assert isinstance(result, ExecResult)
-        assert result.exit_code == 3 and result.error is None and result.duration_ms >= 0
-        assert b"".join(out) == b"hello world\n"
-        assert err == [b"warning\n"]
-        assert proc.pid == 77
-        assert await proc.wait() is result  # cached
-        # The host closes its side, and both ends forget the stream.
-        assert await guest.next_event() == StreamClosed(sid)
-        assert not channel.conn.is_open(sid) and not guest.conn.is_open(sid)
-        assert channel.broken is None
-        await shutdown(channel, guest)
-
-    run(scenario)
+    proc = GuestProcess(channel.open(exec_request()), out.append, on_stderr)
+    waiter = asyncio.create_task(proc.wait())
+    sid, request = await accept(guest, "exec")
+    assert sid == 1
+    assert msgs.ExecRequest.parse(request) == msgs.ExecRequest("echo hi", {"A": "1"}, "/tmp")
+    guest.conn.send_message(sid, {"type": "started", "pid": 77})
+    guest.conn.send_data(sid, STDOUT, b"hello ")
+    guest.conn.send_data(sid, STDERR, b"warning\n")
+    guest.conn.send_data(sid, STDOUT, b"world\n")
+    guest.conn.end_channel(sid, STDOUT)
+    guest.conn.end_channel(sid, STDERR)
+    guest.conn.send_message(sid, {"type": "exit", "code": 3})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    result = await waiter
+    assert isinstance(result, ExecResult)
+    assert result.exit_code == 3 and result.error is None and result.duration_ms >= 0
+    assert b"".join(out) == b"hello world\n"
+    assert err == [b"warning\n"]
+    assert proc.pid == 77
+    assert await proc.wait() is result  # cached
+    # The host closes its side, and both ends forget the stream.
+    assert await guest.next_event() == StreamClosed(sid)
+    assert not channel.conn.is_open(sid) and not guest.conn.is_open(sid)
+    assert channel.broken is None
 
 
-def test_exec_stdin_and_error_text():
-    async def scenario():
-        channel, guest = await boot()
-        proc = GuestProcess(channel.open(exec_request("cat")), None, None)
-        sid, _ = await accept(guest, "exec")
-        await proc.write(b"some input")
-        proc.close_stdin()
-        proc.send_signal(15)
-        proc.resize(30, 100)
-        assert await guest.next_event() == DataReceived(sid, STDIN, b"some input")
-        assert await guest.next_event() == ChannelEnded(sid, STDIN)
-        assert await guest.next_event() == MessageReceived(sid, {"type": "signal", "signal": 15})
-        assert await guest.next_event() == MessageReceived(sid, {"type": "resize", "rows": 30, "cols": 100})
-        guest.conn.send_message(sid, {"type": "exit", "code": 127, "error": "cannot run /bin/sh"})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        result = await proc.wait()
-        assert result.exit_code == 127 and result.error == "cannot run /bin/sh"
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_exec_stdin_and_error_text(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request("cat")), None, None)
+    sid, _ = await accept(guest, "exec")
+    await proc.write(b"some input")
+    proc.close_stdin()
+    proc.send_signal(15)
+    proc.resize(30, 100)
+    assert await guest.next_event() == DataReceived(sid, STDIN, b"some input")
+    assert await guest.next_event() == ChannelEnded(sid, STDIN)
+    assert await guest.next_event() == MessageReceived(sid, {"type": "signal", "signal": 15})
+    assert await guest.next_event() == MessageReceived(sid, {"type": "resize", "rows": 30, "cols": 100})
+    guest.conn.send_message(sid, {"type": "started", "pid": 9})
+    guest.conn.send_message(sid, {"type": "exit", "code": 127, "error": "cannot run /bin/sh"})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    result = await proc.wait()
+    assert result.exit_code == 127 and result.error == "cannot run /bin/sh"
 
 
-def test_exec_large_output_with_flow_control():
+async def test_exec_large_output_with_flow_control(booted):
     total = 3 * INITIAL_WINDOW + 12345
+    channel, guest = booted
+    received = bytearray()
 
-    async def scenario():
-        channel, guest = await boot()
-        received = bytearray()
+    async def slow_consumer(data: bytes) -> None:
+        await asyncio.sleep(0.001)
+        received.extend(data)
 
-        async def slow_consumer(data: bytes) -> None:
-            await asyncio.sleep(0.001)
-            received.extend(data)
-
-        proc = GuestProcess(channel.open(exec_request("yes")), slow_consumer, None)
-        waiter = asyncio.create_task(proc.wait())
-        sid, _ = await accept(guest, "exec")
-        sent = 0
-        stalls = 0
-        while sent < total:
-            window = guest.conn.send_window(sid)
-            if window == 0:
-                stalls += 1
-                while guest.conn.send_window(sid) == 0:
-                    await guest._fill()
-                continue
-            n = min(window, DATA_CHUNK, total - sent)
-            guest.conn.send_data(sid, STDOUT, bytes([sent % 251]) * n)
-            sent += n
-            await guest.flush()
-        guest.conn.send_message(sid, {"type": "exit", "code": 0})
-        guest.conn.close_stream(sid)
+    proc = GuestProcess(channel.open(exec_request("yes")), slow_consumer, None)
+    waiter = asyncio.create_task(proc.wait())
+    sid, _ = await accept(guest, "exec")
+    guest.conn.send_message(sid, {"type": "started", "pid": 1})
+    sent = 0
+    stalls = 0
+    while sent < total:
+        window = guest.conn.send_window(sid)
+        if window == 0:
+            stalls += 1
+            while guest.conn.send_window(sid) == 0:
+                await guest._fill()
+            continue
+        n = min(window, DATA_CHUNK, total - sent)
+        guest.conn.send_data(sid, STDOUT, bytes([sent % 251]) * n)
+        sent += n
         await guest.flush()
-        result = await waiter
-        assert result.exit_code == 0
-        assert len(received) == total
-        assert stalls >= 3  # the guest really had to wait for credit
-        await shutdown(channel, guest)
-
-    run(scenario)
-
-
-def test_exec_error_reply_raises_exec_error():
-    async def scenario():
-        channel, guest = await boot()
-        proc = GuestProcess(channel.open(exec_request()), None, None)
-        sid, _ = await accept(guest, "exec")
-        guest.conn.send_message(sid, {"type": "error", "message": "no such user 'bob'"})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        with pytest.raises(ExecError, match="no such user 'bob'"):
-            await proc.wait()
-        await shutdown(channel, guest)
-
-    run(scenario)
+    guest.conn.send_message(sid, {"type": "exit", "code": 0})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    result = await waiter
+    assert result.exit_code == 0
+    assert len(received) == total
+    assert stalls >= 3  # the guest really had to wait for credit
 
 
-def test_exec_reset_by_guest_raises_exec_error():
-    async def scenario():
-        channel, guest = await boot()
-        proc = GuestProcess(channel.open(exec_request()), None, None)
-        sid, _ = await accept(guest, "exec")
-        guest.conn.reset_stream(sid, "invalid request: 'cwd' must be an absolute path")
-        await guest.flush()
-        with pytest.raises(ExecError, match="the guest aborted the command: invalid request: 'cwd'"):
-            await proc.wait()
-        assert channel.broken is None
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_exec_error_reply_raises_exec_error(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    sid, _ = await accept(guest, "exec")
+    guest.conn.send_message(sid, {"type": "error", "message": "no such user 'bob'"})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    with pytest.raises(ExecError, match="no such user 'bob'"):
+        await proc.wait()
 
 
-def test_exec_close_without_exit_is_protocol_error():
-    async def scenario():
-        channel, guest = await boot()
-        proc = GuestProcess(channel.open(exec_request()), None, None)
-        sid, _ = await accept(guest, "exec")
-        guest.conn.send_message(sid, {"type": "started", "pid": 1})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        with pytest.raises(GuestProtocolError, match="ended an exec stream without an exit status"):
-            await proc.wait()
-        await shutdown(channel, guest)
+async def test_exec_reset_by_guest_raises_exec_error(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    sid, _ = await accept(guest, "exec")
+    guest.conn.reset_stream(sid, "invalid request: 'cwd' must be an absolute path")
+    await guest.flush()
+    with pytest.raises(ExecError, match="the guest aborted the command: invalid request: 'cwd'"):
+        await proc.wait()
+    assert channel.broken is None
 
-    run(scenario)
+
+async def test_exec_close_without_exit_is_protocol_error(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    sid, _ = await accept(guest, "exec")
+    guest.conn.send_message(sid, {"type": "started", "pid": 1})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    with pytest.raises(
+        GuestProtocolError,
+        match="guest broke the wire protocol: the guest closed an exec stream without an exit status",
+    ):
+        await proc.wait()
 
 
 @pytest.mark.parametrize(
     "messages, match",
     [
-        ([{"type": "exit", "code": 300}], r"malformed exit status from the guest: 'code' = 300 is outside 0\.\.255"),
-        ([{"type": "exit", "code": -1}], r"malformed exit status from the guest: 'code' = -1"),
-        ([{"type": "exit", "code": "0"}], r"malformed exit status from the guest: 'code' must be an integer"),
-        ([{"type": "exit", "code": 0, "signal": 0}], r"malformed exit status.*'signal' = 0 is outside 1\.\.64"),
-        ([{"type": "exit", "code": 0}, {"type": "exit", "code": 1}], r"the guest sent 'exit' after the exit status"),
-        ([{"type": "exit", "code": 0}, {"type": "started"}], r"the guest sent 'started' after the exit status"),
-        ([{"type": "bogus"}], r"unexpected exec reply 'bogus' from the guest"),
-        ([{"no": "type"}], r"unexpected exec reply 'None' from the guest"),
+        ([{"type": "exit", "code": 300}], r"malformed 'exit' reply from the guest: 'code' = 300 is outside 0\.\.255"),
+        ([{"type": "exit", "code": -1}], r"malformed 'exit' reply from the guest: 'code' = -1"),
+        ([{"type": "exit", "code": "0"}], r"malformed 'exit' reply from the guest: 'code' must be an integer"),
+        ([{"type": "exit", "code": 0, "signal": 0}], r"malformed 'exit' reply.*'signal' = 0 is outside 1\.\.64"),
+        ([{"type": "exit", "code": 0}, {"type": "exit", "code": 1}], r"sent 'exit' on an exec stream after the exit"),
+        ([{"type": "exit", "code": 0}, {"type": "started"}], r"sent 'started' on an exec stream after the exit status"),
+        ([{"type": "bogus"}], r"the guest sent 'bogus' on an exec stream while the command runs"),
+        ([{"no": "type"}], r"the guest sent 'None' on an exec stream"),
     ],
 )
-def test_exec_bad_replies_are_protocol_errors(messages, match):
-    async def scenario():
-        channel, guest = await boot()
-        proc = GuestProcess(channel.open(exec_request()), None, None)
-        sid, _ = await accept(guest, "exec")
-        for message in messages:
-            guest.conn.send_message(sid, message)
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        with pytest.raises(GuestProtocolError, match=match):
-            await proc.wait()
-        # the host closed its half of the stream anyway
-        assert not channel.conn.is_open(sid)
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_exec_bad_replies_are_protocol_errors(messages, match, booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    sid, _ = await accept(guest, "exec")
+    for message in [{"type": "started", "pid": 1}, *messages]:
+        guest.conn.send_message(sid, message)
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    with pytest.raises(GuestProtocolError, match=match):
+        await proc.wait()
+    # the host closed its half of the stream anyway
+    assert not channel.conn.is_open(sid)
 
 
-def test_exec_data_on_stdin_channel_is_protocol_error():
-    async def scenario():
-        channel, guest = await boot()
-        proc = GuestProcess(channel.open(exec_request()), None, None)
-        sid, _ = await accept(guest, "exec")
-        guest.conn.send_data(sid, STDIN, b"backwards")
-        await guest.flush()
-        with pytest.raises(GuestProtocolError, match="the guest sent data on the stdin channel"):
-            await proc.wait()
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_exec_data_on_stdin_channel_is_protocol_error(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    sid, _ = await accept(guest, "exec")
+    guest.conn.send_message(sid, {"type": "started", "pid": 1})
+    guest.conn.send_data(sid, STDIN, b"backwards")
+    await guest.flush()
+    with pytest.raises(GuestProtocolError, match="the guest sent stdin data on an exec stream"):
+        await proc.wait()
 
 
-def test_garbage_in_the_middle_of_exec():
-    async def scenario():
-        channel, guest = await boot()
-        out: list[bytes] = []
-        proc = GuestProcess(channel.open(exec_request()), out.append, None)
-        waiter = asyncio.create_task(proc.wait())
-        sid, _ = await accept(guest, "exec")
-        guest.conn.send_message(sid, {"type": "started", "pid": 5})
-        guest.conn.send_data(sid, STDOUT, b"partial")
-        await guest.flush()
-        while not out:  # let the host deliver the good part first
-            await asyncio.sleep(0.001)
-        assert out == [b"partial"] and proc.pid == 5
-        await guest.send_raw(b"\x00\x00\x00\x01\x63\x00\x00\x00\x01!" + b"\xff" * 100)
-        with pytest.raises(GuestProtocolError, match="guest broke the wire protocol: unknown frame kind 99"):
-            await waiter
-        assert isinstance(channel.broken, GuestProtocolError)
-        with pytest.raises(GuestProtocolError):
-            channel.open(exec_request())
-        await shutdown(channel, guest)
+async def test_garbage_in_the_middle_of_exec(booted):
+    channel, guest = booted
+    out: list[bytes] = []
+    delivered = asyncio.Event()
 
-    run(scenario)
+    def on_stdout(data: bytes) -> None:
+        out.append(data)
+        delivered.set()
 
-
-def test_malformed_json_message_in_the_middle_of_exec():
-    async def scenario():
-        channel, guest = await boot()
-        proc = GuestProcess(channel.open(exec_request()), None, None)
-        sid, _ = await accept(guest, "exec")
-        await guest.send_raw(encode_frame(FrameKind.MESSAGE, sid, b"[" * 200_000))
-        with pytest.raises(GuestProtocolError, match="malformed JSON in MESSAGE frame"):
-            await proc.wait()
-        await shutdown(channel, guest)
-
-    run(scenario)
+    proc = GuestProcess(channel.open(exec_request()), on_stdout, None)
+    waiter = asyncio.create_task(proc.wait())
+    sid, _ = await accept(guest, "exec")
+    guest.conn.send_message(sid, {"type": "started", "pid": 5})
+    guest.conn.send_data(sid, STDOUT, b"partial")
+    await guest.flush()
+    await delivered.wait()  # the host delivers the good part first
+    assert out == [b"partial"] and proc.pid == 5
+    await guest.send_raw(b"\x00\x00\x00\x01\x63\x00\x00\x00\x01!" + b"\xff" * 100)
+    with pytest.raises(GuestProtocolError, match="guest broke the wire protocol: unknown frame kind 99"):
+        await waiter
+    assert isinstance(channel.broken, GuestProtocolError)
+    with pytest.raises(GuestProtocolError):
+        channel.open(exec_request())
 
 
-def test_guest_closes_socket_mid_frame_during_exec():
-    async def scenario():
-        channel, guest = await boot()
-        proc = GuestProcess(channel.open(exec_request()), None, None)
-        sid, _ = await accept(guest, "exec")
-        guest.conn.send_message(sid, {"type": "exit", "code": 0})
-        await guest.send_raw(guest.conn.data_to_send()[:-3])
-        guest.close()
-        with pytest.raises(GuestProtocolError, match="closed in the middle of a frame"):
-            await proc.wait()
-        await channel.close()
-
-    run(scenario)
+async def test_malformed_json_message_in_the_middle_of_exec(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    sid, _ = await accept(guest, "exec")
+    await guest.send_raw(encode_frame(FrameKind.MESSAGE, sid, b"[" * 200_000))
+    with pytest.raises(GuestProtocolError, match="malformed JSON in MESSAGE frame"):
+        await proc.wait()
 
 
-def test_guest_closes_socket_cleanly_during_exec():
-    async def scenario():
-        channel, guest = await boot()
-        proc = GuestProcess(channel.open(exec_request()), None, None)
-        await accept(guest, "exec")
-        guest.close()
-        with pytest.raises(ChannelClosed, match="the guest closed the agent channel"):
-            await proc.wait()
-        await channel.close()
-
-    run(scenario)
-
-
-def test_guest_data_beyond_granted_window():
-    async def scenario():
-        channel, guest = await boot()
-        proc = GuestProcess(channel.open(exec_request()), None, None)
-        sid, _ = await accept(guest, "exec")
-        # The sans-IO guest would refuse to do this, so write the frame by hand.
-        await guest.send_raw(encode_frame(FrameKind.DATA, sid, b"\x01" + b"A" * (INITIAL_WINDOW + 1)))
-        with pytest.raises(
-            GuestProtocolError,
-            match=f"stream {sid}: peer sent {INITIAL_WINDOW + 1} bytes with only {INITIAL_WINDOW} granted",
-        ):
-            await proc.wait()
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_guest_closes_socket_mid_frame_during_exec(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    sid, _ = await accept(guest, "exec")
+    guest.conn.send_message(sid, {"type": "exit", "code": 0})
+    await guest.send_raw(guest.conn.data_to_send()[:-3])
+    guest.close()
+    with pytest.raises(GuestProtocolError, match="closed in the middle of a frame"):
+        await proc.wait()
+    await channel.aclose()
 
 
-def test_guest_data_beyond_window_across_frames_while_callback_is_slow():
+async def test_guest_closes_socket_cleanly_during_exec(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    await accept(guest, "exec")
+    guest.close()
+    with pytest.raises(ChannelClosed, match="the guest closed the agent channel"):
+        await proc.wait()
+    await channel.aclose()
+
+
+async def test_guest_data_beyond_granted_window(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    sid, _ = await accept(guest, "exec")
+    # The sans-IO guest would refuse to do this, so write the frame by hand.
+    await guest.send_raw(encode_frame(FrameKind.DATA, sid, b"\x01" + b"A" * (INITIAL_WINDOW + 1)))
+    with pytest.raises(
+        GuestProtocolError,
+        match=f"stream {sid}: peer sent {INITIAL_WINDOW + 1} bytes with only {INITIAL_WINDOW} granted",
+    ):
+        await proc.wait()
+
+
+async def test_guest_data_beyond_window_across_frames_while_callback_is_slow(booted):
     """Credit is only returned after the callback; extra bytes before that are a violation,
     reported at once even though the consumer is still blocked."""
+    channel, guest = booted
+    release = asyncio.Event()
 
-    async def scenario():
-        channel, guest = await boot()
-        release = asyncio.Event()
+    async def stuck(data: bytes) -> None:
+        await release.wait()
 
-        async def stuck(data: bytes) -> None:
-            await release.wait()
-
-        proc = GuestProcess(channel.open(exec_request()), stuck, None)
-        waiter = asyncio.create_task(proc.wait())
-        sid, _ = await accept(guest, "exec")
-        guest.conn.send_data(sid, STDOUT, b"x" * INITIAL_WINDOW)
-        await guest.flush()
-        await guest.send_raw(encode_frame(FrameKind.DATA, sid, b"\x01y"))
-        # The read loop catches the violation even while the consumer is busy...
-        await asyncio.wait_for(guest.host_closed(), 5)
-        assert isinstance(channel.broken, GuestProtocolError)
-        assert "peer sent 1 bytes with only 0 granted" in str(channel.broken)
-        # ...and the waiting consumer gets it without its callback returning.
-        with pytest.raises(GuestProtocolError, match="peer sent 1 bytes with only 0 granted"):
-            await asyncio.wait_for(waiter, 5)
-        assert not release.is_set()
-        await shutdown(channel, guest)
-
-    run(scenario)
+    proc = GuestProcess(channel.open(exec_request()), stuck, None)
+    waiter = asyncio.create_task(proc.wait())
+    sid, _ = await accept(guest, "exec")
+    guest.conn.send_message(sid, {"type": "started", "pid": 1})
+    guest.conn.send_data(sid, STDOUT, b"x" * INITIAL_WINDOW)
+    await guest.flush()
+    await guest.send_raw(encode_frame(FrameKind.DATA, sid, b"\x01y"))
+    # The read loop catches the violation even while the consumer is busy...
+    await asyncio.wait_for(guest.host_closed(), 5)
+    assert isinstance(channel.broken, GuestProtocolError)
+    assert "peer sent 1 bytes with only 0 granted" in str(channel.broken)
+    # ...and the waiting consumer gets it without its callback returning.
+    with pytest.raises(GuestProtocolError, match="peer sent 1 bytes with only 0 granted"):
+        await asyncio.wait_for(waiter, 5)
+    assert not release.is_set()

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
+import fake_guest
 import pytest
-from fake_guest import FakeGuest, accept, boot, run, shutdown
+from fake_guest import FakeGuest, accept
 
 from matchlock.api.errors import FileOperationError, GuestProtocolError
 from matchlock.sandbox import files
@@ -25,7 +26,19 @@ from matchlock.wire.mux import (
     StreamReset,
 )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(120)  # a hang detector, not a performance assertion
+
+
+@pytest.fixture
+async def connected():
+    async with fake_guest.connected() as pair:
+        yield pair
+
+
+@pytest.fixture
+async def booted():
+    async with fake_guest.booted() as pair:
+        yield pair
 
 
 # --- files ------------------------------------------------------------------
@@ -63,287 +76,231 @@ async def stream_out(guest: FakeGuest, sid: int, total: int, fill: bytes = b"r")
     return sent, None
 
 
-def test_read_file_small():
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.read_file(channel, "/etc/hostname"))
-        sid, request = await accept(guest, "read_file")
-        assert request == {"op": "read_file", "path": "/etc/hostname"}
-        guest.conn.send_data(sid, STDOUT, b"sand")
-        guest.conn.send_data(sid, STDOUT, b"box\n")
-        guest.conn.send_message(sid, {"type": "result"})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        assert await task == b"sandbox\n"
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_read_file_small(booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.read_file(channel, "/etc/hostname"))
+    sid, request = await accept(guest, "read_file")
+    assert request == {"op": "read_file", "path": "/etc/hostname"}
+    guest.conn.send_data(sid, STDOUT, b"sand")
+    guest.conn.send_data(sid, STDOUT, b"box\n")
+    guest.conn.send_message(sid, {"type": "result"})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    assert await task == b"sandbox\n"
 
 
-def test_read_file_of_exactly_the_limit_succeeds():
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.read_file(channel, "/big"))
-        sid, _ = await accept(guest, "read_file")
-        sent, reset = await stream_out(guest, sid, msgs.READ_FILE_LIMIT)
-        assert reset is None and sent == msgs.READ_FILE_LIMIT
-        guest.conn.send_message(sid, {"type": "result"})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        content = await task
-        assert len(content) == msgs.READ_FILE_LIMIT
-        await shutdown(channel, guest)
-
-    run(scenario, timeout=60)
+async def test_read_file_of_exactly_the_limit_succeeds(booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.read_file(channel, "/big"))
+    sid, _ = await accept(guest, "read_file")
+    sent, reset = await stream_out(guest, sid, msgs.READ_FILE_LIMIT)
+    assert reset is None and sent == msgs.READ_FILE_LIMIT
+    guest.conn.send_message(sid, {"type": "result"})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    content = await task
+    assert len(content) == msgs.READ_FILE_LIMIT
 
 
-def test_read_file_over_16_mib_is_cut_off_with_bounded_memory(monkeypatch):
+async def test_read_file_over_16_mib_is_cut_off_with_bounded_memory(monkeypatch, booted):
     monkeypatch.setattr(files, "bytearray", TrackingBytearray, raising=False)
     TrackingBytearray.instances.clear()
-
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.read_file(channel, "/dev/zero"))
-        sid, _ = await accept(guest, "read_file")
-        sent, reset = await stream_out(guest, sid, 64 * 1024 * 1024)
-        with pytest.raises(GuestProtocolError, match=f"the guest sent more than {msgs.READ_FILE_LIMIT} bytes"):
-            await task
-        assert reset is not None and reset.reason == "read_file limit exceeded"
-        # The guest could only ever send what the host granted.
-        assert msgs.READ_FILE_LIMIT < sent <= msgs.READ_FILE_LIMIT + INITIAL_WINDOW + DATA_CHUNK
-        assert not channel.conn.is_open(sid)
-        # Late data for the reset stream is dropped; the channel still works.
-        await guest.send_raw(encode_frame(FrameKind.DATA, sid, b"\x01late"))
-        listing = asyncio.create_task(files.list_files(channel, "/"))
-        sid2, _ = await accept(guest, "list_files")
-        guest.conn.send_message(sid2, {"type": "result", "files": []})
-        guest.conn.close_stream(sid2)
-        await guest.flush()
-        assert await listing == []
-        await shutdown(channel, guest)
-
-    run(scenario, timeout=60)
+    channel, guest = booted
+    task = asyncio.create_task(files.read_file(channel, "/dev/zero"))
+    sid, _ = await accept(guest, "read_file")
+    sent, reset = await stream_out(guest, sid, 64 * 1024 * 1024)
+    with pytest.raises(GuestProtocolError, match=f"the guest sent more than {msgs.READ_FILE_LIMIT} bytes"):
+        await task
+    assert reset is not None and reset.reason == "read_file limit exceeded"
+    # The guest could only ever send what the host granted.
+    assert msgs.READ_FILE_LIMIT < sent <= msgs.READ_FILE_LIMIT + INITIAL_WINDOW + DATA_CHUNK
+    assert not channel.conn.is_open(sid)
+    # Late data for the reset stream is dropped; the channel still works.
+    await guest.send_raw(encode_frame(FrameKind.DATA, sid, b"\x01late"))
+    listing = asyncio.create_task(files.list_files(channel, "/"))
+    sid2, _ = await accept(guest, "list_files")
+    guest.conn.send_message(sid2, {"type": "result", "files": []})
+    guest.conn.close_stream(sid2)
+    await guest.flush()
+    assert await listing == []
     [buffer] = TrackingBytearray.instances
     assert msgs.READ_FILE_LIMIT < buffer.peak < 17 * 1024 * 1024
 
 
-def test_read_file_error_reply():
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.read_file(channel, "/nope"))
-        sid, _ = await accept(guest, "read_file")
-        guest.conn.send_message(sid, {"type": "error", "message": "cannot read /nope: No such file", "errno": 2})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        with pytest.raises(FileOperationError, match="cannot read /nope: No such file"):
-            await task
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_read_file_error_reply(booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.read_file(channel, "/nope"))
+    sid, _ = await accept(guest, "read_file")
+    guest.conn.send_message(sid, {"type": "error", "message": "cannot read /nope: No such file", "errno": 2})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    with pytest.raises(FileOperationError, match="cannot read /nope: No such file"):
+        await task
 
 
 @pytest.mark.parametrize(
     "actions, match",
     [
-        (["stderr"], "the guest sent unexpected data on a file stream"),
-        (["result", "result"], "the guest sent two replies on a file stream"),
+        (["stderr"], "the guest sent stderr data on a file stream before its reply"),
+        (["result", "result"], "the guest sent 'result' on a file stream after its reply"),
         ([], "the guest closed a file stream without a reply"),
-        (["weird"], "unexpected file reply 'weird'"),
+        (["weird"], "the guest sent 'weird' on a file stream before its reply"),
     ],
 )
-def test_read_file_protocol_violations(actions, match):
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.read_file(channel, "/x"))
-        sid, _ = await accept(guest, "read_file")
-        for action in actions:
-            if action == "stderr":
-                guest.conn.send_data(sid, STDERR, b"oops")
-            else:
-                guest.conn.send_message(sid, {"type": action})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        with pytest.raises(GuestProtocolError, match=match):
-            await task
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_read_file_protocol_violations(actions, match, booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.read_file(channel, "/x"))
+    sid, _ = await accept(guest, "read_file")
+    for action in actions:
+        if action == "stderr":
+            guest.conn.send_data(sid, STDERR, b"oops")
+        else:
+            guest.conn.send_message(sid, {"type": action})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    with pytest.raises(GuestProtocolError, match=match):
+        await task
 
 
-def test_read_file_rejects_relative_path_before_sending():
-    async def scenario():
-        channel, guest = await boot()
-        with pytest.raises(ValueError, match="'path' must be an absolute path"):
-            await files.read_file(channel, "etc/passwd")
-        assert channel.conn.open_streams == []
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_read_file_rejects_relative_path_before_sending(booted):
+    channel, guest = booted
+    with pytest.raises(ValueError, match="'path' must be an absolute path"):
+        await files.read_file(channel, "etc/passwd")
+    assert channel.conn.open_streams == []
 
 
-def test_write_file_1mib_with_slow_window_grants():
+async def test_write_file_1mib_with_slow_window_grants(booted):
     content = bytes(range(256)) * 4096  # 1 MiB
     assert len(content) == 1 << 20
-
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.write_file(channel, "/data/blob", content, 0o600))
-        sid, request = await accept(guest, "write_file")
-        assert request == {"op": "write_file", "path": "/data/blob", "mode": 0o600}
-        received = bytearray()
-        unconsumed = 0
-        stalls = 0
-        while True:
-            event = await guest.next_event()
-            if isinstance(event, DataReceived):
-                assert event.channel == STDIN
-                received += event.data
-                unconsumed += len(event.data)
-                # (the guest's own Connection would raise if the host overran the window)
-                if unconsumed < INITIAL_WINDOW and len(received) < len(content):
-                    continue
-                # The host used up all its credit and must now be waiting.
-                stalls += 1
-                await asyncio.sleep(0.01)
-                assert channel.conn.send_window(sid) == 0
-                assert not task.done()
-                # Grant credit back slowly, in small pieces.
-                while unconsumed:
-                    await asyncio.sleep(0.001)
-                    step = min(unconsumed, 16 * 1024)
-                    guest.conn.consumed(sid, step)
-                    unconsumed -= step
-                    await guest.flush()
-            elif isinstance(event, ChannelEnded):
-                assert event.channel == STDIN
-                break
-            else:
-                raise AssertionError(f"unexpected {event!r}")
-        assert bytes(received) == content
-        assert stalls == len(content) // INITIAL_WINDOW
-        guest.conn.send_message(sid, {"type": "result"})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        assert await task is None
-        assert await guest.next_event() == StreamClosed(sid)
-        await shutdown(channel, guest)
-
-    run(scenario, timeout=60)
+    channel, guest = booted
+    task = asyncio.create_task(files.write_file(channel, "/data/blob", content, 0o600))
+    sid, request = await accept(guest, "write_file")
+    assert request == {"op": "write_file", "path": "/data/blob", "mode": 0o600}
+    received = bytearray()
+    unconsumed = 0
+    stalls = 0
+    while True:
+        event = await guest.next_event()
+        if isinstance(event, DataReceived):
+            assert event.channel == STDIN
+            received += event.data
+            unconsumed += len(event.data)
+            # (the guest's own Connection would raise if the host overran the window)
+            if unconsumed < INITIAL_WINDOW and len(received) < len(content):
+                continue
+            # The host used up all its credit and must now be waiting.
+            stalls += 1
+            assert channel.conn.send_window(sid) == 0
+            assert not task.done()
+            # Grant credit back slowly, in small pieces.
+            while unconsumed:
+                await asyncio.sleep(0.001)
+                step = min(unconsumed, 16 * 1024)
+                guest.conn.consumed(sid, step)
+                unconsumed -= step
+                await guest.flush()
+        elif isinstance(event, ChannelEnded):
+            assert event.channel == STDIN
+            break
+        else:
+            raise AssertionError(f"unexpected {event!r}")
+    assert bytes(received) == content
+    assert stalls == len(content) // INITIAL_WINDOW
+    guest.conn.send_message(sid, {"type": "result"})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    assert await task is None
+    assert await guest.next_event() == StreamClosed(sid)
 
 
-def test_write_file_that_never_gets_window_fails_when_guest_resets():
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.write_file(channel, "/full", b"z" * (INITIAL_WINDOW * 2)))
-        sid, _ = await accept(guest, "write_file")
-        got = 0
-        while got < INITIAL_WINDOW:
-            event = await guest.next_event()
-            got += len(event.data)
-        await asyncio.sleep(0.02)
-        assert not task.done()  # blocked on window
-        guest.conn.reset_stream(sid, "No space left on device")
-        await guest.flush()
-        with pytest.raises(FileOperationError, match="the guest aborted the file operation: No space left"):
-            await task
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_write_file_that_never_gets_window_fails_when_guest_resets(booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.write_file(channel, "/full", b"z" * (INITIAL_WINDOW * 2)))
+    sid, _ = await accept(guest, "write_file")
+    got = 0
+    while got < INITIAL_WINDOW:
+        event = await guest.next_event()
+        got += len(event.data)
+    # The guest holds all the credit it granted: the host can send nothing more until it gets a WINDOW.
+    assert got == INITIAL_WINDOW and channel.conn.send_window(sid) == 0
+    assert not task.done()
+    guest.conn.reset_stream(sid, "No space left on device")
+    await guest.flush()
+    with pytest.raises(FileOperationError, match="the guest aborted the file operation: No space left"):
+        await task
 
 
-def test_write_file_blocked_on_window_fails_when_channel_breaks():
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.write_file(channel, "/f", b"z" * (INITIAL_WINDOW + 1)))
-        await accept(guest, "write_file")
-        await asyncio.sleep(0.02)
-        assert not task.done()
-        await guest.send_raw(b"\xff" * 16)
-        with pytest.raises(GuestProtocolError, match="unknown frame kind 255"):
-            await task
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_write_file_blocked_on_window_fails_when_channel_breaks(booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.write_file(channel, "/f", b"z" * (INITIAL_WINDOW + 1)))
+    sid, _ = await accept(guest, "write_file")
+    got = 0
+    while got < INITIAL_WINDOW:  # the host sends what it may, then must wait for credit
+        got += len((await guest.next_event()).data)
+    assert channel.conn.send_window(sid) == 0 and not task.done()
+    await guest.send_raw(b"\xff" * 16)
+    with pytest.raises(GuestProtocolError, match="unknown frame kind 255"):
+        await task
 
 
-def test_write_file_guest_replies_and_closes_without_granting_window():
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.write_file(channel, "/full", b"z" * (INITIAL_WINDOW * 2)))
-        sid, _ = await accept(guest, "write_file")
-        got = 0
-        while got < INITIAL_WINDOW:
-            got += len((await guest.next_event()).data)
-        guest.conn.send_message(sid, {"type": "error", "message": "cannot write /full: No space left on device"})
-        guest.conn.close_stream(sid)
-        await guest.flush()
+async def test_write_file_guest_replies_and_closes_without_granting_window(booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.write_file(channel, "/full", b"z" * (INITIAL_WINDOW * 2)))
+    sid, _ = await accept(guest, "write_file")
+    got = 0
+    while got < INITIAL_WINDOW:
+        got += len((await guest.next_event()).data)
+    guest.conn.send_message(sid, {"type": "error", "message": "cannot write /full: No space left on device"})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    with pytest.raises(FileOperationError, match="No space left on device"):
+        await task
+
+
+async def test_write_file_guest_flooding_replies_while_host_waits_for_window(booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.write_file(channel, "/x", b"z" * (INITIAL_WINDOW * 2)))
+    sid, _ = await accept(guest, "write_file")
+    reply = {"type": "result", "pad": "p" * 500_000}
+    for _ in range(40):  # 20 MB of replies nobody asked for
+        guest.conn.send_message(sid, reply)
         try:
-            with pytest.raises(FileOperationError, match="No space left on device"):
-                await asyncio.wait_for(task, 3)
-        finally:
-            await shutdown(channel, guest)
-
-    run(scenario)
-
-
-def test_write_file_guest_flooding_replies_while_host_waits_for_window():
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.write_file(channel, "/x", b"z" * (INITIAL_WINDOW * 2)))
-        sid, _ = await accept(guest, "write_file")
-        reply = {"type": "result", "pad": "p" * 500_000}
-        try:
-            for _ in range(40):  # 20 MB of replies nobody asked for
-                guest.conn.send_message(sid, reply)
-                try:
-                    await guest.flush()
-                except ConnectionError:
-                    break  # the host hung up on the flood, as it should
-            with pytest.raises(GuestProtocolError):
-                await asyncio.wait_for(task, 3)
-        finally:
-            await shutdown(channel, guest)
-
-    run(scenario)
+            await guest.flush()
+        except ConnectionError:
+            break  # the host hung up on the flood, as it should
+    with pytest.raises(GuestProtocolError, match="flooded stream"):
+        await task
 
 
-def test_write_file_error_reply():
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.write_file(channel, "/ro/x", b"abc"))
-        sid, _ = await accept(guest, "write_file")
-        assert await guest.next_event() == DataReceived(sid, STDIN, b"abc")
-        assert await guest.next_event() == ChannelEnded(sid, STDIN)
-        guest.conn.send_message(sid, {"type": "error", "message": "cannot write /ro/x: Read-only file system"})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        with pytest.raises(FileOperationError, match="Read-only file system"):
-            await task
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_write_file_error_reply(booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.write_file(channel, "/ro/x", b"abc"))
+    sid, _ = await accept(guest, "write_file")
+    assert await guest.next_event() == DataReceived(sid, STDIN, b"abc")
+    assert await guest.next_event() == ChannelEnded(sid, STDIN)
+    guest.conn.send_message(sid, {"type": "error", "message": "cannot write /ro/x: Read-only file system"})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    with pytest.raises(FileOperationError, match="Read-only file system"):
+        await task
 
 
-def test_list_files_valid():
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.list_files(channel, "/etc"))
-        sid, request = await accept(guest, "list_files")
-        assert request == {"op": "list_files", "path": "/etc"}
-        entries = [
-            {"name": "hosts", "size": 120, "mode": 0o100644, "is_dir": False},
-            {"name": "ssl", "size": 4096, "mode": 0o40755, "is_dir": True},
-        ]
-        guest.conn.send_message(sid, {"type": "result", "files": entries})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        assert await task == [
-            msgs.FileInfo("hosts", 120, 0o100644, False),
-            msgs.FileInfo("ssl", 4096, 0o40755, True),
-        ]
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_list_files_valid(booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.list_files(channel, "/etc"))
+    sid, request = await accept(guest, "list_files")
+    assert request == {"op": "list_files", "path": "/etc"}
+    entries = [
+        {"name": "hosts", "size": 120, "mode": 0o100644, "is_dir": False},
+        {"name": "ssl", "size": 4096, "mode": 0o40755, "is_dir": True},
+    ]
+    guest.conn.send_message(sid, {"type": "result", "files": entries})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    assert await task == [
+        msgs.FileInfo("hosts", 120, 0o100644, False),
+        msgs.FileInfo("ssl", 4096, 0o40755, True),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -358,40 +315,32 @@ def test_list_files_valid():
         (None, r"'files' must be a list"),
     ],
 )
-def test_list_files_malformed_entries(reply_files, match):
-    async def scenario():
-        channel, guest = await boot()
-        task = asyncio.create_task(files.list_files(channel, "/"))
-        sid, _ = await accept(guest, "list_files")
-        guest.conn.send_message(sid, {"type": "result", "files": reply_files})
-        guest.conn.close_stream(sid)
-        await guest.flush()
-        with pytest.raises(GuestProtocolError, match=f"malformed file list from the guest: {match}"):
-            await task
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_list_files_malformed_entries(reply_files, match, booted):
+    channel, guest = booted
+    task = asyncio.create_task(files.list_files(channel, "/"))
+    sid, _ = await accept(guest, "list_files")
+    guest.conn.send_message(sid, {"type": "result", "files": reply_files})
+    guest.conn.close_stream(sid)
+    await guest.flush()
+    with pytest.raises(GuestProtocolError, match=f"malformed 'result' reply from the guest: {match}"):
+        await task
 
 
-def test_operations_run_concurrently_on_separate_streams():
-    async def scenario():
-        channel, guest = await boot()
-        read = asyncio.create_task(files.read_file(channel, "/a"))
-        listing = asyncio.create_task(files.list_files(channel, "/b"))
-        sid_read, _ = await accept(guest, "read_file")
-        sid_list, _ = await accept(guest, "list_files")
-        assert (sid_read, sid_list) == (1, 3)
-        # Answer in the opposite order.
-        guest.conn.send_message(sid_list, {"type": "result", "files": []})
-        guest.conn.close_stream(sid_list)
-        guest.conn.send_data(sid_read, STDOUT, b"A")
-        await guest.flush()
-        assert await listing == []
-        assert not read.done()
-        guest.conn.send_message(sid_read, {"type": "result"})
-        guest.conn.close_stream(sid_read)
-        await guest.flush()
-        assert await read == b"A"
-        await shutdown(channel, guest)
-
-    run(scenario)
+async def test_operations_run_concurrently_on_separate_streams(booted):
+    channel, guest = booted
+    read = asyncio.create_task(files.read_file(channel, "/a"))
+    listing = asyncio.create_task(files.list_files(channel, "/b"))
+    sid_read, _ = await accept(guest, "read_file")
+    sid_list, _ = await accept(guest, "list_files")
+    assert (sid_read, sid_list) == (1, 3)
+    # Answer in the opposite order.
+    guest.conn.send_message(sid_list, {"type": "result", "files": []})
+    guest.conn.close_stream(sid_list)
+    guest.conn.send_data(sid_read, STDOUT, b"A")
+    await guest.flush()
+    assert await listing == []
+    assert not read.done()
+    guest.conn.send_message(sid_read, {"type": "result"})
+    guest.conn.close_stream(sid_read)
+    await guest.flush()
+    assert await read == b"A"

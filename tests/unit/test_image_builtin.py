@@ -10,26 +10,34 @@ import os
 import shutil
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
-from test_image_layers import mounted
 
+from matchlock.api.image import DEFAULT_IMAGE
 from matchlock.image import builtin
-from matchlock.image.store import DEFAULT_IMAGE, ImageStore
+from matchlock.image.store import ImageStore
+from support.sample_image import mounted
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def busybox_debs() -> list[Path]:
+    """busybox-static from the shared package cache (module scope: read before `cache_dir` replaces it)."""
     from matchlock.api.paths import debs_dir
 
     cached = sorted(debs_dir().glob("busybox-static_*.deb"))
     if not cached:
         pytest.fail("busybox-static is not in the package cache: run scripts/setup.sh first")
-    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
-    (tmp_path / "cache" / "debs").mkdir(parents=True)
-    for deb in cached:
-        shutil.copy2(deb, tmp_path / "cache" / "debs" / deb.name)
-    return tmp_path / "cache"
+    return cached
+
+
+@pytest.fixture
+def cache(busybox_debs, cache_dir) -> Path:
+    """A private cache holding only the busybox-static package."""
+    (cache_dir / "debs").mkdir(parents=True)
+    for deb in busybox_debs:
+        shutil.copy2(deb, cache_dir / "debs" / deb.name)
+    return cache_dir
 
 
 def test_upstream_version():

@@ -9,34 +9,36 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_image_layers import assert_sample_tree, docker_save, ent, make_layer, mounted, oci_layout, sample_layers
 
 from matchlock.api.errors import ImageError, NotFoundError, UsageError
-from matchlock.api.image import ImageConfig
+from matchlock.api.image import DEFAULT_IMAGE, ImageConfig
 from matchlock.cli.image import image as image_cli
 from matchlock.image.layers import squash_digest
-from matchlock.image.store import DEFAULT_IMAGE, ImageStore, validate_tag
+from matchlock.image.store import ImageStore, validate_tag
+from support.images import docker_save, sha256
+from support.sample_image import assert_sample_tree, mounted, sample_config, sample_layers, sample_oci_layout
+from support.tarballs import entry, layer
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def saved(layers: list[bytes]) -> bytes:
+    """The layers as a `docker save` archive with the sample config."""
+    return docker_save(layers, sample_config(layers))
 
 
-def blobs(cache):
+def blobs(cache: Path) -> list[str]:
     d = cache / "images" / "blobs"
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
 
-def test_import_docker_save(cache, tmp_path):
+def test_import_docker_save(cache_dir, tmp_path):
     tars = sample_layers()
-    info = ImageStore().import_tarball(io.BytesIO(docker_save(tars)), "test/img:1")
+    info = ImageStore().import_tarball(io.BytesIO(saved(tars)), "test/img:1")
     assert info.tag == "test/img:1" and info.source == "import" and info.layers == 3
-    assert info.lower_fstype == "erofs" and info.lower_path.parent == cache / "images" / "blobs"
+    assert info.lower_fstype == "erofs" and info.lower_path.parent == cache_dir / "images" / "blobs"
     assert info.size == info.lower_path.stat().st_size > 0
     assert info.config == ImageConfig(
         user="1000", working_dir="/w", cmd=("/bin/sh",), env={"PATH": "/usr/bin:/bin", "A": "b=c"}
@@ -47,15 +49,15 @@ def test_import_docker_save(cache, tmp_path):
         assert_sample_tree(root)
 
 
-def test_import_compressed_oci_layout(cache):
-    data = gzip.compress(oci_layout(sample_layers(), compress="zstd"))
+def test_import_compressed_oci_layout(cache_dir):
+    data = gzip.compress(sample_oci_layout(sample_layers(), compress="zstd"))
     info = ImageStore().import_tarball(io.BytesIO(data), "oci:latest")
     assert info.layers == 3 and info.digest.startswith("sha256:")
 
 
-def test_schema(cache):
-    ImageStore().list()
-    conn = sqlite3.connect(cache / "images" / "metadata.db")
+def test_schema(cache_dir):
+    ImageStore().images()
+    conn = sqlite3.connect(cache_dir / "images" / "metadata.db")
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert conn.execute("SELECT module, version FROM schema_migrations").fetchall() == [("image", 1), ("image", 2)]
     columns = [row[1] for row in conn.execute("PRAGMA table_info(images)")]
@@ -74,88 +76,85 @@ def test_schema(cache):
     assert columns == ["scope", "tag", "ordinal", "digest", "media_type", "size", "diff_id"]
 
 
-def test_store_from_before_image_layers_migrates_forward(cache):
+def test_store_from_before_image_layers_migrates_forward(cache_dir):
     """A metadata.db written by the previous release (only migration 1) keeps its images."""
-    info = ImageStore().import_tarball(io.BytesIO(docker_save(sample_layers())), "old:1")
-    conn = sqlite3.connect(cache / "images" / "metadata.db")
+    info = ImageStore().import_tarball(io.BytesIO(saved(sample_layers())), "old:1")
+    conn = sqlite3.connect(cache_dir / "images" / "metadata.db")
     conn.execute("DROP TABLE image_layers")
     conn.execute("DELETE FROM schema_migrations WHERE version = 2")
     conn.commit()
     conn.close()
     assert ImageStore().get("old:1") == info
-    conn = sqlite3.connect(cache / "images" / "metadata.db")
+    conn = sqlite3.connect(cache_dir / "images" / "metadata.db")
     assert conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall() == [(1,), (2,)]
     assert conn.execute("SELECT count(*) FROM image_layers").fetchone() == (0,)
 
 
-def test_duplicate_import_reuses_blob(cache):
+def test_duplicate_import_reuses_blob(cache_dir):
     tars = sample_layers()
-    a = ImageStore().import_tarball(io.BytesIO(docker_save(tars)), "a:1")
+    a = ImageStore().import_tarball(io.BytesIO(saved(tars)), "a:1")
     mtime = a.lower_path.stat().st_mtime_ns
-    b = ImageStore().import_tarball(io.BytesIO(oci_layout(tars)), "b:1")  # same diff_ids, other format
-    again = ImageStore().import_tarball(io.BytesIO(docker_save(tars)), "a:1")
+    b = ImageStore().import_tarball(io.BytesIO(sample_oci_layout(tars)), "b:1")  # same diff_ids, other format
+    again = ImageStore().import_tarball(io.BytesIO(saved(tars)), "a:1")
     assert a.lower_path == b.lower_path == again.lower_path
     assert a.lower_path.stat().st_mtime_ns == mtime
-    assert blobs(cache) == [a.lower_path.name]
-    assert (
-        a.lower_path.name
-        == f"sha256_{squash_digest(['sha256:' + __import__('hashlib').sha256(t).hexdigest() for t in tars])}.erofs"
-    )
+    assert blobs(cache_dir) == [a.lower_path.name]
+    assert a.lower_path.name == f"sha256_{squash_digest([sha256(t) for t in tars])}.erofs"
 
 
-def test_reimport_with_new_content_drops_old_blob(cache):
-    first = ImageStore().import_tarball(io.BytesIO(docker_save(sample_layers())), "x:1")
-    second = ImageStore().import_tarball(io.BytesIO(docker_save([make_layer([ent("only", data=b"1")])])), "x:1")
+def test_reimport_with_new_content_drops_old_blob(cache_dir):
+    first = ImageStore().import_tarball(io.BytesIO(saved(sample_layers())), "x:1")
+    second = ImageStore().import_tarball(io.BytesIO(saved([layer([entry("only", data=b"1")])])), "x:1")
     assert first.lower_path != second.lower_path
-    assert blobs(cache) == [second.lower_path.name]
+    assert blobs(cache_dir) == [second.lower_path.name]
 
 
-def test_corrupted_blob_caches_nothing(cache):
+def test_corrupted_blob_caches_nothing(cache_dir):
     with pytest.raises(ImageError, match="blob blobs/sha256/"):
-        ImageStore().import_tarball(io.BytesIO(oci_layout(sample_layers(), corrupt_layer=0)), "bad:1")
-    assert blobs(cache) == []
+        ImageStore().import_tarball(io.BytesIO(sample_oci_layout(sample_layers(), corrupt_layer=0)), "bad:1")
+    assert blobs(cache_dir) == []
     assert ImageStore().get("bad:1") is None
-    assert list((cache / "images" / "tmp").iterdir()) == []
+    assert list((cache_dir / "images" / "tmp").iterdir()) == []
 
 
-def test_escaping_image_caches_nothing(cache):
-    evil = make_layer([ent("lnk", "sym", link="/"), ent("lnk/etc/passwd", data=b"x")])
+def test_escaping_image_caches_nothing(cache_dir):
+    evil = layer([entry("lnk", "sym", link="/"), entry("lnk/etc/passwd", data=b"x")])
     with pytest.raises(ImageError, match="path escape"):
-        ImageStore().import_tarball(io.BytesIO(docker_save([evil])), "evil:1")
-    assert blobs(cache) == [] and ImageStore().list() == []
+        ImageStore().import_tarball(io.BytesIO(saved([evil])), "evil:1")
+    assert blobs(cache_dir) == [] and ImageStore().images() == []
 
 
-def test_remove_twice_fails(cache):
-    info = ImageStore().import_tarball(io.BytesIO(docker_save(sample_layers())), "r:1")
+def test_remove_twice_fails(cache_dir):
+    info = ImageStore().import_tarball(io.BytesIO(saved(sample_layers())), "r:1")
     ImageStore().remove("r:1")
     assert not info.lower_path.exists()
     with pytest.raises(NotFoundError, match="image not found: r:1"):
         ImageStore().remove("r:1")
 
 
-def test_remove_keeps_blob_shared_with_another_tag(cache):
-    data = docker_save(sample_layers())
+def test_remove_keeps_blob_shared_with_another_tag(cache_dir):
+    data = saved(sample_layers())
     a = ImageStore().import_tarball(io.BytesIO(data), "a:1")
     ImageStore().import_tarball(io.BytesIO(data), "b:1")
     ImageStore().remove("a:1")
     assert a.lower_path.exists()
 
 
-def test_gc_removes_orphans(cache):
-    info = ImageStore().import_tarball(io.BytesIO(docker_save(sample_layers())), "g:1")
+def test_gc_removes_orphans(cache_dir):
+    info = ImageStore().import_tarball(io.BytesIO(saved(sample_layers())), "g:1")
     orphan = info.lower_path.with_name("sha256_" + "0" * 64 + ".erofs")
     orphan.write_bytes(b"orphan")
     stale_tmp = info.lower_path.with_name("sha256_" + "1" * 64 + ".erofs.tmp")
     stale_tmp.write_bytes(b"half")
-    dead_work = cache / "images" / "tmp" / "import-999999999-abc"
+    dead_work = cache_dir / "images" / "tmp" / "import-999999999-abc"
     dead_work.mkdir(parents=True)
     assert ImageStore().gc() == 2
-    assert blobs(cache) == [info.lower_path.name]
+    assert blobs(cache_dir) == [info.lower_path.name]
     assert not dead_work.exists()
     assert ImageStore().gc() == 0
 
 
-def test_resolve_unknown_tag_explains_import(cache):
+def test_resolve_unknown_tag_explains_import(cache_dir):
     with pytest.raises(NotFoundError) as exc:
         ImageStore().resolve("alpine:3")
     assert str(exc.value) == (
@@ -165,7 +164,7 @@ def test_resolve_unknown_tag_explains_import(cache):
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "tab\there", "x" * 256, "new\nline"])
-def test_invalid_tags(cache, bad):
+def test_invalid_tags(cache_dir, bad):
     with pytest.raises(UsageError, match="invalid image tag"):
         validate_tag(bad)
     with pytest.raises(UsageError):
@@ -173,40 +172,37 @@ def test_invalid_tags(cache, bad):
     validate_tag("x" * 255)
 
 
-def test_concurrent_imports_share_one_blob(cache, tmp_path):
+def test_concurrent_imports_share_one_blob(cache_dir, tmp_path):
     tarball = tmp_path / "img.tar"
-    tarball.write_bytes(docker_save(sample_layers()))
+    tarball.write_bytes(saved(sample_layers()))
     script = textwrap.dedent(f"""
         import sys
         from matchlock.image.store import ImageStore
         info = ImageStore().import_tarball(open({str(tarball)!r}, "rb"), sys.argv[1])
         print(info.lower_path)
     """)
-    env = {**os.environ, "MATCHLOCK_CACHE_DIR": str(cache)}
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, tag], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        subprocess.Popen([sys.executable, "-c", script, tag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for tag in ("same:1", "same:1", "other:1")
     ]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], results
     paths = {out.strip() for out, _ in results}
     assert len(paths) == 1
-    assert blobs(cache) == [os.path.basename(paths.pop())]
-    assert sorted(i.tag for i in ImageStore().list()) == ["other:1", "same:1"]
+    assert blobs(cache_dir) == [os.path.basename(paths.pop())]
+    assert sorted(i.tag for i in ImageStore().images()) == ["other:1", "same:1"]
 
 
 # ---------------------------------------------------------------------------
 # CLI
 
 
-def test_cli_import_ls_rm_gc(cache):
+def test_cli_import_ls_rm_gc(cache_dir):
     try:
         runner = CliRunner(mix_stderr=False)  # click 8.1
     except TypeError:
         runner = CliRunner()  # click >= 8.2 always keeps stderr apart
-    result = runner.invoke(image_cli, ["import", "cli/img:1"], input=docker_save(sample_layers()))
+    result = runner.invoke(image_cli, ["import", "cli/img:1"], input=saved(sample_layers()))
     assert result.exit_code == 0, result.stderr
     assert result.stderr == "Importing cli/img:1 from stdin...\n"
     lines = result.stdout.splitlines()
@@ -224,7 +220,7 @@ def test_cli_import_ls_rm_gc(cache):
         assert len(fields[4]) == 10 and len(fields[5]) == 8  # YYYY-MM-DD HH:MM:SS
         assert header.index("SOURCE") == row.index("import")
 
-    (cache / "images" / "blobs" / ("sha256_" + "f" * 64 + ".erofs")).write_bytes(b"x")
+    (cache_dir / "images" / "blobs" / ("sha256_" + "f" * 64 + ".erofs")).write_bytes(b"x")
     result = runner.invoke(image_cli, ["gc"])
     assert result.stdout == "Removed 1 unreferenced blobs\n"
 
@@ -234,14 +230,13 @@ def test_cli_import_ls_rm_gc(cache):
     assert isinstance(result.exception, NotFoundError) and result.exception.exit_code != 0
 
 
-def test_cli_through_main_reports_errors(cache):
-    env = {**os.environ, "MATCHLOCK_CACHE_DIR": str(cache)}
+def test_cli_through_main_reports_errors(cache_dir):
     run = [sys.executable, "-c", "from matchlock.cli.main import main; main()", "image"]
-    proc = subprocess.run(run + ["rm", "nope:1"], env=env, capture_output=True, text=True)
+    proc = subprocess.run(run + ["rm", "nope:1"], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr == "Error: image not found: nope:1\n"
-    proc = subprocess.run(run + ["import", "bad tag"], env=env, capture_output=True, text=True, input="")
+    proc = subprocess.run(run + ["import", "bad tag"], capture_output=True, text=True, input="")
     assert proc.returncode == 2 and "invalid image tag 'bad tag'" in proc.stderr
-    proc = subprocess.run(run + ["import", "x:1"], env=env, capture_output=True, input=b"garbage" * 100)
+    proc = subprocess.run(run + ["import", "x:1"], capture_output=True, input=b"garbage" * 100)
     assert proc.returncode == 1 and b"Error: not a tar archive" in proc.stderr
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -11,6 +12,7 @@ from matchlock.api.errors import KernelError, SetupError
 from matchlock.cli.kernel import kernel as kernel_cli
 from matchlock.kernel import build
 from matchlock.kernel.resolve import CONFIG_FRAGMENT, tuned_config_hash
+from support.kernels import fake_tuned
 
 FRAGMENT = """\
 # comment
@@ -35,10 +37,9 @@ CONFIG_OTHER=m
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
+def no_kernel_override(cache_dir, monkeypatch) -> None:
+    """Builds land in the test's own cache; no MATCHLOCK_KERNEL from the caller."""
     monkeypatch.delenv("MATCHLOCK_KERNEL", raising=False)
-    return tmp_path / "cache"
 
 
 def test_parse_config():
@@ -108,15 +109,13 @@ def test_missing_packages_name_the_apt_command(monkeypatch):
     assert "apt-get install -y bison flex libelf-dev libssl-dev" in str(info.value)
 
 
-def test_cached_build_returns_at_once(isolated_cache, monkeypatch):
+def test_cached_build_returns_at_once(cache_dir, monkeypatch):
     def no_prerequisites():
         raise AssertionError("a cached build must not check build prerequisites")
 
     monkeypatch.setattr(build, "check_prerequisites", no_prerequisites)
     monkeypatch.setattr(build, "source_version", lambda: "6.1.192-3")
-    target = isolated_cache / "kernels" / f"6.1.192-3-{tuned_config_hash()[:12]}" / "vmlinux"
-    target.parent.mkdir(parents=True)
-    target.write_bytes(b"x")
+    target = fake_tuned(cache_dir, "6.1.192-3")
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a cached build must not run anything")
@@ -140,14 +139,35 @@ def test_jobs_must_be_positive():
     assert build._jobs(None) >= 1
 
 
-def test_cached_build_is_found_without_the_source_package(isolated_cache, monkeypatch):
+def test_cached_build_is_found_without_the_source_package(cache_dir, monkeypatch):
     def not_installed():
         raise SetupError("linux-source-6.1 is not installed")
 
     monkeypatch.setattr(build, "source_version", not_installed)
     assert build.cached_tuned() is None
-    target = isolated_cache / "kernels" / f"6.1.100-1-{tuned_config_hash()[:12]}" / "vmlinux"
-    target.parent.mkdir(parents=True)
-    target.write_bytes(b"x")
+    target = fake_tuned(cache_dir, "6.1.100-1")
     assert build.cached_tuned() == target
     assert build.build_tuned() == target
+
+
+def test_published_build_is_what_resolve_finds(cache_dir, tmp_path):
+    tree = tmp_path / "linux-source-6.1"
+    (tree / "include" / "config").mkdir(parents=True)
+    (tree / "vmlinux").write_bytes(b"\x7fELF kernel")
+    (tree / ".config").write_text(GOOD_DOTCONFIG)
+    (tree / "include" / "config" / "kernel.release").write_text("6.1.192-matchlock\n")
+    final = build.tuned_kernel_dir("6.1.192-3")
+    record = {"source_version": "6.1.192-3", "config_sha256": tuned_config_hash(), "build_seconds": 1.5, "jobs": 2}
+    build._publish(tree, final, record)
+
+    assert (final / "vmlinux").read_bytes() == b"\x7fELF kernel"
+    assert (final / "config").read_text() == GOOD_DOTCONFIG
+    written = json.loads((final / "build.json").read_text())
+    assert written == {
+        "version": f"6.1.192-3-{tuned_config_hash()[:12]}",
+        "source_package": "linux-source-6.1",
+        **record,
+        "kernel_release": "6.1.192-matchlock",
+        "vmlinux_bytes": len(b"\x7fELF kernel"),
+    }
+    assert build.find_tuned() == final / "vmlinux"

@@ -10,6 +10,7 @@ import pytest
 
 from matchlock.api.errors import KernelError
 from matchlock.kernel import fallback
+from support.kernels import fake_fallback
 
 MODULES_DEP = """\
 kernel/drivers/virtio/virtio.ko:
@@ -155,17 +156,9 @@ def test_input_hash_covers_init_script_and_modules(monkeypatch):
     assert len({before, changed_script, fallback.input_hash()}) == 3
 
 
-def test_cached_fallback_picks_newest_complete(tmp_path, monkeypatch):
-    import os
-
-    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path))
-    suffix = fallback.input_hash()[:12]
+def test_cached_fallback_picks_newest_complete(cache_dir):
     assert fallback.cached_fallback() is None
     for release, mtime in (("6.1.0-55-cloud-amd64", 100), ("6.1.0-56-cloud-amd64", 200)):
-        directory = tmp_path / "kernels" / f"fallback-{release}-{suffix}"
-        directory.mkdir(parents=True)
-        (directory / "vmlinuz").write_bytes(b"k")
-        (directory / "initrd.cpio").write_bytes(b"i")
-        os.utime(directory, (mtime, mtime))
+        fake_fallback(cache_dir, release, mtime=mtime)
     found = fallback.cached_fallback()
     assert found is not None and found.release == "6.1.0-56-cloud-amd64"

@@ -3,40 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from matchlock.api.errors import KernelError
 from matchlock.kernel import KernelImage, fallback, resolve, tuned_config_hash
 from matchlock.kernel.resolve import CONFIG_FRAGMENT, TUNED_CMDLINE, tuned_dir_name
+from support.kernels import fake_fallback, fake_tuned
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
+def no_kernel_override(cache_dir, monkeypatch) -> None:
+    """Every test resolves from its own empty cache, with no MATCHLOCK_KERNEL(_INITRD) from the caller."""
     monkeypatch.delenv("MATCHLOCK_KERNEL", raising=False)
     monkeypatch.delenv("MATCHLOCK_KERNEL_INITRD", raising=False)
-    return tmp_path / "cache"
-
-
-def make_tuned(cache: Path, source_version: str = "6.1.192-3", mtime: float | None = None) -> Path:
-    vmlinux = cache / "kernels" / f"{source_version}-{tuned_config_hash()[:12]}" / "vmlinux"
-    vmlinux.parent.mkdir(parents=True)
-    vmlinux.write_bytes(b"\x7fELF fake")
-    if mtime is not None:
-        os.utime(vmlinux, (mtime, mtime))
-    return vmlinux
-
-
-def make_fallback(cache: Path, release: str = "6.1.0-56-cloud-amd64") -> Path:
-    directory = cache / "kernels" / f"fallback-{release}-{fallback.input_hash()[:12]}"
-    directory.mkdir(parents=True)
-    (directory / "vmlinuz").write_bytes(b"bzImage")
-    (directory / "initrd.cpio").write_bytes(b"070701")
-    return directory
 
 
 # --------------------------------------------------------------------------- config hash
@@ -71,8 +52,8 @@ def test_fragment_has_the_measured_edits():
 # --------------------------------------------------------------------------- order
 
 
-def test_override_is_used_first(tmp_path, isolated_cache, monkeypatch):
-    make_tuned(isolated_cache)
+def test_override_is_used_first(tmp_path, cache_dir, monkeypatch):
+    fake_tuned(cache_dir)
     kernel = tmp_path / "my-vmlinux"
     kernel.write_bytes(b"x")
     monkeypatch.setenv("MATCHLOCK_KERNEL", str(kernel))
@@ -89,8 +70,8 @@ def test_override_is_used_first(tmp_path, isolated_cache, monkeypatch):
     assert "MATCHLOCK_KERNEL" in image.reason
 
 
-def test_override_reads_version_from_build_json(isolated_cache, monkeypatch):
-    vmlinux = make_tuned(isolated_cache)
+def test_override_reads_version_from_build_json(cache_dir, monkeypatch):
+    vmlinux = fake_tuned(cache_dir)
     (vmlinux.parent / "build.json").write_text('{"version": "6.1.192-3-abc"}')
     monkeypatch.setenv("MATCHLOCK_KERNEL", str(vmlinux))
     assert resolve().version == "6.1.192-3-abc"
@@ -127,9 +108,9 @@ def test_override_initrd_missing(tmp_path, monkeypatch):
         resolve()
 
 
-def test_tuned_kernel_from_cache(isolated_cache):
-    vmlinux = make_tuned(isolated_cache)
-    make_fallback(isolated_cache)  # the tuned kernel wins over a cached fallback
+def test_tuned_kernel_from_cache(cache_dir):
+    vmlinux = fake_tuned(cache_dir)
+    fake_fallback(cache_dir)  # the tuned kernel wins over a cached fallback
     image = resolve(build_fallback=False)
     assert image.kind == "tuned"
     assert image.path == vmlinux
@@ -139,17 +120,17 @@ def test_tuned_kernel_from_cache(isolated_cache):
     assert image.acpi is False
 
 
-def test_newest_tuned_kernel_wins(isolated_cache):
-    make_tuned(isolated_cache, "6.1.100-1", mtime=1_000_000)
-    newer = make_tuned(isolated_cache, "6.1.192-3", mtime=2_000_000)
+def test_newest_tuned_kernel_wins(cache_dir):
+    fake_tuned(cache_dir, "6.1.100-1", mtime=1_000_000)
+    newer = fake_tuned(cache_dir, "6.1.192-3", mtime=2_000_000)
     assert resolve(build_fallback=False).path == newer
 
 
-def test_tuned_kernel_for_another_config_is_ignored(isolated_cache):
-    other = isolated_cache / "kernels" / "6.1.192-3-000000000000" / "vmlinux"
+def test_tuned_kernel_for_another_config_is_ignored(cache_dir):
+    other = cache_dir / "kernels" / "6.1.192-3-000000000000" / "vmlinux"
     other.parent.mkdir(parents=True)
     other.write_bytes(b"x")
-    staging = isolated_cache / "kernels" / f".tmp-6.1.192-3-{tuned_config_hash()[:12]}" / "vmlinux"
+    staging = cache_dir / "kernels" / f".tmp-6.1.192-3-{tuned_config_hash()[:12]}" / "vmlinux"
     staging.parent.mkdir(parents=True)
     staging.write_bytes(b"x")
     with pytest.raises(KernelError) as info:
@@ -159,8 +140,8 @@ def test_tuned_kernel_for_another_config_is_ignored(isolated_cache):
     assert "fix:" in message
 
 
-def test_cached_fallback(isolated_cache):
-    directory = make_fallback(isolated_cache)
+def test_cached_fallback(cache_dir):
+    directory = fake_fallback(cache_dir)
     image = resolve(build_fallback=False)
     assert image.kind == "fallback"
     assert image.path == directory / "vmlinuz"
@@ -171,20 +152,20 @@ def test_cached_fallback(isolated_cache):
     assert "matchlock kernel build" in image.reason
 
 
-def test_incomplete_fallback_is_ignored(isolated_cache):
-    directory = make_fallback(isolated_cache)
+def test_incomplete_fallback_is_ignored(cache_dir):
+    directory = fake_fallback(cache_dir)
     (directory / "initrd.cpio").unlink()
     with pytest.raises(KernelError):
         resolve(build_fallback=False)
 
 
-def test_resolve_runs_no_subprocess_when_cached(isolated_cache, monkeypatch):
+def test_resolve_runs_no_subprocess_when_cached(cache_dir, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError(f"resolve() ran a subprocess: {args}")
 
     monkeypatch.setattr(subprocess, "run", forbidden)
     monkeypatch.setattr(subprocess, "Popen", forbidden)
-    make_fallback(isolated_cache)
+    fake_fallback(cache_dir)
     assert resolve().kind == "fallback"
-    make_tuned(isolated_cache)
+    fake_tuned(cache_dir)
     assert resolve().kind == "tuned"

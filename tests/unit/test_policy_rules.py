@@ -1,6 +1,7 @@
 """Interception rules (contract 5.7): compile, match, before, after, body filters, SDK callbacks.
 
-Callbacks go to a real Unix socket server run by the test, as the SDK's would.
+Callbacks go to a real Unix socket server run by the test, as the SDK's would
+(`support.hooks`), or to an in-memory transport where only the engine is under test.
 """
 
 from __future__ import annotations
@@ -8,20 +9,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 
 import pytest
 
+from matchlock.api.errors import UsageError
 from matchlock.api.network import BodyReplacement, InterceptionConfig, InterceptionRule, NetworkConfig, SecretConfig
+from matchlock.net.callbacks import UnixCallbackClient
 from matchlock.policy.body_filters import BufferedReplace, SetBody, SSEDataReplace
 from matchlock.policy.engine import Blocked, HttpRequest, NetworkPolicy
 from matchlock.policy.rules import InterceptionRules, canonical_header_key, compile_rule, path_matches
+from support.hooks import Gate, HookServer, replying
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def make_rules(*specs, callback_socket: str = "") -> InterceptionRules:
-    return InterceptionRules(InterceptionConfig(tuple(InterceptionRule.from_json(s) for s in specs), callback_socket))
+def make_rules(*specs, callback_socket: str = "", callbacks=None) -> InterceptionRules:
+    config = InterceptionConfig(tuple(InterceptionRule.from_json(s) for s in specs), callback_socket)
+    if callback_socket:
+        callbacks = UnixCallbackClient(callback_socket)
+    return InterceptionRules(config, callbacks=callbacks)
 
 
 def make_request(method="GET", host="api.example.com", path="/v1/items", query="", headers=None) -> HttpRequest:
@@ -52,6 +58,14 @@ def test_compile_keeps_only_effective_rules_with_defaults():
     hook = compile_rule(InterceptionRule.from_json({"callback_id": "network_hook_1", "timeout_ms": 250}))
     assert (hook.action, hook.timeout) == ("allow", 0.25)
     assert compile_rule(InterceptionRule.from_json({"callback_id": "network_hook_2"})).timeout == 5.0
+
+
+def test_rule_phase_and_action_are_checked_once_at_construction():
+    with pytest.raises(UsageError, match="phase 'sideways'"):
+        InterceptionRule(phase="sideways")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="action 'drop'"):
+        InterceptionRule.from_json({"action": "drop"})
+    assert InterceptionRule.from_json({}).phase == "before"
 
 
 def test_canonical_header_keys_follow_go():
@@ -168,59 +182,48 @@ def test_set_body_replaces_upstream_body():
 # --- callbacks --------------------------------------------------------------------------
 
 
-class HookServer:
-    """The SDK's side: a Unix socket answering each callback with `answer(payload)`."""
+class MemoryHooks:
+    """A callback transport in memory: records each line, answers from `replies` in order."""
 
-    def __init__(self, path, answer) -> None:
-        self.path, self.answer = str(path), answer
-        self.payloads: list[dict] = []
-        self.raw: list[bytes] = []
+    def __init__(self, *replies: bytes) -> None:
+        self.replies = list(replies)
+        self.lines: list[bytes] = []
 
-    async def _serve(self, reader, writer) -> None:
-        line = await reader.readline()
-        self.raw.append(line)
-        self.payloads.append(json.loads(line))
-        reply = await self.answer(self.payloads[-1])
-        if reply is not None:
-            writer.write(reply if isinstance(reply, bytes) else json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        writer.close()
-
-    async def __aenter__(self) -> HookServer:
-        self.server = await asyncio.start_unix_server(self._serve, self.path)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
+    async def round_trip(self, line: bytes) -> bytes:
+        self.lines.append(line)
+        return self.replies.pop(0)
 
 
-def replying(reply, delay: float = 0.0):
-    async def answer(payload):
-        await asyncio.sleep(delay)
-        return reply
-
-    return answer
+async def test_callbacks_go_only_through_the_injected_transport():
+    hooks = MemoryHooks(b'{"action": "mutate", "request": {"path": "/from-hook"}}\n', b"{}\n")
+    rules = make_rules({"callback_id": "network_hook_1"}, {"phase": "after", "callback_id": "network_hook_2"},
+                       callbacks=hooks)  # fmt: skip
+    request = make_request()
+    await rules.before(request)
+    await rules.after(request, 204, [("Content-Type", "text/event-stream")])
+    assert request.path == "/from-hook"
+    before, after = (json.loads(line) for line in hooks.lines)
+    assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in hooks.lines)  # one JSON line each
+    # Empty fields are left out, as upstream's `omitempty`; the SDK defaults them.
+    assert set(before) == {"callback_id", "phase", "host", "method", "path", "request_headers"}
+    assert after == {"callback_id": "network_hook_2", "phase": "after", "host": "api.example.com", "method": "GET",
+                     "path": "/from-hook", "request_headers": {"Accept": ["*/*"]}, "status_code": 204,
+                     "response_headers": {"Content-Type": ["text/event-stream"]}, "is_sse": True}  # fmt: skip
 
 
 def test_before_callback_mutates_with_the_documented_payload(tmp_path):
-    async def scenario():
-        reply = {"request": {"headers": {"x-from-hook": ["1", "2"]}, "query": {"q": "z z"}, "path": "/hooked"}}
-        async with HookServer(tmp_path / "hook.sock", replying(reply)) as hooks:
-            rules = make_rules({"callback_id": "network_hook_1", "hosts": ["api.example.com"]},
-                               callback_socket=hooks.path)  # fmt: skip
-            request = make_request(
-                "POST",
-                query="a=1&a=2&b=",
-                headers=[("Host", "api.example.com"), ("x-token", "t"), ("Content-Length", "3")],
-            )
-            await rules.before(request)
-            return hooks.payloads, request
-
-    payloads, request = asyncio.run(scenario())
-    assert payloads == [{"callback_id": "network_hook_1", "phase": "before", "host": "api.example.com",
-                         "method": "POST", "path": "/v1/items", "query": {"a": "1", "b": ""},
-                         "request_headers": {"X-Token": ["t"], "Content-Length": ["3"]}, "status_code": 0,
-                         "response_headers": {}, "is_sse": False}]  # fmt: skip
+    reply = {"request": {"headers": {"x-from-hook": ["1", "2"]}, "query": {"q": "z z"}, "path": "/hooked"}}
+    with HookServer(tmp_path / "hook.sock", replying(reply)) as hooks:
+        rules = make_rules({"callback_id": "network_hook_1", "hosts": ["api.example.com"]}, callback_socket=hooks.path)
+        request = make_request(
+            "POST",
+            query="a=1&a=2&b=",
+            headers=[("Host", "api.example.com"), ("x-token", "t"), ("Content-Length", "3")],
+        )
+        asyncio.run(rules.before(request))
+    assert hooks.requests == [{"callback_id": "network_hook_1", "phase": "before", "host": "api.example.com",
+                               "method": "POST", "path": "/v1/items", "query": {"a": "1", "b": ""},
+                               "request_headers": {"X-Token": ["t"], "Content-Length": ["3"]}}]  # fmt: skip
     # Full replacement of the headers, but Host and body framing stay.
     assert request.headers == [("Host", "api.example.com"), ("Content-Length", "3"),
                                ("X-From-Hook", "1"), ("X-From-Hook", "2")]  # fmt: skip
@@ -228,110 +231,145 @@ def test_before_callback_mutates_with_the_documented_payload(tmp_path):
 
 
 def test_callback_block_refuses(tmp_path):
-    async def scenario():
-        async with HookServer(tmp_path / "hook.sock", replying({"action": "block"})) as hooks:
-            rules = make_rules({"callback_id": "network_hook_1"}, {"phase": "after", "callback_id": "network_hook_2"},
-                               callback_socket=hooks.path)  # fmt: skip
-            with pytest.raises(Blocked):
-                await rules.before(make_request())
-            with pytest.raises(Blocked):
-                await rules.after(make_request(), 200, [])
+    async def scenario(hooks):
+        rules = make_rules({"callback_id": "network_hook_1"}, {"phase": "after", "callback_id": "network_hook_2"},
+                           callback_socket=hooks.path)  # fmt: skip
+        with pytest.raises(Blocked):
+            await rules.before(make_request())
+        with pytest.raises(Blocked):
+            await rules.after(make_request(), 200, [])
 
-    asyncio.run(scenario())
+    with HookServer(tmp_path / "hook.sock", replying({"action": "block"})) as hooks:
+        asyncio.run(scenario(hooks))
+    assert [r["phase"] for r in hooks.requests] == ["before", "after"]
 
 
 def test_after_callback_replaces_headers_and_body(tmp_path):
     reply = {"response": {"headers": {"x-new": ["1"]}, "set_body_base64": base64.b64encode(b"from hook: fox").decode(),
                           "body_replacements": [{"find": "hook", "replace": "sdk"}]}}  # fmt: skip
-
-    async def scenario():
-        async with HookServer(tmp_path / "hook.sock", replying(reply)) as hooks:
-            rules = make_rules({"phase": "after", "body_replacements": [{"find": "fox", "replace": "cat"}]},
-                               {"phase": "after", "callback_id": "network_hook_2", "methods": ["GET"]},
-                               callback_socket=hooks.path)  # fmt: skip
-            result = await rules.after(make_request(), 201, [("content-type", "text/event-stream"),
-                                                             ("transfer-encoding", "chunked")])  # fmt: skip
-            return hooks.payloads, result
-
-    payloads, (headers, body_filter) = asyncio.run(scenario())
-    assert payloads[0]["phase"] == "after" and payloads[0]["status_code"] == 201 and payloads[0]["is_sse"] is True
-    assert payloads[0]["response_headers"] == {"Content-Type": ["text/event-stream"], "Transfer-Encoding": ["chunked"]}
+    with HookServer(tmp_path / "hook.sock", replying(reply)) as hooks:
+        rules = make_rules({"phase": "after", "body_replacements": [{"find": "fox", "replace": "cat"}]},
+                           {"phase": "after", "callback_id": "network_hook_2", "methods": ["GET"]},
+                           callback_socket=hooks.path)  # fmt: skip
+        headers, body_filter = asyncio.run(rules.after(make_request(), 201, [("content-type", "text/event-stream"),
+                                                                             ("transfer-encoding", "chunked")]))  # fmt: skip
+    payload = hooks.requests[0]
+    assert payload["phase"] == "after" and payload["status_code"] == 201 and payload["is_sse"] is True
+    assert payload["response_headers"] == {"Content-Type": ["text/event-stream"], "Transfer-Encoding": ["chunked"]}
     assert headers == [("X-New", "1"), ("transfer-encoding", "chunked")]
     assert run_filter(body_filter, [b"upstream body is dropped"]) == b"from sdk: cat"
 
 
 @pytest.mark.parametrize(
-    "answer",
+    "reply",
     [
-        replying({"action": "block"}, delay=3),  # past the deadline
-        replying(b"this is not json\n"),
-        replying({"error": "network hook callback not found", "action": "block"}),
-        replying({"request": {"headers": {"x": "not a list"}}, "action": "block"}),
-        replying(None),  # closes without a reply
+        b"this is not json\n",
+        {"error": "network hook callback not found", "action": "block"},
+        {"request": {"headers": {"x": "not a list"}}, "action": "block"},
+        None,  # closes without a reply
     ],
-    ids=["timeout", "malformed", "error", "wrong-types", "no-reply"],
+    ids=["malformed", "error", "wrong-types", "no-reply"],
 )
-def test_callback_failures_fail_open(tmp_path, answer):
-    async def scenario():
-        async with HookServer(tmp_path / "hook.sock", answer) as hooks:
-            rules = make_rules({"callback_id": "network_hook_1", "timeout_ms": 300}, callback_socket=hooks.path)
-            request = make_request(query="a=1")
-            started = time.monotonic()
-            await rules.before(request)
-            return request, time.monotonic() - started, hooks.payloads
-
-    request, elapsed, payloads = asyncio.run(scenario())
-    assert len(payloads) == 1  # the callback was really asked
+def test_callback_failures_fail_open(tmp_path, reply):
+    with HookServer(tmp_path / "hook.sock", replying(reply)) as hooks:
+        rules = make_rules({"callback_id": "network_hook_1", "timeout_ms": 3000}, callback_socket=hooks.path)
+        request = make_request(query="a=1")
+        asyncio.run(rules.before(request))
+    assert len(hooks.requests) == 1  # the callback was really asked
     assert (request.query, request.path, request.headers) == ("a=1", "/v1/items", make_request().headers)
-    assert elapsed < 2
+
+
+def test_callback_past_its_deadline_fails_open_before_the_hook_answers(tmp_path):
+    gate = Gate({"action": "block"})
+    with HookServer(tmp_path / "hook.sock", gate) as hooks:
+        rules = make_rules({"callback_id": "network_hook_1", "timeout_ms": 300}, callback_socket=hooks.path)
+        request = make_request(query="a=1")
+        asyncio.run(rules.before(request))
+        # The engine gave up while the hook still held its (blocking) answer.
+        answered_in_time = hooks.answered
+        gate.release()
+    assert gate.waiting.is_set() and answered_in_time == 0
+    assert (request.query, request.path, request.headers) == ("a=1", "/v1/items", make_request().headers)
 
 
 def test_missing_callback_socket_fails_open(tmp_path):
-    rules = make_rules({"callback_id": "network_hook_1"}, callback_socket=str(tmp_path / "absent.sock"))
-    asyncio.run(rules.before(make_request()))
+    rules = make_rules({"callback_id": "network_hook_1", "set_headers": {"x-rule": "1"}},
+                       callback_socket=str(tmp_path / "absent.sock"))  # fmt: skip
+    request = make_request(query="a=1")
+    asyncio.run(rules.before(request))
+    # The rule's own mutation applies; the unreachable callback changes nothing and blocks nothing.
+    assert (request.query, request.path) == ("a=1", "/v1/items")
+    assert request.headers == make_request().headers + [("X-Rule", "1")]
 
 
-def test_slow_callback_does_not_block_the_event_loop(tmp_path):
-    async def scenario():
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        async with HookServer(tmp_path / "hook.sock", replying({}, delay=0.4)) as hooks:
-            rules = make_rules({"callback_id": "network_hook_1"}, callback_socket=hooks.path)
-            task = asyncio.ensure_future(ticker())
-            await rules.before(make_request())
-            task.cancel()
-        return ticks
-
-    assert asyncio.run(scenario()) >= 10
+async def test_slow_callback_does_not_block_the_event_loop(tmp_path):
+    gate = Gate({})
+    with HookServer(tmp_path / "hook.sock", gate) as hooks:
+        rules = make_rules({"callback_id": "network_hook_1"}, callback_socket=hooks.path)
+        async with asyncio.TaskGroup() as group:
+            pending = group.create_task(rules.before(make_request()))
+            # Only a loop that is free while the callback waits can get here before the gate opens.
+            await asyncio.to_thread(gate.waiting.wait, 10)
+            still_waiting = not pending.done()
+            gate.release()
+    assert gate.waiting.is_set() and still_waiting
 
 
 def test_callbacks_never_see_secret_values(tmp_path):
     secret = SecretConfig("sk-live-0123456789", ("api.example.com",), "SANDBOX_SECRET_" + "a" * 32)
 
-    async def scenario():
-        async with HookServer(tmp_path / "hook.sock", replying({})) as hooks:
-            policy = NetworkPolicy(NetworkConfig(secrets={"KEY": secret}))
-            policy.rules = make_rules(
-                {"callback_id": "network_hook_1"},
-                {"phase": "after", "callback_id": "network_hook_2"},
-                callback_socket=hooks.path,
-            )
-            request = make_request(query=f"key={secret.placeholder}", headers=[
-                ("Host", "api.example.com"), ("Authorization", f"Bearer {secret.placeholder}")])  # fmt: skip
-            await policy.prepare_request(request)
-            await policy.prepare_response(request, 200, [("x-echo", "fine")])
-            return request, hooks.raw
+    async def scenario(hooks):
+        rules = make_rules({"callback_id": "network_hook_1"}, {"phase": "after", "callback_id": "network_hook_2"},
+                           callback_socket=hooks.path)  # fmt: skip
+        policy = NetworkPolicy(NetworkConfig(secrets={"KEY": secret}), rules=rules)
+        request = make_request(query=f"key={secret.placeholder}", headers=[
+            ("Host", "api.example.com"), ("Authorization", f"Bearer {secret.placeholder}")])  # fmt: skip
+        await policy.prepare_request(request)
+        await policy.prepare_response(request, 200, [("x-echo", "fine")])
+        return request
 
-    request, raw = asyncio.run(scenario())
+    with HookServer(tmp_path / "hook.sock", replying({})) as hooks:
+        request = asyncio.run(scenario(hooks))
     assert ("Authorization", f"Bearer {secret.value}") in request.headers  # what goes upstream
     assert request.query == f"key={secret.value}"
-    assert len(raw) == 2
-    for line in raw:
+    assert len(hooks.raw) == 2
+    for line in hooks.raw:
         assert secret.value.encode() not in line
         assert secret.placeholder.encode() in line
+
+
+def test_callbacks_interoperate_with_the_sdk_hook_server():
+    """The proxy's side against the SDK's own server (sdk/hooks.py): the wire of sdk-wire 5.1 end to end."""
+    from matchlock.sdk.hooks import NetworkHookServer
+    from matchlock.sdk.types import NetworkHookRequestMutation, NetworkHookResponseMutation, NetworkHookResult
+
+    seen = []
+
+    def before(request):
+        seen.append(request)
+        return NetworkHookResult(action="mutate", request=NetworkHookRequestMutation(query={"from": "sdk"}))
+
+    def after(request):
+        seen.append(request)
+        return NetworkHookResult(response=NetworkHookResponseMutation(set_body=b"sdk body"))
+
+    def failing(request):
+        raise RuntimeError("hook bug")
+
+    server = NetworkHookServer({"network_hook_1": ("before", before), "network_hook_2": ("after", after),
+                                "network_hook_3": ("before", failing)})  # fmt: skip
+    try:
+        rules = make_rules({"callback_id": "network_hook_1"}, {"callback_id": "network_hook_3"},
+                           {"phase": "after", "callback_id": "network_hook_2"},
+                           {"callback_id": "network_hook_9"},  # unknown to the SDK: an error reply, fail open
+                           callback_socket=server.socket_path)  # fmt: skip
+        request = make_request(query="a=1")
+        asyncio.run(rules.before(request))
+        _, body_filter = asyncio.run(rules.after(request, 200, [("Content-Type", "text/plain")]))
+    finally:
+        server.stop()
+    assert request.query == "from=sdk"
+    assert run_filter(body_filter, [b"upstream"]) == b"sdk body"
+    assert [(r.phase, r.host, r.method, r.path, r.status_code) for r in seen] == [
+        ("before", "api.example.com", "GET", "/v1/items", 0), ("after", "api.example.com", "GET", "/v1/items", 200)]  # fmt: skip
+    assert seen[0].query == {"a": "1"} and seen[1].query == {"from": "sdk"}

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
-import time
 
+import h2.config
+import h2.connection
 import h2.errors
 import h2.events
 import httpx
@@ -21,9 +22,15 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import serve as ws_serve
 
 from matchlock.api.network import SecretConfig
-from matchlock.net import tls
-from matchlock.net.http2 import STREAM_WINDOW
-from proxy_harness import PlainHTTPProxy, RawH2Client, TLSInterceptProxy, h2_through_proxy, make_policy
+from matchlock.net.http2 import STREAM_WINDOW, GracefulH2Connection
+from proxy_harness import (
+    PlainHTTPProxy,
+    RawH2Client,
+    TLSInterceptProxy,
+    h2_through_proxy,
+    make_policy,
+    quiet_tls_exchange,
+)
 from proxy_upstreams import HTTP1Upstream, HTTP2Upstream, UpstreamCA
 
 pytestmark = pytest.mark.timeout(90)
@@ -32,11 +39,8 @@ SECRETS = {"KEY": SecretConfig("sk-real-value", ("localhost",), PLACEHOLDER)}
 
 
 @pytest.fixture
-def upstream_ca(tmp_path, monkeypatch) -> UpstreamCA:
-    ca = UpstreamCA(tmp_path)
-    monkeypatch.setenv(tls.UPSTREAM_CA_ENV, str(ca.ca_file))
-    monkeypatch.setattr(tls, "_upstream_contexts", {})
-    return ca
+def upstream_ca(tmp_path) -> UpstreamCA:
+    return UpstreamCA(tmp_path)
 
 
 def client(**kwargs) -> httpx.AsyncClient:
@@ -157,16 +161,16 @@ async def echo_socket(websocket) -> None:
 
 
 async def talk(websocket) -> list:
-    """Echo three messages, then close; the close must complete promptly (the server's TCP
-    close has to reach the guest, or the client sits out its close timeout)."""
+    """Echo three messages, then close. The client waits for the server's TCP close without a
+    deadline of its own (`close_timeout=None`), so the close completes only if the proxy passes
+    that close on to the guest."""
     replies = []
     for message in ("hello", b"\x00\xff" * 70000, "bye"):
         await websocket.send(message)
         replies.append(await asyncio.wait_for(websocket.recv(), 5))
-    started = time.monotonic()
-    await websocket.close()
-    assert websocket.close_code == 1000
-    replies.append(time.monotonic() - started < 2)
+    async with asyncio.timeout(20):  # a hang guard only: without the TCP close this never returns
+        await websocket.close()
+    replies.append(websocket.close_code)
     return replies
 
 
@@ -175,12 +179,14 @@ def test_websocket_over_plain_http():
         policy, events = make_policy(secrets=SECRETS)
         async with ws_serve(echo_socket, "127.0.0.1", 0) as server:
             async with PlainHTTPProxy(policy, server.sockets[0].getsockname()[1]) as proxy:
-                async with ws_connect(f"ws://localhost:{proxy.port}/chat?k={PLACEHOLDER}", open_timeout=5) as ws:
+                async with ws_connect(
+                    f"ws://localhost:{proxy.port}/chat?k={PLACEHOLDER}", open_timeout=5, close_timeout=None
+                ) as ws:
                     replies = await talk(ws)
         return replies, events
 
     replies, events = asyncio.run(scenario())
-    assert replies == ["hello", b"\x00\xff" * 70000, "bye", True]
+    assert replies == ["hello", b"\x00\xff" * 70000, "bye", 1000]
     assert [(e.status_code, e.blocked) for e in events] == [(101, False)]
 
 
@@ -189,14 +195,14 @@ def test_websocket_through_tls_interception(upstream_ca):
         policy, events = make_policy()
         context = upstream_ca.server_context(["http/1.1"])
         async with ws_serve(echo_socket, "127.0.0.1", 0, ssl=context) as server:
-            async with TLSInterceptProxy(policy, server.sockets[0].getsockname()[1]) as proxy:
+            async with TLSInterceptProxy(policy, server.sockets[0].getsockname()[1], upstream_ca) as proxy:
                 async with ws_connect(f"wss://localhost:{proxy.port}/chat", ssl=proxy.client_context(("http/1.1",)),
-                                      open_timeout=5) as ws:  # fmt: skip
+                                      open_timeout=5, close_timeout=None) as ws:  # fmt: skip
                     replies = await talk(ws)
         return replies, events
 
     replies, events = asyncio.run(scenario())
-    assert replies == ["hello", b"\x00\xff" * 70000, "bye", True]
+    assert replies == ["hello", b"\x00\xff" * 70000, "bye", 1000]
     assert [(e.url.split("/")[-1], e.status_code) for e in events] == [("chat", 101)]
 
 
@@ -206,7 +212,7 @@ def test_websocket_through_tls_interception(upstream_ca):
 def test_tls_http1_when_the_guest_offers_only_http11(upstream_ca):
     async def scenario(upstream):
         policy, _ = make_policy()
-        async with TLSInterceptProxy(policy, upstream.port) as proxy:
+        async with TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy:
             async with client(verify=proxy.client_context(("http/1.1",)), http2=False) as http:
                 return await http.get(f"https://localhost:{proxy.port}/echo")
 
@@ -215,18 +221,53 @@ def test_tls_http1_when_the_guest_offers_only_http11(upstream_ca):
     assert response.http_version == "HTTP/1.1" and response.headers["x-upstream"] == "h1"
 
 
-def test_tls_host_outside_the_allow_list_is_refused_without_dialling(upstream_ca):
+def test_tls_http1_serves_only_the_name_the_connection_was_opened_for(upstream_ca):
+    async def scenario(upstream):
+        policy, events = make_policy(allowed_hosts=("localhost", "127.0.0.1", "other.test"))
+        async with TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, server_hostname="localhost",
+                                                           ssl=proxy.client_context(("http/1.1",)))  # fmt: skip
+            for host in ("localhost", "other.test"):  # keep-alive: the second asks for another name
+                writer.write(f"GET /echo HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))  # fmt: skip
+                await reader.readexactly(length)
+            writer.close()
+        return head, events
+
+    with HTTP1Upstream(tls=upstream_ca.server_context(["http/1.1"])) as upstream:
+        head, events = asyncio.run(scenario(upstream))
+        assert [seen[0] for seen in upstream.seen] == ["GET"]  # only the first went upstream
+    assert head.startswith(b"HTTP/1.1 421 ")
+    assert [(e.host, e.status_code, e.blocked) for e in events] == [
+        ("localhost", 200, False),
+        ("other.test", 421, True),
+    ]
+
+
+def test_tls_host_outside_the_allow_list_is_refused_without_dialling_or_minting(upstream_ca):
     async def scenario(upstream):
         policy, events = make_policy(allowed_hosts=("api.example.com",))
-        async with upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
+        async with upstream, TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy:
+            # A verifying guest rejects the refusal certificate: it is not for the name asked.
             async with client(verify=proxy.client_context(), http2=True) as http:
+                with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await http.get(f"https://localhost:{proxy.port}/echo")
+            # One that trusts the CA without checking names still reads why.
+            lax = proxy.client_context()
+            lax.check_hostname = False
+            async with client(verify=lax, http2=True) as http:
                 response = await http.get(f"https://localhost:{proxy.port}/echo")
-        return response, events
+            return response, events, proxy.ca.cached_names
 
     upstream = HTTP2Upstream(upstream_ca)
-    response, events = asyncio.run(scenario(upstream))
-    assert response.status_code == 403 and upstream.connections == 0
-    assert events[0].blocked
+    response, events, minted = asyncio.run(scenario(upstream))
+    assert (
+        response.status_code == 403 and response.text == "Blocked by policy: host localhost is not in the allow-list\n"
+    )
+    assert upstream.connections == 0 and minted == 0
+    assert [(e.status_code, e.blocked) for e in events] == [(403, True), (403, True)]
 
 
 def test_h2_requests_pass_rules_and_secrets(upstream_ca):
@@ -235,7 +276,10 @@ def test_h2_requests_pass_rules_and_secrets(upstream_ca):
 
     async def scenario():
         policy, events = make_policy(rules, secrets=SECRETS)
-        async with HTTP2Upstream(upstream_ca) as upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
+        async with (
+            HTTP2Upstream(upstream_ca) as upstream,
+            TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy,
+        ):
             async with client(verify=proxy.client_context(), http2=True) as http:
                 response = await http.get(
                     f"https://localhost:{proxy.port}/echo?k={PLACEHOLDER}",
@@ -256,7 +300,10 @@ def test_h2_requests_pass_rules_and_secrets(upstream_ca):
 def test_h2_concurrent_streams_on_one_connection_refuse_only_the_blocked_one(upstream_ca):
     async def scenario():
         policy, events = make_policy([{"path": "/blocked", "action": "block"}])
-        async with HTTP2Upstream(upstream_ca) as upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
+        async with (
+            HTTP2Upstream(upstream_ca) as upstream,
+            TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy,
+        ):
             async with client(verify=proxy.client_context(), http2=True) as http:
                 paths = [f"/echo?i={i}" for i in range(24)] + ["/blocked"]
                 responses = await asyncio.gather(*(http.get(f"https://localhost:{proxy.port}{p}") for p in paths))
@@ -274,7 +321,10 @@ def test_h2_large_bodies_both_ways(upstream_ca):
 
     async def scenario():
         policy, events = make_policy()
-        async with HTTP2Upstream(upstream_ca) as upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
+        async with (
+            HTTP2Upstream(upstream_ca) as upstream,
+            TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy,
+        ):
             async with client(verify=proxy.client_context(), http2=True) as http:
                 down = await http.get(f"https://localhost:{proxy.port}/download?size={8 << 20}")
                 up = await http.post(f"https://localhost:{proxy.port}/echo", content=upload)
@@ -371,7 +421,7 @@ def test_h2_upstream_goaway_lets_the_stream_in_flight_finish(upstream_ca):
             fresh = await RawH2Client().connect(proxy.port, proxy.client_context(("h2",)))
             again = fresh.request("/echo")
             await fresh.ended(again)
-            fresh.close()
+            await fresh.aclose()
             return guest, stream, fresh.status(again), upstream.connections
 
     guest, stream, status_again, connections = asyncio.run(scenario())
@@ -419,9 +469,12 @@ def test_h2_with_curl(upstream_ca, tmp_path):
 
     async def scenario():
         policy, _ = make_policy([{"set_headers": {"x-added": "curl"}}])
-        async with HTTP2Upstream(upstream_ca) as upstream, TLSInterceptProxy(policy, upstream.port) as proxy:
+        async with (
+            HTTP2Upstream(upstream_ca) as upstream,
+            TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy,
+        ):
             ca_file = tmp_path / "sandbox-ca.pem"
-            ca_file.write_text(proxy.proxy.ca.pem)
+            ca_file.write_text(proxy.ca.pem)
             process = await asyncio.create_subprocess_exec(
                 curl, "-sS", "--http2", "--include", "--cacert", str(ca_file), "--noproxy", "*",
                 "--resolve", f"localhost:{proxy.port}:127.0.0.1", f"https://localhost:{proxy.port}/echo",
@@ -432,3 +485,72 @@ def test_h2_with_curl(upstream_ca, tmp_path):
     out, err = asyncio.run(scenario())
     assert out.startswith("HTTP/2 200"), err
     assert '"x-added": "curl"' in out
+
+
+# --- ending guest connections --------------------------------------------------------------
+
+
+def test_tls_guest_connection_ends_after_a_refusal_or_connection_close(upstream_ca):
+    """The proxy's close_notify is followed by TCP FIN at once, not after the guest's own close_notify."""
+
+    async def scenario(upstream):
+        policy, _ = make_policy()
+        async with TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy:
+            context = proxy.client_context(("http/1.1",))
+            async with asyncio.timeout(10):  # asyncio alone would hold TCP open for 30 s
+                refused = await quiet_tls_exchange(proxy.port, context, b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+                closed = await quiet_tls_exchange(
+                    proxy.port, context, b"GET /text HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                )
+        return refused, closed
+
+    with HTTP1Upstream(tls=upstream_ca.server_context(["http/1.1"])) as upstream:
+        refused, closed = asyncio.run(scenario(upstream))
+    assert refused.startswith(b"HTTP/1.1 421 ") and b"connection: close" in refused
+    assert closed.startswith(b"HTTP/1.1 200 ") and closed.endswith(b"the quick brown fox jumps over the lazy dog")
+
+
+def test_h2_guest_goaway_ends_the_connection_after_the_last_stream(upstream_ca):
+    async def scenario():
+        policy, _ = make_policy()
+        async with (
+            HTTP2Upstream(upstream_ca) as upstream,
+            TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy,
+        ):
+            guest = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+            guest.initiate_connection()
+            guest.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "localhost"),
+                                   (":path", "/echo")], end_stream=True)  # fmt: skip
+            guest.close_connection(last_stream_id=0)  # GOAWAY: no more requests from this side
+            async with asyncio.timeout(10):
+                received = await quiet_tls_exchange(proxy.port, proxy.client_context(("h2",)), guest.data_to_send())
+        reader = GracefulH2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        reader.initiate_connection()
+        reader.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "x"), (":path", "/")])
+        return reader.receive_data(received)
+
+    events = asyncio.run(scenario())
+    status = [dict(e.headers)[":status"] for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert status == ["200"] and any(isinstance(e, h2.events.StreamEnded) for e in events)
+    assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+
+
+def test_http1_refusal_of_a_large_upload_reaches_the_guest():
+    """The 403 is sent before the body is read; closing with the body unread would reset the connection
+    and lose the 403, so the proxy half-closes and drops the rest first."""
+
+    async def scenario():
+        policy, events = make_policy()
+        async with PlainHTTPProxy(policy, 9) as proxy, client() as http:  # port 9: never dialled
+            responses = [
+                await http.post(
+                    f"http://127.0.0.1:{proxy.port}/", headers={"host": "blocked.test"}, content=b"x" * 8_000_000
+                )  # fmt: skip
+                for _ in range(3)
+            ]
+        return responses, events
+
+    responses, events = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [403] * 3
+    assert responses[0].text == "Blocked by policy: host blocked.test is not in the allow-list\n"
+    assert [e.blocked for e in events] == [True] * 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -12,11 +13,19 @@ import time
 import pytest
 
 from matchlock.api.config import REDACTED, SandboxConfig, public_config
+from matchlock.api.errors import NotFoundError, UsageError
 from matchlock.state import lifecycle as phases
 from matchlock.state import reconcile as reconciler
-from matchlock.state.db import Migration, MigrationError, open_database
 from matchlock.state.lifecycle import TransitionError, check_transition
-from matchlock.state.store import CRASHED, MIGRATIONS, RUNNING, STOPPED, StateStore, process_identity
+from matchlock.state.store import (
+    MIGRATIONS,
+    OWNER_CRASHED,
+    OWNER_RUNNING,
+    OWNER_STOPPED,
+    StateStore,
+    process_identity,
+)
+from matchlock.util.sqlite import Migration, MigrationError, open_database
 
 
 @pytest.fixture
@@ -49,7 +58,7 @@ def test_older_schema_migrates_and_keeps_rows(tmp_path):
     old.close()
     store = StateStore(tmp_path / "state")
     vm = store.get("vm-0000abcd")
-    assert vm is not None and vm.status == STOPPED and vm.owner_start == ""
+    assert vm is not None and vm.status == OWNER_STOPPED and vm.owner_start == ""
     assert (path.parent / "state.db.premigrate.bak").exists()
     store.close()
 
@@ -121,11 +130,11 @@ def test_process_identity_detects_death_zombies_and_reuse():
 
 def test_dead_owner_is_marked_crashed(store):
     store.register("vm-00000002", image="img", config={}, pid=_dead_pid())
-    assert [vm.status for vm in store.list()] == [CRASHED]
+    assert [vm.status for vm in store.list()] == [OWNER_CRASHED]
     raw = store.conn.execute("SELECT status FROM vms WHERE id='vm-00000002'").fetchone()[0]
-    assert raw == CRASHED  # persisted, not only shown
+    assert raw == OWNER_CRASHED  # persisted, not only shown
     store.register("vm-00000003", image="img", config={})
-    assert store.get("vm-00000003").status == RUNNING
+    assert store.get("vm-00000003").status == OWNER_RUNNING
 
 
 def test_concurrent_writers_do_not_conflict(tmp_path):
@@ -187,7 +196,28 @@ def test_running_sandbox_is_skipped_unless_forced(store, tmp_path):
     assert upper.exists()
     with pytest.raises(reconciler.VMRunningError, match="kill vm-00000006"):
         reconciler.remove(store, store.get("vm-00000006"))
-    assert reconciler.reconcile(store, "vm-00000006", force=True).cleaned == ["upper_remove"]
+    owner = subprocess.Popen(["sleep", "60"])  # a live owner that a forced reconcile may stop
+    try:
+        store.set_status("vm-00000006", "running", pid=owner.pid)
+        assert reconciler.reconcile(store, "vm-00000006", force=True).cleaned == ["upper_remove"]
+        assert owner.wait(timeout=5) == -signal.SIGTERM  # asked to close, not killed
+    finally:
+        owner.kill()
+    # Nothing is left shown as running (issue 10, item 8).
+    assert store.get("vm-00000006").status == "crashed"
+
+
+def test_forced_reconcile_kills_an_owner_that_ignores_sigterm(store):
+    owner = subprocess.Popen(
+        ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"], stdout=subprocess.PIPE
+    )
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == b"ready\n"  # the trap is in place
+        store.register("vm-0000000b", image="img", config={}, pid=owner.pid)
+        assert reconciler.stop_owner(store.get("vm-0000000b"), grace=0.5) is True
+        assert owner.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        owner.kill()
 
 
 def test_remove_deletes_state_and_directory(store):
@@ -196,3 +226,39 @@ def test_remove_deletes_state_and_directory(store):
     (directory / "logs").mkdir(parents=True)
     reconciler.remove(store, store.get("vm-00000007"))
     assert not directory.exists() and store.get("vm-00000007") is None and store.history("vm-00000007") == []
+
+
+def test_a_refused_transition_is_recorded_not_swallowed(store):
+    from matchlock.sandbox.tracking import Tracker
+
+    tracker = Tracker(store, "vm-00000008")
+    tracker.register("img", {})
+    tracker.move(phases.CLEANED, error="boot failed")  # creating -> cleaned is not a transition
+    latest = store.lifecycle("vm-00000008")
+    assert latest.phase == tracker.phase == phases.CREATING
+    assert latest.last_error == "lifecycle cannot go from 'creating' to 'cleaned' (after: boot failed)"
+
+
+def test_reconcile_records_leftovers_of_a_cleaned_sandbox(store, tmp_path):
+    upper = tmp_path / "upper.ext4"
+    upper.write_bytes(b"disk")
+    store.register("vm-00000009", image="img", config={}, pid=_dead_pid())
+    for phase in (phases.CLEANING, phases.CLEANED):
+        store.transition("vm-00000009", phase)
+    store.add_resources("vm-00000009", upper_disk=str(upper))
+    assert reconciler.reconcile(store, "vm-00000009").cleaned == ["upper_remove"]
+    latest = store.lifecycle("vm-00000009")
+    assert latest.phase == phases.CLEANED and not upper.exists()
+    assert latest.last_error == "reconcile: lifecycle cannot go from 'cleaned' to 'cleaning'"
+
+
+def test_ids_are_taken_by_unique_prefix(store):
+    for vm_id in ("vm-abc00001", "vm-abc00002", "vm-def00003"):
+        store.register(vm_id, image="img", config={}, pid=_dead_pid())
+    assert store.require("vm-def").id == "vm-def00003"
+    assert store.require("def").id == "vm-def00003"  # the vm- may be left off
+    assert store.require("vm-abc00002").id == "vm-abc00002"
+    with pytest.raises(UsageError, match="ambiguous: it matches vm-abc00001, vm-abc00002"):
+        store.require("abc")
+    with pytest.raises(NotFoundError, match="VM vm-zzz not found"):
+        store.require("vm-zzz")

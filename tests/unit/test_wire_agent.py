@@ -13,13 +13,15 @@ from matchlock.wire.agent import (
     FileInfo,
     GuestConfig,
     PathRequest,
+    PingRequest,
+    ShutdownRequest,
     TerminalSize,
     WriteFileRequest,
     parse_cpus,
-    parse_exit,
     parse_files,
     parse_request,
 )
+from matchlock.wire.replies import Exited
 
 # --- exec -------------------------------------------------------------------
 
@@ -122,7 +124,11 @@ def test_path_requests(op):
 
 
 def test_parse_request_shutdown_and_unknown_ops():
-    assert parse_request({"op": "shutdown"}) == "shutdown"
+    assert parse_request({"op": "shutdown"}) == ShutdownRequest()
+    assert parse_request({"op": "ping"}) == PingRequest()
+    assert ShutdownRequest().to_wire() == {"op": "shutdown"} and PingRequest().to_wire() == {"op": "ping"}
+    with pytest.raises(ValueError, match=r"unknown op \['exec'\]"):
+        parse_request({"op": ["exec"]})  # not a string: refused, not looked up
     with pytest.raises(ValueError, match=r"unknown op 'rm'"):
         parse_request({"op": "rm"})
     with pytest.raises(ValueError, match=r"unknown op None"):
@@ -143,7 +149,7 @@ def test_parse_request_shutdown_and_unknown_ops():
     ],
 )
 def test_parse_exit_valid(msg, expected):
-    assert parse_exit(msg) == expected
+    assert Exited.parse(msg) == Exited(*expected)
 
 
 @pytest.mark.parametrize(
@@ -164,7 +170,7 @@ def test_parse_exit_valid(msg, expected):
 )
 def test_parse_exit_rejects(msg, match):
     with pytest.raises(ValueError, match=match):
-        parse_exit(msg)
+        Exited.parse(msg)
 
 
 def entry(**overrides):

@@ -15,7 +15,9 @@ from matchlock.wire.frames import (
     Frame,
     FrameDecoder,
     FrameKind,
+    LocalProtocolError,
     ProtocolError,
+    RemoteProtocolError,
     encode_frame,
 )
 
@@ -40,7 +42,7 @@ def test_encode_empty_payload_is_header_only():
 
 
 def test_encode_rejects_oversized_payload():
-    with pytest.raises(ValueError, match=f"exceeds {MAX_PAYLOAD}"):
+    with pytest.raises(LocalProtocolError, match=f"exceeds {MAX_PAYLOAD}"):
         encode_frame(FrameKind.DATA, 1, b"\0" * (MAX_PAYLOAD + 1))
 
 
@@ -60,13 +62,13 @@ def test_kind_names_cover_exactly_the_eight_kinds():
 
 @pytest.mark.parametrize("kind", [0, 9, 255])
 def test_encode_rejects_unknown_kind(kind):
-    with pytest.raises(ValueError, match=f"unknown frame kind {kind}"):
+    with pytest.raises(LocalProtocolError, match=f"unknown frame kind {kind}"):
         encode_frame(kind, 1, b"")
 
 
 @pytest.mark.parametrize("stream", [-1, MAX_STREAM_ID + 1])
 def test_encode_rejects_stream_id_out_of_range(stream):
-    with pytest.raises(ValueError, match=f"stream id {stream} out of range"):
+    with pytest.raises(LocalProtocolError, match=f"stream id {stream} out of range"):
         encode_frame(FrameKind.DATA, stream, b"")
 
 
@@ -163,7 +165,7 @@ def test_truncated_header_stays_pending_then_close_raises():
     decoder = FrameDecoder()
     assert decoder.feed(encode_frame(FrameKind.DATA, 1, b"abc")[:5]) == []
     assert decoder.pending == 5
-    with pytest.raises(ProtocolError, match=r"middle of a frame \(5 bytes pending\)"):
+    with pytest.raises(RemoteProtocolError, match=r"middle of a frame \(5 bytes pending\)"):
         decoder.close()
 
 
@@ -172,15 +174,24 @@ def test_truncated_payload_stays_pending_then_close_raises():
     decoder = FrameDecoder()
     assert decoder.feed(wire[:-1]) == []
     assert decoder.pending == len(wire) - 1
-    with pytest.raises(ProtocolError, match=f"{len(wire) - 1} bytes pending"):
+    with pytest.raises(RemoteProtocolError, match=f"{len(wire) - 1} bytes pending"):
         decoder.close()
 
 
 def test_close_after_complete_frames_is_fine():
     decoder = FrameDecoder()
-    decoder.feed(encode_frame(FrameKind.CLOSE, 1))
-    decoder.close()  # no exception
-    FrameDecoder().close()  # nothing fed at all
+    assert decoder.feed(encode_frame(FrameKind.CLOSE, 1)) == [Frame(FrameKind.CLOSE, 1, b"")]
+    assert decoder.pending == 0
+    assert decoder.close() is None
+    assert decoder.feed(b"") == []  # closing did not leave anything behind
+    assert FrameDecoder().close() is None  # nothing fed at all
+
+
+def test_protocol_error_is_an_abstract_base():
+    with pytest.raises(TypeError, match="raise RemoteProtocolError or LocalProtocolError"):
+        ProtocolError("which side?")
+    assert issubclass(RemoteProtocolError, ProtocolError) and issubclass(LocalProtocolError, ProtocolError)
+    assert not issubclass(LocalProtocolError, RemoteProtocolError)
 
 
 # --- hostile headers --------------------------------------------------------
@@ -188,13 +199,15 @@ def test_close_after_complete_frames_is_fine():
 
 def test_oversized_length_rejected_from_header_alone():
     decoder = FrameDecoder()
-    with pytest.raises(ProtocolError, match=f"frame of {MAX_PAYLOAD + 1} bytes exceeds the {MAX_PAYLOAD}-byte limit"):
+    with pytest.raises(
+        RemoteProtocolError, match=f"frame of {MAX_PAYLOAD + 1} bytes exceeds the {MAX_PAYLOAD}-byte limit"
+    ):
         decoder.feed(raw_header(MAX_PAYLOAD + 1, FrameKind.DATA, 1))
 
 
 def test_huge_length_rejected_without_waiting_for_payload():
     decoder = FrameDecoder()
-    with pytest.raises(ProtocolError, match="4294967295 bytes exceeds"):
+    with pytest.raises(RemoteProtocolError, match="4294967295 bytes exceeds"):
         decoder.feed(raw_header(0xFFFFFFFF, FrameKind.DATA, 1) + b"a few bytes")
 
 
@@ -203,27 +216,27 @@ def test_oversized_length_rejected_after_byte_at_a_time_header():
     decoder = FrameDecoder()
     for b in header[:-1]:
         assert decoder.feed(bytes([b])) == []
-    with pytest.raises(ProtocolError, match="exceeds"):
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
         decoder.feed(header[-1:])
 
 
 def test_custom_limit_is_enforced():
     decoder = FrameDecoder(max_payload=10)
     assert decoder.feed(encode_frame(FrameKind.DATA, 1, b"x" * 10)) == [Frame(FrameKind.DATA, 1, b"x" * 10)]
-    with pytest.raises(ProtocolError, match="frame of 11 bytes exceeds the 10-byte limit"):
+    with pytest.raises(RemoteProtocolError, match="frame of 11 bytes exceeds the 10-byte limit"):
         decoder.feed(raw_header(11, FrameKind.DATA, 1))
 
 
 @pytest.mark.parametrize("kind", [0, 9, 200, 255])
 def test_unknown_kind_rejected(kind):
     decoder = FrameDecoder()
-    with pytest.raises(ProtocolError, match=f"unknown frame kind {kind}$"):
+    with pytest.raises(RemoteProtocolError, match=f"unknown frame kind {kind}$"):
         decoder.feed(raw_header(0, kind, 1))
 
 
 def test_unknown_kind_after_valid_frames_in_same_chunk():
     decoder = FrameDecoder()
-    with pytest.raises(ProtocolError, match="unknown frame kind 77"):
+    with pytest.raises(RemoteProtocolError, match="unknown frame kind 77"):
         decoder.feed(encode_frame(FrameKind.CLOSE, 1) + raw_header(3, 77, 1) + b"abc")
 
 
@@ -265,7 +278,7 @@ def test_random_garbage_only_raises_protocol_error_and_stays_bounded(seed):
                     assert 1 <= kind <= 8 and length <= MAX_PAYLOAD
                     assert decoder.pending < HEADER_SIZE + length
             decoder.close()
-        except ProtocolError:
+        except RemoteProtocolError:
             errors += 1
         assert decoder.pending < HEADER_SIZE + MAX_PAYLOAD
     # Garbage is overwhelmingly rejected rather than silently accepted.

@@ -7,7 +7,14 @@ import struct
 
 import pytest
 
-from matchlock.wire.frames import KIND_NAMES, MAX_PAYLOAD, FrameKind, ProtocolError, encode_frame
+from matchlock.wire.frames import (
+    KIND_NAMES,
+    MAX_PAYLOAD,
+    FrameKind,
+    LocalProtocolError,
+    RemoteProtocolError,
+    encode_frame,
+)
 from matchlock.wire.mux import (
     DATA_CHUNK,
     INITIAL_WINDOW,
@@ -20,7 +27,6 @@ from matchlock.wire.mux import (
     ChannelEnded,
     Connection,
     DataReceived,
-    FlowControlError,
     HandshakeError,
     HelloReceived,
     MessageReceived,
@@ -116,7 +122,7 @@ def test_hello_wire_format():
 def test_send_hello_twice_is_a_local_error():
     host = Connection(Role.HOST)
     host.send_hello()
-    with pytest.raises(RuntimeError, match="hello already sent"):
+    with pytest.raises(LocalProtocolError, match="hello already sent"):
         host.send_hello()
 
 
@@ -151,9 +157,9 @@ def test_wrong_role(role, claimed, expected):
 
 def test_handshake_error_is_a_protocol_error_and_breaks_the_connection():
     host = Connection(Role.HOST)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(RemoteProtocolError):
         host.receive_data(frame(FrameKind.HELLO, 0, hello_payload(version=0)))
-    with pytest.raises(ProtocolError, match="connection is broken: .*version 0"):
+    with pytest.raises(RemoteProtocolError, match="connection is broken: .*version 0"):
         host.receive_data(frame(FrameKind.HELLO, 0, hello_payload()))
 
 
@@ -166,12 +172,12 @@ def test_handshake_error_is_a_protocol_error_and_breaks_the_connection():
     ],
 )
 def test_malformed_hello_fields(overrides, match):
-    with pytest.raises(ProtocolError, match=match):
+    with pytest.raises(RemoteProtocolError, match=match):
         Connection(Role.HOST).receive_data(frame(FrameKind.HELLO, 0, hello_payload(**overrides)))
 
 
 def test_hello_on_nonzero_stream_rejected():
-    with pytest.raises(ProtocolError, match="HELLO on a stream other than 0"):
+    with pytest.raises(RemoteProtocolError, match="HELLO on a stream other than 0"):
         Connection(Role.HOST).receive_data(frame(FrameKind.HELLO, 1, hello_payload()))
 
 
@@ -187,22 +193,22 @@ def test_hello_on_nonzero_stream_rejected():
 )
 def test_frames_before_hello_rejected(kind, stream, payload):
     host = Connection(Role.HOST)
-    with pytest.raises(ProtocolError, match=f"{KIND_NAMES[kind]} frame before HELLO"):
+    with pytest.raises(RemoteProtocolError, match=f"{KIND_NAMES[kind]} frame before HELLO"):
         host.receive_data(frame(kind, stream, payload))
 
 
 def test_duplicate_hello_rejected():
     host, guest = pair()
-    with pytest.raises(ProtocolError, match="duplicate HELLO"):
+    with pytest.raises(RemoteProtocolError, match="duplicate HELLO"):
         host.receive_data(frame(FrameKind.HELLO, 0, hello_payload()))
 
 
 def test_operations_before_handshake_are_local_errors():
     host = Connection(Role.HOST)
-    with pytest.raises(RuntimeError, match="handshake not complete"):
+    with pytest.raises(LocalProtocolError, match="handshake not complete"):
         host.open_stream({})
     host.send_hello()  # sent but not received
-    with pytest.raises(RuntimeError, match="handshake not complete"):
+    with pytest.raises(LocalProtocolError, match="handshake not complete"):
         host.send_message(0, {"type": "x"})
 
 
@@ -260,7 +266,7 @@ def test_close_is_idempotent_and_forbids_further_sends():
     host.close_stream(sid)
     assert host.data_to_send() == b""
     assert first == frame(FrameKind.CLOSE, sid)
-    with pytest.raises(RuntimeError, match=f"stream {sid} already closed by this side"):
+    with pytest.raises(LocalProtocolError, match=f"stream {sid} already closed by this side"):
         host.send_data(sid, STDIN, b"x")
     assert host.send_window(sid) == 0
 
@@ -269,7 +275,7 @@ def test_frames_after_peer_close_rejected():
     host, guest, sid = open_pair()
     guest.close_stream(sid)
     deliver(guest, host)
-    with pytest.raises(ProtocolError, match=f"MESSAGE frame on stream {sid} after the peer closed it"):
+    with pytest.raises(RemoteProtocolError, match=f"MESSAGE frame on stream {sid} after the peer closed it"):
         host.receive_data(frame(FrameKind.MESSAGE, sid, b"{}"))
 
 
@@ -285,13 +291,13 @@ def test_data_split_into_chunks():
 
 def test_local_misuse():
     host, guest, sid = open_pair()
-    with pytest.raises(ValueError, match="unknown channel 3"):
+    with pytest.raises(LocalProtocolError, match="unknown channel 3"):
         host.send_data(sid, 3, b"x")
-    with pytest.raises(ValueError, match="unknown channel 9"):
+    with pytest.raises(LocalProtocolError, match="unknown channel 9"):
         host.end_channel(sid, 9)
-    with pytest.raises(KeyError, match="stream 99 is not open"):
+    with pytest.raises(LocalProtocolError, match="stream 99 is not open"):
         host.send_data(99, STDIN, b"x")
-    with pytest.raises(ValueError, match="too large for one frame"):
+    with pytest.raises(LocalProtocolError, match="too large for one frame"):
         host.send_message(sid, {"x": "a" * MAX_PAYLOAD})
 
 
@@ -304,7 +310,7 @@ def test_messages_on_stream_zero():
 @pytest.mark.parametrize("kind", [FrameKind.DATA, FrameKind.EOF, FrameKind.WINDOW, FrameKind.CLOSE, FrameKind.RESET])
 def test_non_message_frames_on_stream_zero_rejected(kind):
     host, _ = pair()
-    with pytest.raises(ProtocolError, match=f"{KIND_NAMES[kind]} frame on stream 0"):
+    with pytest.raises(RemoteProtocolError, match=f"{KIND_NAMES[kind]} frame on stream 0"):
         host.receive_data(frame(kind, 0, b"\x01"))
 
 
@@ -316,25 +322,25 @@ def test_sender_cannot_exceed_window():
     assert host.send_window(sid) == 100
     host.send_data(sid, STDIN, b"x" * 60)
     assert host.send_window(sid) == 40
-    with pytest.raises(FlowControlError, match=f"stream {sid}: 41 bytes exceed the send window of 40"):
+    with pytest.raises(LocalProtocolError, match=f"stream {sid}: 41 bytes exceed the send window of 40"):
         host.send_data(sid, STDIN, b"x" * 41)
     assert host.send_window(sid) == 40  # a refused send costs nothing
     host.send_data(sid, STDIN, b"x" * 40)
     assert host.send_window(sid) == 0
-    with pytest.raises(FlowControlError):
+    with pytest.raises(LocalProtocolError):
         host.send_data(sid, STDIN, b"x")
 
 
 def test_peer_exceeding_window_is_protocol_error():
     host, guest, sid = open_pair(initial_window=100)
     host.receive_data(frame(FrameKind.DATA, sid, b"\x01" + b"a" * 100))  # exactly the window: fine
-    with pytest.raises(ProtocolError, match=f"stream {sid}: peer sent 1 bytes with only 0 granted"):
+    with pytest.raises(RemoteProtocolError, match=f"stream {sid}: peer sent 1 bytes with only 0 granted"):
         host.receive_data(frame(FrameKind.DATA, sid, b"\x01a"))
 
 
 def test_peer_exceeding_default_window_in_one_frame():
     host, guest, sid = open_pair()
-    with pytest.raises(ProtocolError, match=f"peer sent {INITIAL_WINDOW + 1} bytes with only {INITIAL_WINDOW}"):
+    with pytest.raises(RemoteProtocolError, match=f"peer sent {INITIAL_WINDOW + 1} bytes with only {INITIAL_WINDOW}"):
         host.receive_data(frame(FrameKind.DATA, sid, b"\x01" + b"a" * (INITIAL_WINDOW + 1)))
 
 
@@ -398,7 +404,7 @@ def test_consumed_for_unknown_stream_is_ignored():
 )
 def test_bad_window_increments_rejected(payload, match):
     host, guest, sid = open_pair()
-    with pytest.raises(ProtocolError, match=match):
+    with pytest.raises(RemoteProtocolError, match=match):
         host.receive_data(frame(FrameKind.WINDOW, sid, payload))
 
 
@@ -407,7 +413,7 @@ def test_window_up_to_max_accepted_then_overflow_rejected():
     [event] = host.receive_data(frame(FrameKind.WINDOW, sid, window(MAX_WINDOW - INITIAL_WINDOW)))
     assert event == WindowOpened(sid)
     assert host.send_window(sid) == MAX_WINDOW
-    with pytest.raises(ProtocolError, match="invalid WINDOW increment 1 on stream"):
+    with pytest.raises(RemoteProtocolError, match="invalid WINDOW increment 1 on stream"):
         host.receive_data(frame(FrameKind.WINDOW, sid, window(1)))
 
 
@@ -416,33 +422,33 @@ def test_window_up_to_max_accepted_then_overflow_rejected():
 
 def test_guest_opening_odd_id_rejected():
     host, _ = pair()
-    with pytest.raises(ProtocolError, match="peer opened stream 3, which is not in its id space"):
+    with pytest.raises(RemoteProtocolError, match="peer opened stream 3, which is not in its id space"):
         host.receive_data(frame(FrameKind.OPEN, 3, b"{}"))
 
 
 def test_host_opening_even_id_rejected_by_guest():
     guest = guest_ready()
-    with pytest.raises(ProtocolError, match="peer opened stream 2, which is not in its id space"):
+    with pytest.raises(RemoteProtocolError, match="peer opened stream 2, which is not in its id space"):
         guest.receive_data(frame(FrameKind.OPEN, 2, b"{}"))
 
 
 def test_open_on_stream_zero_rejected():
     host, _ = pair()
-    with pytest.raises(ProtocolError, match="peer opened stream 0"):
+    with pytest.raises(RemoteProtocolError, match="peer opened stream 0"):
         host.receive_data(frame(FrameKind.OPEN, 0, b"{}"))
 
 
 def test_reused_stream_id_rejected():
     host, guest = pair()
     host.receive_data(frame(FrameKind.OPEN, 4, b"{}"))
-    with pytest.raises(ProtocolError, match="peer reused stream id 4"):
+    with pytest.raises(RemoteProtocolError, match="peer reused stream id 4"):
         host.receive_data(frame(FrameKind.OPEN, 4, b"{}"))
 
 
 def test_lower_stream_id_after_higher_rejected():
     host, guest = pair()
     host.receive_data(frame(FrameKind.OPEN, 6, b"{}"))
-    with pytest.raises(ProtocolError, match="peer reused stream id 2"):
+    with pytest.raises(RemoteProtocolError, match="peer reused stream id 2"):
         host.receive_data(frame(FrameKind.OPEN, 2, b"{}"))
 
 
@@ -450,7 +456,7 @@ def test_lower_stream_id_after_higher_rejected():
 @pytest.mark.parametrize("sid", [1, 2, 101])
 def test_frames_for_never_opened_streams_rejected(kind, sid):
     host, _ = pair()
-    with pytest.raises(ProtocolError, match=f"{KIND_NAMES[kind]} frame for stream {sid}, which was never opened"):
+    with pytest.raises(RemoteProtocolError, match=f"{KIND_NAMES[kind]} frame for stream {sid}, which was never opened"):
         host.receive_data(frame(kind, sid, b"\x01"))
 
 
@@ -501,7 +507,7 @@ def test_reset_from_guest_and_reason_truncated():
     [event] = deliver(guest, host)
     assert isinstance(event, StreamReset) and event.reason == "r" * 4096
     assert not host.is_open(sid)
-    with pytest.raises(KeyError):
+    with pytest.raises(LocalProtocolError):
         host.send_data(sid, STDIN, b"x")
 
 
@@ -515,7 +521,7 @@ def test_reset_without_reason_and_with_bad_json():
     host, guest, sid = open_pair()
     assert host.receive_data(frame(FrameKind.RESET, sid, b"{}")) == [StreamReset(sid, "")]
     host2, guest2, sid2 = open_pair()
-    with pytest.raises(ProtocolError, match="malformed JSON in RESET frame"):
+    with pytest.raises(RemoteProtocolError, match="malformed JSON in RESET frame"):
         host2.receive_data(frame(FrameKind.RESET, sid2, b"nope"))
 
 
@@ -541,17 +547,17 @@ def test_reset_without_reason_and_with_bad_json():
 )
 def test_bad_json_message_is_protocol_error(payload, match):
     host, guest, sid = open_pair()
-    with pytest.raises(ProtocolError, match=match):
+    with pytest.raises(RemoteProtocolError, match=match):
         host.receive_data(frame(FrameKind.MESSAGE, sid, payload))
 
 
 def test_deeply_nested_json_in_hello_and_open():
-    with pytest.raises(ProtocolError, match="malformed JSON in HELLO frame"):
+    with pytest.raises(RemoteProtocolError, match="malformed JSON in HELLO frame"):
         Connection(Role.HOST).receive_data(frame(FrameKind.HELLO, 0, b"[" * 60000))
-    with pytest.raises(ProtocolError, match="HELLO of 100000 bytes exceeds"):
+    with pytest.raises(RemoteProtocolError, match="HELLO of 100000 bytes exceeds"):
         Connection(Role.HOST).receive_data(frame(FrameKind.HELLO, 0, b"[" * 100000))
     host, _ = pair()
-    with pytest.raises(ProtocolError, match="malformed JSON in OPEN frame"):
+    with pytest.raises(RemoteProtocolError, match="malformed JSON in OPEN frame"):
         host.receive_data(frame(FrameKind.OPEN, 2, b"{" * 100000))
 
 
@@ -560,7 +566,7 @@ def test_deeply_nested_json_in_hello_and_open():
 )
 def test_bad_data_channel(payload, match):
     host, guest, sid = open_pair()
-    with pytest.raises(ProtocolError, match=match):
+    with pytest.raises(RemoteProtocolError, match=match):
         host.receive_data(frame(FrameKind.DATA, sid, payload))
 
 
@@ -570,7 +576,7 @@ def test_bad_data_channel(payload, match):
 )
 def test_bad_eof_channel(payload, match):
     host, guest, sid = open_pair()
-    with pytest.raises(ProtocolError, match=match):
+    with pytest.raises(RemoteProtocolError, match=match):
         host.receive_data(frame(FrameKind.EOF, sid, payload))
 
 
@@ -581,32 +587,33 @@ def test_data_after_peer_eof_on_that_channel():
     deliver(guest, host)
     # other channels still flow
     assert host.receive_data(frame(FrameKind.DATA, sid, b"\x02err")) == [DataReceived(sid, STDERR, b"err")]
-    with pytest.raises(ProtocolError, match=f"DATA on channel 1 of stream {sid} after its EOF"):
+    with pytest.raises(RemoteProtocolError, match=f"DATA on channel 1 of stream {sid} after its EOF"):
         host.receive_data(frame(FrameKind.DATA, sid, b"\x01more"))
 
 
 def test_connection_stays_broken_after_protocol_error():
     host, guest, sid = open_pair()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(RemoteProtocolError):
         host.receive_data(b"\xff" * 9)
     good = frame(FrameKind.MESSAGE, 0, b'{"type":"ok"}')
     for _ in range(2):
-        with pytest.raises(ProtocolError, match="connection is broken: unknown frame kind 255"):
+        with pytest.raises(RemoteProtocolError, match="connection is broken: unknown frame kind 255"):
             host.receive_data(good)
-    with pytest.raises(ProtocolError, match="connection is broken"):
+    # Sending on a broken connection is the caller's mistake, not a new fault of the peer.
+    with pytest.raises(LocalProtocolError, match="connection is broken"):
         host.open_stream({})
-    with pytest.raises(ProtocolError, match="connection is broken"):
+    with pytest.raises(LocalProtocolError, match="connection is broken"):
         host.send_data(sid, STDIN, b"x")
-    with pytest.raises(ProtocolError, match="connection is broken"):
+    with pytest.raises(LocalProtocolError, match="connection is broken"):
         host.send_message(0, {})
 
 
 def test_receive_eof_mid_frame_breaks_connection():
     host, guest = pair()
     host.receive_data(frame(FrameKind.MESSAGE, 0, b"{}")[:4])
-    with pytest.raises(ProtocolError, match="middle of a frame"):
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
         host.receive_eof()
-    with pytest.raises(ProtocolError, match="connection is broken"):
+    with pytest.raises(RemoteProtocolError, match="connection is broken"):
         host.receive_data(b"")
 
 
@@ -618,7 +625,7 @@ def test_receive_eof_on_frame_boundary_is_clean():
 
 def test_oversized_frame_header_breaks_connection():
     host, guest = pair()
-    with pytest.raises(ProtocolError, match="exceeds"):
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
         host.receive_data(struct.pack(">IBI", MAX_PAYLOAD + 1, FrameKind.DATA, 1))
-    with pytest.raises(ProtocolError, match="connection is broken"):
+    with pytest.raises(RemoteProtocolError, match="connection is broken"):
         host.receive_data(b"")

@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
-import json
 import shutil
 import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from netfixtures import MATCHLOCK
+from support.cli import MATCHLOCK
+from support.images import docker_save, image_config
+from support.tarballs import MTIME, Entry, entry, layer
 
 CLIENT_DEBS = [
     "busybox-static", "libc6", "zlib1g", "libexpat1", "libffi8", "libssl3",
@@ -32,28 +34,18 @@ PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/lintia
 CLIENT_PATH = "/usr/local/bin/mlk-net"
 
 
-def _tar_tree(tar: tarfile.TarFile, root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if any(rel == p or rel.startswith(p + "/") for p in PRUNE) or "__pycache__" in rel:
-            continue
-        info = tar.gettarinfo(str(path), rel)
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        info.mtime = 1_700_000_000
-        if info.isreg():
-            with open(path, "rb") as f:
-                tar.addfile(info, f)
-        else:
-            tar.addfile(info)
-
-
-def _entry(tar: tarfile.TarFile, name: str, data: bytes | None = None, mode: int = 0o644,
-           kind: bytes = tarfile.REGTYPE, linkname: str = "") -> None:  # fmt: skip
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.linkname, info.mtime = kind, mode, linkname, 1_700_000_000
-    info.size = len(data) if data is not None else 0
-    tar.addfile(info, io.BytesIO(data) if data is not None else None)
+def _tree_entries(root: Path) -> Iterator[Entry]:
+    """The files under `root` (less PRUNE and bytecode) as root-owned entries."""
+    with tarfile.open(fileobj=io.BytesIO(), mode="w") as probe:  # gettarinfo (and its hard-link memory) needs one
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if any(rel == p or rel.startswith(p + "/") for p in PRUNE) or "__pycache__" in rel:
+                continue
+            info = probe.gettarinfo(str(path), rel)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = MTIME
+            yield Entry(info, path.read_bytes() if info.isreg() else None)
 
 
 def client_image_key() -> str:
@@ -96,48 +88,28 @@ def build_client_image(work: Path, tag: str) -> Path:
     for name in CLIENT_PY_PACKAGES:
         source = Path(__import__(name).__file__).parent
         shutil.copytree(source, site / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for top in ("lib", "lib64", "bin", "sbin"):
-            _entry(tar, top, kind=tarfile.SYMTYPE, linkname=f"usr/{top}", mode=0o777)
-        _tar_tree(tar, root)
-        for directory in (
-            "etc",
-            "etc/ssl",
-            "etc/ssl/certs",
-            "tmp",
-            "root",
-            "proc",
-            "sys",
-            "dev",
-            "run",
-            "usr/local/bin",
-        ):
-            _entry(tar, directory, kind=tarfile.DIRTYPE, mode=0o1777 if directory == "tmp" else 0o755)
-        for applet in ("sh", "wget", "nc", "nslookup", "cat", "env", "grep", "ls", "timeout", "echo", "sleep", "tr",
-                       "hostname", "head", "id", "ps", "wc", "sed", "find", "xargs", "sort", "seq"):  # fmt: skip
-            _entry(tar, f"usr/bin/{applet}", kind=tarfile.SYMTYPE, linkname="busybox", mode=0o777)
-        _entry(tar, "usr/bin/python3", kind=tarfile.SYMTYPE, linkname="python3.11", mode=0o777)
-        _entry(tar, CLIENT_PATH.lstrip("/"), CLIENT_SCRIPT.encode(), mode=0o755)
-        _entry(tar, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n")
-        _entry(tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\n")
-        # An (empty) system bundle: the sandbox CA is appended to it and SSL_CERT_FILE points here.
-        _entry(tar, "etc/ssl/certs/ca-certificates.crt", b"")
-    layer_bytes = layer.getvalue()
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer_bytes).hexdigest()]},
-    }
-    config_bytes = json.dumps(config).encode()
+    applets = ("sh", "wget", "nc", "nslookup", "cat", "env", "grep", "ls", "timeout", "echo", "sleep", "tr",
+               "hostname", "head", "id", "ps", "wc", "sed", "find", "xargs", "sort", "seq")  # fmt: skip
+    directories = ("etc", "etc/ssl", "etc/ssl/certs", "tmp", "root", "proc", "sys", "dev", "run", "usr/local/bin")
+    layer_bytes = layer(
+        [
+            *(entry(top, "sym", link=f"usr/{top}") for top in ("lib", "lib64", "bin", "sbin")),
+            *_tree_entries(root),
+            *(entry(d, "dir", mode=0o1777 if d == "tmp" else 0o755) for d in directories),
+            *(entry(f"usr/bin/{applet}", "sym", link="busybox") for applet in applets),
+            entry("usr/bin/python3", "sym", link="python3.11"),
+            entry(CLIENT_PATH.lstrip("/"), data=CLIENT_SCRIPT, mode=0o755),
+            entry(
+                "etc/passwd", data="root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
+            ),
+            entry("etc/group", data="root:x:0:\nnogroup:x:65534:\n"),
+            # An (empty) system bundle: the sandbox CA is appended to it and SSL_CERT_FILE points here.
+            entry("etc/ssl/certs/ca-certificates.crt"),
+        ]
+    )
+    config = image_config([layer_bytes], config={"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["sh"]})
     archive = work / "netclient.tar"
-    with tarfile.open(archive, "w") as tar:
-        _entry(tar, "layer/layer.tar", layer_bytes)
-        config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
-        _entry(tar, config_name, config_bytes)
-        manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": ["layer/layer.tar"]}]
-        _entry(tar, "manifest.json", json.dumps(manifest).encode())
+    archive.write_bytes(docker_save([layer_bytes], config, tag=tag))
     return archive
 
 

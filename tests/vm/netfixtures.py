@@ -22,7 +22,7 @@ Name lookups of the `matchlock` process under test must reach that DNS
 server and nothing else. Tests never change the host: a CLI process runs
 under `unshare --mount` with a resolv.conf bind-mounted over /etc/resolv.conf
 (`net_cli`), and an in-process owner runs its event loop on a thread that
-entered a private mount namespace with the same bind mount (`NetLoopThread`;
+entered a private mount namespace with the same bind mount (`net_loop_thread`;
 mount namespaces are per thread, and the loop's executor threads and child
 processes inherit it).
 
@@ -32,7 +32,6 @@ client image of netclient.py (`client_image`), for what busybox cannot do.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import datetime
@@ -43,13 +42,15 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from support.loop_thread import LoopThread
 
 SERVERS_SCRIPT = Path(__file__).resolve().with_name("netservers.py")
-MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
 
 SESSION_ADDRESS = "192.0.2.1"
 INET_ADDRESS = "192.0.2.10"
@@ -292,36 +293,12 @@ def enter_private_resolver(resolv_conf: Path) -> None:
             raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
-class NetLoopThread:
-    """tests/conftest.py's LoopThread, on a thread that resolves names with the stand-in DNS server."""
+def net_loop_thread(resolv_conf: Path) -> LoopThread:
+    """An event loop on a thread that resolves names with the stand-in DNS server."""
+    # Imported here: netservers.py imports this module in a process that has no tests/ on sys.path.
+    from support.loop_thread import LoopThread
 
-    def __init__(self, resolv_conf: Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._entered = threading.Event()
-        self._error: BaseException | None = None
-
-        def main() -> None:
-            try:
-                enter_private_resolver(resolv_conf)
-            except BaseException as exc:  # noqa: BLE001 - reported to the creator
-                self._error = exc
-                self._entered.set()
-                return
-            self._entered.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=main, name="net-loop", daemon=True)
-        self.thread.start()
-        self._entered.wait(10)
-        if self._error is not None:
-            raise self._error
-
-    def run(self, coro, timeout: float = 180):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+    return LoopThread(setup=lambda: enter_private_resolver(resolv_conf), name="net-loop")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,11 +329,10 @@ if pytest is not None:
     def net_cli(state_dir, inet):
         """`matchlock` as a user runs it, resolving names with the stand-in DNS server."""
 
+        from support.cli import run_matchlock
+
         def run(*args: str, input: str | None = None, timeout: float = 180, env: dict | None = None):
-            full_env = {**os.environ, **inet.env(), **(env or {})}
-            proc = subprocess.run(inet.wrap([MATCHLOCK, *args]), input=input, capture_output=True, text=True,
-                                  timeout=timeout, env=full_env)  # fmt: skip
-            return Result(proc.returncode, proc.stdout, proc.stderr)
+            return run_matchlock(*args, input=input, timeout=timeout, env={**inet.env(), **(env or {})}, wrap=inet.wrap)
 
         return run
 
@@ -390,29 +366,15 @@ if pytest is not None:
     @pytest.fixture(scope="module")
     def net_loop(inet):
         """An event loop whose lookups go to the stand-in DNS server, for in-process sandbox owners."""
-        from matchlock.net import tls
-
         old = os.environ.get("MATCHLOCK_UPSTREAM_CA_FILE")
-        os.environ["MATCHLOCK_UPSTREAM_CA_FILE"] = str(inet.ca)
-        tls._upstream_contexts.clear()  # contexts are cached with the CA bundle they were built with
-        thread = NetLoopThread(inet.resolv_conf)
+        os.environ["MATCHLOCK_UPSTREAM_CA_FILE"] = str(inet.ca)  # each sandbox's proxy reads it as it starts
+        thread = net_loop_thread(inet.resolv_conf)
         yield thread
         thread.close()
-        tls._upstream_contexts.clear()
         if old is None:
             os.environ.pop("MATCHLOCK_UPSTREAM_CA_FILE", None)
         else:
             os.environ["MATCHLOCK_UPSTREAM_CA_FILE"] = old
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def __repr__(self) -> str:
-        return f"<rc={self.returncode} stdout={self.stdout[-3000:]!r} stderr={self.stderr[-2000:]!r}>"
 
 
 def json_lines(text: str) -> list[dict]:

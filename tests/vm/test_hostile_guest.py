@@ -25,11 +25,13 @@ import os, sys, time
 sys.path.insert(0, "/opt/matchlock")
 from matchlock.guest import syscalls
 from matchlock.guest.init import find_port
+from matchlock.wire.boot import AGENT_PORT_NAME
 from matchlock.wire.frames import HEADER, FrameKind
 from matchlock.wire.mux import Connection, Role, StreamOpened
+from matchlock.wire.replies import Exited, Ready, Started
 
 syscalls.mount("sysfs", "/sys", "sysfs")
-fd = os.open(find_port("matchlock.agent"), os.O_RDWR)
+fd = os.open(find_port(AGENT_PORT_NAME), os.O_RDWR)
 mode = "MODE"
 
 def write_all(data):
@@ -43,7 +45,7 @@ def handshake():
     write_all(conn.data_to_send())
     while not conn.handshake_complete:
         conn.receive_data(os.read(fd, 65536))
-    conn.send_message(0, {"type": "ready", "boot_ms": 1})
+    conn.send_message(0, Ready(1).to_wire())
     write_all(conn.data_to_send())
     return conn
 
@@ -67,10 +69,20 @@ elif mode == "exec-flood":
         opened = [e for e in events if isinstance(e, StreamOpened)]
         if opened:
             break
+    conn.send_message(opened[0].stream, Started(1).to_wire())  # a well-formed start, then the flood
+    write_all(conn.data_to_send())
     # DATA far beyond the window the host granted (256 KiB), bypassing the codec's checks.
     chunk = HEADER.pack(65537, FrameKind.DATA, opened[0].stream) + b"\\x01" + b"x" * 65536
     for _ in range(8):
         write_all(chunk)
+elif mode == "exec-out-of-order":
+    conn = handshake()
+    while True:  # answer every exec with an exit status but no 'started' before it
+        for event in conn.receive_data(os.read(fd, 65536)):
+            if isinstance(event, StreamOpened):
+                conn.send_message(event.stream, Exited(0).to_wire())
+                conn.close_stream(event.stream)
+        write_all(conn.data_to_send())
 time.sleep(3600)
 """
 
@@ -79,7 +91,7 @@ time.sleep(3600)
 def hostile_disks(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     disks = {}
-    for mode in ("garbage", "oversized", "bad-version", "exec-garbage", "exec-flood", "silent"):
+    for mode in ("garbage", "oversized", "bad-version", "exec-garbage", "exec-flood", "exec-out-of-order", "silent"):
         disk = root / f"{mode}.erofs"
         build_disk(disk, HOSTILE_INIT.replace("MODE", mode))
         disks[mode] = disk
@@ -134,7 +146,22 @@ def test_garbage_during_exec_fails_the_exec_not_the_host(mode, message, hostile_
             with pytest.raises(GuestProtocolError):
                 box.start_exec(ExecSpec("true"))  # the channel stays marked broken
         finally:
-            await asyncio.wait_for(box.close(), 30)
+            await asyncio.wait_for(box.aclose(), 30)
+
+    asyncio.run(scenario())
+    assert not any((state_dir / "vms").glob("vm-*"))
+    assert no_qemu_left(state_dir)
+
+
+def test_reply_out_of_grammar_fails_that_exec_naming_the_violation(hostile_disks, state_dir):
+    async def scenario():
+        box = await asyncio.wait_for(boot("exec-out-of-order", hostile_disks), 60)
+        try:
+            for _ in range(2):  # a reply out of order fails the one operation, not the channel
+                with pytest.raises(GuestProtocolError, match="sent 'exit' on an exec stream before 'started'"):
+                    await asyncio.wait_for(box.start_exec(ExecSpec("true")).wait(), 60)
+        finally:
+            await asyncio.wait_for(box.aclose(), 30)
 
     asyncio.run(scenario())
     assert not any((state_dir / "vms").glob("vm-*"))

@@ -1,122 +1,73 @@
 """An imported multi-layer image boots with its filesystem exactly as built.
 
-The image is made here with `tarfile` in `docker save` layout (two layers,
-whiteouts, an opaque directory, special modes and owners), imported with the
-real CLI and inspected from inside a real VM.
+The image is made here from bytes (support.tarballs) in `docker save` layout
+(two layers, whiteouts, an opaque directory, special modes and owners),
+imported with the real CLI into the shared image cache (removed afterwards)
+and inspected from inside a real VM.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import subprocess
-import tarfile
 import uuid
-from pathlib import Path
 
 import pytest
 
-from matchlock import debian
+from support.cli import run_matchlock
+from support.images import docker_save, image_config
+from support.tarballs import entry, layer
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("vm_prerequisites")]
 
 APPLETS = ("sh", "stat", "ls", "cat", "head", "readlink", "id", "echo", "test", "sort", "wc")
 
 
-def _entry(tar: tarfile.TarFile, name: str, *, data: bytes | None = None, mode: int = 0o644, uid: int = 0,
-           gid: int = 0, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> None:  # fmt: skip
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.uid, info.gid, info.linkname = kind, mode, uid, gid, linkname
-    info.mtime = 1_700_000_000
-    info.size = len(data) if data is not None else 0
-    tar.addfile(info, io.BytesIO(data) if data is not None else None)
-
-
-def _layer(build) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        build(tar)
-    return buffer.getvalue()
-
-
-def _busybox(tmp_path: Path) -> bytes:
-    deb = debian.download(["busybox-static"])["busybox-static"]
-    debian.extract(deb, tmp_path / "bb")
-    return (tmp_path / "bb" / "bin" / "busybox").read_bytes()
-
-
-def _image_tarball(tmp_path: Path, tag: str) -> Path:
-    busybox = _busybox(tmp_path)
-
-    def base(tar):
-        _entry(tar, "bin", kind=tarfile.DIRTYPE, mode=0o755)
-        _entry(tar, "bin/busybox", data=busybox, mode=0o755)
-        for applet in APPLETS:
-            _entry(tar, f"bin/{applet}", kind=tarfile.SYMTYPE, linkname="busybox", mode=0o777)
-        _entry(tar, "etc", kind=tarfile.DIRTYPE, mode=0o755)
-        _entry(tar, "etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/data:/bin/sh\n")
-        _entry(tar, "etc/shadow", data=b"root:*:19000::::::\n", mode=0o640, gid=42)
-        _entry(tar, "data", kind=tarfile.DIRTYPE, mode=0o750, uid=1000, gid=1000)
-        _entry(tar, "data/owned", data=b"owned\n", mode=0o640, uid=1000, gid=1000)
-        _entry(tar, "data/suid", data=b"#!/bin/sh\n", mode=0o4755)
-        _entry(tar, "data/sgid-dir", kind=tarfile.DIRTYPE, mode=0o2775, gid=50)
-        _entry(tar, "data/sticky", kind=tarfile.DIRTYPE, mode=0o1777)
-        _entry(tar, "data/hard-a", data=b"shared inode\n")
-        _entry(tar, "data/hard-b", kind=tarfile.LNKTYPE, linkname="data/hard-a")
-        _entry(tar, "data/link", kind=tarfile.SYMTYPE, linkname="../etc/passwd", mode=0o777)
-        _entry(tar, "data/dangling", kind=tarfile.SYMTYPE, linkname="/nowhere", mode=0o777)
-        _entry(tar, "removed-file", data=b"gone\n")
-        _entry(tar, "removed-dir", kind=tarfile.DIRTYPE, mode=0o755)
-        _entry(tar, "removed-dir/inner", data=b"gone too\n")
-        _entry(tar, "opaque", kind=tarfile.DIRTYPE, mode=0o755)
-        _entry(tar, "opaque/old", data=b"hidden by the opaque marker\n")
-
-    def top(tar):
-        _entry(tar, ".wh.removed-file")
-        _entry(tar, ".wh.removed-dir")
-        _entry(tar, "opaque", kind=tarfile.DIRTYPE, mode=0o755)
-        _entry(tar, "opaque/.wh..wh..opq")
-        _entry(tar, "opaque/new", data=b"from the top layer\n")
-        _entry(tar, "data/owned", data=b"replaced\n", mode=0o600, uid=1000, gid=1000)
-
-    layers = [_layer(base), _layer(top)]
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/bin", "FROM_IMAGE=yes"],
-            "Cmd": ["sh", "-c", "echo default-cmd"],
-            "WorkingDir": "/data",
-        },
-        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]},
-    }
-    config_bytes = json.dumps(config).encode()
-    archive = tmp_path / "image.tar"
-    with tarfile.open(archive, "w") as tar:
-        names = []
-        for index, layer in enumerate(layers):
-            names.append(f"layer{index}/layer.tar")
-            _entry(tar, names[-1], data=layer)
-        config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
-        _entry(tar, config_name, data=config_bytes)
-        manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": names}]
-        _entry(tar, "manifest.json", data=json.dumps(manifest).encode())
-    return archive
+def image_tarball(busybox: bytes, tag: str) -> bytes:
+    base = layer(
+        [
+            entry("bin", "dir"),
+            entry("bin/busybox", data=busybox, mode=0o755),
+            *(entry(f"bin/{applet}", "sym", link="busybox") for applet in APPLETS),
+            entry("etc", "dir"),
+            entry("etc/passwd", data="root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/data:/bin/sh\n"),
+            entry("etc/shadow", data="root:*:19000::::::\n", mode=0o640, gid=42),
+            entry("data", "dir", mode=0o750, uid=1000, gid=1000),
+            entry("data/owned", data="owned\n", mode=0o640, uid=1000, gid=1000),
+            entry("data/suid", data="#!/bin/sh\n", mode=0o4755),
+            entry("data/sgid-dir", "dir", mode=0o2775, gid=50),
+            entry("data/sticky", "dir", mode=0o1777),
+            entry("data/hard-a", data="shared inode\n"),
+            entry("data/hard-b", "link", link="data/hard-a"),
+            entry("data/link", "sym", link="../etc/passwd"),
+            entry("data/dangling", "sym", link="/nowhere"),
+            entry("removed-file", data="gone\n"),
+            entry("removed-dir", "dir"),
+            entry("removed-dir/inner", data="gone too\n"),
+            entry("opaque", "dir"),
+            entry("opaque/old", data="hidden by the opaque marker\n"),
+        ]
+    )
+    top = layer(
+        [
+            entry(".wh.removed-file"),
+            entry(".wh.removed-dir"),
+            entry("opaque", "dir"),
+            entry("opaque/.wh..wh..opq"),
+            entry("opaque/new", data="from the top layer\n"),
+            entry("data/owned", data="replaced\n", mode=0o600, uid=1000, gid=1000),
+        ]
+    )
+    runtime = {"Env": ["PATH=/bin", "FROM_IMAGE=yes"], "Cmd": ["sh", "-c", "echo default-cmd"], "WorkingDir": "/data"}
+    return docker_save([base, top], image_config([base, top], config=runtime), tag=tag)
 
 
 @pytest.fixture(scope="module")
-def imported_tag(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fidelity")
+def imported_tag(busybox_path):
     tag = f"test/fidelity:{uuid.uuid4().hex[:8]}"
-    archive = _image_tarball(tmp, tag)
-    matchlock = str(Path(__import__("sys").executable).parent / "matchlock")
-    with open(archive, "rb") as stdin:
-        result = subprocess.run([matchlock, "image", "import", tag], stdin=stdin, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert f"Imported: {tag}" in result.stdout and "Layers: 2" in result.stdout
+    result = run_matchlock("image", "import", tag, input=image_tarball(busybox_path.read_bytes(), tag))
+    assert result.returncode == 0, result
+    assert f"Imported: {tag}".encode() in result.stdout and b"Layers: 2" in result.stdout
     yield tag
-    subprocess.run([matchlock, "image", "rm", tag], capture_output=True)
+    run_matchlock("image", "rm", tag)
 
 
 def test_ownership_modes_and_links(cli, imported_tag):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from matchlock import debian
 from matchlock.kernel import fallback
 from matchlock.kernel.resolve import TUNED_CMDLINE, find_tuned
 from matchlock.vm.accel import host_tsc_khz
@@ -109,22 +108,14 @@ def make_erofs(tmp_path: Path, name: str, busybox: Path | None, init: str | None
     return image
 
 
-@pytest.fixture(scope="module")
-def busybox(tmp_path_factory) -> Path:
-    deb = debian.download(["busybox-static"])["busybox-static"]
-    root = tmp_path_factory.mktemp("busybox")
-    debian.extract(deb, root)
-    return root / "bin" / "busybox"
-
-
 @pytest.fixture()
-def disks(tmp_path, busybox) -> dict[str, Path]:
+def disks(tmp_path, busybox_path) -> dict[str, Path]:
     upper = tmp_path / "upper.img"
     with open(upper, "wb") as f:
         f.truncate(16 << 20)
     return {
-        "decoy": make_erofs(tmp_path, "decoy", busybox, "#!/bin/sh\necho WRONG-DISK-BOOTED\nreboot -f\n"),
-        "runtime": make_erofs(tmp_path, "runtime", busybox, GUEST_INIT),
+        "decoy": make_erofs(tmp_path, "decoy", busybox_path, "#!/bin/sh\necho WRONG-DISK-BOOTED\nreboot -f\n"),
+        "runtime": make_erofs(tmp_path, "runtime", busybox_path, GUEST_INIT),
         "lower": make_erofs(tmp_path, "lower", None, None),
         "upper": upper,
     }

@@ -53,8 +53,12 @@ def _wait_status(cli, vm_id: str, status: str, timeout: float = 60) -> None:
 def _rows(cli, *flags: str) -> list[list[str]]:
     result = cli("list", *flags)
     lines = result.stdout.splitlines()
-    assert lines[0].split("\t") == ["ID", "STATUS", "IMAGE", "CREATED", "PID"]
-    return [line.split("\t") for line in lines[1:]]
+    assert lines[0].split() == ["ID", "STATUS", "IMAGE", "CREATED", "PID"]
+    starts = [lines[0].index(name) for name in ("STATUS", "IMAGE", "CREATED", "PID")]
+    for line in lines[1:]:  # aligned: every column starts under its heading
+        assert all(line[start - 3 : start] == "   " and line[start] != " " for start in starts), result
+    # CREATED holds a date and a time
+    return [line.split()[:3] + [" ".join(line.split()[3:5])] + line.split()[5:] for line in lines[1:]]
 
 
 def test_full_lifecycle(cli, detached, state_dir):
@@ -198,3 +202,81 @@ def test_lifecycle_errors(cli):
     assert missing.returncode == 1 and "VM vm-00000000 not found" in missing.stderr
     assert cli("kill", "vm-00000000").returncode == 1
     assert cli("gc").stdout == "Reconciled 0 VMs\n"
+
+
+def _owner_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_vm_that_dies_under_its_owner_ends_the_sandbox(cli, detached, state_dir):
+    """Issue 10, item 7: QEMU killed under a ready detached sandbox."""
+    vm = detached()
+    owner = json.loads(cli("get", vm).stdout)["pid"]
+    resources = json.loads(cli("inspect", vm).stdout)["lifecycle"]["resources"]
+    os.kill(resources["qemu_pid"], signal.SIGKILL)
+    _wait_status(cli, vm, "crashed")
+    report = json.loads(cli("inspect", vm).stdout)["lifecycle"]
+    assert report["phase"] == "cleaned" and "killed by signal 9" in report["last_error"], report
+    deadline = time.monotonic() + 30  # it records the end, then exits
+    while not _owner_gone(owner) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _owner_gone(owner), "the owner outlived its dead VM"
+    assert not os.path.exists(resources["exec_socket"]) and not os.path.exists(resources["upper_disk"])
+    assert "QEMU killed by signal 9" in cli("log", vm).stdout
+    not_running = cli("exec", vm, "--", "true")
+    assert not_running.returncode == 1 and "is not running (status: crashed)" in not_running.stderr
+    assert cli("gc", vm).stdout.splitlines()[0] == f"{vm}: no resources to clean"
+    assert cli("prune").stdout.splitlines() == [f"Pruned {vm}", "Pruned 1 VMs"]
+
+
+def test_gc_force_running_stops_the_sandbox(cli, detached):
+    """Issue 10, item 8: nothing stays shown as running after a forced gc."""
+    vm = detached()
+    qemu = json.loads(cli("inspect", vm).stdout)["lifecycle"]["resources"]["qemu_pid"]
+    result = cli("gc", "--force-running", vm)
+    assert result.returncode == 0, result
+    assert _status(cli, vm) == "stopped"  # at once: gc waited for the owner to close it
+    assert _owner_gone(qemu)
+    not_running = cli("exec", vm, "--", "true")
+    assert not_running.returncode == 1 and "is not running (status: stopped)" in not_running.stderr
+
+
+def test_list_and_ids_for_scripts(cli, detached, state_dir):
+    """Issue 10, item 18: -q, --json, ID prefixes, rm -f, and kill that waits."""
+    vm = detached()
+    other = detached()
+    assert cli("list", "-q").stdout.split() == [vm, other]
+    listed = json.loads(cli("list", "--json").stdout)
+    assert [entry["id"] for entry in listed] == [vm, other] and listed[0]["status"] == "running"
+    prefix = vm[: next(n for n in range(4, 12) if not other.startswith(vm[:n]))]
+    assert cli("exec", prefix, "--", "hostname").stdout == f"{vm}\n"
+    assert json.loads(cli("get", prefix[3:]).stdout)["id"] == vm  # the vm- may be left off too
+    ambiguous = cli("get", "vm-")
+    assert ambiguous.returncode == 2 and "ambiguous" in ambiguous.stderr and vm in ambiguous.stderr
+    killed = cli("kill", prefix)
+    assert killed.stdout == f"Killed {vm}\n" and _status(cli, vm) == "stopped"  # kill waited
+    assert cli("rm", prefix).stdout == f"Removed {vm}\n"
+    refused = cli("rm", other)
+    assert refused.returncode == 1 and "is running" in refused.stderr
+    forced = cli("rm", "-f", other)
+    assert forced.stdout == f"Removed {other}\n", forced
+    assert cli("list", "-q").stdout == "" and not (state_dir / "vms" / other).exists()
+
+
+def test_detached_failures_are_reported(cli, state_dir):
+    """Issue 10, item 15: a command that cannot start fails `run -d`, and leaves no record."""
+    for args, reason in ((["-u", "nosuch"], "nosuch"), (["-w", "/nonexistent"], "/nonexistent")):
+        result = cli("run", "-d", *args, "--", "sleep", "100")
+        assert result.returncode == 127, result
+        assert "could not start" in result.stderr and reason in result.stderr, result
+        assert cli("list", "-q").stdout == ""
+
+
+def test_detached_timeout_is_enforced(cli, detached):
+    vm = detached("--timeout", "20", "--", "sleep", "600")
+    _wait_status(cli, vm, "stopped", timeout=90)
+    assert "--timeout reached" in cli("log", vm).stdout

@@ -147,6 +147,20 @@ def test_https_is_verified_against_the_sandbox_ca(net_cli, client_image, inet):
     assert blocked.get("status") == 403 or "error" in blocked, blocked
 
 
+def test_allow_host_with_a_port_allows_only_that_port(net_cli, client_image, inet):
+    """`api.test:443`: HTTPS to it passes, its port 80 and other names do not; DNS still resolves it."""
+    mark = inet.mark()
+    result = net_cli("run", "--image", client_image, "--allow-host", "api.test:443", *DNS, "--",
+                     "mlk-net", "multi", "get https://api.test/echo", "get http://api.test/echo",
+                     "get https://other.test/echo")  # fmt: skip
+    assert result.returncode == 0, result
+    https, http, other = json_lines(result.stdout)
+    assert https["status"] == 200 and body_json(https)["server_addr"] == "192.0.2.10", https
+    assert http["status"] == 403 and "port 80" in http.get("body", ""), http
+    assert other.get("status") == 403 or "error" in other, other
+    assert [(e["host"], e["tls"]) for e in inet.served_since(mark, kind="http")] == [("api.test", True)]
+
+
 GLOB_CASES = [
     ("*", {"api.test": True, "other.test": True, "www.sub.test": True}),
     ("*.sub.test", {"www.sub.test": True, "sub.test": False, "api.test": False}),
@@ -357,6 +371,23 @@ def test_secrets_substituted_only_for_their_hosts(net_cli, net_detached, client_
         for exposed in ("cmdline", "environ"):
             with open(f"/proc/{pid}/{exposed}", "rb") as f:
                 assert value.encode() not in f.read(), f"the secret is in /proc/{pid}/{exposed}"
+
+
+def test_secret_file_and_custom_placeholder_through_run_detached(net_cli, net_detached, tmp_path, state_dir):
+    value = "ghp_" + secrets.token_hex(12)
+    secret_file = tmp_path / "secrets.json"
+    secret_file.write_text(json.dumps({"TOKEN": {"value": value, "hosts": ["api.test"]}}))
+    vm = net_detached("--secret-file", str(secret_file), "--secret-placeholder", "TOKEN=ghp_placeholder000000",
+                      *DNS, *ADD_HOSTS)  # fmt: skip
+    script = PROBE + 'echo "env $TOKEN"; p "http://api.test/echo" --header "Authorization: token $TOKEN"'
+    output = net_cli("exec", vm, "--", "sh", "-c", script).stdout
+    assert "env ghp_placeholder000000\n" in output, output
+    ok, detail = probes(output)["http://api.test/echo"]
+    assert ok and ["Authorization", f"token {value}"] in [[k.capitalize(), v] for k, v in json.loads(detail)["headers"]]
+    net_cli("exec", vm, "--", "rm", "-f", "/tmp/o", "/tmp/e")  # the echo reflected the value into wget's output
+    for path in state_dir.rglob("*"):
+        if path.is_file():
+            assert value.encode() not in path.read_bytes(), path
 
 
 def test_two_sandboxes_with_different_secrets_do_not_cross(net_cli, net_detached):

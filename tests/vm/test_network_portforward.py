@@ -14,17 +14,13 @@ import subprocess
 import time
 
 import pytest
-from netfixtures import MATCHLOCK
+
+from support.cli import MATCHLOCK
+from support.ports import free_port
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("vm_prerequisites")]
 
 ECHO_SERVER = ("--", "nc", "-ll", "-p", "8080", "-e", "/bin/cat")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def round_trip(port: int, payload: bytes, timeout: float = 30) -> bytes:

@@ -6,27 +6,18 @@ skopeo to Debian's docker-registry on localhost. VMs boot one at a time.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matchlock.image.archive import host_arch
-from registry_support import (
-    Registry,
-    busybox_binary,
-    busybox_layer,
-    make_image,
-    skopeo_push,
-    tar_layer,
-    write_oci_layout,
-)  # fmt: skip
+from registry_support import Registry, busybox_layer, skopeo_push
+from support.cli import run_matchlock
+from support.images import make_image, write_oci_layout
+from support.tarballs import tar_layer
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry, pytest.mark.usefixtures("vm_prerequisites")]
-MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +27,8 @@ def registry(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def busybox(tmp_path_factory) -> bytes:
-    return busybox_layer(busybox_binary(tmp_path_factory.mktemp("busybox")))
+def busybox(busybox_path) -> bytes:
+    return busybox_layer(busybox_path.read_bytes())
 
 
 def push(registry: Registry, busybox: bytes, tmp: Path, repo: str, text: str) -> str:
@@ -52,9 +43,9 @@ def repo():
     name = f"test/pulled-{uuid.uuid4().hex[:8]}"
     yield name
     # The shared image cache is the user's: leave nothing of ours behind.
-    for line in subprocess.run([MATCHLOCK, "image", "ls"], capture_output=True, text=True).stdout.splitlines():
+    for line in run_matchlock("image", "ls").stdout.splitlines():
         if name in line:
-            subprocess.run([MATCHLOCK, "image", "rm", line.split()[0]], capture_output=True)
+            run_matchlock("image", "rm", line.split()[0])
 
 
 def test_pull_then_run(cli, registry, busybox, repo, tmp_path):

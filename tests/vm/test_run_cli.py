@@ -127,7 +127,11 @@ def test_unknown_image_is_a_clear_error(cli):
     # `run` pulls on a cache miss; a registry on loopback that is not there keeps every byte on this host.
     result = cli("run", "--image", "localhost:1/no/such:image", "--", "true", env={"MATCHLOCK_PULL_RETRIES": "1"})
     assert result.returncode == 1, result
-    assert result.stderr.startswith("Error: network failure talking to registry localhost:1"), result
+    # First the note that nothing local matched, then one error line that names the pull failure.
+    note, error = result.stderr.strip().splitlines()[-2:]
+    assert note.startswith("no local image matched localhost:1/no/such:image"), result
+    assert error.startswith("Error: no local image matched localhost:1/no/such:image"), result
+    assert "network failure talking to registry localhost:1" in error, result
 
 
 def test_hostname_and_hosts(cli):
@@ -153,6 +157,8 @@ def test_failed_start_cleans_up_and_shows_console(cli, state_dir, tmp_path):
     result = cli("run", "--", "true", env={"MATCHLOCK_KERNEL": str(bogus), "MATCHLOCK_BOOT_TIMEOUT": "20"})
     assert result.returncode == 1, result
     assert "failed to start" in result.stderr
+    # The tail of the console is shown inline, not as a path to a log that was removed with the sandbox.
+    assert "last lines of the guest console" in result.stderr and str(state_dir) not in result.stderr, result
     leftovers = list((state_dir / "vms").glob("vm-*")) if (state_dir / "vms").exists() else []
     assert leftovers == []
 

@@ -12,9 +12,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .disks import DiskMount, validate_disks
 from .errors import UsageError
 from .image import ImageConfig
-from .network import HostMapping, NetworkConfig, SecretConfig  # noqa: F401 - re-exported
+from .network import ENV_NAME, NetworkConfig
 
 DEFAULT_CPUS = 1.0
 DEFAULT_MEMORY_MB = 512
@@ -23,7 +24,8 @@ DEFAULT_TIMEOUT_SECONDS = 300
 DEFAULT_DNS_SERVERS = ("8.8.8.8", "8.8.4.4")
 MIN_MEMORY_MB = 128
 MIN_DISK_SIZE_MB = 64
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_DISK_SIZE_MB = 1024 * 1024  # 1 TiB, sparse; ext4 files stop at 16 TiB
+MIN_CPUS = 0.1  # below this a quota leaves the guest too little time to answer at all
 
 
 def host_cpu_count() -> int:
@@ -44,14 +46,14 @@ class Resources:
     def validate(self) -> None:
         if isinstance(self.cpus, bool) or not isinstance(self.cpus, (int, float)) or not math.isfinite(self.cpus):
             raise UsageError(f"invalid --cpus {self.cpus!r}: must be a finite number")
-        if self.cpus <= 0:
-            raise UsageError(f"invalid --cpus {self.cpus}: must be greater than 0")
+        if self.cpus < MIN_CPUS:
+            raise UsageError(f"invalid --cpus {self.cpus:g}: must be at least {MIN_CPUS:g}")
         if math.ceil(self.cpus) > host_cpu_count():
             raise UsageError(
                 f"invalid --cpus {self.cpus:g}: this host has {host_cpu_count()} CPUs; use at most that many"
             )
         _check_int("--memory", self.memory_mb, MIN_MEMORY_MB, host_memory_mb(), "MB")
-        _check_int("--disk-size", self.disk_size_mb, MIN_DISK_SIZE_MB, 16 * 1024 * 1024, "MB")
+        _check_int("--disk-size", self.disk_size_mb, MIN_DISK_SIZE_MB, MAX_DISK_SIZE_MB, "MB")
         _check_int("--timeout", self.timeout_seconds, 0, 365 * 24 * 3600, "seconds")
 
 
@@ -70,6 +72,7 @@ class SandboxConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     env: dict[str, str] = field(default_factory=dict)
     image_config: ImageConfig = field(default_factory=ImageConfig)
+    extra_disks: tuple[DiskMount, ...] = ()
 
     def validate(self) -> None:
         if not self.image:
@@ -78,10 +81,11 @@ class SandboxConfig:
         self.network.validate()
         for key in self.env:
             validate_env_key(key)
+        validate_disks(self.extra_disks)
 
 
 def validate_env_key(key: str) -> None:
-    if not _ENV_KEY.match(key):
+    if not ENV_NAME.match(key):
         raise UsageError(f"invalid environment variable name {key!r}: use letters, digits and '_'")
 
 
@@ -104,6 +108,10 @@ def parse_env_file(path: str) -> list[tuple[str, str]]:
             lines = f.read().splitlines()
     except OSError as exc:
         raise UsageError(f"cannot read --env-file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"--env-file {path} is not UTF-8 text (byte {exc.start}); fix: pass a KEY=VALUE text file"
+        ) from None
     entries = []
     for number, line in enumerate(lines, 1):
         stripped = line.strip()
@@ -152,6 +160,7 @@ def public_config(config: SandboxConfig) -> dict:
             **config.image_config.to_json(),
             **({"env": {k: REDACTED for k in config.image_config.env}} if config.image_config.env else {}),
         },
+        "extra_disks": [disk.to_json() for disk in config.extra_disks],  # paths and mount points: nothing secret
     }
 
 

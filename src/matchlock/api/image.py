@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+# The image `run` boots when none is named; built from Debian's busybox on first use.
+DEFAULT_IMAGE = "matchlock/busybox:builtin"
+
 
 @dataclass(frozen=True)
 class ImageConfig:

@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
+
+from .errors import UsageError
+
+
+def _directory(variable: str, default: Path) -> Path:
+    """`$variable` when set, else `default`; either must be (or become) a directory, said in one line."""
+    override = os.environ.get(variable)
+    path = Path(override) if override else default
+    if path.exists() and not path.is_dir():
+        hint = f"point {variable} at a directory, or unset it" if override else f"move {path} out of the way"
+        raise UsageError(f"{path} is not a directory ({variable}); fix: {hint}")
+    return path
 
 
 def cache_dir() -> Path:
-    override = os.environ.get("MATCHLOCK_CACHE_DIR")
-    return Path(override) if override else Path.home() / ".cache" / "matchlock"
+    return _directory("MATCHLOCK_CACHE_DIR", Path.home() / ".cache" / "matchlock")
 
 
 def state_dir() -> Path:
-    override = os.environ.get("MATCHLOCK_STATE_DIR")
-    return Path(override) if override else Path.home() / ".matchlock"
+    return _directory("MATCHLOCK_STATE_DIR", Path.home() / ".matchlock")
 
 
 def kernels_dir() -> Path:
@@ -40,3 +51,72 @@ def debs_dir() -> Path:
 
 def vms_dir() -> Path:
     return state_dir() / "vms"
+
+
+class SandboxPaths(NamedTuple):
+    """The layout of one sandbox's directory; the only place that names the files in it.
+
+    The owner creates them, `exec`, `port-forward` and `allow-list` reach the
+    relay socket, `log` reads the console log, and reconcile finds what a
+    crashed owner left behind from the paths recorded in the lifecycle. A
+    `NamedTuple`, not a dataclass: `matchlock exec` imports it on every call.
+    """
+
+    root: Path
+
+    @classmethod
+    def of(cls, vm_id: str) -> SandboxPaths:
+        """The directory of `vm_id` under the default state directory (`StateStore.vm_dir` for another root)."""
+        return cls(vms_dir() / vm_id)
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def console_log(self) -> Path:
+        """The guest console, QEMU's notes and the output of detached commands."""
+        return self.logs_dir / "vm.log"
+
+    @property
+    def exec_socket(self) -> Path:
+        """The exec relay, served by the sandbox's owner."""
+        return self.root / "exec.sock"
+
+    @property
+    def upper_disk(self) -> Path:
+        """The writable layer over the image (ext4, discarded with the sandbox)."""
+        return self.root / "upper.ext4"
+
+
+def match_vm_id(ref: str, ids) -> str | None:
+    """The one ID in `ids` that is `ref` or starts with it (with or without `vm-`); None if none does.
+
+    Raises UsageError when the prefix is ambiguous, naming the candidates.
+    """
+    ids = list(ids)
+    if ref in ids:
+        return ref
+    if not ref:
+        return None
+    prefixes = (ref,) if ref.startswith("vm-") else (ref, "vm-" + ref)
+    matches = sorted({vm_id for vm_id in ids if vm_id.startswith(prefixes)})
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise UsageError(f"VM ID prefix {ref!r} is ambiguous: it matches {shown}; give more characters")
+    return matches[0] if matches else None
+
+
+def find_vm_dir(ref: str) -> SandboxPaths | None:
+    """The directory of the sandbox `ref` names (an ID or a unique prefix), from a listing: no database."""
+    if not ref or "/" in ref or ref in (".", ".."):
+        return None  # not an ID: never a path out of the state directory
+    exact = SandboxPaths.of(ref)
+    if exact.root.is_dir():
+        return exact
+    try:
+        names = os.listdir(vms_dir())
+    except OSError:
+        return None
+    vm_id = match_vm_id(ref, names)
+    return SandboxPaths.of(vm_id) if vm_id else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..api.errors import UsageError
+
 _TRUE = {"1", "t", "true", "y", "yes", "on"}
 _FALSE = {"0", "f", "false", "n", "no", "off"}
 
@@ -48,3 +50,37 @@ class BoolFlagsCommand(click.Command):
                     raise click.BadParameter(f"{value!r} is not a boolean (use true or false)", ctx, param_hint=name)
             rewritten.append(arg)
         return super().parse_args(ctx, rewritten)
+
+
+def parse_forwards(publish: tuple[str, ...], address: tuple[str, ...]) -> tuple[list, list[str]]:
+    """`-p`/`port-forward` specs and `--address`es; Docker's `ADDRESS:LOCAL:REMOTE` form names the address inline.
+
+    Returns (ForwardSpecs, addresses). Every spec listens on every address, so
+    an inline address must be the same for all specs and agree with --address.
+    """
+    from ..sandbox.portforward import ForwardSpec, parse_addresses
+
+    inline: list[str] = []
+    specs = []
+    for spec in publish:
+        if spec.count(":") <= 1:
+            specs.append(ForwardSpec.parse(spec))
+            continue
+        host, _, ports = spec.rpartition(":")
+        host, _, local = host.rpartition(":")  # "[::1]:8080:80" or "127.0.0.1:8080:80"
+        if not host:
+            raise UsageError(f"invalid port forward {spec!r}: use [ADDRESS:][LOCAL:]REMOTE")
+        inline.append(host.strip("[]"))
+        specs.append(ForwardSpec.parse(f"{local}:{ports}"))
+    if inline:
+        if len(inline) != len(publish) or len(set(parse_addresses(inline))) != 1:
+            raise UsageError("every -p must name the same ADDRESS (or none); for several addresses use --address")
+        if address and set(parse_addresses(address)) != set(parse_addresses(inline)):
+            raise UsageError(f"-p names address {inline[0]} but --address says {','.join(address)}; use one of them")
+    addresses = parse_addresses(address or inline)
+    seen: set[int] = set()
+    for forward in specs:
+        if forward.local_port in seen:
+            raise UsageError(f"local port {forward.local_port} is forwarded twice; give each -p its own LOCAL port")
+        seen.add(forward.local_port)
+    return specs, addresses

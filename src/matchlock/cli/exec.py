@@ -3,7 +3,7 @@
 Plain mode streams stdout and stderr as they come (stdin is closed), `-i`
 forwards stdin, `-it` puts the local terminal in raw mode and forwards window
 size changes. Ctrl-C (or SIGTERM) disconnects, which makes the owner cancel
-the command in the guest.
+the command in the guest; so does a reader that goes away (`| head`, exit 141).
 
 This command is on the hot path of agents that exec many times, so it stays
 small: plain blocking sockets (no asyncio), and the state database is only
@@ -13,20 +13,18 @@ opened to explain a failure.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import signal
-import socket
 import sys
 import threading
 
 import click
 
 from ..api.errors import MatchlockError, UsageError
-from ..api.paths import vms_dir
+from ..sandbox import relay_client
 from ..sandbox import relay_protocol as rp
-from .tty import OutputSink, raw_terminal, terminal_size
+from .tty import BROKEN_PIPE_EXIT, OutputSink, raw_terminal, terminal_size
 
 INTERRUPTED = 130
 READ_CHUNK = 64 * 1024
@@ -36,74 +34,31 @@ class _Interrupted(Exception):
     pass
 
 
-def connect_relay(vm_id: str) -> socket.socket:
-    path = vms_dir() / vm_id / "exec.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-        return sock
-    except OSError:
-        sock.close()
-    # Explain why, from the state database (only on this slow path).
-    from ..state.store import RUNNING, StateStore
-
-    store = StateStore()
-    try:
-        vm = store.require(vm_id)
-    finally:
-        store.close()
-    if vm.status != RUNNING:
-        raise MatchlockError(f"VM {vm_id} is not running (status: {vm.status})")
-    raise MatchlockError(f"exec socket not found for {vm_id} (was it started with --rm=false?)")
-
-
-class _Sender:
-    """Frames to the relay from several threads (stdin, SIGWINCH) without interleaving."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.lock = threading.Lock()
-
-    def send(self, kind: int, payload: bytes = b"") -> None:
-        with self.lock, contextlib.suppress(OSError):
-            self.sock.sendall(rp.encode(kind, payload))
-
-
-def _forward_stdin(sender: _Sender) -> None:
+def _forward_stdin(relay: relay_client.RelayConnection) -> None:
     while True:
         try:
             data = os.read(sys.stdin.fileno(), READ_CHUNK)
         except OSError:
             data = b""
-        sender.send(rp.STDIN, data)
+        relay.send(rp.Stdin(data).encode())
         if not data:
             return
 
 
-def _error_from(payload: bytes) -> str:
-    try:
-        return str(json.loads(payload).get("error") or "the sandbox reported an error")
-    except (ValueError, AttributeError):
-        return "the sandbox sent an unreadable error"
-
-
-def relay_exec(sock: socket.socket, request: dict, *, interactive: bool, pty: bool) -> int:
-    sender = _Sender(sock)
+def relay_exec(relay: relay_client.RelayConnection, action: rp.ExecAction, *, interactive: bool) -> int:
+    pty = action.interactive
+    relay.send(action.encode())
     if pty:
-        size = terminal_size()
-        sender.send(rp.EXEC_INTERACTIVE, json.dumps({**request, "rows": size.rows, "cols": size.cols}).encode())
 
         def resize(*_) -> None:
             size = terminal_size()
-            sender.send(rp.RESIZE, rp.pack_resize(size.rows, size.cols))
+            relay.send(rp.Resize(size.rows, size.cols).encode())
 
         signal.signal(signal.SIGWINCH, resize)
-    else:
-        sender.send(rp.EXEC_PIPE, json.dumps(request).encode())
     if interactive or pty:
-        threading.Thread(target=_forward_stdin, args=(sender,), name="stdin", daemon=True).start()
+        threading.Thread(target=_forward_stdin, args=(relay,), name="stdin", daemon=True).start()
     else:
-        sender.send(rp.STDIN, b"")  # no stdin: EOF at once
+        relay.send(rp.Stdin(b"").encode())  # no stdin: EOF at once
 
     def interrupt(*_) -> None:
         raise _Interrupted
@@ -111,28 +66,23 @@ def relay_exec(sock: socket.socket, request: dict, *, interactive: bool, pty: bo
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     stdout, stderr = OutputSink(sys.stdout.fileno()), OutputSink(sys.stderr.fileno())
-    decoder = rp.Decoder(rp.SERVER_TYPES)
     try:
         with raw_terminal(sys.stdin.fileno()) if pty else contextlib.nullcontext():
-            while True:
-                data = sock.recv(READ_CHUNK)
-                if not data:
-                    raise MatchlockError("the sandbox closed the connection (its owner stopped?)")
-                for kind, payload in decoder.feed(data):
-                    if kind == rp.STDOUT:
-                        stdout(payload)
-                    elif kind == rp.STDERR:
-                        stderr(payload)
-                    elif kind == rp.EXIT:
-                        return rp.unpack_exit(payload)
-                    elif kind == rp.EXEC_RESULT:
-                        raise MatchlockError(_error_from(payload))
+            while replies := relay.receive():
+                for reply in replies:
+                    if isinstance(reply, rp.Output):
+                        (stdout if reply.channel == rp.STDOUT else stderr)(reply.data)
+                    elif isinstance(reply, rp.Exited):
+                        return reply.code
+                    elif isinstance(reply, rp.ExecReply):
+                        raise MatchlockError(reply.error or "the sandbox reported an error")
+                if stdout.broken:
+                    return BROKEN_PIPE_EXIT  # the reader is gone: hanging up cancels the command
+        raise MatchlockError("the sandbox closed the connection (its owner stopped?)")
     except _Interrupted:
         return INTERRUPTED  # closing the connection cancels the command in the guest
-    except rp.RelayProtocolError as exc:
-        raise MatchlockError(f"the sandbox broke the relay protocol: {exc}") from None
     finally:
-        sock.close()
+        relay.close()
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
@@ -153,7 +103,12 @@ def exec_(interactive: bool, tty: bool, workdir: str, user: str, vm_id: str, com
         raise UsageError("-it requires a TTY: run it from a terminal, or drop -t to pipe stdin")
     if workdir and not workdir.startswith("/"):
         raise UsageError(f"invalid --workdir {workdir!r}: must be an absolute path")
-    request = {"command": shlex.join(command) if command else "exec sh", "working_dir": workdir, "user": user}
-    code = relay_exec(connect_relay(vm_id), request, interactive=interactive, pty=pty)
+    action = rp.ExecAction(
+        shlex.join(command) if command else "exec sh", workdir, user, rp.EXEC_INTERACTIVE if pty else rp.EXEC_PIPE
+    )
+    if pty:
+        size = terminal_size()
+        action = action._replace(rows=size.rows, cols=size.cols)
+    code = relay_exec(relay_client.connect(vm_id), action, interactive=interactive)
     sys.stdout.flush()
     sys.exit(code)

@@ -8,7 +8,9 @@ from datetime import datetime
 import click
 
 from ..api.errors import UsageError
-from ..image.store import ImageStore, validate_tag
+from ..image.reference import validate_new_tag
+from ..image.store import ImageStore
+from ..vm.snapshot import Template, TemplateCache
 
 _MB = 1024 * 1024
 
@@ -30,7 +32,7 @@ def image() -> None:
 @click.argument("tag")
 def import_(tag: str) -> None:
     """Import a `docker save` or OCI-layout tarball from stdin as TAG."""
-    validate_tag(tag)
+    validate_new_tag(tag)
     stdin = sys.stdin.buffer
     if stdin.isatty():
         raise UsageError(
@@ -48,7 +50,7 @@ def ls() -> None:
     """List local images, then the registry cache."""
     rows = [("TAG", "SOURCE", "SIZE", "CREATED")]
     # SOURCE: import, tag or builtin for local images; registry for the pull cache.
-    rows += [(i.tag, i.source, f"{i.size / _MB:.1f} MB", _created(i.created_at)) for i in ImageStore().list()]
+    rows += [(i.tag, i.source, f"{i.size / _MB:.1f} MB", _created(i.created_at)) for i in ImageStore().images()]
     widths = [max(len(row[col]) for row in rows) for col in range(3)]
     for row in rows:
         click.echo("   ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "   " + row[3])
@@ -64,8 +66,33 @@ def rm(tag: str) -> None:
 
 @image.command("gc")
 def gc() -> None:
-    """Delete blobs no image references."""
+    """Delete blobs no image references, and stale or surplus boot templates."""
     click.echo(f"Removed {ImageStore().gc()} unreferenced blobs")
+    removed = TemplateCache().prune()
+    if removed:
+        _report_removed_templates(removed)
+
+
+@image.command("templates")
+@click.option("--clear", is_flag=True, help="Remove every boot template (they are rebuilt on demand).")
+def templates(clear: bool) -> None:
+    """List the boot templates (snapshots of a booted guest, one per machine shape), or clear them."""
+    cache = TemplateCache()
+    if clear:
+        _report_removed_templates(cache.clear())
+        return
+    rows = [("TEMPLATE", "MACHINE", "STATUS", "SIZE", "LAST USED")]
+    for t in cache.templates():
+        used = datetime.fromtimestamp(t.last_used).strftime("%Y-%m-%d %H:%M:%S")
+        rows.append((t.key, t.shape, t.status, f"{t.size / _MB:.1f} MB", used))
+    widths = [max(len(row[col]) for row in rows) for col in range(4)]
+    for row in rows:
+        click.echo("   ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "   " + row[4])
+
+
+def _report_removed_templates(removed: list[Template]) -> None:
+    freed = sum(t.size for t in removed)
+    click.echo(f"Removed {len(removed)} boot templates ({freed / _MB:.1f} MB freed)")
 
 
 # Aliases, hidden so --help lists each command once.

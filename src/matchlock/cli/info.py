@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -42,7 +43,7 @@ def version() -> None:
 @dataclass
 class Check:
     name: str
-    status: str  # pass | fail | warn
+    status: Literal["pass", "fail", "warn"]
     message: str
     fix: str | None = None
 
@@ -79,7 +80,9 @@ def _kernel_check() -> Check:
     try:
         kernel = resolve(build_fallback=False)
     except MatchlockError as exc:
-        return Check("kernel", "fail", str(exc), "matchlock kernel build")
+        # The error carries its own "fix:" line; show it once, as this check's fix.
+        reason, _, fix = str(exc).partition("\n  fix: ")
+        return Check("kernel", "fail", reason, fix or "matchlock kernel build")
     message = f"{kernel.kind} {kernel.version} at {kernel.path}"
     if kernel.kind == "fallback":
         return Check("kernel", "warn", f"{message}: {kernel.reason}", "matchlock kernel build")

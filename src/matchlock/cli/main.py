@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sys
 
 import click
@@ -34,14 +35,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diagnose": ("matchlock.cli.info", "diagnose"),
     "kernel": ("matchlock.cli.kernel", "kernel"),
     "image": ("matchlock.cli.image", "image"),
+    "volume": ("matchlock.cli.volume", "volume"),
     "pull": ("matchlock.cli.pull", "pull"),
     "setup": ("matchlock.cli.setup", "setup"),
+    "rpc": ("matchlock.cli.rpc", "rpc"),
 }
 ALIASES: dict[str, str] = {"ls": "list", "stat": "inspect", "remove": "rm"}
 
 # `run -d` hands the background owner its arguments through this inherited pipe
 # (a JSON list) instead of its command line, which every user can read.
 ARGS_FD_ENV = "MATCHLOCK_ARGS_FD"
+DEBUG_ENV = "MATCHLOCK_DEBUG"
 
 
 class LazyGroup(click.Group):
@@ -78,9 +82,29 @@ def _arguments_from_pipe() -> list[str] | None:
     return args
 
 
+_LONG_WORD = re.compile(r"\S{160,}")
+
+
+def one_line(message: str) -> str:
+    """An error message fit for a terminal: a pasted 5000-character value is cut, with its length."""
+    return _LONG_WORD.sub(lambda m: f"{m[0][:80]}...[{len(m[0])} characters]", message)
+
+
+def _check_utf8(args: list[str]) -> None:
+    # Undecodable bytes in argv become surrogates, which no later layer (SQLite, JSON, the guest) can carry.
+    for arg in args:
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            shown = arg.encode(errors="surrogateescape").decode(errors="replace")
+            raise click.UsageError(f"argument {shown!r} is not valid UTF-8; fix: pass it as UTF-8") from None
+
+
 def main() -> None:
     try:
-        cli.main(args=_arguments_from_pipe(), standalone_mode=False)
+        args = _arguments_from_pipe()
+        _check_utf8(sys.argv[1:] if args is None else args)
+        cli.main(args=args, standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
@@ -91,10 +115,21 @@ def main() -> None:
         message = exc.format_message()
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             message = f"{message} (see '{exc.ctx.command_path} --help')"
-        click.echo(f"Error: {message}", err=True)
+        click.echo(f"Error: {one_line(message)}", err=True)
         sys.exit(exc.exit_code)
     except MatchlockError as exc:
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as exc:
+        # A host problem the command did not foresee (a full disk, a path that is a file): say which, in one line.
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"Error: {one_line(exc.strerror or str(exc))}{where}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - the edge: a bug still gets one line, the trace on request
+        if os.environ.get(DEBUG_ENV):
+            raise
+        click.echo(f"Error: internal error: {type(exc).__name__}: {one_line(str(exc))} "
+                   f"(set {DEBUG_ENV}=1 for the traceback)", err=True)  # fmt: skip
+        sys.exit(1)

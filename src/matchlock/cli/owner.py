@@ -4,7 +4,8 @@ It records the sandbox in the state store, serves the exec relay on
 `<vmdir>/exec.sock`, runs the command, and closes the sandbox when it is
 done (`--rm`), or when SIGINT/SIGTERM arrives (`--rm=false`, `-d`). Whatever
 happens, the close runs: the VM stops and every resource is released and
-recorded.
+recorded. Every task it starts (relay connections, the command) belongs to
+one `TaskGroup`, which is done before the sandbox closes.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import sys
 from dataclasses import dataclass
 
 from ..api.config import SandboxConfig
-from ..sandbox.relay import ExecRelay
+from ..api.errors import MatchlockError
+from ..sandbox.exec_relay import ExecRelay
 from ..sandbox.sandbox import ExecSpec, Sandbox
 from ..state.store import StateStore
 from .terminal import attach
 
 READY_FD_ENV = "MATCHLOCK_READY_FD"
+TIMEOUT_EXIT_CODE = 124
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,38 @@ def _signal_ready(vm_id: str, console_log) -> None:
     os.close(log)
 
 
-async def _run_in_background(sandbox: Sandbox, command: str, workdir: str) -> None:
-    """A detached command: no stdin, output appended to vm.log."""
-    with open(sandbox.console_log, "ab", buffering=0) as log:
-        process = sandbox.start_exec(ExecSpec(command, working_dir=workdir), on_stdout=log.write, on_stderr=log.write)
-        result = await process.wait()
+class CommandNotStarted(MatchlockError):
+    """The guest could not start a detached command (unknown user, missing directory, no such program)."""
+
+    exit_code = 127  # what a shell, and `run` in the foreground, exit with
+
+
+async def _check_startable(sandbox: Sandbox, spec: ExecSpec) -> None:
+    """Raise CommandNotStarted if the guest cannot start anything as `spec`'s user in its directory.
+
+    A detached command reports nothing to anyone, so `run -d` tries `true`
+    the same way first: an unknown user or a missing directory fails the
+    run with the guest's reason, instead of a bare exit code in the log.
+    """
+    probe = await sandbox.exec(ExecSpec("true", working_dir=spec.working_dir, user=spec.user))
+    if probe.error:
+        raise CommandNotStarted(f"the command could not start: {probe.error}")
+
+
+async def _run_in_background(sandbox: Sandbox, spec: ExecSpec) -> None:
+    """A detached command: no stdin, output appended to vm.log, and so is how it ended."""
+    with open(sandbox.paths.console_log, "ab", buffering=0) as log:
+
+        def append(data: bytes) -> None:
+            log.write(data)
+
+        try:
+            result = await sandbox.start_exec(spec, on_stdout=append, on_stderr=append).wait()
+        except MatchlockError as exc:
+            log.write(f"[matchlock] command failed: {exc}\n".encode())
+            return
+        if result.error:
+            log.write(f"[matchlock] command could not start: {result.error}\n".encode())
         log.write(f"[matchlock] command exited with code {result.exit_code}\n".encode())
 
 
@@ -67,62 +97,118 @@ async def own_sandbox(config: SandboxConfig, options: RunOptions) -> int:
     store = StateStore()
     try:
         return await _own(store, config, options)
+    except BaseExceptionGroup as group:
+        raise _sole_error(group) from None
     finally:
         store.close()
 
 
+def _sole_error(group: BaseExceptionGroup) -> BaseException:
+    """The owner's task groups fail with one error (relay connections never raise): report it as itself."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
 async def _own(store: StateStore, config: SandboxConfig, options: RunOptions) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    code = 0
     # --timeout covers the whole run, boot included.
-    deadline = loop.time() + options.timeout if options.timeout else None
+    deadline = asyncio.get_running_loop().time() + options.timeout if options.timeout else None
     async with asyncio.timeout_at(deadline):
         sandbox = await Sandbox.create(config, store=store)
+    died: list[str] = []  # why the VM died under us, if it did
+    announced: list[str] = []  # the user has been told the VM ID
     try:
-        relay = ExecRelay(sandbox, sandbox.directory / "exec.sock")
-        sandbox.tracker.resources(exec_socket=str(relay.path))
-        await relay.start()
-        forwarder = None
-        try:
-            if options.publish:
-                forwarder = await sandbox.port_forward(options.publish, options.addresses)
-                for binding in forwarder.bindings:
-                    print(f"Forwarding {binding.address}:{binding.local_port} -> sandbox:{binding.remote_port}",
-                          file=sys.stderr, flush=True)  # fmt: skip
-            if options.remove:
-                async with asyncio.timeout_at(deadline):
-                    return await attach(
-                        sandbox, ExecSpec(options.command or "", working_dir=options.workdir),
-                        interactive=options.interactive, pty=options.pty,
-                    )  # fmt: skip
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.add_signal_handler(signum, stop.set)
-            background = None
-            if options.detached:
-                if options.command:
-                    background = asyncio.create_task(_run_in_background(sandbox, options.command, options.workdir))
-                _signal_ready(sandbox.id, sandbox.console_log)
-            else:
-                _print_hints(sandbox.id)
-                if options.command:
-                    attached = asyncio.create_task(
-                        attach(sandbox, ExecSpec(options.command, working_dir=options.workdir),
-                               interactive=options.interactive, pty=options.pty, handle_signals=False)
-                    )  # fmt: skip
-                    done, _ = await asyncio.wait({attached, asyncio.create_task(stop.wait())},
-                                                 return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-                    if attached in done:
-                        code = attached.result()
-                    else:
-                        attached.cancel()
-            await stop.wait()
-            if background is not None:
-                background.cancel()
-            return code
-        finally:
-            if forwarder is not None:
-                await forwarder.close()
-            await relay.stop()
+        # Every task of the run (relay connections, the command, the watcher) belongs to this group.
+        async with asyncio.TaskGroup() as tasks:
+            relay = ExecRelay(sandbox, sandbox.paths.exec_socket, tasks)
+            sandbox.tracker.resources(exec_socket=str(relay.path))
+            try:
+                await relay.start()
+                return await _serve(sandbox, options, tasks, deadline, died, announced)
+            finally:
+                await relay.aclose()
     finally:
-        await sandbox.close(graceful_timeout=options.graceful_shutdown, remove=options.remove)
+        # A start that failed before the user saw the VM ID leaves no record they cannot name.
+        await sandbox.aclose(
+            graceful_timeout=0 if died else options.graceful_shutdown,
+            remove=options.remove or not announced,
+            crashed="".join(died),
+        )
+
+
+async def _watch(sandbox: Sandbox, stop: asyncio.Event, died: list[str]) -> None:
+    """End the run when the VM dies under it (QEMU killed, guest panic, agent gone)."""
+    died.append(await sandbox.wait_failure())
+    print(f"Error: sandbox {sandbox.id}: {died[0]}", file=sys.stderr, flush=True)
+    stop.set()
+
+
+async def _serve(
+    sandbox: Sandbox,
+    options: RunOptions,
+    tasks: asyncio.TaskGroup,
+    deadline: float | None,
+    died: list[str],
+    announced: list[str],
+) -> int:
+    """Forward ports and run the command; with --rm=false, keep serving until SIGINT/SIGTERM/SIGHUP,
+    the --timeout, or the death of the VM."""
+    forwarder = None
+    background: asyncio.Task[None] | None = None
+    attached: asyncio.Task[int] | None = None
+    watcher: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    try:
+        if options.publish:
+            forwarder = await sandbox.port_forward(options.publish, options.addresses)
+            for binding in forwarder.bindings:
+                print(f"Forwarding {binding.address}:{binding.local_port} -> sandbox:{binding.remote_port}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        spec = ExecSpec(options.command or "", working_dir=options.workdir)
+        if options.remove:
+            announced.append(sandbox.id)  # removed whatever happens
+            async with asyncio.timeout_at(deadline):
+                return await attach(sandbox, spec, interactive=options.interactive, pty=options.pty)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, stop.set)
+        watcher = tasks.create_task(_watch(sandbox, stop, died))
+        timed_out = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            timed_out = True
+            print(f"[matchlock] --timeout reached: stopping sandbox {sandbox.id}", file=sys.stderr, flush=True)
+            stop.set()
+
+        timer = loop.call_at(deadline, time_out) if deadline is not None else None
+        if options.detached:
+            if options.command:
+                await _check_startable(sandbox, spec)
+                background = tasks.create_task(_run_in_background(sandbox, spec))
+            _signal_ready(sandbox.id, sandbox.paths.console_log)
+            announced.append(sandbox.id)
+        else:
+            _print_hints(sandbox.id)
+            announced.append(sandbox.id)
+            if options.command:
+                attached = tasks.create_task(
+                    attach(sandbox, spec, interactive=options.interactive, pty=options.pty, handle_signals=False)
+                )
+        await stop.wait()
+        if died:
+            return 1
+        if timed_out:
+            return TIMEOUT_EXIT_CODE
+        # The exit code of an attached command that finished; 0 when the signal came first.
+        return attached.result() if attached is not None and attached.done() else 0
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for task in (background, attached, watcher):
+            if task is not None:
+                task.cancel()  # the group awaits it
+        if forwarder is not None:
+            await forwarder.aclose()

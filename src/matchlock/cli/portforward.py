@@ -10,72 +10,111 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import signal
+from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 from ..api.errors import MatchlockError
-from ..api.paths import vms_dir
+from ..api.paths import find_vm_dir
+from ..sandbox import relay_client
 from ..sandbox import relay_protocol as rp
-from ..sandbox.portforward import ForwardSpec, parse_addresses
-from .exec import connect_relay
+from ..sandbox.portforward import ForwardSpec
+from .common import parse_forwards
+
+READ_SIZE = 64 * 1024
 
 
-async def _tunnel(socket_path: str, remote_port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-    relay_reader, relay_writer = await asyncio.open_unix_connection(socket_path)
-    relay_writer.write(rp.encode(rp.PORT_FORWARD, json.dumps({"remote_port": remote_port}).encode()))
-
-    async def upload() -> None:
-        while data := await reader.read(65536):
-            relay_writer.write(rp.encode(rp.STDIN, data))
-            await relay_writer.drain()
-        relay_writer.write(rp.encode(rp.STDIN, b""))
-
-    uploading = asyncio.ensure_future(upload())
-    decoder = rp.Decoder(rp.SERVER_TYPES)
+async def _tunnel(socket_path: Path, remote_port: int, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> None:  # fmt: skip
+    """One local connection, through a relay connection of its own; never raises (it runs in the group)."""
     try:
-        while data := await relay_reader.read(65536):
-            for kind, payload in decoder.feed(data):
-                if kind == rp.STDOUT and payload:
-                    writer.write(payload)
-                    await writer.drain()
-                elif kind == rp.STDOUT:
-                    with contextlib.suppress(OSError, RuntimeError):
-                        writer.write_eof()
-                elif kind in (rp.EXIT, rp.EXEC_RESULT, rp.STDERR):
-                    if kind != rp.EXIT:
-                        click.echo(f"port-forward: {payload.decode(errors='replace')[:500]}", err=True)
-                    return
-    except (ConnectionError, rp.RelayProtocolError):
-        pass
+        relay = await relay_client.AsyncRelayConnection.open(socket_path)
+    except MatchlockError as exc:
+        click.echo(f"port-forward: {exc}", err=True)
+        writer.close()
+        return
+    try:
+        await relay.send(rp.PortForwardAction(remote_port).encode())
+        async with asyncio.TaskGroup() as group:
+            uploading = group.create_task(_upload(reader, relay))
+            await _download(relay, writer)
+            uploading.cancel()
+    except* (ConnectionError, MatchlockError):
+        pass  # either side went away, or the relay broke the protocol: this connection ends
+    except* Exception as failed:  # noqa: BLE001 - one bad connection must not stop the others
+        click.echo(f"port-forward: {failed.exceptions[0]!r}", err=True)
     finally:
-        uploading.cancel()
-        relay_writer.close()
+        await relay.aclose()
         writer.close()
 
 
-async def _serve(vm_id: str, specs: list[ForwardSpec], addresses: list[str]) -> None:
-    socket_path = str(vms_dir() / vm_id / "exec.sock")
-    servers = []
-    for spec in specs:
-        for address in addresses:
+async def _upload(reader: asyncio.StreamReader, relay: relay_client.AsyncRelayConnection) -> None:
+    while data := await reader.read(READ_SIZE):
+        await relay.send(rp.Stdin(data).encode())
+    await relay.send(rp.Stdin(b"").encode())
 
-            def handle(reader, writer, remote=spec.remote_port):
-                return _tunnel(socket_path, remote, reader, writer)
 
-            try:
-                servers.append(await asyncio.start_server(handle, address, spec.local_port, reuse_address=True))
-            except OSError as exc:
-                reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                raise MatchlockError(f"cannot listen on {address}:{spec.local_port}: {reason}") from None
-            click.echo(f"Forwarding {address}:{spec.local_port} -> sandbox:{spec.remote_port}", err=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+async def _download(relay: relay_client.AsyncRelayConnection, writer: asyncio.StreamWriter) -> None:
+    while replies := await relay.receive():
+        for reply in replies:
+            if isinstance(reply, rp.Output) and reply.channel == rp.STDOUT and reply.data:
+                writer.write(reply.data)
+                await writer.drain()
+            elif isinstance(reply, rp.Output) and reply.channel == rp.STDOUT:
+                with contextlib.suppress(OSError, RuntimeError):
+                    writer.write_eof()  # the guest's side half-closed
+            elif isinstance(reply, rp.Exited):
+                return
+            else:  # the relay refused or aborted the tunnel
+                message = reply.data.decode(errors="replace") if isinstance(reply, rp.Output) else reply.error
+                click.echo(f"port-forward: {message[:500] or reply!r}", err=True)
+                return
+
+
+async def _listen(handle: Callable, address: str, port: int) -> asyncio.AbstractServer:
     try:
-        await stop.wait()
+        return await asyncio.start_server(handle, address, port, reuse_address=True, start_serving=False)
+    except OSError as exc:
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise MatchlockError(f"cannot listen on {address}:{port}: {reason}") from None
+
+
+async def _serve(socket_path: Path, specs: list[ForwardSpec], addresses: list[str]) -> None:
+    stop = asyncio.Event()
+    tunnels = asyncio.TaskGroup()  # every tunnel is a task of this group
+    open_tunnels: set[asyncio.Task] = set()
+
+    def accept(remote_port: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
+        # A plain callback: asyncio would run a coroutine as a task of its own.
+        def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if stop.is_set():
+                writer.close()
+                return
+            task = tunnels.create_task(_tunnel(socket_path, remote_port, reader, writer))
+            open_tunnels.add(task)
+            task.add_done_callback(open_tunnels.discard)
+
+        return handle
+
+    servers: list[asyncio.AbstractServer] = []
+    try:
+        for spec in specs:
+            for address in addresses:
+                servers.append(await _listen(accept(spec.remote_port), address, spec.local_port))
+                click.echo(f"Forwarding {address}:{spec.local_port} -> sandbox:{spec.remote_port}", err=True)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with tunnels:
+            for server in servers:
+                await server.start_serving()  # only now: connections need the group
+            await stop.wait()
+            for server in servers:
+                server.close()
+            for task in list(open_tunnels):
+                task.cancel()
     finally:
         for server in servers:
             server.close()
@@ -86,14 +125,9 @@ async def _serve(vm_id: str, specs: list[ForwardSpec], addresses: list[str]) -> 
 @click.argument("vm_id")
 @click.argument("specs", nargs=-1, required=True)
 def port_forward(address: tuple[str, ...], vm_id: str, specs: tuple[str, ...]) -> None:
-    """Forward local ports to a running sandbox: [LOCAL:]REMOTE..."""
-    parsed = [ForwardSpec.parse(spec) for spec in specs]
-    addresses = parse_addresses(address)
-    seen = set()
-    for spec in parsed:
-        for addr in addresses:
-            if (addr, spec.local_port) in seen:
-                raise MatchlockError(f"duplicate listen address {addr}:{spec.local_port}")
-            seen.add((addr, spec.local_port))
-    connect_relay(vm_id).close()  # fail now, with the reason, if the sandbox cannot be reached
-    asyncio.run(_serve(vm_id, parsed, addresses))
+    """Forward local ports to a running sandbox: [ADDRESS:][LOCAL:]REMOTE..."""
+    parsed, addresses = parse_forwards(specs, address)
+    relay_client.connect(vm_id).close()  # fail now, with the reason, if the sandbox cannot be reached
+    paths = find_vm_dir(vm_id)
+    assert paths is not None  # connect() found it
+    asyncio.run(_serve(paths.exec_socket, parsed, addresses))

@@ -16,24 +16,22 @@ from ..api.config import (
     DEFAULT_CPUS,
     DEFAULT_DISK_SIZE_MB,
     DEFAULT_MEMORY_MB,
-    HostMapping,
-    NetworkConfig,
     Resources,
     SandboxConfig,
     parse_duration,
     parse_env_assignment,
     parse_env_file,
 )
+from ..api.disks import parse_disks
 from ..api.errors import UsageError
-from ..api.image import ImageConfig, compose_command
-from ..api.network import DEFAULT_MTU, SecretConfig
-from ..sandbox.portforward import ForwardSpec, parse_addresses
-from .common import BoolFlagsCommand
+from ..api.image import DEFAULT_IMAGE, ImageConfig, compose_command
+from ..api.network import DEFAULT_MTU, HostMapping, NetworkConfig, parse_host_list
+from ..api.secrets import parse_secrets
+from ..sandbox.sandbox import boot_timeout, validate_exec_request
+from ..wire.agent import ExecRequest
+from .common import BoolFlagsCommand, parse_forwards
 from .main import ARGS_FD_ENV
-from .owner import READY_FD_ENV, RunOptions, own_sandbox
-
-DEFAULT_IMAGE = "matchlock/busybox:builtin"
-TIMEOUT_EXIT_CODE = 124
+from .owner import READY_FD_ENV, TIMEOUT_EXIT_CODE, RunOptions, own_sandbox
 
 
 def _split_commas(values: tuple[str, ...]) -> list[str]:
@@ -42,7 +40,8 @@ def _split_commas(values: tuple[str, ...]) -> list[str]:
 
 def build_config(
     *, image, env, env_file, cpus, memory, disk_size, timeout, privileged, hostname, dns_servers, add_host, entrypoint,
-    user, allow_host=(), secret=(), network_intercept=False, no_network=False, mtu=DEFAULT_MTU,
+    user, allow_host=(), secret=(), secret_file=None, secret_placeholder=(), network_intercept=False,
+    no_network=False, mtu=DEFAULT_MTU, disk=(),
 ) -> SandboxConfig:  # fmt: skip
     environment: dict[str, str] = {}
     for path in env_file:
@@ -65,13 +64,14 @@ def build_config(
             dns_servers=tuple(_split_commas(dns_servers)),
             add_hosts=tuple(HostMapping.parse(spec) for spec in _split_commas(add_host)),
             no_network=no_network,
-            allowed_hosts=tuple(dict.fromkeys(_split_commas(allow_host))),
+            allowed_hosts=parse_host_list(allow_host),
             intercept=network_intercept,
-            secrets=dict(SecretConfig.parse_flag(spec, os.environ) for spec in secret),
+            secrets=parse_secrets(secret, secret_placeholder, secret_file, os.environ),
             mtu=mtu,
         ),
         env=environment,
         image_config=override,
+        extra_disks=parse_disks(disk),
     )
     config.validate()
     return config
@@ -93,6 +93,8 @@ def build_config(
     "--cpus", type=float, default=DEFAULT_CPUS, show_default=True, help="CPUs; fractions are enforced as a quota."
 )
 @click.option("--memory", type=int, default=DEFAULT_MEMORY_MB, show_default=True, help="Memory in MB.")
+@click.option("--disk", multiple=True, metavar="@VOLUME|IMAGE:/GUEST[:ro][,uid=N,gid=N]",
+              help="Mount a named volume or an ext4 image at a guest path (repeatable).")  # fmt: skip
 @click.option("--disk-size", type=int, default=DEFAULT_DISK_SIZE_MB, show_default=True, help="Writable disk in MB.")
 @click.option("--timeout", type=int, default=None, help="Seconds for the whole run, boot included.")
 @click.option("--hostname", default="", help="Guest hostname (default: the VM ID).")
@@ -102,10 +104,15 @@ def build_config(
               help="Hosts the sandbox may reach (turns interception on); *.example.com, api-*, name.*")  # fmt: skip
 @click.option("--secret", multiple=True, metavar="NAME=VALUE@HOSTS",
               help="Secret added by the proxy for HOSTS only; the guest sees a placeholder. NAME@HOSTS reads $NAME.")  # fmt: skip
+@click.option("--secret-file", default=None, metavar="FILE",
+              help='Secrets as JSON {NAME: {"value": ..., "placeholder"?: ..., "hosts": [...]}}, off the command line.',
+              )  # fmt: skip
+@click.option("--secret-placeholder", multiple=True, metavar="NAME=PLACEHOLDER",
+              help="What the guest sees for secret NAME, e.g. a prefix its tools check (repeatable).")  # fmt: skip
 @click.option("--network-intercept", is_flag=True, help="Intercept even with an empty allow-list (edit it at runtime).")
 @click.option("--no-network", is_flag=True, help="No network interface at all.")
 @click.option("--mtu", type=int, default=DEFAULT_MTU, show_default=True, help="MTU of the guest interface.")
-@click.option("-p", "--publish", multiple=True, metavar="[LOCAL:]REMOTE",
+@click.option("-p", "--publish", multiple=True, metavar="[ADDRESS:][LOCAL:]REMOTE",
               help="Forward a local port to the guest's 127.0.0.1:REMOTE (repeatable).")  # fmt: skip
 @click.option("--address", multiple=True, metavar="IP", help="Listen address for -p (default 127.0.0.1; repeatable).")
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
@@ -121,11 +128,16 @@ def build_config(
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size, timeout, hostname, dns_servers,
         add_host, interactive, tty, privileged, rm, detach, graceful_shutdown, command, force_pull, allow_host,
-        secret, network_intercept, no_network, mtu, publish, address) -> None:  # fmt: skip
+        secret, secret_file, secret_placeholder, network_intercept, no_network, mtu, publish,
+        address, disk) -> None:  # fmt: skip
     """Boot a sandbox from IMAGE and run COMMAND in it (after `--`)."""
     if timeout is not None and timeout <= 0:
         raise UsageError(f"invalid --timeout {timeout}: must be a positive number of seconds")
+    if workdir and not workdir.startswith("/"):
+        raise UsageError(f"invalid --workdir {workdir!r}: must be an absolute path (e.g. /{workdir.lstrip('./')})")
     grace = parse_duration(graceful_shutdown, "--graceful-shutdown")
+    forwards, addresses = parse_forwards(publish, address)
+    boot_timeout()  # $MATCHLOCK_BOOT_TIMEOUT, checked before anything is pulled or booted
     detached_child = READY_FD_ENV in os.environ
     if detach and (interactive or tty):
         raise UsageError("--detach cannot be combined with -t/--tty or -i/--interactive")
@@ -135,12 +147,14 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
         image=image, env=env, env_file=env_file, cpus=cpus, memory=memory, disk_size=disk_size, timeout=timeout,
         privileged=privileged, hostname=hostname, dns_servers=dns_servers, add_host=add_host,
         entrypoint=entrypoint, user=user, allow_host=allow_host, secret=secret,
-        network_intercept=network_intercept, no_network=no_network, mtu=mtu,
+        secret_file=secret_file, secret_placeholder=secret_placeholder,
+        network_intercept=network_intercept, no_network=no_network, mtu=mtu, disk=disk,
     )  # fmt: skip
     use_pty = interactive and tty
     if use_pty and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("-it requires a TTY: run it from a terminal, or drop -t to pipe stdin")
 
+    _validate_exec(command, config.env, workdir, user)  # before a pull; again below with the image's defaults
     from ..image import progress
     from ..image.pull import resolve_or_pull
 
@@ -152,12 +166,15 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
             f"command required: image {image} has no ENTRYPOINT or CMD; pass one after -- "
             "(or use --rm=false to start without a command)"
         )
+    _validate_exec(
+        argv, {**image_config.env, **config.env}, workdir or image_config.working_dir, user or image_config.user
+    )
     if detach and not detached_child:
         sys.exit(start_detached())
     options = RunOptions(
         command=shlex.join(argv) if argv else None, workdir=workdir, interactive=interactive, pty=use_pty,
-        remove=rm, detached=detached_child, graceful_shutdown=grace, timeout=None if detached_child else timeout,
-        publish=tuple(ForwardSpec.parse(spec) for spec in publish), addresses=tuple(parse_addresses(address)),
+        remove=rm, detached=detached_child, graceful_shutdown=grace, timeout=timeout,
+        publish=tuple(forwards), addresses=tuple(addresses),
     )  # fmt: skip
     try:
         code = asyncio.run(own_sandbox(config, options))
@@ -166,6 +183,11 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
         code = TIMEOUT_EXIT_CODE
     sys.stdout.flush()
     sys.exit(code)
+
+
+def _validate_exec(argv, env: dict[str, str], workdir: str, user: str) -> None:
+    """What the guest would refuse (a long command, too much environment) fails now, before the boot."""
+    validate_exec_request(ExecRequest(command=shlex.join(argv), env=env, cwd=workdir or "/", user=user))
 
 
 def start_detached() -> int:
@@ -189,7 +211,9 @@ def start_detached() -> int:
     os.close(args_r)
     errors: list[bytes] = []
     # Drain the child's stderr meanwhile, so a chatty child can never block on a full pipe.
-    drain = threading.Thread(target=lambda: errors.append(child.stderr.read()), daemon=True)
+    stderr = child.stderr
+    assert stderr is not None  # stderr=PIPE
+    drain = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
     drain.start()
     try:
         with os.fdopen(args_w, "wb") as pipe:

@@ -7,17 +7,24 @@ import os
 import sys
 import termios
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..wire.agent import TerminalSize
 
+BROKEN_PIPE_EXIT = 128 + 13  # what a shell reports for a command killed by SIGPIPE
+
 
 class OutputSink:
-    """Writes to a local fd and tees into the console log; stops quietly on EPIPE."""
+    """Writes to a local fd and tees into the console log.
 
-    def __init__(self, fd: int, log=None) -> None:
+    When the reader goes away (EPIPE), it stops writing and calls `on_broken`
+    once, so the caller can cancel the command instead of draining it forever.
+    """
+
+    def __init__(self, fd: int, log=None, on_broken: Callable[[OSError], None] | None = None) -> None:
         self.fd = fd
         self.log = log
+        self.on_broken = on_broken
         self.broken = False
 
     def __call__(self, data: bytes) -> None:
@@ -29,8 +36,10 @@ class OutputSink:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
                 continue
-            except (BrokenPipeError, OSError):
+            except OSError as exc:  # EPIPE, and any other reason the output is gone (ENOSPC)
                 self.broken = True
+                if self.on_broken is not None:
+                    self.on_broken(exc)
 
 
 @contextlib.contextmanager

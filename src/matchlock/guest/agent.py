@@ -21,7 +21,8 @@ import sys
 import time
 
 from ..wire import agent as msgs
-from ..wire.frames import ProtocolError
+from ..wire.boot import CA_PATH
+from ..wire.frames import RemoteProtocolError
 from ..wire.mux import (
     ChannelEnded,
     Connection,
@@ -34,7 +35,8 @@ from ..wire.mux import (
     StreamReset,
     WindowOpened,
 )
-from . import netconfig, syscalls
+from ..wire.replies import Fatal, Ready, Result
+from . import disks, netconfig, syscalls
 from .handlers import ExecHandler, PortForwardHandler, ReadFileHandler, StreamHandler, WriteFileHandler, list_files
 
 AGENT_VERSION = "1"
@@ -164,7 +166,7 @@ class Agent:
     def _guarded(self, callback) -> None:
         try:
             callback()
-        except ProtocolError:
+        except RemoteProtocolError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug in one handler must not take down PID 1
             log(f"handler error: {type(exc).__name__}: {exc}")
@@ -208,7 +210,7 @@ class Agent:
             return
         try:
             events = self.conn.receive_data(data)
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
             log(f"FATAL: host broke the protocol: {exc}")
             syscalls.reboot()
             return
@@ -240,8 +242,7 @@ class Agent:
             self._HANDLER_CALLS[kind](handler, event)
         except Exception as exc:  # noqa: BLE001 - a bug in one handler must not take down PID 1
             log(f"handler error: {type(exc).__name__}: {exc}")
-        if handler.done and not self.conn.is_open(event.stream):
-            self.handlers.pop(event.stream, None)
+        self._forget_if_done(event.stream, handler)
 
     def _forget_if_done(self, stream: int, handler: StreamHandler) -> None:
         if handler.done and not self.conn.is_open(stream):
@@ -253,6 +254,7 @@ class Agent:
         except (ValueError, KeyError) as exc:
             self.conn.reset_stream(stream, f"invalid request: {exc}")
             return
+        handler: StreamHandler
         try:
             if isinstance(parsed, msgs.ExecRequest):
                 handler = ExecHandler(self, stream, parsed)
@@ -268,12 +270,15 @@ class Agent:
                     handler.fail(f"cannot list {parsed.path}: {exc.strerror}", exc.errno)
             elif isinstance(parsed, msgs.PortForwardRequest):
                 handler = PortForwardHandler(self, stream, parsed)
-            elif parsed == msgs.OP_PING:
+            elif isinstance(parsed, msgs.PingRequest):
                 handler = StreamHandler(self, stream)
-                handler.finish({"type": msgs.REPLY_RESULT})
-            else:
+                handler.finish(Result())
+            elif isinstance(parsed, msgs.ShutdownRequest):
                 self._shutdown(stream)
                 return
+            else:
+                # A request record without a handler here must never power the VM off.
+                raise ValueError(f"this agent has no handler for {type(parsed).__name__}")
         except Exception as exc:  # noqa: BLE001
             self.conn.reset_stream(stream, f"{type(exc).__name__}: {exc}")
             return
@@ -283,7 +288,7 @@ class Agent:
         for handler in list(self.processes.values()):
             handler.proc.signal(_signal.SIGKILL)
         os.sync()
-        self.conn.send_message(stream, {"type": msgs.REPLY_RESULT})
+        self.conn.send_message(stream, Result().to_wire())
         self.conn.close_stream(stream)
         self.flush_blocking()
         syscalls.reboot()
@@ -319,10 +324,10 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - report instead of hanging the host
             message = f"{type(exc).__name__}: {exc}"
             log(f"FATAL: {message}")
-            self.conn.send_message(0, {"type": msgs.EVENT_FATAL, "message": message})
+            self.conn.send_message(0, Fatal(message).to_wire())
             self.flush_blocking()
             sys.exit(1)
-        self.conn.send_message(0, {"type": msgs.EVENT_READY, "boot_ms": _uptime_ms(), "ca_bundle": ca_bundle})
+        self.conn.send_message(0, Ready(_uptime_ms(), ca_bundle).to_wire())
 
 
 def uptime() -> float:
@@ -368,11 +373,11 @@ def apply_config(config: msgs.GuestConfig) -> str:
         net = config.network
         netconfig.configure_interface(net.interface, net.address, net.prefix, net.gateway, net.mtu)
     bundle = _install_ca(config.ca_certificate) if config.ca_certificate else ""
+    disks.mount_disks(config.disks)
     _setup_cgroups(config.cpus)
     return bundle
 
 
-CA_PATH = "/etc/ssl/certs/matchlock-ca.crt"
 # Where distributions keep their CA bundle; the sandbox CA is appended to whichever exists.
 SYSTEM_BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine

@@ -17,6 +17,7 @@ import stat
 
 from ..wire import agent as msgs
 from ..wire.mux import DATA_CHUNK, STDERR, STDIN, STDOUT
+from ..wire.replies import Exited, OpError, Result, Started
 from .process import EXEC_FAILED, Spawned, set_window_size, spawn
 
 _ERROR_PIPE_LIMIT = 8192
@@ -47,17 +48,15 @@ class StreamHandler:
     def on_reset(self, reason: str) -> None:
         self.done = True
 
-    def finish(self, reply: dict) -> None:
+    def finish(self, reply: Exited | Result | OpError) -> None:
+        """Send the stream's last reply and close it."""
         if not self.done:
             self.done = True
-            self.conn.send_message(self.stream, reply)
+            self.conn.send_message(self.stream, reply.to_wire())
             self.conn.close_stream(self.stream)
 
     def fail(self, message: str, err: int | None = None) -> None:
-        reply = {"type": msgs.REPLY_ERROR, "message": message}
-        if err is not None:
-            reply["errno"] = err
-        self.finish(reply)
+        self.finish(OpError(message, err))
 
 
 class ExecHandler(StreamHandler):
@@ -75,7 +74,7 @@ class ExecHandler(StreamHandler):
         self.kill_timer = None
         agent.processes[self.proc.pid] = self
         agent.watch_read(self.proc.error_pipe, self._read_error)
-        self.conn.send_message(stream, {"type": msgs.REPLY_STARTED, "pid": self.proc.pid})
+        self.conn.send_message(stream, Started(self.proc.pid).to_wire())
         self._watch_outputs()
 
     # --- output -------------------------------------------------------------
@@ -148,6 +147,7 @@ class ExecHandler(StreamHandler):
 
     def _write_stdin(self) -> None:
         fd = self.proc.stdin
+        assert fd is not None  # watched only while stdin is open
         try:
             written = os.write(fd, self.stdin_buffer[:DATA_CHUNK]) if self.stdin_buffer else 0
         except BlockingIOError:
@@ -211,12 +211,12 @@ class ExecHandler(StreamHandler):
             self.agent.unwatch_write(self.proc.stdin)
             os.close(self.proc.stdin)
             self.proc.stdin = None
-        reply: dict = {"type": msgs.REPLY_EXIT, "code": self.exit_code}
-        if self.error:
-            reply["error"] = self.error.decode("utf-8", "replace")
-            if self.exit_code == 0:
-                reply["code"] = EXEC_FAILED
-        self.finish(reply)
+        if not self.error:
+            self.finish(Exited(self.exit_code))
+        else:
+            # The command never ran: a clean exit code would hide that.
+            code = EXEC_FAILED if self.exit_code == 0 else self.exit_code
+            self.finish(Exited(code, error=self.error.decode("utf-8", "replace")))
 
 
 class PortForwardHandler(StreamHandler):
@@ -253,7 +253,7 @@ class PortForwardHandler(StreamHandler):
             self._abort(f"cannot connect to 127.0.0.1:{self.port} in the sandbox: {os.strerror(err)}")
             return
         self.connected = True
-        self.conn.send_message(self.stream, {"type": msgs.REPLY_STARTED})
+        self.conn.send_message(self.stream, Started().to_wire())
         self.on_window()
         if self.pending or self.host_eof:
             self.agent.watch_write(self.fd, self._write)
@@ -323,7 +323,7 @@ class PortForwardHandler(StreamHandler):
     def _maybe_finish(self) -> None:
         if self.guest_eof and self.host_eof and not self.pending:
             self._close_socket()
-            self.finish({"type": msgs.REPLY_RESULT})
+            self.finish(Result())
 
     def on_reset(self, reason: str) -> None:
         super().on_reset(reason)
@@ -371,7 +371,7 @@ class WriteFileHandler(StreamHandler):
             self.fail(f"cannot chmod {self.path}: {exc.strerror}", exc.errno)
             return
         self._close()
-        self.finish({"type": msgs.REPLY_RESULT})
+        self.finish(Result())
 
     def on_reset(self, reason: str) -> None:
         super().on_reset(reason)
@@ -428,7 +428,7 @@ class ReadFileHandler(StreamHandler):
             # skips one read() per file, which matters under emulation.
             if not data or (len(data) < wanted and self.expected <= 0):
                 self._close()
-                self.finish({"type": msgs.REPLY_RESULT})
+                self.finish(Result())
                 return
 
     def on_reset(self, reason: str) -> None:
@@ -441,7 +441,7 @@ class ReadFileHandler(StreamHandler):
             self.fd = -1
 
 
-def list_files(path: str) -> dict:
+def list_files(path: str) -> Result:
     entries = []
     with os.scandir(path) as it:
         for entry in it:
@@ -449,6 +449,6 @@ def list_files(path: str) -> dict:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            entries.append(msgs.FileInfo(entry.name, info.st_size, info.st_mode, stat.S_ISDIR(info.st_mode)).to_wire())
-    entries.sort(key=lambda e: e["name"])
-    return {"type": msgs.REPLY_RESULT, "files": entries}
+            entries.append(msgs.FileInfo(entry.name, info.st_size, info.st_mode, stat.S_ISDIR(info.st_mode)))
+    entries.sort(key=lambda e: e.name)
+    return Result(tuple(entries))

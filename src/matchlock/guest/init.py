@@ -5,7 +5,8 @@ Boot order:
 2. Mount the image's read-only lower disk and the writable ext4 upper disk,
    join them with overlayfs and pivot_root into the result. The runtime disk
    ends up at /run/matchlock/rt; each workload's mount namespace detaches
-   /run/matchlock, so workloads never see it.
+   /run/matchlock, so workloads never see it (/run/matchlock/dev is where
+   a workload's own /dev is assembled: see confine.py).
 3. Mount /proc, /sys, /dev, /dev/pts, /dev/shm, /dev/mqueue, /run, /tmp and
    cgroup2; open the virtio-serial port and hand over to the agent, which
    applies the host's settings (clock, hostname, hosts, DNS, CPU quota)
@@ -17,21 +18,27 @@ the console log) and exits, which panics the kernel and ends QEMU.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
+from ..wire.boot import (
+    AGENT_PORT_NAME,
+    DEFAULT_PATH,
+    LOWER_DISK_SERIAL,
+    TEMPLATE_FLAG,
+    TEMPLATE_READY,
+    UPPER_DISK_SERIAL,
+    WAKE_SIZE,
+)
 from . import syscalls
 from .agent import Agent, uptime
+from .confine import DEV_STAGING
 
-PORT_NAME = "matchlock.agent"
-TEMPLATE_FLAG = "matchlock.template=1"
-TEMPLATE_READY = b"T"
-WAKE_SIZE = 64
 RUNTIME_MOUNT = "/run/matchlock/rt"
 STAGING = "/run/boot"
 NEWROOT = STAGING + "/root"
 NOSUID_NODEV_NOEXEC = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def log(message: str) -> None:
@@ -44,7 +51,7 @@ def _mount_quiet(source: str, target: str, fstype: str, flags: int = 0, data: st
     try:
         syscalls.mount(source, target, fstype, flags, data)
     except OSError as exc:
-        if exc.errno != 16:
+        if exc.errno != errno.EBUSY:
             raise
 
 
@@ -90,7 +97,7 @@ def wait_for_wake() -> None:
     The wake message is fresh host entropy: clones must not share the
     template's random state.
     """
-    fd = os.open(find_port(PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(find_port(AGENT_PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
     try:
         os.write(fd, TEMPLATE_READY)
         seed = b""
@@ -110,8 +117,8 @@ def assemble_root() -> None:
     lower, upper = STAGING + "/lower", STAGING + "/upperfs"
     for path in (lower, upper, NEWROOT):
         os.makedirs(path)
-    syscalls.mount(find_disk("lower"), lower, "erofs", syscalls.MS_RDONLY)
-    syscalls.mount(find_disk("upper"), upper, "ext4", 0)
+    syscalls.mount(find_disk(LOWER_DISK_SERIAL), lower, "erofs", syscalls.MS_RDONLY)
+    syscalls.mount(find_disk(UPPER_DISK_SERIAL), upper, "ext4", 0)
     os.makedirs(upper + "/upper", exist_ok=True)
     os.makedirs(upper + "/work", exist_ok=True)
     syscalls.mount(
@@ -124,6 +131,7 @@ def assemble_root() -> None:
     _mount_quiet("tmpfs", NEWROOT + "/run", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755")
     _mount_quiet("tmpfs", NEWROOT + "/run/matchlock", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0700")
     os.makedirs(NEWROOT + RUNTIME_MOUNT)
+    os.makedirs(NEWROOT + DEV_STAGING)
     syscalls.pivot_root(NEWROOT, NEWROOT + RUNTIME_MOUNT)
     os.chdir("/")
     # Everything still loads from the runtime disk, now under its new path.
@@ -163,7 +171,7 @@ def mount_system() -> None:
 def main() -> None:
     started = uptime()
     os.environ.clear()
-    os.environ.update({"PATH": PATH, "HOME": "/root", "TERM": "linux"})
+    os.environ.update({"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "linux"})
     try:
         mount_early()
         with open("/proc/cmdline") as f:
@@ -172,7 +180,7 @@ def main() -> None:
                 started = uptime()
         assemble_root()
         mount_system()
-        port = find_port(PORT_NAME)
+        port = find_port(AGENT_PORT_NAME)
         fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except Exception as exc:  # noqa: BLE001 - PID 1 must report, never traceback silently
         log(f"FATAL: {type(exc).__name__}: {exc}")

@@ -44,9 +44,9 @@ def configure_interface(name: str, address: str, prefix: int, gateway: str, mtu:
         fcntl.ioctl(sock.fileno(), SIOCSIFADDR, _ifreq_addr(device, address))
         fcntl.ioctl(sock.fileno(), SIOCSIFNETMASK, _ifreq_addr(device, _prefix_to_mask(prefix)))
         set_link_up(sock, device)
-        name = ctypes.create_string_buffer(device, 16)  # stays alive across the ioctl
+        ifname = ctypes.create_string_buffer(device, 16)  # stays alive across the ioctl
         route = _RTENTRY.pack(0, _sockaddr_in("0.0.0.0"), _sockaddr_in(gateway), _sockaddr_in("0.0.0.0"),
-                              RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, ctypes.addressof(name), 0, 0, 0)  # fmt: skip
+                              RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, ctypes.addressof(ifname), 0, 0, 0)  # fmt: skip
         fcntl.ioctl(sock.fileno(), SIOCADDRT, route)
     finally:
         sock.close()

@@ -6,8 +6,9 @@ the image):
     agent             unshare(CLONE_NEWPID) just around the fork, so only this
      │                child lands in a new PID namespace
      └─ ns init       PID 1 there; own process group and mount namespace with
-         │            the runtime hidden; mounts /proc, reaps orphans, mirrors
-         │            the command's exit status
+         │            the runtime hidden; unless privileged, a /dev without the
+         │            disks and read-only kernel knobs (confine.py); mounts
+         │            /proc, reaps orphans, mirrors the command's exit status
          └─ sh -c COMMAND   caps dropped, no_new_privs, seccomp, user, cwd
 
 When the command exits, the namespace init exits, and the kernel kills every
@@ -28,7 +29,7 @@ import struct
 import termios
 
 from ..wire.agent import ExecRequest, TerminalSize
-from . import seccomp, syscalls
+from . import confine, seccomp, syscalls
 from .users import resolve_user
 
 HIDDEN_MOUNTS = ("/run/matchlock",)
@@ -38,6 +39,7 @@ DROPPED_CAPABILITIES = {
     "CAP_SYS_PTRACE": 19,
     "CAP_SYS_ADMIN": 21,
     "CAP_SYS_BOOT": 22,
+    "CAP_MKNOD": 27,  # a device node made anywhere would reach the disks that /dev hides
 }
 EXEC_FAILED = 127
 _SECCOMP_PROGRAM = seccomp.build_filter()
@@ -94,7 +96,7 @@ def spawn(request: ExecRequest, *, privileged: bool, hidden_devices: tuple[str, 
         master, slave = os.openpty()
         set_window_size(master, request.tty)
         child_fds = (slave, slave, slave)
-        parent_fds = (master, master, None)
+        parent_fds: tuple[int | None, int, int | None] = (master, master, None)
         to_close_in_parent = [slave]
     else:
         out_r, out_w = os.pipe()
@@ -160,17 +162,22 @@ def _namespace_init(request: ExecRequest, child_fds, error_w: int, privileged: b
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     syscalls.unshare(syscalls.CLONE_NEWNS)
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    if privileged:
+        for device in hidden_devices:
+            try:
+                syscalls.mount("/dev/null", device, None, syscalls.MS_BIND)
+            except OSError:
+                pass
+    else:
+        confine.build_dev()  # assembled under /run/matchlock, so before that goes
     for path in HIDDEN_MOUNTS:
         try:
             syscalls.umount(path, syscalls.MNT_DETACH)
         except OSError:
             pass
-    for device in hidden_devices:
-        try:
-            syscalls.mount("/dev/null", device, None, syscalls.MS_BIND)
-        except OSError:
-            pass
     syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+    if not privileged:
+        confine.restrict_kernel_files()
     command_pid = os.fork()
     if command_pid == 0:
         try:

@@ -12,9 +12,13 @@ MAX_ID = (1 << 32) - 2
 
 
 class ResolvedUser(Record):
-    """uid: int; gid: int; groups: tuple[int, ...]; home: str | None"""
+    """A user name resolved against the image's /etc/passwd and /etc/group."""
 
     __slots__ = ("uid", "gid", "groups", "home")
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str | None
 
 
 def _read_db(path: str, min_fields: int) -> list[list[str]]:

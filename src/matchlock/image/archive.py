@@ -9,6 +9,7 @@ image store, so a tarball that fails verification leaves nothing cached.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import io
@@ -18,25 +19,22 @@ import os
 import platform
 import posixpath
 import re
-import subprocess
 import tarfile
 import tempfile
-import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal, Protocol
 
-from ..api.errors import ImageError, SetupError
+import zstandard
+
+from ..api.errors import ImageError
+from .media import INDEX_TYPES
 
 _CHUNK = 1 << 20
 _JSON_LIMIT = 64 << 20  # manifests and configs are small; refuse absurd ones
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
 
 
 def host_arch() -> str:
@@ -81,7 +79,7 @@ class _Section(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         n = min(len(buffer), self._size - self._pos)
         if n <= 0:
             return 0
@@ -112,6 +110,22 @@ def compression(head: bytes) -> str:
     return ""
 
 
+class _Stream(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+# Decompressing readers over a compressed file object, by the name `compression()` gives.
+_DECOMPRESSORS: dict[str, Callable[[BinaryIO], _Stream]] = {
+    "gzip": lambda src: gzip.GzipFile(fileobj=src),
+    "bzip2": bz2.BZ2File,
+    "xz": lzma.LZMAFile,
+    # Layers may be several concatenated frames (`zstd:chunked`); read them all.
+    "zstd": lambda src: zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True),
+}
+
+
 def decompress_to(open_src: Callable[[], BinaryIO], name: str, dest: Path) -> tuple[str, bool]:
     """Write the uncompressed bytes of a blob to `dest`; returns (sha256 hex, was_compressed).
 
@@ -124,44 +138,13 @@ def decompress_to(open_src: Callable[[], BinaryIO], name: str, dest: Path) -> tu
             return _sha256_of(src)[0], False
     h = hashlib.sha256()
     try:
-        with open(dest, "wb") as out, open_src() as src:
-            if kind == "zstd":
-                _unzstd(src, out, h, name)
-            else:
-                opener = {"gzip": gzip.GzipFile, "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}[kind]
-                with opener(fileobj=src) as plain:  # type: ignore[operator]
-                    while chunk := plain.read(_CHUNK):
-                        h.update(chunk)
-                        out.write(chunk)
-    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        with open(dest, "wb") as out, open_src() as src, contextlib.closing(_DECOMPRESSORS[kind](src)) as plain:
+            while chunk := plain.read(_CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as exc:
         raise ImageError(f"{name}: corrupt {kind} data: {exc}") from None
     return h.hexdigest(), True
-
-
-def _unzstd(src: BinaryIO, out: BinaryIO, h, name: str) -> None:
-    try:
-        proc = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except FileNotFoundError:
-        raise SetupError(f"{name} is zstd-compressed and the zstd tool is missing; fix: apt-get install zstd") from None
-
-    def feed() -> None:
-        try:
-            while chunk := src.read(_CHUNK):
-                proc.stdin.write(chunk)  # type: ignore[union-attr]
-        except BrokenPipeError:
-            pass
-        finally:
-            proc.stdin.close()  # type: ignore[union-attr]
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
-    while chunk := proc.stdout.read(_CHUNK):  # type: ignore[union-attr]
-        h.update(chunk)
-        out.write(chunk)
-    feeder.join()
-    err = proc.stderr.read().decode(errors="replace").strip()  # type: ignore[union-attr]
-    if proc.wait() != 0:
-        raise ImageError(f"{name}: corrupt zstd data: {err}")
 
 
 class _Outer:
@@ -229,7 +212,7 @@ def _json(data: bytes, name: str) -> object:
 class LoadedImage:
     """A verified image: its config blob and one open tar per layer, lowest first."""
 
-    format: str  # "docker-save" or "oci-layout"
+    format: Literal["docker-save", "oci-layout"]
     digest: str  # OCI: manifest digest; docker save: config digest (the image ID)
     config: dict
     diff_ids: list[str]
@@ -374,7 +357,7 @@ def _select_manifest(outer: _Outer, index: object, tag: str | None) -> dict:
         for desc in idx["manifests"]:
             if not isinstance(desc, dict):
                 continue
-            if desc.get("mediaType") in _INDEX_TYPES:
+            if desc.get("mediaType") in INDEX_TYPES:
                 if depth >= 4:
                     raise ImageError("OCI indexes are nested too deeply")
                 collect(_oci_json(outer, desc, "nested index"), depth + 1)

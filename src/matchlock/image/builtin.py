@@ -16,8 +16,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import debian
 from ..api.errors import ImageError
+from ..util import debian
 from .archive import host_arch
 
 PACKAGE = "busybox-static"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..api.errors import ImageError, SetupError
-from .archive import LoadedImage, host_arch, load_archive, normalise  # noqa: F401  (re-exported)
+from .archive import normalise
 
 SQUASH_DOMAIN = b"matchlock-squash-v1\n"
 _CHUNK = 1 << 20

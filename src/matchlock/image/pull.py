@@ -19,12 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..api.errors import ImageError, UsageError
+from ..api.errors import ImageError, NotFoundError, UsageError
+from ..api.image import DEFAULT_IMAGE
 from . import archive
+from .media import INDEX_TYPES, MANIFEST_TYPES
 from .progress import PullProgress
-from .reference import Reference, parse
-from .registry import INDEX_TYPES, MANIFEST_TYPES, RegistryClient
-from .store import DEFAULT_IMAGE, LOCAL, REGISTRY, ImageInfo, ImageStore, LayerRecord
+from .reference import Reference, is_builtin, parse
+from .registry import RegistryClient
+from .store import LOCAL, REGISTRY, ImageInfo, ImageStore, LayerRecord
 
 MAX_PARALLEL_LAYERS = 4
 _LAYER_TYPES = {
@@ -176,13 +178,21 @@ class _Puller:
 
 
 def pull(
-    name: str, *, store: ImageStore | None = None, force: bool = False, platform: str | None = None,
+    name: str,
+    *,
+    store: ImageStore | None = None,
+    force: bool = False,
+    platform: str | None = None,
     progress: PullProgress | None = None,
-) -> tuple[ImageInfo, bool]:  # fmt: skip
+) -> tuple[ImageInfo, bool]:
     """Pull `name` into the registry cache; returns (image, whether it came from the cache).
 
     `progress` is started and stopped by the caller (the CLI), which owns the terminal.
     """
+    if is_builtin(name):
+        raise UsageError(
+            f"{name} is the built-in image: it is built locally, never pulled; `matchlock setup` rebuilds it"
+        )
     ref = parse(name)
     wanted = Platform.parse(platform) if platform else Platform.host()
     store = store or ImageStore()
@@ -191,16 +201,15 @@ def pull(
         cached = store.get(ref.canonical, REGISTRY)
         if store.usable(cached) and cached.platform.count("/") >= 1 and wanted.matches(*_split(cached.platform)):
             return cached, True
-    with RegistryClient(ref) as client, store.pulling() as work, contextlib.ExitStack() as stack:
+    with (
+        RegistryClient(ref, on_retry=progress.retry) as client,
+        store.pulling() as work,
+        contextlib.ExitStack() as stack,
+    ):
         puller = _Puller(ref, store, client, progress, work)
         manifest, media_type, digest = puller.manifest(wanted)
         config, diff_ids = puller.config(manifest, wanted, bool(platform))
-        records = []
-        for desc, diff_id in zip(manifest["layers"], diff_ids):
-            layer_digest, size, layer_type = _descriptor(desc, "layer")
-            if layer_type not in _LAYER_TYPES:
-                raise ImageError(f"{ref}: layer {layer_digest} has unsupported media type {layer_type!r}")
-            records.append(LayerRecord(layer_digest, layer_type, size, diff_id))
+        records = _layer_records(ref, manifest, diff_ids)
         squash = not store.has_lower(diff_ids)  # the same layers were squashed before: reuse that disk
 
         def one(record: LayerRecord) -> Path:
@@ -215,18 +224,33 @@ def pull(
             for record in records:
                 handle = stack.enter_context(open(paths[record.digest], "rb"))
                 tars.append(tarfile.open(fileobj=handle, mode="r:"))
-        meta = {
-            "config": config.get("config") or {},
-            "diff_ids": diff_ids,
-            "os": config.get("os", ""),
-            "architecture": config.get("architecture", ""),
-            "variant": config.get("variant", ""),
-            "format": "registry",
-            "manifest_media_type": media_type,
-            "reference": ref.canonical,
-        }
+        meta = _metadata(ref, config, diff_ids, media_type)
         info = store.save_pulled(ref.canonical, digest, tars, diff_ids, meta, records, work)
     return info, False
+
+
+def _layer_records(ref: Reference, manifest: dict, diff_ids: list[str]) -> list[LayerRecord]:
+    records = []
+    for desc, diff_id in zip(manifest["layers"], diff_ids):
+        layer_digest, size, layer_type = _descriptor(desc, "layer")
+        if layer_type not in _LAYER_TYPES:
+            raise ImageError(f"{ref}: layer {layer_digest} has unsupported media type {layer_type!r}")
+        records.append(LayerRecord(layer_digest, layer_type, size, diff_id))
+    return records
+
+
+def _metadata(ref: Reference, config: dict, diff_ids: list[str], media_type: str) -> dict:
+    """What the store keeps of a pulled image (its `oci_json` column)."""
+    return {
+        "config": config.get("config") or {},
+        "diff_ids": diff_ids,
+        "os": config.get("os", ""),
+        "architecture": config.get("architecture", ""),
+        "variant": config.get("variant", ""),
+        "format": "registry",
+        "manifest_media_type": media_type,
+        "reference": ref.canonical,
+    }
 
 
 def _split(platform: str) -> tuple[str, str, str]:
@@ -237,10 +261,21 @@ def _split(platform: str) -> tuple[str, str, str]:
 def resolve_or_pull(name: str, *, force_pull: bool = False, progress: PullProgress | None = None) -> ImageInfo:
     """What `run` boots: a cached image, else a pull; `force_pull` ignores the caches."""
     store = ImageStore()
-    if not force_pull:
-        info = store.lookup(name)
-        if store.usable(info) or name == DEFAULT_IMAGE or (info is not None and info.scope == LOCAL):
-            return store.resolve(name)  # a damaged local image reports itself there
-    if name == DEFAULT_IMAGE:
-        return store.resolve(name)  # built in, never pulled
-    return pull(name, store=store, force=force_pull, progress=progress)[0]
+    info = None if force_pull else store.lookup(name)
+    if name == DEFAULT_IMAGE or store.usable(info) or (info is not None and info.scope == LOCAL):
+        return store.resolve(name)  # the built-in image is never pulled; a damaged local one reports itself
+    if force_pull or info is not None:  # asked for, or a damaged cache entry: pulling is the repair
+        return pull(name, store=store, force=force_pull, progress=progress)[0]
+    # A local typo must not read as a registry failure: say what missed and what is close.
+    missed = f"no local image matched {name}{store.close_note(name)}"
+    try:
+        ref = parse(name)
+    except UsageError as exc:
+        raise UsageError(f"{missed}; {exc}") from None
+    progress = progress or PullProgress()
+    progress.note(f"{missed}; pulling {ref}")
+    try:
+        return pull(name, store=store, progress=progress)[0]
+    except (ImageError, NotFoundError) as exc:
+        failure = " ".join(str(exc).split())
+        raise type(exc)(f"{missed}; pulling {ref} failed: {failure}") from exc

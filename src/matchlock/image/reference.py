@@ -7,12 +7,14 @@ so every spelling of one image shares one cache entry.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 from dataclasses import dataclass
 
 from ..api.errors import UsageError
+from ..api.image import DEFAULT_IMAGE
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -26,6 +28,7 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HOST = re.compile(r"^(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?$")
 _MAX_NAME = 255
+EXAMPLE = "team/app:1.0"
 
 
 @dataclass(frozen=True)
@@ -56,40 +59,96 @@ class Reference:
         return self.canonical
 
 
-def parse(text: str) -> Reference:
-    """Parse and normalise an image reference; UsageError says what is wrong."""
-    original = text
+def parse(text: str, what: str = "image reference") -> Reference:
+    """Parse and normalise an image reference; UsageError names the value and the rule it broke.
+
+    `what` names the value in errors: local tags (`image import`, `pull -t`) obey the same grammar.
+    """
+    original = _shown(text)
     if not text or text != text.strip() or len(text) > 4 * _MAX_NAME:
-        raise UsageError(f"invalid image reference {original!r}")
+        raise UsageError(
+            f"invalid {what} {original!r}: it must be a non-empty reference without spaces, e.g. {EXAMPLE}"
+        )
     digest = ""
     if "@" in text:
         text, digest = text.rsplit("@", 1)
         if not _DIGEST.match(digest):
-            raise UsageError(f"invalid image reference {original!r}: digest must be sha256:<64 hex digits>")
+            raise UsageError(f"invalid {what} {original!r}: digest must be sha256:<64 hex digits>")
     tag = ""
     slash, colon = text.rfind("/"), text.rfind(":")
     if colon > slash:
         text, tag = text[:colon], text[colon + 1 :]
         if not _TAG.match(tag):
-            raise UsageError(f"invalid image reference {original!r}: bad tag {tag!r}")
+            raise UsageError(
+                f"invalid {what} {original!r}: bad tag {_shown(tag)!r}; a tag is 1-128 letters, digits, _ . - "
+                f"and does not start with . or -, e.g. {EXAMPLE}"
+            )
     first, sep, rest = text.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
         registry, path = first, rest
         if not _HOST.match(registry):
-            raise UsageError(f"invalid image reference {original!r}: bad registry host {registry!r}")
+            raise UsageError(
+                f"invalid {what} {original!r}: bad registry host {_shown(registry)!r}; write host[:port]/repository, "
+                "e.g. localhost:5000/team/app:1.0"
+            )
         if registry == "index.docker.io":
             registry = DOCKER_HUB
     else:
         registry, path = DOCKER_HUB, text
+    if not path:
+        raise UsageError(f"invalid {what} {original!r}: the repository name is missing, e.g. {EXAMPLE}")
+    # Docker bounds the name as written, before `library/` is implied.
+    if len(text) > _MAX_NAME:
+        raise UsageError(f"invalid {what} {original!r}: the name is longer than {_MAX_NAME} characters")
+    if not all(_COMPONENT.match(part) for part in path.split("/")):
+        raise UsageError(
+            f"invalid {what} {original!r}: repository names are lowercase letters and digits "
+            f"separated by single . _ - or /, e.g. {EXAMPLE}"
+        )
     if registry == DOCKER_HUB and "/" not in path:
         path = f"library/{path}"
-    if not path or len(path) > _MAX_NAME or not all(_COMPONENT.match(part) for part in path.split("/")):
-        raise UsageError(
-            f"invalid image reference {original!r}: repository names are lowercase letters, digits and . _ - separators"
-        )
     if not tag and not digest:
         tag = DEFAULT_TAG
     return Reference(registry, path, tag, digest)
+
+
+def _shown(text: str) -> str:
+    """The value as errors quote it: a runaway value is cut, not echoed in full."""
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
+def validate_tag(tag: str) -> str:
+    """A name to look an image up by: the grammar `pull` accepts, so a tag can never become a path."""
+    parse(tag, "image tag")
+    return tag
+
+
+def is_builtin(name: str) -> bool:
+    """Whether `name` is any spelling of the built-in image's reserved name."""
+    ref = try_parse(name)
+    return ref is not None and ref.canonical == parse(DEFAULT_IMAGE).canonical
+
+
+def validate_new_tag(tag: str) -> str:
+    """A tag an image is saved under (`image import`, `pull -t`): not a digest, never the built-in name."""
+    if parse(tag, "image tag").digest:
+        raise UsageError(f"invalid image tag {_shown(tag)!r}: a digest names content, not a tag; use e.g. {EXAMPLE}")
+    if is_builtin(tag):
+        raise UsageError(
+            f"image tag {tag!r} is reserved for the built-in image; choose another tag, e.g. matchlock/busybox:mine "
+            "(`matchlock setup` rebuilds the built-in image)"
+        )
+    return tag
+
+
+def close_matches(name: str, known: list[str], limit: int = 5) -> list[str]:
+    """Local names a typo of `name` probably meant: the same repository first, then similar spellings."""
+    ref = try_parse(name)
+    same_repo = []
+    if ref is not None:
+        same_repo = [k for k in known if (other := try_parse(k)) is not None and other.name == ref.name]
+    similar = difflib.get_close_matches(name, known, n=limit, cutoff=0.6)
+    return list(dict.fromkeys(same_repo + similar))[:limit]
 
 
 def try_parse(text: str) -> Reference | None:

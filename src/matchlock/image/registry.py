@@ -27,14 +27,9 @@ import httpx
 
 from ..api.errors import ImageError, NotFoundError
 from . import auth
+from .media import INDEX_TYPES, MANIFEST_TYPES
 from .reference import Reference, http_allowed, is_loopback, listed_insecure
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 RETRIES_ENV = "MATCHLOCK_PULL_RETRIES"
 BACKOFF_ENV = "MATCHLOCK_PULL_BACKOFF"
 CERTS_ENV = "MATCHLOCK_REGISTRY_CERTS_DIR"
@@ -109,8 +104,9 @@ def _error_detail(resp: httpx.Response) -> str:
 class RegistryClient:
     """One repository on one registry. Thread-safe: blobs download concurrently."""
 
-    def __init__(self, ref: Reference) -> None:
+    def __init__(self, ref: Reference, on_retry: Callable[[float, str], None] = lambda delay, reason: None) -> None:
         self.ref = ref
+        self._on_retry = on_retry  # told (delay, reason) before every backoff: a silent wait looks hung
         self.attempts = max(1, int(_env_number(RETRIES_ENV, 5)))
         self.backoff = _env_number(BACKOFF_ENV, 0.5)
         # Loading the system CAs costs ~17 ms when SSL_CERT_FILE names a bundle: where plain
@@ -243,11 +239,17 @@ class RegistryClient:
 
     # -- requests -----------------------------------------------------------
 
-    def _sleep(self, attempt: int, resp: httpx.Response | None = None) -> None:
+    def _sleep(self, attempt: int, reason: str, resp: httpx.Response | None = None) -> None:
         delay = self.backoff * (2**attempt) * (0.5 + random.random() / 2)
         if resp is not None and resp.headers.get("retry-after", "").isdigit():
             delay = max(delay, float(resp.headers["retry-after"]))
-        time.sleep(min(delay, _MAX_RETRY_AFTER))
+        delay = min(delay, _MAX_RETRY_AFTER)
+        self._on_retry(delay, f"{self.ref.registry}: {reason}")
+        time.sleep(delay)
+
+    @staticmethod
+    def _reason(exc: Exception) -> str:
+        return f"{type(exc).__name__}: {str(exc) or 'no detail'}"
 
     def _retrying(self, send: Callable[[], httpx.Response]) -> httpx.Response:
         """Send, retrying transport errors and transient statuses with backoff."""
@@ -259,11 +261,11 @@ class RegistryClient:
                 # A TLS handshake failure is not transient: retrying only delays the answer.
                 if last or (isinstance(exc, httpx.ConnectError) and "SSL" in str(exc)):
                     raise self._network_error(exc) from exc
-                self._sleep(attempt)
+                self._sleep(attempt, self._reason(exc))
                 continue
             if resp.status_code in _TRANSIENT and not last:
                 resp.close()
-                self._sleep(attempt, resp)
+                self._sleep(attempt, f"HTTP {resp.status_code}", resp)
                 continue
             return resp
         raise AssertionError("unreachable")
@@ -392,7 +394,7 @@ class RegistryClient:
                 except httpx.TransportError as exc:
                     if attempt + 1 == self.attempts:
                         raise self._network_error(exc) from exc
-                    self._sleep(attempt)
+                    self._sleep(attempt, f"blob {digest[:19]}: {self._reason(exc)}")
                 finally:
                     resp.close()
             actual = "sha256:" + hasher.hexdigest()

@@ -23,10 +23,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .. import debian
 from ..api.errors import SetupError
-from ..api.fsutil import directory_digest_input, file_lock, staging_dir
 from ..api.paths import runtime_dir
+from ..util import debian
+from ..util.fs import directory_digest_input, file_lock, staging_dir
 
 # Bump when the layout of the tree or the disk changes.
 BUILDER_VERSION = "1"
@@ -45,11 +45,27 @@ LIBRARIES = ("libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1", "libffi.so.
 LOADER = "lib64/ld-linux-x86-64.so.2"
 LIBDIR = "lib/x86_64-linux-gnu"
 PRUNED_STDLIB = (
-    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-    "distutils", "unittest/test", "sqlite3", "curses", "dbm", "msilib", "venv",
-    "config-3.11-x86_64-linux-gnu", "__phello__", "site-packages", "dist-packages",
-)  # fmt: skip
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "pydoc_data",
+    "distutils",
+    "unittest/test",
+    "sqlite3",
+    "curses",
+    "dbm",
+    "msilib",
+    "venv",
+    "config-3.11-x86_64-linux-gnu",
+    "__phello__",
+    "site-packages",
+    "dist-packages",
+)
 GUEST_PACKAGES = ("guest", "wire")
+GUEST_PACKAGE_INIT = '"""matchlock guest runtime: only `guest` and `wire` ship here."""\n'
 INIT_SCRIPT = f"""#!/usr/bin/{PYTHON} -IS
 import sys
 sys.path.insert(0, "/opt/matchlock")
@@ -66,7 +82,7 @@ def _source_root() -> Path:
 def guest_code_digest() -> str:
     root = _source_root()
     h = hashlib.sha256(BUILDER_VERSION.encode() + INIT_SCRIPT.encode())
-    h.update((root / "__init__.py").read_bytes())
+    h.update(GUEST_PACKAGE_INIT.encode())
     for package in GUEST_PACKAGES:
         h.update(directory_digest_input(root / package))
     return h.hexdigest()
@@ -198,7 +214,9 @@ def _assemble_root(tree: Path, root: Path, init_script: str) -> None:
     package_root = root / "opt/matchlock/matchlock"
     package_root.mkdir(parents=True)
     source = _source_root()
-    shutil.copy2(source / "__init__.py", package_root / "__init__.py")
+    # Not the host's `matchlock/__init__.py`: that one re-exports the SDK and its imports would cost
+    # every guest boot; the guest needs only the package to exist.
+    (package_root / "__init__.py").write_text(GUEST_PACKAGE_INIT)
     for package in GUEST_PACKAGES:
         shutil.copytree(source / package, package_root / package, ignore=shutil.ignore_patterns("__pycache__"))
     _compile(tree, root / "opt/matchlock", strip_prefix=root)

@@ -25,22 +25,23 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final, Literal, TypeGuard
 
-from ..api.errors import ImageError, NotFoundError, UsageError
-from ..api.fsutil import file_lock, try_file_lock
-from ..api.image import ImageConfig
+from ..api.errors import ImageError, NotFoundError
+from ..api.image import DEFAULT_IMAGE, ImageConfig
 from ..api.paths import images_dir
-from ..state.db import Migration, open_database
+from ..util.fs import file_lock, try_file_lock
+from ..util.sqlite import Migration, open_database, utc_now
 from . import archive, layers
-from .reference import try_parse
+from .reference import close_matches, try_parse, validate_new_tag, validate_tag
 
-DEFAULT_IMAGE = "matchlock/busybox:builtin"
-LOCAL = "local"
-REGISTRY = "registry"
-_MAX_TAG = 255
+# `local`: imports, tag aliases and the built-in image; `registry`: the pull cache, by normalised reference.
+ImageScope = Literal["local", "registry"]
+LOCAL: Final = "local"
+REGISTRY: Final = "registry"
+# How an image row came to be: the built-in image, `image import`, `pull -t`/tag alias, or a registry pull.
+ImageSource = Literal["builtin", "import", "tag", "registry"]
 MIGRATIONS = [
     Migration(
         1,
@@ -76,16 +77,6 @@ MIGRATIONS = [
 ]
 
 
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def validate_tag(tag: str) -> str:
-    if not tag or len(tag) > _MAX_TAG or any(ch.isspace() for ch in tag):
-        raise UsageError(f"invalid image tag {tag!r}: it must be 1-{_MAX_TAG} characters without whitespace")
-    return tag
-
-
 @dataclass(frozen=True)
 class ImageInfo:
     tag: str
@@ -94,10 +85,10 @@ class ImageInfo:
     lower_fstype: str
     size: int  # bytes of the erofs blob
     config: ImageConfig
-    source: str  # builtin | import | tag | registry
-    created_at: str  # RFC3339, UTC
+    source: ImageSource
+    created_at: str  # RFC3339 in UTC, whole seconds (as Go matchlock writes it)
     layers: int
-    scope: str = LOCAL
+    scope: ImageScope = LOCAL
     platform: str = ""  # os/architecture[/variant] from the image config
 
 
@@ -150,7 +141,7 @@ class ImageStore:
 
     # -- queries --------------------------------------------------------
 
-    def get(self, tag: str, scope: str = LOCAL) -> ImageInfo | None:
+    def get(self, tag: str, scope: ImageScope = LOCAL) -> ImageInfo | None:
         with self._db() as conn:
             row = conn.execute(
                 f"SELECT {self._COLUMNS} FROM images WHERE scope = ? AND tag = ?", (scope, tag)
@@ -165,7 +156,7 @@ class ImageStore:
             info = self.get(ref.canonical, REGISTRY)
         return info
 
-    def list(self) -> list[ImageInfo]:
+    def images(self) -> list[ImageInfo]:
         with self._db() as conn:
             rows = conn.execute(f"SELECT {self._COLUMNS} FROM images ORDER BY scope = ?, tag", (REGISTRY,)).fetchall()
         return [self._info(row) for row in rows]
@@ -179,24 +170,46 @@ class ImageStore:
         return [LayerRecord(*row) for row in rows]
 
     @staticmethod
-    def usable(info: ImageInfo | None) -> bool:
+    def usable(info: ImageInfo | None) -> TypeGuard[ImageInfo]:
         return info is not None and info.lower_path.is_file() and info.lower_path.stat().st_size > 0
 
     def resolve(self, tag: str) -> ImageInfo:
         """The image to boot; the built-in default is built on first use. Never touches the network."""
         validate_tag(tag)
+        if tag == DEFAULT_IMAGE:
+            return self.ensure_builtin()[0]
         info = self.lookup(tag)
         if self.usable(info):
-            assert info is not None
             return info
-        if tag == DEFAULT_IMAGE:
-            return self._install_builtin()
         if info is not None:
             raise ImageError(f'image "{tag}" is damaged: {info.lower_path} is missing; pull or import it again')
         raise NotFoundError(
-            f'image "{tag}" not found locally; pull it with: matchlock pull {tag}, '
+            f'image "{tag}" not found locally{self.close_note(tag)}; pull it with: matchlock pull {tag}, '
             f"or import it with: docker save {tag} | matchlock image import {tag}"
         )
+
+    def close_note(self, name: str) -> str:
+        """' (close local images: a, b)' naming what a typo of `name` probably meant, else ''."""
+        close = close_matches(name, [i.tag for i in self.images()])
+        return f" (close local images: {', '.join(close)})" if close else ""
+
+    def ensure_builtin(self) -> tuple[ImageInfo, str]:
+        """The built-in image, rebuilt when its entry is missing, replaced or damaged; also says what was wrong."""
+        found = ""
+        for rebuilds in range(3):  # a second rebuild covers a damaged blob the first one found in place
+            info = self.get(DEFAULT_IMAGE)
+            problem = _builtin_problem(info)
+            if info is not None and not problem:
+                return info, found
+            if rebuilds == 2:
+                break
+            found = found or problem
+            if info is not None and info.source == "builtin":
+                with file_lock(self.root / ".lock"):
+                    if _builtin_problem(self.get(DEFAULT_IMAGE)):  # not repaired by another process meanwhile
+                        info.lower_path.unlink(missing_ok=True)  # build_lower reuses any blob it finds
+            self._install_builtin()
+        raise ImageError(f"the built-in image {DEFAULT_IMAGE} is still damaged after a rebuild: {problem}")
 
     def layer_path(self, digest: str) -> Path:
         algorithm, _, hexdigest = digest.partition(":")
@@ -220,7 +233,7 @@ class ImageStore:
 
     def import_tarball(self, stream: BinaryIO, tag: str) -> ImageInfo:
         """Import a `docker save` or OCI-layout tarball (optionally gzip/zstd/xz/bzip2-compressed)."""
-        validate_tag(tag)
+        validate_new_tag(tag)
         with self._workdir("import") as work:
             spool = work / "spool.tar"
             with open(spool, "wb") as out:  # tar needs seeking; stdin cannot seek
@@ -229,10 +242,10 @@ class ImageStore:
                 packed = archive.compression(f.read(6))
             if packed:  # `docker save | gzip` and friends
                 plain = work / "image.tar"
-                archive.decompress_to(lambda path=spool: open(path, "rb"), "tarball", plain)
+                archive.decompress_to(lambda: open(spool, "rb"), "tarball", plain)
                 spool.unlink()
                 spool = plain
-            with layers.load_archive(spool, work, tag) as image:
+            with archive.load_archive(spool, work, tag) as image:
                 meta = {
                     "config": image.config.get("config") or {},
                     "diff_ids": image.diff_ids,
@@ -277,12 +290,14 @@ class ImageStore:
 
     def tag(self, alias: str, info: ImageInfo) -> ImageInfo:
         """A local alias sharing the image's blobs: a new row, no new bytes."""
-        validate_tag(alias)
-        stamp = now_rfc3339()
+        validate_new_tag(alias)
+        stamp = utc_now("seconds")
         with file_lock(self.root / ".lock"), self._db() as conn:
             conn.execute("BEGIN IMMEDIATE")
-            self._upsert(conn, LOCAL, alias, info.digest, info.size, "tag", str(info.lower_path), stamp, conn.execute(
-                "SELECT oci_json FROM images WHERE scope = ? AND tag = ?", (info.scope, info.tag)).fetchone()[0])  # fmt: skip
+            oci_json = conn.execute(
+                "SELECT oci_json FROM images WHERE scope = ? AND tag = ?", (info.scope, info.tag)
+            ).fetchone()[0]
+            self._upsert(conn, LOCAL, alias, info.digest, info.size, "tag", str(info.lower_path), stamp, oci_json)
             conn.execute("DELETE FROM image_layers WHERE scope = ? AND tag = ?", (LOCAL, alias))
             conn.execute(
                 "INSERT INTO image_layers (scope, tag, ordinal, digest, media_type, size, diff_id)"
@@ -307,15 +322,33 @@ class ImageStore:
         )
 
     def _install(
-        self, tag: str, source: str, tars: list, diff_ids: list[str], digest: str, meta: dict, work: Path,
-        *, scope: str = LOCAL, records: list[LayerRecord] | None = None,
-    ) -> ImageInfo:  # fmt: skip
+        self,
+        tag: str,
+        source: ImageSource,
+        tars: list,
+        diff_ids: list[str],
+        digest: str,
+        meta: dict,
+        work: Path,
+        *,
+        scope: ImageScope = LOCAL,
+        records: list[LayerRecord] | None = None,
+    ) -> ImageInfo:
         with file_lock(self.root / ".lock"):
             lower = layers.build_lower(tars, diff_ids, self.blobs, work)
             with self._db() as conn:
                 conn.execute("BEGIN IMMEDIATE")
-                self._upsert(conn, scope, tag, digest, lower.stat().st_size, source, str(lower), now_rfc3339(),
-                             json.dumps(meta, sort_keys=True))  # fmt: skip
+                self._upsert(
+                    conn,
+                    scope,
+                    tag,
+                    digest,
+                    lower.stat().st_size,
+                    source,
+                    str(lower),
+                    utc_now("seconds"),
+                    json.dumps(meta, sort_keys=True),
+                )
                 conn.execute("DELETE FROM image_layers WHERE scope = ? AND tag = ?", (scope, tag))
                 conn.executemany(
                     "INSERT INTO image_layers (scope, tag, ordinal, digest, media_type, size, diff_id)"
@@ -377,6 +410,29 @@ class ImageStore:
             parts = entry.name.split("-")
             if len(parts) >= 3 and parts[1].isdigit() and not _alive(int(parts[1])):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+_EROFS_MAGIC = (0xE0F5E1E2).to_bytes(4, "little")  # at byte 1024 of every erofs image
+
+
+def _builtin_problem(info: ImageInfo | None) -> str:
+    """Why the built-in entry cannot be booted as the built-in image, or '' when it looks intact."""
+    if info is None:
+        return "it was missing"
+    if info.source != "builtin":
+        return f"it was replaced by a {info.source} image ({info.digest})"
+    try:
+        with open(info.lower_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(1024)
+            magic = f.read(4)
+    except OSError as exc:
+        return f"its disk {info.lower_path} cannot be read ({exc.strerror})"
+    if size != info.size:
+        return f"its disk {info.lower_path} is {size} bytes, not the {info.size} it was built with"
+    if magic != _EROFS_MAGIC:
+        return f"its disk {info.lower_path} is not an erofs image"
+    return ""
 
 
 def _alive(pid: int) -> bool:

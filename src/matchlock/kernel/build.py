@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..api.errors import KernelError, SetupError
-from ..api.fsutil import file_lock, staging_dir
 from ..api.paths import cache_dir, kernels_dir
+from ..util.fs import file_lock, staging_dir
 from .resolve import CONFIG_FRAGMENT, find_tuned, tuned_config_hash, tuned_dir_name
 
 SOURCE_PACKAGE = "linux-source-6.1"
@@ -193,29 +193,27 @@ def build_tuned(jobs: int | None = None, log: Log = print) -> Path:
                 f"  fix: make sure the config fragment keeps CONFIG_PVH=y; build log: {log_path}"
             )
         seconds = round(time.monotonic() - started, 1)
-        with staging_dir(final) as stage:
-            shutil.copy2(vmlinux, stage / "vmlinux")
-            shutil.copy2(tree / ".config", stage / "config")
-            release = (tree / "include/config/kernel.release").read_text().strip()
-            (stage / "build.json").write_text(
-                json.dumps(
-                    {
-                        "version": tuned_dir_name(version),
-                        "source_package": SOURCE_PACKAGE,
-                        "source_version": version,
-                        "kernel_release": release,
-                        "config_sha256": config_hash,
-                        "build_seconds": seconds,
-                        "jobs": nproc,
-                        "vmlinux_bytes": vmlinux.stat().st_size,
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
+        build = {"source_version": version, "config_sha256": config_hash, "build_seconds": seconds, "jobs": nproc}
+        _publish(tree, final, build)
         shutil.rmtree(work, ignore_errors=True)
         log(f"kernel built in {seconds:.0f} s: {target}")
         return target
+
+
+def _publish(tree: Path, final: Path, build: dict) -> None:
+    """Copy the kernel and its config into the cache, with `build.json` describing the build."""
+    vmlinux = tree / "vmlinux"
+    with staging_dir(final) as stage:
+        shutil.copy2(vmlinux, stage / "vmlinux")
+        shutil.copy2(tree / ".config", stage / "config")
+        record = {
+            "version": tuned_dir_name(build["source_version"]),
+            "source_package": SOURCE_PACKAGE,
+            **build,
+            "kernel_release": (tree / "include/config/kernel.release").read_text().strip(),
+            "vmlinux_bytes": vmlinux.stat().st_size,
+        }
+        (stage / "build.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _run_logged(argv: list[str], cwd: Path, log_file, log_path: Path, what: str, env=None) -> None:

@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import debian
 from ..api.errors import KernelError, SetupError
-from ..api.fsutil import file_lock, staging_dir
 from ..api.paths import cache_dir, kernels_dir
+from ..util import debian
+from ..util.fs import file_lock, staging_dir
 
 META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from ..api.errors import KernelError
 from ..api.paths import kernels_dir
@@ -27,11 +28,14 @@ TUNED_CMDLINE: tuple[str, ...] = ("root=/dev/vda", "rootfstype=erofs", "ro", "in
 ENV_KERNEL = "MATCHLOCK_KERNEL"
 ENV_INITRD = "MATCHLOCK_KERNEL_INITRD"
 
+# override: MATCHLOCK_KERNEL; tuned: built by `matchlock kernel build`; fallback: Debian's cloud kernel.
+KernelKind = Literal["tuned", "fallback", "override"]
+
 
 @dataclass(frozen=True)
 class KernelImage:
     path: Path  # what QEMU gets as -kernel
-    kind: str  # "tuned" | "fallback" | "override"
+    kind: KernelKind
     version: str  # e.g. "6.1.192-3-<confighash12>" or the Debian kernel release
     initrd: Path | None  # fallback (and override with MATCHLOCK_KERNEL_INITRD) only
     cmdline: tuple[str, ...]  # kernel-specific arguments; the VM layer adds the generic ones
@@ -68,8 +72,9 @@ def find_tuned() -> Path | None:
     return max(candidates)[1]
 
 
-def resolve(*, build_fallback: bool = True) -> KernelImage:
-    override = os.environ.get(ENV_KERNEL)
+def resolve(*, build_fallback: bool = True, kernel_path: Path | None = None) -> KernelImage:
+    """`kernel_path` is a caller's explicit kernel (rpc `kernel.ref`): it wins over MATCHLOCK_KERNEL."""
+    override = str(kernel_path) if kernel_path is not None else os.environ.get(ENV_KERNEL)
     if override:
         return _override(override)
     tuned = find_tuned()

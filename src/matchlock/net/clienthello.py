@@ -92,7 +92,8 @@ def _parse_body(body: bytes) -> ClientHello:
     reader.vector(1)  # session id
     reader.vector(2)  # cipher suites
     reader.vector(1)  # compression methods
-    server_name, alpn = None, ()
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
     if reader.remaining == 0:
         return ClientHello(None, ())
     extensions = _Reader(reader.vector(2))

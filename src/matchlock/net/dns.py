@@ -4,7 +4,8 @@ Every UDP query the guest sends to port 53, whatever server it names, is
 redirected here. A name outside the allow-list gets NXDOMAIN without any
 query leaving the host, so DNS cannot be used to exfiltrate data. Allowed
 queries go to the upstream servers, and addresses in the answer that the
-sandbox may not reach (private, loopback, link-local, ULA) are removed.
+sandbox may not reach (private, loopback, link-local, ULA, the host's own)
+are removed.
 Parsing uses dnspython; a malformed query is dropped.
 """
 
@@ -21,7 +22,10 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
+from ..api.events import NetworkEvent
 from ..policy.engine import NetworkPolicy
+from .local import host_addresses
+from .tasks import Supervisor
 
 UPSTREAM_TIMEOUT = 2.0
 MAX_IN_FLIGHT = 64
@@ -65,23 +69,22 @@ class DNSForwarder:
         self.policy = policy
         self.upstreams = upstreams or host_resolvers() or ["8.8.8.8", "8.8.4.4"]
         self.transport: asyncio.DatagramTransport | None = None
-        self._pending: set[asyncio.Task] = set()
+        self._queries = Supervisor("dns")
 
     async def start(self, sock: socket.socket) -> None:
+        await self._queries.start()
         await asyncio.get_running_loop().create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
 
-    def close(self) -> None:
-        for task in list(self._pending):
-            task.cancel()
+    async def aclose(self) -> None:
+        """Stop answering and wait for the queries in flight to end; safe to call more than once."""
         if self.transport is not None:
             self.transport.close()
+        await self._queries.aclose()
 
     def received(self, data: bytes, addr) -> None:
-        if len(self._pending) >= MAX_IN_FLIGHT:
-            return  # a flood: drop rather than queue without bound
-        task = asyncio.ensure_future(self._answer(data, addr))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        if not self._queries.running or self._queries.active >= MAX_IN_FLIGHT:
+            return  # closing, or a flood: drop rather than queue without bound
+        self._queries.spawn(self._answer(data, addr), "dns query")
 
     async def _answer(self, data: bytes, addr) -> None:
         try:
@@ -92,8 +95,8 @@ class DNSForwarder:
             return self._send(dns.message.make_response(query), dns.rcode.FORMERR, addr)
         name = query.question[0].name.to_text(omit_final_dot=True)
         if not name or not self.policy.host_allowed(name):
-            self.policy.event(method="DNS", url=f"dns://{name}", host=name, blocked=True,
-                              reason=f"name {name} is not in the allow-list")  # fmt: skip
+            self.policy.record(NetworkEvent(method="DNS", url=f"dns://{name}", host=name, blocked=True,
+                                            block_reason=f"name {name} is not in the allow-list"))  # fmt: skip
             return self._send(dns.message.make_response(query), dns.rcode.NXDOMAIN, addr)
         raw = await self._ask_upstreams(data)
         if raw is None:
@@ -106,10 +109,11 @@ class DNSForwarder:
         self._send(response, None, addr)
 
     def _drop_unreachable(self, response: dns.message.Message) -> None:
+        local = host_addresses()
         for rrset in list(response.answer):
             if rrset.rdtype not in (dns.rdatatype.A, dns.rdatatype.AAAA):
                 continue
-            kept = [rdata for rdata in rrset if self.policy.address_allowed(rdata.address)]
+            kept = [rdata for rdata in rrset if self.policy.address_allowed(rdata.address, local)]
             if len(kept) != len(rrset):
                 for rdata in list(rrset):
                     if rdata not in kept:

@@ -1,8 +1,9 @@
 """HTTP/1.1 through the proxy, with h11 on both sides.
 
 One guest connection carries any number of requests (keep-alive). Each
-request passes the policy (allow-list, interception rules, secrets) before
-anything is sent upstream; a refused one gets `403 Blocked by policy`.
+request passes the policy (allow-list, interception rules, secrets; see
+`exchange`) before anything is sent upstream; a refused one gets
+`403 Blocked by policy`.
 Bodies stream in both directions as they arrive (SSE, chunked, unknown
 length): nothing is buffered unless a rule must rewrite a whole body. An
 `Upgrade` (WebSocket) that the server accepts with 101 turns both sides into
@@ -17,17 +18,27 @@ import time
 
 import h11
 
+from ..policy.body_filters import BodyFilter
 from ..policy.engine import Blocked, HttpRequest, NetworkPolicy
-from ..policy.hosts import normalise_host
+from .exchange import (
+    Refusal,
+    admit,
+    admit_response,
+    h1_text_headers,
+    refusal_for,
+    request_event,
+    request_from_h1,
+)  # fmt: skip
 from .relay import pipe_both_ways
+from .tls import UpstreamTLS
 from .upstream import Upstream, UpstreamError, connect
 
 READ_SIZE = 256 * 1024
 MAX_HEADERS = 64 * 1024
-HOP_BY_HOP = {b"proxy-connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization"}
-
 
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 64 * 1024 * 1024
 
 
 def tune_transport(writer: asyncio.StreamWriter) -> None:
@@ -67,17 +78,6 @@ class H11Stream:
         return self.conn.trailing_data[0]
 
 
-def split_target(target: str) -> tuple[str, str]:
-    if target.startswith(("http://", "https://")):  # absolute form: keep only the path
-        target = "/" + target.split("://", 1)[1].partition("/")[2]
-    path, _, query = target.partition("?")
-    return path or "/", query
-
-
-def _text_headers(headers) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k.lower() not in HOP_BY_HOP]
-
-
 def _byte_headers(headers) -> list[tuple[bytes, bytes]]:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
@@ -93,15 +93,18 @@ class HTTP1Session:
         default_host: str,
         port: int,
         upstream: Upstream | None = None,
+        upstream_tls: UpstreamTLS | None = None,
     ) -> None:
         self.policy = policy
+        self.upstream_tls = upstream_tls  # how to dial (and verify) upstream for https
         tune_transport(writer)
         self.guest = H11Stream(h11.SERVER, reader, writer)
         self.scheme = scheme
         self.default_host = default_host
         self.port = port
-        # HTTPS: the connection made with the guest's SNI; every request must be for that host.
+        # HTTPS: the connection made with the guest's SNI, and the one host every request must be for.
         self.pinned = upstream
+        self.connection_host = upstream.host if upstream is not None else None
         self.upstreams: dict[tuple[str, int], tuple[Upstream, H11Stream]] = {}
 
     async def run(self) -> None:
@@ -117,50 +120,54 @@ class HTTP1Session:
                 upstream.close()
             if self.pinned is not None:
                 self.pinned.close()
+        await self._linger()
 
-    async def reply(self, status: int, reason: str, *, close: bool = True) -> None:
-        """Answer the guest with a plain-text status of our own (blocked, bad gateway, ...)."""
-        body = f"{reason}\n".encode()
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
-        if close:
-            headers.append((b"connection", b"close"))
+    async def _linger(self) -> None:
+        """Half-close, then read and drop what the guest still sends, for a bounded while.
+
+        Closing a socket with unread input resets the connection, and the
+        reset can destroy our last response (a 403 before a large upload)
+        before the guest reads it. A FIN first lets the guest read to the end
+        and close (RFC 9112 §9.6). TLS has no half-close; `intercept` ends
+        those connections itself."""
+        writer, reader = self.guest.writer, self.guest.reader
+        if not writer.can_write_eof() or writer.is_closing():
+            return
+        try:
+            writer.write_eof()
+            async with asyncio.timeout(LINGER_SECONDS):
+                dropped = 0
+                while dropped < LINGER_BYTES and (data := await reader.read(READ_SIZE)):
+                    dropped += len(data)
+        except (TimeoutError, OSError):
+            pass  # the guest went on sending, or is gone: the caller closes now
+
+    async def reply(self, refusal: Refusal) -> None:
+        """Answer the guest with a plain-text status of our own (blocked, bad gateway, ...) and close."""
         with contextlib.suppress(h11.LocalProtocolError):
-            await self.guest.send(h11.Response(status_code=status, headers=headers))
-            await self.guest.send(h11.Data(data=body))
+            await self.guest.send(h11.Response(status_code=refusal.status,
+                                               headers=refusal.headers() + [(b"connection", b"close")]))  # fmt: skip
+            await self.guest.send(h11.Data(data=refusal.body))
             await self.guest.send(h11.EndOfMessage())
+
+    async def _refuse(self, request: HttpRequest, refusal: Refusal, started: float, sent: int = 0) -> bool:
+        self.policy.record(request_event(request, started=started, sent=sent, refusal=refusal))
+        await self.reply(refusal)
+        return False
 
     async def _one_exchange(self) -> bool:
         event = await self.guest.next_event()
         if not isinstance(event, h11.Request):
             return False
         started = time.monotonic()
-        path, query = split_target(event.target.decode("latin-1"))
-        headers = _text_headers(event.headers)
-        host_header = next((v for k, v in headers if k.lower() == "host"), "")
-        request = HttpRequest(
-            method=event.method.decode("latin-1"),
-            scheme=self.scheme,
-            host=normalise_host(host_header) or self.default_host,
-            port=self.port,
-            path=path,
-            query=query,
-            headers=headers,
-        )
+        request = request_from_h1(event, scheme=self.scheme, default_host=self.default_host, port=self.port)
+        refusal = await admit(self.policy, request, connection_host=self.connection_host)
+        if refusal is not None:
+            return await self._refuse(request, refusal, started)
         try:
-            if self.pinned is not None and request.host != self.pinned.host:
-                raise Blocked(f"request for {request.host} on a TLS connection to {self.pinned.host}", 421)
-            await self.policy.prepare_request(request)
             upstream, client = await self._upstream_for(request)
-        except Blocked as exc:
-            self.policy.event(method=request.method, url=request.url, host=request.host, status=exc.status,
-                              started=started, blocked=True, reason=exc.reason)  # fmt: skip
-            await self.reply(exc.status, f"Blocked by policy: {exc.reason}")
-            return False
-        except UpstreamError as exc:
-            self.policy.event(method=request.method, url=request.url, host=request.host, status=502,
-                              started=started, reason=str(exc))  # fmt: skip
-            await self.reply(502, f"Failed to connect: {exc}")
-            return False
+        except (Blocked, UpstreamError) as exc:
+            return await self._refuse(request, refusal_for(exc), started)
         await client.send(
             h11.Request(method=request.method, target=request.target, headers=_byte_headers(request.headers))
         )
@@ -178,12 +185,13 @@ class HTTP1Session:
         if self.pinned is not None:
             upstream, self.pinned = self.pinned, None
         else:
-            upstream = await connect(self.policy, request.host, request.port, tls=self.scheme == "https")
+            tls = self.upstream_tls if self.scheme == "https" else None
+            upstream = await connect(self.policy, request.host, request.port, tls=tls)
         pair = (upstream, H11Stream(h11.CLIENT, upstream.reader, upstream.writer))
         self.upstreams[key] = pair
         return pair
 
-    async def _copy_body(self, source: H11Stream, sink: H11Stream, body_filter=None) -> int:
+    async def _copy_body(self, source: H11Stream, sink: H11Stream, body_filter: BodyFilter | None = None) -> int:
         copied = 0
         while True:
             event = await source.next_event()
@@ -210,32 +218,26 @@ class HTTP1Session:
             if isinstance(event, h11.InformationalResponse):
                 await self.guest.send(event)
                 if event.status_code == 101:  # Upgrade accepted (WebSocket): from now on raw bytes
-                    self.policy.event(method=request.method, url=request.url, host=request.host, status=101,
-                                      request_bytes=sent, started=started)  # fmt: skip
+                    self.policy.record(request_event(request, 101, started=started, sent=sent))
                     await self._switch_protocols(upstream, client)
                     return False
                 continue
             if not isinstance(event, h11.Response):
                 raise h11.RemoteProtocolError("upstream sent no response")
             break
-        try:
-            headers, body_filter = await self.policy.prepare_response(request, event.status_code,
-                                                                      _text_headers(event.headers))  # fmt: skip
-        except Blocked as exc:  # an after-rule refused it: the unread upstream body goes with its connection
+        plan = await admit_response(self.policy, request, event.status_code, h1_text_headers(event.headers))
+        if isinstance(plan, Refusal):  # an after-rule refused it: the unread upstream body goes with its connection
             upstream.close()
             self.upstreams.pop((upstream.host, upstream.port), None)
-            self.policy.event(method=request.method, url=request.url, host=request.host, status=exc.status,
-                              request_bytes=sent, started=started, blocked=True, reason=exc.reason)  # fmt: skip
-            await self.reply(exc.status, f"Blocked by policy: {exc.reason}")
-            return False
+            return await self._refuse(request, plan, started, sent)
+        headers, body_filter = plan.headers, plan.body_filter
         if body_filter is not None:
             headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")]
             headers.append(("Transfer-Encoding", "chunked"))
         await self.guest.send(h11.Response(status_code=event.status_code, headers=_byte_headers(headers),
                                            reason=event.reason))  # fmt: skip
         received = await self._copy_body(client, self.guest, body_filter)
-        self.policy.event(method=request.method, url=request.url, host=request.host, status=event.status_code,
-                          request_bytes=sent, response_bytes=received, started=started)  # fmt: skip
+        self.policy.record(request_event(request, event.status_code, started=started, sent=sent, received=received))
         if client.conn.our_state is h11.MUST_CLOSE or client.conn.their_state is h11.MUST_CLOSE:
             upstream.close()
             self.upstreams.pop((upstream.host, upstream.port), None)

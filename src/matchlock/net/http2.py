@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -25,9 +26,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from ..policy.engine import Blocked, HttpRequest, NetworkPolicy
+from ..policy.engine import HttpRequest, NetworkPolicy
 from ..policy.hosts import normalise_host
-from .http1 import split_target
+from .exchange import Refusal, admit, admit_response, h2_text_headers, request_event, request_from_h2
 from .upstream import Upstream
 
 READ_SIZE = 64 * 1024
@@ -37,6 +38,7 @@ MAX_CONCURRENT_STREAMS = 100
 DEFAULT_WINDOW = 65535  # every HTTP/2 connection window starts here (RFC 9113 §6.9.2)
 CONNECTION_SPECIFIC = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
 StreamError = (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError)
+StreamGone = (*StreamError, ConnectionError)  # what ends one stream without being a bug
 
 
 class GracefulH2Connection(h2.connection.H2Connection):
@@ -115,16 +117,16 @@ class Frames:
     """One direction of one stream, in arrival order; bounded by the flow-control window."""
 
     def __init__(self) -> None:
-        self.items: deque[tuple[str, object, int]] = deque()
+        self.items: deque[tuple[str, Any, int]] = deque()  # (kind, payload, flow-controlled length)
         self.ended = False  # the sending side finished this direction
         self._ready = asyncio.Event()
 
-    def put(self, kind: str, payload: object = None, flow: int = 0) -> None:
+    def put(self, kind: str, payload: Any = None, flow: int = 0) -> None:
         self.items.append((kind, payload, flow))
         self.ended = self.ended or kind == "end"
         self._ready.set()
 
-    async def get(self) -> tuple[str, object, int]:
+    async def get(self) -> tuple[str, Any, int]:
         while not self.items:
             self._ready.clear()
             await self._ready.wait()
@@ -135,6 +137,8 @@ class Frames:
 
 
 class Exchange:
+    """One guest stream and the upstream stream it is relayed to."""
+
     def __init__(self, guest_id: int) -> None:
         self.guest_id = guest_id
         self.upstream_id: int | None = None
@@ -157,8 +161,8 @@ def outbound_headers(headers) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def text_headers(headers) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if not k.startswith(b":")]
+def _stream_of(event) -> int:
+    return getattr(event, "stream_id", None) or 0  # 0 is the connection itself: never an exchange
 
 
 class HTTP2Session:
@@ -172,26 +176,36 @@ class HTTP2Session:
         self.by_guest: dict[int, Exchange] = {}
         self.by_upstream: dict[int, Exchange] = {}
         self.closing = False  # a GOAWAY was exchanged or upstream is gone: no new streams
+        # Upstream said GOAWAY or went: guest requests not yet sent there can no longer be. A guest's
+        # own GOAWAY stops only its new requests; those it already made still go upstream.
+        self.upstream_closing = False
         self._finished = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None  # owns the readers and every stream's task
 
     async def run(self) -> None:
-        readers: list[asyncio.Task] = []
         try:
-            self.guest.start({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                              h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})  # fmt: skip
-            self.upstream.start({h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})  # fmt: skip
-            await self._flush_both()
-            readers = [
-                asyncio.ensure_future(self._read(self.guest, self._on_guest_event, self._guest_gone)),
-                asyncio.ensure_future(self._read(self.upstream, self._on_upstream_event, self._upstream_gone)),
-            ]
-            await self._finished.wait()
-        except (ConnectionError, OSError):
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                self.guest.start({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                                  h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})  # fmt: skip
+                self.upstream.start({h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                                     h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})  # fmt: skip
+                await self._flush_both()
+                readers = [
+                    group.create_task(self._read(self.guest, self._on_guest_event, self._guest_gone)),
+                    group.create_task(self._read(self.upstream, self._on_upstream_event, self._upstream_gone)),
+                ]
+                try:
+                    await self._finished.wait()
+                finally:
+                    # Also when the proxy cancels us: streams ending now must not wait to flush.
+                    self._finished.set()
+                    for task in readers + [ex.task for ex in self.by_guest.values() if ex.task is not None]:
+                        task.cancel()
+        except* (ConnectionError, OSError):
             pass
         finally:
-            for task in readers + [ex.task for ex in self.by_guest.values() if ex.task is not None]:
-                task.cancel()
+            self._group = None
             with contextlib.suppress(Exception):
                 self.guest.conn.announce_goaway()
                 self.upstream.conn.announce_goaway()
@@ -234,23 +248,25 @@ class HTTP2Session:
             if self.closing:
                 self.guest.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
                 return
+            assert self._group is not None  # events are only read inside run()'s group
             exchange = Exchange(event.stream_id)
             self.by_guest[event.stream_id] = exchange
-            exchange.task = asyncio.ensure_future(self._serve(exchange, event.headers))
+            exchange.task = self._group.create_task(self._serve(exchange, event.headers))
             return
         if isinstance(event, h2.events.ConnectionTerminated):
             self._closing_down(finish_now=event.error_code != h2.errors.ErrorCodes.NO_ERROR)
             return
-        self._on_stream_event(event, self.guest, self.by_guest.get(getattr(event, "stream_id", None)))
+        self._on_stream_event(event, self.guest, self.by_guest.get(_stream_of(event)))
 
     def _on_upstream_event(self, event) -> None:
         if isinstance(event, h2.events.ConnectionTerminated):
-            for exchange in list(self.by_guest.values()):
-                if exchange.upstream_id is not None and exchange.upstream_id > (event.last_stream_id or 0):
-                    self._abandon(exchange, h2.errors.ErrorCodes.REFUSED_STREAM)  # never processed: safe to retry
+            for open_exchange in list(self.by_guest.values()):
+                if open_exchange.upstream_id is not None and open_exchange.upstream_id > (event.last_stream_id or 0):
+                    self._abandon(open_exchange, h2.errors.ErrorCodes.REFUSED_STREAM)  # never processed: retryable
+            self.upstream_closing = True
             self._closing_down(finish_now=False)
             return
-        exchange = self.by_upstream.get(getattr(event, "stream_id", None))
+        exchange = self.by_upstream.get(_stream_of(event))
         if exchange is not None and isinstance(event, h2.events.InformationalResponseReceived):
             exchange.response.put("info", event.headers)
         elif exchange is not None and isinstance(event, h2.events.ResponseReceived):
@@ -280,7 +296,8 @@ class HTTP2Session:
                 return  # upstream answered in full and only refuses the rest of the upload
             else:
                 self.guest.reset(exchange.guest_id, event.error_code)
-            exchange.task.cancel()
+            if exchange.task is not None:
+                exchange.task.cancel()
 
     def _guest_gone(self) -> None:
         self.guest.lost = True
@@ -290,6 +307,7 @@ class HTTP2Session:
     def _upstream_gone(self) -> None:
         """Upstream closed: responses already complete still reach the guest, the rest are cut."""
         self.upstream.lost = True
+        self.upstream_closing = True
         self.upstream.pulse()
         for exchange in list(self.by_guest.values()):
             if not exchange.response.ended:
@@ -314,46 +332,32 @@ class HTTP2Session:
 
     # --- one exchange ------------------------------------------------------------------
 
-    def _request(self, headers) -> tuple[HttpRequest, bytes]:
-        pseudo = {k: v for k, v in headers if k.startswith(b":")}
-        authority = pseudo.get(b":authority") or next((v for k, v in headers if k == b"host"), b"")
-        path, query = split_target(pseudo.get(b":path", b"").decode("latin-1"))
-        request = HttpRequest(method=pseudo.get(b":method", b"").decode("latin-1"), scheme="https",
-                              host=normalise_host(authority.decode("latin-1")) or self.server_name, port=self.port,
-                              path=path, query=query, headers=text_headers(headers))  # fmt: skip
-        return request, authority
-
-    def _check(self, request: HttpRequest, headers) -> None:
-        if request.method == "CONNECT" or not any(k == b":path" for k, _ in headers):
-            raise Blocked("CONNECT is not supported through the proxy", 405)
-        if request.host != self.server_name:  # one upstream connection serves one name
-            raise Blocked(f"request for {request.host} on a TLS connection to {self.server_name}", 421)
-
     async def _serve(self, exchange: Exchange, headers) -> None:
-        started = time.monotonic()
         try:
-            request, authority = self._request(headers)
-            try:
-                self._check(request, headers)
-                await self.policy.prepare_request(request)
-            except Blocked as exc:
-                self.policy.event(method=request.method, url=request.url, host=request.host, status=exc.status,
-                                  started=started, blocked=True, reason=exc.reason)  # fmt: skip
-                await self._refuse(exchange, exc.status, f"Blocked by policy: {exc.reason}")
-                return
-            await self._open_upstream(exchange, request, authority)
-            status = await self._relay(exchange, request)
-            if status:
-                self.policy.event(method=request.method, url=request.url, host=request.host, status=status,
-                                  request_bytes=exchange.sent, response_bytes=exchange.received,
-                                  started=started)  # fmt: skip
-        except (*StreamError, ConnectionError):
+            await self._exchange(exchange, headers)
+        except* StreamGone:
             self._abandon_quietly(exchange)
-        except Exception:
+        except* Exception:
             self._abandon_quietly(exchange)  # never leave the guest's stream hanging, even on a bug
             raise
         finally:
             await self._forget(exchange)
+
+    async def _exchange(self, exchange: Exchange, headers) -> None:
+        started = time.monotonic()
+        request, authority = request_from_h2(headers, server_name=self.server_name, port=self.port)
+        # One upstream connection serves one name.
+        refusal = await admit(self.policy, request, connection_host=self.server_name,
+                              has_path=any(k == b":path" for k, _ in headers))  # fmt: skip
+        if refusal is not None:
+            self.policy.record(request_event(request, started=started, refusal=refusal))
+            await self._refuse(exchange, refusal)
+            return
+        await self._open_upstream(exchange, request, authority)
+        status = await self._relay(exchange, request, started)
+        if status:
+            self.policy.record(request_event(request, status, started=started, sent=exchange.sent,
+                                             received=exchange.received))  # fmt: skip
 
     def _abandon_quietly(self, exchange: Exchange) -> None:
         self.guest.reset(exchange.guest_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -361,9 +365,9 @@ class HTTP2Session:
 
     async def _open_upstream(self, exchange: Exchange, request: HttpRequest, authority: bytes) -> None:
         conn = self.upstream.conn
-        while not self.closing and conn.open_outbound_streams >= conn.remote_settings.max_concurrent_streams:
+        while not self.upstream_closing and conn.open_outbound_streams >= conn.remote_settings.max_concurrent_streams:
             await self.upstream.wait_changed()
-        if self.closing:
+        if self.upstream_closing:
             self.guest.reset(exchange.guest_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             raise ConnectionError("upstream connection is closing")
         stream_id = conn.get_next_available_stream_id()
@@ -376,27 +380,29 @@ class HTTP2Session:
         self.by_upstream[stream_id] = exchange
         await self.upstream.flush()
 
-    async def _relay(self, exchange: Exchange, request: HttpRequest) -> int:
+    async def _relay(self, exchange: Exchange, request: HttpRequest, started: float) -> int:
         """Both directions at once; returns the response status (0 when refused by an after-rule)."""
-        requests = asyncio.ensure_future(self._pump_request(exchange))
-        responses = asyncio.ensure_future(self._pump_response(exchange, request))
-        try:
-            await asyncio.wait({requests, responses}, return_when=asyncio.FIRST_COMPLETED)
-            # The upload may fail once upstream has answered in full and reset the stream
-            # (RFC 9113 §8.1); that answer still goes to the guest.
-            if requests.done() and requests.exception() is not None and not exchange.response.ended:
-                raise requests.exception()
-            status = await responses
+        async with asyncio.TaskGroup() as group:
+            upload = group.create_task(self._upload(exchange))
+            status = await self._pump_response(exchange, request, started)
             if not exchange.request.ended:  # answered before the guest finished sending: stop its upload
                 self.guest.reset(exchange.guest_id, h2.errors.ErrorCodes.NO_ERROR)
-            if not requests.done():
+            if not upload.done():
                 self.upstream.reset(exchange.upstream_id, h2.errors.ErrorCodes.NO_ERROR)
-            return status
-        finally:
-            for task in (requests, responses):
-                task.cancel()
+                upload.cancel()
+        return status
+
+    async def _upload(self, exchange: Exchange) -> None:
+        try:
+            await self._pump_request(exchange)
+        except StreamGone:
+            # The upload may fail once upstream has answered in full and reset the stream
+            # (RFC 9113 §8.1); that answer still goes to the guest.
+            if not exchange.response.ended:
+                raise
 
     async def _pump_request(self, exchange: Exchange) -> None:
+        assert exchange.upstream_id is not None  # opened before the pumps start
         while True:
             kind, payload, flow = await exchange.request.get()
             if kind == "data":
@@ -415,7 +421,7 @@ class HTTP2Session:
                     await self.upstream.flush()
                 return
 
-    async def _pump_response(self, exchange: Exchange, request: HttpRequest) -> int:
+    async def _pump_response(self, exchange: Exchange, request: HttpRequest, started: float) -> int:
         guest, stream = self.guest, exchange.guest_id
         while True:
             kind, payload, _ = await exchange.response.get()
@@ -424,17 +430,17 @@ class HTTP2Session:
             guest.conn.send_headers(stream, [(k, v) for k, v in payload if k == b":status"] + outbound_headers(payload))
             await guest.flush()
         status = int(dict(payload)[b":status"])
-        try:
-            headers, body_filter = await self.policy.prepare_response(request, status, text_headers(payload))
-        except Blocked as exc:
+        plan = await admit_response(self.policy, request, status, h2_text_headers(payload))
+        if isinstance(plan, Refusal):
             self.upstream.reset(exchange.upstream_id)
-            self.policy.event(method=request.method, url=request.url, host=request.host, status=exc.status,
-                              request_bytes=exchange.sent, blocked=True, reason=exc.reason)  # fmt: skip
-            await self._refuse(exchange, exc.status, f"Blocked by policy: {exc.reason}")
+            self.policy.record(request_event(request, started=started, sent=exchange.sent, refusal=plan))
+            await self._refuse(exchange, plan)
             return 0
+        headers, body_filter = plan.headers, plan.body_filter
         if body_filter is not None:
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
         ends_here = body_filter is None and exchange.response.next_kind() == "end"
+        assert exchange.upstream_id is not None
         head = [(b":status", str(status).encode())] + outbound_headers(headers)
         guest.conn.send_headers(stream, head, end_stream=ends_here)
         await guest.flush()
@@ -456,12 +462,11 @@ class HTTP2Session:
             break
         return status
 
-    async def _refuse(self, exchange: Exchange, status: int, message: str) -> None:
-        body = f"{message}\n".encode()
-        head = [(b":status", str(status).encode()), (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode())]  # fmt: skip
-        self.guest.conn.send_headers(exchange.guest_id, head)
-        await self.guest.send_data(exchange.guest_id, body)
+    async def _refuse(self, exchange: Exchange, refusal: Refusal) -> None:
+        self.guest.conn.send_headers(
+            exchange.guest_id, [(b":status", str(refusal.status).encode())] + refusal.headers()
+        )
+        await self.guest.send_data(exchange.guest_id, refusal.body)
         self.guest.conn.end_stream(exchange.guest_id)
         if not exchange.request.ended:  # RFC 9113 §8.1: a complete answer may stop the upload
             self.guest.reset(exchange.guest_id, h2.errors.ErrorCodes.NO_ERROR)
@@ -478,6 +483,8 @@ class HTTP2Session:
                 if flow and stream is not None:
                     side.conn.acknowledge_received_data(flow, stream)
             frames.items.clear()
+        if self._finished.is_set():
+            return  # the session is ending: nothing more goes out on either side
         if self.closing and not self.by_guest:
             self._finished.set()
         with contextlib.suppress(Exception):

@@ -172,9 +172,16 @@ class SandboxNamespace:
         return ["nsenter", f"--net=/proc/self/fd/{self.fd}", "--"], (self.fd,)
 
     def close(self) -> None:
+        """Drop our hold on the namespace (it lives on while QEMU is in it); idempotent.
+
+        Synchronous, as releasing a descriptor is: the boot-template builder calls it from a
+        plain callback. `aclose()` is the same for async owners."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def _run(argv: list[str], stdin: str, package: str) -> None:

@@ -14,7 +14,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, coun
             counter[0] += len(data)
             writer.write(data)
             await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
+    except (OSError, asyncio.IncompleteReadError):  # ConnectionError among them: the peer is gone
         pass
     # The other side may still be talking: pass on our EOF, keep reading theirs.
     # TLS has no half-close, so there the end can only be passed on by closing;
@@ -35,7 +35,9 @@ async def pipe_both_ways(
     """Relay until both directions end; returns (bytes a->b, bytes b->a)."""
     forward, backward = [0], [0]
     try:
-        await asyncio.gather(_pump(a_reader, b_writer, forward), _pump(b_reader, a_writer, backward))
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_pump(a_reader, b_writer, forward))
+            group.create_task(_pump(b_reader, a_writer, backward))
     finally:
         for writer in (a_writer, b_writer):
             writer.close()

@@ -5,6 +5,10 @@ never written to disk (only its certificate goes into the guest). Leaf
 certificates are minted per server name on first use and cached. ECDSA P-256
 keys keep minting fast (well under a millisecond, against tens of
 milliseconds for RSA-2048) and are accepted by every current TLS client.
+
+The guest chooses the server names, so the caches are bounded (least
+recently used first out, as mitmproxy's STORE_CAP), and a name the policy
+refuses gets no leaf at all: one fixed refusal certificate answers them all.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import ipaddress
 import os
 import ssl
 import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Generic, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,6 +29,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_NAME = "Sandbox MITM CA"
 UPSTREAM_CA_ENV = "MATCHLOCK_UPSTREAM_CA_FILE"
+CACHE_SIZE = 100
+# Matches no real name (RFC 6761 .invalid): a verifying guest rejects it, which is the point.
+REFUSAL_NAME = "refused.matchlock.invalid"
 
 
 def _name(common_name: str) -> x509.Name:
@@ -35,8 +45,35 @@ def _pem_key(key) -> bytes:
     )
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _LRU(Generic[K, V]):
+    """A mapping that forgets its least recently used entry beyond `size`."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class CertificateAuthority:
-    def __init__(self) -> None:
+    def __init__(self, cache_size: int = CACHE_SIZE) -> None:
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         self._not_before = now - datetime.timedelta(minutes=5)
@@ -68,14 +105,24 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         self.pem = self.certificate.public_bytes(serialization.Encoding.PEM).decode()
-        self._contexts: dict[tuple[str, tuple[str, ...]], ssl.SSLContext] = {}
-        self._leaves: dict[str, tuple[bytes, bytes]] = {}
+        self._contexts: _LRU[tuple[str, tuple[str, ...]], ssl.SSLContext] = _LRU(cache_size)
+        self._leaves: _LRU[str, tuple[bytes, bytes]] = _LRU(cache_size)
+        self._refusal: ssl.SSLContext | None = None
         self._lock = threading.Lock()
+
+    @property
+    def cached_names(self) -> int:
+        """How many minted leaves are held (bounded by the cache size)."""
+        return len(self._leaves)
 
     def _leaf(self, server_name: str) -> tuple[bytes, bytes]:
         cached = self._leaves.get(server_name)
-        if cached is not None:
-            return cached
+        if cached is None:
+            cached = self._mint(server_name)
+            self._leaves.put(server_name, cached)
+        return cached
+
+    def _mint(self, server_name: str) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
         try:
             alternative: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(server_name))
@@ -97,8 +144,7 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         chain = certificate.public_bytes(serialization.Encoding.PEM) + self.pem.encode()
-        self._leaves[server_name] = (chain, _pem_key(key))
-        return self._leaves[server_name]
+        return chain, _pem_key(key)
 
     def server_context(self, server_name: str, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
         """A server-side context presenting a certificate for `server_name`."""
@@ -107,14 +153,27 @@ class CertificateAuthority:
             context = self._contexts.get(key)
             if context is not None:
                 return context
-            chain, private_key = self._leaf(server_name)
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            _load_chain(context, chain, private_key)
-            if alpn:
-                context.set_alpn_protocols(list(alpn))
-            self._contexts[key] = context
+            context = _server_context(*self._leaf(server_name), alpn)
+            self._contexts.put(key, context)
             return context
+
+    def refusal_context(self) -> ssl.SSLContext:
+        """The one context for every name the policy refuses: minting nothing per name keeps the
+        guest from growing host memory one SNI at a time. A guest that does not verify still
+        reads the 403 that follows."""
+        with self._lock:
+            if self._refusal is None:
+                self._refusal = _server_context(*self._mint(REFUSAL_NAME), ())
+            return self._refusal
+
+
+def _server_context(chain: bytes, private_key: bytes, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(context, chain, private_key)
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    return context
 
 
 def _load_chain(context: ssl.SSLContext, chain: bytes, key: bytes) -> None:
@@ -132,18 +191,25 @@ def _load_chain(context: ssl.SSLContext, chain: bytes, key: bytes) -> None:
             os.close(fd)
 
 
-_upstream_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
+class UpstreamTLS:
+    """Client contexts that verify upstream servers: system roots plus an optional extra bundle
+    (stand-in servers in tests), one context per ALPN offer, owned by one proxy."""
 
+    def __init__(self, extra_ca_file: str | None = None) -> None:
+        self.extra_ca_file = extra_ca_file
+        self._contexts: dict[tuple[str, ...], ssl.SSLContext] = {}  # at most a few ALPN offers
 
-def upstream_context(alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
-    """Client context verifying upstream servers: system roots plus an optional extra bundle."""
-    context = _upstream_contexts.get(alpn)
-    if context is None:
-        context = ssl.create_default_context()
-        extra = os.environ.get(UPSTREAM_CA_ENV)
-        if extra:
-            context.load_verify_locations(cafile=extra)
-        if alpn:
-            context.set_alpn_protocols(list(alpn))
-        _upstream_contexts[alpn] = context
-    return context
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> UpstreamTLS:
+        return cls(environ.get(UPSTREAM_CA_ENV) or None)
+
+    def context(self, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+        context = self._contexts.get(alpn)
+        if context is None:
+            context = ssl.create_default_context()
+            if self.extra_ca_file:
+                context.load_verify_locations(cafile=self.extra_ca_file)
+            if alpn:
+                context.set_alpn_protocols(list(alpn))
+            self._contexts[alpn] = context
+        return context

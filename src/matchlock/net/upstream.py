@@ -1,8 +1,9 @@
 """Dial the real servers, from the owner's own namespace, through the policy.
 
 Names are resolved on the host, and the addresses are checked *before* the
-dial: the address that is connected to is the address that was checked, so
-a DNS answer that flips to a private address (rebinding) gains nothing.
+dial, against the host's own addresses as they are at that moment: the
+address that is connected to is the address that was checked, so a DNS
+answer that flips to a private or host address (rebinding) gains nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 from ..policy.engine import Blocked, NetworkPolicy
 from ..policy.hosts import is_ip_literal, normalise_host
-from .tls import upstream_context
+from .local import host_addresses
+from .tls import UpstreamTLS
 
 CONNECT_TIMEOUT = 30.0
 
@@ -45,25 +47,29 @@ async def resolve(host: str, port: int) -> list[str]:
         raise UpstreamError(f"cannot resolve {host}: {exc.strerror}") from None
     addresses: list[str] = []
     for family, *_, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in addresses:
-            addresses.append(sockaddr[0])
+        address = str(sockaddr[0])
+        if family in (socket.AF_INET, socket.AF_INET6) and address not in addresses:
+            addresses.append(address)
     return addresses
 
 
 async def connect(
-    policy: NetworkPolicy, host: str, port: int, *, tls: bool = False, alpn: tuple[str, ...] = ()
+    policy: NetworkPolicy, host: str, port: int, *, tls: UpstreamTLS | None = None, alpn: tuple[str, ...] = ()
 ) -> Upstream:
+    """Dial `host` over TLS when given the contexts to verify it with, else plain TCP."""
     host = normalise_host(host)
     addresses = await resolve(host, port)
-    usable = policy.usable_addresses(addresses)
+    usable = policy.usable_addresses(addresses, host_addresses(), port)
     if not usable:
-        raise Blocked(f"{host} resolves only to private or local addresses ({', '.join(addresses[:3])})")
+        raise Blocked(
+            f"{host} resolves only to private or local addresses, or the host's own ({', '.join(addresses[:3])})"
+        )
     errors = []
     for address in usable:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
-                    address, port, ssl=upstream_context(alpn) if tls else None, server_hostname=host if tls else None,
+                    address, port, ssl=tls.context(alpn) if tls else None, server_hostname=host if tls else None,
                     limit=256 * 1024,
                 ),
                 CONNECT_TIMEOUT,

@@ -8,9 +8,17 @@ Replacements are literal and applied in order.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from ..api.network import BodyReplacement
 
 DATA_PREFIX = b"data:"
+
+
+class BodyFilter(Protocol):
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
 
 
 def replace_all(data: bytes, replacements) -> bytes:

@@ -1,10 +1,13 @@
 """The network policy of one sandbox: who may be reached, and what is added on the way out.
 
 The proxy asks this engine three things for every connection or request:
-- may this name be reached (allow-list globs; an empty list allows all)?
-- may this address be dialled (private, loopback, link-local and ULA ranges
-  are refused in every mode, checked on the address actually dialled, so a
-  DNS answer that changes between lookups gains nothing)?
+- may this name be reached, on this port (allow-list globs, each optionally
+  `:PORT` for that port only; an empty list allows all)?
+- may this address be dialled (the host's own addresses, loopback, "this
+  network", broadcast and multicast are refused in every mode; private,
+  link-local and ULA ranges unless private addresses are allowed; always
+  checked on the address actually dialled, so a DNS answer that changes
+  between lookups gains nothing)?
 - what does the request look like after interception rules and secret
   substitution, or must it be refused (403)?
 
@@ -16,15 +19,20 @@ else blocks the request.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets as random_tokens
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..api.events import NetworkEvent
 from ..api.network import PLACEHOLDER_PREFIX, NetworkConfig, validate_host_glob
-from .hosts import any_glob_matches, is_blocked_address, normalise_host
+from .hosts import Address, any_entry_matches, is_blocked_address, is_match_all, is_never_dialled, normalise_host
+
+if TYPE_CHECKING:
+    from .body_filters import BodyFilter
+    from .rules import InterceptionRules
 
 
 class Blocked(Exception):
@@ -75,7 +83,12 @@ class _Secret:
 
 
 class NetworkPolicy:
-    def __init__(self, network: NetworkConfig, emit: Callable[[NetworkEvent], None] | None = None) -> None:
+    def __init__(
+        self,
+        network: NetworkConfig,
+        emit: Callable[[NetworkEvent], None] | None = None,
+        rules: InterceptionRules | None = None,
+    ) -> None:
         self.block_private = network.block_private_ips
         self.intercepting = network.intercepting
         self._emit = emit
@@ -90,7 +103,7 @@ class NetworkPolicy:
         for secret in self._secrets:
             hosts += [h for h in secret.hosts if h not in hosts]
         self._allowed: list[str] = hosts
-        self.rules = None  # interception rules engine, attached by the proxy when configured
+        self._rules = rules
 
     @staticmethod
     def _new_placeholder() -> str:
@@ -120,40 +133,50 @@ class NetworkPolicy:
             self._allowed = [h for h in self._allowed if h not in wanted]
         return removed
 
-    def host_allowed(self, host: str) -> bool:
+    def host_allowed(self, host: str, port: int | None = None) -> bool:
+        """`port=None` asks about the name alone (DNS): an entry for any port of it will do."""
         patterns = self.allowed_hosts
-        return not patterns or any_glob_matches(patterns, host)
+        return not patterns or any_entry_matches(patterns, host, port)
 
-    def explicitly_allowed(self, host: str) -> bool:
-        """Named by the allow-list itself (not merely allowed because the list is empty)."""
-        patterns = self.allowed_hosts
-        return bool(patterns) and any_glob_matches([p for p in patterns if p != "*"], host)
+    def explicitly_allowed(self, host: str, port: int | None = None) -> bool:
+        """Named by the allow-list itself (not merely allowed because the list is empty, or by `*`)."""
+        return any_entry_matches([p for p in self.allowed_hosts if not is_match_all(p)], host, port)
 
-    def check_host(self, host: str) -> None:
-        if not self.host_allowed(host):
-            raise Blocked(f"host {normalise_host(host)} is not in the allow-list")
+    def check_host(self, host: str, port: int | None = None) -> None:
+        if self.host_allowed(host, port):
+            return
+        if port is not None and self.host_allowed(host):  # the list names this host, on other ports only
+            raise Blocked(f"host {normalise_host(host)} port {port} is not in the allow-list")
+        raise Blocked(f"host {normalise_host(host)} is not in the allow-list")
 
-    def address_allowed(self, address: str) -> bool:
-        """A private address is dialled only when the allow-list names it explicitly."""
-        if not self.block_private or not is_blocked_address(address):
-            return True
-        return self.explicitly_allowed(address)
+    def address_allowed(
+        self, address: str, host_addresses: frozenset[Address] = frozenset(), port: int | None = None
+    ) -> bool:
+        """Whether `address` may be dialled.
 
-    def check_address(self, address: str) -> None:
-        if not self.address_allowed(address):
-            raise Blocked(f"{address} is a private or local address")
+        The host's own addresses (`host_addresses`, read by the caller as it
+        dials: interfaces change) and the NEVER_DIALLED ranges are refused in
+        every mode; private ranges while block_private_ips is on. The
+        allow-list naming the address explicitly overrides both."""
+        if is_never_dialled(address, host_addresses) or (self.block_private and is_blocked_address(address)):
+            return self.explicitly_allowed(address, port)
+        return True
 
-    def usable_addresses(self, addresses) -> list[str]:
-        return [a for a in addresses if self.address_allowed(a)]
+    def check_address(
+        self, address: str, host_addresses: frozenset[Address] = frozenset(), port: int | None = None
+    ) -> None:
+        if not self.address_allowed(address, host_addresses, port):
+            raise Blocked(f"{address} is a private or local address, or one of the host's own")
+
+    def usable_addresses(
+        self, addresses, host_addresses: frozenset[Address] = frozenset(), port: int | None = None
+    ) -> list[str]:
+        return [a for a in addresses if self.address_allowed(a, host_addresses, port)]
 
     # --- secrets -------------------------------------------------------------------
 
     def guest_environment(self) -> dict[str, str]:
         return {s.name: s.placeholder for s in self._secrets}
-
-    @property
-    def secret_names(self) -> list[str]:
-        return [s.name for s in self._secrets]
 
     def apply_secrets(self, request: HttpRequest) -> None:
         """Swap placeholders for values, in place; raise Blocked on a placeholder sent elsewhere."""
@@ -162,7 +185,7 @@ class NetworkPolicy:
             in_url = secret.placeholder in request.target or secret.placeholder in request.host
             if not (in_headers or in_url):
                 continue
-            if secret.hosts and not any_glob_matches(secret.hosts, request.host):
+            if secret.hosts and not any_entry_matches(secret.hosts, request.host, request.port):
                 raise Blocked(f"secret placeholder of {secret.name} sent to unauthorized host {request.host}")
             request.headers = [(k, v.replace(secret.placeholder, secret.value)) for k, v in request.headers]
             request.query = request.query.replace(secret.placeholder, secret.value)
@@ -179,34 +202,24 @@ class NetworkPolicy:
         """Before-rules, then secrets (so placeholders set by a rule are substituted too).
 
         Async because a rule may wait for an SDK callback."""
-        self.check_host(request.host)
-        if self.rules is not None:
-            await self.rules.before(request)
+        self.check_host(request.host, request.port)
+        if self._rules is not None:
+            await self._rules.before(request)
         self.apply_secrets(request)
         return request
 
-    async def prepare_response(self, request: HttpRequest, status: int, headers: list[tuple[str, str]]):
+    async def prepare_response(
+        self, request: HttpRequest, status: int, headers: list[tuple[str, str]]
+    ) -> tuple[list[tuple[str, str]], BodyFilter | None]:
         """After-rules: the headers to send to the guest and an optional body filter
-        (`feed(bytes) -> bytes`, `finish() -> bytes`), or None to stream the body untouched."""
-        if self.rules is None:
+        (None streams the body untouched)."""
+        if self._rules is None:
             return headers, None
-        return await self.rules.after(request, status, headers)
+        return await self._rules.after(request, status, headers)
 
-    def event(self, *, method: str = "", url: str = "", host: str = "", status: int = 0, request_bytes: int = 0,
-              response_bytes: int = 0, started: float | None = None, blocked: bool = False,
-              reason: str = "") -> None:  # fmt: skip
+    def record(self, event: NetworkEvent) -> None:
+        """Emit a network event, with secret values redacted from everything it says."""
         if self._emit is None:
             return
-        self._emit(
-            NetworkEvent(
-                method=method,
-                url=self.redact(url),
-                host=normalise_host(host),
-                status_code=status,
-                request_bytes=request_bytes,
-                response_bytes=response_bytes,
-                duration_ms=int((time.monotonic() - started) * 1000) if started else 0,
-                blocked=blocked,
-                block_reason=self.redact(reason),
-            )
-        )
+        self._emit(dataclasses.replace(event, url=self.redact(event.url), host=normalise_host(event.host),
+                                       block_reason=self.redact(event.block_reason)))  # fmt: skip

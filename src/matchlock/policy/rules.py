@@ -4,8 +4,10 @@ Semantics follow matchlock's network hooks (contract 5.7). Rules are
 compiled once; only effective ones (block, mutations, or a callback) are
 kept. A before-rule may block the request or rewrite its headers, query and
 path; an after-rule may block the response or rewrite its headers and body.
-Callbacks go to the SDK over a Unix socket, one JSON line each way, with a
-deadline; any failure skips the rule (fail open), as in matchlock.
+Callbacks go to the SDK through an injected `CallbackTransport` (one JSON
+line each way, sdk-wire 5.1; the Unix-socket client is `net.callbacks`),
+under the rule's deadline; any failure skips the rule (fail open), as in
+matchlock. This module does no I/O of its own.
 
 The engine runs secret substitution after the before-rules, so callbacks
 only ever see placeholders: the after phase uses the snapshot taken at the
@@ -22,15 +24,15 @@ import functools
 import json
 import re
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
-from ..api.network import BodyReplacement, InterceptionConfig, InterceptionRule
-from .body_filters import BufferedReplace, SetBody, SSEDataReplace
+from ..api.network import BodyReplacement, InterceptionConfig, InterceptionRule, RuleAction, RulePhase
+from .body_filters import BodyFilter, BufferedReplace, SetBody, SSEDataReplace
 from .engine import Blocked, HttpRequest
-from .hosts import any_glob_matches
+from .hosts import any_entry_matches
 
 DEFAULT_CALLBACK_TIMEOUT_MS = 5000
-MAX_CALLBACK_REPLY = 32 * 1024 * 1024
 # Routing and framing belong to the proxy: rules and callbacks cannot change
 # them (a dropped Content-Length would desynchronise the connection).
 PROTECTED_REQUEST_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
@@ -157,8 +159,8 @@ def is_event_stream(headers: Headers) -> bool:
 
 @dataclass(frozen=True)
 class CompiledRule:
-    phase: str
-    action: str
+    phase: RulePhase
+    action: RuleAction
     callback_id: str
     timeout: float  # seconds
     hosts: tuple[str, ...]
@@ -181,7 +183,7 @@ class CompiledRule:
         return bool(self.set_response_headers or self.delete_response_headers or self.body_replacements)
 
     def matches(self, request: HttpRequest) -> bool:
-        if self.hosts and not any_glob_matches(self.hosts, request.host):
+        if self.hosts and not any_entry_matches(self.hosts, request.host, request.port):
             return False
         if self.methods and request.method.upper() not in self.methods:
             return False
@@ -199,16 +201,13 @@ def _unique(names, transform=lambda n: n) -> tuple[str, ...]:
 
 def compile_rule(rule: InterceptionRule) -> CompiledRule | None:
     """The rule as the engine runs it, or None when it would do nothing."""
-    phase = "after" if rule.phase.strip().lower() == "after" else "before"
-    action = rule.action.strip().lower()
-    action = action if action in ("block", "mutate") else "allow"
 
     def header_map(mapping: dict[str, str]) -> tuple[tuple[str, str], ...]:
         return tuple({canonical_header_key(k): v for k, v in mapping.items() if k.strip()}.items())
 
     compiled = CompiledRule(
-        phase=phase,
-        action=action,
+        phase=rule.phase,  # typed and validated by InterceptionRule itself
+        action=rule.action,
         callback_id=rule.callback_id.strip(),
         timeout=(rule.timeout_ms or DEFAULT_CALLBACK_TIMEOUT_MS) / 1000,
         hosts=_unique(rule.hosts),
@@ -271,15 +270,44 @@ def _section(reply: dict, key: str) -> dict:
     return section or {}
 
 
-def _action(reply: dict, has_mutations: bool) -> str:
+def _action(reply: dict, has_mutations: bool) -> RuleAction:
+    """The SDK's verdict (its own JSON, so read leniently): block, mutate, or allow."""
     action = str(reply.get("action") or "").strip().lower()
-    action = action if action in ("block", "mutate") else "allow"
-    return "mutate" if action == "allow" and has_mutations else action
+    if action == "block":
+        return "block"
+    return "mutate" if action == "mutate" or has_mutations else "allow"
+
+
+class CallbackTransport(Protocol):
+    """One round trip to the SDK's hook server: send one JSON line, return the one line it answers
+    (b"" when it closes without one). Raises OSError when the server cannot be reached."""
+
+    async def round_trip(self, line: bytes) -> bytes: ...
+
+
+def hook_request(rule: CompiledRule, phase: RulePhase, request: HttpRequest, status: int = 0,
+                 response_headers: Headers | None = None) -> dict:  # fmt: skip
+    """The callback request of sdk-wire 5.1; empty fields are left out, as Go's `omitempty` does."""
+    query: dict[str, str] = {}
+    for key, value in parse_qsl(request.query, keep_blank_values=True):
+        query.setdefault(key, value)
+    fields = {
+        "host": request.host,
+        "method": request.method,
+        "path": unquote(request.path) or "/",
+        "query": query,
+        "request_headers": _grouped(request.headers, {"host"}),
+        "status_code": status,
+        "response_headers": _grouped(response_headers or []),
+        "is_sse": is_event_stream(response_headers or []),
+    }
+    return {"callback_id": rule.callback_id, "phase": phase, **{k: v for k, v in fields.items() if v}}
 
 
 class InterceptionRules:
-    def __init__(self, config: InterceptionConfig) -> None:
-        self.callback_socket = config.callback_socket
+    def __init__(self, config: InterceptionConfig, callbacks: CallbackTransport | None = None) -> None:
+        """`callbacks` reaches the SDK; without it, callback rules are skipped (fail open)."""
+        self._callbacks = callbacks
         compiled = [compile_rule(rule) for rule in config.rules]
         self.rules = tuple(rule for rule in compiled if rule is not None)
         self._before = tuple(r for r in self.rules if r.phase == "before")
@@ -318,7 +346,7 @@ class InterceptionRules:
             request.path = _encode_path(rule.rewrite_path)
 
     async def _before_callback(self, request: HttpRequest, rule: CompiledRule) -> None:
-        reply = await self._invoke(rule, self._callback_request(rule, "before", request))
+        reply = await self._invoke(rule, hook_request(rule, "before", request))
         if reply is None:
             return
         try:
@@ -343,7 +371,7 @@ class InterceptionRules:
 
     # --- after -----------------------------------------------------------------------
 
-    async def after(self, request: HttpRequest, status: int, headers: Headers):
+    async def after(self, request: HttpRequest, status: int, headers: Headers) -> tuple[Headers, BodyFilter | None]:
         """Apply after-rules: returns (headers, body filter or None); raises Blocked."""
         original_framing = [(k, v) for k, v in headers if k.lower() in FRAMING_RESPONSE_HEADERS]
         replacements: list[BodyReplacement] = []
@@ -384,7 +412,7 @@ class InterceptionRules:
     async def _after_callback(self, request: HttpRequest, rule: CompiledRule, status: int, headers: Headers):
         """(headers full replacement or None, new body or None, extra replacements), or None to skip."""
         visible = request.before_secrets or request
-        payload = self._callback_request(rule, "after", visible, status, headers)
+        payload = hook_request(rule, "after", visible, status, headers)
         reply = await self._invoke(rule, payload)
         if reply is None:
             return None
@@ -415,42 +443,16 @@ class InterceptionRules:
 
     # --- callbacks -------------------------------------------------------------------
 
-    @staticmethod
-    def _callback_request(rule: CompiledRule, phase: str, request: HttpRequest, status: int = 0,
-                          response_headers: Headers | None = None) -> dict:  # fmt: skip
-        query: dict[str, str] = {}
-        for key, value in parse_qsl(request.query, keep_blank_values=True):
-            query.setdefault(key, value)
-        return {
-            "callback_id": rule.callback_id,
-            "phase": phase,
-            "host": request.host,
-            "method": request.method,
-            "path": unquote(request.path) or "/",
-            "query": query,
-            "request_headers": _grouped(request.headers, {"host"}),
-            "status_code": status,
-            "response_headers": _grouped(response_headers or []),
-            "is_sse": is_event_stream(response_headers or []),
-        }
-
     async def _invoke(self, rule: CompiledRule, payload: dict) -> dict | None:
-        """One round trip to the SDK; None on any failure, timeout or `error` reply."""
-        if not self.callback_socket:
+        """One round trip to the SDK; None on any failure, timeout or `error` reply (fail open)."""
+        if self._callbacks is None:
             return None
-        writer = None
         try:
             async with asyncio.timeout(rule.timeout):
-                reader, writer = await asyncio.open_unix_connection(self.callback_socket, limit=MAX_CALLBACK_REPLY)
-                writer.write(json.dumps(payload).encode() + b"\n")
-                await writer.drain()
-                line = await reader.readline()
+                line = await self._callbacks.round_trip(json.dumps(payload).encode() + b"\n")
             reply = json.loads(line)
-        except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
+        except (OSError, TimeoutError, ValueError):
             return None
-        finally:
-            if writer is not None:
-                writer.close()
         if not isinstance(reply, dict) or reply.get("error"):
             return None
         return reply

@@ -2,42 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..api.errors import FileOperationError, GuestProtocolError
 from ..vm.channel import GuestChannel, GuestStream
 from ..wire import agent as msgs
-from ..wire.mux import STDIN, STDOUT, ChannelEnded, DataReceived, MessageReceived, StreamClosed, StreamReset
+from ..wire.mux import STDIN, DataReceived, StreamReset
+from ..wire.replies import FileReplies, OpError, Result
 
 
-async def _final_reply(stream: GuestStream, on_data=None) -> dict:
-    """Pump a file stream until the guest closes it; return its last reply."""
-    reply: dict | None = None
+async def _final_reply(stream: GuestStream, op: str, on_data: Callable[[bytes], None] | None = None) -> Result:
+    """Pump a file stream until the guest closes it; return its result."""
+    replies = FileReplies(op)  # the grammar of the op's stream, checked on every event
     try:
-        while True:
-            event = await stream.next_event()
-            if isinstance(event, DataReceived):
-                if on_data is None or event.channel != STDOUT:
-                    raise GuestProtocolError("the guest sent unexpected data on a file stream")
-                on_data(event.data)
-                stream.consumed(len(event.data))
-            elif isinstance(event, MessageReceived):
-                if reply is not None:
-                    raise GuestProtocolError("the guest sent two replies on a file stream")
-                reply = event.message
-            elif isinstance(event, StreamReset):
-                raise FileOperationError(f"the guest aborted the file operation: {event.reason}")
-            elif isinstance(event, StreamClosed):
-                break
-            elif isinstance(event, ChannelEnded):
-                continue
+        while not replies.done:
+            outcome = await stream.next_reply(replies)
+            if isinstance(outcome, DataReceived):
+                assert on_data is not None  # only read_file's grammar allows data
+                on_data(outcome.data)
+                stream.consumed(len(outcome.data))
+            elif isinstance(outcome, StreamReset):
+                raise FileOperationError(f"the guest aborted the file operation: {outcome.reason}")
     finally:
         stream.close()
-    if reply is None:
-        raise GuestProtocolError("the guest closed a file stream without a reply")
-    if reply.get("type") == msgs.REPLY_ERROR:
-        raise FileOperationError(str(reply.get("message", "file operation failed"))[:4096])
-    if reply.get("type") != msgs.REPLY_RESULT:
-        raise GuestProtocolError(f"unexpected file reply {str(reply.get('type'))[:40]!r}")
-    return reply
+    if isinstance(replies.final, OpError):
+        raise FileOperationError(replies.final.message)
+    assert isinstance(replies.final, Result)
+    return replies.final
 
 
 async def write_file(channel: GuestChannel, path: str, content: bytes, mode: int = 0o644) -> None:
@@ -51,7 +42,7 @@ async def write_file(channel: GuestChannel, path: str, content: bytes, mode: int
     except Exception:
         if not stream.closed_by_guest:
             raise
-    await _final_reply(stream)
+    await _final_reply(stream, msgs.OP_WRITE_FILE)
 
 
 async def read_file(channel: GuestChannel, path: str) -> bytes:
@@ -68,7 +59,7 @@ async def read_file(channel: GuestChannel, path: str) -> bytes:
             stream.reset("read_file limit exceeded")
             raise GuestProtocolError(f"the guest sent more than {msgs.READ_FILE_LIMIT} bytes for read_file")
 
-    await _final_reply(stream, on_data)
+    await _final_reply(stream, msgs.OP_READ_FILE, on_data)
     return bytes(content)
 
 
@@ -77,15 +68,13 @@ async def list_files(channel: GuestChannel, path: str) -> list[msgs.FileInfo]:
     msgs.PathRequest.parse(request.to_wire())
     stream = channel.open(request.to_wire())
     stream.finish_sending()
-    reply = await _final_reply(stream)
-    try:
-        return msgs.parse_files(reply)
-    except ValueError as exc:
-        raise GuestProtocolError(f"malformed file list from the guest: {exc}") from None
+    result = await _final_reply(stream, msgs.OP_LIST_FILES)
+    assert result.files is not None  # FileReplies requires the listing
+    return list(result.files)
 
 
 async def ping(channel: GuestChannel) -> None:
     """One round trip through the agent (liveness and latency checks)."""
-    stream = channel.open({"op": msgs.OP_PING})
+    stream = channel.open(msgs.PingRequest().to_wire())
     stream.finish_sending()
-    await _final_reply(stream)
+    await _final_reply(stream, msgs.OP_PING)

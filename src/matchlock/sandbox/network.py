@@ -3,33 +3,47 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..api.events import NetworkEvent
 from ..api.network import NetworkConfig
 from ..net import namespace as ns
 from ..net.proxy import NetworkProxy
+from ..net.tls import UpstreamTLS
 from ..policy.engine import NetworkPolicy
 from ..vm.machine import MachineNetwork
 from ..wire.agent import GuestNetwork
+from ..wire.boot import CA_PATH
 
-CA_PATH = "/etc/ssl/certs/matchlock-ca.crt"
+if TYPE_CHECKING:
+    from ..policy.rules import InterceptionRules
+
 CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
+
+
+def _interception_rules(config: NetworkConfig) -> InterceptionRules | None:
+    """The rules engine, with the SDK's hook socket as its callback transport; None without rules."""
+    if config.interception is None or not config.interception.rules:
+        return None
+    from ..net.callbacks import UnixCallbackClient  # only sandboxes with rules pay for these
+    from ..policy.rules import InterceptionRules
+
+    socket_path = config.interception.callback_socket
+    return InterceptionRules(config.interception, callbacks=UnixCallbackClient(socket_path) if socket_path else None)
 
 
 class SandboxNetwork:
     def __init__(self, config: NetworkConfig, emit: Callable[[NetworkEvent], None]) -> None:
         self.config = config
-        self.policy = NetworkPolicy(config, emit)
+        self.policy = NetworkPolicy(config, emit, rules=_interception_rules(config))
         self.namespace = ns.SandboxNamespace(config.mtu)
         self.proxy: NetworkProxy | None = None
 
     async def start(self) -> None:
         self.namespace.create()
-        if self.config.interception is not None and self.config.interception.rules:
-            from ..policy.rules import InterceptionRules  # only sandboxes with rules pay for it
-
-            self.policy.rules = InterceptionRules(self.config.interception)
-        self.proxy = NetworkProxy(self.namespace, self.policy, list(self.config.dns_servers))
+        # Read once per sandbox: stand-in servers in tests are trusted through this variable.
+        upstream_tls = UpstreamTLS.from_environment()
+        self.proxy = NetworkProxy(self.namespace, self.policy, list(self.config.dns_servers), upstream_tls=upstream_tls)
         await self.proxy.start()
 
     @property
@@ -59,7 +73,11 @@ class SandboxNetwork:
         env.update(self.policy.guest_environment())
         return env
 
-    async def close(self) -> None:
-        if self.proxy is not None:
-            await self.proxy.close()
-        self.namespace.close()
+    async def aclose(self) -> None:
+        """Proxy first (its connections end), then the namespace; idempotent, and the namespace is
+        released even when closing the proxy fails."""
+        try:
+            if self.proxy is not None:
+                await self.proxy.aclose()
+        finally:
+            await self.namespace.aclose()

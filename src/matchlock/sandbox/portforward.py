@@ -4,6 +4,10 @@ Each accepted connection is one multiplexed stream to `127.0.0.1:<remote>`
 in the guest; bytes are flow-controlled like any other stream, and a
 half-close on either side is passed on, so request/response protocols that
 signal the end of a request with EOF work.
+
+Every connection task belongs to the PortForwarder's TaskGroup, and each
+connection's upload task to a TaskGroup of its own: `aclose()` stops the
+listeners, cancels the connections and returns only when all have ended.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from dataclasses import dataclass
 from ..api.errors import MatchlockError, UsageError
 from ..vm.channel import GuestStream
 from ..wire import agent as msgs
-from ..wire.mux import STDIN, STDOUT, ChannelEnded, DataReceived, MessageReceived, StreamClosed, StreamReset
+from ..wire.mux import STDIN, ChannelEnded, DataReceived, StreamReset
+from ..wire.replies import OpError, PortForwardReplies, Started
 
 READ_SIZE = 64 * 1024
 
@@ -67,9 +72,20 @@ class Binding:
 
 async def forward_connection(open_stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                              remote_port: int) -> None:  # fmt: skip
-    """Relay one local connection to the guest's 127.0.0.1:remote_port."""
+    """Relay one local connection to the guest's 127.0.0.1:remote_port, until either side ends it."""
     stream: GuestStream = open_stream(msgs.PortForwardRequest(remote_port).to_wire())
+    try:
+        async with asyncio.TaskGroup() as group:
+            await _relay(stream, reader, writer, group)
+    except* (OSError, MatchlockError):
+        pass  # this connection ends; the listener and the sandbox go on
+    finally:
+        stream.close()
+        writer.close()
 
+
+async def _relay(stream: GuestStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 group: asyncio.TaskGroup) -> None:  # fmt: skip
     async def upload() -> None:
         while data := await reader.read(READ_SIZE):
             await stream.send(STDIN, data)
@@ -77,44 +93,41 @@ async def forward_connection(open_stream, reader: asyncio.StreamReader, writer: 
         stream.finish_sending()
 
     uploading = None
+    replies = PortForwardReplies()  # the grammar of a port-forward stream, checked on every event
     try:
-        while True:
-            event = await stream.next_event()
-            if isinstance(event, MessageReceived):
-                kind = event.message.get("type")
-                if kind == msgs.REPLY_STARTED and uploading is None:
-                    uploading = asyncio.ensure_future(upload())
-                elif kind == msgs.REPLY_ERROR:
-                    return
-            elif isinstance(event, DataReceived) and event.channel == STDOUT:
-                writer.write(event.data)
+        while not replies.done:
+            outcome = await stream.next_reply(replies)
+            if isinstance(outcome, Started):
+                uploading = group.create_task(upload())
+            elif isinstance(outcome, DataReceived):
+                writer.write(outcome.data)
                 await writer.drain()
-                stream.consumed(len(event.data))
-            elif isinstance(event, ChannelEnded) and event.channel == STDOUT:
+                stream.consumed(len(outcome.data))
+            elif isinstance(outcome, ChannelEnded):
                 with contextlib.suppress(OSError, RuntimeError):
                     if writer.can_write_eof():
                         writer.write_eof()
-            elif isinstance(event, (StreamClosed, StreamReset)):
-                return
-    except (ConnectionError, MatchlockError):
-        pass
+            elif isinstance(outcome, (OpError, StreamReset)):
+                return  # the guest could not connect, or gave up: drop the local connection
     finally:
-        if uploading is not None and not uploading.done():
-            uploading.cancel()
-        stream.close()
-        writer.close()
+        if uploading is not None:
+            uploading.cancel()  # the guest is done, so is anything left to upload
 
 
 class PortForwarder:
-    """The listeners of one set of forwards; `close()` stops them all."""
+    """The listeners of one set of forwards and their connections; `aclose()` stops them all."""
 
     def __init__(self, open_stream) -> None:
         self.open_stream = open_stream
         self.servers: list[asyncio.AbstractServer] = []
         self.bindings: list[Binding] = []
+        self._tasks = contextlib.AsyncExitStack()
+        self._group: asyncio.TaskGroup | None = None
         self._connections: set[asyncio.Task] = set()
+        self._closed = False
 
     async def start(self, specs: list[ForwardSpec], addresses: list[str]) -> list[Binding]:
+        self._group = await self._tasks.enter_async_context(asyncio.TaskGroup())
         seen = set()
         try:
             for spec in specs:
@@ -125,18 +138,19 @@ class PortForwarder:
                     seen.add(key)
                     await self._listen(address, spec)
         except BaseException:
-            await self.close()
+            await self.aclose()
             raise
         return self.bindings
 
     async def _listen(self, address: str, spec: ForwardSpec) -> None:
-        async def handle(reader, writer) -> None:
-            task = asyncio.current_task()
+        def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # The server's own task ends at once; the connection lives in our group.
+            if self._closed or self._group is None:
+                writer.close()
+                return
+            task = self._group.create_task(forward_connection(self.open_stream, reader, writer, spec.remote_port))
             self._connections.add(task)
-            try:
-                await forward_connection(self.open_stream, reader, writer, spec.remote_port)
-            finally:
-                self._connections.discard(task)
+            task.add_done_callback(self._connections.discard)
 
         try:
             server = await asyncio.start_server(handle, address, spec.local_port, reuse_address=True)
@@ -148,9 +162,18 @@ class PortForwarder:
         self.servers.append(server)
         self.bindings.append(Binding(address, spec.local_port, spec.remote_port))
 
-    async def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        for task in list(self._connections):
-            task.cancel()
-        self.servers.clear()
+    async def aclose(self) -> None:
+        """Stop listening and end every connection. Idempotent; it releases even if waiting fails."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for server in self.servers:
+                server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await self._tasks.aclose()  # returns once every connection task has ended
+        finally:
+            for server in self.servers:
+                server.close()
+            self.servers.clear()

@@ -13,10 +13,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..api.errors import ExecError, GuestProtocolError
+from ..api.errors import ExecError
 from ..vm.channel import GuestStream
 from ..wire import agent as msgs
-from ..wire.mux import STDERR, STDIN, STDOUT, ChannelEnded, DataReceived, MessageReceived, StreamClosed, StreamReset
+from ..wire.mux import STDERR, STDIN, STDOUT, DataReceived, StreamReset
+from ..wire.replies import ExecReplies, Exited, OpError, Started
 
 OutputCallback = Callable[[bytes], Awaitable[None] | None]
 
@@ -61,57 +62,33 @@ class GuestProcess:
     async def wait(self) -> ExecResult:
         if self._result is not None:
             return self._result
-        exit_reply: dict | None = None
+        replies = ExecReplies()  # the grammar of an exec stream, checked on every event
         try:
-            while True:
-                event = await self.stream.next_event()
-                if isinstance(event, DataReceived):
-                    await self._deliver(event)
-                elif isinstance(event, MessageReceived):
-                    exit_reply = self._on_message(event.message, exit_reply)
-                elif isinstance(event, ChannelEnded):
-                    continue
-                elif isinstance(event, StreamReset):
-                    raise ExecError(f"the guest aborted the command: {event.reason}")
-                elif isinstance(event, StreamClosed):
-                    if exit_reply is None:
-                        raise GuestProtocolError("the guest ended an exec stream without an exit status")
-                    break
+            while not replies.done:
+                outcome = await self.stream.next_reply(replies)
+                if isinstance(outcome, DataReceived):
+                    await self._deliver(outcome)
+                elif isinstance(outcome, Started):
+                    self.pid = outcome.pid
+                elif isinstance(outcome, OpError):
+                    raise ExecError(outcome.message)
+                elif isinstance(outcome, StreamReset):
+                    raise ExecError(f"the guest aborted the command: {outcome.reason}")
         finally:
             self.stream.close()
-        code, _ = msgs.parse_exit(exit_reply)
-        error = exit_reply.get("error")
+        exited = replies.final
+        assert isinstance(exited, Exited)  # the grammar ends an exec stream with exit, error or reset
         self._result = ExecResult(
-            exit_code=code,
+            exit_code=exited.code,
             duration_ms=int((time.monotonic() - self._started) * 1000),
-            error=str(error)[:4096] if error is not None else None,
+            error=exited.error,
         )
         return self._result
 
     async def _deliver(self, event: DataReceived) -> None:
-        if event.channel == STDIN:
-            raise GuestProtocolError("the guest sent data on the stdin channel")
         callback = self._callbacks[event.channel]
         if callback is not None:
             result = callback(event.data)
             if inspect.isawaitable(result):
-                await self.stream.guard(result)
+                await self.stream.unless_broken(result)
         self.stream.consumed(len(event.data))
-
-    def _on_message(self, message: dict, exit_reply: dict | None) -> dict | None:
-        kind = message.get("type")
-        if exit_reply is not None:
-            raise GuestProtocolError(f"the guest sent {str(kind)[:40]!r} after the exit status")
-        if kind == msgs.REPLY_STARTED:
-            pid = message.get("pid")
-            self.pid = pid if isinstance(pid, int) else None
-            return None
-        if kind == msgs.REPLY_EXIT:
-            try:
-                msgs.parse_exit(message)
-            except ValueError as exc:
-                raise GuestProtocolError(f"malformed exit status from the guest: {exc}") from None
-            return message
-        if kind == msgs.REPLY_ERROR:
-            raise ExecError(str(message.get("message", "exec failed"))[:4096])
-        raise GuestProtocolError(f"unexpected exec reply {str(kind)[:40]!r} from the guest")

@@ -8,32 +8,75 @@ with the reason and the tail of the console log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import math
 import os
 import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..api.config import DEFAULT_DNS_SERVERS, SandboxConfig, public_config
-from ..api.errors import SetupError, VMError
+from ..api.errors import SetupError, UsageError, VMError
+from ..api.events import NetworkEvent
 from ..api.image import ImageConfig
-from ..api.paths import vms_dir
+from ..api.paths import SandboxPaths
 from ..state import lifecycle as phases
 from ..state.store import StateStore
 from ..vm import snapshot
 from ..vm.accel import choose_accelerator, host_tsc_khz
-from ..vm.channel import GuestChannel
-from ..vm.machine import Disk, Machine, MachineSpec, console_tail
+from ..vm.channel import GuestChannel, GuestStream
+from ..vm.machine import Disk, Machine, MachineNetwork, MachineSpec, console_tail
 from ..wire import agent as msgs
-from . import files
+from ..wire import boot, jsonlite
+from ..wire.frames import MAX_PAYLOAD
+from . import disks, files
 from .process import ExecResult, GuestProcess, OutputCallback
 from .tracking import Tracker
 
-BOOT_TIMEOUT_SECONDS = float(os.environ.get("MATCHLOCK_BOOT_TIMEOUT", "60"))
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+if TYPE_CHECKING:  # imported lazily at run time: sandboxes without them never load them
+    from .network import SandboxNetwork
+    from .portforward import ForwardSpec, PortForwarder
+
+BOOT_TIMEOUT_ENV = "MATCHLOCK_BOOT_TIMEOUT"
+BOOT_TIMEOUT_SECONDS: float | None = None  # set to override $MATCHLOCK_BOOT_TIMEOUT (tests)
+
+
+def boot_timeout() -> float:
+    """Seconds to wait for the guest: `BOOT_TIMEOUT_SECONDS`, else $MATCHLOCK_BOOT_TIMEOUT, else 60.
+
+    Read when a sandbox starts, not at import: a bad value must not break `run --help`.
+    """
+    if BOOT_TIMEOUT_SECONDS is not None:
+        return BOOT_TIMEOUT_SECONDS
+    text = os.environ.get(BOOT_TIMEOUT_ENV, "").strip() or "60"
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"{BOOT_TIMEOUT_ENV}={text!r} is not a positive number of seconds; fix: unset it")
+    return seconds
+
+
+def validate_exec_request(request: msgs.ExecRequest) -> None:
+    """Refuse, in one line, what the guest would refuse or what cannot fit one agent frame."""
+    wire = request.to_wire()
+    try:
+        msgs.ExecRequest.parse(wire)
+    except ValueError as exc:
+        raise UsageError(f"invalid command: {exc}") from None
+    size = len(jsonlite.dumps(wire))
+    if size > MAX_PAYLOAD:
+        raise UsageError(
+            f"the command and its environment take {size} bytes, more than the {MAX_PAYLOAD} a command may; "
+            "fix: pass large data through stdin or a file"
+        )
 
 
 def new_vm_id() -> str:
@@ -42,8 +85,13 @@ def new_vm_id() -> str:
 
 def make_upper_disk(path: Path, size_mb: int) -> None:
     """A sparse ext4 of `size_mb`; no journal (the disk dies with the sandbox)."""
-    with open(path, "wb") as f:
-        f.truncate(size_mb * 1024 * 1024)
+    try:
+        with open(path, "wb") as f:
+            f.truncate(size_mb * 1024 * 1024)
+    except OSError as exc:
+        raise SetupError(
+            f"cannot create a {size_mb} MB sandbox disk in {path.parent}: {exc.strerror}; fix: a smaller --disk-size"
+        ) from None
     proc = subprocess.run(
         ["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
          "-E", "lazy_itable_init=1,lazy_journal_init=1", str(path)],
@@ -63,31 +111,50 @@ class ExecSpec:
     user: str = ""
 
 
+@dataclass(frozen=True)
+class PreparedExec:
+    """How an `ExecSpec` runs in the guest, after image defaults and the sandbox config."""
+
+    env: dict[str, str]
+    cwd: str
+    user: str
+
+
+def _exit_reason(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+class _MachineExited(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"the VM stopped during boot (QEMU exit code {code})")
+
+
 class Sandbox:
     def __init__(
         self, vm_id: str, config: SandboxConfig, directory: Path, image_config: ImageConfig, tracker: Tracker
     ) -> None:
         self.id = vm_id
         self.config = config
-        self.directory = directory
+        self.paths = SandboxPaths(directory)
         self.image_config = image_config
         self.tracker = tracker
         self.machine: Machine | None = None
         self.channel: GuestChannel | None = None
         self.boot_ms: int | None = None
         self.closed = False
-        self.network = None  # SandboxNetwork, unless --no-network
-        self.event_listeners: list = []  # called with every api.events event
+        self.network: SandboxNetwork | None = None  # None with --no-network
+        self.event_listeners: list[Callable[[NetworkEvent], None]] = []  # called with every network event
+        self.disk_holds = contextlib.ExitStack()  # the extra disks' locks, released after QEMU exits
+
+    @property
+    def directory(self) -> Path:
+        return self.paths.root
 
     @property
     def console_log(self) -> Path:
-        return self.directory / "logs" / "vm.log"
+        return self.paths.console_log
 
     # --- creation -----------------------------------------------------------------
-
-    @property
-    def upper_disk(self) -> Path:
-        return self.directory / "upper.ext4"
 
     @classmethod
     async def create(
@@ -97,10 +164,11 @@ class Sandbox:
         store: StateStore | None = None,
         vm_id: str | None = None,
         runtime_disk: Path | None = None,
+        kernel_path: Path | None = None,
     ) -> Sandbox:
         """Boot a sandbox, recording it in `store` when given.
 
-        `runtime_disk` replaces the guest runtime (tests boot hostile guests).
+        `runtime_disk` replaces the guest runtime (tests boot hostile guests); `kernel_path` the kernel.
         """
         # Imported here so `matchlock exec` and friends never pay for them.
         from ..image.runtime import ensure_runtime_disk
@@ -108,24 +176,29 @@ class Sandbox:
         from ..kernel import resolve as resolve_kernel
 
         config.validate()
+        boot_timeout()  # a bad $MATCHLOCK_BOOT_TIMEOUT fails now, not after the disks are made
         image = ImageStore().resolve(config.image)
-        kernel = resolve_kernel()
+        kernel = resolve_kernel(kernel_path=kernel_path)
         custom_runtime = runtime_disk
         runtime_disk = runtime_disk or ensure_runtime_disk()
         vm_id = vm_id or new_vm_id()
-        directory = store.vm_dir(vm_id) if store is not None else vms_dir() / vm_id
+        directory = store.vm_dir(vm_id) if store is not None else SandboxPaths.of(vm_id).root
         tracker = Tracker(store, vm_id)
         tracker.register(config.image, public_config(config))
         sandbox = cls(vm_id, config, directory, image.config.merged(config.image_config), tracker)
+        paths = sandbox.paths
         try:
-            (directory / "logs").mkdir(parents=True, mode=0o700)
+            paths.logs_dir.mkdir(parents=True, mode=0o700)
             directory.chmod(0o700)
-            sandbox.console_log.touch(mode=0o600)
-            upper = sandbox.upper_disk
+            paths.console_log.touch(mode=0o600)
+            upper = paths.upper_disk
             tracker.resources(
-                console_log=str(sandbox.console_log), upper_disk=str(upper), image_disk=str(image.lower_path)
+                console_log=str(paths.console_log), upper_disk=str(upper), image_disk=str(image.lower_path)
             )
             make_upper_disk(upper, config.resources.disk_size_mb)
+            extra = await disks.attach(config.extra_disks, f"sandbox {vm_id} (pid {os.getpid()})", sandbox.disk_holds)
+            if extra:
+                tracker.resources(extra_disks=[str(disk.path) for disk in extra])
             machine_network = await sandbox._start_network()
             spec = MachineSpec(
                 name=vm_id,
@@ -134,9 +207,10 @@ class Sandbox:
                 kernel_args=tuple(kernel.cmdline),
                 acpi=kernel.acpi,
                 disks=(
-                    Disk(runtime_disk, "runtime", readonly=True),
-                    Disk(image.lower_path, "lower", readonly=True),
-                    Disk(upper, "upper", ephemeral=True),
+                    Disk(runtime_disk, boot.RUNTIME_DISK_SERIAL, readonly=True),
+                    Disk(image.lower_path, boot.LOWER_DISK_SERIAL, readonly=True),
+                    Disk(upper, boot.UPPER_DISK_SERIAL, ephemeral=True),
+                    *extra,
                 ),
                 console_log=sandbox.console_log,
                 accel=choose_accelerator(),
@@ -147,16 +221,17 @@ class Sandbox:
             )
             tracker.move(phases.CREATED)
             tracker.move(phases.STARTING)
-            await sandbox._boot(spec, use_template=custom_runtime is None)
+            # Templates are booted with a fixed disk set; extra disks boot cold (measured: see tests/vm/test_disks.py).
+            await sandbox._boot(spec, use_template=custom_runtime is None and not extra)
             tracker.move(phases.RUNNING)
         except BaseException as exc:
             failed = phases.START_FAILED if tracker.phase == phases.STARTING else phases.CREATE_FAILED
             tracker.move(failed, error=str(exc) or type(exc).__name__)
-            await sandbox.close(remove=True)
+            await sandbox.aclose(remove=True)
             raise
         return sandbox
 
-    async def _start_network(self):
+    async def _start_network(self) -> MachineNetwork | None:
         """Namespace, policy and proxy (recorded before they exist); None with --no-network."""
         if self.config.network.no_network:
             return None
@@ -168,7 +243,7 @@ class Sandbox:
         self.tracker.resources(netns_inode=self.network.namespace.inode)
         return self.network.machine_network()
 
-    def _emit_event(self, event) -> None:
+    def _emit_event(self, event: NetworkEvent) -> None:
         try:
             with open(self.console_log, "a") as log:
                 log.write(event.log_line() + "\n")
@@ -188,6 +263,7 @@ class Sandbox:
             extra_hosts=tuple((m.host, m.ip) for m in network.add_hosts),
             network=self.network.guest_network() if self.network is not None else None,
             ca_certificate=self.network.ca_pem if self.network is not None else "",
+            disks=disks.guest_disks(self.config.extra_disks),
         )
 
     async def _boot(self, spec: MachineSpec, *, use_template: bool = True) -> None:
@@ -199,15 +275,19 @@ class Sandbox:
                 self._note(f"boot template unavailable ({exc}); booting cold")
             else:
                 restore = dataclasses.replace(
-                    spec, incoming=state, kernel_args=tuple(spec.kernel_args) + (snapshot.TEMPLATE_FLAG,)
+                    spec, incoming=state, kernel_args=tuple(spec.kernel_args) + (boot.TEMPLATE_FLAG,)
                 )
                 try:
                     await self._start_machine(restore, wake=True)
                     return
                 except VMError as exc:
                     self._note(f"restoring the boot template failed ({exc.args[0].splitlines()[0]}); booting cold")
+                    failed = self.machine
+                    exited = failed.returncode if failed is not None else None  # before our own kill
                     await self._discard_machine()
-                    state.unlink(missing_ok=True)
+                    stderr = failed.stderr_text() if failed is not None else ""
+                    if snapshot.restore_proves_state_bad(state, exited, stderr):
+                        state.unlink(missing_ok=True)
         await self._start_machine(spec, wake=False)
 
     def _template_namespace(self):
@@ -228,44 +308,41 @@ class Sandbox:
 
     async def _discard_machine(self) -> None:
         if self.channel is not None:
-            await self.channel.close()
+            await self.channel.aclose()
             self.channel = None
         if self.machine is not None:
             await self.machine.kill()
             self.machine = None
 
     async def _start_machine(self, spec: MachineSpec, *, wake: bool) -> None:
-        self.machine = Machine(spec)
+        machine = self.machine = Machine(spec)
         try:
-            sock = await self.machine.start()
+            sock = await machine.start()
             if wake:
-                await self.machine.wake(os.urandom(snapshot.WAKE_SIZE))
+                await machine.wake(os.urandom(boot.WAKE_SIZE))
         except VMError as exc:
             raise VMError(self._boot_failure(str(exc))) from None
-        self.tracker.record_process("qemu", self.machine.pid)
-        self.channel = GuestChannel(sock)
-        await self.channel.start()
-        handshake = asyncio.ensure_future(self.channel.handshake(self._guest_config()))
-        exited = asyncio.ensure_future(self.machine.wait())
+        assert machine.pid is not None  # started
+        self.tracker.record_process("qemu", machine.pid)
+        channel = self.channel = GuestChannel(sock)
+        await channel.start()
+        timeout = boot_timeout()
+
+        async def fail_on_exit() -> None:
+            raise _MachineExited(await machine.wait())
+
         try:
-            done, _ = await asyncio.wait({handshake, exited}, timeout=BOOT_TIMEOUT_SECONDS,
-                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-        finally:
-            exited.cancel()
-            if not handshake.done():
-                handshake.cancel()
-            elif not handshake.cancelled():
-                handshake.exception()  # mark retrieved; raised below when relevant
-        if handshake in done:
-            try:
-                handshake.result()
-            except Exception as exc:  # noqa: BLE001
-                raise VMError(self._boot_failure(str(exc))) from None
-            self.boot_ms = self.channel.boot_ms
-            return
-        if exited in done and not exited.cancelled():
-            raise VMError(self._boot_failure(f"the VM stopped during boot (QEMU exit code {exited.result()})"))
-        raise VMError(self._boot_failure(f"the guest was not ready after {BOOT_TIMEOUT_SECONDS:g} s"))
+            # The handshake, unless QEMU exits or the boot timeout passes first.
+            async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
+                watcher = group.create_task(fail_on_exit())
+                await channel.handshake(self._guest_config())
+                watcher.cancel()
+        except TimeoutError:
+            raise VMError(self._boot_failure(f"the guest was not ready after {timeout:g} s")) from None
+        except ExceptionGroup as failed:
+            exited = [exc for exc in failed.exceptions if isinstance(exc, _MachineExited)]
+            raise VMError(self._boot_failure(str((exited or failed.exceptions)[0]))) from None
+        self.boot_ms = channel.boot_ms
 
     def _boot_failure(self, reason: str) -> str:
         parts = [f"sandbox {self.id} failed to start: {reason}"]
@@ -273,24 +350,25 @@ class Sandbox:
             parts.append("QEMU said: " + self.machine.stderr_text()[-2000:])
         tail = console_tail(self.console_log)
         if tail:
-            parts.append(f"last lines of {self.console_log}:\n{tail}")
+            # Inline: the sandbox's directory, console log included, is removed with it.
+            parts.append(f"last lines of the guest console:\n{tail}")
         return "\n".join(parts)
 
     # --- exec -----------------------------------------------------------------------
 
-    def prepare_exec(self, spec: ExecSpec) -> dict[str, object]:
+    def prepare_exec(self, spec: ExecSpec) -> PreparedExec:
         """Image defaults first, then the sandbox config, then this call."""
-        env = {"PATH": DEFAULT_PATH, **self.image_config.env, **self.config.env, **spec.env}
+        env = {"PATH": boot.DEFAULT_PATH, **self.image_config.env, **self.config.env, **spec.env}
         if self.network is not None:
             # CA locations, then secret placeholders: they override everything.
             env.update(
                 self.network.exec_environment(self.channel.ready_info.get("ca_bundle") if self.channel else None)
             )
-        return {
-            "env": env,
-            "cwd": spec.working_dir or self.image_config.working_dir or "/",
-            "user": spec.user or self.image_config.user,
-        }
+        return PreparedExec(
+            env=env,
+            cwd=spec.working_dir or self.image_config.working_dir or "/",
+            user=spec.user or self.image_config.user,
+        )
 
     def start_exec(
         self,
@@ -303,14 +381,9 @@ class Sandbox:
     ) -> GuestProcess:
         prepared = self.prepare_exec(spec)
         request = msgs.ExecRequest(
-            command=spec.command,
-            env=prepared["env"],  # type: ignore[arg-type]
-            cwd=prepared["cwd"],  # type: ignore[arg-type]
-            user=prepared["user"],  # type: ignore[arg-type]
-            stdin=stdin,
-            tty=tty,
+            command=spec.command, env=prepared.env, cwd=prepared.cwd, user=prepared.user, stdin=stdin, tty=tty
         )
-        msgs.ExecRequest.parse(request.to_wire())  # fail here, not in the guest
+        validate_exec_request(request)  # fail here, not in the guest
         return GuestProcess(self._channel().open(request.to_wire()), on_stdout, on_stderr)
 
     async def exec(self, spec: ExecSpec) -> ExecResult:
@@ -333,11 +406,11 @@ class Sandbox:
     async def ping(self) -> None:
         await files.ping(self._channel())
 
-    def open_stream(self, request: dict):
+    def open_stream(self, request: dict) -> GuestStream:
         """A raw agent stream (port forwarding opens one per connection)."""
         return self._channel().open(request)
 
-    async def port_forward(self, specs, addresses):
+    async def port_forward(self, specs: Iterable[ForwardSpec], addresses: Iterable[str]) -> PortForwarder:
         """Start host listeners for `[LOCAL:]REMOTE` forwards; returns the running PortForwarder."""
         from .portforward import PortForwarder
 
@@ -351,53 +424,94 @@ class Sandbox:
         self.channel.raise_if_broken()
         return self.channel
 
+    # --- health -------------------------------------------------------------------
+
+    async def wait_failure(self, poll: float = 0.5) -> str:
+        """Return, only once the sandbox is dead, why: QEMU exited or the agent channel broke.
+
+        Owners of long-lived sandboxes await this beside their work, so a VM
+        that dies under them (killed, panicked, powered off) ends the sandbox
+        instead of leaving it shown as running.
+        """
+        machine, channel = self.machine, self.channel
+        assert machine is not None and channel is not None  # a created sandbox
+        while True:
+            code = machine.returncode
+            if code is not None:
+                return f"the VM stopped unexpectedly (QEMU {_exit_reason(code)})"
+            if channel.broken is not None:
+                return f"the guest agent stopped answering: {channel.broken}"
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll):
+                    await machine.wait()
+
     # --- shutdown -----------------------------------------------------------------
 
-    async def close(self, *, graceful_timeout: float = 0.0, remove: bool = True) -> None:
-        """Stop the VM and release everything, recording each step. Safe to call twice.
+    async def aclose(self, *, graceful_timeout: float = 0.0, remove: bool = True, crashed: str = "") -> None:
+        """Stop the VM and release everything, recording each step. Idempotent.
 
         With a grace period the guest first kills its workloads, syncs its
-        disks and powers off; otherwise QEMU is told to quit at once. With
-        `remove` the sandbox's directory and state go too; otherwise it is
-        left `stopped` with its logs, for `inspect`, `log` and `rm`.
+        disks and powers off; otherwise QEMU is told to quit at once. Every
+        step runs even when an earlier one fails or this call is cancelled:
+        a failed grace ends in SIGKILL, never in a leak. With `remove` the
+        sandbox's directory and state go too; otherwise it is left `stopped`
+        (`crashed`, with that reason as its last error, when `crashed` says why
+        the VM died) with its logs, for `inspect`, `log` and `rm`.
         """
         if self.closed:
             return
         self.closed = True
         tracker = self.tracker
-        tracker.move(phases.STOPPING)
+        if crashed:
+            self._note(crashed)
+        if self.machine is not None:  # a sandbox that failed before its VM started has nothing to stop
+            tracker.move(phases.STOPPING, error=crashed or None)
+        if any(not disk.readonly for disk in self.config.extra_disks):
+            # The guest syncs before it powers off: without that, writes still in its page cache
+            # would never reach a volume that outlives the sandbox.
+            graceful_timeout = max(graceful_timeout, disks.SYNC_GRACE_SECONDS)
         failed = False
         try:
             if self.machine is not None:
-                if graceful_timeout > 0 and self.channel is not None and self.channel.broken is None:
-                    await self._guest_poweroff(graceful_timeout)
+                machine = self.machine
                 try:
-                    await self.machine.stop(timeout=max(graceful_timeout, 2.0))
-                    tracker.record("machine_stop")
-                except Exception as exc:  # noqa: BLE001 - record, then go on cleaning
-                    tracker.record("machine_stop", f"{type(exc).__name__}: {exc}")
-                    failed = True
-            if self.channel is not None:
-                await self.channel.close()
-            if self.network is not None:
-                try:
-                    await self.network.close()
-                    tracker.record("network_close")
-                except Exception as exc:  # noqa: BLE001
-                    tracker.record("network_close", f"{type(exc).__name__}: {exc}")
-                    failed = True
+                    if graceful_timeout > 0 and self.channel is not None and self.channel.broken is None:
+                        await self._guest_poweroff(graceful_timeout)
+                finally:
+                    failed |= not await self._close_step(
+                        "machine_stop", machine.aclose(timeout=max(graceful_timeout, 2.0))
+                    )
         finally:
-            tracker.move(phases.CLEANING)
-            failed |= not tracker.cleanup("upper_remove", lambda: self.upper_disk.unlink(missing_ok=True))
-            if remove and self.directory.exists():
-                failed |= not tracker.cleanup("state_dir_remove", lambda: shutil.rmtree(self.directory))
-            tracker.finish(remove=remove, failed=failed)
+            try:
+                # Only now that QEMU is gone may another sandbox write these images.
+                failed |= not tracker.cleanup("disks_release", self.disk_holds.close)
+                if self.channel is not None:
+                    await self.channel.aclose()
+                if self.network is not None:
+                    failed |= not await self._close_step("network_close", self.network.aclose())
+            finally:
+                tracker.move(phases.CLEANING)
+                failed |= not tracker.cleanup("upper_remove", lambda: self.paths.upper_disk.unlink(missing_ok=True))
+                if remove and self.directory.exists():
+                    failed |= not tracker.cleanup("state_dir_remove", lambda: shutil.rmtree(self.directory))
+                tracker.finish(remove=remove, failed=failed, crashed=bool(crashed))
+
+    async def _close_step(self, step: str, closing: Awaitable[None]) -> bool:
+        """Await one release and record its outcome; an error is recorded, not raised, so cleanup goes on."""
+        try:
+            await closing
+        except Exception as exc:  # noqa: BLE001 - record, then go on cleaning
+            self.tracker.record(step, f"{type(exc).__name__}: {exc}")
+            return False
+        self.tracker.record(step)
+        return True
 
     async def _guest_poweroff(self, timeout: float) -> None:
         assert self.channel is not None and self.machine is not None
         try:
             stream = self.channel.open({"op": msgs.OP_SHUTDOWN})
-            await asyncio.wait_for(self.machine.wait(), timeout=timeout)
+            async with asyncio.timeout(timeout):
+                await self.machine.wait()
             stream.close()
         except (TimeoutError, VMError, ConnectionError):
             pass

@@ -7,11 +7,9 @@ store, so `list`, `inspect` and `gc` see every sandbox they start.
 
 from __future__ import annotations
 
-import contextlib
-
 from ..state import lifecycle as phases
 from ..state.lifecycle import TransitionError
-from ..state.store import STOPPED, StateStore, process_identity
+from ..state.store import OWNER_CRASHED, OWNER_STOPPED, StateStore, process_identity
 
 
 class Tracker:
@@ -28,23 +26,32 @@ class Tracker:
             self.phase = phases.CREATING
 
     def move(self, phase: str, error: str | None = None) -> None:
-        """Advance the phase; a transition the state machine forbids is skipped, not fatal."""
-        if not self.registered:
+        """Advance the phase. A transition the state machine forbids is a bug: it is recorded
+        as the sandbox's `last_error` (with the error that came with it), not raised, so the
+        cleanup that is usually under way goes on."""
+        store = self._store()
+        if store is None:
             return
-        with contextlib.suppress(TransitionError):
-            self.store.transition(self.vm_id, phase, error=error)
-            self.phase = phase
+        try:
+            store.transition(self.vm_id, phase, error=error)
+        except TransitionError as exc:
+            store.record_error(self.vm_id, str(exc) if error is None else f"{exc} (after: {error})")
+            return
+        self.phase = phase
+
+    def _store(self) -> StateStore | None:
+        return self.store if self.registered else None
 
     def resources(self, **resources) -> None:
-        if self.registered:
-            self.store.add_resources(self.vm_id, **resources)
+        if (store := self._store()) is not None:
+            store.add_resources(self.vm_id, **resources)
 
     def record_process(self, name: str, pid: int) -> None:
         self.resources(**{f"{name}_pid": pid, f"{name}_identity": process_identity(pid)})
 
     def record(self, step: str, error: str | None = None) -> None:
-        if self.registered:
-            self.store.mark_cleanup(self.vm_id, step, error)
+        if (store := self._store()) is not None:
+            store.mark_cleanup(self.vm_id, step, error)
 
     def cleanup(self, step: str, action) -> bool:
         """Run one cleanup step and record its outcome; never raises."""
@@ -56,11 +63,13 @@ class Tracker:
         self.record(step)
         return True
 
-    def finish(self, *, remove: bool, failed: bool) -> None:
-        if not self.registered:
+    def finish(self, *, remove: bool, failed: bool, crashed: bool = False) -> None:
+        """The last record: removed, or kept as `stopped` (`crashed` when the VM died under its owner)."""
+        store = self._store()
+        if store is None:
             return
         if remove:
-            self.store.remove(self.vm_id)
+            store.remove(self.vm_id)
             return
         self.move(phases.CLEANUP_FAILED if failed else phases.CLEANED)
-        self.store.set_status(self.vm_id, STOPPED, pid=0)
+        store.set_status(self.vm_id, OWNER_CRASHED if crashed else OWNER_STOPPED, pid=0)

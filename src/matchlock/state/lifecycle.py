@@ -38,7 +38,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     CLEANUP_FAILED: frozenset({CLEANING, CLEANED}),
     CLEANED: frozenset(),
 }
-PHASES = tuple(TRANSITIONS)
 
 
 class TransitionError(MatchlockError):

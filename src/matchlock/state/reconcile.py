@@ -19,11 +19,7 @@ from pathlib import Path
 from ..api.errors import MatchlockError
 from . import lifecycle as phases
 from .lifecycle import TransitionError
-from .store import RUNNING, StateStore, VMState, process_identity
-
-# Steps contributed by other layers (the network adds its namespace, say):
-# name -> function(resources) returning True if it removed something.
-EXTRA_STEPS: dict[str, Callable[[dict], bool]] = {}
+from .store import OWNER_RUNNING, StateStore, VMState, process_identity
 
 
 class VMRunningError(MatchlockError):
@@ -42,10 +38,7 @@ def _kill_recorded_process(pid, identity) -> bool:
     if not pid or not identity or process_identity(int(pid)) != identity:
         return False
     os.kill(int(pid), signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while process_identity(int(pid)) == identity and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if process_identity(int(pid)) == identity:
+    if not wait_gone(int(pid), identity, 5):
         raise RuntimeError(f"process {pid} survived SIGKILL")
     return True
 
@@ -64,15 +57,53 @@ STEPS: list[tuple[str, Callable[[dict], bool]]] = [
 ]
 
 
+OWNER_GRACE_SECONDS = 10.0
+
+
+def stop_owner(vm: VMState, grace: float = OWNER_GRACE_SECONDS) -> bool:
+    """SIGTERM the live owner of `vm` and wait for it to close the sandbox; SIGKILL after `grace` seconds.
+
+    True if it had to be killed (its QEMU dies with it: parent-death signal).
+    """
+    try:
+        os.kill(vm.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False  # it exited on its own meanwhile
+    if wait_gone(vm.pid, vm.owner_start, grace):
+        return False
+    os.kill(vm.pid, signal.SIGKILL)
+    if not wait_gone(vm.pid, vm.owner_start, 5):
+        raise RuntimeError(f"owner {vm.pid} of {vm.id} survived SIGKILL")
+    return True
+
+
+def wait_gone(pid: int, identity: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while process_identity(pid) == identity:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def reconcile(store: StateStore, vm_id: str, *, force: bool = False) -> ReconcileResult:
     vm = store.require(vm_id)
     result = ReconcileResult(vm_id)
-    if vm.status == RUNNING and store.owner_alive(vm) and not force:
-        result.skipped = "VM is running"
-        return result
+    if vm.status == OWNER_RUNNING and store.owner_alive(vm):
+        if not force:
+            result.skipped = "VM is running"
+            return result
+        # Forced: the owner closes the sandbox (or dies trying), so nothing is left shown as running.
+        try:
+            if stop_owner(vm):
+                result.cleaned.append("owner_kill")
+        except (OSError, RuntimeError) as exc:
+            result.failed.append(("owner_stop", str(exc)))
+            return result
+        vm = store.require(vm_id)  # a killed owner now reads as crashed
     resources = store.ensure_lifecycle(vm_id).resources
     started = False
-    for name, step in [*STEPS, *EXTRA_STEPS.items()]:
+    for name, step in STEPS:
         try:
             did_something = step(resources)
         except Exception as exc:  # noqa: BLE001 - report every failure, keep going
@@ -96,11 +127,12 @@ def _begin(store: StateStore, vm_id: str) -> bool:
 
 def _move(store: StateStore, vm_id: str, phase: str) -> None:
     # Every phase but `cleaned` may move to cleaning; a `cleaned` sandbox
-    # that still had leftovers keeps its phase, and the steps are recorded.
+    # that still had leftovers keeps its phase, and the refused move is
+    # recorded as its last error next to the cleanup steps.
     try:
         store.transition(vm_id, phase)
-    except TransitionError:
-        pass
+    except TransitionError as exc:
+        store.record_error(vm_id, f"reconcile: {exc}")
 
 
 def remove(store: StateStore, vm: VMState) -> ReconcileResult:

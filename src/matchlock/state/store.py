@@ -13,18 +13,21 @@ marker and secret values are never written.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..api.errors import NotFoundError
-from ..api.paths import state_dir
-from .db import Migration, open_database, utc_now
+from ..api.paths import match_vm_id, state_dir
+from ..util.sqlite import Migration, open_database, utc_now
 from .lifecycle import CLEANUP_FAILED, CREATING, CleanupStep, LifecycleRecord, check_transition
 
-RUNNING, STOPPED, CRASHED = "running", "stopped", "crashed"
-STATUSES = (RUNNING, STOPPED, CRASHED)
+# Whether the owner of a sandbox is alive (`vms.status`); not the lifecycle phase, which says
+# what the sandbox itself is doing. The values are stored and shown as they are.
+OWNER_RUNNING, OWNER_STOPPED, OWNER_CRASHED = "running", "stopped", "crashed"
+STATUSES = (OWNER_RUNNING, OWNER_STOPPED, OWNER_CRASHED)
 
 MIGRATIONS = [
     Migration(
@@ -124,7 +127,7 @@ class StateStore:
             self.conn.execute(
                 "INSERT INTO vms (id, pid, owner_start, status, image, config_json, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (vm_id, pid, process_identity(pid), RUNNING, image, json.dumps(config), now, now),
+                (vm_id, pid, process_identity(pid), OWNER_RUNNING, image, json.dumps(config), now, now),
             )
             self._insert_record(record)
         return record
@@ -134,7 +137,12 @@ class StateStore:
         return self._detect_crash(self._state(row)) if row else None
 
     def require(self, vm_id: str) -> VMState:
+        """The sandbox `vm_id` names: its ID or a unique prefix of it."""
         vm = self.get(vm_id)
+        if vm is None:
+            ids = [row[0] for row in self.conn.execute("SELECT id FROM vms")]
+            match = match_vm_id(vm_id, ids)
+            vm = self.get(match) if match else None
         if vm is None:
             raise NotFoundError(f"VM {vm_id} not found (see `matchlock list`)")
         return vm
@@ -164,13 +172,13 @@ class StateStore:
         return vm.pid > 0 and bool(vm.owner_start) and process_identity(vm.pid) == vm.owner_start
 
     def _detect_crash(self, vm: VMState) -> VMState:
-        if vm.status != RUNNING or self.owner_alive(vm):
+        if vm.status != OWNER_RUNNING or self.owner_alive(vm):
             return vm
         self.conn.execute(
             "UPDATE vms SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
-            (CRASHED, utc_now(), vm.id, RUNNING),
+            (OWNER_CRASHED, utc_now(), vm.id, OWNER_RUNNING),
         )
-        return VMState(vm.id, vm.pid, CRASHED, vm.image, vm.created_at, vm.config, vm.owner_start)
+        return VMState(vm.id, vm.pid, OWNER_CRASHED, vm.image, vm.created_at, vm.config, vm.owner_start)
 
     @staticmethod
     def _state(row) -> VMState:
@@ -187,7 +195,7 @@ class StateStore:
         ).fetchone()
         return self._record(row) if row else None
 
-    def history(self, vm_id: str) -> list[LifecycleRecord]:
+    def history(self, vm_id: str) -> builtins.list[LifecycleRecord]:  # `list` is a method here
         rows = self.conn.execute("SELECT * FROM vm_lifecycle WHERE vm_id = ? ORDER BY version", (vm_id,))
         return [self._record(row) for row in rows]
 
@@ -197,6 +205,10 @@ class StateStore:
             return record.evolve(phase=phase, last_error=error if error is not None else record.last_error)
 
         return self._append(vm_id, change)
+
+    def record_error(self, vm_id: str, error: str) -> LifecycleRecord:
+        """Note a problem (a refused transition, say) as the latest record's `last_error`; the phase stays."""
+        return self._append(vm_id, lambda r: r.evolve(last_error=error))
 
     def add_resources(self, vm_id: str, **resources) -> LifecycleRecord:
         """Record resources *before* creating them, so cleanup can always find them."""

@@ -1,20 +1,28 @@
 """Host end of the agent channel: drives the sans-IO multiplexer with asyncio.
 
-Everything the guest sends is untrusted. A frame that breaks the protocol, a
-reply that does not parse, or more data than was granted marks the channel
-broken: every waiting operation fails at once with GuestProtocolError naming
-the violation, so a hostile or crashed guest can never hang the host.
+Everything the guest sends is untrusted. A frame that breaks the protocol or
+more data than was granted marks the channel broken: every waiting operation
+fails at once with GuestProtocolError naming the violation, so a hostile or
+crashed guest can never hang the host. A reply out of its stream's grammar
+(`wire.replies`) fails that one operation the same way.
+
+This module is the one place where wire errors become api errors
+(`_WireErrors`): RemoteProtocolError is the guest's fault (GuestProtocolError),
+LocalProtocolError is a bug on this side (VMError).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import deque
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from ..api.errors import GuestProtocolError, VMError
 from ..wire import agent as msgs
-from ..wire.frames import ProtocolError
+from ..wire.frames import LocalProtocolError, RemoteProtocolError
 from ..wire.mux import (
     Connection,
     DataReceived,
@@ -26,6 +34,9 @@ from ..wire.mux import (
     StreamReset,
     WindowOpened,
 )
+from ..wire.replies import ConnectionReplies, Ready, Replies
+
+T = TypeVar("T")
 
 READ_SIZE = 256 * 1024
 # DATA is bounded by the flow-control window; control frames are not, so a
@@ -37,6 +48,34 @@ MAX_QUEUED_MESSAGES = 8  # a well-behaved guest sends two or three per stream
 
 class ChannelClosed(VMError):
     pass
+
+
+class _WireErrors:
+    """`with channel.wire_errors:` turns wire errors into api errors, once, here."""
+
+    def __init__(self, channel: GuestChannel) -> None:
+        self.channel = channel
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if isinstance(exc, RemoteProtocolError):
+            raise guest_protocol_error(exc) from None
+        if isinstance(exc, LocalProtocolError):
+            # Sending on a channel the guest already broke: that is the error to report.
+            self.channel.raise_if_broken()
+            raise VMError(
+                f"matchlock misused the agent channel: {exc} (a bug in matchlock; please report it)"
+            ) from None
+
+
+def guest_protocol_error(exc: RemoteProtocolError) -> GuestProtocolError:
+    return GuestProtocolError(f"guest broke the wire protocol: {exc}")
+
+
+class _Broken(Exception):
+    """Raised inside `unless_broken` when the channel fails; never escapes it."""
 
 
 class GuestStream:
@@ -61,7 +100,7 @@ class GuestStream:
             isinstance(event, MessageReceived)
             and sum(isinstance(e, MessageReceived) for e in self._events) >= MAX_QUEUED_MESSAGES
         ):
-            raise GuestProtocolError(f"the guest flooded stream {self.id} with {len(self._events)} unread frames")
+            raise RemoteProtocolError(f"the guest flooded stream {self.id} with {len(self._events)} unread frames")
         else:
             self._events.append(event)
         self._arrived.set()
@@ -72,23 +111,31 @@ class GuestStream:
         self._window.set()
         self._failed.set()
 
-    async def guard(self, awaitable):
-        """Await a consumer's callback, but give up if the channel breaks meanwhile.
+    async def unless_broken(self, awaitable: Awaitable[T]) -> T:
+        """Await a consumer's callback, but stop waiting (cancel it) as soon as the channel breaks.
 
         A consumer that is blocked (a paused terminal, a stalled RPC client)
         must not hide a guest that broke the protocol.
         """
-        task = asyncio.ensure_future(awaitable)
-        failed = asyncio.ensure_future(self._failed.wait())
+
+        async def watch() -> None:
+            await self._failed.wait()
+            raise _Broken
+
         try:
-            await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            failed.cancel()
-        if not task.done():
-            task.cancel()
-            assert self._failure is not None
-            raise self._failure
-        return task.result()
+            async with asyncio.TaskGroup() as group:
+                watcher = group.create_task(watch())
+                try:
+                    return await awaitable
+                finally:
+                    watcher.cancel()
+        except BaseExceptionGroup as group_error:
+            # One exception at most: the callback's own, or the watcher's.
+            error = group_error.exceptions[0]
+            if isinstance(error, _Broken):
+                assert self._failure is not None
+                raise self._failure from None
+            raise error from None
 
     async def next_event(self):
         """The next DataReceived/ChannelEnded/MessageReceived/StreamClosed/StreamReset."""
@@ -98,6 +145,12 @@ class GuestStream:
             self._arrived.clear()
             await self._arrived.wait()
         return self._events.popleft()
+
+    async def next_reply(self, replies: Replies):
+        """The next event checked against the stream's grammar: what `replies.feed` makes of it."""
+        event = await self.next_event()
+        with self.channel.wire_errors:
+            return replies.feed(event)
 
     async def send(self, channel: int, data: bytes) -> None:
         """Send stdin/file bytes, waiting for window as the guest consumes."""
@@ -114,22 +167,26 @@ class GuestStream:
                 await self._window.wait()
                 continue
             chunk, view = view[:window], view[window:]
-            self.channel.conn.send_data(self.id, channel, bytes(chunk))
+            with self.channel.wire_errors:
+                self.channel.conn.send_data(self.id, channel, bytes(chunk))
             self.channel.flush_now()
             await self.channel.drain()
 
     def end(self, channel: int) -> None:
         if self.channel.conn.is_open(self.id):
-            self.channel.conn.end_channel(self.id, channel)
+            with self.channel.wire_errors:
+                self.channel.conn.end_channel(self.id, channel)
             self.channel.flush()
 
     def message(self, message: dict) -> None:
         if self.channel.conn.is_open(self.id):
-            self.channel.conn.send_message(self.id, message)
+            with self.channel.wire_errors:
+                self.channel.conn.send_message(self.id, message)
             self.channel.flush()
 
     def consumed(self, nbytes: int) -> None:
-        self.channel.conn.consumed(self.id, nbytes)
+        with self.channel.wire_errors:
+            self.channel.conn.consumed(self.id, nbytes)
         self.channel.flush()
 
     def finish_sending(self) -> None:
@@ -139,7 +196,8 @@ class GuestStream:
         sees OPEN and CLOSE in one wake-up and the stream ends with its reply.
         """
         if self.channel.conn.is_open(self.id):
-            self.channel.conn.close_stream(self.id)
+            with self.channel.wire_errors:
+                self.channel.conn.close_stream(self.id)
             self.channel.flush()
 
     def close(self) -> None:
@@ -147,21 +205,34 @@ class GuestStream:
         self.channel.forget(self.id)
 
     def reset(self, reason: str) -> None:
-        self.channel.conn.reset_stream(self.id, reason)
+        with self.channel.wire_errors:
+            self.channel.conn.reset_stream(self.id, reason)
         self.channel.flush()
         self.channel.forget(self.id)
 
 
 class GuestChannel:
+    """The agent channel over one socket. `start()` (or `async with`) begins reading; `aclose()` ends it.
+
+    The reader task belongs to a TaskGroup the channel owns: `aclose()`
+    cancels it and waits for it, so it never outlives the channel. It never
+    raises either: whatever goes wrong becomes `broken`, which every waiting
+    operation then raises.
+    """
+
     def __init__(self, sock: socket.socket) -> None:
         self.conn = Connection(Role.HOST)
+        self.wire_errors = _WireErrors(self)
         self._sock = sock
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._streams: dict[int, GuestStream] = {}
+        self._connection_replies = ConnectionReplies()
         self._hello: asyncio.Future | None = None
         self._ready: asyncio.Future | None = None
-        self._task: asyncio.Task | None = None
+        self._tasks = contextlib.AsyncExitStack()
+        self._read_task: asyncio.Task | None = None
+        self._closed = False
         self.broken: BaseException | None = None
         self.guest_info: dict = {}
         self.ready_info: dict = {}
@@ -173,13 +244,22 @@ class GuestChannel:
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
         self._ready = loop.create_future()
-        self._task = asyncio.create_task(self._read_loop())
+        group = await self._tasks.enter_async_context(asyncio.TaskGroup())
+        self._read_task = group.create_task(self._read_loop())
+
+    async def __aenter__(self) -> GuestChannel:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
 
     async def handshake(self, config: msgs.GuestConfig) -> None:
         """Wait for the guest's HELLO, send the sandbox settings, wait for `ready`."""
         assert self._hello is not None and self._ready is not None
         self.guest_info = await self._hello
-        self.conn.send_hello(config.to_wire())
+        with self.wire_errors:
+            self.conn.send_hello(config.to_wire())
         self.flush()
         self.boot_ms = await self._ready
 
@@ -214,7 +294,8 @@ class GuestChannel:
 
     def open(self, request: dict) -> GuestStream:
         self.raise_if_broken()
-        stream_id = self.conn.open_stream(request)
+        with self.wire_errors:
+            stream_id = self.conn.open_stream(request)
         stream = GuestStream(self, stream_id)
         self._streams[stream_id] = stream
         self.flush()
@@ -234,12 +315,14 @@ class GuestChannel:
                 for event in self.conn.receive_data(data):
                     self._dispatch(event)
                 self.flush()
-        except ProtocolError as exc:
-            self._fail(GuestProtocolError(f"guest broke the wire protocol: {exc}"))
-        except (ChannelClosed, GuestProtocolError) as exc:
+        except RemoteProtocolError as exc:
+            self._fail(guest_protocol_error(exc))
+        except ChannelClosed as exc:
             self._fail(exc)
         except (ConnectionError, OSError) as exc:
             self._fail(ChannelClosed(f"guest channel failed: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - a bug here must fail the channel, not hang its waiters
+            self._fail(VMError(f"the agent channel failed: {type(exc).__name__}: {exc}"))
 
     def _dispatch(self, event) -> None:
         if isinstance(event, HelloReceived):
@@ -248,9 +331,9 @@ class GuestChannel:
             return
         if isinstance(event, StreamOpened):
             # The guest has no reason to open streams on this port yet.
-            raise GuestProtocolError(f"guest opened stream {event.stream}, which the host never allows")
+            raise RemoteProtocolError(f"guest opened stream {event.stream}, which the host never allows")
         if isinstance(event, MessageReceived) and event.stream == 0:
-            self._on_connection_message(event.message)
+            self._on_connection_message(event)
             return
         stream = self._streams.get(event.stream)
         if stream is None:
@@ -263,18 +346,14 @@ class GuestChannel:
             stream._window.set()
         stream._push(event)
 
-    def _on_connection_message(self, message: dict) -> None:
-        kind = message.get("type")
-        if kind == msgs.EVENT_READY and self._ready is not None and not self._ready.done():
-            boot_ms = message.get("boot_ms")
-            bundle = message.get("ca_bundle")
-            self.ready_info = {"ca_bundle": bundle if isinstance(bundle, str) and bundle.startswith("/") else ""}
-            self._ready.set_result(boot_ms if isinstance(boot_ms, int) else None)
-        elif kind == msgs.EVENT_FATAL:
-            text = str(message.get("message", ""))[:2000]
-            self._fail(VMError(f"guest init failed: {text}"))
-        else:
-            raise GuestProtocolError(f"unexpected connection message {str(kind)[:100]!r}")
+    def _on_connection_message(self, event: MessageReceived) -> None:
+        reply = self._connection_replies.feed(event)
+        if isinstance(reply, Ready):
+            self.ready_info = {"ca_bundle": reply.ca_bundle}
+            assert self._ready is not None
+            self._ready.set_result(reply.boot_ms)
+        else:  # Fatal: the grammar allows nothing else on stream 0
+            self._fail(VMError(f"guest init failed: {reply.message}"))
 
     def _fail(self, exc: BaseException) -> None:
         if self.broken is not None:
@@ -289,8 +368,18 @@ class GuestChannel:
         if self._writer is not None:
             self._writer.close()
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        if self._writer is not None:
-            self._writer.close()
+    async def aclose(self) -> None:
+        """Stop the reader and release the socket. Idempotent; it releases even if waiting fails."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._read_task is not None:
+                self._read_task.cancel()
+            await self._tasks.aclose()  # returns once the reader has finished
+        finally:
+            self._fail(ChannelClosed("the agent channel was closed"))  # wakes anything still waiting
+            if self._writer is not None:
+                self._writer.close()
+            else:
+                self._sock.close()

@@ -4,27 +4,31 @@ The agent channel and QMP use socketpairs whose guest ends are handed to
 QEMU as inherited file descriptors, so there is no socket file to race on or
 clean up, and QEMU is connected before the guest runs. QEMU is started with
 a parent-death signal (setpriv --pdeathsig KILL): if the process that owns
-the sandbox dies, even by SIGKILL, QEMU dies with it.
+the sandbox dies, even by SIGKILL, QEMU dies with it. It runs in a session of
+its own, so signals from the terminal (Ctrl-C) reach only the CLI.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import shlex
 import shutil
 import signal
 import socket
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..api.errors import SetupError, VMError
+from ..wire.boot import AGENT_PORT_NAME
 from .accel import AccelChoice
 from .qmp import QMPClient, QMPError
 
 QEMU = "qemu-system-x86_64"
-AGENT_PORT_NAME = "matchlock.agent"
+STDERR_LIMIT = 64 * 1024  # enough for any startup error; more would only grow host memory
 BASE_CMDLINE = ("console=ttyS0", "panic=-1", "quiet", "reboot=t", "mitigations=off", "8250.nr_uarts=1")
 
 
@@ -133,22 +137,45 @@ def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int) -> list[str]:
     return argv + list(spec.extra_args)
 
 
+class _QemuProcess(asyncio.SubprocessProtocol):
+    """Keeps the head of QEMU's stderr (why it failed) as it arrives: no reader task to supervise."""
+
+    def __init__(self) -> None:
+        self.stderr = bytearray()
+        self.exited = asyncio.Event()
+        self.finished = asyncio.Event()  # exited, and every pipe closed
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.stderr += data[: max(0, STDERR_LIMIT - len(self.stderr))]
+
+    def process_exited(self) -> None:
+        self.exited.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finished.set()
+
+
 class Machine:
+    """One QEMU process. `aclose()` stops it (gracefully when it can) and always releases it; `kill()` at once."""
+
     def __init__(self, spec: MachineSpec) -> None:
         self.spec = spec
-        self.process: asyncio.subprocess.Process | None = None
         self.qmp: QMPClient | None = None
         self.agent_socket: socket.socket | None = None
-        self._stderr = b""
-        self._stderr_task: asyncio.Task | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._process = _QemuProcess()
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+        return self._transport.get_pid() if self._transport else None
 
     @property
     def returncode(self) -> int | None:
-        return self.process.returncode if self.process else None
+        return self._transport.get_returncode() if self._transport else None
+
+    @property
+    def running(self) -> bool:
+        return self._transport is not None and self._transport.get_returncode() is None
 
     async def start(self) -> socket.socket:
         """Launch QEMU; returns the host end of the agent channel."""
@@ -164,24 +191,28 @@ class Machine:
         try:
             # setpriv sets the parent-death signal, which survives the exec into
             # the namespace wrapper (nsenter) and then QEMU: one process throughout.
-            self.process = await asyncio.create_subprocess_exec(
+            self._transport, _ = await asyncio.get_running_loop().subprocess_exec(
+                lambda: self._process,
                 setpriv, "--pdeathsig", "KILL", "--", *wrapper, *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
                 pass_fds=(agent_guest.fileno(), qmp_guest.fileno(), *extra_fds),
+                # Out of the terminal's process group: Ctrl-C is for the CLI, which then
+                # cancels the command and closes the VM itself; pdeathsig still ties QEMU to us.
+                start_new_session=True,
             )  # fmt: skip
         finally:
             agent_guest.close()
             qmp_guest.close()
-        self._stderr_task = asyncio.create_task(self._collect_stderr())
         self.qmp = QMPClient(qmp_host)
+        self.agent_socket = agent_host
         try:
-            await asyncio.wait_for(self.qmp.connect(), timeout=30)
+            async with asyncio.timeout(30):
+                await self.qmp.connect()
         except (TimeoutError, QMPError, ConnectionError) as exc:
             await self.kill()
             raise VMError(f"QEMU did not start: {self.stderr_text() or exc}") from None
-        self.agent_socket = agent_host
         if self.spec.incoming is not None:
             await self._finish_restore()
         return agent_host
@@ -198,7 +229,7 @@ class Machine:
             if migration == "completed" and status == "paused":
                 await self.qmp.execute("cont")  # the template was saved stopped
                 continue
-            if migration == "failed" or self.process.returncode is not None:
+            if migration == "failed" or not self.running:
                 break
             await asyncio.sleep(0.005)
         raise VMError(f"restoring the boot template failed: {self.stderr_text() or 'migration did not finish'}")
@@ -208,51 +239,59 @@ class Machine:
         assert self.agent_socket is not None
         await asyncio.get_running_loop().sock_sendall(self.agent_socket, seed)
 
-    async def _collect_stderr(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        while chunk := await self.process.stderr.read(65536):
-            if len(self._stderr) < 65536:
-                self._stderr += chunk
-
     def stderr_text(self) -> str:
-        return self._stderr.decode(errors="replace").strip()
+        return self._process.stderr.decode(errors="replace").strip()
 
     async def wait(self) -> int:
-        assert self.process is not None
-        code = await self.process.wait()
-        if self._stderr_task is not None:
-            await asyncio.wait([self._stderr_task], timeout=1)
+        assert self._transport is not None
+        await self._process.exited.wait()
+        # The last words on stderr may still be in the pipe; a child of QEMU
+        # (the `exec:` migration helper) can hold it open, so wait only briefly.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1):
+                await self._process.finished.wait()
+        code = self._transport.get_returncode()
+        assert code is not None
         return code
 
-    async def stop(self, timeout: float) -> None:
-        """Ask QEMU to quit; SIGKILL if it is still there after `timeout` seconds."""
-        if self.process is None or self.process.returncode is not None:
-            return self._close_sockets()
+    async def aclose(self, *, timeout: float = 2.0) -> None:
+        """Ask QEMU to quit and give it `timeout` seconds, then SIGKILL. Always releases; idempotent.
+
+        A failed or cancelled grace still ends with QEMU killed and the
+        sockets closed: failing to be graceful is not failing to close.
+        """
         try:
-            if self.qmp is not None:
-                await asyncio.wait_for(self.qmp.execute("quit"), timeout=max(timeout, 0.1))
-        except (TimeoutError, QMPError, ConnectionError):
-            pass
-        try:
-            await asyncio.wait_for(self.wait(), timeout=max(timeout, 0.1))
-        except TimeoutError:
-            await self.kill()
-        self._close_sockets()
+            if self.running:
+                with contextlib.suppress(TimeoutError, QMPError, ConnectionError):
+                    async with asyncio.timeout(max(timeout, 0.1)):
+                        if self.qmp is not None:
+                            await self.qmp.execute("quit")
+                        await self.wait()
+        finally:
+            self._signal_kill()
+            self._release()
+        await self.kill()
 
     async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            try:
-                self.process.send_signal(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL now, reap, release. Idempotent."""
+        self._signal_kill()
+        if self._transport is not None:
             await self.wait()
-        self._close_sockets()
+        self._release()
 
-    def _close_sockets(self) -> None:
+    def _signal_kill(self) -> None:
+        if self.running:
+            assert self._transport is not None
+            with contextlib.suppress(ProcessLookupError):
+                self._transport.send_signal(signal.SIGKILL)
+
+    def _release(self) -> None:
         if self.qmp is not None:
             self.qmp.close()
         if self.agent_socket is not None:
             self.agent_socket.close()
+        if self._transport is not None and not self.running:
+            self._transport.close()
 
 
 def console_tail(path: Path, lines: int = 20) -> str:

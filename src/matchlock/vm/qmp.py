@@ -1,4 +1,10 @@
-"""A minimal asyncio QMP client (QEMU Machine Protocol) over an inherited socket."""
+"""A minimal asyncio QMP client (QEMU Machine Protocol) over an inherited socket.
+
+Commands run one at a time: `execute` writes a command and reads until its
+reply, skipping the asynchronous events QEMU interleaves (nobody here needs
+them, and keeping them would grow memory for the VM's whole life). There is
+no background reader, so nothing outlives the client.
+"""
 
 from __future__ import annotations
 
@@ -20,57 +26,51 @@ class QMPClient:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
-        self._reader_task: asyncio.Task | None = None
-        self.events: list[dict] = []
+        self._lock = asyncio.Lock()
         self.greeting: dict | None = None
 
     async def connect(self) -> None:
         self._reader, self._writer = await asyncio.open_connection(sock=self._sock)
-        line = await self._reader.readline()
-        if not line:
-            raise QMPError("QEMU closed the QMP socket before its greeting")
-        self.greeting = json.loads(line)
-        self._reader_task = asyncio.create_task(self._read_loop())
+        self.greeting = await self._read_message()
         await self.execute("qmp_capabilities")
 
-    async def _read_loop(self) -> None:
+    async def _read_message(self) -> dict:
         assert self._reader is not None
         try:
-            while line := await self._reader.readline():
-                message = json.loads(line)
-                if "event" in message:
-                    self.events.append(message)
-                    continue
-                future = self._pending.pop(message.get("id"), None)
-                if future is not None and not future.done():
-                    future.set_result(message)
-        except (ConnectionError, ValueError):
-            pass
-        finally:
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(QMPError("QEMU closed the QMP connection"))
-            self._pending.clear()
+            line = await self._reader.readline()
+        except (ConnectionError, ValueError) as exc:  # ValueError: a line over the reader's limit
+            raise QMPError(f"QMP connection failed: {exc}") from None
+        if not line:
+            raise QMPError("QEMU closed the QMP connection")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise QMPError(f"QEMU sent a malformed QMP message: {line[:200]!r}") from None
+        if not isinstance(message, dict):
+            raise QMPError(f"QEMU sent a QMP message that is not an object: {line[:200]!r}")
+        return message
 
     async def execute(self, command: str, **arguments) -> dict:
-        if self._writer is None or (self._reader_task is not None and self._reader_task.done()):
+        if self._writer is None or self._writer.is_closing():
             raise QMPError("QMP is not connected")
         request_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
         request: dict = {"execute": command, "id": request_id}
         if arguments:
             request["arguments"] = arguments
-        self._writer.write(json.dumps(request).encode() + b"\n")
-        await self._writer.drain()
-        reply = await future
+        async with self._lock:
+            self._writer.write(json.dumps(request).encode() + b"\n")
+            try:
+                await self._writer.drain()
+            except ConnectionError as exc:
+                raise QMPError(f"QMP connection failed: {exc}") from None
+            while True:
+                reply = await self._read_message()
+                if reply.get("id") == request_id:
+                    break  # anything else is an event (or the reply to a cancelled command)
         if "error" in reply:
             raise QMPError(f"QMP {command} failed: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return", {})
 
     def close(self) -> None:
-        if self._reader_task is not None:
-            self._reader_task.cancel()
         if self._writer is not None:
             self._writer.close()

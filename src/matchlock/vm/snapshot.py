@@ -15,7 +15,13 @@ its kernel RNG and uses to force a new CRNG key.
 Templates are keyed by everything that shapes the machine (QEMU, kernel,
 runtime disk, memory, vCPUs, accelerator, devices), built on first use under
 a lock, and a failure to build or restore one is never fatal: the sandbox
-boots cold instead.
+boots cold instead. A failed restore deletes the template only when QEMU
+said the state cannot be loaded: a QEMU that was killed proves nothing.
+
+Each template is about 50 MB and every new --memory/--cpus pair makes one,
+so the cache is bounded (KEEP_TEMPLATES by count, MAX_TEMPLATE_BYTES in
+total, least recently used first) and `matchlock image templates` / `image
+gc` show and clear it.
 """
 
 from __future__ import annotations
@@ -23,22 +29,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-from ..api.fsutil import file_lock
 from ..api.paths import cache_dir
+from ..util.fs import file_lock, try_file_lock
+from ..wire.boot import LOWER_DISK_SERIAL, RUNTIME_DISK_SERIAL, TEMPLATE_FLAG, TEMPLATE_READY, UPPER_DISK_SERIAL
 from .machine import Machine, MachineSpec, build_argv
 
 TEMPLATE_VERSION = "1"
-TEMPLATE_FLAG = "matchlock.template=1"
-TEMPLATE_READY = b"T"
-WAKE_SIZE = 64
 PLACEHOLDER_SIZE = 1 << 40  # sparse: the guest sees room for any real disk
 BUILD_TIMEOUT = 120.0
 KEEP_TEMPLATES = 6
+MAX_TEMPLATE_BYTES = 400 * 1024 * 1024
+INPUTS_FILE = "inputs.json"  # what the template was built from, to tell when it went stale
 DISABLE_ENV = "MATCHLOCK_NO_TEMPLATES"
 
 
@@ -53,13 +60,26 @@ def enabled() -> bool:
 def _identity(path: Path | None) -> str:
     if path is None:
         return "-"
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return f"{path}:missing"
     return f"{path}:{stat.st_size}:{int(stat.st_mtime)}"
+
+
+def _input_files(spec: MachineSpec) -> list[Path]:
+    qemu = shutil.which("qemu-system-x86_64")
+    files = [Path(qemu)] if qemu else []
+    files += [spec.kernel] + ([spec.initrd] if spec.initrd else [])
+    return files + [d.path for d in spec.disks if d.serial == RUNTIME_DISK_SERIAL]
 
 
 def template_spec(spec: MachineSpec, root: Path) -> MachineSpec:
     """The machine a template is booted as: same devices, placeholder disks, the wait flag."""
-    placeholders = {"lower": root / "placeholder-lower.img", "upper": root / "placeholder-upper.img"}
+    placeholders = {
+        LOWER_DISK_SERIAL: root / "placeholder-lower.img",
+        UPPER_DISK_SERIAL: root / "placeholder-upper.img",
+    }
     for path in placeholders.values():
         if not path.exists() or path.stat().st_size != PLACEHOLDER_SIZE:
             with open(path, "wb") as f:
@@ -82,10 +102,56 @@ def template_key(spec: MachineSpec) -> str:
         _identity(Path(qemu)) if qemu else "-",
         _identity(spec.kernel),
         _identity(spec.initrd),
-        *(f"{d.serial}:{_identity(d.path) if d.serial == 'runtime' else ''}" for d in spec.disks),
+        *(f"{d.serial}:{_identity(d.path) if d.serial == RUNTIME_DISK_SERIAL else ''}" for d in spec.disks),
         " ".join(a for a in argv if not a.startswith(("file=", "id=disk")) and "path=" not in a),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+# What QEMU prints when a saved state cannot be loaded (QEMU 7.x wording).
+_LOAD_ERRORS = ("load of migration failed", "not a migration stream", "unknown savevm section", "unknown ramblock")
+_MIGRATION_MAGIC = b"QEVM"
+
+
+def restore_proves_state_bad(state: Path, returncode: int | None, qemu_stderr: str) -> bool:
+    """Whether a failed restore from `state` means the state itself is unusable.
+
+    `returncode` is QEMU's exit status when the restore failed (None while
+    it still ran). A state without the migration stream's magic is bad
+    whatever happened; otherwise only QEMU's own load error convicts it: a
+    QEMU killed by a signal (the user, the OOM killer, a host shutdown) or a
+    slow guest says nothing about the template that every sandbox shares.
+    """
+    try:
+        with open(state, "rb") as f:
+            if f.read(len(_MIGRATION_MAGIC)) != _MIGRATION_MAGIC:
+                return True
+    except FileNotFoundError:
+        return False
+    if returncode is not None and returncode < 0:
+        return False
+    text = qemu_stderr.lower()
+    return any(marker in text for marker in _LOAD_ERRORS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    key: str
+    path: Path  # its directory
+    size: int  # bytes on disk
+    last_used: float  # the state's mtime, touched on every use
+    status: str  # "ready", "stale" (built from files that changed or are gone) or "incomplete"
+    shape: str  # e.g. "512 MB, 1 CPU, network"
+
+
+def _disk_usage(directory: Path) -> int:
+    total = 0
+    for entry in directory.iterdir():
+        try:
+            total += entry.lstat().st_blocks * 512
+        except OSError:
+            continue
+    return total
 
 
 class TemplateCache:
@@ -106,15 +172,23 @@ class TemplateCache:
         if state.exists():
             os.utime(state)
             return state
-        with file_lock(self.root / f"{key}.lock"):
+        with file_lock(self._lock_path(key)):
             if state.exists():
                 return state
             await self._build(base, state, network_wrapper)
-        self._prune()
+        self.prune()
         return state
+
+    def _lock_path(self, key: str) -> Path:
+        return self.root / f"{key}.lock"
 
     async def _build(self, spec: MachineSpec, state: Path, network_wrapper) -> None:
         state.parent.mkdir(parents=True, exist_ok=True)
+        inputs = {
+            "files": {str(path): _identity(path) for path in _input_files(spec)},
+            "shape": f"{spec.memory_mb} MB, {spec.cpus:g} CPU, {'network' if spec.network else 'no network'}",
+        }
+        (state.parent / INPUTS_FILE).write_text(json.dumps(inputs))
         spec = dataclasses.replace(spec, console_log=state.parent / "console.log")
         spec.console_log.write_text("")
         cleanup = None
@@ -122,6 +196,8 @@ class TemplateCache:
             wrapper, fds, cleanup = network_wrapper()
             spec = dataclasses.replace(spec, network=dataclasses.replace(spec.network, wrapper=wrapper, pass_fds=fds))
         machine = Machine(spec)
+        # Per build: a lock file that a cleanup removed must not let two builds share one file.
+        partial = state.with_name(f"state.partial-{os.getpid()}")
         try:
             sock = await machine.start()
             loop = asyncio.get_running_loop()
@@ -130,7 +206,6 @@ class TemplateCache:
                 raise RuntimeError(f"template guest sent {marker!r} instead of its ready marker")
             assert machine.qmp is not None
             await machine.qmp.execute("stop")
-            partial = state.with_name("state.partial")
             await machine.qmp.execute("migrate", uri=f"exec:cat > {partial}")
             deadline = time.monotonic() + BUILD_TIMEOUT
             while True:
@@ -143,10 +218,63 @@ class TemplateCache:
             os.rename(partial, state)
         finally:
             await machine.kill()
+            partial.unlink(missing_ok=True)
             if cleanup is not None:
                 cleanup()
 
-    def _prune(self) -> None:
-        states = sorted(self.root.glob("*/state"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for stale in states[KEEP_TEMPLATES:]:
-            shutil.rmtree(stale.parent, ignore_errors=True)
+    def templates(self) -> list[Template]:
+        """Every template directory, most recently used first."""
+        found = []
+        for directory in self.root.glob("*/"):
+            if not directory.is_dir():
+                continue
+            state = directory / "state"
+            try:
+                inputs = json.loads((directory / INPUTS_FILE).read_text())
+                files, shape = dict(inputs["files"]), str(inputs["shape"])
+            except (OSError, ValueError, KeyError, TypeError):
+                files, shape = {}, "?"  # made by an older version: judged by its age alone
+            try:
+                last_used = state.stat().st_mtime
+                status = "ready"
+                if any(_identity(Path(path)) != identity for path, identity in files.items()):
+                    status = "stale"
+            except FileNotFoundError:
+                last_used, status = directory.stat().st_mtime, "incomplete"
+            found.append(Template(directory.name, directory, _disk_usage(directory), last_used, status, shape))
+        return sorted(found, key=lambda t: t.last_used, reverse=True)
+
+    def prune(self, *, keep: int = KEEP_TEMPLATES, max_bytes: int = MAX_TEMPLATE_BYTES) -> list[Template]:
+        """Remove stale and unfinished templates, then the least recently used beyond the bounds.
+
+        Templates being built hold their lock and are left alone. Returns what was removed.
+        """
+        removed = []
+        kept, kept_bytes = 0, 0
+        for template in self.templates():
+            fits = kept < keep and (kept == 0 or kept_bytes + template.size <= max_bytes)
+            if template.status == "ready" and fits:
+                kept, kept_bytes = kept + 1, kept_bytes + template.size
+            elif self._remove(template):
+                removed.append(template)
+        self._remove_orphan_locks()
+        return removed
+
+    def clear(self) -> list[Template]:
+        """Remove every template not in use by a build (restoring sandboxes keep their open copy)."""
+        return self.prune(keep=0)
+
+    def _remove(self, template: Template) -> bool:
+        with try_file_lock(self._lock_path(template.key)) as free:
+            if not free:
+                return False  # being built right now
+            shutil.rmtree(template.path, ignore_errors=True)
+            self._lock_path(template.key).unlink(missing_ok=True)
+            return True
+
+    def _remove_orphan_locks(self) -> None:
+        for lock in self.root.glob("*.lock"):
+            if not (self.root / lock.stem).exists():
+                with try_file_lock(lock) as free:
+                    if free:
+                        lock.unlink(missing_ok=True)

@@ -22,7 +22,9 @@ class Record:
         super().__init_subclass__(**kwargs)
         names = cls.__slots__
         defaults = cls._defaults
-        params, body, namespace = [], [], {"_set": _set}
+        params: list[str] = []
+        body: list[str] = []
+        namespace: dict = {"_set": _set}
         for name in names:
             if name in defaults:
                 default = defaults[name]
@@ -42,7 +44,10 @@ class Record:
         exec(source, namespace)  # noqa: S102 - source is built from the class's own field names
         init = namespace["__init__"]
         init.__qualname__ = f"{cls.__qualname__}.__init__"
-        cls.__init__ = init
+        setattr(cls, "__init__", init)  # noqa: B010 - mypy forbids assigning to a method
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        """Replaced in each subclass by one generated for its fields (this one only informs type checkers)."""
 
     def __setattr__(self, name, value) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")

@@ -1,11 +1,9 @@
-"""Agent messages carried over the multiplexer (stdlib only, shared by both sides).
+"""Agent requests carried over the multiplexer (stdlib only, shared by both sides).
 
-A stream is opened with a request (`op` plus fields). The guest answers with
-MESSAGE frames whose `type` is one of the reply types below; the last one on a
-stream is `exit` (for exec), `result` or `error`. Both sides parse what they
-receive with the functions here, which reject anything malformed with a
-ValueError naming the bad field; the host treats such a reply from the guest
-as a protocol violation.
+A stream is opened with a request (`op` plus fields), one record per op here;
+the guest's replies and their grammar are in `replies`. Both sides parse what
+they receive with these records, which reject anything malformed with a
+ValueError naming the bad field.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from __future__ import annotations
 import math
 
 from ._records import Record
+from .boot import EXTRA_DISK_SERIAL_PREFIX, MAX_EXTRA_DISKS
 
 # Host -> guest: stream requests
 OP_EXEC = "exec"
@@ -23,14 +22,6 @@ OP_SHUTDOWN = "shutdown"
 OP_PING = "ping"  # liveness: the agent answers at once
 OP_PORT_FORWARD = "port_forward"
 OPS = (OP_EXEC, OP_WRITE_FILE, OP_READ_FILE, OP_LIST_FILES, OP_SHUTDOWN, OP_PING, OP_PORT_FORWARD)
-
-# Guest -> host: replies on a stream; stream 0 carries `ready` and `fatal`
-REPLY_STARTED = "started"
-REPLY_EXIT = "exit"
-REPLY_RESULT = "result"
-REPLY_ERROR = "error"
-EVENT_READY = "ready"
-EVENT_FATAL = "fatal"
 
 # Host -> guest: control messages on an exec stream
 CTL_SIGNAL = "signal"
@@ -73,6 +64,8 @@ def _path(msg: dict, key: str = "path") -> str:
 
 class TerminalSize(Record):
     __slots__ = ("rows", "cols")
+    rows: int
+    cols: int
 
     @classmethod
     def parse(cls, msg: dict) -> TerminalSize:
@@ -86,6 +79,12 @@ class ExecRequest(Record):
     """command: str; env: dict; cwd: str; user: str; stdin: bool; tty: TerminalSize | None"""
 
     __slots__ = ("command", "env", "cwd", "user", "stdin", "tty")
+    command: str
+    env: dict[str, str]
+    cwd: str
+    user: str
+    stdin: bool
+    tty: TerminalSize | None
     _defaults = {"env": dict, "cwd": "/", "user": "", "stdin": False, "tty": None}
 
     @classmethod
@@ -125,6 +124,8 @@ class ExecRequest(Record):
 
 class WriteFileRequest(Record):
     __slots__ = ("path", "mode")
+    path: str
+    mode: int
     _defaults = {"mode": 0o644}
 
     @classmethod
@@ -139,6 +140,8 @@ class PathRequest(Record):
     """read_file and list_files take only a path."""
 
     __slots__ = ("op", "path")
+    op: str
+    path: str
 
     @classmethod
     def parse(cls, msg: dict) -> PathRequest:
@@ -148,10 +151,37 @@ class PathRequest(Record):
         return {"op": self.op, "path": self.path}
 
 
+class PingRequest(Record):
+    """Liveness: the agent answers at once."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, msg: dict) -> PingRequest:
+        return cls()
+
+    def to_wire(self) -> dict:
+        return {"op": OP_PING}
+
+
+class ShutdownRequest(Record):
+    """Kill every workload, sync the disks and power off."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, msg: dict) -> ShutdownRequest:
+        return cls()
+
+    def to_wire(self) -> dict:
+        return {"op": OP_SHUTDOWN}
+
+
 class PortForwardRequest(Record):
     """Connect to `port` on the guest's loopback and relay bytes (stdin channel in, stdout out)."""
 
     __slots__ = ("port",)
+    port: int
 
     @classmethod
     def parse(cls, msg: dict) -> PortForwardRequest:
@@ -165,6 +195,10 @@ class FileInfo(Record):
     """name: str; size: int; mode: int (POSIX st_mode); is_dir: bool"""
 
     __slots__ = ("name", "size", "mode", "is_dir")
+    name: str
+    size: int
+    mode: int
+    is_dir: bool
 
     @classmethod
     def parse(cls, msg: dict) -> FileInfo:
@@ -180,29 +214,26 @@ class FileInfo(Record):
         return {"name": self.name, "size": self.size, "mode": self.mode, "is_dir": self.is_dir}
 
 
-def parse_request(msg: dict):
-    """Parse an OPEN request in the guest; raises ValueError on bad input."""
+Request = ExecRequest | WriteFileRequest | PathRequest | PingRequest | ShutdownRequest | PortForwardRequest
+
+_REQUESTS: dict[str, type[Request]] = {
+    OP_EXEC: ExecRequest,
+    OP_WRITE_FILE: WriteFileRequest,
+    OP_READ_FILE: PathRequest,
+    OP_LIST_FILES: PathRequest,
+    OP_SHUTDOWN: ShutdownRequest,
+    OP_PING: PingRequest,
+    OP_PORT_FORWARD: PortForwardRequest,
+}
+
+
+def parse_request(msg: dict) -> Request:
+    """Parse an OPEN request in the guest into its record; raises ValueError on bad input."""
     op = msg.get("op")
-    if op == OP_EXEC:
-        return ExecRequest.parse(msg)
-    if op == OP_WRITE_FILE:
-        return WriteFileRequest.parse(msg)
-    if op in (OP_READ_FILE, OP_LIST_FILES):
-        return PathRequest.parse(msg)
-    if op in (OP_SHUTDOWN, OP_PING):
-        return op
-    if op == OP_PORT_FORWARD:
-        return PortForwardRequest.parse(msg)
-    raise ValueError(f"unknown op {op!r}")
-
-
-def parse_exit(msg: dict) -> tuple[int, int | None]:
-    """Return (exit code, terminating signal or None) from an `exit` reply."""
-    code = _int(msg, "code", lo=0, hi=255)
-    signal = msg.get("signal")
-    if signal is not None:
-        signal = _int(msg, "signal", lo=1, hi=64)
-    return code, signal
+    record = _REQUESTS.get(op) if isinstance(op, str) else None
+    if record is None:
+        raise ValueError(f"unknown op {op!r}")
+    return record.parse(msg)
 
 
 def parse_files(msg: dict) -> list[FileInfo]:
@@ -226,6 +257,11 @@ class GuestNetwork(Record):
     """How the guest's interface is configured (the kernel has no `ip=`)."""
 
     __slots__ = ("interface", "address", "prefix", "gateway", "mtu")
+    interface: str
+    address: str
+    prefix: int
+    gateway: str
+    mtu: int
 
     @classmethod
     def parse(cls, msg: dict) -> GuestNetwork:
@@ -244,14 +280,59 @@ class GuestNetwork(Record):
                 "gateway": self.gateway, "mtu": self.mtu}  # fmt: skip
 
 
+class GuestDisk(Record):
+    """An extra disk: the virtio serial it has, where the guest mounts it, and who owns a fresh one."""
+
+    __slots__ = ("serial", "mount", "readonly", "owner_uid", "owner_gid")
+    serial: str
+    mount: str
+    readonly: bool
+    owner_uid: int  # -1: leave the filesystem root's owner as it is
+    owner_gid: int
+    _defaults = {"readonly": False, "owner_uid": -1, "owner_gid": -1}
+
+    @classmethod
+    def parse(cls, msg: dict) -> GuestDisk:
+        serial = _str(msg, "serial", max_len=20)  # virtio-blk serials are at most 20 bytes
+        index = serial.removeprefix(EXTRA_DISK_SERIAL_PREFIX)
+        if index == serial or not index.isdigit() or int(index) >= MAX_EXTRA_DISKS:
+            raise ValueError(f"invalid disk serial {serial!r}")
+        mount = _path(msg, "mount")
+        parts = mount.split("/")[1:]
+        if not all(p and p not in (".", "..") for p in parts) or parts[0] in ("proc", "sys", "dev"):
+            raise ValueError(f"invalid disk mount point {mount!r}")
+        if mount.startswith("/run/matchlock/") or mount == "/run/matchlock":
+            raise ValueError(f"invalid disk mount point {mount!r}")
+        readonly = msg.get("readonly", False)
+        if not isinstance(readonly, bool):
+            raise ValueError("'readonly' must be a boolean")
+        uid = _int(msg, "owner_uid", default=-1, lo=-1, hi=2**32 - 2)
+        gid = _int(msg, "owner_gid", default=-1, lo=-1, hi=2**32 - 2)
+        return cls(serial, mount, readonly, uid, gid)
+
+    def to_wire(self) -> dict:
+        return {"serial": self.serial, "mount": self.mount, "readonly": self.readonly,
+                "owner_uid": self.owner_uid, "owner_gid": self.owner_gid}  # fmt: skip
+
+
 class GuestConfig(Record):
     """Sandbox settings the host sends in its HELLO; the guest applies them at boot."""
 
     __slots__ = (
         "hostname", "time_ns", "privileged", "cpus", "dns_servers", "extra_hosts", "network", "ca_certificate",
+        "disks",
     )  # fmt: skip
+    hostname: str
+    time_ns: int
+    privileged: bool
+    cpus: float
+    dns_servers: tuple[str, ...]
+    extra_hosts: tuple[tuple[str, str], ...]
+    network: GuestNetwork | None
+    ca_certificate: str
+    disks: tuple[GuestDisk, ...]
     _defaults = {"privileged": False, "cpus": 1.0, "dns_servers": (), "extra_hosts": (), "network": None,
-                 "ca_certificate": ""}  # fmt: skip
+                 "ca_certificate": "", "disks": ()}  # fmt: skip
 
     @classmethod
     def parse(cls, msg: dict) -> GuestConfig:
@@ -276,6 +357,12 @@ class GuestConfig(Record):
         ca = _str(msg, "ca_certificate", default="", max_len=64 * 1024)
         if ca and not ca.startswith("-----BEGIN CERTIFICATE-----"):
             raise ValueError("'ca_certificate' must be a PEM certificate")
+        disks = msg.get("disks", [])
+        if not isinstance(disks, list) or len(disks) > MAX_EXTRA_DISKS or not all(isinstance(d, dict) for d in disks):
+            raise ValueError(f"'disks' must be a list of at most {MAX_EXTRA_DISKS} objects")
+        parsed = tuple(GuestDisk.parse(d) for d in disks)
+        if len({d.serial for d in parsed}) != len(parsed) or len({d.mount for d in parsed}) != len(parsed):
+            raise ValueError("'disks' repeats a serial or a mount point")
         return cls(
             hostname=hostname,
             time_ns=_int(msg, "time_ns"),
@@ -285,6 +372,7 @@ class GuestConfig(Record):
             extra_hosts=tuple((h[0], h[1]) for h in hosts),
             network=GuestNetwork.parse(network) if network is not None else None,
             ca_certificate=ca,
+            disks=parsed,
         )
 
     def to_wire(self) -> dict:
@@ -297,4 +385,5 @@ class GuestConfig(Record):
             "extra_hosts": [list(h) for h in self.extra_hosts],
             "network": self.network.to_wire() if self.network is not None else None,
             "ca_certificate": self.ca_certificate,
+            "disks": [d.to_wire() for d in self.disks],
         }

@@ -7,8 +7,12 @@ Every frame is a 9-byte header followed by a payload:
     stream: u32 BE   stream id; 0 is the connection itself
 
 The decoder never trusts the peer: an unknown kind or a length above
-MAX_PAYLOAD raises ProtocolError at once, before any payload is buffered, so
+MAX_PAYLOAD raises RemoteProtocolError at once, before any payload is buffered, so
 a hostile guest cannot make the host allocate or wait for an absurd frame.
+
+Errors come in two kinds under one base: RemoteProtocolError (the peer broke
+the protocol; only receiving can raise it) and LocalProtocolError (this side
+tried something the protocol forbids, which is a bug in the caller).
 """
 
 from __future__ import annotations
@@ -26,7 +30,20 @@ MAX_STREAM_ID = (1 << 32) - 1
 
 
 class ProtocolError(Exception):
+    """Base of the wire errors; raise RemoteProtocolError or LocalProtocolError instead."""
+
+    def __init__(self, *args: object) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("raise RemoteProtocolError or LocalProtocolError, not ProtocolError")
+        super().__init__(*args)
+
+
+class RemoteProtocolError(ProtocolError):
     """The peer sent something that breaks the wire protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to send something the protocol forbids (a bug in the caller)."""
 
 
 class FrameKind:
@@ -47,16 +64,19 @@ KIND_NAMES = {value: name for name, value in vars(FrameKind).items() if name.isu
 
 class Frame(Record):
     __slots__ = ("kind", "stream", "payload")
+    kind: int
+    stream: int
+    payload: bytes
     _defaults = {"payload": b""}
 
 
 def encode_frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
     if kind not in KIND_NAMES:
-        raise ValueError(f"unknown frame kind {kind}")
+        raise LocalProtocolError(f"unknown frame kind {kind}")
     if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+        raise LocalProtocolError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     if not 0 <= stream <= MAX_STREAM_ID:
-        raise ValueError(f"stream id {stream} out of range")
+        raise LocalProtocolError(f"stream id {stream} out of range")
     return HEADER.pack(len(payload), kind, stream) + payload
 
 
@@ -94,9 +114,9 @@ class FrameDecoder:
             return None
         length, kind, stream = HEADER.unpack_from(buf, 0)
         if kind not in KIND_NAMES:
-            raise ProtocolError(f"unknown frame kind {kind}")
+            raise RemoteProtocolError(f"unknown frame kind {kind}")
         if length > self._max_payload:
-            raise ProtocolError(f"frame of {length} bytes exceeds the {self._max_payload}-byte limit")
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds the {self._max_payload}-byte limit")
         if check_header is not None:
             check_header(kind, stream, length)
         end = HEADER_SIZE + length
@@ -109,4 +129,4 @@ class FrameDecoder:
     def close(self) -> None:
         """Call at end of input; a partial frame left over is a protocol error."""
         if self._buffer:
-            raise ProtocolError(f"connection closed in the middle of a frame ({len(self._buffer)} bytes pending)")
+            raise RemoteProtocolError(f"connection closed in the middle of a frame ({len(self._buffer)} bytes pending)")

@@ -29,14 +29,14 @@ else:
         object_pairs_hook = None
         parse_float = float
         parse_int = int
-        parse_constant = None
+        parse_constant: object = None
         memo: dict = {}
 
     def _reject_constant(name: str):
         raise ValueError(f"invalid JSON constant {name}")
 
     _ScannerContext.parse_constant = staticmethod(_reject_constant)
-    _scan = _make_scanner(_ScannerContext())
+    _scan = _make_scanner(_ScannerContext())  # type: ignore[arg-type]  # any object with the decoder's attributes works
 
     def _not_serialisable(value):
         raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -12,9 +12,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .api.errors import SetupError
-from .api.fsutil import file_lock
-from .api.paths import debs_dir
+from ..api.errors import SetupError
+from ..api.paths import debs_dir
+from .fs import file_lock
 
 
 def _run(argv: list[str], cwd: Path | None = None) -> str:
@@ -59,11 +59,11 @@ def download(packages: list[str]) -> dict[str, Path]:
 
     with file_lock(target / ".lock"):
         _fetch_missing(target, [f"{n}={v}" for n, v in wanted.items() if cached(n) is None])
-    result = {name: cached(name) for name in packages}
-    absent = [name for name, path in result.items() if path is None]
+    result = {name: path for name in packages if (path := cached(name)) is not None}
+    absent = [name for name in packages if name not in result]
     if absent:
         raise SetupError(f"apt-get download did not produce {', '.join(absent)}")
-    return result  # type: ignore[return-value]
+    return result
 
 
 def _fetch_missing(target: Path, missing: list[str]) -> None:

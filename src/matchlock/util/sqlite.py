@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from ..api.errors import MatchlockError
-from ..api.fsutil import file_lock
+from .fs import file_lock
 
 BUSY_TIMEOUT_MS = 15000
 
@@ -34,8 +35,9 @@ class Migration:
     apply: str | Callable[[sqlite3.Connection], None]  # SQL script or a function
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+def utc_now(timespec: Literal["seconds", "microseconds"] = "microseconds") -> str:
+    """RFC3339 in UTC with a `Z` suffix, e.g. `2026-01-02T03:04:05.123456Z`."""
+    return datetime.now(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def connect(path: Path) -> sqlite3.Connection:
