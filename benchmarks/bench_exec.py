@@ -16,30 +16,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from benchstate import private_state_dir
+from timing import median_ms, timed, timed_async
 
 from matchlock.sandbox.sandbox import ExecSpec
 
 MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
 
 
-def _median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
-
-
 def _time_command(argv: list[str], runs: int) -> list[float]:
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-        samples.append(time.perf_counter() - started)
-    return samples
+    return timed(runs, lambda: subprocess.run(argv, check=True, stdout=subprocess.DEVNULL))
 
 
 async def _in_process(runs: int) -> tuple[list[float], list[float]]:
@@ -49,19 +39,11 @@ async def _in_process(runs: int) -> tuple[list[float], list[float]]:
 
     box = await Sandbox.create(SandboxConfig(image="matchlock/busybox:builtin"))
     try:
-        pings, execs = [], []
         for _ in range(10):
             await box.ping()
             await box.exec(ExecSpec("true"))
-        for _ in range(runs):
-            started = time.perf_counter()
-            await box.ping()
-            pings.append(time.perf_counter() - started)
-        for _ in range(runs):
-            started = time.perf_counter()
-            await box.exec(ExecSpec("true"))
-            execs.append(time.perf_counter() - started)
-        return pings, execs
+        pings = await timed_async(runs, box.ping)
+        return pings, await timed_async(runs, lambda: box.exec(ExecSpec("true")))
     finally:
         await box.aclose()
 
@@ -79,8 +61,8 @@ def main() -> None:
             cli_exec = _time_command([MATCHLOCK, "exec", vm_id, "--", "true"], runs)
         finally:
             subprocess.run([MATCHLOCK, "rm", "-f", vm_id], capture_output=True)
-    ping_ms, inproc_ms = _median_ms(pings), _median_ms(in_process)
-    startup_ms, cli_ms = _median_ms(startup), _median_ms(cli_exec)
+    ping_ms, inproc_ms = median_ms(pings), median_ms(in_process)
+    startup_ms, cli_ms = median_ms(startup), median_ms(cli_exec)
     budget = 2 * inproc_ms + startup_ms
     print(f"exec latency (median of {runs})")
     print(f"  agent round trip, in process (ping)     : {ping_ms:7.2f} ms")

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from benchstate import private_state_dir
+from timing import median_ms, timed, timed_async
 
 from matchlock import AsyncClient, Client, Config, Sandbox
 from matchlock.api.config import SandboxConfig
@@ -30,10 +30,6 @@ IMAGE = "matchlock/busybox:builtin"
 CONFIG = Config(binary_path=str(Path(sys.executable).parent / "matchlock"))
 
 
-def _ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
-
-
 async def _in_process(runs: int) -> tuple[float, list[float]]:
     started = time.perf_counter()
     box = await InProcessSandbox.create(SandboxConfig(image=IMAGE))
@@ -42,12 +38,7 @@ async def _in_process(runs: int) -> tuple[float, list[float]]:
         cold = time.perf_counter() - started
         for _ in range(10):
             await box.exec(ExecSpec("true"))
-        warm = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            await box.exec(ExecSpec("true"))
-            warm.append(time.perf_counter() - started)
-        return cold, warm
+        return cold, await timed_async(runs, lambda: box.exec(ExecSpec("true")))
     finally:
         await box.aclose()
 
@@ -62,16 +53,8 @@ def _sdk(runs: int) -> tuple[float, list[float], list[float]]:
         cold = time.perf_counter() - started
         for _ in range(10):
             client.exec("true")
-        warm = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            client.exec("true")
-            warm.append(time.perf_counter() - started)
-        rpc_only = []
-        for _ in range(runs):  # `log` is answered by the server from a host file: transport cost alone
-            started = time.perf_counter()
-            client.log()
-            rpc_only.append(time.perf_counter() - started)
+        warm = timed(runs, lambda: client.exec("true"))
+        rpc_only = timed(runs, client.log)  # answered by the server from a host file: transport cost alone
         return cold, warm, rpc_only
     finally:
         client.close()
@@ -83,11 +66,7 @@ async def _async_sdk(runs: int) -> list[float]:
         await client.create(Sandbox(IMAGE).options())
         for _ in range(10):
             await client.exec("true")
-        warm = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            await client.exec("true")
-            warm.append(time.perf_counter() - started)
+        warm = await timed_async(runs, lambda: client.exec("true"))
     await client.remove()
     return warm
 
@@ -113,15 +92,15 @@ def main() -> None:
             async_warm += asyncio.run(_async_sdk(runs))
 
     print(f"SDK against in-process, one run ({boots} boots and {runs} warm execs per side and boot)")
-    print(f"  cold, create -> first exec result, in process : {_ms(in_cold):8.1f} ms")
-    print(f"  cold, SDK start + create -> first exec result : {_ms(sdk_cold):8.1f} ms")
-    print(f"    ratio SDK / in-process                      : {_ms(sdk_cold) / _ms(in_cold):8.2f} x")
-    print(f"  warm exec `true`, in process                  : {_ms(in_warm):8.2f} ms")
-    print(f"  warm exec `true`, SDK Client                  : {_ms(sdk_warm):8.2f} ms")
-    print(f"  warm exec `true`, SDK AsyncClient             : {_ms(async_warm):8.2f} ms")
-    print(f"    ratio Client / in-process                   : {_ms(sdk_warm) / _ms(in_warm):8.2f} x")
-    print(f"    ratio AsyncClient / in-process              : {_ms(async_warm) / _ms(in_warm):8.2f} x")
-    print(f"  JSON-RPC round trip alone (Client.log())      : {_ms(rpc_only):8.2f} ms")
+    print(f"  cold, create -> first exec result, in process : {median_ms(in_cold):8.1f} ms")
+    print(f"  cold, SDK start + create -> first exec result : {median_ms(sdk_cold):8.1f} ms")
+    print(f"    ratio SDK / in-process                      : {median_ms(sdk_cold) / median_ms(in_cold):8.2f} x")
+    print(f"  warm exec `true`, in process                  : {median_ms(in_warm):8.2f} ms")
+    print(f"  warm exec `true`, SDK Client                  : {median_ms(sdk_warm):8.2f} ms")
+    print(f"  warm exec `true`, SDK AsyncClient             : {median_ms(async_warm):8.2f} ms")
+    print(f"    ratio Client / in-process                   : {median_ms(sdk_warm) / median_ms(in_warm):8.2f} x")
+    print(f"    ratio AsyncClient / in-process              : {median_ms(async_warm) / median_ms(in_warm):8.2f} x")
+    print(f"  JSON-RPC round trip alone (Client.log())      : {median_ms(rpc_only):8.2f} ms")
     print("  (guest exec time under TCG varies by ~10 ms between VMs: the warm ratios are within that noise)")
 
 

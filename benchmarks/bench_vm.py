@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from benchstate import private_state_dir
+from timing import timed_async
 
 from matchlock.api.config import SandboxConfig
 from matchlock.kernel import resolve
@@ -152,12 +153,7 @@ def _raw_echo_rtts(work: Path, count: int) -> list[float]:
 async def _timed(operation, count: int) -> list[float]:
     for _ in range(20):  # warm the guest's code paths
         await operation()
-    samples = []
-    for _ in range(count):
-        started = time.perf_counter()
-        await operation()
-        samples.append(time.perf_counter() - started)
-    return samples
+    return await timed_async(count, operation)
 
 
 async def _agent_rtts_and_memory(count: int) -> tuple[dict, dict]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# The names of `matchlock.sdk.__all__` (a unit test keeps the two equal); listed here so that looking up
+# The SDK's public names: `matchlock.sdk.__all__` is derived from this set. Listed here so that looking up
 # anything else, such as a subpackage, does not import the SDK.
 _SDK_NAMES = frozenset(
     {

@@ -45,6 +45,12 @@ class FakeGuest:
         self.writer.write(data)
         await self.writer.drain()
 
+    async def reply_and_close(self, sid: int, reply: dict) -> None:
+        """The last reply of a stream: send it, close the stream and flush."""
+        self.conn.send_message(sid, reply)
+        self.conn.close_stream(sid)
+        await self.flush()
+
     async def flush(self) -> None:
         await self.send_raw(self.conn.data_to_send())
 

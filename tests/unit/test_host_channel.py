@@ -9,7 +9,6 @@ import asyncio
 import json
 import struct
 
-import fake_guest
 import pytest
 from fake_guest import CONFIG, GUEST_INFO, accept, start_handshake
 
@@ -33,18 +32,6 @@ from matchlock.wire.mux import (
 from matchlock.wire.replies import Ready
 
 pytestmark = pytest.mark.timeout(120)  # a hang detector, not a performance assertion
-
-
-@pytest.fixture
-async def connected():
-    async with fake_guest.connected() as pair:
-        yield pair
-
-
-@pytest.fixture
-async def booted():
-    async with fake_guest.booted() as pair:
-        yield pair
 
 
 # --- handshake --------------------------------------------------------------
@@ -213,9 +200,7 @@ async def test_exec_started_data_exit_close_gives_result(booted):
     guest.conn.send_data(sid, STDOUT, b"world\n")
     guest.conn.end_channel(sid, STDOUT)
     guest.conn.end_channel(sid, STDERR)
-    guest.conn.send_message(sid, {"type": "exit", "code": 3})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "exit", "code": 3})
     result = await waiter
     assert isinstance(result, ExecResult)
     assert result.exit_code == 3 and result.error is None and result.duration_ms >= 0
@@ -242,9 +227,7 @@ async def test_exec_stdin_and_error_text(booted):
     assert await guest.next_event() == MessageReceived(sid, {"type": "signal", "signal": 15})
     assert await guest.next_event() == MessageReceived(sid, {"type": "resize", "rows": 30, "cols": 100})
     guest.conn.send_message(sid, {"type": "started", "pid": 9})
-    guest.conn.send_message(sid, {"type": "exit", "code": 127, "error": "cannot run /bin/sh"})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "exit", "code": 127, "error": "cannot run /bin/sh"})
     result = await proc.wait()
     assert result.exit_code == 127 and result.error == "cannot run /bin/sh"
 
@@ -275,9 +258,7 @@ async def test_exec_large_output_with_flow_control(booted):
         guest.conn.send_data(sid, STDOUT, bytes([sent % 251]) * n)
         sent += n
         await guest.flush()
-    guest.conn.send_message(sid, {"type": "exit", "code": 0})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "exit", "code": 0})
     result = await waiter
     assert result.exit_code == 0
     assert len(received) == total
@@ -288,9 +269,7 @@ async def test_exec_error_reply_raises_exec_error(booted):
     channel, guest = booted
     proc = GuestProcess(channel.open(exec_request()), None, None)
     sid, _ = await accept(guest, "exec")
-    guest.conn.send_message(sid, {"type": "error", "message": "no such user 'bob'"})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "error", "message": "no such user 'bob'"})
     with pytest.raises(ExecError, match="no such user 'bob'"):
         await proc.wait()
 
@@ -310,9 +289,7 @@ async def test_exec_close_without_exit_is_protocol_error(booted):
     channel, guest = booted
     proc = GuestProcess(channel.open(exec_request()), None, None)
     sid, _ = await accept(guest, "exec")
-    guest.conn.send_message(sid, {"type": "started", "pid": 1})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "started", "pid": 1})
     with pytest.raises(
         GuestProtocolError,
         match="guest broke the wire protocol: the guest closed an exec stream without an exit status",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import fake_guest
 import pytest
 from fake_guest import FakeGuest, accept
 
@@ -27,18 +26,6 @@ from matchlock.wire.mux import (
 )
 
 pytestmark = pytest.mark.timeout(120)  # a hang detector, not a performance assertion
-
-
-@pytest.fixture
-async def connected():
-    async with fake_guest.connected() as pair:
-        yield pair
-
-
-@pytest.fixture
-async def booted():
-    async with fake_guest.booted() as pair:
-        yield pair
 
 
 # --- files ------------------------------------------------------------------
@@ -83,9 +70,7 @@ async def test_read_file_small(booted):
     assert request == {"op": "read_file", "path": "/etc/hostname"}
     guest.conn.send_data(sid, STDOUT, b"sand")
     guest.conn.send_data(sid, STDOUT, b"box\n")
-    guest.conn.send_message(sid, {"type": "result"})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "result"})
     assert await task == b"sandbox\n"
 
 
@@ -95,9 +80,7 @@ async def test_read_file_of_exactly_the_limit_succeeds(booted):
     sid, _ = await accept(guest, "read_file")
     sent, reset = await stream_out(guest, sid, msgs.READ_FILE_LIMIT)
     assert reset is None and sent == msgs.READ_FILE_LIMIT
-    guest.conn.send_message(sid, {"type": "result"})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "result"})
     content = await task
     assert len(content) == msgs.READ_FILE_LIMIT
 
@@ -131,9 +114,7 @@ async def test_read_file_error_reply(booted):
     channel, guest = booted
     task = asyncio.create_task(files.read_file(channel, "/nope"))
     sid, _ = await accept(guest, "read_file")
-    guest.conn.send_message(sid, {"type": "error", "message": "cannot read /nope: No such file", "errno": 2})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "error", "message": "cannot read /nope: No such file", "errno": 2})
     with pytest.raises(FileOperationError, match="cannot read /nope: No such file"):
         await task
 
@@ -206,9 +187,7 @@ async def test_write_file_1mib_with_slow_window_grants(booted):
             raise AssertionError(f"unexpected {event!r}")
     assert bytes(received) == content
     assert stalls == len(content) // INITIAL_WINDOW
-    guest.conn.send_message(sid, {"type": "result"})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "result"})
     assert await task is None
     assert await guest.next_event() == StreamClosed(sid)
 
@@ -250,9 +229,7 @@ async def test_write_file_guest_replies_and_closes_without_granting_window(boote
     got = 0
     while got < INITIAL_WINDOW:
         got += len((await guest.next_event()).data)
-    guest.conn.send_message(sid, {"type": "error", "message": "cannot write /full: No space left on device"})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "error", "message": "cannot write /full: No space left on device"})
     with pytest.raises(FileOperationError, match="No space left on device"):
         await task
 
@@ -278,9 +255,7 @@ async def test_write_file_error_reply(booted):
     sid, _ = await accept(guest, "write_file")
     assert await guest.next_event() == DataReceived(sid, STDIN, b"abc")
     assert await guest.next_event() == ChannelEnded(sid, STDIN)
-    guest.conn.send_message(sid, {"type": "error", "message": "cannot write /ro/x: Read-only file system"})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "error", "message": "cannot write /ro/x: Read-only file system"})
     with pytest.raises(FileOperationError, match="Read-only file system"):
         await task
 
@@ -294,9 +269,7 @@ async def test_list_files_valid(booted):
         {"name": "hosts", "size": 120, "mode": 0o100644, "is_dir": False},
         {"name": "ssl", "size": 4096, "mode": 0o40755, "is_dir": True},
     ]
-    guest.conn.send_message(sid, {"type": "result", "files": entries})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "result", "files": entries})
     assert await task == [
         msgs.FileInfo("hosts", 120, 0o100644, False),
         msgs.FileInfo("ssl", 4096, 0o40755, True),
@@ -319,9 +292,7 @@ async def test_list_files_malformed_entries(reply_files, match, booted):
     channel, guest = booted
     task = asyncio.create_task(files.list_files(channel, "/"))
     sid, _ = await accept(guest, "list_files")
-    guest.conn.send_message(sid, {"type": "result", "files": reply_files})
-    guest.conn.close_stream(sid)
-    await guest.flush()
+    await guest.reply_and_close(sid, {"type": "result", "files": reply_files})
     with pytest.raises(GuestProtocolError, match=f"malformed 'result' reply from the guest: {match}"):
         await task
 

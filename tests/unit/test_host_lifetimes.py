@@ -8,9 +8,10 @@ and that errors keep their meaning on the way out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
-import fake_guest
 import pytest
 from fake_guest import accept
 
@@ -24,12 +25,6 @@ from matchlock.wire.replies import Result, Started
 from support.ports import free_port
 
 pytestmark = pytest.mark.timeout(120)  # a hang detector, not a performance assertion
-
-
-@pytest.fixture
-async def booted():
-    async with fake_guest.booted() as pair:
-        yield pair
 
 
 def exec_request() -> dict:
@@ -121,14 +116,23 @@ async def test_port_forwarder_relays_and_aclose_ends_every_connection(booted):
     writer.close()
 
 
-async def test_port_forward_half_close_and_result_end_the_connection(booted):
-    channel, guest = booted
+@contextlib.asynccontextmanager
+async def one_forwarded_connection(channel: GuestChannel, guest) -> AsyncIterator[tuple]:
+    """A forwarder to guest port 9000 and one local connection through it, its stream accepted by the guest."""
     port = free_port()
     forwarder = PortForwarder(channel.open)
     await forwarder.start([ForwardSpec(port, 9000)], ["127.0.0.1"])
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         sid, _ = await accept(guest, "port_forward")
+        yield forwarder, reader, writer, sid
+    finally:
+        await forwarder.aclose()
+
+
+async def test_port_forward_half_close_and_result_end_the_connection(booted):
+    channel, guest = booted
+    async with one_forwarded_connection(channel, guest) as (forwarder, reader, writer, sid):
         guest.conn.send_message(sid, Started().to_wire())
         await guest.flush()
         writer.write(b"request")
@@ -138,27 +142,16 @@ async def test_port_forward_half_close_and_result_end_the_connection(booted):
         assert await guest.next_event() == StreamClosed(sid)
         guest.conn.send_data(sid, STDOUT, b"response")
         guest.conn.end_channel(sid, STDOUT)
-        guest.conn.send_message(sid, Result().to_wire())
-        guest.conn.close_stream(sid)
-        await guest.flush()
+        await guest.reply_and_close(sid, Result().to_wire())
         assert await reader.read() == b"response"
         writer.close()
-    finally:
-        await forwarder.aclose()
 
 
 async def test_port_forward_out_of_grammar_reply_drops_only_that_connection(booted):
     channel, guest = booted
-    port = free_port()
-    forwarder = PortForwarder(channel.open)
-    await forwarder.start([ForwardSpec(port, 9000)], ["127.0.0.1"])
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        sid, _ = await accept(guest, "port_forward")
+    async with one_forwarded_connection(channel, guest) as (forwarder, reader, writer, sid):
         guest.conn.send_data(sid, STDOUT, b"before started")
         await guest.flush()
         assert await reader.read() == b""
         writer.close()
         assert channel.broken is None and forwarder.servers  # the listener goes on
-    finally:
-        await forwarder.aclose()

@@ -10,9 +10,6 @@ import os
 import shutil
 import stat
 import subprocess
-from pathlib import Path
-
-import pytest
 
 from matchlock.api.image import DEFAULT_IMAGE
 from matchlock.image import builtin
@@ -20,39 +17,19 @@ from matchlock.image.store import ImageStore
 from support.sample_image import mounted
 
 
-@pytest.fixture(scope="module")
-def busybox_debs() -> list[Path]:
-    """busybox-static from the shared package cache (module scope: read before `cache_dir` replaces it)."""
-    from matchlock.api.paths import debs_dir
-
-    cached = sorted(debs_dir().glob("busybox-static_*.deb"))
-    if not cached:
-        pytest.fail("busybox-static is not in the package cache: run scripts/setup.sh first")
-    return cached
-
-
-@pytest.fixture
-def cache(busybox_debs, cache_dir) -> Path:
-    """A private cache holding only the busybox-static package."""
-    (cache_dir / "debs").mkdir(parents=True)
-    for deb in busybox_debs:
-        shutil.copy2(deb, cache_dir / "debs" / deb.name)
-    return cache_dir
-
-
 def test_upstream_version():
     assert builtin.upstream_version("1:1.35.0-4+deb12u1+b1") == "1.35.0"
     assert builtin.upstream_version("1.36.1-9") == "1.36.1"
 
 
-def test_builtin_image(cache, tmp_path):
+def test_builtin_image(busybox_cache, tmp_path):
     store = ImageStore()
     assert store.get(DEFAULT_IMAGE) is None
     info = store.resolve(DEFAULT_IMAGE)
     assert info.source == "builtin" and info.layers == 1 and info.lower_fstype == "erofs"
     assert info.config.cmd == ("sh",) and info.config.working_dir == "/"
     assert info.config.env == {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-    assert any((cache / "debs").glob("busybox-static_*.deb"))
+    assert any((busybox_cache / "debs").glob("busybox-static_*.deb"))
 
     # Second use: the row and blob are reused as they are.
     mtime = info.lower_path.stat().st_mtime_ns

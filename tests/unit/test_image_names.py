@@ -6,7 +6,6 @@ Only loopback registries are named; the "unreachable" one is a loopback port nob
 from __future__ import annotations
 
 import io
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -70,26 +69,6 @@ def test_builtin_name_is_reserved(cache_dir, spelling):
     with pytest.raises(UsageError, match="reserved"):
         store.import_tarball(io.BytesIO(saved()), spelling)
     assert [i.tag for i in store.images()] == ["mine:1"]
-
-
-@pytest.fixture(scope="module")
-def busybox_debs() -> list[Path]:
-    """busybox-static from the shared package cache (module scope: read before `cache_dir` replaces it)."""
-    from matchlock.api.paths import debs_dir
-
-    cached = sorted(debs_dir().glob("busybox-static_*.deb"))
-    if not cached:
-        pytest.fail("busybox-static is not in the package cache: run scripts/setup.sh first")
-    return cached
-
-
-@pytest.fixture
-def busybox_cache(busybox_debs, cache_dir) -> Path:
-    """A private cache holding only the package the built-in image is made from."""
-    (cache_dir / "debs").mkdir(parents=True)
-    for deb in busybox_debs:
-        shutil.copy2(deb, cache_dir / "debs" / deb.name)
-    return cache_dir
 
 
 def _replace_builtin_row(cache: Path) -> None:

@@ -29,7 +29,7 @@ LAYERS: dict[str, frozenset[str]] = {
     "jsonrpc": frozenset(),
     "policy": frozenset({"api"}),
     "vm": frozenset({"api", "util", "wire"}),
-    "kernel": frozenset({"api", "util"}),
+    "kernel": frozenset({"api", "util", "wire"}),
     "image": frozenset({"api", "util"}),
     "net": frozenset({"api", "util", "policy"}),
     "state": frozenset({"api", "util"}),

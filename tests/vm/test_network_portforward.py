@@ -11,44 +11,23 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 
 import pytest
 
 from support.cli import MATCHLOCK
-from support.ports import free_port
+from support.ports import echo_round_trip, free_port
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("vm_prerequisites")]
 
 ECHO_SERVER = ("--", "nc", "-ll", "-p", "8080", "-e", "/bin/cat")
 
 
-def round_trip(port: int, payload: bytes, timeout: float = 30) -> bytes:
-    """Send, half-close, read to EOF; retried until the guest's server listens (bounded)."""
-    deadline = time.monotonic() + timeout
-    received = b""
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-                received = b""
-                while chunk := sock.recv(65536):
-                    received += chunk
-        except OSError:
-            received = b""
-        if received == payload:
-            return received
-        time.sleep(0.3)
-    return received
-
-
 def test_run_publish_forwards_tcp_both_ways(net_detached):
     port = free_port()
     net_detached("-p", f"{port}:8080", *ECHO_SERVER)
     payload = os.urandom(256 * 1024)
-    assert round_trip(port, payload) == payload
-    assert round_trip(port, b"second connection\n") == b"second connection\n"
+    assert echo_round_trip(port, payload) == payload
+    assert echo_round_trip(port, b"second connection\n") == b"second connection\n"
 
 
 def test_port_forward_command(net_cli, net_detached, state_dir):
@@ -59,7 +38,7 @@ def test_port_forward_command(net_cli, net_detached, state_dir):
         line = proc.stderr.readline()
         assert line == f"Forwarding 127.0.0.1:{port} -> sandbox:8080\n", line
         payload = os.urandom(64 * 1024)
-        assert round_trip(port, payload) == payload
+        assert echo_round_trip(port, payload) == payload
     finally:
         proc.terminate()
         try:

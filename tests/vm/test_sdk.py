@@ -13,10 +13,10 @@ import threading
 import time
 
 import pytest
-from sdk_support import IMAGE, MATCHLOCK, echo_round_trip
+from sdk_support import IMAGE, MATCHLOCK
 
 from matchlock import Client, Config, MatchlockError, PortForwardBinding, RPCError, Sandbox
-from support.ports import free_port
+from support.ports import echo_round_trip, free_port
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("vm_prerequisites")]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import textwrap
 
@@ -23,11 +24,11 @@ pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("vm_prerequisites")]
 
 PROGRAM = textwrap.dedent(
     """
-    import io, json, socket, sys, threading, time
+    import io, json, os, socket, subprocess, sys, threading, time
     import matchlock
     from matchlock import Client, RPCError, Sandbox
 
-    port = int(sys.argv[1])
+    port, volume = int(sys.argv[1]), sys.argv[2]
     report = {"sdk": matchlock.__version__, "module": matchlock.__file__}
     sandbox = Sandbox("matchlock/busybox:builtin").with_env("GREETING", "compat").allow_host("example.com")
     with Client() as client:
@@ -72,6 +73,18 @@ PROGRAM = textwrap.dedent(
                 time.sleep(0.3)
         server.join(120)
         report["echo"] = [echoed.decode(), served]
+
+        info = client.volume_create(volume, size_mb=16)
+        try:
+            report["volume_create"] = [info.name, info.size, os.path.isfile(info.path), os.path.basename(info.path)]
+            report["volume_list"] = [[v.name, v.size, v.path == info.path] for v in client.volume_list() if v.name == volume]
+        finally:
+            client.volume_remove(volume)
+        report["volume_listed_after_remove"] = any(v.name == volume for v in client.volume_list())
+        try:
+            client.volume_remove(volume)
+        except subprocess.CalledProcessError as exc:
+            report["volume_remove_again"] = exc.returncode != 0
     client.remove()
     report["removed"] = True
     print(json.dumps(report))
@@ -90,12 +103,22 @@ def test_a_program_for_the_published_sdk_runs_against_our_rpc(tmp_path, state_di
     program = tmp_path / "program.py"
     program.write_text(PROGRAM)
     port = free_port()
+    # Volumes live in the shared cache, so the name is unique and the volume is removed whatever happens.
+    volume = f"test-sdk-compat-{secrets.token_hex(4)}"
     env = {**os.environ, "MATCHLOCK_BIN": MATCHLOCK}
     # Run from tmp_path with a clean path so `import matchlock` can only find the published package.
     env.pop("PYTHONPATH", None)
-    done = subprocess.run(
-        [str(python), "-I", str(program), str(port)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
-    )
+    try:
+        done = subprocess.run(
+            [str(python), "-I", str(program), str(port), volume],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+        )
+    finally:
+        subprocess.run([MATCHLOCK, "volume", "rm", volume], capture_output=True, env=env)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report.pop("sdk") == sdk_compat.PUBLISHED_VERSION
@@ -113,5 +136,9 @@ def test_a_program_for_the_published_sdk_runs_against_our_rpc(tmp_path, state_di
         "log": "str",
         "port_forward": [["127.0.0.1", port, 8080]],
         "echo": ["ping\n", [0]],
+        "volume_create": [volume, "16.0 MB", True, f"{volume}.ext4"],
+        "volume_list": [[volume, "16.0 MB", True]],
+        "volume_listed_after_remove": False,
+        "volume_remove_again": True,
         "removed": True,
     }

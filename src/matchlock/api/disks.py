@@ -48,7 +48,9 @@ class DiskMount:
             raise UsageError(f"{label}: host path {self.host_path!r} is not absolute")
         validate_guest_mount(self.guest_mount)
         for name, value in (("uid", self.owner_uid), ("gid", self.owner_gid)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID
+            ):
                 raise UsageError(f"{label}: {name}={value!r} must be a whole number between 0 and {MAX_ID}")
 
     def to_json(self) -> dict:
@@ -61,16 +63,15 @@ class DiskMount:
 
 
 def validate_guest_mount(path: str) -> None:
+    if path == "/":
+        raise UsageError("invalid disk mount point '/': a disk cannot replace the root; fix: use e.g. /data")
     if not GUEST_MOUNT_PATTERN.fullmatch(path):
         raise UsageError(
-            f"invalid disk mount point {path!r}: it must be an absolute path of letters, digits and '/_.-' "
-            "(e.g. /data)"
+            f"invalid disk mount point {path!r}: it must be an absolute path of letters, digits and '/_.-' (e.g. /data)"
         )
     normal = "/" + posixpath.normpath(path).lstrip("/")
     if normal != path:
         raise UsageError(f"invalid disk mount point {path!r}: write it normalized, as {normal!r}")
-    if path == "/":
-        raise UsageError("invalid disk mount point '/': a disk cannot replace the root; fix: use e.g. /data")
     for reserved in RESERVED_MOUNTS:
         if path == reserved or path.startswith(reserved + "/"):
             raise UsageError(f"invalid disk mount point {path!r}: {reserved} is the guest's own; fix: use e.g. /data")

@@ -32,6 +32,7 @@ from ..api.errors import KernelError, SetupError
 from ..api.paths import cache_dir, kernels_dir
 from ..util import debian
 from ..util.fs import file_lock, staging_dir
+from ..wire.boot import RUNTIME_DISK_SERIAL
 
 META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -39,8 +40,6 @@ BUSYBOX_PACKAGE = "busybox-static"
 # Kernel arguments the initramfs needs (the VM layer adds console, panic, ...).
 FALLBACK_CMDLINE: tuple[str, ...] = ("rdinit=/init",)
 
-# Serial of the virtio-blk disk holding the guest runtime (its /init is PID 1).
-RUNTIME_SERIAL = "runtime"
 
 # Modules to load, by name; their dependencies come from modules.dep, and
 # modules built into the kernel are skipped.
@@ -77,7 +76,7 @@ mount -t devtmpfs devtmpfs /dev || fatal "cannot mount devtmpfs on /dev"
 while read -r m; do
     insmod "/lib/modules/$m.ko" || fatal "insmod $m failed"
 done < /lib/modules/order
-serial=runtime
+serial=@RUNTIME_SERIAL@
 for arg in $(cat /proc/cmdline); do
     case "$arg" in matchlock.runtime_serial=*) serial=${arg#*=} ;; esac
 done
@@ -117,7 +116,7 @@ umount /sys
 umount /proc
 exec switch_root /newroot /init
 fatal "switch_root to /dev/$disk failed"
-"""
+""".replace("@RUNTIME_SERIAL@", RUNTIME_DISK_SERIAL)
 
 Log = Callable[[str], None]
 
@@ -133,7 +132,7 @@ class FallbackKernel:
 
 def input_hash() -> str:
     """Hash of everything (besides the kernel package) the initramfs is made from."""
-    data = "\0".join([LAYOUT_VERSION, INIT_SCRIPT, *WANTED_MODULES, RUNTIME_SERIAL, BUSYBOX_PACKAGE])
+    data = "\0".join([LAYOUT_VERSION, INIT_SCRIPT, *WANTED_MODULES, BUSYBOX_PACKAGE])
     return hashlib.sha256(data.encode()).hexdigest()
 
 

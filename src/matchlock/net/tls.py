@@ -72,38 +72,45 @@ class _LRU(Generic[K, V]):
         return len(self._items)
 
 
+def ca_certificate(
+    key: ec.EllipticCurvePrivateKey, common_name: str, not_before: datetime.datetime, not_after: datetime.datetime
+) -> x509.Certificate:
+    """A self-signed CA certificate that signs leaves only (path length 0); the tests' stand-in CA uses it too."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
 class CertificateAuthority:
     def __init__(self, cache_size: int = CACHE_SIZE) -> None:
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         self._not_before = now - datetime.timedelta(minutes=5)
         self._not_after = now + datetime.timedelta(days=3650)
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(_name(CA_NAME))
-            .issuer_name(_name(CA_NAME))
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self._not_before)
-            .not_valid_after(self._not_after)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )  # fmt: skip
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False)
-            .sign(self._key, hashes.SHA256())
-        )
+        self.certificate = ca_certificate(self._key, CA_NAME, self._not_before, self._not_after)
         self.pem = self.certificate.public_bytes(serialization.Encoding.PEM).decode()
         self._contexts: _LRU[tuple[str, tuple[str, ...]], ssl.SSLContext] = _LRU(cache_size)
         self._leaves: _LRU[str, tuple[bytes, bytes]] = _LRU(cache_size)

@@ -31,6 +31,14 @@ def _protocol_error(exc: rp.RelayProtocolError) -> MatchlockError:
     return MatchlockError(f"the sandbox broke the relay protocol: {exc}")
 
 
+def _feed(replies: rp.ReplyReader, data: bytes) -> list[rp.Reply]:
+    """The replies that `data` completes; a malformed one is a MatchlockError."""
+    try:
+        return replies.feed(data)
+    except rp.RelayProtocolError as exc:
+        raise _protocol_error(exc) from None
+
+
 def unreachable(vm_id: str) -> MatchlockError:
     """Why the relay of `vm_id` cannot be reached, from the state database (only on this slow path)."""
     from ..state.store import OWNER_RUNNING, StateStore
@@ -80,11 +88,7 @@ class RelayConnection:
                 raise MatchlockError(f"lost the connection to the sandbox: {exc}") from None
             if not data:
                 return []
-            try:
-                replies = self._replies.feed(data)
-            except rp.RelayProtocolError as exc:
-                raise _protocol_error(exc) from None
-            if replies:
+            if replies := _feed(self._replies, data):
                 return replies
 
     def close(self) -> None:
@@ -139,11 +143,7 @@ class AsyncRelayConnection:
             data = await self._reader.read(READ_SIZE)
             if not data:
                 return []
-            try:
-                replies = self._replies.feed(data)
-            except rp.RelayProtocolError as exc:
-                raise _protocol_error(exc) from None
-            if replies:
+            if replies := _feed(self._replies, data):
                 return replies
 
     async def aclose(self) -> None:

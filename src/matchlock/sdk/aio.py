@@ -27,19 +27,18 @@ from typing import IO, Any
 from ..jsonrpc import Broadcast, Failed, Resolved, Routed
 from . import calls
 from .builder import Sandbox
-from .calls import CREATE_TIMEOUT, PORT_FORWARD_TIMEOUT
-from .client import Notify, as_bytes, default_config, server_argv, write_text
+from .calls import CREATE_TIMEOUT, PORT_FORWARD_TIMEOUT, Notify
+from .client import default_config, server_argv
 from .errors import MatchlockError, RPCError
 from .hooks import (
     MAX_HOOK_LINE,
     LocalVFSHook,
     LocalVFSHooks,
     answer_line,
-    compile_network,
-    compile_vfs,
     network_result_to_wire,
     new_socket_dir,
     parse_file_event,
+    plan_create,
     resolve_network_call,
 )
 from .session import Malformed, Session
@@ -273,13 +272,9 @@ class AsyncClient:
                 future.set_exception(MatchlockError(event.reason))
         elif isinstance(event, Routed):
             call = event.context
-            if call.on_notification is None:
-                return
-            try:
-                call.on_notification(event.method, event.params)
-            except Exception as exc:  # noqa: BLE001 - a user writer failed: report it from its call
-                if not call.future.done():
-                    call.future.set_exception(exc)
+            error = calls.deliver(call.on_notification, event.method, event.params)
+            if error is not None and not call.future.done():
+                call.future.set_exception(error)
         elif isinstance(event, Broadcast) and event.method == "event":
             file_event = parse_file_event(event.params)
             if file_event is not None:
@@ -363,27 +358,27 @@ class AsyncClient:
 
     async def create(self, opts: CreateOptions | None = None, *, timeout: float | None = CREATE_TIMEOUT) -> str:
         """Create and boot the sandbox; returns its id. `timeout=None` waits forever."""
-        opts = opts if opts is not None else CreateOptions()
-        calls.validate_create(opts)
-        vfs = compile_vfs(opts.vfs_interception)
-        network_wire, callbacks = compile_network(opts.network_interception)
+        plan = plan_create(opts)
         self._stop_hook_server()
         self._vfs.set([])
-        if callbacks:
-            server = _NetworkHookServer(callbacks)
+        callback_socket = None
+        if plan.callbacks:
+            server = _NetworkHookServer(plan.callbacks)
             await server.start()
             self._hook_server = server
-            network_wire = {**(network_wire or {}), "callback_socket": server.socket_path}
+            callback_socket = server.socket_path
         try:
-            result = await self._request("create", calls.create_params(opts, vfs.wire, network_wire), timeout=timeout)
+            result = await self._request("create", plan.params(callback_socket), timeout=timeout)
             vm_id = calls.parse_create(result)
         except BaseException:
             self._stop_hook_server()
             raise
         self._vm_id = vm_id
-        self._vfs.set(vfs.local)
-        if opts.port_forwards:
-            await self._port_forward(opts.port_forward_addresses, opts.port_forwards, timeout=PORT_FORWARD_TIMEOUT)
+        self._vfs.set(plan.vfs.local)
+        if plan.opts.port_forwards:
+            await self._port_forward(
+                plan.opts.port_forward_addresses, plan.opts.port_forwards, timeout=PORT_FORWARD_TIMEOUT
+            )
         return vm_id
 
     async def launch(self, sandbox: Sandbox, *, timeout: float | None = CREATE_TIMEOUT) -> str:
@@ -431,10 +426,7 @@ class AsyncClient:
         working_dir: str = "",
         timeout: float | None = None,
     ) -> ExecStreamResult:
-        def on_output(method: str, params: dict[str, Any]) -> None:
-            writer = stdout if method == "exec_stream.stdout" else stderr if method == "exec_stream.stderr" else None
-            write_text(writer, calls.decode_chunk(params))
-
+        on_output = calls.output_writer({"exec_stream.stdout": stdout, "exec_stream.stderr": stderr})
         result = await self._request("exec_stream", calls.exec_params(command, working_dir), on_output, timeout)
         return ExecStreamResult(*calls.parse_status(result, "exec_stream"))
 
@@ -480,14 +472,7 @@ class AsyncClient:
     ) -> Any:
         ready = asyncio.Event()
         target: list[int] = []
-
-        def on_notification(name: str, notification: dict[str, Any]) -> None:
-            if name == f"{method}.ready":
-                if isinstance(notification.get("id"), int) and not target:
-                    target.append(notification["id"])
-                ready.set()
-            elif name in writers:
-                write_text(writers[name], calls.decode_chunk(notification))
+        on_notification = calls.input_notifications(method, writers, ready.set, target)
 
         async with asyncio.TaskGroup() as group:
             pumps = [group.create_task(self._pump_stdin(method, stdin, ready, target))]
@@ -515,7 +500,7 @@ class AsyncClient:
             if chunk is None:  # a non-blocking reader with nothing yet
                 await asyncio.sleep(0.01)
                 continue
-            data = as_bytes(chunk)
+            data = calls.as_bytes(chunk)
             if not data:
                 break
             await self._notify(f"{method}.stdin", {"id": call_id, "data": calls.encode(data)})
@@ -534,7 +519,7 @@ class AsyncClient:
     async def write_file(
         self, path: str, content: bytes | str, mode: int = 0o644, timeout: float | None = None
     ) -> None:
-        data = as_bytes(content)
+        data = calls.as_bytes(content)
         self._vfs.check_action("write", path, len(data), mode)
         data = self._vfs.mutate_write(path, data, mode)
         await self._request("write_file", calls.write_file_params(path, data, mode), timeout=timeout)
@@ -551,10 +536,7 @@ class AsyncClient:
         return calls.parse_log(await self._request("log", timeout=timeout))
 
     async def log_stream(self, stdout: IO[str] | None = None, timeout: float | None = None) -> None:
-        def on_data(method: str, params: dict[str, Any]) -> None:
-            if method == "log_stream.data":
-                write_text(stdout, calls.decode_chunk(params))
-
+        on_data = calls.output_writer({"log_stream.data": stdout})
         await self._request("log_stream", on_notification=on_data, timeout=timeout)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import IO, Any
 
 from .errors import MatchlockError
 from .types import (
@@ -22,6 +23,9 @@ from .types import (
     PortForwardBinding,
     VolumeInfo,
 )
+
+# A handler for the notifications of one call: (method, params).
+Notify = Callable[[str, dict[str, Any]], None]
 
 DEFAULT_FORWARD_ADDRESS = "127.0.0.1"
 CLOSE_DEFAULT_SECONDS = 2.0
@@ -207,6 +211,59 @@ def decode_chunk(params: dict[str, Any]) -> bytes | None:
         return base64.b64decode(data, validate=True)
     except binascii.Error:
         return None
+
+
+def write_text(writer: IO[str] | None, data: bytes | None) -> None:
+    """Output chunks go to text writers decoded as UTF-8 (a split character becomes U+FFFD)."""
+    if writer is None or data is None:
+        return
+    writer.write(data.decode("utf-8", errors="replace"))
+    flush = getattr(writer, "flush", None)
+    if callable(flush):
+        flush()
+
+
+def as_bytes(chunk: Any) -> bytes:
+    return chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
+
+
+def output_writer(writers: Mapping[str, IO[str] | None]) -> Notify:
+    """A notification handler that writes each output chunk to the writer named by its method."""
+
+    def on_output(method: str, params: dict[str, Any]) -> None:
+        if method in writers:
+            write_text(writers[method], decode_chunk(params))
+
+    return on_output
+
+
+def deliver(handler: Notify | None, method: str, params: dict[str, Any]) -> Exception | None:
+    """Run a call's notification handler; what a failing user writer raised is returned, to fail its call."""
+    if handler is None:
+        return None
+    try:
+        handler(method, params)
+    except Exception as exc:  # noqa: BLE001 - a user writer failed: report it from its call
+        return exc
+    return None
+
+
+def input_notifications(
+    method: str, writers: Mapping[str, IO[str] | None], ready: Callable[[], object], target: list[int]
+) -> Notify:
+    """exec_pipe / exec_tty: `<method>.ready` names the process input goes to (the first id wins) and calls
+    `ready`, which releases the input pumps; output chunks go to `writers`."""
+    write = output_writer(writers)
+
+    def on_notification(name: str, notification: dict[str, Any]) -> None:
+        if name == f"{method}.ready":
+            if isinstance(notification.get("id"), int) and not target:
+                target.append(notification["id"])
+            ready()
+        else:
+            write(name, notification)
+
+    return on_notification
 
 
 def encode(data: bytes) -> str:

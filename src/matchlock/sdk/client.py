@@ -18,15 +18,15 @@ import copy
 import os
 import subprocess
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import IO, Any
 
 from ..jsonrpc import Broadcast, Failed, Resolved, Routed
 from . import calls
 from .builder import Sandbox
-from .calls import CREATE_TIMEOUT, PORT_FORWARD_TIMEOUT
+from .calls import CREATE_TIMEOUT, PORT_FORWARD_TIMEOUT, Notify
 from .errors import MatchlockError, RPCError
-from .hooks import LocalVFSHooks, NetworkHookServer, ThreadedAfterHooks, compile_network, compile_vfs, parse_file_event
+from .hooks import LocalVFSHooks, NetworkHookServer, ThreadedAfterHooks, parse_file_event, plan_create
 from .session import Malformed, Session
 from .types import (
     AllowListUpdate,
@@ -42,7 +42,6 @@ from .types import (
     VolumeInfo,
 )
 
-Notify = Callable[[str, dict[str, Any]], None]
 Reader = IO[str] | IO[bytes]
 
 
@@ -63,20 +62,6 @@ def default_config() -> Config:
 def server_argv(config: Config) -> list[str]:
     argv = [config.binary_path, "rpc"]
     return ["sudo", *argv] if config.use_sudo else argv
-
-
-def write_text(writer: IO[str] | None, data: bytes | None) -> None:
-    """Output chunks go to text writers decoded as UTF-8 (a split character becomes U+FFFD)."""
-    if writer is None or data is None:
-        return
-    writer.write(data.decode("utf-8", errors="replace"))
-    flush = getattr(writer, "flush", None)
-    if callable(flush):
-        flush()
-
-
-def as_bytes(chunk: Any) -> bytes:
-    return chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
 
 
 class Client:
@@ -202,13 +187,9 @@ class Client:
             event.context.done.set()
         elif isinstance(event, Routed):
             call = event.context
-            if call.on_notification is None:
-                return
-            try:
-                call.on_notification(event.method, event.params)
-            except Exception as exc:  # noqa: BLE001 - a user writer failed: report it from its call
-                if call.error is None and not call.done.is_set():
-                    call.error = exc
+            error = calls.deliver(call.on_notification, event.method, event.params)
+            if error is not None and call.error is None and not call.done.is_set():
+                call.error = error
         elif isinstance(event, Broadcast) and event.method == "event":
             file_event = parse_file_event(event.params)
             if file_event is not None:
@@ -272,28 +253,24 @@ class Client:
 
     def create(self, opts: CreateOptions | None = None, *, timeout: float | None = CREATE_TIMEOUT) -> str:
         """Create and boot the sandbox; returns its id. `timeout=None` waits forever."""
-        opts = opts if opts is not None else CreateOptions()
-        calls.validate_create(opts)
-        vfs = compile_vfs(opts.vfs_interception)
-        network_wire, callbacks = compile_network(opts.network_interception)
+        plan = plan_create(opts)
         self._stop_hook_server()
         self._vfs.set([])
-        if callbacks:
-            server = NetworkHookServer(callbacks)
+        callback_socket = None
+        if plan.callbacks:
+            server = NetworkHookServer(plan.callbacks)
             with self._hook_lock:
                 self._hook_server = server
-            network_wire = {**(network_wire or {}), "callback_socket": server.socket_path}
+            callback_socket = server.socket_path
         try:
-            vm_id = calls.parse_create(
-                self._request("create", calls.create_params(opts, vfs.wire, network_wire), timeout=timeout)
-            )
+            vm_id = calls.parse_create(self._request("create", plan.params(callback_socket), timeout=timeout))
         except BaseException:
             self._stop_hook_server()
             raise
         self._vm_id = vm_id
-        self._vfs.set(vfs.local)
-        if opts.port_forwards:
-            self._port_forward(opts.port_forward_addresses, opts.port_forwards, timeout=PORT_FORWARD_TIMEOUT)
+        self._vfs.set(plan.vfs.local)
+        if plan.opts.port_forwards:
+            self._port_forward(plan.opts.port_forward_addresses, plan.opts.port_forwards, timeout=PORT_FORWARD_TIMEOUT)
         return vm_id
 
     def launch(self, sandbox: Sandbox, *, timeout: float | None = CREATE_TIMEOUT) -> str:
@@ -345,10 +322,7 @@ class Client:
     ) -> ExecStreamResult:
         """Run a command, writing its output to the writers as it arrives."""
 
-        def on_output(method: str, params: dict[str, Any]) -> None:
-            writer = stdout if method == "exec_stream.stdout" else stderr if method == "exec_stream.stderr" else None
-            write_text(writer, calls.decode_chunk(params))
-
+        on_output = calls.output_writer({"exec_stream.stdout": stdout, "exec_stream.stderr": stderr})
         result = self._request("exec_stream", calls.exec_params(command, working_dir), on_output, timeout)
         return ExecStreamResult(*calls.parse_status(result, "exec_stream"))
 
@@ -397,14 +371,7 @@ class Client:
         """exec_pipe / exec_tty: input is pumped once the server says `<method>.ready`."""
         ready, done = threading.Event(), threading.Event()
         target: list[int] = []
-
-        def on_notification(name: str, notification: dict[str, Any]) -> None:
-            if name == f"{method}.ready":
-                if isinstance(notification.get("id"), int) and not target:
-                    target.append(notification["id"])
-                ready.set()
-            elif name in writers:
-                write_text(writers[name], calls.decode_chunk(notification))
+        on_notification = calls.input_notifications(method, writers, ready.set, target)
 
         pumps = [threading.Thread(target=self._pump_stdin, args=(method, stdin, ready, done, target), daemon=True)]
         if resize is not None:
@@ -434,7 +401,7 @@ class Client:
             if chunk is None:  # a non-blocking reader with nothing yet
                 done.wait(0.01)
                 continue
-            data = as_bytes(chunk)
+            data = calls.as_bytes(chunk)
             if not data:
                 break
             self._notify(f"{method}.stdin", {"id": call_id, "data": calls.encode(data)})
@@ -456,7 +423,7 @@ class Client:
     # --- files and log ---------------------------------------------------------------------
 
     def write_file(self, path: str, content: bytes | str, mode: int = 0o644, timeout: float | None = None) -> None:
-        data = as_bytes(content)
+        data = calls.as_bytes(content)
         self._vfs.check_action("write", path, len(data), mode)
         data = self._vfs.mutate_write(path, data, mode)
         self._request("write_file", calls.write_file_params(path, data, mode), timeout=timeout)
@@ -476,8 +443,5 @@ class Client:
     def log_stream(self, stdout: IO[str] | None = None, timeout: float | None = None) -> None:
         """Follow the VM log into `stdout` until the timeout (then TimeoutError) or the server ends it."""
 
-        def on_data(method: str, params: dict[str, Any]) -> None:
-            if method == "log_stream.data":
-                write_text(stdout, calls.decode_chunk(params))
-
+        on_data = calls.output_writer({"log_stream.data": stdout})
         self._request("log_stream", on_notification=on_data, timeout=timeout)

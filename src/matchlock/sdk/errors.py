@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..jsonrpc import messages as codes
+
 
 class MatchlockError(Exception):
     """Any SDK failure: client-side validation, a dead server process, a malformed answer."""
@@ -10,14 +12,15 @@ class MatchlockError(Exception):
 class RPCError(MatchlockError):
     """The server answered a request with a JSON-RPC error object."""
 
-    PARSE_ERROR = -32700
-    INVALID_REQUEST = -32600
-    METHOD_NOT_FOUND = -32601
-    INVALID_PARAMS = -32602
-    INTERNAL_ERROR = -32603
-    VM_FAILED = -32000
-    EXEC_FAILED = -32001
-    FILE_FAILED = -32002
+    # The published class attributes, from the one table of codes in jsonrpc.
+    PARSE_ERROR = codes.PARSE_ERROR
+    INVALID_REQUEST = codes.INVALID_REQUEST
+    METHOD_NOT_FOUND = codes.METHOD_NOT_FOUND
+    INVALID_PARAMS = codes.INVALID_PARAMS
+    INTERNAL_ERROR = codes.INTERNAL_ERROR
+    VM_FAILED = codes.VM_FAILED
+    EXEC_FAILED = codes.EXEC_FAILED
+    FILE_FAILED = codes.FILE_FAILED
 
     def __init__(self, code: int, message: str):
         self.code = code

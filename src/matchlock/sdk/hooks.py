@@ -24,12 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import calls
 from .errors import MatchlockError
 from .types import (
     VFS_HOOK_ACTION_ALLOW,
     VFS_HOOK_ACTION_BLOCK,
     VFS_HOOK_PHASE_AFTER,
     VFS_HOOK_PHASE_BEFORE,
+    CreateOptions,
     NetworkHookPhase,
     NetworkHookRequest,
     NetworkHookResult,
@@ -103,6 +105,30 @@ def compile_vfs(cfg: VFSInterceptionConfig | None) -> CompiledVFS:
     if wire_rules:
         wire["rules"] = wire_rules
     return CompiledVFS(wire or None, local)
+
+
+@dataclass(frozen=True)
+class CreatePlan:
+    """What `create` sends and installs locally, from its options (the same for both clients)."""
+
+    opts: CreateOptions
+    vfs: CompiledVFS
+    network: dict[str, Any] | None
+    callbacks: dict[str, tuple[str, Callable[..., Any]]]
+
+    def params(self, callback_socket: str | None) -> dict[str, Any]:
+        """The `create` params; `callback_socket` is where the client's network hook server listens."""
+        network = self.network
+        if callback_socket is not None:
+            network = {**(network or {}), "callback_socket": callback_socket}
+        return calls.create_params(self.opts, self.vfs.wire, network)
+
+
+def plan_create(opts: CreateOptions | None) -> CreatePlan:
+    """Validate and compile `create`'s options before anything is started or sent."""
+    opts = opts if opts is not None else CreateOptions()
+    calls.validate_create(opts)
+    return CreatePlan(opts, compile_vfs(opts.vfs_interception), *compile_network(opts.network_interception))
 
 
 def compile_network(
