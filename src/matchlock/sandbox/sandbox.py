@@ -221,7 +221,7 @@ class Sandbox:
             )
             tracker.move(phases.CREATED)
             tracker.move(phases.STARTING)
-            # Templates are booted with a fixed disk set; extra disks boot cold (measured: see tests/vm/test_disks.py).
+            # Templates are booted with a fixed disk set; extra disks boot cold (measured: see tests/vm/test_disks_attach.py).
             await sandbox._boot(spec, use_template=custom_runtime is None and not extra)
             tracker.move(phases.RUNNING)
         except BaseException as exc:
