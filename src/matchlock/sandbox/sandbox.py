@@ -243,12 +243,16 @@ class Sandbox:
         self.tracker.resources(netns_inode=self.network.namespace.inode)
         return self.network.machine_network()
 
-    def _emit_event(self, event: NetworkEvent) -> None:
+    def _append_log(self, line: str) -> None:
+        """Add a line to vm.log; a log we cannot write never stops the sandbox."""
         try:
             with open(self.console_log, "a") as log:
-                log.write(event.log_line() + "\n")
+                log.write(line + "\n")
         except OSError:
             pass
+
+    def _emit_event(self, event: NetworkEvent) -> None:
+        self._append_log(event.log_line())
         for listener in list(self.event_listeners):
             listener(event)
 
@@ -300,11 +304,7 @@ class Sandbox:
         return tuple(wrapper), fds, namespace.close
 
     def _note(self, message: str) -> None:
-        try:
-            with open(self.console_log, "a") as log:
-                log.write(f"[matchlock] {message}\n")
-        except OSError:
-            pass
+        self._append_log(f"[matchlock] {message}")
 
     async def _discard_machine(self) -> None:
         if self.channel is not None:
