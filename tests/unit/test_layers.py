@@ -33,10 +33,12 @@ LAYERS: dict[str, frozenset[str]] = {
     "image": frozenset({"api", "util"}),
     "net": frozenset({"api", "util", "policy"}),
     "state": frozenset({"api", "util"}),
-    "sandbox": frozenset({"api", "util", "wire", "vm", "kernel", "image", "net", "policy", "state"}),
+    "vfs": frozenset({"api", "util", "wire"}),
+    "sandbox": frozenset({"api", "util", "wire", "vm", "kernel", "image", "net", "policy", "state", "vfs"}),
     "rpc": frozenset({"api", "util", "jsonrpc", "sandbox", "state", "image", "wire"}),
     "sdk": frozenset({"api", "jsonrpc"}),
-    "cli": frozenset({"api", "util", "wire", "sandbox", "state", "image", "kernel", "vm", "rpc"}),
+    "build": frozenset({"api", "util", "image", "sandbox", "state", "policy"}),
+    "cli": frozenset({"api", "util", "wire", "sandbox", "state", "image", "kernel", "vm", "rpc", "build"}),
 }
 # Top-level modules of the `matchlock` package itself. `__init__` may import these only lazily.
 TOP_LEVEL: dict[str, frozenset[str]] = {
@@ -222,7 +224,7 @@ def _tree(tmp_path: Path, files: dict[str, str], init: str = '__version__ = "0"\
         ),
         (
             {"cli/m.py": 'TABLE = {"x": "matchlock.sdk.client"}\n', "sdk/client.py": ""},
-            "matchlock/cli/m.py:1 imports matchlock.sdk.client, but layer cli may import only api, image",
+            "matchlock/cli/m.py:1 imports matchlock.sdk.client, but layer cli may import only api, build, image",
         ),
         (
             {"__init__.py": "from .sdk import Client\n", "sdk/__init__.py": ""},
