@@ -46,6 +46,19 @@ def pytest_configure(config) -> None:
     os.execvp("unshare", ["unshare", "--net", "--", sys.executable, "-m", "pytest", *sys.argv[1:]])
 
 
+def pytest_collection_finish(session) -> None:
+    """VM tests run on one kernel: a tuned kernel building in the background (`matchlock setup`) is waited for.
+
+    Otherwise it would land mid-session and switch the kernel under half the tests.
+    """
+    if not any(item.get_closest_marker("vm") for item in session.items):
+        return
+    from matchlock.kernel import background
+
+    if background.status().state == "running":
+        background.wait(log=lambda message: print(f"\n{message} (VM tests run on one kernel)", flush=True))
+
+
 @pytest.fixture
 def state_dir(tmp_path, monkeypatch) -> Path:
     state = tmp_path / "state"

@@ -227,9 +227,9 @@ async def test_exec_stdin_and_error_text(booted):
     assert await guest.next_event() == MessageReceived(sid, {"type": "signal", "signal": 15})
     assert await guest.next_event() == MessageReceived(sid, {"type": "resize", "rows": 30, "cols": 100})
     guest.conn.send_message(sid, {"type": "started", "pid": 9})
-    await guest.reply_and_close(sid, {"type": "exit", "code": 127, "error": "cannot run /bin/sh"})
+    await guest.reply_and_close(sid, {"type": "exit", "code": 127})
     result = await proc.wait()
-    assert result.exit_code == 127 and result.error == "cannot run /bin/sh"
+    assert result.exit_code == 127 and result.error is None  # a command that ran and exited 127 (not found)
 
 
 async def test_exec_large_output_with_flow_control(booted):
@@ -265,12 +265,34 @@ async def test_exec_large_output_with_flow_control(booted):
     assert stalls >= 3  # the guest really had to wait for credit
 
 
-async def test_exec_error_reply_raises_exec_error(booted):
+async def test_exec_error_instead_of_started_is_a_command_that_could_not_start(booted):
     channel, guest = booted
     proc = GuestProcess(channel.open(exec_request()), None, None)
     sid, _ = await accept(guest, "exec")
-    await guest.reply_and_close(sid, {"type": "error", "message": "no such user 'bob'"})
-    with pytest.raises(ExecError, match="no such user 'bob'"):
+    await guest.reply_and_close(sid, {"type": "error", "message": "user 'bob' not found in /etc/passwd"})
+    assert not await proc.started()
+    result = await proc.wait()
+    assert (result.exit_code, result.error) == (127, "user 'bob' not found in /etc/passwd")
+
+
+async def test_exec_started_without_a_pid_still_counts_as_started(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    sid, _ = await accept(guest, "exec")
+    guest.conn.send_message(sid, {"type": "started"})
+    await guest.reply_and_close(sid, {"type": "exit", "code": 3})
+    assert await proc.started() and proc.pid is None
+    assert (await proc.wait()).exit_code == 3
+
+
+async def test_exec_error_after_started_raises_exec_error(booted):
+    channel, guest = booted
+    proc = GuestProcess(channel.open(exec_request()), None, None)
+    sid, _ = await accept(guest, "exec")
+    guest.conn.send_message(sid, {"type": "started", "pid": 5})
+    await guest.reply_and_close(sid, {"type": "error", "message": "the agent lost the command"})
+    assert await proc.started() and proc.pid == 5
+    with pytest.raises(ExecError, match="the agent lost the command"):
         await proc.wait()
 
 

@@ -37,13 +37,17 @@ LAYERS: dict[str, frozenset[str]] = {
     "sandbox": frozenset({"api", "util", "wire", "vm", "kernel", "image", "net", "policy", "state", "vfs"}),
     "rpc": frozenset({"api", "util", "jsonrpc", "sandbox", "state", "image", "wire"}),
     "sdk": frozenset({"api", "jsonrpc"}),
-    "build": frozenset({"api", "util", "image", "sandbox", "state", "policy"}),
+    "build": frozenset({"api", "util", "wire", "image", "sandbox", "state", "policy"}),
     "cli": frozenset({"api", "util", "wire", "sandbox", "state", "image", "kernel", "vm", "rpc", "build"}),
 }
 # Top-level modules of the `matchlock` package itself. `__init__` may import these only lazily.
 TOP_LEVEL: dict[str, frozenset[str]] = {
     "__init__": frozenset({"sdk", "api"}),  # the SDK's public names, resolved on first use
     "__main__": frozenset({"cli"}),
+    # The published SDK's module paths (`from matchlock.client import Client`), re-exporting `sdk`.
+    "builder": frozenset({"sdk"}),
+    "client": frozenset({"sdk"}),
+    "types": frozenset({"sdk"}),
 }
 
 
@@ -87,6 +91,13 @@ def imports_of(source: str, module: str, is_package: bool, root: Path) -> list[I
     package = module if is_package else module.rpartition(".")[0]
     tree = ast.parse(source)
     eager = {id(node) for node in _eager_statements(tree.body)}
+    # A device name that spells a module (the VFS port is named `matchlock.vfs`) is data, not an import.
+    port_names = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and all(isinstance(t, ast.Name) and t.id.endswith("_PORT_NAME") for t in node.targets)
+    }
     found: list[Import] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -106,7 +117,7 @@ def imports_of(source: str, module: str, is_package: bool, root: Path) -> list[I
                 candidate = f"{origin}.{alias.name}"
                 keep = origin == "matchlock" or is_module(candidate, root)
                 found.append(Import(node.lineno, candidate if keep else origin, id(node) in eager))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in port_names:
             text = node.value
             if re.fullmatch(r"matchlock(\.\w+)+", text) and is_module(text, root):
                 found.append(Import(node.lineno, text))

@@ -206,6 +206,28 @@ def test_websocket_through_tls_interception(upstream_ca):
     assert [(e.url.split("/")[-1], e.status_code) for e in events] == [("chat", 101)]
 
 
+def test_tls_guest_is_sent_no_session_ticket(upstream_ca):
+    """TLS 1.3 tickets reach the guest after its handshake, just as a wss client's reader thread starts and
+    its main thread writes the upgrade request on the same connection; Python's ssl before 3.13 lets those
+    run at once, and OpenSSL then loses the request (the VM test's wss hang). So the proxy sends none."""
+
+    async def scenario(upstream):
+        policy, _ = make_policy()
+        async with TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, server_hostname="localhost",
+                                                           ssl=proxy.client_context(("http/1.1",)))  # fmt: skip
+            writer.write(b"GET /text HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            response = await reader.read()  # to the end: a ticket would have come before the response
+            tls = writer.get_extra_info("ssl_object")
+            writer.close()
+        return response, tls.version(), tls.session
+
+    with HTTP1Upstream(tls=upstream_ca.server_context(["http/1.1"])) as upstream:
+        response, version, session = asyncio.run(scenario(upstream))
+    assert response.startswith(b"HTTP/1.1 200 ") and version == "TLSv1.3"
+    assert not session.has_ticket
+
+
 # --- TLS and HTTP/2 ---------------------------------------------------------------------
 
 
@@ -510,6 +532,26 @@ def test_tls_guest_connection_ends_after_a_refusal_or_connection_close(upstream_
     assert closed.startswith(b"HTTP/1.1 200 ") and closed.endswith(b"the quick brown fox jumps over the lazy dog")
 
 
+def test_tls_websocket_ends_at_the_upstream_close_without_the_guests_close_notify(upstream_ca):
+    """After a relayed WebSocket the guest gets close_notify and TCP FIN at once, even one that never answers
+    with its own close_notify. The close frame rides in the same write as the upgrade request, so it reaches
+    upstream only if the bytes read past the request are passed on at the switch."""
+    upgrade = (b"GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+    close_frame = b"\x88\x82\x00\x00\x00\x00\x03\xe8"  # masked (with a zero key) close, code 1000
+
+    async def scenario():
+        policy, _ = make_policy()
+        async with ws_serve(echo_socket, "127.0.0.1", 0, ssl=upstream_ca.server_context(["http/1.1"])) as server:
+            async with TLSInterceptProxy(policy, server.sockets[0].getsockname()[1], upstream_ca) as proxy:
+                async with asyncio.timeout(20):  # a hang guard: asyncio alone holds TCP open for 30 s
+                    return await quiet_tls_exchange(proxy.port, proxy.client_context(("http/1.1",)),
+                                                    upgrade + close_frame)  # fmt: skip
+
+    received = asyncio.run(scenario())
+    assert received.startswith(b"HTTP/1.1 101 ") and received.endswith(b"\r\n\r\n\x88\x02\x03\xe8")
+
+
 def test_h2_guest_goaway_ends_the_connection_after_the_last_stream(upstream_ca):
     async def scenario():
         policy, _ = make_policy()
@@ -553,4 +595,27 @@ def test_http1_refusal_of_a_large_upload_reaches_the_guest():
     responses, events = asyncio.run(scenario())
     assert [r.status_code for r in responses] == [403] * 3
     assert responses[0].text == "Blocked by policy: host blocked.test is not in the allow-list\n"
+    assert [e.blocked for e in events] == [True] * 3
+
+
+def test_tls_refusal_of_a_large_upload_reaches_the_guest(upstream_ca):
+    """The same over intercepted TLS, which has no half-close: the proxy's close_notify and FIN go out, and the
+    rest of the upload is read and dropped (bounded) before the socket closes, so no reset overtakes the 403."""
+    rules = [{"path": "/upload", "methods": ["POST"], "action": "block"}]
+
+    async def scenario(upstream):
+        policy, events = make_policy(rules)
+        async with TLSInterceptProxy(policy, upstream.port, upstream_ca) as proxy:
+            async with client(verify=proxy.client_context(("http/1.1",)), http2=False) as http:
+                responses = [
+                    await http.post(f"https://localhost:{proxy.port}/upload", content=b"x" * 8_000_000)
+                    for _ in range(3)
+                ]
+        return responses, events
+
+    with HTTP1Upstream(tls=upstream_ca.server_context(["http/1.1"])) as upstream:
+        responses, events = asyncio.run(scenario(upstream))
+        assert upstream.seen == []  # refused before anything went upstream
+    assert [r.status_code for r in responses] == [403] * 3
+    assert responses[0].text == "Blocked by policy: request blocked by policy\n"
     assert [e.blocked for e in events] == [True] * 3

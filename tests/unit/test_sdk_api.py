@@ -116,3 +116,27 @@ def test_importing_matchlock_and_its_cli_does_not_import_the_sdk():
 def test_unknown_names_still_raise_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
         _ = matchlock.NotAThing
+
+
+# The published names each submodule of the published package binds (read from its `vars()`); user code
+# imports them from there too (`from matchlock.client import Client`, `from matchlock.types import ...`).
+PUBLISHED_MODULES = {
+    "matchlock.builder": {"CreateOptions", "HostIPMapping", "ImageConfig", "MountConfig", "NetworkInterceptionConfig",
+                          "PortForward", "Sandbox", "Secret", "VFSInterceptionConfig"},
+    "matchlock.client": {"Client", "Config", "CreateOptions", "ExecInteractiveResult", "ExecPipeResult", "ExecResult",
+                         "ExecStreamResult", "FileInfo", "MatchlockError", "NETWORK_HOOK_ACTION_ALLOW",
+                         "NetworkHookPhase", "NetworkHookRequest", "NetworkHookResult", "NetworkInterceptionConfig",
+                         "PortForward", "PortForwardBinding", "RPCError", "Sandbox", "VFSActionRequest",
+                         "VFSHookEvent", "VFSInterceptionConfig", "VFSMutateRequest", "VFS_HOOK_ACTION_ALLOW",
+                         "VFS_HOOK_ACTION_BLOCK", "VFS_HOOK_PHASE_AFTER", "VFS_HOOK_PHASE_BEFORE", "VolumeInfo"},
+    "matchlock.types": set(PUBLISHED) - {"Client", "Sandbox"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("module", sorted(PUBLISHED_MODULES))
+def test_published_submodules_import_the_same_objects(module):
+    code = f"from {module} import {', '.join(sorted(PUBLISHED_MODULES[module]))}"
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 - the statement user code writes, names and all
+    for name in PUBLISHED_MODULES[module]:
+        assert namespace[name] is getattr(sdk, name), name

@@ -158,7 +158,25 @@ def test_exec_pipe_pumps_stdin_after_ready(fake, client):
 
 def test_exec_interactive_sends_size_and_resizes(fake, client):
     out = io.StringIO()
-    result = client.exec_interactive("sh", stdin=io.StringIO("ls\n"), stdout=out, rows=0, cols=0, resize=[(30, 100)])
+    resized = threading.Event()
+
+    def sizes():
+        yield (30, 100)
+        resized.set()  # the generator resumes only after the SDK has sent that resize
+
+    class Stdin:
+        """Ends only after the resize went out; otherwise the command may finish first (a real race)."""
+
+        def __init__(self) -> None:
+            self.chunks = ["ls\n"]
+
+        def read(self, size: int = -1) -> str:
+            if self.chunks:
+                return self.chunks.pop()
+            resized.wait(WAIT)
+            return ""
+
+    result = client.exec_interactive("sh", stdin=Stdin(), stdout=out, rows=0, cols=0, resize=sizes())
     assert (result.exit_code, out.getvalue()) == (0, "LS\n")
     client.close()
     tty = fake.entries("exec_tty")[0]

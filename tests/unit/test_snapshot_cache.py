@@ -99,7 +99,7 @@ def boot_with_failed_restore(tmp_path, monkeypatch, machine: FakeMachine) -> tup
             raise VMError("sandbox x failed to start: QEMU closed the QMP connection")
 
     box._start_machine = start_machine  # type: ignore[method-assign]
-    spec = type("Spec", (), {"kernel_args": ()})()
+    spec = type("Spec", (), {"kernel_args": (), "ram_fd": None})()
     monkeypatch.setattr(snapshot.dataclasses, "replace", lambda obj, **changes: obj)
     asyncio.run(box._boot(spec))  # type: ignore[arg-type]
     return state, wakes

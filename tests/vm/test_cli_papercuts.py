@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -85,3 +86,24 @@ def test_ctrl_c_cancels_the_command_and_exits_130(vm, module_state_dir):
     finally:
         proc.kill()
     assert _sandboxes(module_state_dir) == [vm]  # only the shared one: the run's sandbox was removed
+
+
+@pytest.mark.parametrize("command", [["sh", "-c", "echo started; sleep 600"], []], ids=["running", "no-command"])
+def test_ctrl_c_on_a_kept_sandbox_exits_130(vm, module_state_dir, command):
+    """`--rm=false` ends at Ctrl-C too, with the same 130, and keeps the sandbox (stopped)."""
+    proc = subprocess.Popen([MATCHLOCK, "run", "--rm=false", *(["--", *command] if command else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        hints = [proc.stderr.readline() for _ in range(3)]
+        kept = hints[0].split()[1]
+        assert hints[0] == f"Sandbox {kept} is running\n", hints
+        if command:
+            assert proc.stdout.readline() == "started\n"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert proc.stderr.read() == ""  # no false error, no trace
+    finally:
+        proc.kill()
+    assert json.loads(run_matchlock("get", kept).stdout)["status"] == "stopped"
+    assert run_matchlock("rm", kept).returncode == 0

@@ -92,7 +92,7 @@ def test_workloads_cannot_change_kernel_settings(sandbox, loop_thread):
     # Reading stays possible (tools read their limits there).
     assert sh(sandbox, loop_thread, "cat /proc/sys/kernel/pid_max").stdout.strip().isdigit()
     assert "ro" in _mount_options(sandbox, loop_thread, "/sys")
-    assert "rw" in _mount_options(sandbox, loop_thread, "/sys/fs/cgroup")  # still mounted, for limit checks
+    assert "ro" in _mount_options(sandbox, loop_thread, "/sys/fs/cgroup")  # still mounted, for limit checks
 
 
 def test_leaky_kernel_files_are_masked(sandbox, loop_thread):
@@ -109,3 +109,54 @@ def test_privileged_sandboxes_keep_the_full_view(privileged, loop_thread):
     readable, written = result.stdout.decode().split("--\n")
     assert readable.split() == ["/dev/vda", "/dev/vdb", "/dev/vdc"], result
     assert {"ip_forward", "hostname", "randomize_va_space", "drop_caches"} <= set(written.split()), result
+
+
+# Docker's default capabilities, without CAP_MKNOD: a node made anywhere would reach the disks /dev hides.
+WORKLOAD_CAPABILITIES = {
+    "CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSETID": 4, "CAP_KILL": 5, "CAP_SETGID": 6,
+    "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_RAW": 13, "CAP_SYS_CHROOT": 18,
+    "CAP_AUDIT_WRITE": 29, "CAP_SETFCAP": 31,
+}  # fmt: skip
+CAP_SYSLOG = 34
+
+
+def _capabilities(box, loop_thread, **kwargs) -> dict[str, int]:
+    status = sh(box, loop_thread, "grep ^Cap /proc/self/status", **kwargs).stdout.decode()
+    return {name: int(value, 16) for name, value in (line.split(":") for line in status.splitlines())}
+
+
+def test_root_workloads_keep_only_dockers_capabilities(sandbox, loop_thread):
+    kept = sum(1 << bit for bit in WORKLOAD_CAPABILITIES.values())
+    assert _capabilities(sandbox, loop_thread) == {
+        "CapInh": 0, "CapPrm": kept, "CapEff": kept, "CapBnd": kept, "CapAmb": 0,
+    }  # fmt: skip
+    assert _capabilities(sandbox, loop_thread, user="nobody") == {
+        "CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": kept, "CapAmb": 0,
+    }  # fmt: skip
+    # No kernel log (klogctl needs CAP_SYSLOG once dmesg_restrict is set), and no way to lift the restriction.
+    script = "dmesg >/dev/null 2>&1 && echo log; (echo 0 > /proc/sys/kernel/dmesg_restrict) 2>/dev/null && echo lifted"
+    assert sh(sandbox, loop_thread, script).stdout == b""
+    # What a Docker container's root does still works: chown, switching users, a low port.
+    script = (
+        "touch /tmp/owned && chown nobody /tmp/owned && stat -c %U /tmp/owned; su -s /bin/sh -c 'id -u' nobody;"
+        " nc -l -p 80 </dev/null & sleep 1; cat /proc/net/tcp*| grep -c ':0050 0*:0000 0A'; kill $!"
+    )
+    assert sh(sandbox, loop_thread, script).stdout.decode().split() == ["nobody", "65534", "1"]
+
+
+def test_workloads_cannot_raise_their_own_cgroup_limits(sandbox, loop_thread):
+    """The CPU cap (--cpus) lives in the cgroup the workload runs in: as root it could lift it. cgroupfs is
+    read-only in its view, so neither the limits nor its own cgroup membership can change."""
+    script = (
+        'g=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); before=$(cat $g/cpu.max); test -n "$before" || exit 9;'
+        " (echo max > $g/cpu.max) 2>/dev/null && echo wrote-cpu; (echo max > $g/memory.max) 2>/dev/null && echo"
+        " wrote-memory; (echo $$ > /sys/fs/cgroup/cgroup.procs) 2>/dev/null && echo moved; mkdir"
+        ' /sys/fs/cgroup/escape 2>/dev/null && echo made; test "$(cat $g/cpu.max)" = "$before" && echo kept'
+    )
+    result = sh(sandbox, loop_thread, script)
+    assert result.stdout == b"kept\n", result
+
+
+def test_privileged_sandboxes_keep_every_capability(privileged, loop_thread):
+    capabilities = _capabilities(privileged, loop_thread)
+    assert capabilities["CapEff"] >> CAP_SYSLOG & 1 and capabilities["CapEff"] == capabilities["CapBnd"]

@@ -68,6 +68,11 @@ def test_full_lifecycle(cli, detached, state_dir):
     piped = cli("exec", "-i", vm, "--", "sh", "-c", "tr a-z A-Z", input="through stdin\n")
     assert piped.stdout == "THROUGH STDIN\n", piped
     assert cli("exec", "-w", "/etc", "-u", "nobody", vm, "--", "sh", "-c", "pwd; id -u").stdout == "/etc\n65534\n"
+    for args, reason in ((["-u", "nosuch"], "user 'nosuch' not found in /etc/passwd"),
+                         (["-w", "/nonexistent"], "cannot use working directory /nonexistent: No such file")):  # fmt: skip
+        unstartable = cli("exec", *args, vm, "--", "echo", "never")
+        assert unstartable.returncode == 127 and unstartable.stdout == "", unstartable
+        assert unstartable.stderr.startswith(f"Error: {reason}") and unstartable.stderr.count("\n") == 1, unstartable
 
     rows = _rows(cli)
     assert [r[0] for r in rows] == [vm] and rows[0][1] == "running" and rows[0][4].isdigit()
@@ -268,12 +273,14 @@ def test_list_and_ids_for_scripts(cli, detached, state_dir):
 
 
 def test_detached_failures_are_reported(cli, state_dir):
-    """Issue 10, item 15: a command that cannot start fails `run -d`, and leaves no record."""
-    for args, reason in ((["-u", "nosuch"], "nosuch"), (["-w", "/nonexistent"], "/nonexistent")):
+    """Issue 10, item 15: a command that cannot start fails `run -d` with the guest's reason, and leaves no
+    record. The guest answers `error` instead of `started` (docs/wire.md), so nothing runs twice."""
+    for args, reason in ((["-u", "nosuch"], "user 'nosuch' not found in /etc/passwd"),
+                         (["-w", "/nonexistent"], "cannot use working directory /nonexistent")):  # fmt: skip
         result = cli("run", "-d", *args, "--", "sleep", "100")
         assert result.returncode == 127, result
-        assert "could not start" in result.stderr and reason in result.stderr, result
-        assert cli("list", "-q").stdout == ""
+        assert f"Error: the command could not start: {reason}" in result.stderr, result
+        assert cli("list", "-q").stdout == ""  # not even a stopped one
 
 
 def test_detached_timeout_is_enforced(cli, detached):

@@ -104,9 +104,10 @@ def test_exec_user_and_working_dir(rpc) -> None:
     assert error["code"] == -32602 and "working_dir" in error["message"]
     assert rpc.error("exec", {"command": 5})["code"] == -32602
     assert rpc.error("exec", {})["message"] == "invalid params: command is required"
-    for bad in ({"user": "no-such-user"}, {"working_dir": "/no/such/dir"}):
+    for bad, reason in (({"user": "no-such-user"}, "user 'no-such-user' not found in /etc/passwd"),
+                        ({"working_dir": "/no/such/dir"}, "cannot use working directory /no/such/dir")):  # fmt: skip
         error = rpc.error("exec", {"command": "true", **bad})
-        assert error["code"] == -32001, error
+        assert error["code"] == -32001 and error["message"].startswith(f"exec failed: {reason}"), error
 
 
 def test_exec_stream_output_precedes_the_response(rpc) -> None:

@@ -16,6 +16,7 @@ from .disks import DiskMount, validate_disks
 from .errors import UsageError
 from .image import ImageConfig
 from .network import ENV_NAME, NetworkConfig
+from .vfs import VFSConfig, check_disk_shadowing
 
 DEFAULT_CPUS = 1.0
 DEFAULT_MEMORY_MB = 512
@@ -73,6 +74,7 @@ class SandboxConfig:
     env: dict[str, str] = field(default_factory=dict)
     image_config: ImageConfig = field(default_factory=ImageConfig)
     extra_disks: tuple[DiskMount, ...] = ()
+    vfs: VFSConfig = field(default_factory=VFSConfig)
 
     def validate(self) -> None:
         if not self.image:
@@ -82,6 +84,8 @@ class SandboxConfig:
         for key in self.env:
             validate_env_key(key)
         validate_disks(self.extra_disks)
+        self.vfs.validate()
+        check_disk_shadowing(self.vfs, tuple(disk.guest_mount for disk in self.extra_disks))
 
 
 def validate_env_key(key: str) -> None:
@@ -161,6 +165,7 @@ def public_config(config: SandboxConfig) -> dict:
             **({"env": {k: REDACTED for k in config.image_config.env}} if config.image_config.env else {}),
         },
         "extra_disks": [disk.to_json() for disk in config.extra_disks],  # paths and mount points: nothing secret
+        **({"vfs": config.vfs.to_json()} if config.vfs.active else {}),
     }
 
 

@@ -38,3 +38,27 @@ class NetworkEvent:
         verdict = f"blocked ({self.block_reason})" if self.blocked else str(self.status_code)
         target = self.url or self.host
         return f"[matchlock] network: {self.method or 'CONNECT'} {target} -> {verdict}"
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """One intercepted VFS operation, as the SDK's after-hooks read it (`params.file`)."""
+
+    op: str
+    path: str  # the guest's absolute path
+    size: int = 0  # bytes read or written; the file size otherwise
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    timestamp: int = field(default_factory=lambda: time.time_ns() // 1_000_000)  # ms
+
+    def to_json(self) -> dict:
+        return {
+            "type": "file",
+            "timestamp": self.timestamp,
+            "file": {"op": self.op, "path": self.path, "size": self.size, "mode": self.mode, "uid": self.uid,
+                     "gid": self.gid},
+        }  # fmt: skip
+
+
+Event = NetworkEvent | FileEvent

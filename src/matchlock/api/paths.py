@@ -3,33 +3,78 @@
 `MATCHLOCK_CACHE_DIR` and `MATCHLOCK_STATE_DIR` override the defaults
 (`~/.cache/matchlock` and `~/.matchlock`); tests use them to isolate state
 while sharing the expensive caches.
+
+Each user has their own, in their own home, and both are private (0700):
+they hold sandboxes' disks, sockets, logs and volumes, and one user must
+not read or reach another's. Root keeps the same paths in root's home.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
 from .errors import UsageError
 
 
+def home() -> Path:
+    """`$HOME`, except for root started with another user's HOME (`sudo -E`): then root's own home.
+
+    Root must not leave root-owned state in a user's home, where the user could then not use it."""
+    path = Path.home()
+    if os.geteuid() != 0:
+        return path
+    try:
+        if path.stat().st_uid == 0:
+            return path
+    except OSError:
+        return path
+    return Path(pwd.getpwuid(0).pw_dir)
+
+
 def _directory(variable: str, default: Path) -> Path:
-    """`$variable` when set, else `default`; either must be (or become) a directory, said in one line."""
+    """`$variable` when set, else `default`, as a private directory; a bad one is said in one line.
+
+    A missing directory is created 0700. An existing default one of ours that others may
+    enter (made by an older version) is tightened; an override is the user's choice and kept."""
     override = os.environ.get(variable)
     path = Path(override) if override else default
-    if path.exists() and not path.is_dir():
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(path, 0o700)
+        except FileExistsError:  # a concurrent command made it
+            pass
+        except PermissionError:
+            raise UsageError(f"cannot create {path} ({variable}): permission denied; fix: {_fix(variable)}") from None
+        return path
+    except PermissionError:
+        raise UsageError(f"cannot use {path} ({variable}): permission denied; fix: {_fix(variable)}") from None
+    if not stat.S_ISDIR(info.st_mode):
         hint = f"point {variable} at a directory, or unset it" if override else f"move {path} out of the way"
         raise UsageError(f"{path} is not a directory ({variable}); fix: {hint}")
+    if not override and info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    elif not os.access(path, os.R_OK | os.W_OK | os.X_OK):  # another user's: say so, not "no such sandbox"
+        raise UsageError(f"cannot use {path} ({variable}): permission denied; fix: {_fix(variable)}")
     return path
 
 
+def _fix(variable: str) -> str:
+    return f"point {variable} at a directory of your own, or unset it (each user has their own state)"
+
+
 def cache_dir() -> Path:
-    return _directory("MATCHLOCK_CACHE_DIR", Path.home() / ".cache" / "matchlock")
+    return _directory("MATCHLOCK_CACHE_DIR", home() / ".cache" / "matchlock")
 
 
 def state_dir() -> Path:
-    return _directory("MATCHLOCK_STATE_DIR", Path.home() / ".matchlock")
+    return _directory("MATCHLOCK_STATE_DIR", home() / ".matchlock")
 
 
 def kernels_dir() -> Path:

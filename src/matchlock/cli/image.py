@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import click
 
@@ -43,6 +44,23 @@ def import_(tag: str) -> None:
     click.echo(f"Imported: {info.tag}")
     click.echo(f"Layers: {info.layers}")
     click.echo(f"Size: {info.size / _MB:.1f} MB")
+
+
+@image.command("export")
+@click.argument("tag")
+def export(tag: str) -> None:
+    """Write TAG to stdout as a docker-save/OCI tarball (for docker load, skopeo, image import)."""
+    import tempfile
+
+    from ..image.export import export as export_image
+
+    if sys.stdout.isatty():
+        raise UsageError(f"redirect stdout to a file, e.g. matchlock image export {tag} > image.tar")
+    store = ImageStore()
+    info = store.resolve(tag)
+    with tempfile.TemporaryDirectory(prefix="export-") as work:
+        export_image(store, info, sys.stdout.buffer, Path(work))
+    sys.stdout.buffer.flush()
 
 
 @image.command("ls")

@@ -46,6 +46,8 @@ class Check:
     status: Literal["pass", "fail", "warn"]
     message: str
     fix: str | None = None
+    notes: tuple[str, ...] = ()  # further lines under the message
+    details: dict[str, object] | None = None  # machine-readable facts, in --json only
 
 
 def _tool_check(
@@ -74,19 +76,31 @@ def _accelerator_check() -> Check:
 
 
 def _kernel_check() -> Check:
+    """Which kernel runs and why; on the fallback, what the tuned one would gain and where its build is."""
     from ..api.errors import MatchlockError
-    from ..kernel import resolve
+    from ..kernel import background, resolve
 
+    build = background.status()
+    details: dict[str, object] = {"tuned_build": build.as_json(), "tuned_gain": background.TUNED_GAIN}
+    build_note = f"tuned kernel: {build.describe()}"
     try:
         kernel = resolve(build_fallback=False)
     except MatchlockError as exc:
         # The error carries its own "fix:" line; show it once, as this check's fix.
         reason, _, fix = str(exc).partition("\n  fix: ")
-        return Check("kernel", "fail", reason, fix or "matchlock kernel build")
+        return Check("kernel", "fail", reason, fix or "matchlock kernel build", (build_note,), details)
+    details.update(kind=kernel.kind, version=kernel.version, path=str(kernel.path), reason=kernel.reason)
     message = f"{kernel.kind} {kernel.version} at {kernel.path}"
-    if kernel.kind == "fallback":
-        return Check("kernel", "warn", f"{message}: {kernel.reason}", "matchlock kernel build")
-    return Check("kernel", "pass", message)
+    if kernel.kind != "fallback":
+        return Check("kernel", "pass", message, notes=(f"why: {kernel.reason}",), details=details)
+    notes = (f"why: {kernel.reason}", build_note, f"the tuned kernel would gain: {background.TUNED_GAIN}")
+    if build.state == "running":
+        fix = "none needed: sandboxes switch to the tuned kernel once it is built (`matchlock kernel build` waits)"
+    elif build.state in ("failed", "interrupted") and build.log is not None:
+        fix = f"matchlock kernel build (the last attempt's log: {build.log})"
+    else:
+        fix = "matchlock kernel build"
+    return Check("kernel", "warn", message, fix, notes, details)
 
 
 def _runtime_check() -> Check:
@@ -117,6 +131,9 @@ def collect_checks() -> list[Check]:
         _tool_check("setpriv", "setpriv", "util-linux"),
         _tool_check("nftables", "nft", "nftables", required=False),
     ]
+    from .setup_linux import rootless_checks  # what an ordinary user lacks, with the fix
+
+    checks += [Check(*row) for row in rootless_checks()]
     return checks
 
 
@@ -129,13 +146,16 @@ def diagnose(as_json: bool) -> None:
     if as_json:
         click.echo(
             json.dumps(
-                {"ok": ok, "checks": [{k: v for k, v in asdict(c).items() if v is not None} for c in checks]}, indent=2
+                {"ok": ok, "checks": [{k: v for k, v in asdict(c).items() if v not in (None, ())} for c in checks]},
+                indent=2,
             )
         )
     else:
         symbols = {"pass": "✓", "fail": "✗", "warn": "⚠"}
         for check in checks:
             click.echo(f"{symbols[check.status]} {check.name}: {check.message}")
+            for note in check.notes:
+                click.echo(f"  {note}")
             if check.fix and check.status != "pass":
                 click.echo(f"  fix: {check.fix}")
     sys.exit(0 if ok else 1)

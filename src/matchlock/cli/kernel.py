@@ -36,17 +36,31 @@ def kernel() -> None:
 @click.option(
     "--jobs", "-j", type=click.IntRange(min=1), default=None, help="Parallel make jobs (default: number of CPUs)."
 )
-def build(jobs: int | None) -> None:
-    """Build the tuned guest kernel (a few minutes, once; cached afterwards)."""
+@click.option("--install-deps", is_flag=True, help="apt-get install the build packages first (as root).")
+def build(jobs: int | None, install_deps: bool) -> None:
+    """Build the tuned guest kernel (a few minutes, once; cached afterwards).
+
+    When a build is already running (the one `matchlock setup` starts in the
+    background), this waits for it instead of starting a second.
+    """
+    from ..kernel import background
     from ..kernel.build import build_tuned, cached_tuned
 
     existing = cached_tuned()
     if existing is not None:
         click.echo(f"Kernel already built: {existing}")
         return
+    current = background.status()
+    if current.state == "running":
+        click.echo(f"Waiting for the tuned kernel: {current.describe()}", err=True)
+        current = background.wait(log=lambda _: None)
+        if current.kernel is not None:
+            click.echo(str(current.kernel))
+            return
+        click.echo(f"That build ended without a kernel ({current.describe()}); building here.", err=True)
     log, done = _progress()
     try:
-        path = build_tuned(jobs=jobs, log=log)
+        path = build_tuned(jobs=jobs, log=log, install_deps=install_deps)
     finally:
         done()
     click.echo(str(path))

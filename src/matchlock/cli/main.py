@@ -37,8 +37,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "image": ("matchlock.cli.image", "image"),
     "volume": ("matchlock.cli.volume", "volume"),
     "pull": ("matchlock.cli.pull", "pull"),
-    "setup": ("matchlock.cli.setup", "setup"),
+    "build": ("matchlock.cli.build", "build"),
+    "setup": ("matchlock.cli.setup_linux", "setup"),  # `setup` plus its `linux` subcommand
     "rpc": ("matchlock.cli.rpc", "rpc"),
+    "pause": ("matchlock.cli.pause", "pause"),
+    "resume": ("matchlock.cli.pause", "resume"),
+    "snapshot": ("matchlock.cli.snapshot", "snapshot"),
+    "fork": ("matchlock.cli.snapshot", "fork"),
 }
 ALIASES: dict[str, str] = {"ls": "list", "stat": "inspect", "remove": "rm"}
 

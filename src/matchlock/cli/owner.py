@@ -15,10 +15,12 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from ..api.config import SandboxConfig
 from ..api.errors import MatchlockError
 from ..sandbox.exec_relay import ExecRelay
+from ..sandbox.process import GuestProcess
 from ..sandbox.sandbox import ExecSpec, Sandbox
 from ..state.store import StateStore
 from .terminal import attach
@@ -39,6 +41,7 @@ class RunOptions:
     timeout: float | None
     publish: tuple = ()  # sandbox.portforward.ForwardSpec
     addresses: tuple = ()
+    from_snapshot: str = ""  # restore this snapshot (sandbox/snapshots.py) instead of booting the image
 
 
 def _print_hints(vm_id: str) -> None:
@@ -59,37 +62,40 @@ def _signal_ready(vm_id: str, console_log) -> None:
 
 
 class CommandNotStarted(MatchlockError):
-    """The guest could not start a detached command (unknown user, missing directory, no such program)."""
+    """The guest could not start a detached command (unknown user, missing working directory)."""
 
     exit_code = 127  # what a shell, and `run` in the foreground, exit with
 
 
-async def _check_startable(sandbox: Sandbox, spec: ExecSpec) -> None:
-    """Raise CommandNotStarted if the guest cannot start anything as `spec`'s user in its directory.
+async def _start_in_background(sandbox: Sandbox, spec: ExecSpec, tasks: asyncio.TaskGroup) -> asyncio.Task[None]:
+    """A detached command: no stdin, output appended to vm.log, and so is how it ended.
 
-    A detached command reports nothing to anyone, so `run -d` tries `true`
-    the same way first: an unknown user or a missing directory fails the
-    run with the guest's reason, instead of a bare exit code in the log.
+    It reports to no one, so one that cannot start (unknown user, missing
+    directory) fails the run here with the guest's reason, before the VM ID
+    is announced.
     """
-    probe = await sandbox.exec(ExecSpec("true", working_dir=spec.working_dir, user=spec.user))
-    if probe.error:
-        raise CommandNotStarted(f"the command could not start: {probe.error}")
+    log = open(sandbox.paths.console_log, "ab", buffering=0)
+
+    def append(data: bytes) -> None:
+        log.write(data)
+
+    try:
+        process = sandbox.start_exec(spec, on_stdout=append, on_stderr=append)
+        if not await process.started():
+            raise CommandNotStarted(f"the command could not start: {(await process.wait()).error}")
+    except BaseException:
+        log.close()
+        raise
+    return tasks.create_task(_run_in_background(process, log))
 
 
-async def _run_in_background(sandbox: Sandbox, spec: ExecSpec) -> None:
-    """A detached command: no stdin, output appended to vm.log, and so is how it ended."""
-    with open(sandbox.paths.console_log, "ab", buffering=0) as log:
-
-        def append(data: bytes) -> None:
-            log.write(data)
-
+async def _run_in_background(process: GuestProcess, log: BinaryIO) -> None:
+    with log:
         try:
-            result = await sandbox.start_exec(spec, on_stdout=append, on_stderr=append).wait()
+            result = await process.wait()
         except MatchlockError as exc:
             log.write(f"[matchlock] command failed: {exc}\n".encode())
             return
-        if result.error:
-            log.write(f"[matchlock] command could not start: {result.error}\n".encode())
         log.write(f"[matchlock] command exited with code {result.exit_code}\n".encode())
 
 
@@ -114,8 +120,14 @@ def _sole_error(group: BaseExceptionGroup) -> BaseException:
 async def _own(store: StateStore, config: SandboxConfig, options: RunOptions) -> int:
     # --timeout covers the whole run, boot included.
     deadline = asyncio.get_running_loop().time() + options.timeout if options.timeout else None
+    restore = None
+    if options.from_snapshot:
+        from ..sandbox.snapshots import Restore
+
+        restore = Restore.load(store, options.from_snapshot)
+        config = restore.prepare(config)
     async with asyncio.timeout_at(deadline):
-        sandbox = await Sandbox.create(config, store=store)
+        sandbox = await Sandbox.create(config, store=store, restore=restore)
     died: list[str] = []  # why the VM died under us, if it did
     announced: list[str] = []  # the user has been told the VM ID
     try:
@@ -172,8 +184,14 @@ async def _serve(
                 return await attach(sandbox, spec, interactive=options.interactive, pty=options.pty)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        signalled: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            signalled.append(signum)
+            stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal, signum)
         watcher = tasks.create_task(_watch(sandbox, stop, died))
         timed_out = False
 
@@ -186,8 +204,7 @@ async def _serve(
         timer = loop.call_at(deadline, time_out) if deadline is not None else None
         if options.detached:
             if options.command:
-                await _check_startable(sandbox, spec)
-                background = tasks.create_task(_run_in_background(sandbox, spec))
+                background = await _start_in_background(sandbox, spec, tasks)
             _signal_ready(sandbox.id, sandbox.paths.console_log)
             announced.append(sandbox.id)
         else:
@@ -202,8 +219,12 @@ async def _serve(
             return 1
         if timed_out:
             return TIMEOUT_EXIT_CODE
-        # The exit code of an attached command that finished; 0 when the signal came first.
-        return attached.result() if attached is not None and attached.done() else 0
+        finished = attached is not None and attached.done()
+        if signalled and (signalled[0] != signal.SIGTERM or (attached is not None and not finished)):
+            # Ctrl-C or a hang-up, or a signal that cut the command short: 128 + the signal, as with --rm.
+            # SIGTERM after the command finished is `matchlock kill`'s stop: that is no failure.
+            return 128 + signalled[0]
+        return attached.result() if attached is not None and finished else 0
     finally:
         if timer is not None:
             timer.cancel()

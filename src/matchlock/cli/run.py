@@ -27,6 +27,7 @@ from ..api.errors import UsageError
 from ..api.image import DEFAULT_IMAGE, ImageConfig, compose_command
 from ..api.network import DEFAULT_MTU, HostMapping, NetworkConfig, parse_host_list
 from ..api.secrets import parse_secrets
+from ..api.vfs import build_vfs, split_volume_flags
 from ..sandbox.sandbox import boot_timeout, validate_exec_request
 from ..wire.agent import ExecRequest
 from .common import BoolFlagsCommand, parse_forwards
@@ -41,7 +42,7 @@ def _split_commas(values: tuple[str, ...]) -> list[str]:
 def build_config(
     *, image, env, env_file, cpus, memory, disk_size, timeout, privileged, hostname, dns_servers, add_host, entrypoint,
     user, allow_host=(), secret=(), secret_file=None, secret_placeholder=(), network_intercept=False,
-    no_network=False, mtu=DEFAULT_MTU, disk=(),
+    no_network=False, mtu=DEFAULT_MTU, disk=(), volume=(), workspace="",
 ) -> SandboxConfig:  # fmt: skip
     environment: dict[str, str] = {}
     for path in env_file:
@@ -72,6 +73,7 @@ def build_config(
         env=environment,
         image_config=override,
         extra_disks=parse_disks(disk),
+        vfs=build_vfs(workspace, split_volume_flags(volume)),
     )
     config.validate()
     return config
@@ -95,6 +97,11 @@ def build_config(
 @click.option("--memory", type=int, default=DEFAULT_MEMORY_MB, show_default=True, help="Memory in MB.")
 @click.option("--disk", multiple=True, metavar="@VOLUME|IMAGE:/GUEST[:ro][,uid=N,gid=N]",
               help="Mount a named volume or an ext4 image at a guest path (repeatable).")  # fmt: skip
+@click.option("-v", "--volume", multiple=True, metavar="HOST:GUEST[:overlay|host_fs|ro][,uid=N,gid=N]",
+              help="Mount a host directory or file (default: a private overlay copy; host_fs writes through).")  # fmt: skip
+@click.option(
+    "--workspace", default="", metavar="PATH", help="Guest directory for relative -v paths and the default workdir."
+)
 @click.option("--disk-size", type=int, default=DEFAULT_DISK_SIZE_MB, show_default=True, help="Writable disk in MB.")
 @click.option("--timeout", type=int, default=None, help="Seconds for the whole run, boot included.")
 @click.option("--hostname", default="", help="Guest hostname (default: the VM ID).")
@@ -125,11 +132,13 @@ def build_config(
 @click.option("-d", "--detach/--no-detach", default=False, help="Start in the background and print the VM ID.")
 @click.option("--graceful-shutdown", default="0s", show_default=True, metavar="DURATION",
               help="Time the guest gets to stop its processes and sync when the sandbox closes.")  # fmt: skip
+@click.option("--from-snapshot", default="", metavar="NAME",
+              help="Start from a snapshot (its image, memory and disks); give its secrets again with --secret.")  # fmt: skip
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size, timeout, hostname, dns_servers,
         add_host, interactive, tty, privileged, rm, detach, graceful_shutdown, command, force_pull, allow_host,
         secret, secret_file, secret_placeholder, network_intercept, no_network, mtu, publish,
-        address, disk) -> None:  # fmt: skip
+        address, disk, from_snapshot, volume, workspace) -> None:  # fmt: skip
     """Boot a sandbox from IMAGE and run COMMAND in it (after `--`)."""
     if timeout is not None and timeout <= 0:
         raise UsageError(f"invalid --timeout {timeout}: must be a positive number of seconds")
@@ -148,8 +157,12 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
         privileged=privileged, hostname=hostname, dns_servers=dns_servers, add_host=add_host,
         entrypoint=entrypoint, user=user, allow_host=allow_host, secret=secret,
         secret_file=secret_file, secret_placeholder=secret_placeholder,
-        network_intercept=network_intercept, no_network=no_network, mtu=mtu, disk=disk,
+        network_intercept=network_intercept, no_network=no_network, mtu=mtu, disk=disk, volume=volume,
+        workspace=workspace,
     )  # fmt: skip
+    if from_snapshot:
+        config = _restore_config(from_snapshot, config)  # a missing secret fails here, before anything starts
+        image = config.image
     use_pty = interactive and tty
     if use_pty and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("-it requires a TTY: run it from a terminal, or drop -t to pipe stdin")
@@ -174,7 +187,7 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
     options = RunOptions(
         command=shlex.join(argv) if argv else None, workdir=workdir, interactive=interactive, pty=use_pty,
         remove=rm, detached=detached_child, graceful_shutdown=grace, timeout=timeout,
-        publish=tuple(forwards), addresses=tuple(addresses),
+        publish=tuple(forwards), addresses=tuple(addresses), from_snapshot=from_snapshot,
     )  # fmt: skip
     try:
         code = asyncio.run(own_sandbox(config, options))
@@ -185,12 +198,23 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
     sys.exit(code)
 
 
+def _restore_config(name: str, config: SandboxConfig) -> SandboxConfig:
+    from ..sandbox.snapshots import Restore
+    from ..state.store import StateStore
+
+    store = StateStore()
+    try:
+        return Restore.load(store, name).prepare(config)
+    finally:
+        store.close()
+
+
 def _validate_exec(argv, env: dict[str, str], workdir: str, user: str) -> None:
     """What the guest would refuse (a long command, too much environment) fails now, before the boot."""
     validate_exec_request(ExecRequest(command=shlex.join(argv), env=env, cwd=workdir or "/", user=user))
 
 
-def start_detached() -> int:
+def start_detached(args: list[str] | None = None) -> int:
     """`run -d`: re-run this command as a background owner, print its VM ID once ready.
 
     The child reports readiness through an inherited pipe rather than the
@@ -217,7 +241,7 @@ def start_detached() -> int:
     drain.start()
     try:
         with os.fdopen(args_w, "wb") as pipe:
-            pipe.write(json.dumps(sys.argv[1:]).encode())
+            pipe.write(json.dumps(sys.argv[1:] if args is None else args).encode())
     except BrokenPipeError:
         pass  # the child died before reading; its error output is reported below
     with os.fdopen(ready_r, "rb") as ready:

@@ -51,7 +51,7 @@ def list_vms(running: bool, quiet: bool, as_json: bool) -> None:
             click.echo(vm.id)
     else:
         rows: list[tuple[str, ...]] = [("ID", "STATUS", "IMAGE", "CREATED", "PID")]
-        rows += [(vm.id, vm.status, vm.image, _created(vm), str(vm.pid or "-")) for vm in vms]
+        rows += [(vm.id, vm.shown_status, vm.image, _created(vm), str(vm.pid or "-")) for vm in vms]
         for line in _table(rows):
             click.echo(line)
 
@@ -187,6 +187,11 @@ def gc(vm_id: str | None, force_running: bool) -> None:
             failed = True
             click.echo(f"{vm.id}: failed {step}: {error}", err=True)
     click.echo(f"Reconciled {len(targets)} VMs")
+    if vm_id is None:
+        from ..state import snapshots
+
+        for name in snapshots.remove_abandoned(store):
+            click.echo(f"snapshot {name}: removed (left unfinished)")
     if failed:
         sys.exit(1)
 

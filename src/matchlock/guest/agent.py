@@ -36,7 +36,7 @@ from ..wire.mux import (
     WindowOpened,
 )
 from ..wire.replies import Fatal, Ready, Result
-from . import disks, netconfig, syscalls
+from . import checkpoint, disks, netconfig, syscalls
 from .handlers import ExecHandler, PortForwardHandler, ReadFileHandler, StreamHandler, WriteFileHandler, list_files
 
 AGENT_VERSION = "1"
@@ -72,6 +72,7 @@ class Agent:
         self.handlers: dict[int, StreamHandler] = {}
         self.processes: dict[int, ExecHandler] = {}
         self.privileged = False
+        self.restored = False  # woken by a new host from a snapshot (guest/checkpoint.py)
         self.running = True
         self._outbound = bytearray()
         self._port_write_watched = False
@@ -276,6 +277,9 @@ class Agent:
             elif isinstance(parsed, msgs.ShutdownRequest):
                 self._shutdown(stream)
                 return
+            elif isinstance(parsed, msgs.CheckpointRequest):
+                self._park(stream)
+                return
             else:
                 # A request record without a handler here must never power the VM off.
                 raise ValueError(f"this agent has no handler for {type(parsed).__name__}")
@@ -283,6 +287,13 @@ class Agent:
             self.conn.reset_stream(stream, f"{type(exc).__name__}: {exc}")
             return
         self.handlers[stream] = handler
+
+    def _park(self, stream: int) -> None:
+        try:
+            checkpoint.park(self, stream)
+        except (OSError, ValueError) as exc:  # a host that cannot wake us correctly: nothing sane is left
+            log(f"FATAL: waking from a checkpoint failed: {exc}")
+            syscalls.reboot()
 
     def _shutdown(self, stream: int) -> None:
         for handler in list(self.processes.values()):
@@ -319,7 +330,10 @@ class Agent:
     def _configure(self, info: dict) -> None:
         try:
             config = msgs.GuestConfig.parse(info)
-            ca_bundle = apply_config(config)
+            if self.restored:  # a clone from a snapshot: disks mounted, network unchanged
+                ca_bundle = checkpoint.apply_restored_config(config, _write_etc, render_hosts, SYSTEM_BUNDLES)
+            else:
+                ca_bundle = apply_config(config)
             self.privileged = config.privileged
         except Exception as exc:  # noqa: BLE001 - report instead of hanging the host
             message = f"{type(exc).__name__}: {exc}"

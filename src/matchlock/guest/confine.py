@@ -6,12 +6,15 @@ one syscall each, nothing shared changes), unless the sandbox is privileged:
   terminal devices and the shared-memory mounts: no disks (runtime, image,
   upper), no agent port, no console, no memory devices; device nodes that
   the image brings on the root filesystem stop working.
-- The kernel's tunables and triggers under /proc, and /sys, become
-  read-only, and the files that expose kernel memory or other tenants'
-  state are masked (Docker's default lists).
+- The kernel's tunables and triggers under /proc, and /sys with every mount
+  under it (cgroupfs: the CPU quota of --cpus is on the command's own
+  cgroup), become read-only, and the files that expose kernel memory or
+  other tenants' state are masked (Docker's default lists).
 The default user is root, so file modes alone protect none of this; what
-keeps it in place is that the command has no CAP_SYS_ADMIN (dropped from its
-bounding set) to unmount or remount anything.
+keeps it in place is that the command has no CAP_SYS_ADMIN (process.py
+keeps only Docker's default capabilities) to unmount or remount anything.
+The kernel log and kernel pointers are for CAP_SYSLOG only (set once at
+boot by `restrict_kernel_log`), which commands lack as well.
 """
 
 from __future__ import annotations
@@ -34,12 +37,23 @@ LINKS = (
     ("stderr", "/proc/self/fd/2"),
     ("ptmx", "pts/ptmx"),
 )
-# /sys is bound recursively so the cgroup and bpf mounts under it stay visible.
+# /sys is bound recursively so the cgroup and bpf mounts under it stay visible (read-only too).
 READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs", "/sys")
 MASKED_FILES = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/latency_stats",
                 "/proc/timer_stats")  # fmt: skip
 MASKED_DIRS = ("/proc/acpi", "/proc/scsi", "/proc/asound", "/sys/firmware")
 _RO_FLAGS = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+KERNEL_LOG_SETTINGS = (("/proc/sys/kernel/dmesg_restrict", "1"), ("/proc/sys/kernel/kptr_restrict", "1"))
+
+
+def restrict_kernel_log() -> None:
+    """Let only CAP_SYSLOG read the kernel log (klogctl, dmesg) and see kernel pointers; once, at boot."""
+    for path, value in KERNEL_LOG_SETTINGS:
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except FileNotFoundError:
+            continue  # a kernel without printk has no log to hide
 
 
 def build_dev() -> None:
@@ -69,7 +83,10 @@ def restrict_kernel_files() -> None:
             syscalls.mount(path, path, None, syscalls.MS_BIND | syscalls.MS_REC)
         except FileNotFoundError:
             continue  # not in this kernel's configuration
-        syscalls.mount(path, path, None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY | _RO_FLAGS)
+        # A remount changes one mount only: the ones the recursive bind brought along need their own.
+        for mount_point in (path, *_mounts_under(path)):
+            syscalls.mount(mount_point, mount_point, None,
+                           syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY | _RO_FLAGS)  # fmt: skip
     for path in MASKED_FILES:
         try:
             syscalls.mount("/dev/null", path, None, syscalls.MS_BIND)
@@ -80,3 +97,10 @@ def restrict_kernel_files() -> None:
             syscalls.mount("tmpfs", path, "tmpfs", syscalls.MS_RDONLY | _RO_FLAGS)
         except FileNotFoundError:
             continue
+
+
+def _mounts_under(top: str) -> list[str]:
+    """Mount points below `top` in this mount namespace, each once, parents first."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return list(dict.fromkeys(point for point in points if point.startswith(top + "/")))

@@ -18,7 +18,7 @@ import stat
 from ..wire import agent as msgs
 from ..wire.mux import DATA_CHUNK, STDERR, STDIN, STDOUT
 from ..wire.replies import Exited, OpError, Result, Started
-from .process import EXEC_FAILED, Spawned, set_window_size, spawn
+from .process import Spawned, set_window_size, spawn
 
 _ERROR_PIPE_LIMIT = 8192
 
@@ -28,10 +28,11 @@ class StreamHandler:
         self.agent = agent
         self.stream = stream
         self.done = False
+        self.sink = None  # set when the host of this stream is gone (a restored clone): output is dropped
 
     @property
     def conn(self):
-        return self.agent.conn
+        return self.sink if self.sink is not None else self.agent.conn
 
     def on_data(self, channel: int, data: bytes) -> None:
         self.conn.consumed(self.stream, len(data))
@@ -72,14 +73,15 @@ class ExecHandler(StreamHandler):
         if self.proc.stderr is not None:
             self.open_outputs[STDERR] = self.proc.stderr
         self.kill_timer = None
+        self.started = False  # `started` waits for the exec itself: the user and directory are settled then
         agent.processes[self.proc.pid] = self
         agent.watch_read(self.proc.error_pipe, self._read_error)
-        self.conn.send_message(stream, Started(self.proc.pid).to_wire())
-        self._watch_outputs()
 
     # --- output -------------------------------------------------------------
 
     def _watch_outputs(self) -> None:
+        if not self.started:
+            return
         can_send = self.conn.send_window(self.stream) > 0
         for channel, fd in self.open_outputs.items():
             if can_send:
@@ -121,10 +123,17 @@ class ExecHandler(StreamHandler):
         if data and len(self.error) < _ERROR_PIPE_LIMIT:
             self.error += data
             return
-        if not data:
+        if not data:  # the pipe closes on exec (close-on-exec), or with the child that failed to get there
             self.agent.unwatch_read(self.proc.error_pipe)
             os.close(self.proc.error_pipe)
             self.proc.error_pipe = -1
+            if not self.error:
+                self.started = True
+                self.conn.send_message(self.stream, Started(self.proc.pid).to_wire())
+                self._watch_outputs()
+            else:  # the command never ran: its outputs have nothing to say
+                for channel in list(self.open_outputs):
+                    self._close_output(channel)
             self._maybe_finish()
 
     def on_window(self) -> None:
@@ -211,12 +220,10 @@ class ExecHandler(StreamHandler):
             self.agent.unwatch_write(self.proc.stdin)
             os.close(self.proc.stdin)
             self.proc.stdin = None
-        if not self.error:
+        if self.started:
             self.finish(Exited(self.exit_code))
         else:
-            # The command never ran: a clean exit code would hide that.
-            code = EXEC_FAILED if self.exit_code == 0 else self.exit_code
-            self.finish(Exited(code, error=self.error.decode("utf-8", "replace")))
+            self.fail(self.error.decode("utf-8", "replace"))  # the reason the child reported
 
 
 class PortForwardHandler(StreamHandler):

@@ -8,7 +8,9 @@ Boot order:
    /run/matchlock, so workloads never see it (/run/matchlock/dev is where
    a workload's own /dev is assembled: see confine.py).
 3. Mount /proc, /sys, /dev, /dev/pts, /dev/shm, /dev/mqueue, /run, /tmp and
-   cgroup2; open the virtio-serial port and hand over to the agent, which
+   cgroup2; if the host added the VFS port, start the FUSE daemon and wait
+   until its mounts are up (fuse_daemon.py); open the virtio-serial port and
+   hand over to the agent, which
    applies the host's settings (clock, hostname, hosts, DNS, CPU quota)
    from the handshake and then reports ready.
 
@@ -29,9 +31,10 @@ from ..wire.boot import (
     TEMPLATE_FLAG,
     TEMPLATE_READY,
     UPPER_DISK_SERIAL,
+    VFS_PORT_NAME,
     WAKE_SIZE,
 )
-from . import syscalls
+from . import confine, syscalls
 from .agent import Agent, uptime
 from .confine import DEV_STAGING
 
@@ -136,6 +139,12 @@ def assemble_root() -> None:
     os.chdir("/")
     # Everything still loads from the runtime disk, now under its new path.
     sys.path[:] = [RUNTIME_MOUNT + p if p.startswith("/") else p for p in sys.path]
+    # Packages imported already keep their own search path; fix it too, so their submodules can
+    # still be imported lazily (fuse_daemon, only when there are mounts).
+    for module in list(sys.modules.values()):
+        package_path = getattr(module, "__path__", None)
+        if isinstance(package_path, list):
+            package_path[:] = [RUNTIME_MOUNT + p if p.startswith("/") else p for p in package_path]
     sys.path_importer_cache.clear()
     for stale in ("/dev", "/proc", "/sys"):
         try:
@@ -154,6 +163,7 @@ def mount_system() -> None:
     _mount_quiet("mqueue", "/dev/mqueue", "mqueue", NOSUID_NODEV_NOEXEC)
     _mount_quiet("tmpfs", "/tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777")
     _mount_quiet("cgroup2", "/sys/fs/cgroup", "cgroup2", NOSUID_NODEV_NOEXEC)
+    confine.restrict_kernel_log()
     try:
         _mount_quiet("bpf", "/sys/fs/bpf", "bpf", NOSUID_NODEV_NOEXEC)
     except OSError:
@@ -181,8 +191,16 @@ def main() -> None:
         assemble_root()
         mount_system()
         port = find_port(AGENT_PORT_NAME)
+        hidden: tuple[str, ...] = (port,)
+        # Host mounts come up before the agent, so no command ever runs without them.
+        vfs_port = _device_with("/sys/class/virtio-ports", "name", VFS_PORT_NAME)
+        if vfs_port is not None:
+            from . import fuse_daemon
+
+            fuse_daemon.start(vfs_port)
+            hidden += (vfs_port,)
         fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except Exception as exc:  # noqa: BLE001 - PID 1 must report, never traceback silently
         log(f"FATAL: {type(exc).__name__}: {exc}")
         sys.exit(1)
-    Agent(fd, hidden_devices=(port,), boot_started=started).run()
+    Agent(fd, hidden_devices=hidden, boot_started=started).run()

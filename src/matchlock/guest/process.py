@@ -23,6 +23,7 @@ exec: forks of the Python agent are the main cost of an exec under emulation.
 from __future__ import annotations
 
 import _signal
+import errno
 import fcntl
 import os
 import struct
@@ -33,14 +34,27 @@ from . import confine, seccomp, syscalls
 from .users import resolve_user
 
 HIDDEN_MOUNTS = ("/run/matchlock",)
-DROPPED_CAPABILITIES = {
-    "CAP_SYS_MODULE": 16,
-    "CAP_SYS_RAWIO": 17,
-    "CAP_SYS_PTRACE": 19,
-    "CAP_SYS_ADMIN": 21,
-    "CAP_SYS_BOOT": 22,
-    "CAP_MKNOD": 27,  # a device node made anywhere would reach the disks that /dev hides
+# What an unprivileged command keeps: Docker's default set, without CAP_MKNOD (a device node made anywhere
+# would reach the disks that /dev hides). Every other capability (CAP_SYS_ADMIN, CAP_SYSLOG, CAP_NET_ADMIN,
+# CAP_SYS_PTRACE, ...) leaves every set: the bounding set, so no exec regains it, and the others.
+WORKLOAD_CAPABILITIES = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_KILL": 5,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_SETPCAP": 8,
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_NET_RAW": 13,
+    "CAP_SYS_CHROOT": 18,
+    "CAP_AUDIT_WRITE": 29,
+    "CAP_SETFCAP": 31,
 }
+_KEPT_BITS = frozenset(WORKLOAD_CAPABILITIES.values())
+_KEPT_MASK = sum(1 << bit for bit in _KEPT_BITS)
+_MAX_CAPABILITIES = 64  # the kernel's sets are 64 bits; it refuses numbers past its last with EINVAL
 EXEC_FAILED = 127
 _SECCOMP_PROGRAM = seccomp.build_filter()
 _UNCATCHABLE = (_signal.SIGKILL, _signal.SIGSTOP)
@@ -203,6 +217,18 @@ def _namespace_init(request: ExecRequest, child_fds, error_w: int, privileged: b
             os._exit(code)
 
 
+def _drop_bounding_capabilities() -> None:
+    for cap in range(_MAX_CAPABILITIES):
+        if cap in _KEPT_BITS:
+            continue
+        try:
+            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return  # past this kernel's last capability
+            raise
+
+
 def _exec_command(request: ExecRequest, child_fds, error_w: int, privileged: bool) -> None:
     stdin, stdout, stderr = child_fds
     if request.tty:
@@ -221,12 +247,15 @@ def _exec_command(request: ExecRequest, child_fds, error_w: int, privileged: boo
         env["TERM"] = "xterm"
 
     if not privileged:
-        for cap in DROPPED_CAPABILITIES.values():
-            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+        _drop_bounding_capabilities()
     os.setgroups(list(user.groups))
     os.setgid(user.gid)
     os.setuid(user.uid)
     if not privileged:
+        # A uid other than 0 has just lost all of them; root keeps only the workload's set.
+        kept = _KEPT_MASK if user.uid == 0 else 0
+        syscalls.capset(kept, kept, 0)
+        syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
         syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
         syscalls.set_seccomp_filter(_SECCOMP_PROGRAM)
     try:

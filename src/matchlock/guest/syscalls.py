@@ -28,10 +28,14 @@ CLONE_NEWPID = 0x20000000
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 
 SYS_PIVOT_ROOT = 155
+SYS_CAPSET = 126
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 RB_AUTOBOOT = 0x01234567
 CLOCK_REALTIME = 0
 
@@ -81,6 +85,21 @@ def setns(fd: int, nstype: int) -> None:
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """Set this thread's capability sets (bit masks of capability numbers); libc has no wrapper."""
+
+    class Header(ctypes.Structure):
+        _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+    class Data(ctypes.Structure):
+        _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32))
+
+    masks = (effective, permitted, inheritable)
+    data = (Data * 2)(Data(*(m & 0xFFFFFFFF for m in masks)), Data(*(m >> 32 & 0xFFFFFFFF for m in masks)))
+    header = Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    _check(_libc.syscall(SYS_CAPSET, ctypes.byref(header), data), "capset")
 
 
 def set_seccomp_filter(program: bytes) -> None:

@@ -366,8 +366,13 @@ def build_lower(layers: list[tarfile.TarFile], diff_ids: list[str], blobs_dir: P
     tree = squash(layers)
     staging = Path(tempfile.mkdtemp(prefix="staging-", dir=workdir))
     try:
-        materialise(tree, staging)
-        build_erofs(staging, out)
+        if os.geteuid() == 0:
+            materialise(tree, staging)
+            build_erofs(staging, out)
+        else:  # only root can give files other owners: fakeroot records them for mkfs.erofs
+            from . import unprivileged
+
+            unprivileged.build(tree, staging, out, workdir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -41,7 +41,7 @@ ImageScope = Literal["local", "registry"]
 LOCAL: Final = "local"
 REGISTRY: Final = "registry"
 # How an image row came to be: the built-in image, `image import`, `pull -t`/tag alias, or a registry pull.
-ImageSource = Literal["builtin", "import", "tag", "registry"]
+ImageSource = Literal["builtin", "import", "tag", "registry", "build"]
 MIGRATIONS = [
     Migration(
         1,
@@ -169,6 +169,14 @@ class ImageStore:
             ).fetchall()
         return [LayerRecord(*row) for row in rows]
 
+    def meta(self, info: ImageInfo) -> dict:
+        """The row's stored metadata (the OCI `config` object, diff_ids, platform; build history)."""
+        with self._db() as conn:
+            row = conn.execute(
+                "SELECT oci_json FROM images WHERE scope = ? AND tag = ?", (info.scope, info.tag)
+            ).fetchone()
+        return json.loads(row[0]) if row else {}
+
     @staticmethod
     def usable(info: ImageInfo | None) -> TypeGuard[ImageInfo]:
         return info is not None and info.lower_path.is_file() and info.lower_path.stat().st_size > 0
@@ -287,6 +295,13 @@ class ImageStore:
     ) -> ImageInfo:
         """Record a pulled image in the registry scope (call inside `pulling()`)."""
         return self._install(ref, "registry", tars, diff_ids, digest, meta, work, scope=REGISTRY, records=records)
+
+    def save_built(
+        self, tag: str, tars: list, diff_ids: list[str], digest: str, meta: dict, records: list[LayerRecord], work: Path
+    ) -> ImageInfo:
+        """Record an image `matchlock build` made (call inside `pulling()`, its layer blobs already in place)."""
+        validate_new_tag(tag)
+        return self._install(tag, "build", tars, diff_ids, digest, meta, work, records=records)
 
     def tag(self, alias: str, info: ImageInfo) -> ImageInfo:
         """A local alias sharing the image's blobs: a new row, no new bytes."""

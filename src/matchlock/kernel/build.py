@@ -4,7 +4,9 @@ The kernel is `make tinyconfig` plus the fragment `x86_64.config`, everything
 built in, booted by QEMU as the uncompressed PVH `vmlinux`. A build takes a
 few minutes; the result is published to
 `kernels_dir()/<linux-source version>-<confighash12>/` and every later run
-reuses it, so the cache makes later runs free.
+reuses it, so the cache makes later runs free. `matchlock setup` runs it in
+the background (`background.py`), which also installs the build packages:
+the first sandbox needs none of them.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..api.errors import KernelError, SetupError
-from ..api.paths import cache_dir, kernels_dir
+from ..api.paths import kernels_dir
 from ..util.fs import file_lock, staging_dir
+from . import background
 from .resolve import CONFIG_FRAGMENT, find_tuned, tuned_config_hash, tuned_dir_name
 
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 SOURCE_TOPDIR = "linux-source-6.1"  # the directory inside the tarball
-BUILD_PACKAGES = (SOURCE_PACKAGE, "bc", "bison", "flex", "libelf-dev", "libssl-dev")
+# libc6-dev: gcc only recommends it, and the kernel's host tools need its headers
+BUILD_PACKAGES = (SOURCE_PACKAGE, "bc", "bison", "flex", "libelf-dev", "libssl-dev", "libc6-dev")
 # programs the kernel build runs that the packages above do not bring
 BUILD_TOOLS = {"make": "make", "gcc": "gcc", "ld": "binutils", "xz": "xz-utils", "perl": "perl", "readelf": "binutils"}
 
@@ -102,8 +106,8 @@ def _dpkg_installed(packages: tuple[str, ...]) -> set[str]:
     return installed
 
 
-def check_prerequisites() -> None:
-    """Raise SetupError naming the exact apt-get command when something is missing."""
+def missing_prerequisites() -> list[str]:
+    """The Debian packages the build needs that are not installed (or whose files are gone)."""
     if shutil.which("dpkg-query") is None:
         raise SetupError("building the kernel needs a Debian host (dpkg-query not found)")
     installed = _dpkg_installed(BUILD_PACKAGES)
@@ -113,10 +117,40 @@ def check_prerequisites() -> None:
     for tool, package in BUILD_TOOLS.items():
         if shutil.which(tool) is None and package not in missing:
             missing.append(package)
+    return missing
+
+
+def check_prerequisites() -> None:
+    """Raise SetupError naming the exact apt-get command when something is missing."""
+    missing = missing_prerequisites()
     if missing:
         raise SetupError(
             f"building the kernel needs {', '.join(missing)}\n  fix: apt-get install -y {' '.join(missing)}"
         )
+
+
+def install_prerequisites(log: Log) -> None:
+    """apt-get install what the build lacks (root only); the package lists are refreshed once if stale."""
+    missing = missing_prerequisites()
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SetupError(
+            f"building the kernel needs {', '.join(missing)}, and only root can install them\n"
+            f"  fix: sudo apt-get install -y {' '.join(missing)}"
+        )
+    log(f"installing the kernel build packages: {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    # Wait for another apt (the user's, or setup.sh --test) rather than fail at once.
+    argv = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600", *missing]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:  # usually package lists older than the mirror: refresh them once
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join("  | " + line for line in (proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise SetupError(f"{' '.join(argv)} failed (exit {proc.returncode})\n{tail}\n  fix: run it by hand and retry")
+    check_prerequisites()
 
 
 def source_version() -> str:
@@ -163,41 +197,60 @@ def cached_tuned() -> Path | None:
     return target if target.is_file() else None
 
 
-def build_tuned(jobs: int | None = None, log: Log = print) -> Path:
-    """Build (or reuse) the tuned kernel and return the path of its `vmlinux`."""
+def build_tuned(jobs: int | None = None, log: Log = print, *, install_deps: bool = False) -> Path:
+    """Build (or reuse) the tuned kernel and return the path of its `vmlinux`.
+
+    One build at a time (background.lock_path()): a second caller waits for the
+    first and then reuses its kernel. `install_deps` apt-installs the build packages.
+    """
     cached = cached_tuned()
     if cached is not None:
         return cached
-    check_prerequisites()
+    nproc = _jobs(jobs)
+    with file_lock(background.lock_path()):
+        cached = cached_tuned()  # another process built it while we waited
+        if cached is not None:
+            return cached
+        background.record("running")
+        try:
+            target = _build_locked(nproc, log, install_deps)
+        except Exception as exc:
+            background.record("failed", error=(str(exc) or type(exc).__name__)[:4000])
+            raise
+        background.clear_record()
+        return target
+
+
+def _build_locked(nproc: int, log: Log, install_deps: bool) -> Path:
+    if install_deps:
+        install_prerequisites(log)
+    else:
+        check_prerequisites()
     version = source_version()
     final = tuned_kernel_dir(version)
     target = final / "vmlinux"
-    nproc = _jobs(jobs)
-    config_hash = tuned_config_hash()
-    build_root = cache_dir() / "kernel-build"
-    with file_lock(build_root / f".lock-{config_hash[:12]}"):
-        if target.is_file():  # another process built it while we waited
-            return target
-        started = time.monotonic()
-        work = build_root / tuned_dir_name(version)
-        log_path = work / "build.log"
-        tree = _prepare_tree(work, log)
-        with open(log_path, "ab") as log_file:
-            _configure(tree, log_file, log_path, log)
-            _make(tree, nproc, log_file, log_path, log)
-        vmlinux = tree / "vmlinux"
-        _strip_if_smaller(vmlinux, log)
-        if not _pvh_note_present(vmlinux):
-            raise KernelError(
-                f"the built {vmlinux} has no PVH entry note, so QEMU cannot boot it\n"
-                f"  fix: make sure the config fragment keeps CONFIG_PVH=y; build log: {log_path}"
-            )
-        seconds = round(time.monotonic() - started, 1)
-        build = {"source_version": version, "config_sha256": config_hash, "build_seconds": seconds, "jobs": nproc}
-        _publish(tree, final, build)
-        shutil.rmtree(work, ignore_errors=True)
-        log(f"kernel built in {seconds:.0f} s: {target}")
+    if target.is_file():
         return target
+    started = time.monotonic()
+    work = background.build_root() / tuned_dir_name(version)
+    log_path = work / "build.log"
+    tree = _prepare_tree(work, log)
+    with open(log_path, "ab") as log_file:
+        _configure(tree, log_file, log_path, log)
+        _make(tree, nproc, log_file, log_path, log)
+    vmlinux = tree / "vmlinux"
+    _strip_if_smaller(vmlinux, log)
+    if not _pvh_note_present(vmlinux):
+        raise KernelError(
+            f"the built {vmlinux} has no PVH entry note, so QEMU cannot boot it\n"
+            f"  fix: make sure the config fragment keeps CONFIG_PVH=y; build log: {log_path}"
+        )
+    seconds = round(time.monotonic() - started, 1)
+    build = {"source_version": version, "config_sha256": tuned_config_hash(), "build_seconds": seconds, "jobs": nproc}
+    _publish(tree, final, build)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"kernel built in {seconds:.0f} s: {target}")
+    return target
 
 
 def _publish(tree: Path, final: Path, build: dict) -> None:

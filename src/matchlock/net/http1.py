@@ -29,7 +29,7 @@ from .exchange import (
     request_event,
     request_from_h1,
 )  # fmt: skip
-from .relay import pipe_both_ways
+from .relay import Ender, pipe_both_ways
 from .tls import UpstreamTLS
 from .upstream import Upstream, UpstreamError, connect
 
@@ -94,8 +94,10 @@ class HTTP1Session:
         port: int,
         upstream: Upstream | None = None,
         upstream_tls: UpstreamTLS | None = None,
+        end_guest: Ender | None = None,
     ) -> None:
         self.policy = policy
+        self.end_guest = end_guest  # how to end the guest connection whole (TLS) when a relay's upstream ends
         self.upstream_tls = upstream_tls  # how to dial (and verify) upstream for https
         tune_transport(writer)
         self.guest = H11Stream(h11.SERVER, reader, writer)
@@ -252,4 +254,5 @@ class HTTP1Session:
         if guest_extra:
             upstream.writer.write(guest_extra)
         self.upstreams.pop((upstream.host, upstream.port), None)
-        await pipe_both_ways(self.guest.reader, self.guest.writer, upstream.reader, upstream.writer)
+        await pipe_both_ways(self.guest.reader, self.guest.writer, upstream.reader, upstream.writer,
+                             end_a=self.end_guest)  # fmt: skip

@@ -11,6 +11,7 @@ so the guest is given the protocol the real server chose.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
 
@@ -18,7 +19,7 @@ from ..policy.engine import Blocked, NetworkPolicy
 from .clienthello import ClientHello, NotTLS
 from .clienthello import parse as parse_client_hello
 from .exchange import Refusal, connection_event
-from .http1 import HTTP1Session
+from .http1 import LINGER_BYTES, LINGER_SECONDS, HTTP1Session
 from .http2 import HTTP2Session
 from .tls import CertificateAuthority, UpstreamTLS
 from .upstream import Upstream, UpstreamError, connect
@@ -64,7 +65,7 @@ class _Held(asyncio.Protocol):
 
 
 async def close_tls(writer: asyncio.StreamWriter, tcp: asyncio.WriteTransport) -> None:
-    """End the guest's connection now: close_notify, then TCP FIN once everything queued is sent.
+    """End the guest's connection now: close_notify, then TCP FIN once everything queued is sent; idempotent.
 
     asyncio's TLS close alone sends close_notify and then keeps TCP open
     until the peer answers with its own (up to 30 s), so a guest that reads
@@ -84,8 +85,53 @@ async def close_tls(writer: asyncio.StreamWriter, tcp: asyncio.WriteTransport) -
     except TimeoutError:  # a guest that stopped reading: give up on it
         tcp.abort()
         return
-    if not tcp.is_closing():
-        tcp.write_eof()  # FIN after whatever TCP still buffers
+    if tcp.is_closing():
+        return
+    tcp.write_eof()  # FIN after whatever TCP still buffers
+    await _drain_guest(tcp)
+
+
+class _Drain(asyncio.Protocol):
+    """Takes the TCP side over from TLS once our close_notify is out: drops what the guest still sends."""
+
+    def __init__(self, tls: asyncio.BaseProtocol, done: asyncio.Future[None]) -> None:
+        self.tls, self.done, self.dropped = tls, done, 0
+
+    def data_received(self, data: bytes) -> None:
+        self.dropped += len(data)
+        if self.dropped > LINGER_BYTES:
+            _set_once(self.done)
+
+    def eof_received(self) -> bool:
+        return False  # the guest is done too: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _set_once(self.done)
+        self.tls.connection_lost(exc)  # lets the TLS layer and the stream above it finish
+
+
+async def _drain_guest(tcp: asyncio.WriteTransport) -> None:
+    """Read and drop the guest's bytes until its FIN, for a bounded while, then close.
+
+    A guest still uploading when it is refused (a 403 before a large body)
+    would otherwise leave bytes unread when the socket closes; the kernel
+    then resets the connection, and the reset can destroy the refusal before
+    the guest reads it. asyncio's TLS layer cannot do this: application data
+    after its close_notify is a fatal error to it, which closes at once.
+    """
+    done = asyncio.get_running_loop().create_future()
+    drain = _Drain(tcp.get_protocol(), done)
+    tcp.set_protocol(drain)
+    if isinstance(tcp, asyncio.ReadTransport):
+        tcp.resume_reading()  # the TLS layer may have paused it when the session stopped reading
+    try:
+        async with asyncio.timeout(LINGER_SECONDS):
+            await done
+    except TimeoutError:
+        pass
+    finally:
+        if not tcp.is_closing():
+            tcp.abort()  # the guest went on sending, or never closed: nothing more is owed to it
 
 
 class TLSInterceptor:
@@ -154,6 +200,7 @@ class TLSInterceptor:
                                    upstream=dialled).run()  # fmt: skip
             else:
                 await HTTP1Session(self.policy, reader, writer, scheme="https", default_host=server_name, port=port,
-                                   upstream=dialled, upstream_tls=self.upstream_tls).run()  # fmt: skip
+                                   upstream=dialled, upstream_tls=self.upstream_tls,
+                                   end_guest=functools.partial(close_tls, writer, tcp)).run()  # fmt: skip
         finally:
             await close_tls(writer, tcp)

@@ -1,7 +1,7 @@
 """A private network namespace per sandbox: TAP, nftables redirects, listening sockets.
 
 The namespace is anonymous: it exists only while a file descriptor (held by
-the owning process) or a process in it (QEMU) keeps it alive, so it
+the owning process, or a listening socket in it) keeps it alive, so it
 disappears with the sandbox even after `kill -9`, leaving nothing to clean
 up and nothing in the host's global firewall. Inside it:
 
@@ -9,20 +9,28 @@ up and nothing in the host's global firewall. Inside it:
 
 and nftables redirects every TCP connection from the guest to the proxy's
 listeners (80 → HTTP, 443 → TLS, anything else → passthrough) and UDP 53 to
-the DNS forwarder; everything else is dropped. The listening sockets are
-created inside the namespace by a short-lived thread that joins it, and are
-then served by the owner's event loop, which dials upstream from its own
-namespace.
+the DNS forwarder; everything else is dropped.
+
+For an ordinary user the namespace is owned by a user namespace of its own
+(root, who may own any, skips that step; the rest is the same). A short-lived helper process
+(`unshare` + `nshelper.py`) creates both, the TAP, the addresses, the ruleset and the
+listening sockets, and passes their descriptors back with SCM_RIGHTS. The
+owner's event loop serves the listeners and dials upstream from its own
+namespace; QEMU stays in the host namespaces and gets only the TAP
+descriptor (`-netdev tap,fd=N`), so it holds no capability anywhere.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..api.errors import SetupError
 
@@ -46,7 +54,6 @@ PORTS = ProxyPorts()
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
-_libc.unshare.argtypes = (ctypes.c_int,)
 
 
 def _check(result: int, what: str) -> None:
@@ -96,45 +103,89 @@ table inet matchlock {{
 """
 
 
+HELPER = Path(__file__).with_name("nshelper.py")
+# The order in which the helper sends its descriptors.
+HELPER_FDS = ("user", "net", "tap", "http", "https", "passthrough", "dns")
+TUN_FIX = (
+    "fix: sudo matchlock setup linux (gives /dev/net/tun mode 0666, the usual default;"
+    " creating a TAP still needs a network namespace of one's own)"
+)
+USERNS_FIX = (
+    "this user cannot create a user namespace; fix: sudo matchlock setup linux"
+    " (enables unprivileged user namespaces); `matchlock diagnose` shows which setting is off"
+)
+ROOT_FIX = "root needs CAP_SYS_ADMIN for a network namespace; fix: run outside a container that drops it"
+
+
+def explain(message: str, root: bool) -> str:
+    """The helper's one-line failure, with the fix where we know it."""
+    if "/dev/net/tun" in message:
+        return f"{message}; {TUN_FIX}"
+    if message.startswith("unshare"):
+        return f"{message}; {ROOT_FIX if root else USERNS_FIX}"
+    return message
+
+
 class SandboxNamespace:
     def __init__(self, mtu: int) -> None:
         self.mtu = mtu
         self.fd: int | None = None
+        self.userns_fd: int | None = None
+        self.tap_fd: int | None = None
         self.inode: int | None = None
+        self._sockets: dict[int, socket.socket] = {}
+
+    def helper_argv(self, channel: int) -> list[str]:
+        """The helper's command line: user + net namespaces by `unshare`, then TAP, addresses, ruleset, ports."""
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            raise SetupError("unshare not found; fix: apt-get install util-linux")
+        ip_batch = f"link set lo up\naddr add {GATEWAY}/{PREFIX_LENGTH} dev {TAP}\nlink set {TAP} mtu {self.mtu} up\n"
+        ports = f"{PORTS.http},{PORTS.https},{PORTS.passthrough}"
+        # Root owns any network namespace already: a user namespace would only add a dependency on
+        # unprivileged user namespaces being enabled. Everything after this is the same for both.
+        owner = ["--net"] if os.geteuid() == 0 else ["--user", "--map-root-user", "--net"]
+        return [unshare, *owner, "--", sys.executable, "-I", "-S", str(HELPER),
+                str(channel), TAP, ip_batch, ruleset(), ports, str(PORTS.dns)]  # fmt: skip
 
     def create(self) -> None:
-        def make() -> int:
-            _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with parent:
             try:
-                self._configure()
-            except BaseException:
+                proc = subprocess.Popen(
+                    self.helper_argv(child.fileno()),
+                    pass_fds=(child.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            finally:
+                child.close()
+            try:
+                message, fds, _, _ = socket.recv_fds(parent, 4096, len(HELPER_FDS) + 1)
+            finally:
+                _, stderr = proc.communicate()  # the helper has sent everything (or died): this is short
+        if not message and stderr.strip():
+            message = b"error: " + stderr.strip().splitlines()[-1]
+        self._adopt(message, fds, proc.returncode)
+
+    def _adopt(self, message: bytes, fds: list[int], returncode: int | None) -> None:
+        """Take the helper's descriptors, or raise its error (closing any stray descriptor)."""
+        if len(fds) != len(HELPER_FDS) or message != b"ok":
+            for fd in fds:
                 os.close(fd)
-                raise
-            return fd
-
-        try:
-            self.fd = _in_thread(make)
-        except PermissionError:
-            raise SetupError("creating a network namespace needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN)") from None
+            text = message.decode(errors="replace").removeprefix("error: ") or f"helper exit status {returncode}"
+            raise SetupError(f"creating the sandbox network namespace failed: {explain(text, os.geteuid() == 0)}")
+        got = dict(zip(HELPER_FDS, fds))
+        self.userns_fd, self.fd, self.tap_fd = got["user"], got["net"], got["tap"]
         self.inode = os.fstat(self.fd).st_ino
-
-    def _configure(self) -> None:
-        # The thread is inside the namespace: /proc/sys/net and child processes belong to it.
-        for scope in ("all", "default"):
-            with open(f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6", "w") as f:
-                f.write("1")
-        commands = (
-            "link set lo up\n"
-            f"tuntap add dev {TAP} mode tap\n"
-            f"addr add {GATEWAY}/{PREFIX_LENGTH} dev {TAP}\n"
-            f"link set {TAP} mtu {self.mtu} up\n"
-        )
-        _run(["ip", "-batch", "-"], commands, "iproute2")
-        _run(["nft", "-f", "-"], ruleset(), "nftables")
+        for name in ("http", "https", "passthrough", "dns"):
+            sock = socket.socket(fileno=got[name])
+            sock.setblocking(False)
+            self._sockets[getattr(PORTS, name)] = sock
 
     def run_inside(self, function):
-        """Call `function` on a thread that has joined the namespace."""
+        """Call `function` on a thread that has joined the network namespace (needs root: tests)."""
         assert self.fd is not None
 
         def joined():
@@ -143,54 +194,35 @@ class SandboxNamespace:
 
         return _in_thread(joined)
 
-    def listen_tcp(self, port: int) -> socket.socket:
-        def make() -> socket.socket:
-            # IPPROTO_TCP explicitly: asyncio enables TCP_NODELAY only on sockets
-            # whose protocol it recognises, and accepted sockets inherit it.
-            # Without it every kept-alive response stalls ~40 ms on delayed ACKs.
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", port))
-            sock.listen(512)
-            sock.setblocking(False)
-            return sock
+    def _take(self, port: int) -> socket.socket:
+        try:
+            return self._sockets.pop(port)
+        except KeyError:
+            raise SetupError(f"no listening socket for port {port} in the sandbox namespace") from None
 
-        return self.run_inside(make)
+    def listen_tcp(self, port: int) -> socket.socket:
+        """The listener the helper opened on `port`; the caller owns it from now on."""
+        return self._take(port)
 
     def bind_udp(self, port: int) -> socket.socket:
-        def make() -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("0.0.0.0", port))
-            sock.setblocking(False)
-            return sock
-
-        return self.run_inside(make)
-
-    def qemu_wrapper(self) -> tuple[list[str], tuple[int, ...]]:
-        """Argv prefix and inherited fds that start QEMU inside the namespace (for the TAP)."""
-        assert self.fd is not None
-        return ["nsenter", f"--net=/proc/self/fd/{self.fd}", "--"], (self.fd,)
+        return self._take(port)
 
     def close(self) -> None:
-        """Drop our hold on the namespace (it lives on while QEMU is in it); idempotent.
+        """Drop our hold on the namespaces and the TAP (QEMU keeps its own copy); idempotent.
 
         Synchronous, as releasing a descriptor is: the boot-template builder calls it from a
         plain callback. `aclose()` is the same for async owners."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        for name in ("tap_fd", "fd", "userns_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
     async def aclose(self) -> None:
         self.close()
-
-
-def _run(argv: list[str], stdin: str, package: str) -> None:
-    try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise SetupError(f"{argv[0]} not found; fix: apt-get install {package}") from None
-    if proc.returncode != 0:
-        raise SetupError(f"{argv[0]} failed in the sandbox namespace: {proc.stderr.strip()}")
 
 
 def namespace_alive(inode: int) -> bool:
@@ -200,9 +232,13 @@ def namespace_alive(inode: int) -> bool:
         try:
             if os.stat(f"/proc/{pid}/ns/net").st_ino == inode:
                 return True
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
-                    return True
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                    return True
+            except OSError:  # closed meanwhile (the listing's own descriptor always is)
+                continue
     return False

@@ -177,6 +177,11 @@ class CertificateAuthority:
 def _server_context(chain: bytes, private_key: bytes, alpn: tuple[str, ...]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No TLS 1.3 session tickets: they arrive after the handshake, and a guest that reads and writes one
+    # connection from two threads (websockets' sync client; Python's ssl before 3.13 does not serialise
+    # them) can lose the record it is writing while OpenSSL takes in a ticket: a wss upgrade that never
+    # leaves the guest. Resuming would only spare a guest its handshake with the proxy.
+    context.num_tickets = 0
     _load_chain(context, chain, private_key)
     if alpn:
         context.set_alpn_protocols(list(alpn))

@@ -432,6 +432,40 @@ async def allow_list_delete(session: Session, request: Request) -> JSONObject:
     return {"removed": removed, "allowed_hosts": policy.allowed_hosts}
 
 
+async def pause(session: Session, request: Request) -> JSONObject:
+    from ..sandbox import snapshots  # only sessions that pause pay for it
+
+    await snapshots.pause(session.require_vm())
+    return {"paused": True}
+
+
+async def resume(session: Session, request: Request) -> JSONObject:
+    from ..sandbox import snapshots
+
+    await snapshots.resume(session.require_vm())
+    return {"paused": False}
+
+
+async def snapshot(session: Session, request: Request) -> JSONObject:
+    """`{name?, mode?}` -> the snapshot record (`matchlock run --from-snapshot NAME` restores it)."""
+    from ..sandbox import snapshots
+    from ..state import snapshots as records
+
+    fields = Fields(request.params)
+    name, mode = fields.string("name", max_len=64), fields.string("mode", max_len=32) or "full"
+    try:
+        records.validate_mode(mode)
+        if name:
+            records.validate_name(name)
+    except UsageError as exc:
+        raise RpcError(INVALID_PARAMS, f"invalid params: {exc}") from None
+    sandbox = session.require_vm()
+    store = sandbox.tracker.store
+    if store is None:
+        raise RpcError(VM_FAILED, "this session keeps no state: snapshots need a state directory")
+    return (await snapshots.create(sandbox, store, name, mode)).to_json()
+
+
 Handler = Callable[["Session", Request], Awaitable[JSONObject]]
 
 # method -> (handler, error code for failures that are not RpcError)
@@ -448,6 +482,9 @@ METHODS: dict[str, tuple[Handler, int]] = {
     "port_forward": (port_forward, VM_FAILED),
     "allow_list_add": (allow_list_add, VM_FAILED),
     "allow_list_delete": (allow_list_delete, VM_FAILED),
+    "pause": (pause, VM_FAILED),
+    "resume": (resume, VM_FAILED),
+    "snapshot": (snapshot, VM_FAILED),
 }
 
 # Client -> server input for a running exec: routed by params.id, never answered.

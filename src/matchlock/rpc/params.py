@@ -1,8 +1,7 @@
 """Typed access to request params, and `create` params into the sandbox config types.
 
 Every type or value error becomes -32602 naming the field (`resources.cpus`, `network.secrets.K.hosts`).
-Unknown keys are ignored, as upstream does; `vfs` is refused until it is
-implemented, so a sandbox never silently starts without the mounts it asked for.
+Unknown keys are ignored, as upstream does.
 """
 
 from __future__ import annotations
@@ -24,13 +23,9 @@ from ..api.network import (
     SecretConfig,
     validate_host_glob,
 )
+from ..api.vfs import MountConfig, VFSConfig, VFSHookRule, VFSInterceptionConfig, normalize_op
 from ..image.reference import parse as parse_reference
 from ..jsonrpc import INVALID_PARAMS, JSONObject
-
-# Fields of upstream api.Config that this server does not implement yet.
-UNSUPPORTED_CREATE_FIELDS = {
-    "vfs": "VFS mounts are not supported by this matchlock yet; create the sandbox without vfs",
-}
 
 
 class RpcError(Exception):
@@ -179,9 +174,6 @@ def parse_create(params: JSONObject) -> CreateParams:
     fields = Fields(params)
     if fields.has("id"):
         raise RpcError(INVALID_PARAMS, "id is internal-only and cannot be set")
-    for key, reason in UNSUPPORTED_CREATE_FIELDS.items():
-        if fields.has(key):
-            raise bad(key, f"is not supported: {reason}")
     image = fields.string("image")
     if not image:
         raise RpcError(INVALID_PARAMS, "image is required (e.g., alpine:latest)")
@@ -193,6 +185,7 @@ def parse_create(params: JSONObject) -> CreateParams:
         env=fields.string_map("env"),
         image_config=_image_config(fields.child("image_config")),
         extra_disks=tuple(_disk(disk) for disk in fields.objects("extra_disks")),
+        vfs=_vfs(fields.child("vfs")),
     )
     try:
         config.validate()
@@ -336,3 +329,47 @@ def _interception(obj: Fields | None) -> InterceptionConfig | None:
             raise bad(rule.name("callback_id"), f"{parsed.callback_id!r} needs network.interception.callback_socket")
         rules.append(parsed)
     return InterceptionConfig(rules=tuple(rules), callback_socket=socket_path)
+
+
+def _vfs(obj: Fields | None) -> VFSConfig:
+    """`vfs`: `{workspace, mounts: {guest: MOUNT}, interception: {emit_events, rules}}`; validated with the config."""
+    if obj is None:
+        return VFSConfig()
+    mounts: dict[str, MountConfig] = {}
+    mount_objs = obj.child("mounts")
+    for guest in mount_objs.obj if mount_objs is not None else {}:
+        assert mount_objs is not None
+        mount = mount_objs.child(guest)
+        if mount is None:
+            raise bad(mount_objs.name(guest), "must be an object with a type")
+        for nested in ("upper", "lower"):
+            if mount.has(nested):
+                raise bad(mount.name(nested), "is not supported: use type overlay with host_path")
+        uid, gid = mount.obj.get("owner_uid"), mount.obj.get("owner_gid")
+        mounts[guest] = MountConfig(
+            type=mount.string("type", required=True, max_len=32),
+            host_path=mount.string("host_path", max_len=4096),
+            readonly=mount.boolean("readonly"),
+            owner_uid=None if uid is None else mount.integer("owner_uid", lo=0, hi=2**32 - 2),
+            owner_gid=None if gid is None else mount.integer("owner_gid", lo=0, hi=2**32 - 2),
+        )
+    interception = None
+    icpt = obj.child("interception")
+    if icpt is not None:
+        rules = []
+        for rule in icpt.objects("rules"):
+            action = rule.string("action", max_len=64) or "allow"
+            if action not in ("allow", "block"):
+                continue  # as upstream: rules with other actions (SDK callbacks) are not the server's
+            rules.append(
+                VFSHookRule(
+                    name=rule.string("name", max_len=256),
+                    phase=rule.string("phase", max_len=16) or "before",
+                    ops=tuple(normalize_op(op) for op in rule.strings("ops")),
+                    path=rule.string("path", max_len=4096),
+                    action=action,
+                    timeout_ms=rule.integer("timeout_ms", lo=0, hi=3_600_000),
+                )
+            )
+        interception = VFSInterceptionConfig(emit_events=icpt.boolean("emit_events"), rules=tuple(rules))
+    return VFSConfig(workspace=obj.string("workspace", max_len=4096), mounts=mounts, interception=interception)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from ..api.errors import MatchlockError, UsageError
-from ..api.events import NetworkEvent
+from ..api.events import Event
 from ..api.image import compose_command
 from ..jsonrpc import (
     CANCELLED,
@@ -254,7 +254,7 @@ class Session:
 
     # --- events ------------------------------------------------------------------------------------
 
-    def on_event(self, event: NetworkEvent) -> None:
+    def on_event(self, event: Event) -> None:
         """Sandbox event listener; may be called from any thread."""
         payload = event.to_json()
         with contextlib.suppress(RuntimeError):  # the loop is closing

@@ -127,6 +127,8 @@ class _Connection:
                 await self._streaming(action)
             elif isinstance(action, rp.AllowListAction):
                 await self._allow_list(action)
+            elif isinstance(action, rp.ControlAction):
+                await self.send(await _control(self.sandbox, action))
             else:
                 await self._port_forward(action)
         except* MatchlockError as failed:  # relay protocol errors included
@@ -247,6 +249,25 @@ class _Connection:
         if interactive:
             process.send_signal(signal.SIGHUP)  # what a terminal does when it hangs up
         process.cancel()
+
+
+async def _control(sandbox: Sandbox, action: rp.ControlAction) -> bytes:
+    from . import snapshots  # only control requests pay for it
+
+    try:
+        if action.action == "pause":
+            await snapshots.pause(sandbox)
+            return rp.ControlReply({"id": sandbox.id, "paused": True}).encode()
+        if action.action == "resume":
+            await snapshots.resume(sandbox)
+            return rp.ControlReply({"id": sandbox.id, "paused": False}).encode()
+        store = sandbox.tracker.store
+        if store is None:
+            raise MatchlockError(f"sandbox {sandbox.id} keeps no state: snapshots need a state directory")
+        record = await snapshots.create(sandbox, store, action.name, action.mode or "full")
+        return rp.ControlReply(record.to_json()).encode()
+    except MatchlockError as exc:
+        return rp.ControlReply(error=str(exc)).encode()
 
 
 def _exec_spec(action: rp.ExecAction) -> ExecSpec:

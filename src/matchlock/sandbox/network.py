@@ -51,8 +51,8 @@ class SandboxNetwork:
         return self.proxy.ca.pem if self.proxy is not None and self.proxy.ca is not None else ""
 
     def machine_network(self) -> MachineNetwork:
-        wrapper, fds = self.namespace.qemu_wrapper()
-        return MachineNetwork(tap=ns.TAP, mac=ns.GUEST_MAC, wrapper=tuple(wrapper), pass_fds=fds)
+        assert self.namespace.tap_fd is not None, "start() first"
+        return MachineNetwork(mac=ns.GUEST_MAC, tap_fd=self.namespace.tap_fd)
 
     def guest_network(self) -> GuestNetwork:
         return GuestNetwork("eth0", ns.GUEST_ADDRESS, ns.PREFIX_LENGTH, ns.GATEWAY, self.config.mtu)

@@ -20,6 +20,7 @@ from ..wire.mux import STDERR, STDIN, STDOUT, DataReceived, StreamReset
 from ..wire.replies import ExecReplies, Exited, OpError, Started
 
 OutputCallback = Callable[[bytes], Awaitable[None] | None]
+NOT_STARTED = 127  # the exit code of a command that could not start, as a shell's
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class ExecResult:
     duration_ms: int
     stdout: bytes = b""
     stderr: bytes = b""
-    error: str | None = None  # why the command could not start (exit code 127)
+    error: str | None = None  # why the command could not start (exit code NOT_STARTED)
 
 
 class GuestProcess:
@@ -39,6 +40,9 @@ class GuestProcess:
         self._started = time.monotonic()
         self._result: ExecResult | None = None
         self._cancelled = False
+        self._replies = ExecReplies()  # the grammar of an exec stream, checked on every event
+        self._answered = False  # `started`, or `error` instead: the guest's first answer
+        self._not_started: str | None = None  # the guest's reason, when it answered `error` instead of `started`
 
     async def write(self, data: bytes) -> None:
         await self.stream.send(STDIN, data)
@@ -59,31 +63,42 @@ class GuestProcess:
         self._cancelled = True
         self.stream.message({"type": msgs.CTL_CANCEL})
 
+    async def started(self) -> bool:
+        """Wait for the guest's first answer: True once the command runs (its user and working directory
+        were found), False if it could not start; `wait()` then returns the reason in `error`."""
+        while not self._answered:
+            await self._next_reply()
+        return self._not_started is None
+
     async def wait(self) -> ExecResult:
         if self._result is not None:
             return self._result
-        replies = ExecReplies()  # the grammar of an exec stream, checked on every event
         try:
-            while not replies.done:
-                outcome = await self.stream.next_reply(replies)
-                if isinstance(outcome, DataReceived):
-                    await self._deliver(outcome)
-                elif isinstance(outcome, Started):
-                    self.pid = outcome.pid
-                elif isinstance(outcome, OpError):
-                    raise ExecError(outcome.message)
-                elif isinstance(outcome, StreamReset):
-                    raise ExecError(f"the guest aborted the command: {outcome.reason}")
+            while not self._replies.done:
+                await self._next_reply()
         finally:
             self.stream.close()
-        exited = replies.final
-        assert isinstance(exited, Exited)  # the grammar ends an exec stream with exit, error or reset
-        self._result = ExecResult(
-            exit_code=exited.code,
-            duration_ms=int((time.monotonic() - self._started) * 1000),
-            error=exited.error,
-        )
+        duration_ms = int((time.monotonic() - self._started) * 1000)
+        if self._not_started is not None:
+            self._result = ExecResult(NOT_STARTED, duration_ms, error=self._not_started)
+            return self._result
+        exited = self._replies.final
+        assert isinstance(exited, Exited)  # the grammar ends a started exec stream with exit, error or reset
+        self._result = ExecResult(exit_code=exited.code, duration_ms=duration_ms)
         return self._result
+
+    async def _next_reply(self) -> None:
+        outcome = await self.stream.next_reply(self._replies)
+        if isinstance(outcome, DataReceived):
+            await self._deliver(outcome)
+        elif isinstance(outcome, Started):
+            self.pid, self._answered = outcome.pid, True
+        elif isinstance(outcome, OpError) and not self._answered:
+            self._not_started, self._answered = outcome.message, True
+        elif isinstance(outcome, OpError):
+            raise ExecError(outcome.message)
+        elif isinstance(outcome, StreamReset):
+            raise ExecError(f"the guest aborted the command: {outcome.reason}")
 
     async def _deliver(self, event: DataReceived) -> None:
         callback = self._callbacks[event.channel]

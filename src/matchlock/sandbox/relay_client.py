@@ -115,6 +115,21 @@ def change_allow_list(vm_id: str, hosts: Sequence[str], *, add: bool) -> rp.Allo
     return reply
 
 
+def control(vm_id: str, action: str, *, name: str = "", mode: str = "") -> dict:
+    """Pause, resume or snapshot the sandbox through its owner; returns the owner's result."""
+    with connect(vm_id) as relay:
+        relay.send(rp.ControlAction(action, name, mode).encode())
+        replies = relay.receive()
+    if not replies:
+        raise MatchlockError(f"sandbox {vm_id} closed the connection")
+    reply = replies[0]
+    if isinstance(reply, rp.ControlReply | rp.ExecReply) and reply.error:
+        raise MatchlockError(reply.error)
+    if not isinstance(reply, rp.ControlReply):
+        raise _protocol_error(rp.RelayProtocolError(f"a control request was answered with {reply!r}"))
+    return reply.result or {}
+
+
 class AsyncRelayConnection:
     """An asyncio connection (port forwarding opens one per tunnelled connection)."""
 

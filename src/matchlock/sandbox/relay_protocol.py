@@ -42,10 +42,12 @@ ALLOW_LIST_ADD = 10
 ALLOW_LIST_DELETE = 11
 ALLOW_LIST_RESULT = 12
 RESIZE = 13
+CONTROL = 14  # pause, resume, snapshot: matchlock's own, not in the published relay
+CONTROL_RESULT = 15
 
-REQUEST_TYPES = frozenset({EXEC, EXEC_INTERACTIVE, EXEC_PIPE, PORT_FORWARD, ALLOW_LIST_ADD, ALLOW_LIST_DELETE})
+REQUEST_TYPES = frozenset({EXEC, EXEC_INTERACTIVE, EXEC_PIPE, PORT_FORWARD, ALLOW_LIST_ADD, ALLOW_LIST_DELETE, CONTROL})
 CLIENT_STREAM_TYPES = frozenset({STDIN, RESIZE})
-SERVER_TYPES = frozenset({EXEC_RESULT, STDOUT, STDERR, EXIT, ALLOW_LIST_RESULT})
+SERVER_TYPES = frozenset({EXEC_RESULT, STDOUT, STDERR, EXIT, ALLOW_LIST_RESULT, CONTROL_RESULT})
 EXEC_MODES = frozenset({EXEC, EXEC_PIPE, EXEC_INTERACTIVE})
 
 
@@ -187,11 +189,36 @@ class PortForwardAction(NamedTuple):
         return cls(port)
 
 
-Action = ExecAction | AllowListAction | PortForwardAction
+class ControlAction(NamedTuple):
+    """Pause or resume the VM, or snapshot it (`name` may be empty: the owner picks one)."""
+
+    action: str
+    name: str = ""
+    mode: str = ""
+
+    def encode(self) -> bytes:
+        return encode(CONTROL, json.dumps({"action": self.action, "name": self.name, "mode": self.mode}).encode())
+
+    @classmethod
+    def parse(cls, payload: bytes) -> ControlAction:
+        request = _json_object(payload, "control request")
+        action, name, mode = request.get("action"), request.get("name") or "", request.get("mode") or ""
+        if action not in CONTROL_ACTIONS:
+            raise RelayProtocolError(f"unknown control action {action!r}: use {', '.join(CONTROL_ACTIONS)}")
+        if not isinstance(name, str) or not isinstance(mode, str) or len(name) > 256 or len(mode) > 32:
+            raise RelayProtocolError("'name' and 'mode' must be short strings")
+        return cls(action, name, mode)
+
+
+CONTROL_ACTIONS = ("pause", "resume", "snapshot")
+
+Action = ExecAction | AllowListAction | PortForwardAction | ControlAction
 
 
 def parse_action(kind: int, payload: bytes) -> Action:
     """The first frame of a connection, as the operation it asks for."""
+    if kind == CONTROL:
+        return ControlAction.parse(payload)
     if kind in EXEC_MODES:
         return ExecAction.parse(kind, payload)
     if kind in (ALLOW_LIST_ADD, ALLOW_LIST_DELETE):
@@ -325,7 +352,26 @@ class AllowListReply(NamedTuple):
         return cls(changed, _str_list(reply.get("allowed_hosts") or [], "allowed_hosts"), added)
 
 
-Reply = Output | Exited | ExecReply | AllowListReply
+class ControlReply(NamedTuple):
+    """What a control action did (`result`: a JSON object), or why it failed."""
+
+    result: dict | None = None
+    error: str = ""
+
+    def encode(self) -> bytes:
+        body = {"error": self.error} if self.error else {"result": self.result or {}}
+        return encode(CONTROL_RESULT, json.dumps(body).encode())
+
+    @classmethod
+    def parse(cls, payload: bytes) -> ControlReply:
+        reply = _json_object(payload, "control result")
+        error, result = reply.get("error") or "", reply.get("result") or {}
+        if not isinstance(error, str) or not isinstance(result, dict):
+            raise RelayProtocolError("the control result needs a string 'error' or an object 'result'")
+        return cls(None if error else result, error)
+
+
+Reply = Output | Exited | ExecReply | AllowListReply | ControlReply
 
 
 def parse_reply(kind: int, payload: bytes) -> Reply:
@@ -339,6 +385,8 @@ def parse_reply(kind: int, payload: bytes) -> Reply:
         return ExecReply.parse(payload)
     if kind == ALLOW_LIST_RESULT:
         return AllowListReply.parse(payload)
+    if kind == CONTROL_RESULT:
+        return ControlReply.parse(payload)
     raise RelayProtocolError(f"unexpected relay frame type {kind} from the sandbox")
 
 

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 
 from ..api.config import DEFAULT_DNS_SERVERS, SandboxConfig, public_config
 from ..api.errors import SetupError, UsageError, VMError
-from ..api.events import NetworkEvent
+from ..api.events import Event, FileEvent, NetworkEvent
 from ..api.image import ImageConfig
 from ..api.paths import SandboxPaths
 from ..state import lifecycle as phases
 from ..state.store import StateStore
-from ..vm import snapshot
+from ..vm import checkpoint, snapshot
 from ..vm.accel import choose_accelerator, host_tsc_khz
 from ..vm.channel import GuestChannel, GuestStream
 from ..vm.machine import Disk, Machine, MachineNetwork, MachineSpec, console_tail
@@ -40,8 +40,11 @@ from .process import ExecResult, GuestProcess, OutputCallback
 from .tracking import Tracker
 
 if TYPE_CHECKING:  # imported lazily at run time: sandboxes without them never load them
+    from ..image.store import ImageInfo
     from .network import SandboxNetwork
     from .portforward import ForwardSpec, PortForwarder
+    from .snapshots import Restore
+    from .vfs import SandboxVFS
 
 BOOT_TIMEOUT_ENV = "MATCHLOCK_BOOT_TIMEOUT"
 BOOT_TIMEOUT_SECONDS: float | None = None  # set to override $MATCHLOCK_BOOT_TIMEOUT (tests)
@@ -143,8 +146,10 @@ class Sandbox:
         self.boot_ms: int | None = None
         self.closed = False
         self.network: SandboxNetwork | None = None  # None with --no-network
-        self.event_listeners: list[Callable[[NetworkEvent], None]] = []  # called with every network event
+        self.event_listeners: list[Callable[[Event], None]] = []  # called with every network and file event
+        self.vfs: SandboxVFS | None = None  # host files served to the guest (config.vfs has mounts)
         self.disk_holds = contextlib.ExitStack()  # the extra disks' locks, released after QEMU exits
+        self.paused = False  # vCPUs stopped by `pause` (sandbox/snapshots.py)
 
     @property
     def directory(self) -> Path:
@@ -165,10 +170,14 @@ class Sandbox:
         vm_id: str | None = None,
         runtime_disk: Path | None = None,
         kernel_path: Path | None = None,
+        restore: Restore | None = None,
+        image: ImageInfo | None = None,
     ) -> Sandbox:
         """Boot a sandbox, recording it in `store` when given.
 
-        `runtime_disk` replaces the guest runtime (tests boot hostile guests); `kernel_path` the kernel.
+        `runtime_disk` replaces the guest runtime (tests boot hostile guests); `kernel_path` the kernel;
+        `restore` starts it from a snapshot instead (its config already `Restore.prepare`d);
+        `image` boots a lower disk that is not in the image store (`matchlock build` runs its steps so).
         """
         # Imported here so `matchlock exec` and friends never pay for them.
         from ..image.runtime import ensure_runtime_disk
@@ -177,7 +186,7 @@ class Sandbox:
 
         config.validate()
         boot_timeout()  # a bad $MATCHLOCK_BOOT_TIMEOUT fails now, not after the disks are made
-        image = ImageStore().resolve(config.image)
+        image = image or ImageStore().resolve(config.image)
         kernel = resolve_kernel(kernel_path=kernel_path)
         custom_runtime = runtime_disk
         runtime_disk = runtime_disk or ensure_runtime_disk()
@@ -195,8 +204,16 @@ class Sandbox:
             tracker.resources(
                 console_log=str(paths.console_log), upper_disk=str(upper), image_disk=str(image.lower_path)
             )
-            make_upper_disk(upper, config.resources.disk_size_mb)
+            if restore is not None:
+                restore.make_upper(upper)
+            else:
+                make_upper_disk(upper, config.resources.disk_size_mb)
             extra = await disks.attach(config.extra_disks, f"sandbox {vm_id} (pid {os.getpid()})", sandbox.disk_holds)
+            if config.vfs.active:
+                from .vfs import SandboxVFS  # sandboxes without mounts never load the VFS
+
+                sandbox.vfs = SandboxVFS(config.vfs, sandbox.directory, sandbox._emit_file_event)
+                tracker.resources(vfs_mounts=sorted(config.vfs.mounts))
             if extra:
                 tracker.resources(extra_disks=[str(disk.path) for disk in extra])
             machine_network = await sandbox._start_network()
@@ -218,11 +235,16 @@ class Sandbox:
                 cpus=config.resources.cpus,
                 memory_mb=config.resources.memory_mb,
                 network=machine_network,
+                vfs_port=sandbox.vfs is not None,
             )
             tracker.move(phases.CREATED)
             tracker.move(phases.STARTING)
-            # Templates are booted with a fixed disk set; extra disks boot cold (measured: see tests/vm/test_disks_attach.py).
-            await sandbox._boot(spec, use_template=custom_runtime is None and not extra)
+            if restore is not None and restore.full:
+                await sandbox._start_machine(restore.machine_spec(spec), wake=restore.wake_record())
+            else:
+                # Templates are booted with a fixed disk set; extra disks boot cold (measured: see tests/vm/test_disks_attach.py).
+                # So do sandboxes with mounts: the templates have no VFS port.
+                await sandbox._boot(spec, use_template=custom_runtime is None and not extra and sandbox.vfs is None)
             tracker.move(phases.RUNNING)
         except BaseException as exc:
             failed = phases.START_FAILED if tracker.phase == phases.STARTING else phases.CREATE_FAILED
@@ -238,7 +260,7 @@ class Sandbox:
         from .network import SandboxNetwork  # sandboxes without a network never import the proxy
 
         self.network = SandboxNetwork(self.config.network, self._emit_event)
-        self.tracker.resources(network="private namespace held by the owner and QEMU")
+        self.tracker.resources(network="private namespace held by the owner")
         await self.network.start()
         self.tracker.resources(netns_inode=self.network.namespace.inode)
         return self.network.machine_network()
@@ -250,6 +272,10 @@ class Sandbox:
                 log.write(line + "\n")
         except OSError:
             pass
+
+    def _emit_file_event(self, event: FileEvent) -> None:
+        for listener in list(self.event_listeners):  # not logged: one per file operation would flood vm.log
+            listener(event)
 
     def _emit_event(self, event: NetworkEvent) -> None:
         self._append_log(event.log_line())
@@ -278,10 +304,10 @@ class Sandbox:
             except Exception as exc:  # noqa: BLE001 - a template is an optimisation, never a requirement
                 self._note(f"boot template unavailable ({exc}); booting cold")
             else:
-                restore = dataclasses.replace(
-                    spec, incoming=state, kernel_args=tuple(spec.kernel_args) + (boot.TEMPLATE_FLAG,)
-                )
+                restore = None
                 try:
+                    waking = dataclasses.replace(spec, kernel_args=tuple(spec.kernel_args) + (boot.TEMPLATE_FLAG,))
+                    restore = checkpoint.template_restore(waking, state)
                     await self._start_machine(restore, wake=True)
                     return
                 except VMError as exc:
@@ -292,6 +318,9 @@ class Sandbox:
                     stderr = failed.stderr_text() if failed is not None else ""
                     if snapshot.restore_proves_state_bad(state, exited, stderr):
                         state.unlink(missing_ok=True)
+                finally:
+                    if restore is not None and restore.ram_fd is not None:
+                        os.close(restore.ram_fd)  # QEMU has its own, or failed
         await self._start_machine(spec, wake=False)
 
     def _template_namespace(self):
@@ -300,8 +329,8 @@ class Sandbox:
 
         namespace = SandboxNamespace(self.config.network.mtu)
         namespace.create()
-        wrapper, fds = namespace.qemu_wrapper()
-        return tuple(wrapper), fds, namespace.close
+        assert namespace.tap_fd is not None
+        return namespace.tap_fd, namespace.close
 
     def _note(self, message: str) -> None:
         self._append_log(f"[matchlock] {message}")
@@ -314,12 +343,17 @@ class Sandbox:
             await self.machine.kill()
             self.machine = None
 
-    async def _start_machine(self, spec: MachineSpec, *, wake: bool) -> None:
+    async def _start_machine(self, spec: MachineSpec, *, wake: bool | bytes) -> None:
+        """`wake`: a template's fresh seed (True), or the wake record of a restored snapshot (bytes)."""
         machine = self.machine = Machine(spec)
         try:
             sock = await machine.start()
+            if self.vfs is not None and machine.vfs_socket is not None:
+                # Serving before the guest boots: its init waits for the mounts before the agent starts.
+                vfs_sock, machine.vfs_socket = machine.vfs_socket, None
+                await self.vfs.start(vfs_sock)
             if wake:
-                await machine.wake(os.urandom(boot.WAKE_SIZE))
+                await machine.wake(wake if isinstance(wake, bytes) else os.urandom(boot.WAKE_SIZE))
         except VMError as exc:
             raise VMError(self._boot_failure(str(exc))) from None
         assert machine.pid is not None  # started
@@ -366,7 +400,7 @@ class Sandbox:
             )
         return PreparedExec(
             env=env,
-            cwd=spec.working_dir or self.image_config.working_dir or "/",
+            cwd=spec.working_dir or self.image_config.working_dir or self.config.vfs.workspace or "/",
             user=spec.user or self.image_config.user,
         )
 
@@ -421,6 +455,8 @@ class Sandbox:
     def _channel(self) -> GuestChannel:
         if self.channel is None or self.closed:
             raise VMError(f"sandbox {self.id} is not running")
+        if self.paused:
+            raise VMError(f"sandbox {self.id} is paused; fix: matchlock resume {self.id}")
         self.channel.raise_if_broken()
         return self.channel
 
@@ -485,6 +521,8 @@ class Sandbox:
             try:
                 # Only now that QEMU is gone may another sandbox write these images.
                 failed |= not tracker.cleanup("disks_release", self.disk_holds.close)
+                if self.vfs is not None:
+                    failed |= not await self._close_step("vfs_close", self.vfs.aclose())
                 if self.channel is not None:
                     await self.channel.aclose()
                 if self.network is not None:

@@ -408,6 +408,19 @@ class AsyncClient:
         result = await self._request("allow_list_add", calls.allow_list_params(hosts), timeout=timeout)
         return calls.parse_allow_list(result, "allow_list_add", "added")
 
+    async def pause(self, timeout: float | None = None) -> None:
+        """Stop the sandbox's vCPUs (memory and connections kept); exec fails until `resume()`."""
+        await self._request("pause", {}, timeout=timeout)
+
+    async def resume(self, timeout: float | None = None) -> None:
+        await self._request("resume", {}, timeout=timeout)
+
+    async def snapshot(self, name: str = "", mode: str = "full", timeout: float | None = None) -> dict:
+        """Save the sandbox (`full`: memory and disks, `filesystem`: disks); `matchlock run --from-snapshot`
+        restores it. Returns the snapshot record (name, mode, size, ...)."""
+        params = {"mode": mode} | ({"name": name} if name else {})
+        return dict(await self._request("snapshot", params, timeout=timeout))
+
     async def allow_list_delete(self, *hosts: str, timeout: float | None = None) -> AllowListUpdate:
         result = await self._request("allow_list_delete", calls.allow_list_params(hosts), timeout=timeout)
         return calls.parse_allow_list(result, "allow_list_delete", "removed")

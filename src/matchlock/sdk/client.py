@@ -301,6 +301,19 @@ class Client:
         result = self._request("allow_list_add", calls.allow_list_params(hosts), timeout=timeout)
         return calls.parse_allow_list(result, "allow_list_add", "added")
 
+    def pause(self, timeout: float | None = None) -> None:
+        """Stop the sandbox's vCPUs (memory and connections kept); exec fails until `resume()`."""
+        self._request("pause", {}, timeout=timeout)
+
+    def resume(self, timeout: float | None = None) -> None:
+        self._request("resume", {}, timeout=timeout)
+
+    def snapshot(self, name: str = "", mode: str = "full", timeout: float | None = None) -> dict:
+        """Save the sandbox (`full`: memory and disks, `filesystem`: disks); `matchlock run --from-snapshot`
+        restores it. Returns the snapshot record (name, mode, size, ...)."""
+        params = {"mode": mode} | ({"name": name} if name else {})
+        return dict(self._request("snapshot", params, timeout=timeout))
+
     def allow_list_delete(self, *hosts: str, timeout: float | None = None) -> AllowListUpdate:
         """Remove hosts from the allow-list; an empty list afterwards allows every host."""
         result = self._request("allow_list_delete", calls.allow_list_params(hosts), timeout=timeout)

@@ -23,6 +23,7 @@ from ..api.errors import NotFoundError
 from ..api.paths import match_vm_id, state_dir
 from ..util.sqlite import Migration, open_database, utc_now
 from .lifecycle import CLEANUP_FAILED, CREATING, CleanupStep, LifecycleRecord, check_transition
+from .snapshots import MIGRATION as SNAPSHOTS_MIGRATION
 
 # Whether the owner of a sandbox is alive (`vms.status`); not the lifecycle phase, which says
 # what the sandbox itself is doing. The values are stored and shown as they are.
@@ -64,6 +65,7 @@ MIGRATIONS = [
         CREATE INDEX vms_status ON vms (status);
         """,
     ),
+    SNAPSHOTS_MIGRATION,
 ]
 
 
@@ -90,9 +92,14 @@ class VMState:
     created_at: str
     config: dict
     owner_start: str = ""
+    paused: bool = False  # vCPUs stopped by `matchlock pause`; meaningful while the owner runs
+
+    @property
+    def shown_status(self) -> str:
+        return "paused" if self.paused and self.status == OWNER_RUNNING else self.status
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "id": self.id,
             "pid": self.pid,
             "status": self.status,
@@ -100,6 +107,9 @@ class VMState:
             "created_at": self.created_at,
             "config": self.config,
         }
+        if self.paused and self.status == OWNER_RUNNING:
+            out["paused"] = True
+        return out
 
 
 class StateStore:
@@ -185,6 +195,7 @@ class StateStore:
         return VMState(
             id=row["id"], pid=row["pid"], status=row["status"], image=row["image"],
             created_at=row["created_at"], config=json.loads(row["config_json"]), owner_start=row["owner_start"],
+            paused=bool(row["paused"]),
         )  # fmt: skip
 
     # --- lifecycle ---------------------------------------------------------------

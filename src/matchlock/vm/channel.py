@@ -238,6 +238,7 @@ class GuestChannel:
         self.ready_info: dict = {}
         self.boot_ms: int | None = None
         self._flush_scheduled = False
+        self.held = False  # set while the guest is parked (sandbox/snapshots.py)
 
     async def start(self) -> None:
         self._reader, self._writer = await asyncio.open_connection(sock=self._sock, limit=READ_SIZE)
@@ -280,9 +281,16 @@ class GuestChannel:
 
     def flush_now(self) -> None:
         self._flush_scheduled = False
+        if self.held:
+            return  # the guest is parked for a checkpoint: frames wait in the connection
         data = self.conn.data_to_send()
         if data and self._writer is not None and not self._writer.is_closing():
             self._writer.write(data)
+
+    def write_raw(self, data: bytes) -> None:
+        """Bytes outside the framing: the wake record of a parked guest (wire/checkpoint.py)."""
+        assert self._writer is not None
+        self._writer.write(data)
 
     async def drain(self) -> None:
         if self._writer is not None and not self._writer.is_closing():

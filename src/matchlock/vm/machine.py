@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..api.errors import SetupError, VMError
-from ..wire.boot import AGENT_PORT_NAME
+from ..wire.boot import AGENT_PORT_NAME, VFS_PORT_NAME
 from .accel import AccelChoice
 from .qmp import QMPClient, QMPError
 
@@ -42,12 +42,12 @@ class Disk:
 
 @dataclass(frozen=True)
 class MachineNetwork:
-    """A virtio-net NIC on a TAP that exists inside the sandbox's network namespace."""
+    """A virtio-net NIC on a TAP in the sandbox's network namespace, given to QEMU as a descriptor.
 
-    tap: str
+    QEMU itself stays in the host's namespaces, as the invoking user, with no capabilities."""
+
     mac: str
-    wrapper: tuple[str, ...] = ()  # argv prefix that starts QEMU inside the namespace
-    pass_fds: tuple[int, ...] = ()
+    tap_fd: int
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,14 @@ class MachineSpec:
     tsc_khz: int | None = None
     network: MachineNetwork | None = None
     incoming: Path | None = None  # restore this saved state instead of booting
+    vfs_port: bool = False  # a second virtio-serial port, for the VFS channel (sandboxes with mounts)
+    # Guest RAM (vm/checkpoint.py): a shared memfd, `ram_fd` when given (filled from a template's RAM),
+    # which a snapshot copies out; or private: anonymous memory, or `ram_file` mapped copy-on-write
+    # (a clone's pages load on touch and are shared with every clone of the same snapshot).
+    ram_fd: int | None = None
+    ram_file: Path | None = None
+    ram_private: bool = False
+    ignore_shared: bool = False  # -incoming from a snapshot saved with x-ignore-shared
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -79,8 +87,8 @@ def find_qemu() -> str:
     return path
 
 
-def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int) -> list[str]:
-    machine = "microvm" if spec.acpi else "microvm,acpi=off"
+def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int, vfs_fd: int | None = None) -> list[str]:
+    machine = ("microvm" if spec.acpi else "microvm,acpi=off") + ",memory-backend=ram"
     cmdline = list(BASE_CMDLINE)
     if spec.accel.name == "tcg" and spec.tsc_khz:
         cmdline.append(f"tsc_early_khz={spec.tsc_khz}")
@@ -103,6 +111,7 @@ def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int) -> list[str]:
         "-cpu", "host" if spec.accel.name == "kvm" else "max",
         "-M", machine,
         "-m", str(spec.memory_mb),
+        "-object", _ram_backend(spec),
         "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(spec.kernel),
@@ -127,14 +136,32 @@ def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int) -> list[str]:
         "-mon", "chardev=qmp,mode=control",
         "-device", "virtio-rng-device",
     ]  # fmt: skip
+    if vfs_fd is not None:
+        argv += [
+            "-chardev", f"socket,id=vfs,fd={vfs_fd}",
+            "-device", f"virtserialport,chardev=vfs,name={VFS_PORT_NAME}",
+        ]  # fmt: skip
     if spec.network is not None:
         argv += [
-            "-netdev", f"tap,id=net0,ifname={spec.network.tap},script=no,downscript=no",
+            "-netdev", f"tap,id=net0,fd={spec.network.tap_fd}",
             "-device", f"virtio-net-device,netdev=net0,mac={spec.network.mac}",
         ]  # fmt: skip
-    if spec.incoming is not None:
+    if spec.incoming is not None and spec.ignore_shared:
+        argv += ["-incoming", "defer"]  # the capability must be set first (QEMU 7.2 has no -global for it)
+    elif spec.incoming is not None:
         argv += ["-incoming", f"exec:cat {shlex.quote(str(spec.incoming))}"]
     return argv + list(spec.extra_args)
+
+
+def _ram_backend(spec: MachineSpec) -> str:
+    size = f"id=ram,size={spec.memory_mb}M"
+    if spec.ram_file is not None:
+        return f"memory-backend-file,{size},mem-path={spec.ram_file},share=off"
+    if spec.ram_private:
+        return f"memory-backend-ram,{size}"
+    if spec.ram_fd is not None:  # QEMU inherits it under the same number
+        return f"memory-backend-file,{size},mem-path=/proc/self/fd/{spec.ram_fd},share=on"
+    return f"memory-backend-memfd,{size},share=on"
 
 
 class _QemuProcess(asyncio.SubprocessProtocol):
@@ -162,6 +189,7 @@ class Machine:
         self.spec = spec
         self.qmp: QMPClient | None = None
         self.agent_socket: socket.socket | None = None
+        self.vfs_socket: socket.socket | None = None  # host end of the VFS port, with `spec.vfs_port`
         self._transport: asyncio.SubprocessTransport | None = None
         self._process = _QemuProcess()
 
@@ -181,23 +209,27 @@ class Machine:
         """Launch QEMU; returns the host end of the agent channel."""
         agent_host, agent_guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         qmp_host, qmp_guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = build_argv(self.spec, agent_guest.fileno(), qmp_guest.fileno())
+        vfs_guest = None
+        if self.spec.vfs_port:
+            self.vfs_socket, vfs_guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        vfs_fds = (vfs_guest.fileno(),) if vfs_guest is not None else ()
+        argv = build_argv(self.spec, agent_guest.fileno(), qmp_guest.fileno(), *vfs_fds)
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             raise SetupError("setpriv not found; fix: apt-get install util-linux")
         network = self.spec.network
-        wrapper = list(network.wrapper) if network is not None else []
-        extra_fds = network.pass_fds if network is not None else ()
+        extra_fds: tuple[int, ...] = (network.tap_fd,) if network is not None else ()
+        if self.spec.ram_fd is not None:
+            extra_fds += (self.spec.ram_fd,)  # the caller's: it closes it once QEMU has started
         try:
-            # setpriv sets the parent-death signal, which survives the exec into
-            # the namespace wrapper (nsenter) and then QEMU: one process throughout.
+            # setpriv sets the parent-death signal, which survives the exec into QEMU.
             self._transport, _ = await asyncio.get_running_loop().subprocess_exec(
                 lambda: self._process,
-                setpriv, "--pdeathsig", "KILL", "--", *wrapper, *argv,
+                setpriv, "--pdeathsig", "KILL", "--", *argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=(agent_guest.fileno(), qmp_guest.fileno(), *extra_fds),
+                pass_fds=(agent_guest.fileno(), qmp_guest.fileno(), *vfs_fds, *extra_fds),
                 # Out of the terminal's process group: Ctrl-C is for the CLI, which then
                 # cancels the command and closes the VM itself; pdeathsig still ties QEMU to us.
                 start_new_session=True,
@@ -205,6 +237,8 @@ class Machine:
         finally:
             agent_guest.close()
             qmp_guest.close()
+            if vfs_guest is not None:
+                vfs_guest.close()
         self.qmp = QMPClient(qmp_host)
         self.agent_socket = agent_host
         try:
@@ -214,6 +248,11 @@ class Machine:
             await self.kill()
             raise VMError(f"QEMU did not start: {self.stderr_text() or exc}") from None
         if self.spec.incoming is not None:
+            if self.spec.ignore_shared:
+                await self.qmp.execute(
+                    "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}]
+                )
+                await self.qmp.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(self.spec.incoming))}")
             await self._finish_restore()
         return agent_host
 
@@ -290,6 +329,8 @@ class Machine:
             self.qmp.close()
         if self.agent_socket is not None:
             self.agent_socket.close()
+        if self.vfs_socket is not None:
+            self.vfs_socket.close()
         if self._transport is not None and not self.running:
             self._transport.close()
 

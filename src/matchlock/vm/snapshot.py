@@ -32,15 +32,15 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from ..api.paths import cache_dir
 from ..util.fs import file_lock, try_file_lock
 from ..wire.boot import LOWER_DISK_SERIAL, RUNTIME_DISK_SERIAL, TEMPLATE_FLAG, TEMPLATE_READY, UPPER_DISK_SERIAL
+from . import checkpoint
 from .machine import Machine, MachineSpec, build_argv
 
-TEMPLATE_VERSION = "1"
+TEMPLATE_VERSION = "2"  # 2: RAM beside the state (checkpoint.RAM_FILE), not in it
 PLACEHOLDER_SIZE = 1 << 40  # sparse: the guest sees room for any real disk
 BUILD_TIMEOUT = 120.0
 KEEP_TEMPLATES = 6
@@ -103,7 +103,8 @@ def template_key(spec: MachineSpec) -> str:
         _identity(spec.kernel),
         _identity(spec.initrd),
         *(f"{d.serial}:{_identity(d.path) if d.serial == RUNTIME_DISK_SERIAL else ''}" for d in spec.disks),
-        " ".join(a for a in argv if not a.startswith(("file=", "id=disk")) and "path=" not in a),
+        # The TAP's descriptor number differs per sandbox; the NIC itself is in the -device argument.
+        " ".join(a for a in argv if not a.startswith(("file=", "id=disk", "tap,")) and "path=" not in a),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
@@ -161,7 +162,7 @@ class TemplateCache:
     async def ensure(self, spec: MachineSpec, network_wrapper=None) -> Path:
         """The saved state for this machine shape, building it if needed.
 
-        `network_wrapper` provides (argv prefix, fds) for a temporary network
+        `network_wrapper` provides (TAP descriptor, cleanup) of a temporary network
         namespace when the machine has a NIC: the template's TAP must exist
         while it boots, in a namespace of its own.
         """
@@ -193,11 +194,12 @@ class TemplateCache:
         spec.console_log.write_text("")
         cleanup = None
         if spec.network is not None and network_wrapper is not None:
-            wrapper, fds, cleanup = network_wrapper()
-            spec = dataclasses.replace(spec, network=dataclasses.replace(spec.network, wrapper=wrapper, pass_fds=fds))
+            tap_fd, cleanup = network_wrapper()
+            spec = dataclasses.replace(spec, network=dataclasses.replace(spec.network, tap_fd=tap_fd))
         machine = Machine(spec)
         # Per build: a lock file that a cleanup removed must not let two builds share one file.
         partial = state.with_name(f"state.partial-{os.getpid()}")
+        ram_partial = state.with_name(f"{checkpoint.RAM_FILE}.partial-{os.getpid()}")
         try:
             sock = await machine.start()
             loop = asyncio.get_running_loop()
@@ -206,19 +208,14 @@ class TemplateCache:
                 raise RuntimeError(f"template guest sent {marker!r} instead of its ready marker")
             assert machine.qmp is not None
             await machine.qmp.execute("stop")
-            await machine.qmp.execute("migrate", uri=f"exec:cat > {partial}")
-            deadline = time.monotonic() + BUILD_TIMEOUT
-            while True:
-                status = (await machine.qmp.execute("query-migrate")).get("status")
-                if status == "completed":
-                    break
-                if status in ("failed", "cancelled") or time.monotonic() > deadline:
-                    raise RuntimeError(f"saving the template failed (migration {status})")
-                await asyncio.sleep(0.01)
+            # Device state in `state`, RAM beside it: sandboxes copy the RAM into their memfd, not parse it.
+            await checkpoint.save_memory(machine, partial, ram_partial)
+            os.rename(ram_partial, state.with_name(checkpoint.RAM_FILE))
             os.rename(partial, state)
         finally:
             await machine.kill()
             partial.unlink(missing_ok=True)
+            ram_partial.unlink(missing_ok=True)
             if cleanup is not None:
                 cleanup()
 

@@ -21,7 +21,8 @@ OP_LIST_FILES = "list_files"
 OP_SHUTDOWN = "shutdown"
 OP_PING = "ping"  # liveness: the agent answers at once
 OP_PORT_FORWARD = "port_forward"
-OPS = (OP_EXEC, OP_WRITE_FILE, OP_READ_FILE, OP_LIST_FILES, OP_SHUTDOWN, OP_PING, OP_PORT_FORWARD)
+OP_CHECKPOINT = "checkpoint"  # park for a snapshot (wire/checkpoint.py)
+OPS = (OP_EXEC, OP_WRITE_FILE, OP_READ_FILE, OP_LIST_FILES, OP_SHUTDOWN, OP_PING, OP_PORT_FORWARD, OP_CHECKPOINT)
 
 # Host -> guest: control messages on an exec stream
 CTL_SIGNAL = "signal"
@@ -177,6 +178,19 @@ class ShutdownRequest(Record):
         return {"op": OP_SHUTDOWN}
 
 
+class CheckpointRequest(Record):
+    """Answer, then wait on the raw port for a wake record (wire/checkpoint.py)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, msg: dict) -> CheckpointRequest:
+        return cls()
+
+    def to_wire(self) -> dict:
+        return {"op": OP_CHECKPOINT}
+
+
 class PortForwardRequest(Record):
     """Connect to `port` on the guest's loopback and relay bytes (stdin channel in, stdout out)."""
 
@@ -214,7 +228,15 @@ class FileInfo(Record):
         return {"name": self.name, "size": self.size, "mode": self.mode, "is_dir": self.is_dir}
 
 
-Request = ExecRequest | WriteFileRequest | PathRequest | PingRequest | ShutdownRequest | PortForwardRequest
+Request = (
+    ExecRequest
+    | WriteFileRequest
+    | PathRequest
+    | PingRequest
+    | ShutdownRequest
+    | PortForwardRequest
+    | CheckpointRequest
+)
 
 _REQUESTS: dict[str, type[Request]] = {
     OP_EXEC: ExecRequest,
@@ -224,6 +246,7 @@ _REQUESTS: dict[str, type[Request]] = {
     OP_SHUTDOWN: ShutdownRequest,
     OP_PING: PingRequest,
     OP_PORT_FORWARD: PortForwardRequest,
+    OP_CHECKPOINT: CheckpointRequest,
 }
 
 

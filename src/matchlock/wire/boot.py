@@ -36,3 +36,7 @@ CA_PATH = "/etc/ssl/certs/matchlock-ca.crt"
 
 # PATH for init and for every command, before image and user environment.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# The virtio-serial port of the VFS channel (wire/vfs.py), present only when the sandbox has mounts.
+# The guest's FUSE daemon finds it by name, as the agent finds its port.
+VFS_PORT_NAME = "matchlock.vfs"

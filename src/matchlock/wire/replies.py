@@ -5,7 +5,7 @@ host feeds each mux event of a stream to that stream's tracker, which parses
 MESSAGE frames into records and checks the order of everything against the
 stream's grammar:
 
-    exec          started, (stdout|stderr data|EOF)*, (exit|error), close
+    exec          (started, (stdout|stderr data|EOF)*, (exit|error) | error), close
     read_file     (stdout data|EOF)*, (result|error), close
     write_file,
     list_files,
@@ -42,7 +42,10 @@ def _text(msg: dict, key: str, limit: int) -> str:
 
 
 class Started(Record):
-    """The command (pid) or the forwarded connection (no pid) is running."""
+    """The command (pid) or the forwarded connection (no pid) is running.
+
+    An exec is started once the command was executed as its user in its working directory; a
+    command that could not get there is answered with `error` (the reason) instead."""
 
     __slots__ = ("pid",)
     pid: int | None
@@ -60,28 +63,24 @@ class Started(Record):
 
 
 class Exited(Record):
-    """code: 0..255; signal: the terminating signal or None; error: why the command could not start."""
+    """code: 0..255; signal: the terminating signal or None."""
 
-    __slots__ = ("code", "signal", "error")
+    __slots__ = ("code", "signal")
     code: int
     signal: int | None
-    error: str | None
-    _defaults = {"signal": None, "error": None}
+    _defaults = {"signal": None}
 
     @classmethod
     def parse(cls, msg: dict) -> Exited:
         return cls(
             _int(msg, "code", lo=0, hi=255),
             _int(msg, "signal", lo=1, hi=64) if msg.get("signal") is not None else None,
-            _text(msg, "error", MAX_ERROR_TEXT) if msg.get("error") is not None else None,
         )
 
     def to_wire(self) -> dict:
         reply: dict = {"type": REPLY_EXIT, "code": self.code}
         if self.signal is not None:
             reply["signal"] = self.signal
-        if self.error is not None:
-            reply["error"] = self.error
         return reply
 
 

@@ -1,0 +1,152 @@
+"""A RUN step's layer: the guest's root filesystem (as a tar it sends) against the tree before the step.
+
+The guest is hostile, so its tar is checked entry by entry: relative names
+without `..`, known entry types, no duplicates, hardlinks only to earlier
+entries, a bounded size (the caller stops reading past its limit) and count.
+Paths the runtime manages (/proc, /sys, /dev, /run, /tmp, and the /etc files
+the agent writes) are neither captured nor deleted. Unchanged entries are
+recognised by type, mode, owner, size, mtime and link target, so only what
+the step touched lands in the layer; deletions become whiteouts, and a
+directory whose old children are all gone becomes opaque.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+from ..api.errors import ImageError
+from ..wire.boot import CA_PATH
+from .tree import LayerWriter, Tree, parent_chain, split
+
+# Top-level directories the runtime mounts over (tmpfs, proc, sysfs, devtmpfs).
+EXCLUDED_TOP = frozenset({"proc", "sys", "dev", "run", "tmp"})
+# Files the guest agent writes at boot.
+EXCLUDED_FILES = frozenset({("etc", "hosts"), ("etc", "hostname"), ("etc", "resolv.conf"), split(CA_PATH)})
+MAX_ENTRIES = 1_000_000
+
+# The guest side: tar every top-level entry except the mounted ones, without following symlinks.
+CAPTURE_SCRIPT = (
+    'cd / && set -- && for f in * .[!.]* ..?*; do case "$f" in '
+    + "|".join(sorted(EXCLUDED_TOP))
+    + ') continue;; esac; if [ -e "$f" ] || [ -L "$f" ]; then set -- "$@" "$f"; fi; done; '
+    'if [ $# -gt 0 ]; then exec tar -c -f - "$@"; fi'
+)
+
+
+def excluded(parts: tuple[str, ...]) -> bool:
+    return not parts or parts[0] in EXCLUDED_TOP or parts in EXCLUDED_FILES
+
+
+def read_guest_tar(spool: Path) -> tuple[tarfile.TarFile | None, dict[tuple[str, ...], tarfile.TarInfo]]:
+    """Open and validate the guest's tar; (None, {}) for an empty stream (an empty root)."""
+    if spool.stat().st_size == 0:
+        return None, {}
+    try:
+        tar = tarfile.open(spool, "r:")
+        entries: dict[tuple[str, ...], tarfile.TarInfo] = {}
+        for count, member in enumerate(tar, 1):
+            if count > MAX_ENTRIES:
+                raise ImageError(f"the step left more than {MAX_ENTRIES} files")
+            name = member.name
+            raw = name.rstrip("/").split("/")
+            if "\0" in name or name.startswith("/") or any(p in ("..", "") for p in raw):
+                raise ImageError(f"the guest sent an invalid path {name!r}")
+            parts = split(name)
+            if not parts or excluded(parts):
+                continue
+            if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isdev()):
+                raise ImageError(f"the guest sent {name!r} of unsupported type {member.type!r}")
+            if parts in entries:
+                raise ImageError(f"the guest sent {name!r} twice")
+            if member.islnk():
+                target = entries.get(split(member.linkname))
+                if target is None or not target.isreg():
+                    raise ImageError(f"the guest sent hardlink {name!r} to {member.linkname!r}, not an earlier file")
+            entries[parts] = member
+    except tarfile.TarError as exc:
+        raise ImageError(f"the guest's file list is not a valid tar: {exc}") from None
+    return tar, entries
+
+
+def _effective(member: tarfile.TarInfo, lookup) -> tarfile.TarInfo | None:
+    """A hardlink's target (what it really is), else the member itself."""
+    if member.islnk():
+        return lookup(split(member.linkname))
+    return member
+
+
+def _same(old: tarfile.TarInfo | None, new: tarfile.TarInfo) -> bool:
+    if old is None or old.type != new.type:
+        return False
+    if (old.uid, old.gid) != (new.uid, new.gid):
+        return False
+    if new.issym():
+        return old.linkname == new.linkname
+    if (old.mode & 0o7777) != (new.mode & 0o7777):
+        return False
+    if new.isreg():
+        return (old.size, int(old.mtime)) == (new.size, int(new.mtime))
+    if new.isdev():
+        return (old.devmajor, old.devminor) == (new.devmajor, new.devminor)
+    return True  # directories: mtime changes whenever an entry does, so it is no signal
+
+
+def diff_layer(tree: Tree, tar: tarfile.TarFile | None, guest: dict[tuple[str, ...], tarfile.TarInfo]) -> LayerWriter:
+    writer = LayerWriter()
+    changed: set[tuple[str, ...]] = set()
+    for parts, member in guest.items():
+        new = _effective(member, guest.get)
+        old_member = tree.get(parts)
+        old = _effective(old_member, tree.get) if old_member is not None else None
+        if new is None or not _same(old, new):
+            changed.add(parts)
+    for parts in list(changed):
+        changed.update(p for p in parent_chain(parts) if p in guest)  # parents come along, as Docker's layers do
+    for parts in sorted(changed):
+        member = guest[parts]
+        if member.islnk() and split(member.linkname) not in changed:
+            target = guest[split(member.linkname)]  # validated: an earlier regular file
+            regular = tarfile.TarInfo(member.name)
+            regular.type, regular.size = tarfile.REGTYPE, target.size
+            regular.mode, regular.uid, regular.gid, regular.mtime = target.mode, target.uid, target.gid, target.mtime
+            writer.add(parts, regular, _opener(tar, target))
+        else:
+            writer.add(parts, member, _opener(tar, member) if member.isreg() else None)
+    _deletions(tree, guest, writer)
+    return writer
+
+
+def _deletions(tree: Tree, guest: dict[tuple[str, ...], tarfile.TarInfo], writer: LayerWriter) -> None:
+    gone = [p for p in tree.entries if not excluded(p) and p not in guest]
+    gone_set = set(gone)
+    opaque: set[tuple[str, ...]] = set()
+    for parts in sorted(gone):
+        if any(a in gone_set or a in opaque for a in parent_chain(parts)):
+            continue  # an ancestor's whiteout (or opacity) covers it
+        if not all(a in guest and guest[a].isdir() for a in parent_chain(parts)):
+            continue  # an ancestor that is no longer a directory replaced the whole subtree
+        parent = parts[:-1]
+        if parent and parent not in opaque and _all_children_gone(tree, guest, parent):
+            opaque.add(parent)
+            writer.opaque(parent)
+            continue
+        writer.whiteout(parts)
+
+
+def _all_children_gone(tree: Tree, guest: dict[tuple[str, ...], tarfile.TarInfo], parent: tuple[str, ...]) -> bool:
+    n = len(parent) + 1
+    children = [k for k, _ in tree.children(parent) if len(k) == n]
+    return len(children) > 1 and not any(child in guest for child in children)
+
+
+def _opener(tar: tarfile.TarFile | None, member: tarfile.TarInfo):
+    assert tar is not None  # a member came from it
+
+    def open_member():
+        data = tar.extractfile(member)
+        if data is None:
+            raise ImageError(f"the guest sent no data for {member.name!r}")
+        return data
+
+    return open_member

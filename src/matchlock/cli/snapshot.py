@@ -1,0 +1,115 @@
+"""`matchlock snapshot create|ls|rm` and `matchlock fork ID [-n N]`.
+
+`create` asks the sandbox's owner (through the exec relay) to save it;
+`ls` and `rm` work on the state database directly. `fork` is a full
+snapshot followed by N detached `run --from-snapshot` owners, started side
+by side; the snapshot is removed once they are up (each clone holds its own
+copy of the upper disk and QEMU keeps the other files open). Secret values
+are never in a snapshot: pass the source's secrets to `fork` again with
+`--secret`/`--secret-file`, as to `run --from-snapshot`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+
+import click
+
+from ..api.errors import MatchlockError, UsageError
+from ..state import snapshots as records
+
+MAX_FORKS = 16
+
+
+def _store():
+    from ..state.store import StateStore
+
+    return StateStore()
+
+
+@click.group()
+def snapshot() -> None:
+    """Save running sandboxes and list or remove the saved snapshots."""
+
+
+@snapshot.command()
+@click.argument("vm_id")
+@click.option("--name", default="", help="Snapshot name (default: <VM ID>-<time>).")
+@click.option("--mode", default="full", show_default=True,
+              help="full: memory and disks (processes keep running on restore); filesystem: disks only.")  # fmt: skip
+def create(vm_id: str, name: str, mode: str) -> None:
+    """Snapshot a running sandbox; it keeps running."""
+    from ..sandbox.relay_client import control
+
+    records.validate_mode(mode)
+    if name:
+        records.validate_name(name)
+    result = control(vm_id, "snapshot", name=name, mode=mode)
+    click.echo(result.get("name", name))
+
+
+@snapshot.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of the snapshots.")
+def list_snapshots(as_json: bool) -> None:
+    """List the snapshots that are complete (ones being made, or left half-made, are not shown)."""
+    store = _store()
+    try:
+        found = records.ready(store)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([record.to_json() for record in found], indent=2))
+        return
+    rows = [("NAME", "MODE", "SOURCE", "SIZE", "CREATED")]
+    rows += [(r.name, r.mode, r.source_vm, f"{r.size / 1e6:.1f} MB", r.created_at[:19]) for r in found]
+    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
+    for row in rows:
+        click.echo("   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@snapshot.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def remove(names: tuple[str, ...]) -> None:
+    """Remove snapshots (sandboxes restored from them keep running)."""
+    store = _store()
+    try:
+        for name in names:
+            records.remove(store, records.validate_name(name))
+            click.echo(name)
+    finally:
+        store.close()
+
+
+def _secret_args(secret: tuple[str, ...], secret_file: str | None) -> list[str]:
+    args = [arg for value in secret for arg in ("--secret", value)]
+    return args + (["--secret-file", secret_file] if secret_file else [])
+
+
+@click.command()
+@click.argument("vm_id")
+@click.option("-n", "count", type=int, default=1, show_default=True, help="How many clones.")
+@click.option("--secret", multiple=True, metavar="NAME=VALUE@HOSTS", help="The source's secrets, again (repeatable).")
+@click.option("--secret-file", default=None, metavar="FILE", help="The source's secrets as JSON, as for `run`.")
+def fork(vm_id: str, count: int, secret: tuple[str, ...], secret_file: str | None) -> None:
+    """Start N detached sandboxes that continue from the live state of VM_ID, which keeps running."""
+    from ..sandbox.relay_client import control
+    from .run import start_detached
+
+    if not 1 <= count <= MAX_FORKS:
+        raise UsageError(f"invalid -n {count}: fork makes 1 to {MAX_FORKS} clones at a time")
+    name = f"fork-{secrets.token_hex(4)}"
+    control(vm_id, "snapshot", name=name, mode="full")
+    args = ["run", "--from-snapshot", name, "-d", *_secret_args(secret, secret_file)]
+    try:
+        with ThreadPoolExecutor(count) as pool:
+            codes = list(pool.map(lambda _: start_detached(args), range(count)))
+    finally:
+        store = _store()
+        try:
+            records.remove(store, name)
+        finally:
+            store.close()
+    if any(codes):
+        raise MatchlockError(f"{sum(1 for c in codes if c)} of {count} clones of {vm_id} failed to start")

@@ -1,0 +1,409 @@
+"""The FUSE kernel protocol, translated to and from the VFS channel (sans-IO, stdlib only).
+
+`MountTranslator.handle` takes one request as read from /dev/fuse and says what to do with it:
+answer it here (INIT, and ENOSYS for what the host does not serve), forward it to the host as a
+`wire.vfs` request, or both (FORGETs carry no reply). `MountTranslator.complete` turns the host's
+reply into the bytes to write back to /dev/fuse. Structs follow /usr/include/linux/fuse.h (7.38);
+the guest is little-endian on every architecture we boot.
+
+FUSE's root node id is 1; the translator maps it to the host's root node of the mount and passes
+every other node id through unchanged, so the host's ids are the kernel's.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+from ..wire import vfs
+from ..wire._records import Record
+from ..wire.frames import RemoteProtocolError
+
+KERNEL_MAJOR = 7
+KERNEL_MINOR = 38
+MIN_MINOR = 28  # max_pages
+ROOT_ID = 1
+PAGE = 4096
+
+# Opcodes (enum fuse_opcode).
+LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
+MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE, STATFS, RELEASE = 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
+FSYNC, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 20, 25, 26, 27, 28, 29
+CREATE, INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS, RENAME2 = 35, 36, 38, 42, 44, 45
+
+# INIT flags we ask for (each only if the kernel offers it).
+ASYNC_READ = 1 << 0
+ATOMIC_O_TRUNC = 1 << 3
+BIG_WRITES = 1 << 5
+AUTO_INVAL_DATA = 1 << 12
+DO_READDIRPLUS = 1 << 13
+READDIRPLUS_AUTO = 1 << 14
+ASYNC_DIO = 1 << 15
+PARALLEL_DIROPS = 1 << 18
+MAX_PAGES = 1 << 22
+CACHE_SYMLINKS = 1 << 23
+# No WRITEBACK_CACHE: with it the kernel would own size and mtime and delay writes past the
+# host's interception rules, and host_fs files can change under us.
+WANTED = (ASYNC_READ | ATOMIC_O_TRUNC | BIG_WRITES | AUTO_INVAL_DATA | DO_READDIRPLUS | READDIRPLUS_AUTO | ASYNC_DIO
+          | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS)  # fmt: skip
+MAX_BACKGROUND = 64
+CONGESTION_THRESHOLD = 48
+
+GETATTR_FH = 1
+FATTR_FH = 1 << 6
+
+IN_HEADER = struct.Struct("<IIQQIIIHH")
+OUT_HEADER = struct.Struct("<IiQ")
+INIT_IN = struct.Struct("<IIII")
+INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
+ATTR = struct.Struct("<QQQqqqIIIIIIIIII")
+ENTRY_OUT = struct.Struct("<QQQQII")
+ATTR_OUT = struct.Struct("<QII")
+OPEN_OUT = struct.Struct("<QII")
+WRITE_OUT = struct.Struct("<II")
+STATFS_OUT = struct.Struct("<QQQQQIIII24x")
+DIRENT = struct.Struct("<QQII")
+FORGET_IN = struct.Struct("<Q")
+BATCH_FORGET_IN = struct.Struct("<II")
+FORGET_ONE = struct.Struct("<QQ")
+GETATTR_IN = struct.Struct("<IIQ")
+SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+MKNOD_IN = struct.Struct("<IIII")
+MKDIR_IN = struct.Struct("<II")
+RENAME_IN = struct.Struct("<Q")
+RENAME2_IN = struct.Struct("<QII")
+LINK_IN = struct.Struct("<Q")
+OPEN_IN = struct.Struct("<II")
+CREATE_IN = struct.Struct("<IIII")
+READ_IN = struct.Struct("<QQIIQII")
+WRITE_IN = struct.Struct("<QQIIQII")
+RELEASE_IN = struct.Struct("<QIIQ")
+FSYNC_IN = struct.Struct("<QII")
+ENTRY_SIZE = ENTRY_OUT.size + ATTR.size
+_NS = 1_000_000_000
+# The hot replies go from wire bytes to FUSE bytes in one unpack and one pack, without records.
+_WIRE_ENTRY = struct.Struct(vfs.ENTRY_STRUCT.format + vfs.ATTR_STRUCT.format[1:])
+_WIRE_ATTR_REPLY = struct.Struct(">Q" + vfs.ATTR_STRUCT.format[1:])
+_FUSE_ENTRY = struct.Struct(ENTRY_OUT.format + ATTR.format[1:])
+_FUSE_ATTR_REPLY = struct.Struct(ATTR_OUT.format + ATTR.format[1:])
+
+
+class Pending(Record):
+    """What the reply to a forwarded request needs: the FUSE request, and its limits."""
+
+    __slots__ = ("unique", "op", "size", "plus")
+    unique: int
+    op: int
+    size: int
+    plus: int
+    _defaults = {"size": 0, "plus": 0}
+
+
+class Action(Record):
+    """What to do with one FUSE request: write `reply` to /dev/fuse, send `args` to the host, send `forgets`."""
+
+    __slots__ = ("reply", "args", "pending", "uid", "gid", "pid", "forgets")
+    reply: bytes | None
+    args: vfs.Args | None
+    pending: Pending | None
+    uid: int
+    gid: int
+    pid: int
+    forgets: tuple[vfs.Forget, ...]
+    _defaults = {"args": None, "pending": None, "uid": 0, "gid": 0, "pid": 0, "forgets": ()}
+
+
+def out(unique: int, body: bytes = b"") -> bytes:
+    return OUT_HEADER.pack(OUT_HEADER.size + len(body), 0, unique) + body
+
+
+def error(unique: int, code: int) -> bytes:
+    return OUT_HEADER.pack(OUT_HEADER.size, -code, unique)
+
+
+def _split_ns(ns: int) -> tuple[int, int]:
+    return ns // _NS, ns % _NS
+
+
+def pack_attr(attr: vfs.Attr) -> bytes:
+    (a, an), (m, mn), (c, cn) = _split_ns(attr.atime_ns), _split_ns(attr.mtime_ns), _split_ns(attr.ctime_ns)
+    return ATTR.pack(attr.ino, attr.size, attr.blocks, a, m, c, an, mn, cn, attr.mode, attr.nlink, attr.uid,
+                     attr.gid, attr.rdev, attr.blksize, 0)  # fmt: skip
+
+
+def pack_entry(entry: vfs.Entry | None, negative_ns: int = 0) -> bytes:
+    """fuse_entry_out; None is a negative entry (node 0), cached for `negative_ns`."""
+    if entry is None:
+        sec, nsec = _split_ns(negative_ns)
+        return ENTRY_OUT.pack(0, 0, sec, 0, nsec, 0) + bytes(ATTR.size)
+    (es, en), (as_, an) = _split_ns(entry.entry_valid_ns), _split_ns(entry.attr_valid_ns)
+    return ENTRY_OUT.pack(entry.node, entry.generation, es, as_, en, an) + pack_attr(entry.attr)
+
+
+def _name(raw: bytes) -> bytes | int:
+    """A name from the kernel, or the errno to answer with (the host would treat a bad one as hostile)."""
+    if len(raw) > vfs.MAX_NAME:
+        return errno.ENAMETOOLONG
+    try:
+        return vfs.check_name(raw)
+    except ValueError:
+        return errno.EINVAL
+
+
+def _cstrings(body: bytes | memoryview, count: int) -> list[bytes]:
+    parts = bytes(body).split(b"\0", count)
+    if len(parts) <= count:
+        raise RemoteProtocolError(f"FUSE request lacks {count} NUL-terminated strings")
+    return parts[:count]
+
+
+class MountTranslator:
+    """One FUSE connection (one mount point) and the host root node it maps to."""
+
+    def __init__(self, root: int, *, max_io: int = vfs.MAX_IO, negative_valid_ns: int = 0) -> None:
+        self.root = root
+        self.max_io = max_io
+        self.negative_valid_ns = negative_valid_ns
+        self.initialized = False
+
+    def _node(self, nodeid: int) -> int:
+        return self.root if nodeid == ROOT_ID else nodeid
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def handle(self, data: bytes | memoryview) -> Action:
+        length, op, unique, nodeid, uid, gid, pid, _, _ = IN_HEADER.unpack_from(data, 0)
+        if length != len(data):
+            raise RemoteProtocolError(f"FUSE request of {len(data)} bytes says {length}")
+        # A view, so WRITE data is not copied here (it is copied once, into the request frame).
+        body = memoryview(data)[IN_HEADER.size :]
+        if op in (FORGET, BATCH_FORGET):
+            return Action(None, forgets=self._forgets(op, nodeid, body))
+        if op == INTERRUPT:
+            return Action(None)  # the interrupted request still gets its reply from the host
+        if op == INIT:
+            return Action(self._init(unique, body))
+        if op == DESTROY:
+            return Action(out(unique))
+        try:
+            built = self._build(op, self._node(nodeid), body)
+        except struct.error:
+            return Action(error(unique, errno.EINVAL))
+        if isinstance(built, int):
+            return Action(error(unique, built))
+        args, size, plus = built
+        return Action(None, args, Pending(unique, op, size, plus), uid, gid, pid)
+
+    def _forgets(self, op: int, nodeid: int, body: memoryview) -> tuple[vfs.Forget, ...]:
+        if op == FORGET:
+            items = [(nodeid, FORGET_IN.unpack_from(body)[0])]
+        else:
+            (count, _) = BATCH_FORGET_IN.unpack_from(body)
+            end = BATCH_FORGET_IN.size + count * FORGET_ONE.size
+            items = list(FORGET_ONE.iter_unpack(body[BATCH_FORGET_IN.size : end]))
+        items = [(node, n) for node, n in items if node not in (0, ROOT_ID)]  # the root is never forgotten
+        chunks = [items[i : i + vfs.MAX_FORGETS] for i in range(0, len(items), vfs.MAX_FORGETS)]
+        return tuple(vfs.Forget(tuple(chunk)) for chunk in chunks)
+
+    def _init(self, unique: int, body: memoryview) -> bytes:
+        major, minor, max_readahead, flags = INIT_IN.unpack_from(body)
+        if major != KERNEL_MAJOR or minor < MIN_MINOR:
+            return error(unique, errno.EPROTO)
+        self.initialized = True
+        pages = self.max_io // PAGE
+        return out(
+            unique,
+            INIT_OUT.pack(
+                KERNEL_MAJOR,
+                KERNEL_MINOR,
+                max_readahead,
+                flags & WANTED,
+                MAX_BACKGROUND,
+                CONGESTION_THRESHOLD,
+                self.max_io,
+                1,
+                pages,
+                0,
+                0,
+            ),  # fmt: skip
+        )
+
+    def _build(self, op: int, node: int, body: memoryview) -> tuple[vfs.Args, int, int] | int:  # noqa: C901, PLR0911, PLR0912 - one branch per opcode
+        """The host request for `op`, with the read size and plus flag its reply needs, or an errno."""
+        mask = vfs.OPEN_FLAG_MASK
+        if op == LOOKUP:
+            name = _name(_cstrings(body, 1)[0])
+            return name if isinstance(name, int) else (vfs.Lookup(node, name), 0, 0)
+        if op == GETATTR:
+            flags, _, fh = GETATTR_IN.unpack_from(body)
+            return vfs.Getattr(node, fh if flags & GETATTR_FH else 0), 0, 0
+        if op == SETATTR:
+            (valid, _, fh, size, _, atime, mtime, _, atimens, mtimens, _, mode, _, uid, gid, _) = (
+                SETATTR_IN.unpack_from(body)
+            )
+            return vfs.Setattr(node, valid & vfs.SET_ALL, fh if valid & FATTR_FH else 0, size,
+                               atime * _NS + atimens, mtime * _NS + mtimens, mode, uid, gid), 0, 0  # fmt: skip
+        if op == READLINK:
+            return vfs.Readlink(node), 0, 0
+        if op == SYMLINK:
+            raw_name, target = _cstrings(body, 2)
+            name = _name(raw_name)
+            if isinstance(name, int):
+                return name
+            if not target:
+                return errno.ENOENT
+            if len(target) > vfs.MAX_TARGET:
+                return errno.ENAMETOOLONG
+            return vfs.Symlink(node, name, target), 0, 0
+        if op in (MKNOD, MKDIR, UNLINK, RMDIR, CREATE):
+            fixed = {MKNOD: MKNOD_IN, MKDIR: MKDIR_IN, CREATE: CREATE_IN}.get(op)
+            name = _name(_cstrings(body[fixed.size if fixed else 0 :], 1)[0])
+            if isinstance(name, int):
+                return name
+            if op == MKNOD:
+                mode, rdev, _, _ = MKNOD_IN.unpack_from(body)
+                return vfs.Mknod(node, mode, rdev, name), 0, 0
+            if op == MKDIR:
+                return vfs.Mkdir(node, MKDIR_IN.unpack_from(body)[0], name), 0, 0
+            if op == CREATE:
+                flags, mode, _, _ = CREATE_IN.unpack_from(body)
+                return vfs.Create(node, flags & mask, mode, name), 0, 0
+            return (vfs.Unlink(node, name) if op == UNLINK else vfs.Rmdir(node, name)), 0, 0
+        if op in (RENAME, RENAME2):
+            if op == RENAME:
+                (newdir,), flags, fixed_size = RENAME_IN.unpack_from(body), 0, RENAME_IN.size
+            else:
+                newdir, flags, _ = RENAME2_IN.unpack_from(body)
+                fixed_size = RENAME2_IN.size
+            if flags & ~(vfs.RENAME_NOREPLACE | vfs.RENAME_EXCHANGE):
+                return errno.EINVAL
+            old, new = (_name(n) for n in _cstrings(body[fixed_size:], 2))
+            if isinstance(old, int):
+                return old
+            if isinstance(new, int):
+                return new
+            return vfs.Rename(node, self._node(newdir), flags, old, new), 0, 0
+        if op == LINK:
+            (old_node,) = LINK_IN.unpack_from(body)
+            name = _name(_cstrings(body[LINK_IN.size :], 1)[0])
+            return name if isinstance(name, int) else (vfs.Link(self._node(old_node), node, name), 0, 0)
+        if op in (OPEN, OPENDIR):
+            flags = OPEN_IN.unpack_from(body)[0] & mask
+            return (vfs.Open(node, flags) if op == OPEN else vfs.Opendir(node, flags)), 0, 0
+        if op in (READ, READDIR, READDIRPLUS):
+            fh, offset, size, _, _, _, _ = READ_IN.unpack_from(body)
+            size = min(size, self.max_io)
+            if op == READ:
+                return vfs.Read(node, fh, offset, size), size, 0
+            plus = int(op == READDIRPLUS)
+            return vfs.Readdir(node, fh, offset, size, plus), size, plus
+        if op == WRITE:
+            fh, offset, size, _, _, flags, _ = WRITE_IN.unpack_from(body)
+            data = body[WRITE_IN.size : WRITE_IN.size + size]
+            if len(data) != size or size > self.max_io:
+                return errno.EINVAL
+            return vfs.Write(node, fh, offset, flags & mask, data), size, 0
+        if op in (RELEASE, RELEASEDIR):
+            fh = RELEASE_IN.unpack_from(body)[0]
+            return (vfs.Release(node, fh) if op == RELEASE else vfs.Releasedir(node, fh)), 0, 0
+        if op == FSYNC:
+            fh, fsync_flags, _ = FSYNC_IN.unpack_from(body)
+            return vfs.Fsync(node, fh, fsync_flags & 1), 0, 0
+        if op == STATFS:
+            return vfs.Statfs(node), 0, 0
+        # xattrs, locks, access, fallocate, lseek, ioctl, poll, copy_file_range, syncfs, ...: the
+        # kernel remembers ENOSYS and falls back (or reports EOPNOTSUPP) without asking again.
+        # FLUSH too: writes reach the host before write(2) returns (no writeback cache), so a
+        # flush has nothing to do, and answering ENOSYS once saves a round trip on every close.
+        return errno.ENOSYS
+
+    # ---- replies -----------------------------------------------------------------------------
+
+    def complete(self, pending: Pending, status: int, payload: bytes) -> tuple[list[bytes], vfs.Forget | None]:
+        """The /dev/fuse reply (as buffers for one writev) and any lookups to give back to the host."""
+        unique, op = pending.unique, pending.op
+        if status < 0:
+            if status == -errno.ENOENT and op == LOOKUP and self.negative_valid_ns:
+                return [out(unique, pack_entry(None, self.negative_valid_ns))], None
+            return [error(unique, -status)], None
+        if op in _ENTRY_REPLIES and len(payload) == _WIRE_ENTRY.size:
+            return [out(unique, _fast_entry(payload))], None
+        if op in _ATTR_REPLIES and len(payload) == _WIRE_ATTR_REPLY.size:
+            return [out(unique, _fast_attr_reply(payload))], None
+        result = vfs.decode_result(_WIRE_OP[op], payload)
+        if isinstance(result, vfs.Entry):
+            return [out(unique, pack_entry(result))], None
+        if isinstance(result, vfs.AttrReply):
+            sec, nsec = _split_ns(result.attr_valid_ns)
+            return [out(unique, ATTR_OUT.pack(sec, nsec, 0) + pack_attr(result.attr))], None
+        if isinstance(result, vfs.Opened):
+            return [out(unique, OPEN_OUT.pack(result.fh, result.flags & vfs.OPEN_FLAGS_ALL, 0))], None
+        if isinstance(result, vfs.Created):
+            body = pack_entry(result.entry) + OPEN_OUT.pack(result.fh, result.flags & vfs.OPEN_FLAGS_ALL, 0)
+            return [out(unique, body)], None
+        if isinstance(result, vfs.Written):
+            if result.size > pending.size:
+                raise RemoteProtocolError(f"host wrote {result.size} of {pending.size} bytes")
+            return [out(unique, WRITE_OUT.pack(result.size, 0))], None
+        if isinstance(result, vfs.StatfsReply):
+            r = result
+            body = STATFS_OUT.pack(r.blocks, r.bfree, r.bavail, r.files, r.ffree, r.bsize, r.namelen, r.frsize, 0)
+            return [out(unique, body)], None
+        if isinstance(result, tuple):
+            return self._dirents(pending, result)
+        if isinstance(result, bytes):
+            if op == READ and len(result) > pending.size:
+                raise RemoteProtocolError(f"host returned {len(result)} bytes for a {pending.size}-byte READ")
+            return [OUT_HEADER.pack(OUT_HEADER.size + len(result), 0, unique), result], None
+        return [out(unique)], None
+
+    def _dirents(self, pending: Pending, entries: tuple) -> tuple[list[bytes], vfs.Forget | None]:
+        parts: list[bytes] = []
+        used = 0
+        unused: list[tuple[int, int]] = []
+        full = False
+        for item in entries:
+            entry = item.entry
+            if item.name in (b".", b"..") or not pending.plus:
+                if entry is not None:
+                    unused.append((entry.node, 1))
+                entry = None
+            size = vfs.dirent_size(len(item.name), bool(pending.plus))
+            if full or used + size > pending.size:
+                full = True
+                if entry is not None:
+                    unused.append((entry.node, 1))
+                continue
+            pad = size - (ENTRY_SIZE if pending.plus else 0) - DIRENT.size - len(item.name)
+            dirent = DIRENT.pack(item.ino, item.offset, len(item.name), item.type) + item.name + bytes(pad)
+            parts.append(pack_entry(entry) + dirent if pending.plus else dirent)
+            used += size
+        body = b"".join(parts)
+        forget = vfs.Forget(tuple(unused[: vfs.MAX_FORGETS])) if unused else None
+        return [out(pending.unique, body)], forget
+
+
+def _fast_entry(payload: bytes) -> bytes:
+    node, gen, ev, av, ino, size, blocks, at, mt, ct, mode, nlink, uid, gid, rdev, blksize = _WIRE_ENTRY.unpack(payload)
+    if node in (0, ROOT_ID):
+        raise RemoteProtocolError(f"entry with reserved node id {node}")
+    return _FUSE_ENTRY.pack(node, gen, ev // _NS, av // _NS, ev % _NS, av % _NS, ino, size, blocks, at // _NS,
+                            mt // _NS, ct // _NS, at % _NS, mt % _NS, ct % _NS, mode, nlink, uid, gid, rdev, blksize, 0)  # fmt: skip
+
+
+def _fast_attr_reply(payload: bytes) -> bytes:
+    av, ino, size, blocks, at, mt, ct, mode, nlink, uid, gid, rdev, blksize = _WIRE_ATTR_REPLY.unpack(payload)
+    return _FUSE_ATTR_REPLY.pack(av // _NS, av % _NS, 0, ino, size, blocks, at // _NS, mt // _NS, ct // _NS, at % _NS,
+                                 mt % _NS, ct % _NS, mode, nlink, uid, gid, rdev, blksize, 0)  # fmt: skip
+
+
+_ENTRY_REPLIES = frozenset((LOOKUP, MKNOD, MKDIR, SYMLINK, LINK))
+_ATTR_REPLIES = frozenset((GETATTR, SETATTR))
+_WIRE_OP = {
+    LOOKUP: vfs.Op.LOOKUP, GETATTR: vfs.Op.GETATTR, SETATTR: vfs.Op.SETATTR, READLINK: vfs.Op.READLINK,
+    SYMLINK: vfs.Op.SYMLINK, MKNOD: vfs.Op.MKNOD, MKDIR: vfs.Op.MKDIR, UNLINK: vfs.Op.UNLINK, RMDIR: vfs.Op.RMDIR,
+    RENAME: vfs.Op.RENAME, RENAME2: vfs.Op.RENAME, LINK: vfs.Op.LINK, OPEN: vfs.Op.OPEN, CREATE: vfs.Op.CREATE,
+    READ: vfs.Op.READ, WRITE: vfs.Op.WRITE, RELEASE: vfs.Op.RELEASE, FSYNC: vfs.Op.FSYNC,
+    OPENDIR: vfs.Op.OPENDIR, READDIR: vfs.Op.READDIR, READDIRPLUS: vfs.Op.READDIR, RELEASEDIR: vfs.Op.RELEASEDIR,
+    STATFS: vfs.Op.STATFS,
+}  # fmt: skip

@@ -1,0 +1,302 @@
+"""The guest's FUSE daemon: serves the host's mounts over the VFS port, many requests in flight.
+
+Started by init at boot when the `matchlock.vfs` port exists (`start`), before the agent, as a child
+of PID 1 in the root PID namespace, so workloads (each in its own PID namespace) can neither see,
+signal nor ptrace it, as with the agent. It says HELLO, mounts every mount point the host lists
+(creating missing ones on the overlay root), waits until the kernel has INIT-ed each, and only then
+tells init it is ready; init starts the agent after that, so no command ever runs before the mounts
+exist. A failure before ready is reported to init, which stops the boot with FATAL.
+
+Threads, no global lock around a round trip: one per mount reads /dev/fuse and forwards each
+request at once; one reads the host's replies and writes each to /dev/fuse as it arrives. The only
+lock serialises writes to the port, one frame at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import stat
+import sys
+import threading
+
+from ..wire import vfs
+from ..wire.frames import RemoteProtocolError
+from . import fuse, syscalls
+
+READY = b"ok"
+READY_TIMEOUT = 60.0
+# /dev/fuse needs room for the largest WRITE plus its headers.
+FUSE_BUFFER = vfs.MAX_IO + 64 * 1024
+PORT_BUFFER = 256 * 1024
+HELLO_ID = 1
+FUSE_DEVICE = "/dev/fuse"
+
+
+def log(message: str) -> None:
+    os.write(2, f"matchlock-vfs: {message}\n".encode())
+
+
+class Channel:
+    """The client end of the VFS port: request ids, pending replies, one writer at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._write_lock = threading.Lock()
+        self._id_lock = threading.Lock()
+        self._next_id = HELLO_ID
+        # None marks a synchronous call (setup), answered before the reply thread runs.
+        self.pending: dict[int, tuple[Mount, fuse.Pending] | None] = {}
+        self.decoder = vfs.ReplyDecoder()
+        self._buffer = bytearray(PORT_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._readable = select.poll()
+        self._readable.register(fd, select.POLLIN)
+        self._writable = select.poll()
+        self._writable.register(fd, select.POLLOUT)
+
+    def _new_id(self, entry: tuple[Mount, fuse.Pending] | None) -> int:
+        with self._id_lock:
+            while True:
+                self._next_id = self._next_id % vfs.MAX_ID + 1
+                if self._next_id not in self.pending:
+                    self.pending[self._next_id] = entry
+                    return self._next_id
+
+    def send(self, frame: bytes) -> None:
+        # The port is non-blocking: a blocking write to a virtio port spins the vCPU until the host
+        # has taken the buffer, which under emulation stalls every other guest thread meanwhile.
+        view = memoryview(frame)
+        with self._write_lock:
+            while view:
+                try:
+                    view = view[os.write(self.fd, view) :]
+                except BlockingIOError:
+                    self._writable.poll()
+
+    def request(self, mount: Mount, action: fuse.Action) -> None:
+        assert action.args is not None and action.pending is not None
+        request_id = self._new_id((mount, action.pending))
+        self.send(vfs.encode_request(request_id, action.uid, action.gid, action.pid, action.args))
+
+    def forget(self, forget: vfs.Forget) -> None:
+        self.send(vfs.encode_request(0, 0, 0, 0, forget))
+
+    def read(self) -> list[vfs.Reply]:
+        """Wait for replies, then take everything queued (up to PORT_BUFFER) before decoding it.
+
+        A virtio port read returns at most one 4 KiB buffer, so decoding per read would cost a pass
+        of the decoder for every 4 KiB of a 1 MiB READ reply.
+        """
+        pos = 0
+        while pos < PORT_BUFFER:
+            try:
+                count = os.readv(self.fd, [self._view[pos:]])
+            except BlockingIOError:
+                if pos:
+                    break
+                self._readable.poll()
+                continue
+            if not count:
+                if pos:
+                    break
+                raise EOFError("the host closed the VFS port")
+            pos += count
+        return self.decoder.feed(self._view[:pos].tobytes())
+
+    def call(self, args: vfs.Args) -> object:
+        """One synchronous request, before the reply thread runs (HELLO and the root GETATTRs)."""
+        request_id = self._new_id(None)
+        self.send(vfs.encode_request(request_id, 0, 0, os.getpid(), args))
+        while True:
+            for reply in self.read():
+                if reply.id != request_id:
+                    raise RemoteProtocolError(f"reply to unknown request {reply.id}")
+                del self.pending[request_id]
+                if reply.status:
+                    raise OSError(-reply.status, f"{type(args).__name__.upper()}: {os.strerror(-reply.status)}")
+                return vfs.decode_result(args._op, reply.payload)
+
+
+class Mount:
+    """One FUSE connection: the mount point, its /dev/fuse descriptor and its translator."""
+
+    def __init__(self, info: vfs.Mount, fd: int, max_io: int) -> None:
+        self.info = info
+        self.fd = fd
+        self.translator = fuse.MountTranslator(info.root, max_io=max_io, negative_valid_ns=info.negative_valid_ns)
+        self.initialized = threading.Event()
+
+    def write(self, buffers: list[bytes]) -> None:
+        try:
+            os.writev(self.fd, buffers)
+        except FileNotFoundError:
+            pass  # the request was interrupted and the kernel no longer waits for it
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:  # unmounted
+                raise
+
+
+def _fatal_on_error(target, *args) -> None:
+    """Run a daemon thread; if it fails, end the daemon so the mounts fail fast (ENOTCONN), not hang."""
+    try:
+        target(*args)
+    except BaseException as exc:  # noqa: BLE001
+        log(f"FATAL: {type(exc).__name__}: {exc}")
+        os._exit(1)
+
+
+def serve_mount(channel: Channel, mount: Mount) -> None:
+    buffer = bytearray(FUSE_BUFFER)
+    view = memoryview(buffer)
+    while True:
+        try:
+            count = os.readv(mount.fd, [buffer])
+        except OSError as exc:
+            if exc.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                continue
+            if exc.errno == errno.ENODEV:
+                return  # unmounted
+            raise
+        if not count:
+            return  # /dev/fuse never reads empty; treat it as the connection going away
+        action = mount.translator.handle(view[:count])
+        if action.reply is not None:
+            mount.write([action.reply])
+            if mount.translator.initialized:
+                mount.initialized.set()
+        for forget in action.forgets:
+            channel.forget(forget)
+        if action.args is not None:
+            channel.request(mount, action)
+
+
+def serve_replies(channel: Channel) -> None:
+    while True:
+        for reply in channel.read():
+            entry = channel.pending.pop(reply.id, None)
+            if entry is None:
+                raise RemoteProtocolError(f"reply to unknown request {reply.id}")
+            mount, pending = entry
+            buffers, forget = mount.translator.complete(pending, reply.status, reply.payload)
+            mount.write(buffers)
+            if forget is not None:
+                channel.forget(forget)
+
+
+def _make_mount_point(path: str, is_dir: bool) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+        if is_dir:
+            os.mkdir(path, 0o755)
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        return
+    if stat.S_ISDIR(st.st_mode) != is_dir:
+        kind = "directory" if is_dir else "file"
+        raise RuntimeError(f"mount point {path} exists in the image but the host's mount there is a {kind}")
+
+
+def handshake(channel: Channel) -> tuple[int, list[tuple[vfs.Mount, int]]]:
+    """HELLO, and the file type of each mount's root: (max_io, [(mount, S_IFDIR or S_IFREG)]), parents first."""
+    hello = channel.call(vfs.Hello(vfs.VERSION, vfs.MAX_IO))
+    assert isinstance(hello, vfs.HelloReply)
+    if hello.version != vfs.VERSION:
+        raise RuntimeError(f"host speaks VFS protocol {hello.version}, this guest {vfs.VERSION}")
+    roots = []
+    for info in sorted(hello.mounts, key=lambda m: m.path.count("/")):
+        root = channel.call(vfs.Getattr(info.root, 0))
+        assert isinstance(root, vfs.AttrReply)
+        mode = stat.S_IFMT(root.attr.mode)
+        if mode not in (stat.S_IFDIR, stat.S_IFREG):
+            raise RuntimeError(f"mount {info.path}: the host's root is neither a directory nor a file")
+        roots.append((info, mode))
+    return hello.max_io, roots
+
+
+def mount(info: vfs.Mount, mode: int, max_io: int) -> Mount:
+    """Mount one FUSE filesystem at `info.path` (creating the mount point); the kernel then sends INIT."""
+    _make_mount_point(info.path, mode == stat.S_IFDIR)
+    fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | (syscalls.MS_RDONLY if info.readonly else 0)
+    options = f"fd={fd},rootmode={mode:o},user_id=0,group_id=0,allow_other,default_permissions"
+    syscalls.mount("matchlock", info.path, "fuse.matchlock", flags, options)
+    return Mount(info, fd, max_io)
+
+
+def _raise_readahead(path: str, max_io: int) -> None:
+    """Let sequential reads ask for max_io at a time instead of the kernel's default 128 KiB.
+
+    FUSE caps readahead at the device's read_ahead_kb, and each READ is a round trip.
+    """
+    st = os.stat(path)
+    try:
+        with open(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb", "w") as f:
+            f.write(str(max_io // 1024))
+    except OSError as exc:
+        log(f"readahead of {path} left at the default: {exc}")
+
+
+def _replies_until_eof(channel: Channel) -> None:
+    try:
+        serve_replies(channel)
+    except EOFError as exc:
+        log(f"stopped: {exc}")
+        os._exit(0)
+
+
+def _spawn(target, *args) -> threading.Thread:
+    thread = threading.Thread(target=_fatal_on_error, args=(target, *args), daemon=True)
+    thread.start()
+    return thread
+
+
+def serve(port: str, ready_fd: int) -> None:
+    """The daemon's body: report READY (or the error) on `ready_fd`, then serve until the host goes."""
+    try:
+        channel = Channel(os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
+        max_io, roots = handshake(channel)
+        replies = _spawn(_replies_until_eof, channel)
+        # One at a time and parents first, each served before the next is made: a mount point
+        # inside an earlier mount is created through it.
+        for info, mode in roots:
+            served = mount(info, mode, max_io)
+            _spawn(serve_mount, channel, served)
+            if not served.initialized.wait(READY_TIMEOUT):
+                raise RuntimeError(f"the kernel never sent FUSE INIT for {info.path}")
+            _raise_readahead(info.path, max_io)
+    except Exception as exc:  # noqa: BLE001 - init shows it as FATAL
+        os.write(ready_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
+        return
+    os.write(ready_fd, READY)
+    os.close(ready_fd)
+    replies.join()
+
+
+def start(port: str) -> int:
+    """Fork the daemon (from init, before any thread exists) and wait until its mounts are up."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(ready_r)
+            serve(port, ready_w)
+        except BaseException as exc:  # noqa: BLE001 - a child of init must never return into init
+            log(f"FATAL: {exc}")
+            code = 1
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(ready_w)
+    try:
+        readable, _, _ = select.select([ready_r], [], [], READY_TIMEOUT)
+        message = os.read(ready_r, 4096) if readable else b"timed out"
+    finally:
+        os.close(ready_r)
+    if message != READY:
+        raise RuntimeError(f"VFS mounts failed: {message.decode(errors='replace') or 'the daemon died'}")
+    return pid

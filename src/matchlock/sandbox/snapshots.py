@@ -1,0 +1,329 @@
+"""Pause, resume and snapshot a running sandbox, and restore new sandboxes from a snapshot.
+
+These run in the sandbox's owner (the relay and the RPC server call them),
+the only process that holds its QEMU, proxy, CA key and secrets.
+
+A full snapshot parks the guest agent (wire/checkpoint.py), stops the vCPUs,
+saves memory with QEMU migration, copies the upper disk, hard-links the
+read-only files the saved memory depends on (kernel, initrd, runtime and
+image disks: a later rebuild must not change them under the clone), then
+lets the source continue. A filesystem snapshot syncs the guest and copies
+its upper disk while the vCPUs are stopped. Neither writes a secret value or
+the CA key: they are in this process only; the guest holds placeholders.
+
+A restore (`Restore`) gives the new sandbox its own VM id, namespace, proxy
+and a private copy of the upper disk. A full restore starts QEMU with
+`-incoming` and wakes the parked agent as a new host: the agent reseeds its
+RNG, sets its clock, and takes the new sandbox's settings, a new CA
+included, in a fresh handshake before anything else runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..api.config import SandboxConfig, public_config
+from ..api.errors import MatchlockError, SetupError, UsageError, VMError
+from ..state import snapshots as records
+from ..vm import checkpoint
+from ..vm.machine import Disk, MachineSpec
+from ..wire import agent as msgs
+from ..wire import boot
+from ..wire.checkpoint import encode_wake
+from . import files
+
+if TYPE_CHECKING:
+    from ..state.store import StateStore
+    from .sandbox import Sandbox
+
+MEMORY_FILE = "memory"
+PARK_TIMEOUT = 30.0
+RAM_FILE = checkpoint.RAM_FILE  # guest RAM, mapped copy-on-write by clones (absent when RAM is in MEMORY_FILE)
+UPPER_FILE = "upper.img"
+LINKED = {"kernel": "kernel", "initrd": "initrd", "runtime": "runtime.img", "lower": "lower.img"}
+
+
+def _machine(sandbox: Sandbox):
+    if sandbox.machine is None or not sandbox.machine.running or sandbox.closed:
+        raise VMError(f"sandbox {sandbox.id} is not running")
+    return sandbox.machine
+
+
+def _mark(sandbox: Sandbox, paused: bool) -> None:
+    sandbox.paused = paused
+    if sandbox.tracker.registered and sandbox.tracker.store is not None:
+        records.set_paused(sandbox.tracker.store, sandbox.id, paused)
+
+
+async def pause(sandbox: Sandbox) -> None:
+    """Stop the vCPUs; memory, disks, network and open connections stay. Exec waits for `resume`."""
+    machine = _machine(sandbox)
+    if sandbox.paused:
+        raise UsageError(f"sandbox {sandbox.id} is already paused; fix: matchlock resume {sandbox.id}")
+    await checkpoint.pause(machine)
+    _mark(sandbox, True)
+
+
+async def resume(sandbox: Sandbox) -> None:
+    machine = _machine(sandbox)
+    if not sandbox.paused:
+        raise UsageError(f"sandbox {sandbox.id} is not paused")
+    await checkpoint.resume(machine)
+    _mark(sandbox, False)
+
+
+def default_name(vm_id: str) -> str:
+    return f"{vm_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _link(source: Path, target: Path, pid: int | None) -> None:
+    """A hard link (free, and immune to the source being replaced later), else a copy.
+
+    A runtime disk rebuilt since the sandbox started is gone from the cache, but QEMU (`pid`)
+    still has the one the saved memory depends on open: copy that.
+    """
+    try:
+        os.link(source, target)
+        return
+    except FileNotFoundError:
+        source = _open_copy(source, pid)
+    except OSError:
+        pass
+    shutil.copyfile(source, target)
+
+
+def _open_copy(path: Path, pid: int | None) -> Path:
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir() if pid else ():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in (str(path), f"{path} (deleted)"):
+                return fd
+    raise SetupError(f"{path} is gone and the sandbox's QEMU no longer has it open; a full snapshot needs it")
+
+
+async def create(sandbox: Sandbox, store: StateStore, name: str, mode: str) -> records.SnapshotRecord:
+    """Snapshot `sandbox` as `name`; on any failure nothing of it is left (and `ls` never shows it)."""
+    machine = _machine(sandbox)
+    if sandbox.config.extra_disks or sandbox.vfs is not None:
+        # Volumes and host directories are shared state a clone cannot own.
+        raise UsageError(f"sandbox {sandbox.id} has disk or directory mounts; snapshots cover only sandboxes without")
+    name = name or default_name(sandbox.id)
+    directory = records.begin(store, name, sandbox.id, mode)
+    try:
+        meta = _describe(sandbox, machine.spec, mode)
+        if mode == "full":
+            # The saved memory holds these files' pages: a rebuilt runtime or image must not replace them.
+            for key, filename in LINKED.items():
+                if meta["files"].get(key):
+                    _link(Path(meta["files"][key]), directory / filename, machine.pid)
+            await _save_full(sandbox, directory)
+        else:
+            await _save_disks(sandbox, directory)
+        return records.complete(store, name, meta)
+    except BaseException:
+        records.remove(store, name)
+        raise
+
+
+def _describe(sandbox: Sandbox, spec: MachineSpec, mode: str) -> dict:
+    disks = {disk.serial: disk.path for disk in spec.disks}
+    network = sandbox.network
+    placeholders = network.policy.guest_environment() if network is not None else {}
+    return {
+        "version": 1,
+        "mode": mode,
+        "source_vm": sandbox.id,
+        "image": sandbox.config.image,
+        "config": public_config(sandbox.config),
+        # Names and placeholders only: a restore must bring the values again (--secret).
+        "secrets": {name: placeholders.get(name, "") for name in sandbox.config.network.secrets},
+        "cpus": spec.cpus,
+        "memory_mb": spec.memory_mb,
+        "disk_size_mb": sandbox.config.resources.disk_size_mb,
+        "network": spec.network is not None,
+        "kernel_args": list(spec.kernel_args),
+        "acpi": spec.acpi,
+        "tsc_khz": spec.tsc_khz,
+        "files": {
+            "kernel": str(spec.kernel),
+            "initrd": str(spec.initrd) if spec.initrd else "",
+            "runtime": str(disks[boot.RUNTIME_DISK_SERIAL]),
+            "lower": str(disks[boot.LOWER_DISK_SERIAL]),
+        },
+        "upper": str(disks[boot.UPPER_DISK_SERIAL]),
+    }
+
+
+async def _park(sandbox: Sandbox) -> None:
+    """The guest answers, then waits on the raw port; from here the host sends no frames."""
+    channel = sandbox._channel()
+    stream = channel.open(msgs.CheckpointRequest().to_wire())
+    stream.finish_sending()
+    channel.flush_now()
+    channel.held = True
+    try:
+        async with asyncio.timeout(PARK_TIMEOUT):  # a guest that never answers must not hold the channel
+            await files._final_reply(stream, msgs.OP_CHECKPOINT)
+    except TimeoutError:
+        _wake(sandbox)  # a guest that parks late must not wait for ever; one that did not fails its channel
+        raise VMError(
+            f"the guest of {sandbox.id} did not get ready for the snapshot within {PARK_TIMEOUT:g} s"
+        ) from None
+    except MatchlockError:
+        channel.held = False  # the guest refused or broke: it is not parked, so it must not get a wake record
+        channel.flush()
+        raise
+    except BaseException:
+        _wake(sandbox)  # cancelled while the guest parks: it must not wait for ever
+        raise
+
+
+def _wake(sandbox: Sandbox) -> None:
+    assert sandbox.channel is not None
+    channel = sandbox.channel
+    channel.write_raw(encode_wake(new_host=False, time_ns=time.time_ns(), seed=os.urandom(boot.WAKE_SIZE)))
+    channel.held = False
+    channel.flush()
+
+
+async def _stopped(sandbox: Sandbox):
+    """Stop the vCPUs unless `pause` already did; returns whether to start them again."""
+    if sandbox.paused:
+        return False
+    await checkpoint.pause(_machine(sandbox))
+    return True
+
+
+async def _save_full(sandbox: Sandbox, directory: Path) -> None:
+    machine = _machine(sandbox)
+    was_paused = sandbox.paused
+    if was_paused:
+        await checkpoint.resume(machine)  # the agent must run to park
+        sandbox.paused = False
+    await _park(sandbox)
+    try:
+        await checkpoint.pause(machine)
+        await checkpoint.save_memory(machine, directory / MEMORY_FILE, directory / RAM_FILE)
+        checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
+    finally:
+        try:
+            if not was_paused:
+                await checkpoint.resume(machine)
+        finally:
+            _wake(sandbox)  # queued behind the stop when paused: the guest reads it on `resume`
+            sandbox.paused = was_paused
+
+
+async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
+    if not sandbox.paused:
+        from .sandbox import ExecSpec
+
+        await sandbox.exec(ExecSpec("sync"))  # the guest's page cache onto the upper disk first
+    restart = await _stopped(sandbox)
+    try:
+        checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
+    finally:
+        if restart:
+            await checkpoint.resume(_machine(sandbox))
+
+
+# --- restore ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Restore:
+    """A new sandbox from snapshot `name` (its files under `directory`)."""
+
+    name: str
+    directory: Path
+    meta: dict
+
+    @property
+    def full(self) -> bool:
+        return self.meta["mode"] == "full"
+
+    @classmethod
+    def load(cls, store: StateStore, name: str) -> Restore:
+        record = records.require(store, records.validate_name(name))
+        directory = records.snapshot_dir(store, name)
+        needed = [UPPER_FILE] + ([MEMORY_FILE] if record.mode == "full" else [])
+        missing = [f for f in needed if not (directory / f).exists()]
+        if missing:
+            raise SetupError(f"snapshot {name!r} is damaged: {', '.join(missing)} missing; fix: snapshot rm {name}")
+        return cls(name, directory, record.meta)
+
+    def prepare(self, config: SandboxConfig) -> SandboxConfig:
+        """`config` (from the restore's flags) with the snapshot's image and machine shape, its
+        secrets checked: every secret the snapshot's policy names must be given again."""
+        meta = self.meta
+        given = config.network.secrets
+        missing = sorted(set(meta["secrets"]) - set(given))
+        if missing:
+            raise UsageError(
+                f"snapshot {self.name!r} uses secret(s) {', '.join(missing)}, which this restore does not give; "
+                f"fix: pass --secret {missing[0]}=VALUE@HOSTS (values are never stored in a snapshot)"
+            )
+        if self.full and config.network.no_network != (not meta["network"]):
+            want = "--no-network" if not meta["network"] else "no --no-network"
+            raise UsageError(f"snapshot {self.name!r} was taken {'without' if not meta['network'] else 'with'} "
+                             f"a network interface; a full restore needs the same: use {want}")  # fmt: skip
+        # The guest's running processes hold the old placeholders: keep them, unless the user chose others.
+        secrets = {
+            name: s if s.placeholder or not meta["secrets"].get(name) else dataclasses.replace(
+                s, placeholder=meta["secrets"][name])
+            for name, s in given.items()
+        }  # fmt: skip
+        resources = dataclasses.replace(
+            config.resources,
+            cpus=meta["cpus"], memory_mb=meta["memory_mb"], disk_size_mb=meta["disk_size_mb"],
+        )  # fmt: skip
+        network = dataclasses.replace(config.network, secrets=secrets)
+        prepared = dataclasses.replace(config, image=meta["image"], resources=resources, network=network)
+        if prepared.extra_disks or prepared.vfs.active:
+            raise UsageError("--disk and directory mounts cannot be combined with --from-snapshot")
+        prepared.validate()
+        return prepared
+
+    def make_upper(self, target: Path) -> None:
+        checkpoint.copy_disk(self.directory / UPPER_FILE, target)
+
+    def machine_spec(self, spec: MachineSpec) -> MachineSpec:
+        """For a full restore: the snapshot's own machine (same devices and files), with this sandbox's
+        upper disk, console and network, loading the saved memory."""
+        if not self.full:
+            return spec
+        meta = self.meta
+        linked = {key: self.directory / f for key, f in LINKED.items() if meta["files"].get(key)}
+        upper = next(d.path for d in spec.disks if d.serial == boot.UPPER_DISK_SERIAL)
+        ram = self.directory / RAM_FILE
+        return dataclasses.replace(
+            spec,
+            ram_file=ram if ram.exists() else None,
+            ram_private=True,  # a clone's RAM is its own (or a private mapping of the snapshot's)
+            ignore_shared=True,
+            kernel=linked["kernel"],
+            initrd=linked.get("initrd"),
+            kernel_args=tuple(meta["kernel_args"]),
+            acpi=meta["acpi"],
+            tsc_khz=meta["tsc_khz"],
+            cpus=meta["cpus"],
+            memory_mb=meta["memory_mb"],
+            disks=(
+                Disk(linked["runtime"], boot.RUNTIME_DISK_SERIAL, readonly=True),
+                Disk(linked["lower"], boot.LOWER_DISK_SERIAL, readonly=True),
+                Disk(upper, boot.UPPER_DISK_SERIAL, ephemeral=True),
+            ),
+            incoming=self.directory / MEMORY_FILE,
+        )
+
+    @staticmethod
+    def wake_record() -> bytes:
+        return encode_wake(new_host=True, time_ns=time.time_ns(), seed=os.urandom(boot.WAKE_SIZE))

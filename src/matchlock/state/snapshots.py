@@ -1,0 +1,194 @@
+"""Snapshot records in the state database, and the `paused` mark of a sandbox.
+
+A snapshot is a directory under `<state>/snapshots/<name>` (the saved memory
+for a full one, a copy of the upper disk, `meta.json`) and a row here. The
+row is written first, as `creating`, and becomes `ready` only after every
+file is complete: a snapshot whose creator died half way is never listed as
+usable, and `gc` (`partial_snapshots`) finds its pieces.
+
+Nothing here holds a secret value: the metadata names the secrets the
+sandbox's policy used (so a restore can insist on them) and their
+placeholders, which the guest already knows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..api.errors import NotFoundError, UsageError
+from ..util.sqlite import Migration, utc_now
+
+if TYPE_CHECKING:
+    from .store import StateStore
+
+MODES = ("full", "filesystem")
+CREATING, READY = "creating", "ready"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+MIGRATION = Migration(
+    3,
+    "snapshots and paused",
+    """
+    ALTER TABLE vms ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE snapshots (
+        name TEXT PRIMARY KEY,
+        source_vm TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        status TEXT NOT NULL,
+        size INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        meta_json TEXT NOT NULL DEFAULT '{}'
+    );
+    """,
+)
+
+
+def validate_name(name: str) -> str:
+    if not NAME.match(name):
+        raise UsageError(
+            f"invalid snapshot name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def validate_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UsageError(f"invalid snapshot mode {mode!r}: use full (memory and disks) or filesystem (disks only)")
+    return mode
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    name: str
+    source_vm: str
+    mode: str
+    status: str
+    size: int
+    created_at: str
+    meta: dict
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "source_vm": self.source_vm,
+            "mode": self.mode,
+            "status": self.status,
+            "size": self.size,
+            "created_at": self.created_at,
+            "image": self.meta.get("image", ""),
+            "secrets": sorted(self.meta.get("secrets", {})),
+        }
+
+
+def snapshots_dir(store: StateStore) -> Path:
+    return store.root / "snapshots"
+
+
+def snapshot_dir(store: StateStore, name: str) -> Path:
+    return snapshots_dir(store) / validate_name(name)
+
+
+def begin(store: StateStore, name: str, source_vm: str, mode: str) -> Path:
+    """Claim `name` (a clash is an error naming it) and return its empty directory."""
+    validate_name(name)
+    validate_mode(mode)
+    with store._transaction():
+        if store.conn.execute("SELECT 1 FROM snapshots WHERE name = ?", (name,)).fetchone():
+            raise UsageError(
+                f"a snapshot named {name!r} already exists; fix: pick another --name or `snapshot rm {name}`"
+            )
+        store.conn.execute(
+            "INSERT INTO snapshots (name, source_vm, mode, status, created_at) VALUES (?, ?, ?, ?, ?)",
+            (name, source_vm, mode, CREATING, utc_now()),
+        )
+    directory = snapshot_dir(store, name)
+    directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+    return directory
+
+
+def complete(store: StateStore, name: str, meta: dict) -> SnapshotRecord:
+    """Mark `name` ready; its size counts only its own files (hard links to kernels and images are shared)."""
+    directory = snapshot_dir(store, name)
+    size = sum(st.st_blocks * 512 for st in (entry.lstat() for entry in directory.iterdir()) if st.st_nlink == 1)
+    with store._transaction():
+        store.conn.execute(
+            "UPDATE snapshots SET status = ?, size = ?, meta_json = ? WHERE name = ?",
+            (READY, size, json.dumps(meta), name),
+        )
+    return require(store, name)
+
+
+def _record(row) -> SnapshotRecord:
+    return SnapshotRecord(
+        row["name"], row["source_vm"], row["mode"], row["status"], row["size"], row["created_at"],
+        json.loads(row["meta_json"]),
+    )  # fmt: skip
+
+
+def get(store: StateStore, name: str) -> SnapshotRecord | None:
+    row = store.conn.execute("SELECT * FROM snapshots WHERE name = ?", (name,)).fetchone()
+    return _record(row) if row else None
+
+
+def require(store: StateStore, name: str) -> SnapshotRecord:
+    """A ready snapshot; an unknown or unfinished name is a NotFoundError that says so."""
+    record = get(store, name)
+    if record is None or record.status != READY:
+        raise NotFoundError(f"snapshot {name!r} not found (see `matchlock snapshot ls`)")
+    return record
+
+
+def ready(store: StateStore) -> list[SnapshotRecord]:
+    rows = store.conn.execute("SELECT * FROM snapshots WHERE status = ? ORDER BY created_at", (READY,))
+    return [_record(row) for row in rows]
+
+
+def partial(store: StateStore) -> list[SnapshotRecord]:
+    """Snapshots still `creating` (being made, or their maker died)."""
+    rows = store.conn.execute("SELECT * FROM snapshots WHERE status = ? ORDER BY created_at", (CREATING,))
+    return [_record(row) for row in rows]
+
+
+def remove(store: StateStore, name: str) -> None:
+    """Forget a snapshot and delete its files (running clones keep their open copies)."""
+    import shutil
+
+    if get(store, name) is None:
+        raise NotFoundError(f"snapshot {name!r} not found (see `matchlock snapshot ls`)")
+    shutil.rmtree(snapshot_dir(store, name), ignore_errors=True)
+    with store._transaction():
+        store.conn.execute("DELETE FROM snapshots WHERE name = ?", (name,))
+
+
+def remove_abandoned(store: StateStore) -> list[str]:
+    """Remove snapshots whose maker (the source sandbox's owner) died before finishing them, and
+    directories no record names. Returns their names."""
+    import shutil
+
+    removed = []
+    for record in partial(store):
+        vm = store.get(record.source_vm)
+        if vm is None or not store.owner_alive(vm):
+            remove(store, record.name)
+            removed.append(record.name)
+    known = {row["name"] for row in store.conn.execute("SELECT name FROM snapshots")}
+    root = snapshots_dir(store)
+    for directory in root.iterdir() if root.is_dir() else ():
+        if directory.name not in known:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory.name)
+    return removed
+
+
+def set_paused(store: StateStore, vm_id: str, paused: bool) -> None:
+    with store._transaction():
+        store.conn.execute("UPDATE vms SET paused = ?, updated_at = ? WHERE id = ?", (int(paused), utc_now(), vm_id))
+
+
+def is_paused(store: StateStore, vm_id: str) -> bool:
+    row = store.conn.execute("SELECT paused FROM vms WHERE id = ?", (vm_id,)).fetchone()
+    return bool(row and row["paused"])

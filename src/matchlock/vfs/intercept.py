@@ -1,0 +1,45 @@
+"""Interception of VFS operations: wire rules (allow/block by op and path glob) and file events.
+
+A `block` rule in phase `before` answers EPERM and the op never reaches the provider; `allow` rules
+and `after` rules change nothing on the host (the SDKs run their after-hooks from the events).
+Path globs match as upstream's `filepath.Match`: `*` and `?` never cross a '/'. Events go to a
+callback that must not block (the RPC server queues them, bounded, and drops when full).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..api.events import FileEvent
+from ..api.globs import path_matches
+from ..api.vfs import VFSHookRule, VFSInterceptionConfig
+
+
+class _Rule:
+    def __init__(self, rule: VFSHookRule) -> None:
+        self.ops = frozenset(rule.ops)
+        self.path = rule.path
+        self.block = rule.action == "block" and rule.phase == "before"
+
+    def matches(self, op: str, path: str) -> bool:
+        return (not self.ops or op in self.ops) and (not self.path or path_matches(self.path, path))
+
+
+class Interceptor:
+    """Decides blocks and emits events; `enabled` is false when the sandbox asked for neither."""
+
+    def __init__(self, config: VFSInterceptionConfig | None, emit: Callable[[FileEvent], None] | None = None) -> None:
+        self.enabled = config is not None
+        rules = [_Rule(r) for r in config.rules] if config is not None else []
+        self.blocks = [r for r in rules if r.block]
+        self.emit = emit
+        self.events = 0
+
+    def blocked(self, op: str, path: str) -> bool:
+        return any(rule.matches(op, path) for rule in self.blocks)
+
+    def event(self, op: str, path: str, size: int = 0, mode: int = 0, uid: int = 0, gid: int = 0) -> None:
+        if not self.enabled or self.emit is None:
+            return
+        self.events += 1
+        self.emit(FileEvent(op=op, path=path, size=size, mode=mode, uid=uid, gid=gid))

@@ -1,0 +1,593 @@
+"""The mount router: node and handle tables, longest-prefix routing, synthesized directories, interception.
+
+Mount roots that lie under no other mount are what the guest mounts (one FUSE filesystem each, from
+the HELLO reply); mounts nested inside one (`/workspace/.host/x`) are routed here, and the
+directories leading to them are synthesized when the enclosing provider has none. Node ids are
+(parent node, name) pairs of the guest's tree, so a rename moves a whole subtree at once; the
+guest gives them back with FORGET, and both tables are bounded (`Limits`). The tables change only
+on the event loop; provider calls run in the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import os
+import stat
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..wire import vfs as wire
+from .intercept import Interceptor
+from .provider import Path, Provider
+from .types import NOW as TIME_NOW
+from .types import Attr, Caller, DirEntry, FsError, Handle, Limits, SetAttr, check_name, wants_write
+
+T = TypeVar("T")
+_NEVER_FORGOTTEN = 1 << 62
+_SYNTHETIC_INO = 1 << 62
+
+
+@dataclass
+class Mount:
+    path: str  # the guest path
+    provider: Provider
+    readonly: bool = False
+
+    @property
+    def parts(self) -> Path:
+        return tuple(self.path.strip("/").split("/"))
+
+
+class _Node:
+    __slots__ = ("id", "parent", "name", "nlookup", "children", "root")
+
+    def __init__(self, node_id: int, parent: _Node | None, name: str, root: Path = ()) -> None:
+        self.id = node_id
+        self.parent = parent
+        self.name = name
+        self.nlookup = 0
+        self.children = 0
+        self.root = root  # the guest path of a top-level mount root (parent None)
+
+
+@dataclass
+class _Open:
+    node: _Node
+    handle: Handle | None = None
+    listing: list[DirEntry] | None = None
+
+
+def wire_attr(attr: Attr) -> wire.Attr:
+    return wire.Attr(
+        attr.ino & (2**64 - 1), max(0, attr.size), max(0, attr.blocks), attr.atime_ns, attr.mtime_ns, attr.ctime_ns,
+        attr.mode & 0xFFFFFFFF, min(attr.nlink, 0xFFFFFFFF), attr.uid & 0xFFFFFFFF, attr.gid & 0xFFFFFFFF,
+        attr.rdev & 0xFFFFFFFF, attr.blksize & 0xFFFFFFFF,
+    )  # fmt: skip
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+class Router:
+    def __init__(
+        self, mounts: list[Mount], interceptor: Interceptor, executor: Executor, limits: Limits | None = None
+    ) -> None:
+        self.limits = limits or Limits()
+        self.interceptor = interceptor
+        self.executor = executor
+        self.mounts = sorted(mounts, key=lambda m: len(m.parts), reverse=True)  # longest prefix first
+        self.points = {m.parts: m for m in mounts}
+        self.virtual: set[Path] = set()  # strict ancestors of nested mount points
+        self.tops = [m for m in mounts if not any(o is not m and _below(m.parts, o.parts) for o in mounts)]
+        for m in mounts:
+            top = next(t for t in self.tops if _below(m.parts, t.parts) or t is m)
+            self.virtual.update(m.parts[:n] for n in range(len(top.parts), len(m.parts)))
+        self.virtual -= set(self.points)
+        self.nodes: dict[int, _Node] = {}
+        self.index: dict[tuple[int, str], _Node] = {}
+        self.handles: dict[int, _Open] = {}
+        self._ids = itertools.count(2)  # 0 and 1 are reserved by the wire
+        self._fhs = itertools.count(1)
+        self.roots: list[tuple[Mount, _Node]] = []
+        for top in self.tops:
+            node = _Node(next(self._ids), None, "", top.parts)
+            node.nlookup = _NEVER_FORGOTTEN
+            self.nodes[node.id] = node
+            self.roots.append((top, node))
+
+    def hello(self) -> tuple[wire.Mount, ...]:
+        return tuple(wire.Mount(m.path, node.id, m.readonly) for m, node in self.roots)
+
+    def close(self) -> None:
+        for opened in self.handles.values():
+            if opened.handle is not None:
+                opened.handle.close()
+        self.handles.clear()
+        for m in self.mounts:
+            m.provider.close()
+
+    # --- nodes -------------------------------------------------------------------------------------------
+
+    def _node(self, node_id: int) -> _Node:
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise FsError(errno.ESTALE, f"unknown node {node_id}")
+        return node
+
+    def _parts(self, node: _Node) -> Path:
+        names = []
+        while node.parent is not None:
+            names.append(node.name)
+            node = node.parent
+        if node.nlookup != _NEVER_FORGOTTEN:  # detached: unlinked or renamed over
+            raise FsError(errno.ENOENT)
+        return node.root + tuple(reversed(names))
+
+    def _remember(self, parent: _Node, name: str) -> _Node:
+        node = self.index.get((parent.id, name))
+        if node is None:
+            if len(self.nodes) >= self.limits.max_nodes:
+                raise FsError(errno.ENFILE, f"the guest holds {len(self.nodes)} nodes, the limit")
+            node = _Node(next(self._ids), parent, name)
+            self.nodes[node.id] = node
+            self.index[(parent.id, name)] = node
+            parent.children += 1
+        node.nlookup += 1
+        return node
+
+    def _detach(self, parent: _Node, name: str) -> None:
+        node = self.index.pop((parent.id, name), None)
+        if node is not None:
+            node.parent = _DETACHED
+            parent.children -= 1
+            self._drop_if_unused(parent)
+            self._drop_if_unused(node)
+
+    def _drop_if_unused(self, node: _Node) -> None:
+        while node.nlookup <= 0 and node.children <= 0 and node.id in self.nodes:
+            del self.nodes[node.id]
+            parent = node.parent
+            if parent is None or parent is _DETACHED:
+                return
+            if self.index.get((parent.id, node.name)) is node:
+                del self.index[(parent.id, node.name)]
+            parent.children -= 1
+            node = parent
+
+    def forget(self, items: tuple[tuple[int, int], ...]) -> None:
+        for node_id, count in items:
+            node = self.nodes.get(node_id)
+            if node is None or node.nlookup == _NEVER_FORGOTTEN:
+                continue
+            node.nlookup -= count
+            self._drop_if_unused(node)
+
+    def _move(self, parent: _Node, name: str, newparent: _Node, newname: str) -> None:
+        node = self.index.pop((parent.id, name), None)
+        self._detach(newparent, newname)
+        if node is None:
+            return
+        parent.children -= 1
+        node.parent, node.name = newparent, newname
+        self.index[(newparent.id, newname)] = node
+        newparent.children += 1
+        self._drop_if_unused(parent)
+
+    # --- routing -----------------------------------------------------------------------------------------
+
+    def route(self, parts: Path) -> tuple[Mount, Path]:
+        for m in self.mounts:
+            if parts[: len(m.parts)] == m.parts:
+                return m, parts[len(m.parts) :]
+        raise FsError(errno.ENOENT)
+
+    def _child_mounts(self, parts: Path) -> list[Path]:
+        n = len(parts)
+        return [p for p in (*self.points, *self.virtual) if len(p) == n + 1 and p[:n] == parts]
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _getattr(self, parts: Path) -> Attr:
+        """Blocking: the attributes at a guest path, synthesizing the directories to nested mounts."""
+        m, rel = self.route(parts)
+        if parts in self.virtual:
+            try:
+                attr = m.provider.getattr(rel)
+                if attr.is_dir:
+                    return attr
+            except FsError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+            return Attr(ino=_SYNTHETIC_INO ^ hash(parts) & (2**62 - 1), mode=stat.S_IFDIR | 0o755, nlink=2)
+        return m.provider.getattr(rel)
+
+    def _listing(self, parts: Path) -> list[DirEntry]:
+        m, rel = self.route(parts)
+        try:
+            entries = m.provider.listdir(rel, self.limits.max_dir_entries)
+        except FsError as exc:
+            if parts not in self.virtual or exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            entries = []
+        extra = {p[-1]: p for p in self._child_mounts(parts)}
+        if extra:
+            entries = [e for e in entries if e.name not in extra]
+            for name, p in extra.items():
+                attr = self._getattr(p)
+                entries.append(DirEntry(name, attr.mode, attr.ino))
+        return entries
+
+    def _validity(self, parts: Path) -> int:
+        return _ns(self.route(parts)[0].provider.cache_seconds)
+
+    def _entry(self, parent: _Node, name: str, parts: Path, attr: Attr) -> wire.Entry:
+        node = self._remember(parent, name)
+        valid = self._validity(parts)
+        return wire.Entry(node.id, 0, valid, valid, wire_attr(attr))
+
+    def _check(self, op: str, parts: Path) -> str:
+        path = "/" + "/".join(parts)
+        if self.interceptor.blocked(op, path):
+            raise FsError(errno.EPERM, f"{op} {path} blocked by a vfs interception rule")
+        return path
+
+    def _emit(self, op: str, path: str, attr: Attr | None, caller: Caller, size: int | None = None) -> None:
+        if attr is None:
+            self.interceptor.event(op, path, size or 0, 0, caller.uid, caller.gid)
+        else:
+            self.interceptor.event(op, path, attr.size if size is None else size, attr.mode, attr.uid, attr.gid)
+
+    def _writable_child(self, parent: _Node, name: bytes, *, busy: int) -> tuple[Path, Mount, Path, str]:
+        """For an op that makes or removes `name` in `parent`: its parts, mount and relative path."""
+        text = check_name(os.fsdecode(name))
+        parts = self._parts(parent) + (text,)
+        if parts in self.points or parts in self.virtual:
+            raise FsError(busy, "a mount point")
+        m, rel = self.route(parts)
+        if m.readonly:
+            raise FsError(errno.EROFS)
+        return parts, m, rel, text
+
+    def _synthetic_parent(self, exc: FsError, parts: Path) -> FsError:
+        """ENOENT under a synthesized directory means there is nowhere to write: say EROFS."""
+        if exc.errno == errno.ENOENT and parts[:-1] in self.virtual:
+            return FsError(errno.EROFS, "a synthesized directory")
+        return exc
+
+    def _open_path(self, node: _Node, op: str) -> str | None:
+        """The checked guest path of an open file; None once it is unlinked (it was allowed when opened)."""
+        try:
+            parts = self._parts(node)
+        except FsError:
+            return None
+        return self._check(op, parts)
+
+    def _handle(self, fh: int) -> _Open:
+        opened = self.handles.get(fh)
+        if opened is None:
+            raise FsError(errno.EBADF, f"unknown handle {fh}")
+        return opened
+
+    def _open_handle(self, opened: _Open) -> int:
+        if len(self.handles) >= self.limits.max_handles:
+            if opened.handle is not None:
+                opened.handle.close()
+            raise FsError(errno.EMFILE, f"the guest holds {len(self.handles)} open files, the limit")
+        fh = next(self._fhs)
+        self.handles[fh] = opened
+        return fh
+
+    def _cache_flags(self, parts: Path) -> int:
+        # Private mounts change only through this guest, so its page cache stays valid across opens.
+        return wire.OPEN_KEEP_CACHE if self.route(parts)[0].provider.cache_seconds > 60 else 0
+
+    # --- dispatch ----------------------------------------------------------------------------------------
+
+    async def handle(self, request: wire.Request) -> wire.Result:
+        args = request.args
+        caller = Caller(request.uid, request.gid, request.pid)
+        method = _METHODS.get(type(args))
+        if method is None:
+            raise FsError(errno.ENOSYS)
+        return await method(self, args, caller)
+
+    async def lookup(self, a: wire.Lookup, caller: Caller) -> wire.Result:
+        parent = self._node(a.parent)
+        name = check_name(os.fsdecode(a.name))
+        parts = self._parts(parent) + (name,)
+        path = self._check("stat", parts)
+        attr = await self._io(self._getattr, parts)
+        self._emit("stat", path, attr, caller)
+        return self._entry(parent, name, parts, attr)
+
+    async def getattr(self, a: wire.Getattr, caller: Caller) -> wire.Result:
+        node = self._node(a.node)
+        opened = self.handles.get(a.fh) if a.fh else None
+        if opened is not None and opened.handle is not None:
+            # An open file keeps its attributes even once unlinked.
+            attr = await self._io(opened.handle.fstat)
+            try:
+                valid = self._validity(self._parts(node))
+            except FsError:
+                valid = 0
+            return wire.AttrReply(valid, wire_attr(attr))
+        parts = self._parts(node)
+        self._check("stat", parts)
+        attr = await self._io(self._getattr, parts)
+        return wire.AttrReply(self._validity(parts), wire_attr(attr))
+
+    async def setattr(self, a: wire.Setattr, caller: Caller) -> wire.Result:
+        node = self._node(a.node)
+        parts = self._parts(node)
+        m, rel = self.route(parts)
+        if parts in self.virtual:
+            raise FsError(errno.EROFS, "a synthesized directory")
+        changes = SetAttr(
+            mode=a.mode if a.valid & wire.SET_MODE else None,
+            uid=a.uid if a.valid & wire.SET_UID else None,
+            gid=a.gid if a.valid & wire.SET_GID else None,
+            size=a.size if a.valid & wire.SET_SIZE else None,
+            atime_ns=TIME_NOW if a.valid & wire.SET_ATIME_NOW else a.atime_ns if a.valid & wire.SET_ATIME else None,
+            mtime_ns=TIME_NOW if a.valid & wire.SET_MTIME_NOW else a.mtime_ns if a.valid & wire.SET_MTIME else None,
+        )
+        if changes.size is not None and changes.size >= 1 << 63:
+            raise FsError(errno.EFBIG)
+        ops = [op for op, on in (("truncate", changes.size is not None),
+                                 ("chmod", changes.mode is not None or changes.uid is not None
+                                  or changes.gid is not None)) if on]  # fmt: skip
+        path = "/" + "/".join(parts)
+        for op in ops:
+            self._check(op, parts)
+        if m.readonly:
+            raise FsError(errno.EROFS)
+        opened = self.handles.get(a.fh) if a.fh else None
+        handle = opened.handle if opened is not None else None
+        attr = await self._io(m.provider.setattr, rel, changes, handle)
+        for op in ops:
+            self._emit(op, path, attr, caller)
+        return wire.AttrReply(self._validity(parts), wire_attr(attr))
+
+    async def readlink(self, a: wire.Readlink, caller: Caller) -> wire.Result:
+        parts = self._parts(self._node(a.node))
+        path = self._check("readlink", parts)
+        m, rel = self.route(parts)
+        target = os.fsencode(await self._io(m.provider.readlink, rel))
+        if not 0 < len(target) <= wire.MAX_TARGET:
+            raise FsError(errno.ENAMETOOLONG)
+        self._emit("readlink", path, None, caller, len(target))
+        return target
+
+    async def _make(self, op: str, parent_id: int, name: bytes, caller: Caller, method: str, *args: Any) -> wire.Entry:
+        parent = self._node(parent_id)
+        parts, m, rel, text = self._writable_child(parent, name, busy=errno.EEXIST)
+        path = self._check(op, parts)
+        try:
+            attr = await self._io(getattr(m.provider, method), rel, *args)
+        except FsError as exc:
+            raise self._synthetic_parent(exc, parts) from None
+        self._emit(op, path, attr, caller)
+        return self._entry(parent, text, parts, attr)
+
+    async def symlink(self, a: wire.Symlink, caller: Caller) -> wire.Result:
+        return await self._make("symlink", a.parent, a.name, caller, "symlink", os.fsdecode(a.target), caller)
+
+    async def mknod(self, a: wire.Mknod, caller: Caller) -> wire.Result:
+        return await self._make("create", a.parent, a.name, caller, "mknod", a.mode, a.rdev, caller)
+
+    async def mkdir(self, a: wire.Mkdir, caller: Caller) -> wire.Result:
+        return await self._make("mkdir", a.parent, a.name, caller, "mkdir", a.mode, caller)
+
+    async def link(self, a: wire.Link, caller: Caller) -> wire.Result:
+        source = self._parts(self._node(a.node))
+        parent = self._node(a.newparent)
+        parts, m, rel, text = self._writable_child(parent, a.newname, busy=errno.EEXIST)
+        sm, srel = self.route(source)
+        if sm is not m or source in self.points:
+            raise FsError(errno.EXDEV)
+        path = self._check("create", parts)
+        attr = await self._io(m.provider.link, srel, rel)
+        self._emit("create", path, attr, caller)
+        return self._entry(parent, text, parts, attr)
+
+    async def _remove(self, a: wire.Unlink | wire.Rmdir, caller: Caller, directory: bool) -> wire.Result:
+        parent = self._node(a.parent)
+        parts, m, rel, text = self._writable_child(parent, a.name, busy=errno.EBUSY)
+        path = self._check("remove", parts)
+        await self._io(m.provider.rmdir if directory else m.provider.unlink, rel)
+        self._detach(parent, text)
+        self._emit("remove", path, None, caller)
+        return None
+
+    async def unlink(self, a: wire.Unlink, caller: Caller) -> wire.Result:
+        return await self._remove(a, caller, directory=False)
+
+    async def rmdir(self, a: wire.Rmdir, caller: Caller) -> wire.Result:
+        return await self._remove(a, caller, directory=True)
+
+    async def rename(self, a: wire.Rename, caller: Caller) -> wire.Result:
+        parent, newparent = self._node(a.parent), self._node(a.newparent)
+        parts, m, rel, name = self._writable_child(parent, a.name, busy=errno.EBUSY)
+        newparts, nm, newrel, newname = self._writable_child(newparent, a.newname, busy=errno.EBUSY)
+        if nm is not m:
+            raise FsError(errno.EXDEV)
+        path = self._check("rename", parts)
+        self._check("rename", newparts)
+        try:
+            await self._io(m.provider.rename, rel, newrel, a.flags)
+        except FsError as exc:
+            raise self._synthetic_parent(exc, newparts) from None
+        if a.flags & wire.RENAME_EXCHANGE:
+            self._detach(parent, name)
+            self._detach(newparent, newname)
+        else:
+            self._move(parent, name, newparent, newname)
+        self._emit("rename", path, None, caller)
+        return None
+
+    async def open(self, a: wire.Open, caller: Caller) -> wire.Result:
+        node = self._node(a.node)
+        parts = self._parts(node)
+        m, rel = self.route(parts)
+        path = self._check("open", parts)
+        if wants_write(a.flags) and m.readonly:
+            raise FsError(errno.EROFS)
+        if parts in self.virtual:
+            raise FsError(errno.EISDIR)
+        handle = await self._io(m.provider.open, rel, a.flags)
+        fh = self._open_handle(_Open(node, handle))
+        self._emit("open", path, None, caller)
+        return wire.Opened(fh, self._cache_flags(parts))
+
+    async def create(self, a: wire.Create, caller: Caller) -> wire.Result:
+        parent = self._node(a.parent)
+        parts, m, rel, text = self._writable_child(parent, a.name, busy=errno.EEXIST)
+        path = self._check("create", parts)
+        try:
+            handle, attr = await self._io(m.provider.create, rel, a.flags, a.mode, caller)
+        except FsError as exc:
+            raise self._synthetic_parent(exc, parts) from None
+        entry = self._entry(parent, text, parts, attr)
+        fh = self._open_handle(_Open(self.nodes[entry.node], handle))
+        self._emit("create", path, attr, caller)
+        return wire.Created(entry, fh, self._cache_flags(parts))
+
+    async def read(self, a: wire.Read, caller: Caller) -> wire.Result:
+        opened = self._handle(a.fh)
+        if opened.handle is None:
+            raise FsError(errno.EISDIR)
+        if a.size > self.limits.max_io or a.offset >= 1 << 63:
+            raise FsError(errno.EINVAL)
+        if self.interceptor.enabled:
+            path = self._open_path(opened.node, "read")
+            data = await self._io(opened.handle.read, a.offset, a.size)
+            if path is not None:
+                self._emit("read", path, await self._io(opened.handle.fstat), caller, len(data))
+            return data
+        return await self._io(opened.handle.read, a.offset, a.size)
+
+    async def write(self, a: wire.Write, caller: Caller) -> wire.Result:
+        opened = self._handle(a.fh)
+        if opened.handle is None:
+            raise FsError(errno.EISDIR)
+        if a.offset + len(a.data) >= 1 << 63:
+            raise FsError(errno.EFBIG)
+        if self.interceptor.enabled:
+            path = self._open_path(opened.node, "write")
+            written = await self._io(opened.handle.write, a.offset, a.data)
+            if path is not None:
+                self._emit("write", path, await self._io(opened.handle.fstat), caller, written)
+            return wire.Written(written)
+        return wire.Written(await self._io(opened.handle.write, a.offset, a.data))
+
+    async def flush(self, a: wire.Flush, caller: Caller) -> wire.Result:
+        self._handle(a.fh)
+        return None
+
+    async def release(self, a: wire.Release, caller: Caller) -> wire.Result:
+        opened = self.handles.pop(a.fh, None)
+        if opened is None:
+            raise FsError(errno.EBADF)
+        if opened.handle is not None:
+            await self._io(opened.handle.close)
+        if self.interceptor.enabled:
+            with contextlib.suppress(FsError):
+                self._emit("close", "/" + "/".join(self._parts(opened.node)), None, caller)
+        return None
+
+    async def fsync(self, a: wire.Fsync, caller: Caller) -> wire.Result:
+        opened = self._handle(a.fh)
+        if opened.handle is not None:
+            await self._io(opened.handle.fsync, bool(a.datasync))
+        if self.interceptor.enabled:
+            with contextlib.suppress(FsError):
+                self._emit("sync", "/" + "/".join(self._parts(opened.node)), None, caller)
+        return None
+
+    async def opendir(self, a: wire.Opendir, caller: Caller) -> wire.Result:
+        node = self._node(a.node)
+        parts = self._parts(node)
+        path = self._check("readdir", parts)
+        listing = await self._io(self._listing, parts)
+        fh = self._open_handle(_Open(node, listing=listing))
+        self._emit("readdir", path, None, caller, len(listing))
+        return wire.Opened(fh, wire.OPEN_CACHE_DIR | wire.OPEN_KEEP_CACHE if self._cache_flags(parts) else 0)
+
+    async def readdir(self, a: wire.Readdir, caller: Caller) -> wire.Result:
+        opened = self._handle(a.fh)
+        if opened.listing is None:
+            raise FsError(errno.ENOTDIR)
+        node = opened.node
+        # Never ino 0: glibc's readdir skips such entries as deleted.
+        names = [DirEntry(".", stat.S_IFDIR, 1), DirEntry("..", stat.S_IFDIR, 1), *opened.listing]
+        if a.offset >= len(names):
+            return ()
+        page, used = [], 0
+        for index in range(a.offset, len(names)):
+            entry = names[index]
+            size = wire.dirent_size(len(os.fsencode(entry.name)), bool(a.plus))
+            if used + size > a.size:
+                break
+            used += size
+            page.append((index + 1, entry))
+        if not a.plus:
+            return tuple(wire.DirEntry(cookie, e.ino or 1, stat.S_IFMT(e.mode) >> 12, os.fsencode(e.name))
+                         for cookie, e in page)  # fmt: skip
+        parts = self._parts(node)
+        wanted = [parts + (e.name,) for _, e in page if e.name not in (".", "..")]
+        attrs = await self._io(self._attrs, wanted)
+        out = []
+        for cookie, e in page:
+            if e.name in (".", ".."):
+                out.append(wire.DirEntry(cookie, 1, stat.S_IFDIR >> 12, os.fsencode(e.name)))
+                continue
+            attr = attrs.get(e.name)
+            if attr is None:  # gone since the listing: an entry without a node
+                out.append(wire.DirEntry(cookie, e.ino or 1, stat.S_IFMT(e.mode) >> 12, os.fsencode(e.name)))
+                continue
+            found = self._entry(node, e.name, parts + (e.name,), attr)
+            out.append(wire.DirEntry(cookie, attr.ino or 1, stat.S_IFMT(attr.mode) >> 12, os.fsencode(e.name), found))
+        return tuple(out)
+
+    def _attrs(self, paths: list[Path]) -> dict[str, Attr]:
+        out = {}
+        for parts in paths:
+            try:
+                out[parts[-1]] = self._getattr(parts)
+            except FsError:
+                continue
+        return out
+
+    async def releasedir(self, a: wire.Releasedir, caller: Caller) -> wire.Result:
+        if self.handles.pop(a.fh, None) is None:
+            raise FsError(errno.EBADF)
+        return None
+
+    async def statfs(self, a: wire.Statfs, caller: Caller) -> wire.Result:
+        m, _ = self.route(self._parts(self._node(a.node)))
+        s = await self._io(m.provider.statfs)
+        return wire.StatfsReply(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize)
+
+
+def _below(parts: Path, root: Path) -> bool:
+    return len(parts) > len(root) and parts[: len(root)] == root
+
+
+_DETACHED = _Node(0, None, "")  # the parent of an unlinked node: its path is gone
+
+
+_METHODS: dict[type, Callable[..., Any]] = {
+    wire.Lookup: Router.lookup, wire.Getattr: Router.getattr, wire.Setattr: Router.setattr,
+    wire.Readlink: Router.readlink, wire.Symlink: Router.symlink, wire.Mknod: Router.mknod,
+    wire.Mkdir: Router.mkdir, wire.Unlink: Router.unlink, wire.Rmdir: Router.rmdir, wire.Rename: Router.rename,
+    wire.Link: Router.link, wire.Open: Router.open, wire.Create: Router.create, wire.Read: Router.read,
+    wire.Write: Router.write, wire.Flush: Router.flush, wire.Release: Router.release, wire.Fsync: Router.fsync,
+    wire.Opendir: Router.opendir, wire.Readdir: Router.readdir, wire.Releasedir: Router.releasedir,
+    wire.Statfs: Router.statfs,
+}  # fmt: skip

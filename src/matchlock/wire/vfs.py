@@ -1,0 +1,474 @@
+"""The VFS channel: file requests from the guest's FUSE daemon to the host (sans-IO, stdlib only).
+
+It runs on its own virtio-serial port (`VFS_PORT_NAME`), so file traffic never queues behind exec
+streams. The guest sends requests, the host answers each one (except FORGET); many requests are in
+flight at once and replies may come in any order, matched by request id.
+
+    request: length u32 | id u32 | op u8  | uid u32 | gid u32 | pid u32 | payload
+    reply:   length u32 | id u32 | status i32 | payload
+
+`length` counts the payload only. Payloads are fixed big-endian structs, optionally followed by
+names (u16 length + bytes), a symlink target (same), or raw file data (the rest of the payload):
+file data is never JSON or base64. Only HELLO is JSON. A reply's status is 0 or a negative Linux
+errno; an error reply has no payload.
+
+Nodes and handles are the host's: it assigns a node id (u64, never 0 or 1) in every entry it
+returns (LOOKUP, MKNOD, MKDIR, SYMLINK, LINK, CREATE, READDIR with `plus`), counting one lookup for
+each; FORGET gives lookups back. Each mount's root node comes in the HELLO reply. File handles
+(u64, never 0) come from OPEN, CREATE and OPENDIR; fh 0 in GETATTR and SETATTR means "no handle".
+
+The host must treat the guest as hostile, so `RequestDecoder` checks every length, count, id and
+name before the host sees a request and raises RemoteProtocolError on the first violation. A
+request with an op this version does not know decodes with `args=None`; answer it with ENOSYS.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from .frames import LocalProtocolError, RemoteProtocolError
+from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one name both sides import
+    _DATA,
+    _DIRENT,
+    _FORGETS,
+    _NAME,
+    _NODE_FIELDS,
+    _OPENED,
+    _STATFS,
+    ARGS,
+    ATTR_STRUCT,
+    ENTRY_STRUCT,
+    MAX_FORGETS,
+    MAX_HELLO,
+    MAX_ID,
+    MAX_IO,
+    MAX_MOUNTS,
+    MAX_NAME,
+    MAX_PAYLOAD,
+    MAX_TARGET,
+    OP_NAMES,
+    OPEN_CACHE_DIR,
+    OPEN_DIRECT_IO,
+    OPEN_FLAG_MASK,
+    OPEN_FLAGS_ALL,
+    OPEN_KEEP_CACHE,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    ROOT_ALIAS,
+    SET_ALL,
+    SET_ATIME,
+    SET_ATIME_NOW,
+    SET_CTIME,
+    SET_GID,
+    SET_MODE,
+    SET_MTIME,
+    SET_MTIME_NOW,
+    SET_SIZE,
+    SET_UID,
+    VERSION,
+    Args,
+    Attr,
+    AttrReply,
+    Create,
+    Created,
+    DirEntry,
+    Entry,
+    Flush,
+    Forget,
+    Fsync,
+    Getattr,
+    Hello,
+    HelloReply,
+    Link,
+    Lookup,
+    Mkdir,
+    Mknod,
+    Mount,
+    Op,
+    Open,
+    Opendir,
+    Opened,
+    Read,
+    Readdir,
+    Readlink,
+    Release,
+    Releasedir,
+    Rename,
+    Reply,
+    Request,
+    Result,
+    Rmdir,
+    Setattr,
+    Statfs,
+    StatfsReply,
+    Symlink,
+    Unlink,
+    Write,
+    Written,
+    check_name,
+    check_target,
+    dirent_size,
+)
+
+REQUEST_HEADER = struct.Struct(">IIBIII")
+REPLY_HEADER = struct.Struct(">IIi")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_FORGET = struct.Struct(">QQ")
+
+
+# Which reply each op gets.
+_ENTRY_OPS = (Op.LOOKUP, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK)
+_ATTR_OPS = (Op.GETATTR, Op.SETATTR)
+_EMPTY_OPS = (Op.UNLINK, Op.RMDIR, Op.RENAME, Op.FLUSH, Op.RELEASE, Op.FSYNC, Op.RELEASEDIR)
+
+
+# ---- requests ------------------------------------------------------------------------------------
+
+
+def _short(what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"{what} runs past the end of its frame")
+
+
+def _pack_tail(kind: str, value) -> bytes | memoryview:
+    if kind == _DATA:
+        if len(value) > MAX_IO:
+            raise LocalProtocolError(f"{len(value)} bytes of data exceed MAX_IO ({MAX_IO})")
+        return value
+    if kind == _FORGETS:
+        if not 1 <= len(value) <= MAX_FORGETS:
+            raise LocalProtocolError(f"FORGET of {len(value)} items (must be 1..{MAX_FORGETS})")
+        return _U32.pack(len(value)) + b"".join(_FORGET.pack(node, count) for node, count in value)
+    try:
+        (check_name if kind == _NAME else check_target)(value)
+    except ValueError as exc:
+        raise LocalProtocolError(str(exc)) from None
+    return _U16.pack(len(value)) + value
+
+
+def encode_request(request_id: int, uid: int, gid: int, pid: int, args: Args) -> bytes:
+    """One request frame (guest side). FORGET gets no reply; give it id 0."""
+    if not 0 <= request_id <= MAX_ID:
+        raise LocalProtocolError(f"request id {request_id} out of range")
+    if isinstance(args, Hello):
+        parts: list[bytes | memoryview] = [json.dumps({"version": args.version, "max_io": args.max_io}).encode()]
+    else:
+        values = args._values()
+        nfixed = len(values) - len(args._tail)
+        parts = [args._fixed.pack(*values[:nfixed])]
+        parts += [_pack_tail(kind, value) for kind, value in zip(args._tail, values[nfixed:], strict=True)]
+    length = sum(len(part) for part in parts)
+    if length > MAX_PAYLOAD:
+        raise LocalProtocolError(f"request payload of {length} bytes exceeds {MAX_PAYLOAD}")
+    # One join: WRITE data (up to 1 MiB, possibly a memoryview of the FUSE buffer) is copied once.
+    return b"".join([REQUEST_HEADER.pack(length, request_id, args._op, uid, gid, pid), *parts])
+
+
+def _unpack_tail(kind: str, payload: bytes, pos: int) -> tuple[object, int]:
+    if kind == _DATA:
+        if len(payload) - pos > MAX_IO:
+            raise RemoteProtocolError(f"{len(payload) - pos} bytes of data exceed MAX_IO ({MAX_IO})")
+        return payload[pos:], len(payload)
+    if kind == _FORGETS:
+        if pos + 4 > len(payload):
+            raise _short("FORGET count")
+        (count,) = _U32.unpack_from(payload, pos)
+        if not 1 <= count <= MAX_FORGETS:
+            raise RemoteProtocolError(f"FORGET of {count} items (must be 1..{MAX_FORGETS})")
+        end = pos + 4 + count * _FORGET.size
+        if end > len(payload):
+            raise _short("FORGET items")
+        items = tuple(_FORGET.iter_unpack(payload[pos + 4 : end]))
+        if any(node in (0, ROOT_ALIAS) for node, _ in items):
+            raise RemoteProtocolError("FORGET of node 0 or 1, which the host never assigns")
+        return items, end
+    if pos + 2 > len(payload):
+        raise _short(kind)
+    (length,) = _U16.unpack_from(payload, pos)
+    end = pos + 2 + length
+    if end > len(payload):
+        raise _short(kind)
+    value = payload[pos + 2 : end]
+    try:
+        (check_name if kind == _NAME else check_target)(value)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"bad {kind}: {exc}") from None
+    return value, end
+
+
+def _decode_hello(payload: bytes) -> Hello:
+    if len(payload) > MAX_HELLO:
+        raise RemoteProtocolError(f"HELLO of {len(payload)} bytes exceeds {MAX_HELLO}")
+    try:
+        msg = json.loads(payload)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"HELLO is not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise RemoteProtocolError("HELLO must be a JSON object")
+    version, max_io = msg.get("version"), msg.get("max_io")
+    if type(version) is not int or type(max_io) is not int or not 4096 <= max_io <= MAX_IO:
+        raise RemoteProtocolError(f"HELLO needs integer version and max_io in 4096..{MAX_IO}, got {msg!r:.200}")
+    return Hello(version, max_io)
+
+
+def decode_args(op: int, payload: bytes) -> Args | None:
+    """Validate and decode one request payload (host side); None for an unknown op."""
+    cls = ARGS.get(op)
+    if cls is None:
+        return None
+    if cls is Hello:
+        return _decode_hello(payload)
+    fixed = cls._fixed
+    if len(payload) < fixed.size:
+        raise _short(f"{OP_NAMES[op]} fields")
+    values: list[object] = list(fixed.unpack_from(payload, 0))
+    pos = fixed.size
+    for kind in cls._tail:
+        value, pos = _unpack_tail(kind, payload, pos)
+        values.append(value)
+    if pos != len(payload):
+        raise RemoteProtocolError(f"{OP_NAMES[op]} has {len(payload) - pos} stray bytes after its fields")
+    args = cls(*values)
+    for field in _NODE_FIELDS:
+        if getattr(args, field, 1) == 0:
+            raise RemoteProtocolError(f"{OP_NAMES[op]} names node 0")
+    _check_args(args)
+    return args
+
+
+def _check_args(args: Args) -> None:
+    if isinstance(args, (Read, Readdir)) and args.size > MAX_IO:
+        raise RemoteProtocolError(f"{type(args).__name__.upper()} of {args.size} bytes exceeds MAX_IO ({MAX_IO})")
+    if isinstance(args, Setattr) and args.valid & ~SET_ALL:
+        raise RemoteProtocolError(f"SETATTR with unknown valid bits {args.valid & ~SET_ALL:#x}")
+    if isinstance(args, Rename) and args.flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        raise RemoteProtocolError(f"RENAME with unknown flags {args.flags:#x}")
+    if isinstance(args, (Open, Create, Opendir, Write)) and args.flags & ~OPEN_FLAG_MASK:
+        raise RemoteProtocolError(f"{type(args).__name__.upper()} with open flags {args.flags:#o} outside the mask")
+    if isinstance(args, Readdir) and args.plus > 1:
+        raise RemoteProtocolError(f"READDIR plus must be 0 or 1, got {args.plus}")
+
+
+class RequestDecoder:
+    """Host side: bytes from the guest in, validated Requests out; keeps at most one partial frame."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Request]:
+        self._buffer += data
+        requests = []
+        buf = self._buffer
+        while len(buf) >= REQUEST_HEADER.size:
+            length, request_id, op, uid, gid, pid = REQUEST_HEADER.unpack_from(buf, 0)
+            # Checked before the payload is buffered, so a hostile length costs nothing.
+            if length > MAX_PAYLOAD:
+                raise RemoteProtocolError(f"request of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+            end = REQUEST_HEADER.size + length
+            if len(buf) < end:
+                break
+            payload = bytes(buf[REQUEST_HEADER.size : end])
+            del buf[:end]
+            if request_id == 0 and op != Op.FORGET:
+                raise RemoteProtocolError(f"request id 0 on {OP_NAMES.get(op, op)} (only FORGET may use it)")
+            requests.append(Request(request_id, op, uid, gid, pid, decode_args(op, payload)))
+        return requests
+
+    def close(self) -> None:
+        """Call at end of input; a partial frame left over is a protocol error."""
+        if self._buffer:
+            raise RemoteProtocolError(f"VFS channel closed mid-frame ({len(self._buffer)} bytes pending)")
+
+
+# ---- replies -------------------------------------------------------------------------------------
+
+
+def _pack_attr(attr: Attr) -> bytes:
+    return ATTR_STRUCT.pack(*attr._values())
+
+
+def _pack_entry(entry: Entry) -> bytes:
+    if entry.node in (0, ROOT_ALIAS):
+        raise LocalProtocolError(f"entry with node {entry.node}: node ids 0 and 1 are reserved")
+    return ENTRY_STRUCT.pack(entry.node, entry.generation, entry.entry_valid_ns, entry.attr_valid_ns) + _pack_attr(
+        entry.attr
+    )
+
+
+def _pack_dirent(item: DirEntry) -> bytes:
+    try:
+        check_name(item.name, dots=True)
+    except ValueError as exc:
+        raise LocalProtocolError(f"directory entry: {exc}") from None
+    head = _DIRENT.pack(item.offset, item.ino, item.type, len(item.name), item.entry is not None) + item.name
+    return head if item.entry is None else head + _pack_entry(item.entry)
+
+
+def _pack_result(result: Result) -> bytes:
+    if result is None:
+        return b""
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return bytes(result)
+    if isinstance(result, Entry):
+        return _pack_entry(result)
+    if isinstance(result, AttrReply):
+        return struct.pack(">Q", result.attr_valid_ns) + _pack_attr(result.attr)
+    if isinstance(result, Opened):
+        return _OPENED.pack(result.fh, result.flags)
+    if isinstance(result, Created):
+        return _pack_entry(result.entry) + _OPENED.pack(result.fh, result.flags)
+    if isinstance(result, Written):
+        return _U32.pack(result.size)
+    if isinstance(result, StatfsReply):
+        return _STATFS.pack(*result._values())
+    if isinstance(result, HelloReply):
+        mounts = [
+            {"path": m.path, "root": m.root, "readonly": m.readonly, "negative_valid_ns": m.negative_valid_ns}
+            for m in result.mounts
+        ]
+        return json.dumps({"version": result.version, "max_io": result.max_io, "mounts": mounts}).encode()
+    if isinstance(result, tuple):
+        return _U32.pack(len(result)) + b"".join(_pack_dirent(item) for item in result)
+    raise LocalProtocolError(f"cannot encode a {type(result).__name__} as a VFS reply")
+
+
+def encode_reply(request_id: int, result: Result) -> bytes:
+    """A success reply (host side): the record the op calls for, bytes for READ/READLINK, None if empty."""
+    payload = _pack_result(result)
+    if len(payload) > MAX_PAYLOAD:
+        raise LocalProtocolError(f"reply payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return REPLY_HEADER.pack(len(payload), request_id, 0) + payload
+
+
+def encode_error(request_id: int, error: int) -> bytes:
+    """An error reply: `error` is a positive Linux errno."""
+    if not 0 < error < 4096:
+        raise LocalProtocolError(f"errno {error} out of range")
+    return REPLY_HEADER.pack(0, request_id, -error)
+
+
+class ReplyDecoder:
+    """Guest side: bytes from the host in, Reply frames out."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Reply]:
+        self._buffer += data
+        replies = []
+        buf = self._buffer
+        while len(buf) >= REPLY_HEADER.size:
+            length, request_id, status = REPLY_HEADER.unpack_from(buf, 0)
+            if length > MAX_PAYLOAD:
+                raise RemoteProtocolError(f"reply of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+            if not -4096 < status <= 0 or (status and length):
+                raise RemoteProtocolError(f"reply status {status} with {length} payload bytes")
+            end = REPLY_HEADER.size + length
+            if len(buf) < end:
+                break
+            replies.append(Reply(request_id, status, bytes(buf[REPLY_HEADER.size : end])))
+            del buf[:end]
+        return replies
+
+
+def _unpack_attr(payload: bytes, pos: int) -> Attr:
+    return Attr(*ATTR_STRUCT.unpack_from(payload, pos))
+
+
+def _unpack_entry(payload: bytes, pos: int) -> Entry:
+    node, generation, entry_valid, attr_valid = ENTRY_STRUCT.unpack_from(payload, pos)
+    if node in (0, ROOT_ALIAS):
+        raise RemoteProtocolError(f"entry with reserved node id {node}")
+    return Entry(node, generation, entry_valid, attr_valid, _unpack_attr(payload, pos + ENTRY_STRUCT.size))
+
+
+_ENTRY_SIZE = ENTRY_STRUCT.size + ATTR_STRUCT.size
+
+
+def _decode_dirents(payload: bytes) -> tuple[DirEntry, ...]:
+    (count,) = _U32.unpack_from(payload, 0)
+    pos, items = 4, []
+    for _ in range(count):
+        offset, ino, kind, length, has_entry = _DIRENT.unpack_from(payload, pos)
+        pos += _DIRENT.size
+        name = check_name(payload[pos : pos + length], dots=True)
+        if len(name) != length:
+            raise _short("directory entry name")
+        pos += length
+        entry = None
+        if has_entry:
+            entry = _unpack_entry(payload, pos)
+            pos += _ENTRY_SIZE
+        items.append(DirEntry(offset, ino, kind, name, entry))
+    if pos != len(payload):
+        raise RemoteProtocolError(f"READDIR reply has {len(payload) - pos} stray bytes")
+    return tuple(items)
+
+
+def _decode_hello_reply(payload: bytes) -> HelloReply:
+    msg = json.loads(payload)
+    mounts = msg["mounts"]
+    if not isinstance(mounts, list) or len(mounts) > MAX_MOUNTS:
+        raise ValueError(f"mounts must be a list of at most {MAX_MOUNTS}")
+    parsed = []
+    for m in mounts:
+        path, root, readonly = m["path"], m["root"], m.get("readonly", False)
+        negative = m.get("negative_valid_ns", 0)
+        if not isinstance(path, str) or not path.startswith("/") or "\x00" in path or len(path) > 4096:
+            raise ValueError(f"mount path {path!r} must be absolute")
+        if type(root) is not int or root in (0, ROOT_ALIAS) or not isinstance(readonly, bool):
+            raise ValueError(f"mount {path!r} has a bad root {root!r} or readonly {readonly!r}")
+        if type(negative) is not int or negative < 0:
+            raise ValueError(f"mount {path!r} has a bad negative_valid_ns {negative!r}")
+        parsed.append(Mount(path, root, readonly, negative))
+    version, max_io = msg["version"], msg["max_io"]
+    if type(version) is not int or type(max_io) is not int or not 4096 <= max_io <= MAX_IO:
+        raise ValueError(f"bad version {version!r} or max_io {max_io!r}")
+    return HelloReply(version, max_io, tuple(parsed))
+
+
+def decode_result(op: int, payload: bytes) -> Result:
+    """Decode a success reply's payload for the op it answers (guest side)."""
+    try:
+        return _decode_result(op, payload)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise RemoteProtocolError(f"malformed {OP_NAMES.get(op, op)} reply: {exc}") from None
+
+
+def _exact(payload: bytes, size: int, op: int) -> None:
+    if len(payload) != size:
+        raise ValueError(f"{len(payload)} bytes, expected {size} for {OP_NAMES[op]}")
+
+
+def _decode_result(op: int, payload: bytes) -> Result:
+    if op in _ENTRY_OPS:
+        _exact(payload, _ENTRY_SIZE, op)
+        return _unpack_entry(payload, 0)
+    if op in _ATTR_OPS:
+        _exact(payload, 8 + ATTR_STRUCT.size, op)
+        return AttrReply(struct.unpack_from(">Q", payload)[0], _unpack_attr(payload, 8))
+    if op in _EMPTY_OPS:
+        _exact(payload, 0, op)
+        return None
+    if op in (Op.READ, Op.READLINK):
+        if op == Op.READLINK:
+            check_target(payload)
+        return payload
+    if op in (Op.OPEN, Op.OPENDIR):
+        _exact(payload, _OPENED.size, op)
+        return Opened(*_OPENED.unpack(payload))
+    if op == Op.CREATE:
+        _exact(payload, _ENTRY_SIZE + _OPENED.size, op)
+        return Created(_unpack_entry(payload, 0), *_OPENED.unpack_from(payload, _ENTRY_SIZE))
+    if op == Op.WRITE:
+        _exact(payload, 4, op)
+        return Written(_U32.unpack(payload)[0])
+    if op == Op.STATFS:
+        _exact(payload, _STATFS.size, op)
+        return StatfsReply(*_STATFS.unpack(payload))
+    if op == Op.READDIR:
+        return _decode_dirents(payload)
+    if op == Op.HELLO:
+        return _decode_hello_reply(payload)
+    raise ValueError(f"no reply is defined for op {op}")

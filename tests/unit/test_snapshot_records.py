@@ -1,0 +1,233 @@
+"""Snapshots without a VM: records, the paused mark, the wake record, the relay's control frames,
+restore preparation and the guest's CA swap (the VM side is tests/vm/test_snapshots.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from matchlock.api.config import SandboxConfig
+from matchlock.api.errors import NotFoundError, UsageError
+from matchlock.api.network import NetworkConfig, SecretConfig
+from matchlock.guest import checkpoint as guest_checkpoint
+from matchlock.sandbox import relay_protocol as rp
+from matchlock.sandbox.snapshots import Restore
+from matchlock.state import snapshots as records
+from matchlock.state.store import StateStore
+from matchlock.wire.boot import WAKE_SIZE
+from matchlock.wire.checkpoint import WAKE_RECORD_SIZE, decode_wake, encode_wake
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = StateStore(tmp_path / "state")
+    yield store
+    store.close()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+# --- records -----------------------------------------------------------------------------
+
+
+def test_a_snapshot_is_listed_only_once_complete(store):
+    store.register("vm-00000001", image="img", config={})
+    directory = records.begin(store, "s1", "vm-00000001", "full")
+    (directory / "upper.img").write_bytes(b"x" * 8192)
+    assert records.ready(store) == []
+    with pytest.raises(NotFoundError, match="'s1' not found"):
+        records.require(store, "s1")  # being made: not usable yet
+    record = records.complete(store, "s1", {"image": "img", "secrets": {"API_KEY": "PH"}})
+    assert [r.name for r in records.ready(store)] == ["s1"]
+    assert record.size >= 8192 and record.to_json()["secrets"] == ["API_KEY"]
+
+
+def test_a_name_clash_and_bad_names_and_modes_are_refused(store):
+    records.begin(store, "dup", "vm-00000001", "filesystem")
+    with pytest.raises(UsageError, match="'dup' already exists"):
+        records.begin(store, "dup", "vm-00000002", "full")
+    with pytest.raises(UsageError, match="invalid snapshot name '../x'"):
+        records.begin(store, "../x", "vm-00000001", "full")
+    with pytest.raises(UsageError, match="invalid snapshot mode 'memory'"):
+        records.begin(store, "ok", "vm-00000001", "memory")
+
+
+def test_remove_deletes_files_and_unknown_names_are_not_found(store):
+    directory = records.begin(store, "gone", "vm-00000001", "full")
+    records.complete(store, "gone", {})
+    records.remove(store, "gone")
+    assert not directory.exists() and records.get(store, "gone") is None
+    with pytest.raises(NotFoundError, match="'gone' not found"):
+        records.remove(store, "gone")
+
+
+def test_gc_removes_snapshots_whose_maker_died_and_keeps_ones_in_progress(store):
+    store.register("vm-dead0001", image="img", config={}, pid=_dead_pid())
+    store.register("vm-live0001", image="img", config={})
+    abandoned = records.begin(store, "abandoned", "vm-dead0001", "full")
+    records.begin(store, "in-progress", "vm-live0001", "full")
+    stray = records.snapshots_dir(store) / "stray"
+    stray.mkdir()
+    assert sorted(records.remove_abandoned(store)) == ["abandoned", "stray"]
+    assert not abandoned.exists() and not stray.exists()
+    assert [r.name for r in records.partial(store)] == ["in-progress"]
+
+
+def test_paused_is_shown_only_while_the_owner_runs(store):
+    store.register("vm-00000001", image="img", config={})
+    records.set_paused(store, "vm-00000001", True)
+    vm = store.require("vm-00000001")
+    assert vm.shown_status == "paused" and vm.to_json()["paused"] is True
+    store.set_status("vm-00000001", "stopped", pid=0)
+    assert store.require("vm-00000001").shown_status == "stopped"
+
+
+# --- the wake record and the parked guest's read --------------------------------------------
+
+
+def test_wake_record_round_trip_and_rejects():
+    seed = os.urandom(WAKE_SIZE)
+    assert decode_wake(encode_wake(new_host=True, time_ns=123, seed=seed)) == (True, 123, seed)
+    assert decode_wake(encode_wake(new_host=False, time_ns=5, seed=seed))[0] is False
+    with pytest.raises(ValueError, match="not a wake record"):
+        decode_wake(b"X" * WAKE_RECORD_SIZE)
+    with pytest.raises(ValueError, match="bytes"):
+        decode_wake(b"short")
+
+
+def test_the_parked_guest_reads_frames_before_the_record_and_nothing_after():
+    record = encode_wake(new_host=False, time_ns=1, seed=bytes(WAKE_SIZE))
+    late_frame, after = b"\x00\x00\x00\x00\x07\x00\x00\x00\x01", b"next frames"
+    read_end, write_end = os.pipe()
+    os.write(write_end, late_frame + record + after)
+    try:
+        before, got = guest_checkpoint.read_wake(read_end)
+        assert (before, got) == (late_frame, record)
+        assert os.read(read_end, 100) == after  # left for the channel
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_host_that_leaves_while_the_guest_is_parked_is_an_error():
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    with pytest.raises(ConnectionError):
+        guest_checkpoint.read_wake(read_end)
+    os.close(read_end)
+
+
+def test_replace_ca_swaps_the_pem_in_the_bundle(tmp_path, monkeypatch):
+    ca = tmp_path / "matchlock-ca.crt"
+    bundle = tmp_path / "bundle.crt"
+    monkeypatch.setattr(guest_checkpoint, "CA_PATH", str(ca))
+    ca.write_text("OLD-CA\n")
+    bundle.write_text("SYSTEM-ROOTS\n\nOLD-CA\n")
+
+    def write_etc(path: str, text: str) -> None:
+        with open(path, "w") as f:
+            f.write(text)
+
+    assert guest_checkpoint.replace_ca("NEW-CA\n", write_etc, (str(bundle),)) == str(bundle)
+    assert ca.read_text() == "NEW-CA\n"
+    assert bundle.read_text() == "SYSTEM-ROOTS\n\nNEW-CA\n"
+
+
+# --- relay control frames -----------------------------------------------------------------
+
+
+def test_control_frames_round_trip_and_bad_ones_are_refused():
+    frames = rp.Decoder(rp.REQUEST_TYPES).feed(rp.ControlAction("snapshot", "s1", "full").encode())
+    assert rp.parse_action(*frames[0]) == rp.ControlAction("snapshot", "s1", "full")
+    with pytest.raises(rp.RelayProtocolError, match="unknown control action 'reboot'"):
+        rp.ControlAction.parse(b'{"action": "reboot"}')
+    with pytest.raises(rp.RelayProtocolError, match="short strings"):
+        rp.ControlAction.parse(b'{"action": "snapshot", "name": 5}')
+    reply = rp.ReplyReader().feed(rp.ControlReply({"name": "s1"}).encode())
+    assert reply == [rp.ControlReply({"name": "s1"}, "")]
+    assert rp.ReplyReader().feed(rp.ControlReply(error="no").encode()) == [rp.ControlReply(None, "no")]
+
+
+# --- restore preparation -------------------------------------------------------------------
+
+
+def _restore(tmp_path, **meta) -> Restore:
+    base = {"mode": "full", "image": "snap/image:1", "cpus": 2.0, "memory_mb": 384, "disk_size_mb": 256,
+            "network": True, "secrets": {"API_KEY": "PLACEHOLDER_1"}}  # fmt: skip
+    return Restore("s1", tmp_path, {**base, **meta})
+
+
+def _config(**secrets: SecretConfig) -> SandboxConfig:
+    return SandboxConfig(image="ignored", network=NetworkConfig(secrets=secrets))
+
+
+def test_a_restore_without_the_snapshots_secret_fails_naming_it(tmp_path):
+    with pytest.raises(UsageError, match=r"uses secret\(s\) API_KEY.*--secret API_KEY=VALUE@HOSTS"):
+        _restore(tmp_path).prepare(_config())
+
+
+def test_a_restore_takes_the_snapshots_shape_and_placeholders(tmp_path):
+    config = _config(API_KEY=SecretConfig(value="v", hosts=("example.com",)))
+    prepared = _restore(tmp_path).prepare(config)
+    assert prepared.image == "snap/image:1"
+    assert (prepared.resources.cpus, prepared.resources.memory_mb, prepared.resources.disk_size_mb) == (2.0, 384, 256)
+    assert prepared.network.secrets["API_KEY"].placeholder == "PLACEHOLDER_1"  # running processes hold it
+    assert prepared.network.secrets["API_KEY"].value == "v"
+
+
+def test_a_full_restore_needs_the_same_network_device(tmp_path):
+    config = SandboxConfig(image="x", network=NetworkConfig(no_network=True))
+    with pytest.raises(UsageError, match="with a network interface"):
+        _restore(tmp_path, secrets={}).prepare(config)
+
+
+# --- CLI validation before any sandbox is asked -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["snapshot", "create", "vm-00000000", "--mode", "bogus"], "invalid snapshot mode 'bogus'"),
+        (["snapshot", "create", "vm-00000000", "--name", "a/b"], "invalid snapshot name 'a/b'"),
+        (["fork", "vm-00000000", "-n", "0"], "invalid -n 0"),
+        (["run", "--from-snapshot", "nope", "--", "true"], "snapshot 'nope' not found"),
+        (["snapshot", "rm", "nope"], "snapshot 'nope' not found"),
+        (["pause", "vm-00000000"], "vm-00000000 not found"),
+    ],
+)
+def test_bad_snapshot_input_fails_in_one_line(args, needle, state_dir):
+    result = subprocess.run([sys.executable, "-m", "matchlock", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode in (1, 2), result
+    assert "Traceback" not in result.stderr and needle in result.stderr, result
+
+
+def test_sandboxes_share_their_ram_and_clones_map_the_snapshots_copy_on_write(tmp_path):
+    from pathlib import Path
+
+    from matchlock.vm.accel import AccelChoice
+    from matchlock.vm.machine import Disk, MachineSpec, build_argv
+    from matchlock.wire import boot
+
+    spec = MachineSpec(
+        name="vm-1", kernel=Path("/k"), kernel_args=(), console_log=tmp_path / "log",
+        accel=AccelChoice("tcg", "test"), memory_mb=384,
+        disks=(Disk(Path("/r"), boot.RUNTIME_DISK_SERIAL), Disk(Path("/l"), boot.LOWER_DISK_SERIAL),
+               Disk(tmp_path / "upper", boot.UPPER_DISK_SERIAL)),
+    )  # fmt: skip
+    source = " ".join(build_argv(spec, 3, 4))
+    assert "memory-backend-memfd,id=ram,size=384M,share=on" in source and "memory-backend=ram" in source
+    assert "x-ignore-shared" not in source
+    for name in ("kernel", "runtime.img", "lower.img", "memory", "ram"):
+        (tmp_path / name).touch()
+    meta = {"mode": "full", "kernel_args": [], "acpi": False, "tsc_khz": None, "cpus": 1.0, "memory_mb": 384,
+            "files": {"kernel": "/k", "initrd": "", "runtime": "/r", "lower": "/l"}}  # fmt: skip
+    clone = " ".join(build_argv(Restore("s1", tmp_path, meta).machine_spec(spec), 3, 4))
+    assert f"memory-backend-file,id=ram,size=384M,mem-path={tmp_path / 'ram'},share=off" in clone
+    assert "-incoming defer" in clone  # the machine sets x-ignore-shared, then loads the device state

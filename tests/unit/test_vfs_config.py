@@ -1,0 +1,75 @@
+"""VFS configuration: `-v` specs, the workspace rules, and disks shadowed by mounts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from matchlock.api.config import SandboxConfig
+from matchlock.api.disks import DiskMount
+from matchlock.api.errors import UsageError
+from matchlock.api.vfs import MountConfig, VFSConfig, build_vfs, parse_volume_spec, split_volume_flags
+
+
+def test_volume_specs(tmp_path: Path) -> None:
+    host = str(tmp_path)
+    assert parse_volume_spec(f"{host}:src", "/workspace") == ("/workspace/src", MountConfig("overlay", host))
+    assert parse_volume_spec(f"{host}:/root/.ssh:ro", "") == ("/root/.ssh", MountConfig("host_fs", host, True))
+    assert parse_volume_spec(f"{host}:/w/x:host_fs,uid=1000,gid=50", "/w") == (
+        "/w/x",
+        MountConfig("host_fs", host, False, 1000, 50),
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "workspace", "fragment"),
+    [
+        ("{h}", "/w", "use HOST:GUEST"),
+        ("{h}:rel", "", "relative guest path 'rel' needs --workspace"),
+        ("{h}:/w/x:rw", "/w", "unknown option 'rw'"),
+        ("{h}:/w/x:host_fs,uid=x", "/w", "option 'uid=x' must be uid=N or gid=N"),
+        ("{h}:/w/x,uid=5", "/w", "owner_uid/owner_gid are only supported for host_fs mounts"),
+        ("{h}/missing:/w/x", "/w", "does not exist"),
+        ("{h}:/proc/x", "/w", "/proc is the guest's"),
+        ("{h}:/", "/w", "cannot replace the guest's root"),
+    ],
+)
+def test_bad_volume_specs_name_the_value(tmp_path: Path, spec: str, workspace: str, fragment: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        build_vfs(workspace, split_volume_flags([spec.format(h=tmp_path)]))
+    assert fragment in str(caught.value)
+
+
+def test_comma_split_keeps_owner_options_with_their_spec() -> None:
+    assert split_volume_flags(["/a:/w/a,/b:/w/b:host_fs,uid=1,gid=2", "/c:/w/c"]) == [
+        "/a:/w/a",
+        "/b:/w/b:host_fs,uid=1,gid=2",
+        "/c:/w/c",
+    ]
+
+
+def test_workspace_without_mounts_is_refused() -> None:
+    with pytest.raises(UsageError, match="needs at least one -v"):
+        build_vfs("/workspace", [])
+    with pytest.raises(UsageError, match="has no mounts"):
+        VFSConfig(workspace="/workspace").validate()
+
+
+def test_disks_shadowed_by_mounts_are_refused(tmp_path: Path) -> None:
+    vfs = VFSConfig(
+        workspace="/workspace", mounts={"/workspace": MountConfig("memory"), "/srv/h": MountConfig("memory")}
+    )
+    for mount in ("/workspace/cache", "/srv/h/db"):
+        config = SandboxConfig(image="a", extra_disks=(DiskMount("@v", mount),), vfs=vfs)
+        with pytest.raises(UsageError, match="would shadow it"):
+            config.validate()
+    SandboxConfig(image="a", extra_disks=(DiskMount("@v", "/data"),), vfs=vfs).validate()
+
+
+def test_overlay_needs_a_directory(tmp_path: Path) -> None:
+    file = tmp_path / "f"
+    file.write_text("x")
+    with pytest.raises(UsageError, match="is not a directory; fix: use host_fs"):
+        MountConfig("overlay", str(file)).validate("/w")
+    MountConfig("host_fs", str(file)).validate("/w")  # a single-file mount

@@ -1,0 +1,106 @@
+"""The overlay provider: copy-on-write over a host directory that stays byte-for-byte unchanged."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from vfs_kit import Guest
+
+from matchlock.vfs.overlay import OverlayProvider
+from matchlock.vfs.router import Mount
+from matchlock.wire import vfs as wire
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    """Every path below root with its mode and content digest (or link target)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            body = os.readlink(path) if path.is_symlink() else path.read_bytes() if path.is_file() else b""
+            digest = hashlib.sha256(body.encode() if isinstance(body, str) else body).hexdigest()
+            out[str(path.relative_to(root))] = (st.st_mode, digest)
+    return out
+
+
+@pytest.fixture
+def lower(tmp_path: Path) -> Path:
+    root = tmp_path / "lower"
+    (root / "pkg" / "sub").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("a = 1\n")
+    (root / "pkg" / "sub" / "b.py").write_text("b = 2\n")
+    (root / "README").write_text("readme\n")
+    (root / "link").symlink_to("README")
+    return root
+
+
+@pytest.fixture
+async def overlay(lower: Path, tmp_path: Path):
+    provider = OverlayProvider(str(lower), str(tmp_path / "state" / "overlay-0"))
+    guest = Guest([Mount("/w", provider)])
+    yield guest, provider
+    guest.close()
+
+
+async def test_nothing_is_copied_until_written(overlay, lower: Path, tmp_path: Path) -> None:
+    guest, provider = overlay
+    before = snapshot(lower)
+    assert await guest.read("/w/pkg/sub/b.py") == b"b = 2\n"
+    assert await guest.listdir("/w/pkg", plus=True) == ["a.py", "sub"]
+    assert os.listdir(provider.upper_path) == []  # reads copied nothing up
+    await guest.write("/w/pkg/a.py", b"a = 10\n")
+    assert sorted(os.listdir(Path(provider.upper_path) / "pkg")) == ["a.py"]  # only the written file
+    assert await guest.read("/w/pkg/a.py") == b"a = 10\n"
+    assert snapshot(lower) == before
+
+
+async def test_deletes_renames_and_recreates_leave_the_host_unchanged(overlay, lower: Path) -> None:
+    guest, provider = overlay
+    before = snapshot(lower)
+    await guest.unlink("/w/README")
+    assert "README" not in await guest.listdir("/w")
+    assert await guest.errno_of(wire.Lookup(await guest.node("/w"), b"README")) == errno.ENOENT
+    await guest.write("/w/README", b"new\n")
+    assert await guest.read("/w/README") == b"new\n"
+    # A directory renamed: its lower content moves with it, and the old name is gone.
+    await guest.rename("/w/pkg", "/w/lib")
+    assert await guest.listdir("/w/lib") == ["a.py", "sub"]
+    assert await guest.read("/w/lib/sub/b.py") == b"b = 2\n"
+    assert "pkg" not in await guest.listdir("/w")
+    # Made again where one was deleted, a directory is opaque: the lower's entries stay hidden.
+    await guest.mkdir("/w/pkg")
+    assert await guest.listdir("/w/pkg") == []
+    await guest.chmod("/w/lib/a.py", 0o600)
+    assert (await guest.stat("/w/lib/a.py")).mode & 0o777 == 0o600
+    await guest.truncate("/w/lib/sub/b.py", 1)
+    assert await guest.read("/w/lib/sub/b.py") == b"b"
+    await guest.rmdir("/w/pkg")
+    assert sorted(await guest.listdir("/w")) == ["README", "lib", "link"]
+    assert snapshot(lower) == before
+
+
+async def test_rmdir_of_a_lower_directory_needs_it_empty(overlay, lower: Path) -> None:
+    guest, _ = overlay
+    assert await guest.errno_of(wire.Rmdir(await guest.node("/w"), b"pkg")) == errno.ENOTEMPTY  # two entries
+    assert await guest.errno_of(wire.Rmdir(await guest.node("/w/pkg"), b"sub")) == errno.ENOTEMPTY
+    await guest.unlink("/w/pkg/sub/b.py")
+    await guest.rmdir("/w/pkg/sub")
+    assert await guest.listdir("/w/pkg") == ["a.py"]
+    assert (lower / "pkg" / "sub" / "b.py").exists()
+
+
+async def test_close_removes_the_private_copy(lower: Path, tmp_path: Path) -> None:
+    provider = OverlayProvider(str(lower), str(tmp_path / "state" / "overlay-0"))
+    guest = Guest([Mount("/w", provider)])
+    await guest.write("/w/new.txt", b"x")
+    upper = Path(provider.upper_path)
+    assert (upper / "new.txt").exists()
+    assert oct((tmp_path / "state").stat().st_mode & 0o777) == "0o700"  # no host user reaches the copy
+    guest.close()
+    assert not upper.exists()
+    assert not (lower / "new.txt").exists()

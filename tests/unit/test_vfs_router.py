@@ -1,0 +1,236 @@
+"""The mount router over real providers: routing, nesting, node and handle tables, interception."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from vfs_kit import Guest
+
+from matchlock.api.globs import path_matches
+from matchlock.api.vfs import VFSHookRule, VFSInterceptionConfig
+from matchlock.vfs.hostfs import HostFSProvider
+from matchlock.vfs.memory import MemoryProvider
+from matchlock.vfs.router import Mount
+from matchlock.vfs.types import Limits
+from matchlock.wire import vfs as wire
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Path:
+    root = tmp_path / "host"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "main.py").write_text("print(1)\n")
+    return root
+
+
+async def test_nested_mounts_get_synthesized_parents(host: Path, tmp_path: Path) -> None:
+    single = tmp_path / "gitconfig"
+    single.write_text("[user]\n")
+    guest = Guest([
+        Mount("/workspace", MemoryProvider()),
+        Mount("/workspace/.host/repo", HostFSProvider(str(host))),
+        Mount("/root/.gitconfig", HostFSProvider(str(single), readonly=True), readonly=True),
+    ])  # fmt: skip
+    try:
+        # Only roots under no other mount are for the guest to mount; nesting is the router's.
+        assert sorted(guest.roots) == ["/root/.gitconfig", "/workspace"]
+        assert await guest.listdir("/workspace") == [".host"]
+        assert await guest.listdir("/workspace/.host") == ["repo"]
+        assert stat.S_ISDIR((await guest.stat("/workspace/.host")).mode)
+        assert await guest.read("/workspace/.host/repo/src/main.py") == b"print(1)\n"
+        assert await guest.read("/root/.gitconfig") == b"[user]\n"
+        assert stat.S_ISREG((await guest.stat("/root/.gitconfig")).mode)
+        # A synthesized directory has nothing to write into, and mount points cannot be removed.
+        parent, _ = await guest.parent("/workspace/.host/new")
+        assert await guest.errno_of(wire.Mkdir(parent, 0o755, b"new")) == errno.EROFS
+        parent, name = await guest.parent("/workspace/.host/repo")
+        assert await guest.errno_of(wire.Rmdir(parent, name)) == errno.EBUSY
+        # Across providers a rename is EXDEV, so `mv` copies.
+        await guest.write("/workspace/a.txt", b"a")
+        src_parent, src_name = await guest.parent("/workspace/a.txt")
+        dst_parent = await guest.node("/workspace/.host/repo")
+        rename = wire.Rename(src_parent, dst_parent, 0, src_name, b"a.txt")
+        assert await guest.errno_of(rename) == errno.EXDEV
+    finally:
+        guest.close()
+
+
+async def test_host_fs_round_trip_and_rename_moves_subtree(host: Path) -> None:
+    guest = Guest([Mount("/w", HostFSProvider(str(host)))])
+    try:
+        await guest.mkdir("/w/dir")
+        await guest.write("/w/dir/f.txt", b"hello")
+        assert (host / "dir" / "f.txt").read_bytes() == b"hello"
+        (host / "from-host.txt").write_text("x")
+        assert "from-host.txt" in await guest.listdir("/w", plus=True)
+        node = await guest.node("/w/dir/f.txt")
+        await guest.rename("/w/dir", "/w/moved")
+        # The node that was looked up before the rename now names the new place.
+        reply = await guest.call(wire.Getattr(node, 0))
+        assert isinstance(reply, wire.AttrReply) and reply.attr.size == 5
+        assert (host / "moved" / "f.txt").exists() and not (host / "dir").exists()
+        await guest.truncate("/w/moved/f.txt", 3 << 20)  # any size, not only 0
+        assert (host / "moved" / "f.txt").stat().st_size == 3 << 20
+        await guest.symlink("/w/link", "moved/f.txt")
+        link = await guest.call(wire.Readlink(await guest.node("/w/link")))
+        assert link == b"moved/f.txt"
+        await guest.unlink("/w/link")
+        await guest.unlink("/w/moved/f.txt")
+        await guest.rmdir("/w/moved")
+        assert sorted(os.listdir(host)) == ["from-host.txt", "src"]
+    finally:
+        guest.close()
+
+
+async def test_read_only_refuses_every_mutation(host: Path) -> None:
+    guest = Guest([Mount("/ro", HostFSProvider(str(host), readonly=True), readonly=True)])
+    try:
+        root = await guest.node("/ro")
+        src = await guest.node("/ro/src")
+        main = await guest.node("/ro/src/main.py")
+        refused = [
+            wire.Create(root, os.O_RDWR, 0o644, b"new"),
+            wire.Mkdir(root, 0o755, b"d"),
+            wire.Unlink(src, b"main.py"),
+            wire.Rmdir(root, b"src"),
+            wire.Rename(src, root, 0, b"main.py", b"x"),
+            wire.Link(main, root, b"hard"),
+            wire.Symlink(root, b"s", b"src"),
+            wire.Setattr(main, wire.SET_MODE, 0, 0, 0, 0, 0o777, 0, 0),
+            wire.Setattr(main, wire.SET_SIZE, 0, 0, 0, 0, 0, 0, 0),
+            wire.Open(main, os.O_WRONLY),
+            wire.Open(main, os.O_RDONLY | os.O_TRUNC),
+        ]
+        for args in refused:
+            assert await guest.errno_of(args) == errno.EROFS, args
+        assert await guest.read("/ro/src/main.py") == b"print(1)\n"
+        assert (host / "src" / "main.py").read_text() == "print(1)\n"
+    finally:
+        guest.close()
+
+
+async def test_owner_ids_are_presented_and_fixed(host: Path) -> None:
+    guest = Guest([Mount("/w", HostFSProvider(str(host), owner_uid=1000, owner_gid=1001))])
+    try:
+        attr = await guest.stat("/w/src/main.py")
+        assert (attr.uid, attr.gid) == (1000, 1001)
+        main = await guest.node("/w/src/main.py")
+        chown = wire.Setattr(main, wire.SET_UID, 0, 0, 0, 0, 0, 0, 0)
+        assert await guest.errno_of(chown) == errno.EPERM
+    finally:
+        guest.close()
+
+
+async def test_host_fs_never_keeps_setid_bits(host: Path) -> None:
+    guest = Guest([Mount("/w", HostFSProvider(str(host)))])
+    try:
+        await guest.write("/w/prog", b"#!/bin/sh\n", mode=0o4755)
+        assert not (host / "prog").stat().st_mode & (stat.S_ISUID | stat.S_ISGID)
+        await guest.chmod("/w/prog", 0o6755)
+        assert stat.S_IMODE((host / "prog").stat().st_mode) == 0o755
+    finally:
+        guest.close()
+
+
+async def test_block_rule_gives_eperm_and_events_name_guest_paths(host: Path) -> None:
+    rules = (VFSHookRule(name="no-secrets", phase="before", ops=("create",), path="/w/*.key", action="block"),)
+    guest = Guest([Mount("/w", HostFSProvider(str(host)))], VFSInterceptionConfig(emit_events=True, rules=rules))
+    try:
+        root = await guest.node("/w")
+        assert await guest.errno_of(wire.Create(root, os.O_RDWR, 0o600, b"id.key")) == errno.EPERM
+        assert not (host / "id.key").exists()
+        await guest.write("/w/notes.txt", b"12345")
+        ops = [(e.op, e.path, e.size) for e in guest.events if e.path == "/w/notes.txt"]
+        assert ("create", "/w/notes.txt", 0) in ops and ("write", "/w/notes.txt", 5) in ops
+        assert ("close", "/w/notes.txt", 0) in ops
+        assert await guest.read("/w/notes.txt") == b"12345"
+        assert ("read", "/w/notes.txt", 5) in [(e.op, e.path, e.size) for e in guest.events]
+    finally:
+        guest.close()
+
+
+def test_globs_do_not_cross_slashes() -> None:
+    assert path_matches("/workspace/*", "/workspace/a.txt")
+    assert not path_matches("/workspace/*", "/workspace/a/b.txt")
+    assert path_matches("/w/[^a]?.py", "/w/bc.py")
+    assert not path_matches("/w/[^a]?.py", "/w/ac.py")
+    assert not path_matches("/w/[a", "/w/[a")  # malformed, as Go's ErrBadPattern: matches nothing
+
+
+async def test_tables_are_bounded_and_forget_frees_nodes(host: Path) -> None:
+    for n in range(5):
+        (host / f"f{n}").write_text("x")
+    guest = Guest([Mount("/w", HostFSProvider(str(host)))], limits=Limits(max_nodes=4, max_handles=2))
+    try:
+        root = await guest.node("/w")
+        nodes = []
+        for n in range(3):  # the root is the first of the 4
+            entry = await guest.call(wire.Lookup(root, f"f{n}".encode()))
+            assert isinstance(entry, wire.Entry)
+            nodes.append(entry.node)
+        assert await guest.errno_of(wire.Lookup(root, b"f3")) == errno.ENFILE
+        guest.router.forget(((nodes[0], 1),))
+        assert await guest.errno_of(wire.Lookup(root, b"f3")) == 0
+        assert await guest.errno_of(wire.Getattr(nodes[0], 0)) == errno.ESTALE
+        for node in nodes[1:]:
+            await guest.call(wire.Open(node, os.O_RDONLY))
+        assert await guest.errno_of(wire.Opendir(root, 0)) == errno.EMFILE
+    finally:
+        guest.close()
+
+
+async def test_reads_are_bounded(host: Path) -> None:
+    guest = Guest([Mount("/w", HostFSProvider(str(host)))], limits=Limits(max_io=4096))
+    try:
+        node = await guest.node("/w/src/main.py")
+        opened = await guest.call(wire.Open(node, os.O_RDONLY))
+        assert isinstance(opened, wire.Opened)
+        assert await guest.errno_of(wire.Read(node, opened.fh, 0, 8192)) == errno.EINVAL
+        assert await guest.errno_of(wire.Read(node, opened.fh, 1 << 63, 10)) == errno.EINVAL
+        assert await guest.errno_of(wire.Read(node, 999, 0, 10)) == errno.EBADF
+    finally:
+        guest.close()
+
+
+async def test_unknown_nodes_are_stale(host: Path) -> None:
+    guest = Guest([Mount("/w", HostFSProvider(str(host)))])
+    try:
+        assert await guest.errno_of(wire.Getattr(12345, 0)) == errno.ESTALE
+        assert await guest.errno_of(wire.Lookup(12345, b"x")) == errno.ESTALE
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("plus", [0, 1])
+async def test_no_directory_entry_has_inode_zero(host: Path, plus: int) -> None:
+    # glibc's readdir skips entries with d_ino 0 as deleted: `ls -a` would lose '.' and '..'.
+    guest = Guest([Mount("/w", MemoryProvider()), Mount("/w/nested", HostFSProvider(str(host)))])
+    try:
+        node = await guest.node("/w")
+        opened = await guest.call(wire.Opendir(node, 0))
+        assert isinstance(opened, wire.Opened)
+        page = await guest.call(wire.Readdir(node, opened.fh, 0, 4096, plus))
+        assert isinstance(page, tuple)
+        assert [e.name for e in page] == [b".", b"..", b"nested"]
+        assert all(e.ino != 0 for e in page)
+    finally:
+        guest.close()
+
+
+async def test_an_unlinked_open_file_still_reads_and_writes_under_interception(host: Path) -> None:
+    guest = Guest([Mount("/w", HostFSProvider(str(host)))], VFSInterceptionConfig(emit_events=True))
+    try:
+        node = await guest.node("/w/src/main.py")
+        opened = await guest.call(wire.Open(node, os.O_RDWR))
+        assert isinstance(opened, wire.Opened)
+        await guest.unlink("/w/src/main.py")
+        assert await guest.call(wire.Write(node, opened.fh, 0, os.O_RDWR, b"PRINT")) == wire.Written(5)
+        assert await guest.call(wire.Read(node, opened.fh, 0, 9)) == b"PRINT(1)\n"
+        reply = await guest.call(wire.Getattr(node, opened.fh))
+        assert isinstance(reply, wire.AttrReply) and reply.attr.nlink == 0
+    finally:
+        guest.close()

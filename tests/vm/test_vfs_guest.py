@@ -1,0 +1,150 @@
+"""The guest's FUSE daemon in a real VM: POSIX operations, both sides' view, read-only, hiding."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from matchlock.sandbox.sandbox import ExecSpec
+
+pytestmark = [pytest.mark.vm]
+
+
+@pytest.fixture(scope="module")
+def host_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vfs")
+    (root / "rw").mkdir()
+    (root / "ro").mkdir()
+    (root / "ro" / "kept.txt").write_text("read-only data\n")
+    (root / "single.conf").write_text("key = 1\n")
+    os.chmod(root / "ro" / "kept.txt", 0o640)
+    return root
+
+
+@pytest.fixture(scope="module")
+def box(vm_prerequisites, loop_thread, module_state_dir, host_dirs):
+    from matchlock.api.config import SandboxConfig
+    from matchlock.api.vfs import MountConfig, VFSConfig
+    from matchlock.sandbox.sandbox import Sandbox
+
+    mounts = {
+        "/mem": MountConfig("memory"),
+        "/work": MountConfig("host_fs", str(host_dirs / "rw")),
+        "/opt/deep/ro": MountConfig("host_fs", str(host_dirs / "ro"), readonly=True),
+        "/etc/app/single.conf": MountConfig("host_fs", str(host_dirs / "single.conf")),
+    }
+    config = SandboxConfig(image="matchlock/busybox:builtin", vfs=VFSConfig(mounts=mounts))
+    sandbox = loop_thread.run(Sandbox.create(config))
+    yield sandbox
+    loop_thread.run(sandbox.aclose())
+
+
+def sh(box, loop_thread, command: str, **kwargs) -> str:
+    result = loop_thread.run(box.exec(ExecSpec(command, **kwargs)))
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result.stdout.decode()
+
+
+POSIX_SCRIPT = r"""
+set -e
+cd {dir}
+printf hello > f
+ln -s f link
+[ "$(readlink link)" = f ]
+[ "$(cat link)" = hello ]
+mv f g
+[ ! -e f ] && [ "$(cat g)" = hello ]
+printf ' more' >> g
+printf ' again' >> g
+[ "$(cat g)" = "hello more again" ]
+truncate -s 100000 g
+[ "$(stat -c %s g)" = 100000 ]
+truncate -s 5 g
+[ "$(cat g)" = hello ]
+chmod 751 g
+[ "$(stat -c %a g)" = 751 ]
+mkdir -p d/e/f
+rmdir d/e/f
+mv g d/e/moved
+[ "$(cat d/e/moved)" = hello ]
+dd if=/dev/zero of=synced bs=4096 count=3 conv=fsync 2>/dev/null
+[ "$(stat -c %s synced)" = 12288 ]
+touch -d '2001-02-03 04:05:06' synced
+stat -c %y synced
+rm synced link
+mkfifo fifo && [ -p fifo ] && rm fifo
+ls -a
+"""
+
+
+@pytest.mark.parametrize("mount", ["/mem", "/work"])
+def test_posix_operations(box, loop_thread, mount):
+    out = sh(box, loop_thread, POSIX_SCRIPT.format(dir=mount))
+    assert "2001-02-03 04:05:06.000000000" in out
+    assert out.split()[-1] == "d"
+
+
+def test_hard_links_on_host_fs(box, loop_thread, host_dirs):
+    sh(box, loop_thread, "cd /work && echo x > one && ln one two && stat -c %h one")
+    host = host_dirs / "rw"
+    assert os.stat(host / "one").st_ino == os.stat(host / "two").st_ino
+    assert os.stat(host / "one").st_nlink == 2
+
+
+def test_owner_mode_and_mtime_agree_on_both_sides(box, loop_thread, host_dirs):
+    out = sh(box, loop_thread, "cd /work && echo data > owned && chown 1234:567 owned && chmod 604 owned && "
+                               "stat -c '%u %g %a %Y' owned")  # fmt: skip
+    uid, gid, mode, mtime = out.split()
+    st = os.stat(host_dirs / "rw" / "owned")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 567, 0o604)
+    assert (uid, gid, mode, int(mtime)) == ("1234", "567", "604", int(st.st_mtime))
+    (host_dirs / "rw" / "from-host").write_bytes(b"host bytes")
+    os.utime(host_dirs / "rw" / "from-host", ns=(1, 1_234_567_890_123_456_789))
+    assert sh(box, loop_thread, "cat /work/from-host; stat -c ' %y' /work/from-host").startswith(
+        "host bytes 2009-02-13 23:31:30.123456789"
+    )
+
+
+def test_read_only_mount_refuses_every_write(box, loop_thread, host_dirs):
+    assert sh(box, loop_thread, "cat /opt/deep/ro/kept.txt") == "read-only data\n"
+    for command in ("echo x > /opt/deep/ro/new", "echo x >> /opt/deep/ro/kept.txt", "chmod 777 /opt/deep/ro/kept.txt",
+                    "mv /opt/deep/ro/kept.txt /opt/deep/ro/moved", "ln /opt/deep/ro/kept.txt /opt/deep/ro/hard",
+                    "truncate -s 0 /opt/deep/ro/kept.txt", "rm /opt/deep/ro/kept.txt", "mkdir /opt/deep/ro/d"):  # fmt: skip
+        result = loop_thread.run(box.exec(ExecSpec(command)))
+        assert result.exit_code != 0, command
+        assert b"Read-only file system" in result.stdout + result.stderr, (command, result)
+    assert (host_dirs / "ro" / "kept.txt").read_text() == "read-only data\n"
+    assert sorted(os.listdir(host_dirs / "ro")) == ["kept.txt"]
+
+
+def test_parallel_readers_and_writers_get_their_own_bytes(box, loop_thread):
+    script = (
+        "cd /mem && for i in 1 2 3 4 5 6 7 8; do (head -c $((i * 300000)) /dev/urandom > p$i; "
+        "sha256sum p$i > p$i.sum) & done; wait; "
+        "for i in 1 2 3 4 5 6 7 8; do sha256sum -c p$i.sum >/dev/null & done; wait; "
+        "for i in 1 2 3 4 5 6 7 8; do sha256sum -c p$i.sum >/dev/null || exit 1; done; echo ok"
+    )
+    assert sh(box, loop_thread, script).strip() == "ok"
+
+
+def test_the_daemon_and_its_devices_are_hidden_from_workloads(box, loop_thread):
+    processes = sh(box, loop_thread, "ps -o pid,args").splitlines()[1:]
+    # Only the command's own namespace (its init, forked from the agent, then sh and ps): neither the
+    # agent nor the FUSE daemon is in view, so neither can be signalled or traced.
+    assert len(processes) == 2, processes
+    assert [line.split()[0] for line in processes][0] == "1"
+    devices = sh(box, loop_thread, "ls /dev").split()
+    assert "fuse" not in devices and not [d for d in devices if d.startswith("vport")]
+    assert sh(box, loop_thread, "ls /opt/deep/ro") == "kept.txt\n"
+
+
+def test_single_file_mount_is_a_file_both_ways(box, loop_thread, host_dirs):
+    out = sh(
+        box,
+        loop_thread,
+        "stat -c %F /etc/app/single.conf; cat /etc/app/single.conf; echo 'key = 2' >> /etc/app/single.conf",
+    )
+    assert out == "regular file\nkey = 1\n"
+    assert (host_dirs / "single.conf").read_text() == "key = 1\nkey = 2\n"
