@@ -195,14 +195,23 @@ def test_an_ordinary_user_has_nothing_left_to_fix(users):
     assert not [name for name in checks if name.startswith("rootless-")], checks
 
 
-def test_pull_and_run_keep_exact_ownership(users, owned_image):
+def test_pull_and_run_keep_exact_ownership_and_mount_a_host_directory(users, owned_image):
     owner, _ = users
     pulled = owner.matchlock("pull", owned_image)
     assert pulled.returncode == 0, pulled
-    result = owner.matchlock("run", "--image", owned_image, "--",
-                             "sh", "-c", "id -u; ls -ln /data/owned /data/null /bin/busybox; cat /data/owned")  # fmt: skip
+    shared = owner.home / "shared"  # a host directory of the user's, mounted through the VFS
+    shared.mkdir()
+    (shared / "in.txt").write_text("from the host\n")
+    for path in (shared, shared / "in.txt"):
+        os.chown(path, owner.uid, owner.gid)
+    result = owner.matchlock("run", "-v", f"{shared}:/mnt/shared:host_fs", "--image", owned_image, "--",
+                             "sh", "-c", "id -u; ls -ln /data/owned /data/null /bin/busybox; cat /data/owned; "
+                             "cat /mnt/shared/in.txt; echo made > /mnt/shared/out.txt")  # fmt: skip
     assert result.returncode == 0, result
     lines = result.stdout.splitlines()
+    assert lines[5] == "from the host", lines
+    made = shared / "out.txt"
+    assert (made.read_text(), made.stat().st_uid) == ("made\n", owner.uid)
     assert lines[0] == "0"  # root in the guest, though the host user is not
     listed = {line.split()[-1]: line.split() for line in lines[1:4]}
     owned, null, busybox = listed["/data/owned"], listed["/data/null"], listed["/bin/busybox"]

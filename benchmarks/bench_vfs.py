@@ -7,7 +7,7 @@ files, then `find` + `stat` of all of them, in the mount and in the upper. Ratio
 run. Each step is timed on the host around one exec, so every number includes one exec round trip
 (tens of ms). For the mount, the host's own share of each request's time is printed too.
 
-Usage: .venv/bin/python benchmarks/vfs_throughput.py [--mib 64] [--files 2000]   (hold /tmp/matchlock-vm.lock)
+Usage: .venv/bin/python benchmarks/bench_vfs.py [--mib 64] [--files 2000]   (hold /tmp/matchlock-vm.lock)
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
 6. Full snapshot time and size against dirty guest memory (MiB written to
    the guest's tmpfs first), against the clean snapshot of item 2.
 
-Usage: .venv/bin/python benchmarks/snapshot_fork.py [--runs N] [--forks N] [--no-network]
+Usage: .venv/bin/python benchmarks/bench_snapshot_fork.py [--runs N] [--forks N] [--no-network]
 (at most 1 + N VMs run at once; the machine has 2 cores, keep N small).
 """
 
