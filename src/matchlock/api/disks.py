@@ -65,16 +65,21 @@ class DiskMount:
 def validate_guest_mount(path: str) -> None:
     if path == "/":
         raise UsageError("invalid disk mount point '/': a disk cannot replace the root; fix: use e.g. /data")
+    check_guest_path(path, "disk mount point", "/data")
+
+
+def check_guest_path(path: str, what: str, example: str) -> None:
+    """A guest path for a disk or a VFS mount: absolute, plain characters, normalized, not the guest's own."""
     if not GUEST_MOUNT_PATTERN.fullmatch(path):
         raise UsageError(
-            f"invalid disk mount point {path!r}: it must be an absolute path of letters, digits and '/_.-' (e.g. /data)"
+            f"invalid {what} {path!r}: it must be an absolute path of letters, digits and '/_.-' (e.g. {example})"
         )
     normal = "/" + posixpath.normpath(path).lstrip("/")
     if normal != path:
-        raise UsageError(f"invalid disk mount point {path!r}: write it normalized, as {normal!r}")
+        raise UsageError(f"invalid {what} {path!r}: write it normalized, as {normal!r}")
     for reserved in RESERVED_MOUNTS:
         if path == reserved or path.startswith(reserved + "/"):
-            raise UsageError(f"invalid disk mount point {path!r}: {reserved} is the guest's own; fix: use e.g. /data")
+            raise UsageError(f"invalid {what} {path!r}: {reserved} is the guest's own; fix: use e.g. {example}")
 
 
 def validate_disks(disks: tuple[DiskMount, ...]) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 from dataclasses import dataclass, field
 
+from . import disks
 from .errors import UsageError
 
 MOUNT_TYPES = ("memory", "host_fs", "overlay")
@@ -21,8 +21,6 @@ VFS_OPS = ("stat", "readdir", "open", "create", "mkdir", "chmod", "remove", "rem
 OP_ALIASES = {"read_dir": "readdir", "removeall": "remove_all"}
 PHASES = ("before", "after")
 ACTIONS = ("allow", "block")
-PATH_PATTERN = re.compile(r"/[a-zA-Z0-9/_.-]+")  # upstream's workspace rule, also applied to mount points
-RESERVED = ("/proc", "/sys", "/dev", "/run/matchlock")
 MAX_MOUNTS = 64
 MAX_RULES = 256
 MAX_ID = 2**32 - 2  # 2^32-1 is (uid_t)-1
@@ -154,16 +152,7 @@ class VFSConfig:
 def check_guest_path(path: str, what: str) -> None:
     if path == "/":
         raise UsageError(f"invalid {what} '/': it cannot replace the guest's root; fix: use e.g. /workspace")
-    if not PATH_PATTERN.fullmatch(path):
-        raise UsageError(
-            f"invalid {what} {path!r}: it must be an absolute path of letters, digits and '/_.-' (e.g. /workspace)"
-        )
-    normal = "/" + posixpath.normpath(path).lstrip("/")
-    if normal != path:
-        raise UsageError(f"invalid {what} {path!r}: write it normalized, as {normal!r}")
-    for reserved in RESERVED:
-        if path == reserved or path.startswith(reserved + "/"):
-            raise UsageError(f"invalid {what} {path!r}: {reserved} is the guest's own; fix: use e.g. /workspace")
+    disks.check_guest_path(path, what, "/workspace")
 
 
 def under(path: str, root: str) -> bool:
