@@ -7,12 +7,15 @@
    boots cold from a template on the copied disk), against creating a fresh
    sandbox from the boot template to its first exec.
 4. Fork to first exec: one full snapshot of a live sandbox, then N restores
-   started together, to every clone's first exec result.
+   started together, to every clone's first exec result, against N fresh
+   sandboxes from the boot template started together; in this process, and
+   through the CLI (`matchlock fork -n N` against N x `run -d` at once, the
+   first execs through each sandbox's relay).
 5. Memory: RSS and PSS of each QEMU (the source and its idle clones).
 6. Full snapshot time and size against dirty guest memory (MiB written to
    the guest's tmpfs first), against the clean snapshot of item 2.
 
-Usage: .venv/bin/python benchmarks/bench_snapshot_fork.py [--runs N] [--forks N] [--no-network]
+Usage: .venv/bin/python benchmarks/bench_snapshot_fork.py [--runs N] [--forks N] [--no-network] [--fork-only]
 (at most 1 + N VMs run at once; the machine has 2 cores, keep N small).
 """
 
@@ -20,18 +23,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from benchstate import private_state_dir
 from timing import median_ms, timed_async
 
 from matchlock.api.config import Resources, SandboxConfig
 from matchlock.api.network import NetworkConfig
-from matchlock.sandbox import snapshots
+from matchlock.sandbox import relay_client, snapshots
+from matchlock.sandbox import relay_protocol as rp
 from matchlock.sandbox.sandbox import ExecSpec, Sandbox
 from matchlock.state import snapshots as records
 from matchlock.state.store import StateStore
+
+MATCHLOCK = str(Path(sys.executable).with_name("matchlock"))
 
 
 def _memory_kib(pid: int) -> tuple[int, int]:
@@ -57,11 +67,67 @@ async def _create_to_exec(config: SandboxConfig, store: StateStore, restore=None
     return time.perf_counter() - started, box
 
 
+def _relay_exec(vm_id: str) -> None:
+    """`true` through the sandbox's exec relay, as `matchlock exec` does (without its Python start-up)."""
+    with relay_client.connect(vm_id) as relay:
+        relay.send(rp.ExecAction("true", "", "", rp.EXEC_PIPE).encode())
+        relay.send(rp.Stdin(b"").encode())
+        while replies := relay.receive():
+            for reply in replies:
+                if isinstance(reply, rp.Exited):
+                    assert reply.code == 0, reply
+                    return
+                assert not isinstance(reply, rp.ExecReply), reply
+    raise AssertionError(f"{vm_id} closed the relay before `true` exited")
+
+
+def _cli(*args: str) -> str:
+    return subprocess.run([MATCHLOCK, *args], capture_output=True, text=True, check=True).stdout
+
+
+def _to_first_execs(start: Callable[[], list[str]]) -> tuple[float, list[str]]:
+    """Seconds from `start()` (which returns VM IDs once they are up) to every one's first exec result."""
+    started = time.perf_counter()
+    ids = start()
+    with ThreadPoolExecutor(len(ids)) as pool:
+        list(pool.map(_relay_exec, ids))
+    return time.perf_counter() - started, ids
+
+
+def _cli_fork_runs(runs: int, forks: int, no_network: bool) -> tuple[list[float], list[float]]:
+    """Through the CLI: `forks` x `run -d` at once (the baseline), and `fork -n forks` of a running sandbox."""
+    flags = ["--disk-size", "512"] + (["--no-network"] if no_network else [])
+
+    def run_detached() -> str:
+        return _cli("run", "-d", *flags).strip()
+
+    def fresh() -> list[str]:
+        with ThreadPoolExecutor(forks) as pool:
+            return list(pool.map(lambda _: run_detached(), range(forks)))
+
+    source = run_detached()
+    fresh_samples, fork_samples = [], []
+    try:
+        for _ in range(runs):
+            for samples, start in (
+                (fresh_samples, fresh),
+                (fork_samples, lambda: _cli("fork", source, "-n", str(forks)).split()),
+            ):
+                elapsed, ids = _to_first_execs(start)
+                samples.append(elapsed)
+                assert len(ids) == forks, ids
+                for vm_id in ids:
+                    _cli("rm", "-f", vm_id)
+    finally:
+        _cli("rm", "-f", source)
+    return fresh_samples, fork_samples
+
+
 def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
-async def main(runs: int, forks: int, no_network: bool) -> None:
+async def main(runs: int, forks: int, no_network: bool, fork_only: bool) -> None:
     config = SandboxConfig(
         image="matchlock/busybox:builtin",
         resources=Resources(disk_size_mb=512),
@@ -71,60 +137,80 @@ async def main(runs: int, forks: int, no_network: bool) -> None:
     source = await Sandbox.create(config, store=store)
     await source.exec(ExecSpec("sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 &"))
     try:
-        ping = await timed_async(runs * 4, source.ping)
-        pauses: list[float] = []
-        resumes: list[float] = []
-        for _ in range(runs * 4):
-            pauses += await timed_async(1, lambda: snapshots.pause(source))
-            resumes += await timed_async(1, lambda: snapshots.resume(source))
-        print("1. pause / resume (QMP stop / cont)")
-        print(f"  pause   median {median_ms(pauses):7.2f} ms   resume median {median_ms(resumes):7.2f} ms")
-        print(f"  baseline: agent ping round trip {median_ms(ping):.2f} ms "
-              f"(pause = {median_ms(pauses) / median_ms(ping):.2f}x)")  # fmt: skip
+        if not fork_only:
+            ping = await timed_async(runs * 4, source.ping)
+            pauses: list[float] = []
+            resumes: list[float] = []
+            for _ in range(runs * 4):
+                pauses += await timed_async(1, lambda: snapshots.pause(source))
+                resumes += await timed_async(1, lambda: snapshots.resume(source))
+            print("1. pause / resume (QMP stop / cont)")
+            print(f"  pause   median {median_ms(pauses):7.2f} ms   resume median {median_ms(resumes):7.2f} ms")
+            print(f"  baseline: agent ping round trip {median_ms(ping):.2f} ms "
+                  f"(pause = {median_ms(pauses) / median_ms(ping):.2f}x)")  # fmt: skip
 
-        print("2. snapshot create")
-        created = {}
-        for mode in ("full", "filesystem"):
-            samples = []
-            for run in range(runs):
-                name = f"bench-{mode}-{run}"
-                started = time.perf_counter()
-                record = await snapshots.create(source, store, name, mode)
-                samples.append(time.perf_counter() - started)
-                created[mode] = record
-            print(f"  {mode:10s} median {median_ms(samples):7.1f} ms, size {_mib(created[mode].size)}")
+            print("2. snapshot create")
+            created = {}
+            for mode in ("full", "filesystem"):
+                samples = []
+                for run in range(runs):
+                    name = f"bench-{mode}-{run}"
+                    started = time.perf_counter()
+                    record = await snapshots.create(source, store, name, mode)
+                    samples.append(time.perf_counter() - started)
+                    created[mode] = record
+                print(f"  {mode:10s} median {median_ms(samples):7.1f} ms, size {_mib(created[mode].size)}")
 
-        print("3. create to first exec")
-        baseline, full, filesystem = [], [], []
-        for _ in range(runs):
-            for samples, restore in (
-                (baseline, None),
-                (full, snapshots.Restore.load(store, created["full"].name)),
-                (filesystem, snapshots.Restore.load(store, created["filesystem"].name)),
-            ):
-                elapsed, box = await _create_to_exec(config, store, restore)
-                samples.append(elapsed)
-                await box.aclose()
-        base = median_ms(baseline)
-        print(f"  baseline: fresh sandbox from the boot template {base:7.1f} ms")
-        print(f"  full snapshot restore                          {median_ms(full):7.1f} ms "
-              f"({median_ms(full) / base:.2f}x)")  # fmt: skip
-        print(f"  filesystem snapshot restore (template boot)    {median_ms(filesystem):7.1f} ms "
-              f"({median_ms(filesystem) / base:.2f}x)")  # fmt: skip
+            print("3. create to first exec")
+            baseline, full, filesystem = [], [], []
+            for _ in range(runs):
+                for samples, restore in (
+                    (baseline, None),
+                    (full, snapshots.Restore.load(store, created["full"].name)),
+                    (filesystem, snapshots.Restore.load(store, created["filesystem"].name)),
+                ):
+                    elapsed, box = await _create_to_exec(config, store, restore)
+                    samples.append(elapsed)
+                    await box.aclose()
+            base = median_ms(baseline)
+            print(f"  baseline: fresh sandbox from the boot template {base:7.1f} ms")
+            print(f"  full snapshot restore                          {median_ms(full):7.1f} ms "
+                  f"({median_ms(full) / base:.2f}x)")  # fmt: skip
+            print(f"  filesystem snapshot restore (template boot)    {median_ms(filesystem):7.1f} ms "
+                  f"({median_ms(filesystem) / base:.2f}x)")  # fmt: skip
 
-        print(f"4. fork of {forks} to every clone's first exec")
-        started = time.perf_counter()
-        record = await snapshots.create(source, store, "bench-fork", "full")
-        saved = time.perf_counter() - started
-        restore = snapshots.Restore.load(store, record.name)
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(_create_to_exec(config, store, restore)) for _ in range(forks)]
-        total = time.perf_counter() - started
-        clones = [task.result()[1] for task in tasks]
-        each = [saved + task.result()[0] for task in tasks]
-        print(f"  snapshot {saved * 1000:.1f} ms; all {forks} clones answered after {total * 1000:.1f} ms "
-              f"(median per clone {statistics.median(each) * 1000:.1f} ms; baseline create {base:.1f} ms)")  # fmt: skip
+        print(f"4. fork of {forks} to every clone's first exec, against {forks} fresh sandboxes at once")
+        fresh, forked, saves, clones = [], [], [], []
+        for run in range(runs):
+            for clone in clones:
+                await clone.aclose()
+            started = time.perf_counter()
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(_create_to_exec(config, store)) for _ in range(forks)]
+            fresh.append(time.perf_counter() - started)
+            for task in tasks:
+                await task.result()[1].aclose()
+            started = time.perf_counter()
+            record = await snapshots.create(source, store, f"bench-fork-{run}", "full")
+            saves.append(time.perf_counter() - started)
+            restore = snapshots.Restore.load(store, record.name)
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(_create_to_exec(config, store, restore)) for _ in range(forks)]
+            forked.append(time.perf_counter() - started)
+            clones = [task.result()[1] for task in tasks]
+            records.remove(store, record.name)
+        print(f"  in one process: baseline {forks} fresh from the template {median_ms(fresh):7.1f} ms; "
+              f"fork {median_ms(forked):7.1f} ms ({median_ms(forked) / median_ms(fresh):.2f}x; "
+              f"its snapshot {median_ms(saves):.1f} ms)")  # fmt: skip
+        cli_fresh, cli_forked = _cli_fork_runs(runs, forks, no_network)
+        print(f"  CLI: baseline {forks} x `run -d` at once {median_ms(cli_fresh):7.1f} ms; "
+              f"`fork -n {forks}` {median_ms(cli_forked):7.1f} ms ({median_ms(cli_forked) / median_ms(cli_fresh):.2f}x), "
+              "each to every sandbox's first exec result")  # fmt: skip
 
+        for clone in clones if fork_only else ():
+            await clone.aclose()
+        if fork_only:
+            return
         print("5. memory of each QEMU (idle)")
         await asyncio.sleep(2)
         for label, box in (("source", source), *((f"clone {i + 1}", c) for i, c in enumerate(clones))):
@@ -156,6 +242,7 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--forks", type=int, default=2)
     parser.add_argument("--no-network", action="store_true")
+    parser.add_argument("--fork-only", action="store_true", help="Only item 4 (fork against fresh starts).")
     args = parser.parse_args()
     with private_state_dir():
-        asyncio.run(main(args.runs, args.forks, args.no_network))
+        asyncio.run(main(args.runs, args.forks, args.no_network, args.fork_only))

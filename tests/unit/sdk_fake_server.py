@@ -12,6 +12,8 @@ exec `hook`          -> calls the SDK's network-hook socket and returns its answ
 exec_stream `late`   -> the response first, then the output notifications
 exec_pipe / exec_tty -> `ready`, then echo stdin as stdout until EOF (resizes are logged)
 create image `hang`  -> never answers
+create with from_snapshot and env FAIL_CLONE -> -32602 (a failing fork clone)
+snapshot / snapshot_remove -> the record's name and mode / the names
 Also `rm ID` and `volume ...` subcommands, which print what the SDK parses.
 """
 
@@ -122,7 +124,14 @@ def handle(req: Request) -> None:
         state["create"] = params
         if params.get("image") == "hang":
             return
+        if params.get("from_snapshot") and params.get("env", {}).get("FAIL_CLONE"):
+            fail(req, -32602, "clone refused")
+            return
         reply(req, {"id": "vm-fake0001"})
+    elif method == "snapshot":
+        reply(req, {"name": params.get("name", "snap"), "mode": params.get("mode", "full")})
+    elif method == "snapshot_remove":
+        reply(req, {"removed": params.get("names", [])})
     elif method == "exec":
         handle_exec(req)
     elif method == "exec_stream":

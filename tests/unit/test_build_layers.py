@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from matchlock.api.errors import ImageError, UsageError
 from matchlock.build import diff
 from matchlock.build.context import MAX_ENV, BuildContext
-from matchlock.build.tree import LayerWriter, Tree
+from matchlock.build.tree import LayerWriter, Tree, tar_member_opener
 
 
 def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **fields) -> tuple[tarfile.TarInfo, bytes]:
@@ -143,6 +144,17 @@ def test_hostile_guest_tars_are_refused(tmp_path, member, message):
 def test_duplicate_guest_entries_are_refused(tmp_path):
     with pytest.raises(ImageError, match="twice"):
         diff.read_guest_tar(guest_tar(tmp_path, [_member("a", data=b"1"), _member("a", data=b"2")]))
+
+
+def test_a_tar_member_opener_reads_the_data_or_names_the_entry_and_the_fix(tmp_path):
+    path = write_tar(tmp_path / "a.tar", [_member("f", data=b"data"), _member("d", tarfile.DIRTYPE)])
+    with tarfile.open(path) as tar:
+        regular, directory = tar.getmembers()
+        with tar_member_opener(tar, regular, "ADD a.tar")() as data:
+            assert data.read() == b"data"
+        message = "ADD a.tar: tar entry 'd' (type b'5') has no file data; fix: make it a regular file or remove it"
+        with pytest.raises(ImageError, match=re.escape(message)):
+            tar_member_opener(tar, directory, "ADD a.tar")()
 
 
 def test_tree_resolves_symlinks_inside_its_root(tmp_path):

@@ -55,6 +55,8 @@ LAYOUTS = {
     "fuse_write_in": (fuse.WRITE_IN, "fh offset size write_flags lock_owner flags padding"),
     "fuse_release_in": (fuse.RELEASE_IN, "fh flags release_flags lock_owner"),
     "fuse_fsync_in": (fuse.FSYNC_IN, "fh fsync_flags padding"),
+    "fuse_getxattr_in": (fuse.GETXATTR_IN, "size padding"),
+    "fuse_getxattr_out": (fuse.GETXATTR_OUT, "size padding"),
 }
 # Structs we pack only up to a field (the flexible name[], or the fuse_attr packed separately).
 SIZE_IS_PREFIX = {"fuse_dirent": "name", "fuse_entry_out": "attr", "fuse_attr_out": "attr"}
@@ -113,11 +115,22 @@ def request(op: int, body: bytes = b"", nodeid: int = fuse.ROOT_ID, unique: int 
     return fuse.IN_HEADER.pack(fuse.IN_HEADER.size + len(body), op, unique, nodeid, 1000, 1001, 77, 0, 0) + body
 
 
+def sent(action: fuse.Action) -> vfs.Args | None:
+    """What the host gets for `action`: its args, or its ready wire payload as the host decodes it."""
+    if action.wire is None:
+        return action.args
+    assert action.args is None
+    args = vfs.decode_args(*action.wire)
+    assert args is not None
+    return args
+
+
 def forwarded(translator: fuse.MountTranslator, data: bytes) -> vfs.Args:
     action = translator.handle(data)
-    assert action.reply is None and action.args is not None
+    args = sent(action)
+    assert action.reply is None and args is not None and action.pending is not None
     assert (action.uid, action.gid, action.pid) == (1000, 1001, 77)
-    return action.args
+    return args
 
 
 @pytest.fixture
@@ -126,7 +139,8 @@ def tr() -> fuse.MountTranslator:
 
 
 def test_init_negotiates_only_what_the_kernel_offers_and_big_io(tr):
-    offered = fuse.ASYNC_READ | fuse.MAX_PAGES | fuse.DO_READDIRPLUS | (1 << 16)  # 1<<16: writeback cache
+    # Declined: 1<<14 READDIRPLUS_AUTO (plus for every READDIR instead) and 1<<16 writeback cache.
+    offered = fuse.ASYNC_READ | fuse.MAX_PAGES | fuse.DO_READDIRPLUS | (1 << 14) | (1 << 16)
     action = tr.handle(request(fuse.INIT, fuse.INIT_IN.pack(7, 37, 131072, offered) + bytes(48)))
     length, err, unique = fuse.OUT_HEADER.unpack_from(action.reply)
     assert (length, err, unique) == (16 + 64, 0, 9)
@@ -168,12 +182,10 @@ def test_root_node_maps_to_the_host_root_and_others_pass_through(tr):
          vfs.Create(ROOT, 0o302, 0o100600, b"n")),
         (fuse.READ, fuse.READ_IN.pack(8, 4096, 131072, 0, 0, 0, 0), 42, vfs.Read(42, 8, 4096, 131072)),
         (fuse.WRITE, fuse.WRITE_IN.pack(8, 10, 3, 0, 0, 0o2001, 0) + b"xyz", 42, vfs.Write(42, 8, 10, 0o2001, b"xyz")),
-        (fuse.RELEASE, fuse.RELEASE_IN.pack(8, 0, 0, 0), 42, vfs.Release(42, 8)),
         (fuse.FSYNC, fuse.FSYNC_IN.pack(8, 1, 0), 42, vfs.Fsync(42, 8, 1)),
         (fuse.OPENDIR, fuse.OPEN_IN.pack(0o200000, 0), 1, vfs.Opendir(ROOT, 0)),
         (fuse.READDIR, fuse.READ_IN.pack(4, 2, 4096, 0, 0, 0, 0), 1, vfs.Readdir(ROOT, 4, 2, 4096, 0)),
         (fuse.READDIRPLUS, fuse.READ_IN.pack(4, 0, 4096, 0, 0, 0, 0), 1, vfs.Readdir(ROOT, 4, 0, 4096, 1)),
-        (fuse.RELEASEDIR, fuse.RELEASE_IN.pack(4, 0, 0, 0), 1, vfs.Releasedir(ROOT, 4)),
         (fuse.STATFS, b"", 1, vfs.Statfs(ROOT)),
     ],
 )  # fmt: skip
@@ -206,20 +218,44 @@ def test_requests_answered_in_the_guest(tr, op, body, code):
     assert fuse.OUT_HEADER.unpack(action.reply) == (16, -code, 9)
 
 
+@pytest.mark.parametrize(
+    "op, nodeid, notice",
+    [(fuse.RELEASE, 42, vfs.Release(42, 8)), (fuse.RELEASEDIR, 1, vfs.Releasedir(ROOT, 8))],
+)
+def test_releases_are_answered_at_once_and_sent_as_notices(tr, op, nodeid, notice):
+    action = tr.handle(request(op, fuse.RELEASE_IN.pack(8, 0, 0, 0), nodeid, unique=31))
+    assert action.reply == fuse.OUT_HEADER.pack(16, 0, 31) and action.args is None
+    assert action.notices == (notice,)
+    # Sent with id 0, the host takes it as a notice: served, never answered.
+    (decoded,) = vfs.RequestDecoder().feed(vfs.encode_request(0, 0, 0, 0, notice))
+    assert (decoded.id, decoded.args) == (0, notice)
+    assert tr.handle(request(op, b"\0", nodeid)).reply == fuse.OUT_HEADER.pack(16, -errno.EINVAL, 9)
+
+
+def test_the_xattr_list_is_empty_and_answered_in_the_guest(tr):
+    # size 0 asks for the length; a buffer gets the (empty) names.
+    length = tr.handle(request(fuse.LISTXATTR, fuse.GETXATTR_IN.pack(0, 0), 42))
+    assert length.args is None and length.reply == fuse.OUT_HEADER.pack(24, 0, 9) + fuse.GETXATTR_OUT.pack(0, 0)
+    names = tr.handle(request(fuse.LISTXATTR, fuse.GETXATTR_IN.pack(4096, 0), 42))
+    assert names.reply == fuse.OUT_HEADER.pack(16, 0, 9)
+    getxattr = tr.handle(request(fuse.GETXATTR, fuse.GETXATTR_IN.pack(0, 0) + b"user.a\0"))
+    assert fuse.OUT_HEADER.unpack(getxattr.reply)[1] == -errno.ENOSYS
+
+
 def test_forgets_drop_the_root_and_split_big_batches(tr):
     action = tr.handle(request(fuse.FORGET, fuse.FORGET_IN.pack(2), nodeid=42))
-    assert action.reply is None and action.forgets == (vfs.Forget(((42, 2),)),)
-    assert tr.handle(request(fuse.FORGET, fuse.FORGET_IN.pack(1))).forgets == ()
+    assert action.reply is None and action.notices == (vfs.Forget(((42, 2),)),)
+    assert tr.handle(request(fuse.FORGET, fuse.FORGET_IN.pack(1))).notices == ()
     items = [(n, 1) for n in range(2, 2 + vfs.MAX_FORGETS + 10)] + [(1, 1)]
     body = fuse.BATCH_FORGET_IN.pack(len(items), 0) + b"".join(fuse.FORGET_ONE.pack(*i) for i in items)
-    forgets = tr.handle(request(fuse.BATCH_FORGET, body)).forgets
+    forgets = tr.handle(request(fuse.BATCH_FORGET, body)).notices
     assert [len(f.items) for f in forgets] == [vfs.MAX_FORGETS, 10]
     assert all(node != 1 for f in forgets for node, _ in f.items)
 
 
 def test_interrupt_gets_no_reply_and_nothing_is_forwarded(tr):
     action = tr.handle(request(fuse.INTERRUPT, struct.pack("<Q", 5)))
-    assert (action.reply, action.args, action.forgets) == (None, None, ())
+    assert (action.reply, action.args, action.notices) == (None, None, ())
 
 
 def complete(tr, op, result, size=0, plus=0):
@@ -247,6 +283,54 @@ def test_error_reply_and_negative_lookup_caching():
     data = b"".join(buffers)
     assert fuse.OUT_HEADER.unpack_from(data)[1] == 0
     assert fuse.ENTRY_OUT.unpack_from(data, 16)[:5] == (0, 0, 1, 0, 500_000_000)
+
+
+@pytest.mark.parametrize(
+    "op, body, nodeid",
+    [
+        (fuse.CREATE, fuse.CREATE_IN.pack(0o100301, 0o100644, 0o22, 0) + b"new\0", 42),
+        (fuse.MKDIR, fuse.MKDIR_IN.pack(0o755, 0o22) + b"new\0", 42),
+        (fuse.MKNOD, fuse.MKNOD_IN.pack(0o10644, 0, 0o22, 0) + b"new\0", 42),
+        (fuse.SYMLINK, b"new\0target\0", 42),
+        (fuse.LINK, fuse.LINK_IN.pack(50) + b"new\0", 42),
+        (fuse.RENAME, fuse.RENAME_IN.pack(42) + b"old\0new\0", 51),
+        (fuse.RENAME2, fuse.RENAME2_IN.pack(42, 0, 0) + b"old\0new\0", 51),
+    ],
+)  # fmt: skip
+def test_a_remembered_enoent_answers_until_it_expires_or_the_name_is_made(op, body, nodeid):
+    now = [0]
+    tr = fuse.MountTranslator(ROOT, negative_valid_ns=1_000_000_000, clock=lambda: now[0])
+    lookup = tr.handle(request(fuse.LOOKUP, b"new\0", 42, unique=5))
+    assert sent(lookup) == vfs.Lookup(42, b"new")
+    tr.complete(lookup.pending, -errno.ENOENT, b"")
+    # Asked again (as the kernel does for O_EXCL), the guest answers: a negative entry for the time left.
+    now[0] = 400_000_000
+    again = tr.handle(request(fuse.LOOKUP, b"new\0", 42, unique=6))
+    assert sent(again) is None and fuse.OUT_HEADER.unpack_from(again.reply) == (16 + fuse.ENTRY_SIZE, 0, 6)
+    assert fuse.ENTRY_OUT.unpack_from(again.reply, 16)[:5] == (0, 0, 0, 0, 600_000_000)
+    # Another name or directory still goes to the host.
+    assert sent(tr.handle(request(fuse.LOOKUP, b"other\0", 42))) == vfs.Lookup(42, b"other")
+    assert sent(tr.handle(request(fuse.LOOKUP, b"new\0", 43))) == vfs.Lookup(43, b"new")
+    # An op that may make the name forgets the ENOENT, so the next LOOKUP asks the host.
+    assert sent(tr.handle(request(op, body, nodeid))) is not None
+    assert sent(tr.handle(request(fuse.LOOKUP, b"new\0", 42))) == vfs.Lookup(42, b"new")
+
+
+def test_a_remembered_enoent_expires_and_the_table_is_bounded():
+    now = [0]
+    tr = fuse.MountTranslator(ROOT, negative_valid_ns=1_000, clock=lambda: now[0])
+    lookup = tr.handle(request(fuse.LOOKUP, b"gone\0", 42))
+    tr.complete(lookup.pending, -errno.ENOENT, b"")
+    now[0] = 1_000
+    assert sent(tr.handle(request(fuse.LOOKUP, b"gone\0", 42))) == vfs.Lookup(42, b"gone")
+    for n in range(fuse.MAX_ABSENT + 1):
+        tr.complete(fuse.Pending(9, fuse.LOOKUP, key=(42, b"f%d" % n)), -errno.ENOENT, b"")
+    assert len(tr._absent) <= fuse.MAX_ABSENT
+    # Without negative caching (host_fs that asked for none) nothing is remembered.
+    plain = fuse.MountTranslator(ROOT)
+    first = plain.handle(request(fuse.LOOKUP, b"x\0", 42))
+    plain.complete(first.pending, -errno.ENOENT, b"")
+    assert sent(plain.handle(request(fuse.LOOKUP, b"x\0", 42))) == vfs.Lookup(42, b"x")
 
 
 @pytest.mark.parametrize(

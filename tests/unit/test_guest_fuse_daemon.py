@@ -138,3 +138,28 @@ def test_requests_are_pipelined_and_replies_matched_out_of_order(port):
     threads[1].join(10)
     assert not threads[1].is_alive()
     daemon_end.close()
+
+
+def test_stats_when_the_host_asks_time_each_request(port, capfd, monkeypatch):
+    channel, host = port
+    channel.stats = fuse_daemon.Stats()
+    monkeypatch.setattr(fuse_daemon.Stats, "INTERVAL_NS", 0)
+    kernel, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mount = fuse_daemon.Mount(vfs.Mount("/m", 2, False), daemon_end.fileno(), vfs.MAX_IO)
+    threads = [
+        threading.Thread(target=fuse_daemon.serve_mount, args=(channel, mount), daemon=True),
+        threading.Thread(target=_until_eof, args=(channel,), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    kernel.send(fuse_request(fuse.LOOKUP, 12, 1, b"x\0"))
+    (lookup,) = host.take(1)
+    host.reply(lookup, error=errno.ENOENT)
+    assert fuse.OUT_HEADER.unpack(kernel.recv(4096)) == (16, -errno.ENOENT, 12)
+    kernel.close()
+    threads[0].join(10)
+    host.sock.close()
+    threads[1].join(10)
+    daemon_end.close()
+    err = capfd.readouterr().err
+    assert "matchlock-vfs: stats at" in err and "1 requests in 1 port reads" in err, err

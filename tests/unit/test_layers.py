@@ -2,9 +2,9 @@
 
 The scan reads every `import` and `from ... import` anywhere in a module (including lazy
 imports inside functions and `TYPE_CHECKING` blocks), resolves relative imports, and treats
-a string constant naming one of our modules (`importlib.import_module("matchlock.x")`) as
-an import too. A package may always import itself and stdlib/third-party libraries; the
-table lists what else it may import. `docs/architecture.md` must show the same table.
+a string naming one of our modules as an import where it is used as one (`string_imports`).
+A package may always import itself and stdlib/third-party libraries; the table lists what
+else it may import. `docs/architecture.md` must show the same table.
 """
 
 from __future__ import annotations
@@ -91,13 +91,6 @@ def imports_of(source: str, module: str, is_package: bool, root: Path) -> list[I
     package = module if is_package else module.rpartition(".")[0]
     tree = ast.parse(source)
     eager = {id(node) for node in _eager_statements(tree.body)}
-    # A device name that spells a module (the VFS port is named `matchlock.vfs`) is data, not an import.
-    port_names = {
-        id(node.value)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Assign)
-        and all(isinstance(t, ast.Name) and t.id.endswith("_PORT_NAME") for t in node.targets)
-    }
     found: list[Import] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -117,11 +110,46 @@ def imports_of(source: str, module: str, is_package: bool, root: Path) -> list[I
                 candidate = f"{origin}.{alias.name}"
                 keep = origin == "matchlock" or is_module(candidate, root)
                 found.append(Import(node.lineno, candidate if keep else origin, id(node) in eager))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in port_names:
-            text = node.value
-            if re.fullmatch(r"matchlock(\.\w+)+", text) and is_module(text, root):
-                found.append(Import(node.lineno, text))
+    for node in string_imports(tree):
+        if re.fullmatch(r"matchlock(\.\w+)+", node.value) and is_module(node.value, root):
+            found.append(Import(node.lineno, node.value))
     return [imp for imp in found if imp.target == "matchlock" or imp.target.startswith("matchlock.")]
+
+
+# Calls whose first argument is the name of a module they import.
+IMPORT_CALLS = frozenset({"import_module", "__import__", "run_module"})
+
+
+def _called(func: ast.expr) -> str:
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+
+
+def string_imports(tree: ast.Module) -> list[ast.Constant]:
+    """The string constants of `tree` that are used as module names.
+
+    That is the literal first argument of an import call (`importlib.import_module("matchlock.x")`,
+    `__import__`, `runpy.run_module`) and the string after `"-m"` in a list or tuple (an argv that
+    runs `python -m matchlock.x`). An import call whose argument is computed (cli/main.py reads its
+    lazy command table) could import any module the file spells, so there every string counts.
+    Elsewhere a string that merely spells a module (the VFS port is named `matchlock.vfs`, loggers
+    are named after packages) is data.
+    """
+    used: dict[int, ast.Constant] = {}
+    dynamic = False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _called(node.func) in IMPORT_CALLS and node.args:
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                used[id(first)] = first
+            else:
+                dynamic = True
+        elif isinstance(node, ast.List | ast.Tuple):
+            for flag, value in zip(node.elts, node.elts[1:]):
+                if isinstance(flag, ast.Constant) and flag.value == "-m" and isinstance(value, ast.Constant):
+                    used[id(value)] = value
+    if dynamic:
+        used.update((id(node), node) for node in ast.walk(tree) if isinstance(node, ast.Constant))
+    return [node for node in used.values() if isinstance(node.value, str)]
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -234,8 +262,23 @@ def _tree(tmp_path: Path, files: dict[str, str], init: str = '__version__ = "0"\
             "matchlock/api/__init__.py:1 imports matchlock.debian, but layer api may import only nothing of ours",
         ),
         (
-            {"cli/m.py": 'TABLE = {"x": "matchlock.sdk.client"}\n', "sdk/client.py": ""},
-            "matchlock/cli/m.py:1 imports matchlock.sdk.client, but layer cli may import only api, build, image",
+            {
+                "cli/m.py": 'import importlib\nTABLE = {"x": "matchlock.sdk.client"}\n'
+                "def load(name):\n    return importlib.import_module(TABLE[name])\n",
+                "sdk/client.py": "",
+            },
+            "matchlock/cli/m.py:2 imports matchlock.sdk.client, but layer cli may import only api, build, image",
+        ),
+        (
+            {
+                "vm/x.py": 'import importlib\nstore = importlib.import_module("matchlock.image.store")\n',
+                "image/store.py": "",
+            },  # fmt: skip
+            "matchlock/vm/x.py:2 imports matchlock.image.store, but layer vm may import only api, util, wire",
+        ),
+        (
+            {"wire/x.py": 'ARGV = ("python3", "-m", "matchlock.vfs.server")\n', "vfs/server.py": ""},
+            "matchlock/wire/x.py:1 imports matchlock.vfs.server, but layer wire may import only nothing of ours",
         ),
         (
             {"__init__.py": "from .sdk import Client\n", "sdk/__init__.py": ""},
@@ -268,6 +311,20 @@ def test_the_scan_accepts_allowed_edges(tmp_path):
             "from typing import TYPE_CHECKING\n__version__ = '0'\nif TYPE_CHECKING:\n    from .sdk import Client\n"
             "def __getattr__(name):\n    from . import sdk\n    return getattr(sdk, name)\n"
         ),
+    )
+    assert violations(root) == []
+
+
+def test_a_string_that_only_spells_a_module_is_not_an_import(tmp_path):
+    # The guest-side contract names its VFS port after the package; wire may import nothing of ours.
+    root = _tree(
+        tmp_path,
+        {
+            "wire/boot.py": 'VFS_PORT_NAME = "matchlock.vfs"\nPORTS = {"vfs": "matchlock.vfs"}\n',
+            "vm/x.py": 'import logging\nLOG = logging.getLogger("matchlock.sandbox")\n',
+            "vfs/__init__.py": "",
+            "sandbox/__init__.py": "",
+        },
     )
     assert violations(root) == []
 

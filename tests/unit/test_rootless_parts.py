@@ -185,6 +185,7 @@ def test_setup_linux_names_only_what_is_missing(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from matchlock.cli import setup_linux
+    from matchlock.cli.setup import setup
 
     tun = tmp_path / "tun"
     tun.write_text("")
@@ -195,26 +196,48 @@ def test_setup_linux_names_only_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(setup_linux.shutil, "which", lambda name: f"/usr/bin/{name}")
     names = [need.name for need in setup_linux.needs(None)]
     assert names == ["user-namespaces", "tun"]
-    result = CliRunner().invoke(setup_linux.setup, ["linux", "--check"])
+    result = CliRunner().invoke(setup, ["linux", "--check"])
     assert result.exit_code == 0, result.output
     assert "user.max_user_namespaces = 0 forbids unprivileged user namespaces" in result.output
     assert f"{tun} is mode 0600" in result.output
     os.chmod(tun, 0o666)
     sysctls["user.max_user_namespaces"] = "15000"
     assert setup_linux.needs(None) == []
-    assert "Nothing to do" in CliRunner().invoke(setup_linux.setup, ["linux"]).output
+    assert "Nothing to do" in CliRunner().invoke(setup, ["linux"]).output
 
 
 def test_setup_without_a_subcommand_is_still_the_artefact_setup(monkeypatch):
     from click.testing import CliRunner
 
+    from matchlock.cli import setup as setup_cli
     from matchlock.cli import setup_linux
 
-    calls = []
-    monkeypatch.setattr(setup_linux._artefacts, "callback", lambda **options: calls.append(options))
-    result = CliRunner().invoke(setup_linux.setup, [])
-    assert result.exit_code == 0, result.output
-    assert [set(options) for options in calls] == [{param.name for param in setup_linux._artefacts.params}]
+    class Reached(Exception):
+        pass
+
+    steps: list[str] = []
+
+    def first_step(label, action):
+        steps.append(label)
+        raise Reached
+
+    monkeypatch.setattr(setup_cli, "_step", first_step)
+    result = CliRunner().invoke(setup_cli.setup, ["--tuned", "skip"])
+    assert isinstance(result.exception, Reached) and steps == ["Guest runtime disk"], result.output
+    steps.clear()
     monkeypatch.setattr(setup_linux, "needs", lambda user: [])
-    calls.clear()
-    assert CliRunner().invoke(setup_linux.setup, ["linux"]).exit_code == 0 and not calls
+    result = CliRunner().invoke(setup_cli.setup, ["linux"])
+    assert result.exit_code == 0 and "Nothing to do" in result.output and not steps, result.output
+
+
+def test_setup_help_lists_linux_and_the_artefact_options():
+    from click.testing import CliRunner
+
+    from matchlock.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["setup", "--help"])
+    assert result.exit_code == 0, result.output
+    # [COMMAND]: the subcommand is optional, plain `matchlock setup` is the artefact setup.
+    assert result.output.startswith("Usage: cli setup [OPTIONS] [COMMAND] [ARGS]...\n"), result.output
+    assert "--tuned [background|now|skip]" in result.output and "--jobs INTEGER" in result.output
+    assert "\nCommands:\n  linux  Let ordinary users run sandboxes" in result.output

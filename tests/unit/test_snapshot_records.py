@@ -188,6 +188,26 @@ def test_a_full_restore_needs_the_same_network_device(tmp_path):
         _restore(tmp_path, secrets={}).prepare(config)
 
 
+def test_a_restore_keeps_the_sources_live_allow_list_and_adds_its_own(tmp_path):
+    source = {"network": {"allowed_hosts": ["api.example.com"], "intercept": False, "block_private_ips": True,
+                          "add_hosts": [{"host": "db.internal", "ip": "192.0.2.7"}], "dns_servers": ["192.0.2.53"]}}  # fmt: skip
+    restore = _restore(tmp_path, secrets={}, config=source, allowed_hosts=["api.example.com", "added.example.com"])
+    prepared = restore.prepare(SandboxConfig(image="x", network=NetworkConfig(allowed_hosts=("mine.example.com",))))
+    # An empty allow-list with interception on would let every host through: the clone must not widen it.
+    assert prepared.network.allowed_hosts == ("api.example.com", "added.example.com", "mine.example.com")
+    assert [(m.host, m.ip) for m in prepared.network.add_hosts] == [("db.internal", "192.0.2.7")]
+    assert prepared.network.dns_servers == ("192.0.2.53",)
+    bare = restore.prepare(SandboxConfig(image="x"))
+    assert bare.network.allowed_hosts == ("api.example.com", "added.example.com") and bare.network.intercepting
+
+
+def test_a_filesystem_restore_without_a_network_drops_the_policy(tmp_path):
+    source = {"network": {"allowed_hosts": ["api.example.com"], "intercept": True}}
+    restore = _restore(tmp_path, mode="filesystem", secrets={}, config=source, allowed_hosts=["api.example.com"])
+    prepared = restore.prepare(SandboxConfig(image="x", network=NetworkConfig(no_network=True)))
+    assert prepared.network.allowed_hosts == () and not prepared.network.intercepting
+
+
 # --- CLI validation before any sandbox is asked -----------------------------------------------
 
 

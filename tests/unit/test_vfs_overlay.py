@@ -104,3 +104,34 @@ async def test_close_removes_the_private_copy(lower: Path, tmp_path: Path) -> No
     guest.close()
     assert not upper.exists()
     assert not (lower / "new.txt").exists()
+
+
+async def _listed_inos(guest: Guest, path: str) -> dict[str, int]:
+    node = await guest.node(path)
+    opened = await guest.call(wire.Opendir(node, 0))
+    assert isinstance(opened, wire.Opened)
+    page = await guest.call(wire.Readdir(node, opened.fh, 0, 4096, 0))
+    await guest.call(wire.Releasedir(node, opened.fh))
+    assert isinstance(page, tuple)
+    return {e.name.decode(): e.ino for e in page}
+
+
+async def test_a_copied_up_file_keeps_its_inode_number(overlay, lower: Path) -> None:
+    guest, _ = overlay
+    before = (await guest.stat("/w/pkg/a.py")).ino
+    assert (await _listed_inos(guest, "/w/pkg"))["a.py"] == before
+    await guest.write("/w/pkg/a.py", b"a = 2\n")  # copies the file (and pkg) up
+    assert (await guest.stat("/w/pkg/a.py")).ino == before
+    assert (await _listed_inos(guest, "/w/pkg"))["a.py"] == before
+    node = await guest.node("/w/pkg/a.py")
+    opened = await guest.call(wire.Open(node, os.O_RDWR))
+    assert isinstance(opened, wire.Opened)
+    by_handle = await guest.call(wire.Getattr(node, opened.fh))
+    assert isinstance(by_handle, wire.AttrReply) and by_handle.attr.ino == before
+    await guest.call(wire.Release(node, opened.fh))
+    # Renamed with its whole directory, and hard-linked, it is still the same inode.
+    await guest.rename("/w/pkg", "/w/moved")
+    assert (await guest.stat("/w/moved/a.py")).ino == before
+    await guest.call(wire.Link(await guest.node("/w/moved/a.py"), await guest.node("/w/moved"), b"hard.py"))
+    assert (await guest.stat("/w/moved/hard.py")).ino == before
+    assert (lower / "pkg" / "a.py").read_text() == "a = 1\n"

@@ -38,6 +38,10 @@ async def test_nested_mounts_get_synthesized_parents(host: Path, tmp_path: Path)
     try:
         # Only roots under no other mount are for the guest to mount; nesting is the router's.
         assert sorted(guest.roots) == ["/root/.gitconfig", "/workspace"]
+        # ENOENT is cached no longer than the shortest validity inside each root (host_fs: 1 s).
+        assert {m.path: m.negative_valid_ns for m in guest.router.hello()} == {
+            "/workspace": 10**9, "/root/.gitconfig": 10**9,
+        }  # fmt: skip
         assert await guest.listdir("/workspace") == [".host"]
         assert await guest.listdir("/workspace/.host") == ["repo"]
         assert stat.S_ISDIR((await guest.stat("/workspace/.host")).mode)
@@ -232,5 +236,13 @@ async def test_an_unlinked_open_file_still_reads_and_writes_under_interception(h
         assert await guest.call(wire.Read(node, opened.fh, 0, 9)) == b"PRINT(1)\n"
         reply = await guest.call(wire.Getattr(node, opened.fh))
         assert isinstance(reply, wire.AttrReply) and reply.attr.nlink == 0
+    finally:
+        guest.close()
+
+
+def test_a_private_mount_caches_enoent_long(host: Path) -> None:
+    guest = Guest([Mount("/scratch", MemoryProvider()), Mount("/h", HostFSProvider(str(host)))])
+    try:
+        assert {m.path: m.negative_valid_ns for m in guest.router.hello()} == {"/scratch": 3600 * 10**9, "/h": 10**9}
     finally:
         guest.close()

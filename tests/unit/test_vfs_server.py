@@ -65,6 +65,11 @@ async def test_hello_then_pipelined_requests(tmp_path: Path) -> None:
             assert len((await peer.reply(10 + n)).payload) == 10_000
         await peer.send(30, wire.Lookup(root, b"missing"))
         assert (await peer.reply(30)).status == -errno.ENOENT
+        # A RELEASE with id 0 is a notice: the handle goes, and no reply comes (the next one is 31's).
+        await peer.send(0, wire.Release(entry.node, opened.fh))
+        await peer.send(31, wire.Read(entry.node, opened.fh, 0, 10))
+        assert (await peer.reply(31)).status == -errno.EBADF
+        assert list(peer.replies) == []
     finally:
         await server.aclose()
         peer.sock.close()

@@ -184,6 +184,7 @@ REPLIES = [
             version=1, max_io=1 << 20, mounts=(vfs.Mount("/workspace", 2, False), vfs.Mount("/ro", 3, True, 10**9))
         ),
     ),
+    (vfs.Op.HELLO, vfs.HelloReply(version=1, max_io=1 << 20, mounts=(), stats=True)),
 ]
 
 
@@ -198,9 +199,15 @@ def test_replies_split_at_every_byte_and_errors_carry_negative_errno():
     stream = vfs.encode_reply(3, ENTRY) + vfs.encode_error(1, errno.ENOENT) + vfs.encode_reply(2, None)
     decoder = vfs.ReplyDecoder()
     out = []
+    boundaries = []
     for i in range(len(stream)):
         out += decoder.feed(stream[i : i + 1])
+        if not decoder.pending:
+            boundaries.append(i + 1)
     assert [(r.id, r.status) for r in out] == [(3, 0), (1, -errno.ENOENT), (2, 0)]
+    # `pending` is 0 exactly at frame ends: the guest stops reading there.
+    first = len(vfs.encode_reply(3, ENTRY))
+    assert boundaries == [first, first + vfs.REPLY_HEADER.size, len(stream)]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@ user gets copies of the built kernel, the guest Python runtime and busybox's pac
 cache (a few tens of MB), then, as themselves: pulls images from the test registry on loopback
 (their disks are built under fakeroot, owners exact), runs one, starts one detached sandbox with a
 published port and TLS interception towards the stand-in internet, and execs into it. The second
-user then tries to list, exec into, kill and read that sandbox, and must fail at each. Two VMs boot.
+user then tries to list, exec into, kill and read that sandbox, and must fail at each. Last, the
+first user keeps data on a named volume and a raw ext4 disk across two runs, which the second user
+cannot read. Four VMs boot.
 """
 
 from __future__ import annotations
@@ -302,3 +304,35 @@ def test_pulled_image_is_the_users_own(users, client_ref):
     assert "test/netclient" in images.stdout, images
     probe = other.python(f"import os; os.listdir({str(owner.home / '.cache' / 'matchlock')!r})")
     assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe
+
+
+def test_a_volume_and_a_raw_disk_keep_data_across_runs_and_only_for_their_user(users, owned_image):
+    owner, other = users
+    assert owner.matchlock("pull", owned_image).returncode == 0  # a no-op once the test above pulled it
+    created = owner.matchlock("volume", "create", "notes", "--size", "64", "--json")
+    assert created.returncode == 0, created
+    volume = Path(json.loads(created.stdout)["path"])
+    raw = owner.home / "raw.ext4"
+    made = as_user(owner.uid, owner.gid, ["mke2fs", "-q", "-t", "ext4", str(raw), "32M"], env=owner.env())
+    assert made.returncode == 0, made.stderr
+    disks = ("--disk", "@notes:/notes", "--disk", f"{raw}:/raw")
+    first = owner.matchlock("run", "--image", owned_image, *disks, "--", "sh", "-c",
+                            "echo kept > /notes/a && echo raw > /raw/b")  # fmt: skip
+    assert first.returncode == 0, first
+    read_only = ("--disk", "@notes:/notes:ro", "--disk", f"{raw}:/raw:ro")
+    second = owner.matchlock("run", "--image", owned_image, *read_only, "--", "sh", "-c",
+                             "cat /notes/a /raw/b; if touch /notes/c 2>/dev/null; then echo writable; "
+                             "else echo read-only; fi")  # fmt: skip
+    assert (second.returncode, second.stdout) == (0, "kept\nraw\nread-only\n"), second
+    assert {p.stat().st_uid for p in (volume, raw)} == {owner.uid}
+    listed = owner.matchlock("volume", "ls", "--json")
+    assert [v["name"] for v in json.loads(listed.stdout)] == ["notes"], listed
+    # The other user: none of it in their own listing, and neither the volume's data nor its store readable.
+    theirs = other.matchlock("volume", "ls", "--json")
+    assert theirs.returncode == 0 and json.loads(theirs.stdout) == [], theirs
+    borrowed = other.matchlock("volume", "ls", MATCHLOCK_CACHE_DIR=str(owner.home / ".cache" / "matchlock"))
+    assert borrowed.returncode != 0 and "permission denied" in borrowed.stderr.lower(), borrowed
+    probe = other.python(f"open({str(volume)!r}, 'rb').read(1)")
+    assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe
+    removed = owner.matchlock("volume", "rm", "notes")
+    assert removed.returncode == 0 and not volume.exists(), removed

@@ -140,8 +140,13 @@ def test_the_sdk_pauses_resumes_and_snapshots(module_state_dir):
     assert "sdk1" in _ok("snapshot", "ls")
 
 
-def test_fork_gives_independent_clones(source):
-    clones = _ok("fork", source, "-n", "2", "--secret", SECRET).split()
+def test_fork_gives_independent_clones(source, tmp_path):
+    # The secret through a file (read once by `fork`; the RPC server passes a memfd so), the IDs as JSON.
+    secret_file = tmp_path / "secrets.json"
+    name, _, rest = SECRET.partition("=")
+    value, _, host = rest.partition("@")
+    secret_file.write_text(json.dumps({name: {"value": value, "hosts": [host]}}))
+    clones = json.loads(_ok("fork", source, "-n", "2", "--json", "--secret-file", str(secret_file)))
     try:
         assert len(clones) == 2 and source not in clones
         first, second = clones
@@ -153,7 +158,10 @@ def test_fork_gives_independent_clones(source):
         randoms = {_sh(vm, "head -c 16 /dev/urandom | od -A n -t x1") for vm in (source, *clones)}
         assert len(randoms) == 3
         assert "a.example.com" in _ok("allow-list", "add", first, "a.example.com")
-        assert "a.example.com" not in _ok("allow-list", "add", second, "b.example.com")  # a policy each
+        second_list = _ok("allow-list", "add", second, "b.example.com")
+        assert "a.example.com" not in second_list  # a policy each
+        current = second_list.split("Current allow-list: ")[1].split()[0]
+        assert sorted(current.split(",")) == ["api.example.com", "b.example.com"]  # the source's, not wider
         assert "fork-" not in _ok("snapshot", "ls")  # the fork's own snapshot is gone once they are up
         _ok("pause", first)  # a paused sandbox still stops cleanly
         _ok("kill", first)

@@ -18,8 +18,7 @@ import pytest
 
 from support import sdk_compat
 from support.cli import MATCHLOCK
-from support.images import docker_save, image_config
-from support.tarballs import entry, layer
+from support.git_image import git_image as support_git_image
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("vm_prerequisites")]
 
@@ -220,43 +219,9 @@ def test_published_sdk_mounts_block_rule_and_after_hook(tmp_path: Path, state_di
     assert 8 in report["sizes"]  # "payload\n"
 
 
-GIT_LIBS = ("libpcre2-8.so.0", "libz.so.1", "libc.so.6")
-
-
 @pytest.fixture(scope="module")
-def git_image(tmp_path_factory, vm_prerequisites) -> str:
-    """An image with the host's Debian git (it needs only libc, zlib and pcre2) and static busybox."""
-    from matchlock.image.store import ImageStore
-
-    git = Path("/usr/bin/git").read_bytes()
-    tag = f"test/vfs-git:{hashlib.sha256(git).hexdigest()[:12]}"
-    if ImageStore().get(tag) is not None:
-        return tag
-    libdir = "usr/lib/x86_64-linux-gnu"
-    applets = ("sh", "ls", "cat", "echo", "wc", "mkdir", "rm", "stat", "sync", "tr", "head")
-    members = [
-        *(entry(top, "sym", link=f"usr/{top}") for top in ("lib", "bin", "sbin")),
-        entry("lib64", "sym", link=f"{libdir}"),
-        *(
-            entry(d, "dir", mode=0o1777 if d == "tmp" else 0o755)
-            for d in ("etc", "tmp", "root", "proc", "sys", "dev", "run", "workspace")
-        ),  # fmt: skip
-        entry("usr/bin/git", data=git, mode=0o755),
-        entry("usr/bin/busybox", data=Path("/usr/bin/busybox").read_bytes(), mode=0o755),
-        *(entry(f"usr/bin/{a}", "sym", link="busybox") for a in applets),
-        entry(f"{libdir}/ld-linux-x86-64.so.2", data=Path(f"/{libdir}/ld-linux-x86-64.so.2").read_bytes(), mode=0o755),
-        *(entry(f"{libdir}/{lib}", data=Path(os.path.realpath(f"/{libdir}/{lib}")).read_bytes()) for lib in GIT_LIBS),
-        entry("etc/passwd", data="root:x:0:0:root:/root:/bin/sh\n"),
-        entry("etc/group", data="root:x:0:\n"),
-    ]
-    layer_bytes = layer(members)
-    config = image_config([layer_bytes], config={"Env": ["PATH=/usr/bin:/bin", "HOME=/root"], "Cmd": ["sh"]})
-    archive = tmp_path_factory.mktemp("git-image") / "git.tar"
-    archive.write_bytes(docker_save([layer_bytes], config, tag=tag))
-    with open(archive, "rb") as stdin:
-        imported = subprocess.run([MATCHLOCK, "image", "import", tag], stdin=stdin, capture_output=True, text=True)
-    assert imported.returncode == 0, imported.stderr
-    return tag
+def git_image(vm_prerequisites) -> str:
+    return support_git_image(MATCHLOCK)
 
 
 GIT_SCRIPT = r"""

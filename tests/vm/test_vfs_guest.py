@@ -148,3 +148,42 @@ def test_single_file_mount_is_a_file_both_ways(box, loop_thread, host_dirs):
     )
     assert out == "regular file\nkey = 1\n"
     assert (host_dirs / "single.conf").read_text() == "key = 1\nkey = 2\n"
+
+
+NEGATIVE_SCRIPT = r"""
+set -e
+cd {dir}
+for name in made moved linked dir; do [ ! -e $name ]; done
+echo one > made
+[ "$(cat made)" = one ]
+echo two > tmp-moved && mv tmp-moved moved
+[ "$(cat moved)" = two ]
+ln made linked
+[ "$(stat -c %h linked)" = 2 ]
+mkdir dir && [ -d dir ]
+ls | tr '\n' ' '
+"""
+
+
+@pytest.mark.parametrize("mount", ["/mem", "/work"])
+def test_cached_enoent_never_hides_what_the_guest_itself_makes(box, loop_thread, mount):
+    # Each name is looked up (and its absence cached) first, then made by create, rename, link, mkdir.
+    out = sh(box, loop_thread, f"mkdir -p {mount}/neg && " + NEGATIVE_SCRIPT.format(dir=f"{mount}/neg"))
+    assert out.split() == ["dir", "linked", "made", "moved"]
+
+
+# host_fs entries, attributes and ENOENT are cached for 1 s; the guest must see the host's change after it.
+HOST_CHANGE_WAIT = "for i in $(seq 40); do {test} && exit 0; sleep 0.1; done; exit 1"
+
+
+def test_the_guest_sees_host_side_changes_after_the_validity_period(box, loop_thread, host_dirs):
+    host = host_dirs / "rw"
+    (host / "grows.txt").write_text("a")
+    assert sh(box, loop_thread, "[ ! -e /work/appears ] && stat -c %s /work/grows.txt") == "1\n"
+    (host / "appears").write_text("new")
+    (host / "grows.txt").write_text("abcdef")
+    sh(box, loop_thread, HOST_CHANGE_WAIT.format(test="[ -e /work/appears ]"))
+    sh(box, loop_thread, HOST_CHANGE_WAIT.format(test='[ "$(stat -c %s /work/grows.txt)" = 6 ]'))
+    assert sh(box, loop_thread, "cat /work/appears /work/grows.txt") == "newabcdef"
+    (host / "appears").unlink()
+    sh(box, loop_thread, HOST_CHANGE_WAIT.format(test="[ ! -e /work/appears ]"))

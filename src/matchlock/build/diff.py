@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..api.errors import ImageError
 from ..wire.boot import CA_PATH
-from .tree import LayerWriter, Tree, parent_chain, split
+from .tree import LayerWriter, Opener, Tree, parent_chain, split, tar_member_opener
 
 # Top-level directories the runtime mounts over (tmpfs, proc, sysfs, devtmpfs).
 EXCLUDED_TOP = frozenset({"proc", "sys", "dev", "run", "tmp"})
@@ -140,13 +140,6 @@ def _all_children_gone(tree: Tree, guest: dict[tuple[str, ...], tarfile.TarInfo]
     return len(children) > 1 and not any(child in guest for child in children)
 
 
-def _opener(tar: tarfile.TarFile | None, member: tarfile.TarInfo):
+def _opener(tar: tarfile.TarFile | None, member: tarfile.TarInfo) -> Opener:
     assert tar is not None  # a member came from it
-
-    def open_member():
-        data = tar.extractfile(member)
-        if data is None:
-            raise ImageError(f"the guest sent no data for {member.name!r}")
-        return data
-
-    return open_member
+    return tar_member_opener(tar, member, "the RUN step's file list")

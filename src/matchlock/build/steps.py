@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..api.errors import UsageError
 from ..image.archive import normalise
 from .context import BuildContext, Source
-from .tree import LayerWriter, Tree, member_for, parent_chain, split
+from .tree import LayerWriter, Tree, member_for, parent_chain, split, tar_member_opener
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,9 @@ def _unpack(writer: LayerWriter, tree: Tree, source: Source, dest: tuple[str, ..
         if member.islnk():
             copied.linkname = "/".join(dest + normalise(member.linkname, f"ADD {source.relative}"))
         landing = _landing(tree, dest + parts, member.isdir())
-        writer.add(landing, copied, _archive_opener(tar, member, source) if member.isreg() else None)
+        writer.add(
+            landing, copied, tar_member_opener(tar, member, f"ADD {source.relative}") if member.isreg() else None
+        )
 
 
 def _file_opener(item: Source) -> Callable:
@@ -227,13 +229,3 @@ def _file_opener(item: Source) -> Callable:
 
 def _tree_opener(tree: Tree, parts: tuple[str, ...]) -> Callable:
     return lambda: tree.open(parts)
-
-
-def _archive_opener(tar: tarfile.TarFile, member: tarfile.TarInfo, source: Source) -> Callable:
-    def open_member():
-        data = tar.extractfile(member)
-        if data is None:
-            raise UsageError(f"ADD {source.relative}: no data for {member.name}")
-        return data
-
-    return open_member

@@ -156,6 +156,21 @@ def clamp_epoch() -> int | None:
 Opener = Callable[[], BinaryIO]
 
 
+def tar_member_opener(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> Opener:
+    """An opener of a regular member's data in `tar` (a RUN step's or an ADD archive's), read at write time."""
+
+    def open_member() -> BinaryIO:
+        data = tar.extractfile(member)
+        if data is None:
+            raise ImageError(
+                f"{where}: tar entry {member.name!r} (type {member.type!r}) has no file data; "
+                "fix: make it a regular file or remove it, then build again"
+            )
+        return data  # type: ignore[return-value]  # an IO[bytes] reading the member
+
+    return open_member
+
+
 @dataclass
 class _Item:
     member: tarfile.TarInfo

@@ -84,8 +84,12 @@ def rm(tag: str) -> None:
 
 @image.command("gc")
 def gc() -> None:
-    """Delete blobs no image references, and stale or surplus boot templates."""
+    """Delete blobs no image references, kernels no current input selects, and stale or surplus boot templates."""
+    from ..kernel.cache import remove_stale
+
     click.echo(f"Removed {ImageStore().gc()} unreferenced blobs")
+    for kernel in remove_stale():  # before the templates: those of a removed kernel are stale then
+        click.echo(f"Removed {kernel.path}: {kernel.why} ({kernel.size / _MB:.1f} MB)")
     removed = TemplateCache().prune()
     if removed:
         _report_removed_templates(removed)

@@ -16,6 +16,7 @@ import click
 
 from .. import __version__
 from ..api.errors import MatchlockError
+from ..util import trace
 
 # name -> (module, attribute); aliases map to the same entry.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "volume": ("matchlock.cli.volume", "volume"),
     "pull": ("matchlock.cli.pull", "pull"),
     "build": ("matchlock.cli.build", "build"),
-    "setup": ("matchlock.cli.setup_linux", "setup"),  # `setup` plus its `linux` subcommand
+    "setup": ("matchlock.cli.setup", "setup"),  # a group: the artefact setup, and `setup linux`
     "rpc": ("matchlock.cli.rpc", "rpc"),
     "pause": ("matchlock.cli.pause", "pause"),
     "resume": ("matchlock.cli.pause", "resume"),
@@ -106,6 +107,7 @@ def _check_utf8(args: list[str]) -> None:
 
 
 def main() -> None:
+    trace.mark("cli imported")
     try:
         args = _arguments_from_pipe()
         _check_utf8(sys.argv[1:] if args is None else args)

@@ -23,6 +23,7 @@ from ..sandbox.exec_relay import ExecRelay
 from ..sandbox.process import GuestProcess
 from ..sandbox.sandbox import ExecSpec, Sandbox
 from ..state.store import StateStore
+from ..util import trace
 from .terminal import attach
 
 READY_FD_ENV = "MATCHLOCK_READY_FD"
@@ -101,6 +102,7 @@ async def _run_in_background(process: GuestProcess, log: BinaryIO) -> None:
 
 async def own_sandbox(config: SandboxConfig, options: RunOptions) -> int:
     store = StateStore()
+    trace.mark("owner: state store open")
     try:
         return await _own(store, config, options)
     except BaseExceptionGroup as group:
@@ -128,6 +130,7 @@ async def _own(store: StateStore, config: SandboxConfig, options: RunOptions) ->
         config = restore.prepare(config)
     async with asyncio.timeout_at(deadline):
         sandbox = await Sandbox.create(config, store=store, restore=restore)
+    trace.mark("owner: sandbox ready")
     died: list[str] = []  # why the VM died under us, if it did
     announced: list[str] = []  # the user has been told the VM ID
     try:
@@ -137,16 +140,19 @@ async def _own(store: StateStore, config: SandboxConfig, options: RunOptions) ->
             sandbox.tracker.resources(exec_socket=str(relay.path))
             try:
                 await relay.start()
+                trace.mark("owner: exec relay serving")
                 return await _serve(sandbox, options, tasks, deadline, died, announced)
             finally:
                 await relay.aclose()
     finally:
         # A start that failed before the user saw the VM ID leaves no record they cannot name.
+        trace.mark("owner: command done")
         await sandbox.aclose(
             graceful_timeout=0 if died else options.graceful_shutdown,
             remove=options.remove or not announced,
             crashed="".join(died),
         )
+        trace.mark("owner: sandbox closed")
 
 
 async def _watch(sandbox: Sandbox, stop: asyncio.Event, died: list[str]) -> None:

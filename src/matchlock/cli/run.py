@@ -29,6 +29,7 @@ from ..api.network import DEFAULT_MTU, HostMapping, NetworkConfig, parse_host_li
 from ..api.secrets import parse_secrets
 from ..api.vfs import build_vfs, split_volume_flags
 from ..sandbox.sandbox import boot_timeout, validate_exec_request
+from ..util import trace
 from ..wire.agent import ExecRequest
 from .common import BoolFlagsCommand, parse_forwards
 from .main import ARGS_FD_ENV
@@ -140,6 +141,7 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
         secret, secret_file, secret_placeholder, network_intercept, no_network, mtu, publish,
         address, disk, from_snapshot, volume, workspace) -> None:  # fmt: skip
     """Boot a sandbox from IMAGE and run COMMAND in it (after `--`)."""
+    trace.mark("run: imported")
     if timeout is not None and timeout <= 0:
         raise UsageError(f"invalid --timeout {timeout}: must be a positive number of seconds")
     if workdir and not workdir.startswith("/"):
@@ -174,6 +176,7 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
     with progress.for_stderr() as bars:
         image_config = resolve_or_pull(image, force_pull=force_pull, progress=bars).config.merged(config.image_config)
     argv = compose_command(image_config, command)
+    trace.mark("run: image resolved")
     if not argv and rm and not use_pty:
         raise UsageError(
             f"command required: image {image} has no ENTRYPOINT or CMD; pass one after -- "
@@ -195,7 +198,10 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
         click.echo(f"Error: timed out after {timeout} s (--timeout)", err=True)
         code = TIMEOUT_EXIT_CODE
     sys.stdout.flush()
-    sys.exit(code)
+    sys.stderr.flush()
+    # The sandbox is closed and recorded and the loop is gone: skip the interpreter's teardown of
+    # the proxy's and TLS libraries' modules, which costs about 0.1 s of every run.
+    os._exit(code)
 
 
 def _restore_config(name: str, config: SandboxConfig) -> SandboxConfig:

@@ -5,6 +5,9 @@ ready in ~10 s) and the tuned kernel builds in the background (5-9 minutes on
 2 cores, at the lowest priority): a new user's first sandbox then starts about
 a minute after a fresh clone instead of ten. `--tuned now` builds it first
 (joining a background build), for a test suite that must run on one kernel.
+
+`setup` is a group: without a subcommand it is this artefact setup, and
+`setup linux` (cli/setup_linux.py) is the one privileged host step.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import time
 
 import click
+
+from .setup_linux import linux
 
 
 def _step(label: str, action) -> object:
@@ -22,7 +27,7 @@ def _step(label: str, action) -> object:
     return result
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option(
     "--tuned",
     type=click.Choice(["background", "now", "skip"]),
@@ -32,8 +37,11 @@ def _step(label: str, action) -> object:
     "the Debian fallback kernel, build it now (waiting for a background build), or not at all.",
 )
 @click.option("--jobs", type=int, default=None, help="Parallel jobs for the kernel build (default: all CPUs).")
-def setup(tuned: str, jobs: int | None) -> None:
+@click.pass_context
+def setup(context: click.Context, tuned: str, jobs: int | None) -> None:
     """Prepare the guest runtime, kernel and built-in image (cached under ~/.cache/matchlock)."""
+    if context.invoked_subcommand is not None:
+        return  # `setup linux`: the host step only, no artefacts
     from ..api.image import DEFAULT_IMAGE
     from ..image.runtime import ensure_runtime_disk
     from ..kernel import fallback, resolve
@@ -62,6 +70,9 @@ def setup(tuned: str, jobs: int | None) -> None:
                 err=True,
             )
     click.echo(f"Ready: {kernel.kind} kernel, run `matchlock run -- uname -a` to try it.")
+
+
+setup.add_command(linux)
 
 
 def _start_background(jobs: int | None) -> str:

@@ -10,8 +10,7 @@ inside a network namespace one owns), fakeroot, and the kvm group when
 checks back `matchlock diagnose` (`rootless_checks`), so it says what the
 current user lacks and that this command is the fix.
 
-`setup` itself stays the artefact setup of `cli/setup.py`; this module makes
-it a group so `linux` can be its subcommand.
+`cli/setup.py` defines the `setup` group and registers `linux` as its subcommand.
 """
 
 from __future__ import annotations
@@ -27,8 +26,6 @@ from pathlib import Path
 from typing import Literal
 
 import click
-
-from .setup import setup as _artefacts
 
 TUN = Path("/dev/net/tun")
 UDEV_RULE = Path("/etc/udev/rules.d/60-matchlock-tun.rules")
@@ -174,20 +171,3 @@ def linux(user: str | None, check: bool) -> None:
     for need in lacking:
         _apply(need, user)
     click.echo("Done: ordinary users can now run sandboxes (a new group takes effect at the next login).")
-
-
-def _artefact_setup(**options: object) -> None:
-    context = click.get_current_context()
-    if context.invoked_subcommand is None:
-        context.invoke(_artefacts, **options)
-
-
-setup = click.Group(
-    name="setup",
-    params=list(_artefacts.params),
-    callback=_artefact_setup,
-    help=_artefacts.help,
-    short_help=_artefacts.short_help,
-    invoke_without_command=True,
-    commands={"linux": linux},
-)

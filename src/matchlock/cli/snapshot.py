@@ -2,10 +2,11 @@
 
 `create` asks the sandbox's owner (through the exec relay) to save it;
 `ls` and `rm` work on the state database directly. `fork` is a full
-snapshot followed by N detached `run --from-snapshot` owners, started side
-by side; the snapshot is removed once they are up (each clone holds its own
-copy of the upper disk and QEMU keeps the other files open). Secret values
-are never in a snapshot: pass the source's secrets to `fork` again with
+snapshot followed by N detached `run --from-snapshot` owners, forked side by
+side from this process (cli/launcher.py: no Python start-up each); the
+snapshot is removed once they are up (each clone holds its own copy of the
+upper disk and QEMU keeps the other files open). Secret values are never in
+a snapshot: pass the source's secrets to `fork` again with
 `--secret`/`--secret-file`, as to `run --from-snapshot`.
 """
 
@@ -87,29 +88,65 @@ def _secret_args(secret: tuple[str, ...], secret_file: str | None) -> list[str]:
     return args + (["--secret-file", secret_file] if secret_file else [])
 
 
+def _has_network(name: str) -> bool:
+    store = _store()
+    try:
+        return bool(records.require(store, name).meta["network"])
+    finally:
+        store.close()
+
+
+def _remove_snapshot(name: str) -> None:
+    store = _store()
+    try:
+        records.remove(store, name)
+    finally:
+        store.close()
+
+
 @click.command()
 @click.argument("vm_id")
 @click.option("-n", "count", type=int, default=1, show_default=True, help="How many clones.")
 @click.option("--secret", multiple=True, metavar="NAME=VALUE@HOSTS", help="The source's secrets, again (repeatable).")
-@click.option("--secret-file", default=None, metavar="FILE", help="The source's secrets as JSON, as for `run`.")
-def fork(vm_id: str, count: int, secret: tuple[str, ...], secret_file: str | None) -> None:
-    """Start N detached sandboxes that continue from the live state of VM_ID, which keeps running."""
+@click.option("--secret-file", default=None, metavar="FILE",
+              help="The source's secrets as JSON, as for `run` (read once: a pipe or /proc/PID/fd/N works).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the new VM IDs as one JSON list.")
+def fork(vm_id: str, count: int, secret: tuple[str, ...], secret_file: str | None, as_json: bool) -> None:
+    """Start N detached sandboxes that continue from the live state of VM_ID, which keeps running.
+
+    Prints the new VM IDs, one per line (or a JSON list with --json), once every clone is up; when some
+    fail, the ones that started are still printed and the command fails.
+    """
     from ..sandbox.relay_client import control
-    from .run import start_detached
+    from . import launcher
 
     if not 1 <= count <= MAX_FORKS:
         raise UsageError(f"invalid -n {count}: fork makes 1 to {MAX_FORKS} clones at a time")
-    name = f"fork-{secrets.token_hex(4)}"
-    control(vm_id, "snapshot", name=name, mode="full")
-    args = ["run", "--from-snapshot", name, "-d", *_secret_args(secret, secret_file)]
+    copy = launcher.SecretCopy(secret_file) if secret_file else None
     try:
-        with ThreadPoolExecutor(count) as pool:
-            codes = list(pool.map(lambda _: start_detached(args), range(count)))
-    finally:
-        store = _store()
-        try:
-            records.remove(store, name)
+        name = f"fork-{secrets.token_hex(4)}"
+        # The source's owner saves the snapshot while this process loads what the clones' owners need.
+        with ThreadPoolExecutor(1) as pool:
+            saving = pool.submit(control, vm_id, "snapshot", name=name, mode="full")
+            launcher.preload()
+            saving.result()
+        try:  # the pool's thread is gone: forking is safe
+            args = ["run", "--from-snapshot", name, "-d", *_secret_args(secret, copy.path if copy else None)]
+            if not _has_network(name):
+                args.append("--no-network")  # a full restore needs the source's devices
+            owners = launcher.wait(launcher.start(args, count))
         finally:
-            store.close()
-    if any(codes):
-        raise MatchlockError(f"{sum(1 for c in codes if c)} of {count} clones of {vm_id} failed to start")
+            _remove_snapshot(name)  # each clone has its own upper disk; QEMU keeps the other files open
+    finally:
+        if copy is not None:
+            copy.close()
+    ids = [owner.vm_id for owner in owners if owner.vm_id]
+    if as_json:
+        click.echo(json.dumps(ids))
+    elif ids:
+        click.echo("\n".join(ids))
+    for owner in owners:
+        if owner.error:
+            click.echo(owner.error, err=True)
+    if len(ids) < count:
+        raise MatchlockError(f"{count - len(ids)} of {count} clones of {vm_id} failed to start")

@@ -59,9 +59,12 @@ class Timer:
 
 
 class Agent:
-    def __init__(self, port_fd: int, *, hidden_devices: tuple[str, ...] = (), boot_started: float = 0.0) -> None:
+    def __init__(
+        self, port_fd: int, *, hidden_devices: tuple[str, ...] = (), boot_started: float = 0.0, start_vfs=None
+    ) -> None:
         self.port = port_fd
         self.hidden_devices = hidden_devices
+        self.start_vfs = start_vfs  # init's: starts the FUSE daemon, returns the VFS port's device
         self.boot_started = boot_started
         self.conn = Connection(Role.GUEST)
         self._poll = select.epoll()
@@ -330,6 +333,12 @@ class Agent:
     def _configure(self, info: dict) -> None:
         try:
             config = msgs.GuestConfig.parse(info)
+            if config.vfs and self.start_vfs is not None:
+                # Before the extra disks, as mounts have always come up: a disk may be mounted inside one.
+                self.hidden_devices += (self.start_vfs(),)
+                self.start_vfs = None  # one daemon per boot
+            elif config.vfs:
+                raise RuntimeError("the host asked for mounts, but this guest has started its FUSE daemon already")
             if self.restored:  # a clone from a snapshot: disks mounted, network unchanged
                 ca_bundle = checkpoint.apply_restored_config(config, _write_etc, render_hosts, SYSTEM_BUNDLES)
             else:

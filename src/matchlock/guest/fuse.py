@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import time
 
 from ..wire import vfs
 from ..wire._records import Record
@@ -28,7 +29,7 @@ PAGE = 4096
 # Opcodes (enum fuse_opcode).
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
 MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE, STATFS, RELEASE = 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
-FSYNC, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 20, 25, 26, 27, 28, 29
+FSYNC, GETXATTR, LISTXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 20, 22, 23, 25, 26, 27, 28, 29
 CREATE, INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS, RENAME2 = 35, 36, 38, 42, 44, 45
 
 # INIT flags we ask for (each only if the kernel offers it).
@@ -37,14 +38,15 @@ ATOMIC_O_TRUNC = 1 << 3
 BIG_WRITES = 1 << 5
 AUTO_INVAL_DATA = 1 << 12
 DO_READDIRPLUS = 1 << 13
-READDIRPLUS_AUTO = 1 << 14
 ASYNC_DIO = 1 << 15
 PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
+# No READDIRPLUS_AUTO: with it only a directory's first READDIR (of one page, ~25 entries) carries
+# attributes, and `find`/`ls -l`/`git status` then LOOKUP every other entry, one round trip each.
 # No WRITEBACK_CACHE: with it the kernel would own size and mtime and delay writes past the
 # host's interception rules, and host_fs files can change under us.
-WANTED = (ASYNC_READ | ATOMIC_O_TRUNC | BIG_WRITES | AUTO_INVAL_DATA | DO_READDIRPLUS | READDIRPLUS_AUTO | ASYNC_DIO
+WANTED = (ASYNC_READ | ATOMIC_O_TRUNC | BIG_WRITES | AUTO_INVAL_DATA | DO_READDIRPLUS | ASYNC_DIO
           | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS)  # fmt: skip
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48
@@ -79,38 +81,49 @@ READ_IN = struct.Struct("<QQIIQII")
 WRITE_IN = struct.Struct("<QQIIQII")
 RELEASE_IN = struct.Struct("<QIIQ")
 FSYNC_IN = struct.Struct("<QII")
+GETXATTR_IN = struct.Struct("<II")
+GETXATTR_OUT = struct.Struct("<II")
 ENTRY_SIZE = ENTRY_OUT.size + ATTR.size
+MAX_ABSENT = 4096  # remembered ENOENTs per mount; past it they are forgotten all at once
 _NS = 1_000_000_000
 # The hot replies go from wire bytes to FUSE bytes in one unpack and one pack, without records.
 _WIRE_ENTRY = struct.Struct(vfs.ENTRY_STRUCT.format + vfs.ATTR_STRUCT.format[1:])
 _WIRE_ATTR_REPLY = struct.Struct(">Q" + vfs.ATTR_STRUCT.format[1:])
 _FUSE_ENTRY = struct.Struct(ENTRY_OUT.format + ATTR.format[1:])
+_WIRE_LOOKUP = struct.Struct(vfs.Lookup._fixed.format + "H")  # parent, then the name's length and bytes
+_WIRE_GETATTR = vfs.Getattr._fixed
+_WIRE_CREATED_SIZE = _WIRE_ENTRY.size + vfs._OPENED.size
 _FUSE_ATTR_REPLY = struct.Struct(ATTR_OUT.format + ATTR.format[1:])
 
 
 class Pending(Record):
     """What the reply to a forwarded request needs: the FUSE request, and its limits."""
 
-    __slots__ = ("unique", "op", "size", "plus")
+    __slots__ = ("unique", "op", "size", "plus", "key")
     unique: int
     op: int
     size: int
     plus: int
-    _defaults = {"size": 0, "plus": 0}
+    key: tuple[int, bytes] | None  # a LOOKUP's (parent, name), to remember an ENOENT
+    _defaults = {"size": 0, "plus": 0, "key": None}
 
 
 class Action(Record):
-    """What to do with one FUSE request: write `reply` to /dev/fuse, send `args` to the host, send `forgets`."""
+    """What to do with one FUSE request: write `reply` to /dev/fuse, send `args` to the host, send `notices`.
 
-    __slots__ = ("reply", "args", "pending", "uid", "gid", "pid", "forgets")
+    Notices (FORGET, and RELEASE/RELEASEDIR answered here at once) go with request id 0 and get no reply.
+    """
+
+    __slots__ = ("reply", "args", "pending", "uid", "gid", "pid", "notices", "wire")
     reply: bytes | None
     args: vfs.Args | None
     pending: Pending | None
     uid: int
     gid: int
     pid: int
-    forgets: tuple[vfs.Forget, ...]
-    _defaults = {"args": None, "pending": None, "uid": 0, "gid": 0, "pid": 0, "forgets": ()}
+    notices: tuple[vfs.Forget | vfs.Release | vfs.Releasedir, ...]
+    wire: tuple[int, bytes] | None  # instead of `args`: the wire op and its encoded payload
+    _defaults = {"args": None, "pending": None, "uid": 0, "gid": 0, "pid": 0, "notices": (), "wire": None}
 
 
 def out(unique: int, body: bytes = b"") -> bytes:
@@ -160,11 +173,20 @@ def _cstrings(body: bytes | memoryview, count: int) -> list[bytes]:
 class MountTranslator:
     """One FUSE connection (one mount point) and the host root node it maps to."""
 
-    def __init__(self, root: int, *, max_io: int = vfs.MAX_IO, negative_valid_ns: int = 0) -> None:
+    def __init__(
+        self, root: int, *, max_io: int = vfs.MAX_IO, negative_valid_ns: int = 0, clock=time.monotonic_ns
+    ) -> None:
         self.root = root
         self.max_io = max_io
         self.negative_valid_ns = negative_valid_ns
         self.initialized = False
+        self._clock = clock
+        # (parent, name) -> when the host's ENOENT for it stops being valid. The kernel keeps the
+        # same as a negative dentry, but looks again anyway for O_EXCL creates and for the target
+        # of mkdir, rename and link (LOOKUP_EXCL): `tar x` would pay two round trips per new file.
+        # Answering those from here is as fresh as the kernel's own cache; every op that makes a
+        # name drops it first.
+        self._absent: dict[tuple[int, bytes], int] = {}
 
     def _node(self, nodeid: int) -> int:
         return self.root if nodeid == ROOT_ID else nodeid
@@ -175,16 +197,43 @@ class MountTranslator:
         length, op, unique, nodeid, uid, gid, pid, _, _ = IN_HEADER.unpack_from(data, 0)
         if length != len(data):
             raise RemoteProtocolError(f"FUSE request of {len(data)} bytes says {length}")
+        if op == LOOKUP:
+            return self._lookup(data, unique, nodeid, uid, gid, pid)
+        if op == GETATTR:
+            try:
+                flags, _, fh = GETATTR_IN.unpack_from(data, IN_HEADER.size)
+            except struct.error:
+                return Action(error(unique, errno.EINVAL))
+            payload = _WIRE_GETATTR.pack(self._node(nodeid), fh if flags & GETATTR_FH else 0)
+            return Action(None, None, Pending(unique, op), uid, gid, pid, (), (vfs.Op.GETATTR, payload))
         # A view, so WRITE data is not copied here (it is copied once, into the request frame).
         body = memoryview(data)[IN_HEADER.size :]
         if op in (FORGET, BATCH_FORGET):
-            return Action(None, forgets=self._forgets(op, nodeid, body))
+            return Action(None, notices=self._forgets(op, nodeid, body))
         if op == INTERRUPT:
             return Action(None)  # the interrupted request still gets its reply from the host
         if op == INIT:
             return Action(self._init(unique, body))
         if op == DESTROY:
             return Action(out(unique))
+        if op == LISTXATTR:
+            # No provider stores xattrs: an empty list, answered here, so `tar --xattrs` and
+            # `cp --preserve=all` copy none without a warning. GETXATTR and SETXATTR stay ENOSYS,
+            # which the kernel remembers (EOPNOTSUPP from then on, no request on every write).
+            try:
+                (size, _) = GETXATTR_IN.unpack_from(data, IN_HEADER.size)
+            except struct.error:
+                return Action(error(unique, errno.EINVAL))
+            return Action(out(unique, GETXATTR_OUT.pack(0, 0) if size == 0 else b""))
+        if op in (RELEASE, RELEASEDIR):
+            # The kernel ignores a release's result, so it is answered here and the host gets a
+            # notice: no reply frame to wait for, decode and relay.
+            try:
+                fh = RELEASE_IN.unpack_from(body)[0]
+            except struct.error:
+                return Action(error(unique, errno.EINVAL))
+            node = self._node(nodeid)
+            return Action(out(unique), notices=((vfs.Release if op == RELEASE else vfs.Releasedir)(node, fh),))
         try:
             built = self._build(op, self._node(nodeid), body)
         except struct.error:
@@ -192,7 +241,31 @@ class MountTranslator:
         if isinstance(built, int):
             return Action(error(unique, built))
         args, size, plus = built
+        if self._absent and op in _NAMING:
+            self._absent.pop(_made_name(args), None)
         return Action(None, args, Pending(unique, op, size, plus), uid, gid, pid)
+
+    def _lookup(self, data: bytes | memoryview, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Action:
+        # The commonest request by far, so straight to wire bytes: each Python step is dear under emulation.
+        raw = bytes(data[IN_HEADER.size :])
+        end = raw.find(b"\0")
+        if end < 0:
+            raise RemoteProtocolError("FUSE LOOKUP lacks a NUL-terminated name")
+        name = _name(raw[:end])
+        if isinstance(name, int):
+            return Action(error(unique, name))
+        parent = self.root if nodeid == ROOT_ID else nodeid
+        key = None
+        if self.negative_valid_ns:
+            key = (parent, name)
+            expires = self._absent.get(key)
+            if expires is not None:
+                left = expires - self._clock()
+                if left > 0:
+                    return Action(out(unique, pack_entry(None, left)))
+                del self._absent[key]
+        payload = _WIRE_LOOKUP.pack(parent, len(name)) + name
+        return Action(None, None, Pending(unique, LOOKUP, 0, 0, key), uid, gid, pid, (), (vfs.Op.LOOKUP, payload))
 
     def _forgets(self, op: int, nodeid: int, body: memoryview) -> tuple[vfs.Forget, ...]:
         if op == FORGET:
@@ -231,12 +304,6 @@ class MountTranslator:
     def _build(self, op: int, node: int, body: memoryview) -> tuple[vfs.Args, int, int] | int:  # noqa: C901, PLR0911, PLR0912 - one branch per opcode
         """The host request for `op`, with the read size and plus flag its reply needs, or an errno."""
         mask = vfs.OPEN_FLAG_MASK
-        if op == LOOKUP:
-            name = _name(_cstrings(body, 1)[0])
-            return name if isinstance(name, int) else (vfs.Lookup(node, name), 0, 0)
-        if op == GETATTR:
-            flags, _, fh = GETATTR_IN.unpack_from(body)
-            return vfs.Getattr(node, fh if flags & GETATTR_FH else 0), 0, 0
         if op == SETATTR:
             (valid, _, fh, size, _, atime, mtime, _, atimens, mtimens, _, mode, _, uid, gid, _) = (
                 SETATTR_IN.unpack_from(body)
@@ -256,7 +323,7 @@ class MountTranslator:
                 return errno.ENAMETOOLONG
             return vfs.Symlink(node, name, target), 0, 0
         if op in (MKNOD, MKDIR, UNLINK, RMDIR, CREATE):
-            fixed = {MKNOD: MKNOD_IN, MKDIR: MKDIR_IN, CREATE: CREATE_IN}.get(op)
+            fixed = _NAMED_FIXED.get(op)
             name = _name(_cstrings(body[fixed.size if fixed else 0 :], 1)[0])
             if isinstance(name, int):
                 return name
@@ -303,9 +370,6 @@ class MountTranslator:
             if len(data) != size or size > self.max_io:
                 return errno.EINVAL
             return vfs.Write(node, fh, offset, flags & mask, data), size, 0
-        if op in (RELEASE, RELEASEDIR):
-            fh = RELEASE_IN.unpack_from(body)[0]
-            return (vfs.Release(node, fh) if op == RELEASE else vfs.Releasedir(node, fh)), 0, 0
         if op == FSYNC:
             fh, fsync_flags, _ = FSYNC_IN.unpack_from(body)
             return vfs.Fsync(node, fh, fsync_flags & 1), 0, 0
@@ -324,12 +388,20 @@ class MountTranslator:
         unique, op = pending.unique, pending.op
         if status < 0:
             if status == -errno.ENOENT and op == LOOKUP and self.negative_valid_ns:
+                if pending.key is not None:
+                    if len(self._absent) >= MAX_ABSENT:
+                        self._absent.clear()
+                    self._absent[pending.key] = self._clock() + self.negative_valid_ns
                 return [out(unique, pack_entry(None, self.negative_valid_ns))], None
             return [error(unique, -status)], None
         if op in _ENTRY_REPLIES and len(payload) == _WIRE_ENTRY.size:
             return [out(unique, _fast_entry(payload))], None
         if op in _ATTR_REPLIES and len(payload) == _WIRE_ATTR_REPLY.size:
             return [out(unique, _fast_attr_reply(payload))], None
+        if op == CREATE and len(payload) == _WIRE_CREATED_SIZE:
+            fh, flags = vfs._OPENED.unpack_from(payload, _WIRE_ENTRY.size)
+            opened = OPEN_OUT.pack(fh, flags & vfs.OPEN_FLAGS_ALL, 0)
+            return [out(unique, _fast_entry(payload[: _WIRE_ENTRY.size]) + opened)], None
         result = vfs.decode_result(_WIRE_OP[op], payload)
         if isinstance(result, vfs.Entry):
             return [out(unique, pack_entry(result))], None
@@ -397,13 +469,23 @@ def _fast_attr_reply(payload: bytes) -> bytes:
                                  mt % _NS, ct % _NS, mode, nlink, uid, gid, rdev, blksize, 0)  # fmt: skip
 
 
+def _made_name(args: vfs.Args) -> tuple[int, bytes]:
+    """The (directory, name) an op in _NAMING may bring into being."""
+    if isinstance(args, (vfs.Rename, vfs.Link)):
+        return args.newparent, args.newname
+    assert isinstance(args, (vfs.Create, vfs.Mknod, vfs.Mkdir, vfs.Symlink))
+    return args.parent, args.name
+
+
+_NAMING = frozenset((CREATE, MKNOD, MKDIR, SYMLINK, LINK, RENAME, RENAME2))
+_NAMED_FIXED = {MKNOD: MKNOD_IN, MKDIR: MKDIR_IN, CREATE: CREATE_IN}  # the fixed part before the name
 _ENTRY_REPLIES = frozenset((LOOKUP, MKNOD, MKDIR, SYMLINK, LINK))
 _ATTR_REPLIES = frozenset((GETATTR, SETATTR))
 _WIRE_OP = {
     LOOKUP: vfs.Op.LOOKUP, GETATTR: vfs.Op.GETATTR, SETATTR: vfs.Op.SETATTR, READLINK: vfs.Op.READLINK,
     SYMLINK: vfs.Op.SYMLINK, MKNOD: vfs.Op.MKNOD, MKDIR: vfs.Op.MKDIR, UNLINK: vfs.Op.UNLINK, RMDIR: vfs.Op.RMDIR,
     RENAME: vfs.Op.RENAME, RENAME2: vfs.Op.RENAME, LINK: vfs.Op.LINK, OPEN: vfs.Op.OPEN, CREATE: vfs.Op.CREATE,
-    READ: vfs.Op.READ, WRITE: vfs.Op.WRITE, RELEASE: vfs.Op.RELEASE, FSYNC: vfs.Op.FSYNC,
-    OPENDIR: vfs.Op.OPENDIR, READDIR: vfs.Op.READDIR, READDIRPLUS: vfs.Op.READDIR, RELEASEDIR: vfs.Op.RELEASEDIR,
+    READ: vfs.Op.READ, WRITE: vfs.Op.WRITE, FSYNC: vfs.Op.FSYNC,
+    OPENDIR: vfs.Op.OPENDIR, READDIR: vfs.Op.READDIR, READDIRPLUS: vfs.Op.READDIR,
     STATFS: vfs.Op.STATFS,
 }  # fmt: skip

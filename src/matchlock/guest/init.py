@@ -8,11 +8,14 @@ Boot order:
    /run/matchlock, so workloads never see it (/run/matchlock/dev is where
    a workload's own /dev is assembled: see confine.py).
 3. Mount /proc, /sys, /dev, /dev/pts, /dev/shm, /dev/mqueue, /run, /tmp and
-   cgroup2; if the host added the VFS port, start the FUSE daemon and wait
-   until its mounts are up (fuse_daemon.py); open the virtio-serial port and
-   hand over to the agent, which
+   cgroup2; open the virtio-serial port and hand over to the agent, which
    applies the host's settings (clock, hostname, hosts, DNS, CPU quota)
-   from the handshake and then reports ready.
+   from the handshake and then reports ready. When the handshake says the
+   host serves mounts, the agent first calls `start_vfs`: the FUSE daemon
+   starts on the VFS port and the mounts are up before the guest is ready,
+   so no command ever runs without them. The host adds that port at boot,
+   or hot-plugs it after restoring a boot template (which has none), so
+   the port is looked up only then.
 
 Any failure prints `FATAL: ...` on the console (the host shows the tail of
 the console log) and exits, which panics the kernel and ends QEMU.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 
 from ..wire.boot import (
     AGENT_PORT_NAME,
@@ -42,6 +46,9 @@ RUNTIME_MOUNT = "/run/matchlock/rt"
 STAGING = "/run/boot"
 NEWROOT = STAGING + "/root"
 NOSUID_NODEV_NOEXEC = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+# A hot-plugged port gets its name from the host a few control messages after it appears; under
+# emulation that takes milliseconds, so this bound is only for a host that never added it.
+VFS_PORT_TIMEOUT = 10.0
 
 
 def log(message: str) -> None:
@@ -84,6 +91,23 @@ def find_port(name: str) -> str:
     if device is None:
         raise RuntimeError(f"no virtio-serial port named {name!r}")
     return device
+
+
+def start_vfs() -> str:
+    """Start the FUSE daemon on the VFS port and wait until its mounts are up; returns the port's device.
+
+    Called by the agent when the host's HELLO says it serves mounts. The caller hides the device from
+    workloads, as it does its own port.
+    """
+    deadline = time.monotonic() + VFS_PORT_TIMEOUT
+    while (port := _device_with("/sys/class/virtio-ports", "name", VFS_PORT_NAME)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the host serves mounts but no port named {VFS_PORT_NAME!r} appeared")
+        time.sleep(0.002)
+    from . import fuse_daemon  # only sandboxes with mounts load it
+
+    fuse_daemon.start(port)
+    return port
 
 
 def mount_early() -> None:
@@ -191,16 +215,8 @@ def main() -> None:
         assemble_root()
         mount_system()
         port = find_port(AGENT_PORT_NAME)
-        hidden: tuple[str, ...] = (port,)
-        # Host mounts come up before the agent, so no command ever runs without them.
-        vfs_port = _device_with("/sys/class/virtio-ports", "name", VFS_PORT_NAME)
-        if vfs_port is not None:
-            from . import fuse_daemon
-
-            fuse_daemon.start(vfs_port)
-            hidden += (vfs_port,)
         fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except Exception as exc:  # noqa: BLE001 - PID 1 must report, never traceback silently
         log(f"FATAL: {type(exc).__name__}: {exc}")
         sys.exit(1)
-    Agent(fd, hidden_devices=hidden, boot_started=started).run()
+    Agent(fd, hidden_devices=(port,), boot_started=started, start_vfs=start_vfs).run()

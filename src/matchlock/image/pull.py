@@ -18,6 +18,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..api.errors import ImageError, NotFoundError, UsageError
 from ..api.image import DEFAULT_IMAGE
@@ -25,8 +26,10 @@ from . import archive
 from .media import INDEX_TYPES, MANIFEST_TYPES
 from .progress import PullProgress
 from .reference import Reference, is_builtin, parse
-from .registry import RegistryClient
 from .store import LOCAL, REGISTRY, ImageInfo, ImageStore, LayerRecord
+
+if TYPE_CHECKING:  # imported by pull(): `run` of a cached image never loads httpx
+    from .registry import RegistryClient
 
 MAX_PARALLEL_LAYERS = 4
 _LAYER_TYPES = {
@@ -201,6 +204,8 @@ def pull(
         cached = store.get(ref.canonical, REGISTRY)
         if store.usable(cached) and cached.platform.count("/") >= 1 and wanted.matches(*_split(cached.platform)):
             return cached, True
+    from .registry import RegistryClient
+
     with (
         RegistryClient(ref, on_retry=progress.retry) as client,
         store.pulling() as work,

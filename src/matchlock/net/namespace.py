@@ -22,6 +22,7 @@ descriptor (`-netdev tap,fd=N`), so it holds no capability anywhere.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import shutil
@@ -168,6 +169,21 @@ class SandboxNamespace:
         if not message and stderr.strip():
             message = b"error: " + stderr.strip().splitlines()[-1]
         self._adopt(message, fds, proc.returncode)
+
+    async def acreate(self) -> None:
+        """`create()` on a thread, so the owner's loop goes on while the helper sets the namespace up.
+
+        A cancelled caller still waits for the helper, then releases what it made: nothing leaks.
+        """
+        created = asyncio.get_running_loop().run_in_executor(None, self.create)
+        try:
+            await asyncio.shield(created)
+        except asyncio.CancelledError:
+            await asyncio.wait([created])
+            if not created.cancelled():
+                created.exception()  # retrieved: a failure nobody awaits any more is not logged
+            self.close()
+            raise
 
     def _adopt(self, message: bytes, fds: list[int], returncode: int | None) -> None:
         """Take the helper's descriptors, or raise its error (closing any stray descriptor)."""

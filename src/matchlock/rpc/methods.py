@@ -466,6 +466,41 @@ async def snapshot(session: Session, request: Request) -> JSONObject:
     return (await snapshots.create(sandbox, store, name, mode)).to_json()
 
 
+async def snapshot_list(session: Session, request: Request) -> JSONObject:
+    """`{}` -> `{snapshots: [record]}`: the complete ones, as `matchlock snapshot ls --json`; needs no VM."""
+    from ..state import snapshots as records
+
+    return {"snapshots": [record.to_json() for record in records.ready(session.state())]}
+
+
+async def snapshot_remove(session: Session, request: Request) -> JSONObject:
+    """`{names: [str]}` -> `{removed: [str]}`. Every name is checked before any is removed; needs no VM."""
+    from ..state import snapshots as records
+
+    names = list(dict.fromkeys(Fields(request.params).strings("names")))
+    if not names:
+        raise RpcError(INVALID_PARAMS, "names is required: the snapshots to remove (see snapshot_list)")
+    store = session.state()
+    for name in names:
+        try:
+            records.require(store, records.validate_name(name))
+        except UsageError as exc:
+            raise bad("names", f"is invalid: {exc}") from None
+        except MatchlockError as exc:  # not found, or still being made
+            raise RpcError(INVALID_PARAMS, f"invalid params: names: {exc}") from None
+    for name in names:
+        records.remove(store, name)
+    return {"removed": names}
+
+
+async def fork(session: Session, request: Request) -> JSONObject:
+    """`{count?}` -> `{ids}`: what `matchlock fork ID -n COUNT` does, with this session's secrets."""
+    from .fork import MAX_FORKS, fork_detached
+
+    count = Fields(request.params).integer("count", default=1, lo=1, hi=MAX_FORKS)
+    return {"ids": await fork_detached(session.require_vm(), count, session.tasks)}
+
+
 Handler = Callable[["Session", Request], Awaitable[JSONObject]]
 
 # method -> (handler, error code for failures that are not RpcError)
@@ -485,7 +520,13 @@ METHODS: dict[str, tuple[Handler, int]] = {
     "pause": (pause, VM_FAILED),
     "resume": (resume, VM_FAILED),
     "snapshot": (snapshot, VM_FAILED),
+    "snapshot_list": (snapshot_list, VM_FAILED),
+    "snapshot_remove": (snapshot_remove, VM_FAILED),
+    "fork": (fork, VM_FAILED),
 }
+
+# Methods that work before (and without) a VM.
+NO_VM_METHODS = {"create", "snapshot_list", "snapshot_remove"}
 
 # Client -> server input for a running exec: routed by params.id, never answered.
 INPUT_METHODS = {

@@ -25,7 +25,9 @@ from ..api.network import (
 )
 from ..api.vfs import MountConfig, VFSConfig, VFSHookRule, VFSInterceptionConfig, normalize_op
 from ..image.reference import parse as parse_reference
+from ..image.reference import try_parse as try_parse_reference
 from ..jsonrpc import INVALID_PARAMS, JSONObject
+from ..state import snapshots as records
 
 
 class RpcError(Exception):
@@ -163,19 +165,30 @@ class Fields:
 
 
 @dataclass(frozen=True)
+class RestoreRequest:
+    """`create` with `from_snapshot`: what must agree with the snapshot once it is loaded (`check_restore`)."""
+
+    name: str
+    image: str  # as given; "" takes the snapshot's
+    resources: dict[str, float]  # the resources.cpus / memory_mb / disk_size_mb that were given (> 0)
+
+
+@dataclass(frozen=True)
 class CreateParams:
-    config: SandboxConfig
+    config: SandboxConfig  # with `restore`: not validated yet, and its image may be "" (the snapshot has one)
     kernel_path: str  # from `kernel.ref` file:///abs/path: the kernel image to boot, "" for none
     kernel_image: str  # from `kernel.ref` as an OCI reference: the kernel artifact to pull, "" for none
     launch_entrypoint: bool
+    restore: RestoreRequest | None = None
 
 
 def parse_create(params: JSONObject) -> CreateParams:
     fields = Fields(params)
     if fields.has("id"):
         raise RpcError(INVALID_PARAMS, "id is internal-only and cannot be set")
+    restore = _restore_request(fields)
     image = fields.string("image")
-    if not image:
+    if not image and restore is None:
         raise RpcError(INVALID_PARAMS, "image is required (e.g., alpine:latest)")
     config = SandboxConfig(
         image=image,
@@ -187,12 +200,88 @@ def parse_create(params: JSONObject) -> CreateParams:
         extra_disks=tuple(_disk(disk) for disk in fields.objects("extra_disks")),
         vfs=_vfs(fields.child("vfs")),
     )
-    try:
-        config.validate()
-    except UsageError as exc:
-        raise RpcError(INVALID_PARAMS, f"invalid params: {exc}") from None
+    if restore is None:  # a restore's config is validated once the snapshot's image and machine are in it
+        try:
+            config.validate()
+        except UsageError as exc:
+            raise RpcError(INVALID_PARAMS, f"invalid params: {exc}") from None
     kernel_path, kernel_image = _kernel(fields.child("kernel"))
-    return CreateParams(config, kernel_path, kernel_image, fields.boolean("launch_entrypoint"))
+    return CreateParams(config, kernel_path, kernel_image, fields.boolean("launch_entrypoint"), restore)
+
+
+# What a restore cannot take, as `run --from-snapshot`: the machine comes from the snapshot, and
+# volumes and host directories are shared state a clone cannot own.
+_NOT_WITH_RESTORE = {
+    "vfs": "snapshots cover only sandboxes without directory mounts",
+    "extra_disks": "snapshots cover only sandboxes without disks",
+}
+
+
+def _restore_request(fields: Fields) -> RestoreRequest | None:
+    name = fields.string("from_snapshot", max_len=64)
+    if not name:
+        return None
+    try:
+        records.validate_name(name)
+    except UsageError as exc:
+        raise bad("from_snapshot", f"is invalid: {exc}") from None
+    for key, why in _NOT_WITH_RESTORE.items():
+        if fields.obj.get(key):
+            raise bad(key, f"cannot be combined with from_snapshot: {why}; drop {key}")
+    kernel = fields.child("kernel")
+    if kernel is not None and kernel.string("ref", max_len=4096):
+        raise bad("kernel.ref", "cannot be combined with from_snapshot: the restore runs the snapshot's kernel")
+    given: dict[str, float] = {}
+    resources = fields.child("resources")
+    if resources is not None:
+        for key in ("cpus", "memory_mb", "disk_size_mb"):
+            value = resources.number(key)
+            if value > 0:
+                given[key] = value
+    return RestoreRequest(name, fields.string("image"), given)
+
+
+def _same_image(given: str, saved: str) -> bool:
+    if given == saved:
+        return True
+    a, b = try_parse_reference(given), try_parse_reference(saved)
+    return a is not None and b is not None and a.canonical == b.canonical
+
+
+def check_restore(request: RestoreRequest, config: SandboxConfig, meta: dict[str, Any]) -> None:
+    """What `Restore.prepare` would refuse in the CLI's words, refused first in the RPC's (-32602)."""
+    name = request.name
+    saved_image = str(meta.get("image", ""))
+    if request.image and not _same_image(request.image, saved_image):
+        raise bad(
+            "image",
+            f"{request.image!r} is not the image of snapshot {name!r}, {saved_image!r}: "
+            "omit image (a restore boots the snapshot's) or give that one",
+        )
+    for key, value in request.resources.items():
+        saved = meta.get(key)
+        if value != saved:
+            raise bad(
+                f"resources.{key}",
+                f"is {value:g} but snapshot {name!r} was taken with {saved}: a restore keeps the snapshot's "
+                f"machine; omit resources.{key}",
+            )
+    missing = sorted(set(meta.get("secrets", {})) - set(config.network.secrets))
+    if missing:
+        raise RpcError(
+            INVALID_PARAMS,
+            f"invalid params: snapshot {name!r} uses secret(s) {', '.join(missing)}, which this create does not "
+            f"give; fix: pass network.secrets.{missing[0]} = {{value, hosts}} again "
+            "(secret values are never stored in a snapshot)",
+        )
+    had_network = bool(meta.get("network"))
+    if meta.get("mode") == "full" and config.network.no_network == had_network:
+        fix = "drop network.no_network" if had_network else "set network.no_network"
+        raise bad(
+            "network.no_network",
+            f"does not match snapshot {name!r}, taken {'with' if had_network else 'without'} a network "
+            f"interface: a full restore needs the same; {fix}",
+        )
 
 
 def _disk(disk: Fields) -> DiskMount:

@@ -21,9 +21,10 @@ import shlex
 import signal
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from ..api.errors import MatchlockError, UsageError
+from ..api.config import SandboxConfig
+from ..api.errors import MatchlockError, NotFoundError, UsageError
 from ..api.events import Event
 from ..api.image import compose_command
 from ..jsonrpc import (
@@ -48,9 +49,12 @@ from ..sandbox.portforward import PortForwarder
 from ..sandbox.process import ExecResult, GuestProcess
 from ..sandbox.sandbox import ExecSpec, Sandbox
 from ..state.store import StateStore
-from .methods import INPUT_METHODS, METHODS, ExecInput, Handler, wait_outcome
-from .params import CreateParams, Fields, RpcError, bad, parse_create
+from .methods import INPUT_METHODS, METHODS, NO_VM_METHODS, ExecInput, Handler, wait_outcome
+from .params import CreateParams, Fields, RpcError, bad, check_restore, parse_create
 from .transport import StdinReader, StdoutWriter
+
+if TYPE_CHECKING:
+    from ..sandbox.snapshots import Restore
 
 log = logging.getLogger("matchlock.rpc")
 
@@ -80,6 +84,12 @@ class Session:
         self.stop_reason = ""
         self.close_request: Request | None = None
         self._tasks: asyncio.TaskGroup | None = None
+
+    def state(self) -> StateStore:
+        """The state store, opened on first use (snapshots are listed before any VM exists)."""
+        if self.store is None:
+            self.store = StateStore()
+        return self.store
 
     def require_vm(self) -> Sandbox:
         if self.sandbox is None:
@@ -175,7 +185,7 @@ class Session:
             self._reply_error(request.id, INVALID_REQUEST, f"id {request.id!r} is already used by a request in flight")
         elif len(self.requests) >= MAX_IN_FLIGHT:
             self._reply_error(request.id, INVALID_REQUEST, f"too many requests in flight (limit {MAX_IN_FLIGHT})")
-        elif method != "create" and self.sandbox is None:
+        elif method not in NO_VM_METHODS and self.sandbox is None:
             self._reply_error(request.id, VM_FAILED, "VM not created")
         else:
             task = self.tasks.create_task(self._run_request(request, handler, code))
@@ -364,12 +374,11 @@ async def _create(session: Session, request: Request) -> JSONObject:
     try:
         from ..image.pull import resolve_or_pull  # only sessions that create pay for the image code
 
+        config, restore = _restore(session.state(), parsed)  # a missing secret fails here, before anything starts
         kernel = await _kernel(parsed)
-        await asyncio.to_thread(resolve_or_pull, parsed.config.image)
-        if session.store is None:
-            session.store = StateStore()
+        await asyncio.to_thread(resolve_or_pull, config.image)
         try:
-            sandbox = await Sandbox.create(parsed.config, store=session.store, kernel_path=kernel)
+            sandbox = await Sandbox.create(config, store=session.state(), kernel_path=kernel, restore=restore)
         except (MatchlockError, RpcError):
             raise
         except Exception as exc:  # noqa: BLE001 - any boot failure is a VM failure (-32000), as upstream
@@ -390,6 +399,20 @@ async def _create(session: Session, request: Request) -> JSONObject:
         await session._close_vm(graceful=0.0, remove=True)
         raise
     return {"id": sandbox.id}
+
+
+def _restore(store: StateStore, parsed: CreateParams) -> tuple[SandboxConfig, Restore | None]:
+    """`create`'s config, and with `from_snapshot` the snapshot it restores (its image and machine in the config)."""
+    if parsed.restore is None:
+        return parsed.config, None
+    from ..sandbox.snapshots import Restore  # only sessions that restore pay for it
+
+    try:
+        restore = Restore.load(store, parsed.restore.name)
+    except NotFoundError as exc:
+        raise RpcError(INVALID_PARAMS, f"invalid params: from_snapshot: {exc}, or the snapshot_list method") from None
+    check_restore(parsed.restore, parsed.config, restore.meta)
+    return restore.prepare(parsed.config), restore
 
 
 async def _launch_entrypoint(session: Session, sandbox: Sandbox) -> None:

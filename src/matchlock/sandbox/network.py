@@ -1,21 +1,26 @@
-"""Wire a sandbox's network together: namespace, policy, proxy, and what the guest is told."""
+"""Wire a sandbox's network together: namespace, policy, proxy, and what the guest is told.
+
+The namespace helper is a process of its own and the proxy's modules (TLS, HTTP/2, DNS) take
+a large part of a start to import, so `Sandbox.create` runs `create_namespace()` and
+`load_proxy()` side by side, then `start_proxy()`; `start()` does the same one after another.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..api.events import NetworkEvent
 from ..api.network import NetworkConfig
 from ..net import namespace as ns
-from ..net.proxy import NetworkProxy
-from ..net.tls import UpstreamTLS
 from ..policy.engine import NetworkPolicy
 from ..vm.machine import MachineNetwork
 from ..wire.agent import GuestNetwork
 from ..wire.boot import CA_PATH
 
 if TYPE_CHECKING:
+    from ..net.proxy import NetworkProxy
     from ..policy.rules import InterceptionRules
 
 CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
@@ -32,6 +37,10 @@ def _interception_rules(config: NetworkConfig) -> InterceptionRules | None:
     return InterceptionRules(config.interception, callbacks=UnixCallbackClient(socket_path) if socket_path else None)
 
 
+def _import_proxy() -> None:
+    from ..net import proxy  # noqa: F401 - loaded for start_proxy()
+
+
 class SandboxNetwork:
     def __init__(self, config: NetworkConfig, emit: Callable[[NetworkEvent], None]) -> None:
         self.config = config
@@ -40,7 +49,22 @@ class SandboxNetwork:
         self.proxy: NetworkProxy | None = None
 
     async def start(self) -> None:
-        self.namespace.create()
+        await self.create_namespace()
+        await self.start_proxy()
+
+    async def create_namespace(self) -> None:
+        await self.namespace.acreate()
+
+    @staticmethod
+    async def load_proxy() -> None:
+        """Import the proxy on a thread, while the loop waits for the namespace helper."""
+        await asyncio.to_thread(_import_proxy)
+
+    async def start_proxy(self) -> None:
+        """The proxy (and with interception its CA) on the namespace's listeners; create_namespace() first."""
+        from ..net.proxy import NetworkProxy
+        from ..net.tls import UpstreamTLS
+
         # Read once per sandbox: stand-in servers in tests are trusted through this variable.
         upstream_tls = UpstreamTLS.from_environment()
         self.proxy = NetworkProxy(self.namespace, self.policy, list(self.config.dns_servers), upstream_tls=upstream_tls)

@@ -28,6 +28,7 @@ from ..api.image import ImageConfig
 from ..api.paths import SandboxPaths
 from ..state import lifecycle as phases
 from ..state.store import StateStore
+from ..util import trace
 from ..vm import checkpoint, snapshot
 from ..vm.accel import choose_accelerator, host_tsc_khz
 from ..vm.channel import GuestChannel, GuestStream
@@ -80,6 +81,16 @@ def validate_exec_request(request: msgs.ExecRequest) -> None:
             f"the command and its environment take {size} bytes, more than the {MAX_PAYLOAD} a command may; "
             "fix: pass large data through stdin or a file"
         )
+
+
+async def _finish_in_thread(function: Callable[..., None], *args: object) -> None:
+    """Run `function` on a thread; a cancelled caller still waits for it, so no cleanup races it."""
+    work = asyncio.get_running_loop().run_in_executor(None, function, *args)
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        raise
 
 
 def new_vm_id() -> str:
@@ -190,6 +201,7 @@ class Sandbox:
         kernel = resolve_kernel(kernel_path=kernel_path)
         custom_runtime = runtime_disk
         runtime_disk = runtime_disk or ensure_runtime_disk()
+        trace.mark("create: image, kernel, runtime resolved")
         vm_id = vm_id or new_vm_id()
         directory = store.vm_dir(vm_id) if store is not None else SandboxPaths.of(vm_id).root
         tracker = Tracker(store, vm_id)
@@ -204,10 +216,19 @@ class Sandbox:
             tracker.resources(
                 console_log=str(paths.console_log), upper_disk=str(upper), image_disk=str(image.lower_path)
             )
-            if restore is not None:
-                restore.make_upper(upper)
-            else:
-                make_upper_disk(upper, config.resources.disk_size_mb)
+            try:
+                # Side by side: mke2fs (or the snapshot's copy), and the namespace helper with the
+                # proxy's imports: they wait on different things, and all come before QEMU.
+                async with asyncio.TaskGroup() as setup:
+                    network = setup.create_task(sandbox._start_network())
+                    if restore is not None:
+                        setup.create_task(_finish_in_thread(restore.make_upper, upper))
+                    else:
+                        setup.create_task(_finish_in_thread(make_upper_disk, upper, config.resources.disk_size_mb))
+            except BaseExceptionGroup as group:
+                raise group.exceptions[0] from None  # a SetupError stays one
+            machine_network = network.result()
+            trace.mark("create: upper disk and network ready")
             extra = await disks.attach(config.extra_disks, f"sandbox {vm_id} (pid {os.getpid()})", sandbox.disk_holds)
             if config.vfs.active:
                 from .vfs import SandboxVFS  # sandboxes without mounts never load the VFS
@@ -216,7 +237,6 @@ class Sandbox:
                 tracker.resources(vfs_mounts=sorted(config.vfs.mounts))
             if extra:
                 tracker.resources(extra_disks=[str(disk.path) for disk in extra])
-            machine_network = await sandbox._start_network()
             spec = MachineSpec(
                 name=vm_id,
                 kernel=kernel.path,
@@ -243,8 +263,8 @@ class Sandbox:
                 await sandbox._start_machine(restore.machine_spec(spec), wake=restore.wake_record())
             else:
                 # Templates are booted with a fixed disk set; extra disks boot cold (measured: see tests/vm/test_disks_attach.py).
-                # So do sandboxes with mounts: the templates have no VFS port.
-                await sandbox._boot(spec, use_template=custom_runtime is None and not extra and sandbox.vfs is None)
+                # Sandboxes with mounts restore one and hot-plug the VFS port (_serve_vfs).
+                await sandbox._boot(spec, use_template=custom_runtime is None and not extra)
             tracker.move(phases.RUNNING)
         except BaseException as exc:
             failed = phases.START_FAILED if tracker.phase == phases.STARTING else phases.CREATE_FAILED
@@ -259,9 +279,17 @@ class Sandbox:
             return None
         from .network import SandboxNetwork  # sandboxes without a network never import the proxy
 
-        self.network = SandboxNetwork(self.config.network, self._emit_event)
+        network = self.network = SandboxNetwork(self.config.network, self._emit_event)
         self.tracker.resources(network="private namespace held by the owner")
-        await self.network.start()
+        try:
+            # The proxy's imports (on a thread) while the namespace helper runs: measured better than
+            # starting the proxy beside QEMU's restore, where it competes with the guest for the 2 cores.
+            async with asyncio.TaskGroup() as starting:
+                starting.create_task(network.create_namespace())
+                starting.create_task(network.load_proxy())
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+        await network.start_proxy()
         self.tracker.resources(netns_inode=self.network.namespace.inode)
         return self.network.machine_network()
 
@@ -294,20 +322,24 @@ class Sandbox:
             network=self.network.guest_network() if self.network is not None else None,
             ca_certificate=self.network.ca_pem if self.network is not None else "",
             disks=disks.guest_disks(self.config.extra_disks),
+            vfs=self.vfs is not None,
         )
 
     async def _boot(self, spec: MachineSpec, *, use_template: bool = True) -> None:
         """Start from a boot template when possible (much faster), else boot cold."""
         if use_template and snapshot.enabled():
+            shape = dataclasses.replace(spec, vfs_port=False)  # templates have no VFS port: it is hot-plugged
             try:
-                state = await snapshot.TemplateCache().ensure(spec, self._template_namespace)
+                state = await snapshot.TemplateCache().ensure(shape, self._template_namespace)
+                trace.mark("boot: template found")
             except Exception as exc:  # noqa: BLE001 - a template is an optimisation, never a requirement
                 self._note(f"boot template unavailable ({exc}); booting cold")
             else:
                 restore = None
                 try:
-                    waking = dataclasses.replace(spec, kernel_args=tuple(spec.kernel_args) + (boot.TEMPLATE_FLAG,))
+                    waking = dataclasses.replace(shape, kernel_args=tuple(spec.kernel_args) + (boot.TEMPLATE_FLAG,))
                     restore = checkpoint.template_restore(waking, state)
+                    trace.mark("boot: template RAM loaded")
                     await self._start_machine(restore, wake=True)
                     return
                 except VMError as exc:
@@ -348,10 +380,9 @@ class Sandbox:
         machine = self.machine = Machine(spec)
         try:
             sock = await machine.start()
-            if self.vfs is not None and machine.vfs_socket is not None:
-                # Serving before the guest boots: its init waits for the mounts before the agent starts.
-                vfs_sock, machine.vfs_socket = machine.vfs_socket, None
-                await self.vfs.start(vfs_sock)
+            trace.mark("boot: QEMU started (and restored)")
+            if self.vfs is not None:
+                await self._serve_vfs(machine)
             if wake:
                 await machine.wake(wake if isinstance(wake, bytes) else os.urandom(boot.WAKE_SIZE))
         except VMError as exc:
@@ -360,6 +391,7 @@ class Sandbox:
         self.tracker.record_process("qemu", machine.pid)
         channel = self.channel = GuestChannel(sock)
         await channel.start()
+        trace.mark("boot: woken, channel started")
         timeout = boot_timeout()
 
         async def fail_on_exit() -> None:
@@ -377,6 +409,23 @@ class Sandbox:
             exited = [exc for exc in failed.exceptions if isinstance(exc, _MachineExited)]
             raise VMError(self._boot_failure(str((exited or failed.exceptions)[0]))) from None
         self.boot_ms = channel.boot_ms
+        trace.mark("boot: handshake done (guest configured)")
+        trace.guest_phases(channel.guest_info, channel.boot_ms)
+
+    async def _serve_vfs(self, machine: Machine) -> None:
+        """Serve the mounts on the VFS port, hot-plugging it into a restored template, which has none.
+
+        Serving before the guest wakes: its agent waits for the mounts before it reports ready.
+        """
+        assert self.vfs is not None
+        if machine.vfs_socket is None:
+            try:
+                await machine.add_vfs_port()
+            except VMError as exc:  # _boot notes it and boots cold, with the port on QEMU's command line
+                raise VMError(f"hot-plugging the VFS port failed: {exc}") from None
+        vfs_sock, machine.vfs_socket = machine.vfs_socket, None
+        assert vfs_sock is not None
+        await self.vfs.start(vfs_sock)
 
     def _boot_failure(self, reason: str) -> str:
         parts = [f"sandbox {self.id} failed to start: {reason}"]
@@ -514,9 +563,15 @@ class Sandbox:
                     if graceful_timeout > 0 and self.channel is not None and self.channel.broken is None:
                         await self._guest_poweroff(graceful_timeout)
                 finally:
-                    failed |= not await self._close_step(
-                        "machine_stop", machine.aclose(timeout=max(graceful_timeout, 2.0))
+                    # A sandbox that is being removed without a grace keeps nothing QEMU could flush
+                    # (its upper disk is deleted, a writable volume forces a grace): kill it at once.
+                    stopping = (
+                        machine.kill()
+                        if remove and graceful_timeout <= 0
+                        else machine.aclose(timeout=max(graceful_timeout, 2.0))
                     )
+                    failed |= not await self._close_step("machine_stop", stopping)
+                    trace.mark("close: QEMU stopped")
         finally:
             try:
                 # Only now that QEMU is gone may another sandbox write these images.
@@ -527,12 +582,14 @@ class Sandbox:
                     await self.channel.aclose()
                 if self.network is not None:
                     failed |= not await self._close_step("network_close", self.network.aclose())
+                trace.mark("close: network closed")
             finally:
                 tracker.move(phases.CLEANING)
                 failed |= not tracker.cleanup("upper_remove", lambda: self.paths.upper_disk.unlink(missing_ok=True))
                 if remove and self.directory.exists():
                     failed |= not tracker.cleanup("state_dir_remove", lambda: shutil.rmtree(self.directory))
                 tracker.finish(remove=remove, failed=failed, crashed=bool(crashed))
+                trace.mark("close: state recorded")
 
     async def _close_step(self, step: str, closing: Awaitable[None]) -> bool:
         """Await one release and record its outcome; an error is recorded, not raised, so cleanup goes on."""

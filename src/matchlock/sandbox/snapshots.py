@@ -12,7 +12,8 @@ its upper disk while the vCPUs are stopped. Neither writes a secret value or
 the CA key: they are in this process only; the guest holds placeholders.
 
 A restore (`Restore`) gives the new sandbox its own VM id, namespace, proxy
-and a private copy of the upper disk. A full restore starts QEMU with
+and a private copy of the upper disk; its policy starts from the source's
+allow-list at snapshot time (the restore's --allow-host adds to it). A full restore starts QEMU with
 `-incoming` and wakes the parked agent as a new host: the agent reseeds its
 RNG, sets its clock, and takes the new sandbox's settings, a new CA
 included, in a fresh handshake before anything else runs.
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from ..api.config import SandboxConfig, public_config
 from ..api.errors import MatchlockError, SetupError, UsageError, VMError
+from ..api.network import HostMapping, NetworkConfig
 from ..state import snapshots as records
 from ..vm import checkpoint
 from ..vm.machine import Disk, MachineSpec
@@ -114,7 +116,15 @@ async def create(sandbox: Sandbox, store: StateStore, name: str, mode: str) -> r
     machine = _machine(sandbox)
     if sandbox.config.extra_disks or sandbox.vfs is not None:
         # Volumes and host directories are shared state a clone cannot own.
-        raise UsageError(f"sandbox {sandbox.id} has disk or directory mounts; snapshots cover only sandboxes without")
+        what, why = (
+            ("directory mounts (-v)", "a clone's mounts would have no VFS server behind them")
+            if sandbox.vfs is not None
+            else ("extra disks (--disk)", "a disk is shared state that a clone cannot own")
+        )
+        raise UsageError(
+            f"sandbox {sandbox.id} has {what}, so it cannot be snapshotted or forked: {why}; "
+            "fix: snapshot a sandbox started without them, and copy files in with `write_file` or stdin"
+        )
     name = name or default_name(sandbox.id)
     directory = records.begin(store, name, sandbox.id, mode)
     try:
@@ -145,6 +155,8 @@ def _describe(sandbox: Sandbox, spec: MachineSpec, mode: str) -> dict:
         "config": public_config(sandbox.config),
         # Names and placeholders only: a restore must bring the values again (--secret).
         "secrets": {name: placeholders.get(name, "") for name in sandbox.config.network.secrets},
+        # The allow-list as it is now (`allow-list add` included): the clones' starting policy.
+        "allowed_hosts": list(network.policy.allowed_hosts) if network is not None else [],
         "cpus": spec.cpus,
         "memory_mb": spec.memory_mb,
         "disk_size_mb": sandbox.config.resources.disk_size_mb,
@@ -238,6 +250,26 @@ async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
 # --- restore ---------------------------------------------------------------------------
 
 
+def _inherit_network(given: NetworkConfig, meta: dict) -> NetworkConfig:
+    """The restore's network settings on top of the snapshot's: a clone must not get a wider policy
+    than its source had (an empty allow-list with interception on lets every host through), so the
+    source's allow-list is kept and the restore's --allow-host adds to it; its /etc/hosts entries and
+    resolvers are kept unless the restore names others."""
+    if given.no_network:
+        return given  # nothing to reach: no policy to keep (a full restore refuses this earlier)
+    source = meta.get("config", {}).get("network", {})
+    allowed = [*meta.get("allowed_hosts", source.get("allowed_hosts", [])), *given.allowed_hosts]
+    add_hosts = given.add_hosts or tuple(HostMapping.validated(m["host"], m["ip"]) for m in source.get("add_hosts", []))
+    return dataclasses.replace(
+        given,
+        allowed_hosts=tuple(dict.fromkeys(allowed)),
+        intercept=given.intercept or bool(source.get("intercept")),
+        block_private_ips=given.block_private_ips and bool(source.get("block_private_ips", True)),
+        add_hosts=add_hosts,
+        dns_servers=given.dns_servers or tuple(source.get("dns_servers", [])),
+    )
+
+
 @dataclass(frozen=True)
 class Restore:
     """A new sandbox from snapshot `name` (its files under `directory`)."""
@@ -285,7 +317,7 @@ class Restore:
             config.resources,
             cpus=meta["cpus"], memory_mb=meta["memory_mb"], disk_size_mb=meta["disk_size_mb"],
         )  # fmt: skip
-        network = dataclasses.replace(config.network, secrets=secrets)
+        network = dataclasses.replace(_inherit_network(config.network, meta), secrets=secrets)
         prepared = dataclasses.replace(config, image=meta["image"], resources=resources, network=network)
         if prepared.extra_disks or prepared.vfs.active:
             raise UsageError("--disk and directory mounts cannot be combined with --from-snapshot")

@@ -162,6 +162,7 @@ class AsyncClient:
         self._stdout_closed = False  # set before pending calls are failed, so none can slip in after
         self._vm_id: str | None = None
         self._last_vm_id: str | None = None
+        self._create_opts: CreateOptions | None = None  # for fork(); secrets stay in memory only
         self._vfs = LocalVFSHooks()
         self._safe_hook_running = False
         self._hook_server: _NetworkHookServer | None = None
@@ -374,6 +375,7 @@ class AsyncClient:
             self._stop_hook_server()
             raise
         self._vm_id = vm_id
+        self._create_opts = copy.copy(plan.opts)
         self._vfs.set(plan.vfs.local)
         if plan.opts.port_forwards:
             await self._port_forward(
@@ -416,10 +418,62 @@ class AsyncClient:
         await self._request("resume", {}, timeout=timeout)
 
     async def snapshot(self, name: str = "", mode: str = "full", timeout: float | None = None) -> dict:
-        """Save the sandbox (`full`: memory and disks, `filesystem`: disks); `matchlock run --from-snapshot`
-        restores it. Returns the snapshot record (name, mode, size, ...)."""
-        params = {"mode": mode} | ({"name": name} if name else {})
-        return dict(await self._request("snapshot", params, timeout=timeout))
+        """Save the sandbox (`full`: memory and disks, `filesystem`: disks); `from_snapshot` and
+        `matchlock run --from-snapshot` restore it. Returns the snapshot record (name, mode, size, ...)."""
+        return calls.parse_snapshot(await self._request("snapshot", calls.snapshot_params(name, mode), timeout=timeout))
+
+    async def snapshot_list(self, timeout: float | None = None) -> list[dict]:
+        """The complete snapshots (records as `snapshot()` returns); works before `create`."""
+        return calls.parse_snapshot_list(await self._request("snapshot_list", {}, timeout=timeout))
+
+    async def snapshot_remove(self, *names: str, timeout: float | None = None) -> list[str]:
+        """Remove snapshots (all names are checked first); clones restored from them keep running."""
+        params = calls.snapshot_remove_params(names)
+        return calls.parse_removed(await self._request("snapshot_remove", params, timeout=timeout))
+
+    async def fork(self, count: int = 1, *, timeout: float | None = CREATE_TIMEOUT) -> list[AsyncClient]:
+        """`count` new async clients, each owning a clone of this running sandbox (see `Client.fork`)."""
+        name, opts = calls.fork_plan(self._create_opts, count)
+        await self.snapshot(name, mode="full", timeout=timeout)
+        making: list[asyncio.Task[AsyncClient | Exception]] = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                making = [group.create_task(self._clone(opts, timeout)) for _ in range(count)]
+        except BaseException:  # cancelled: the clones already made are nobody's
+            for task in making:
+                made = task.result() if task.done() and not task.cancelled() else None
+                if isinstance(made, AsyncClient):
+                    await made._discard()
+            raise
+        finally:
+            with contextlib.suppress(MatchlockError, TimeoutError):
+                await self.snapshot_remove(name, timeout=timeout)
+        outcomes = [task.result() for task in making]
+        clones = [outcome for outcome in outcomes if isinstance(outcome, AsyncClient)]
+        failures = [outcome for outcome in outcomes if not isinstance(outcome, AsyncClient)]
+        if failures:
+            for clone in clones:
+                await clone._discard()
+            raise failures[0]
+        return clones
+
+    async def _clone(self, opts: CreateOptions, timeout: float | None) -> AsyncClient | Exception:
+        clone = AsyncClient(self._config)
+        try:
+            await clone.start()
+            await clone.create(opts, timeout=timeout)
+        except BaseException as exc:
+            await clone._discard()
+            if not isinstance(exc, Exception):
+                raise  # cancelled: this clone is gone, the group closes the others
+            return exc
+        return clone
+
+    async def _discard(self) -> None:
+        """Close and remove, quietly: cleaning up after a failure that is being reported already."""
+        await self.close()
+        with contextlib.suppress(MatchlockError, OSError, subprocess.CalledProcessError):
+            await self.remove()
 
     async def allow_list_delete(self, *hosts: str, timeout: float | None = None) -> AllowListUpdate:
         result = await self._request("allow_list_delete", calls.allow_list_params(hosts), timeout=timeout)

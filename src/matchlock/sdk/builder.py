@@ -29,6 +29,12 @@ class Sandbox:
 
     # --- machine ---------------------------------------------------------------------------
 
+    def from_snapshot(self, name: str) -> Sandbox:
+        """Restore snapshot `name` (its image, memory and disks) instead of booting the image; the image
+        may be "" and must otherwise be the snapshot's. Give its secrets again with `add_secret`."""
+        self._opts.from_snapshot = name
+        return self
+
     def with_privileged(self) -> Sandbox:
         self._opts.privileged = True
         return self

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
+import secrets
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -39,7 +41,7 @@ PORT_FORWARD_TIMEOUT = 60.0
 
 
 def validate_create(opts: CreateOptions) -> None:
-    if not opts.image:
+    if not opts.image and not opts.from_snapshot:
         raise MatchlockError("image is required (e.g., alpine:latest)")
     if opts.network_mtu < 0:
         raise MatchlockError("network mtu must be > 0")
@@ -56,7 +58,9 @@ def create_params(
     opts: CreateOptions, vfs_interception: dict[str, Any] | None, network_interception: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The `create` params; the interception parts come compiled from `hooks` (callbacks stripped)."""
-    params: dict[str, Any] = {"image": opts.image}
+    params: dict[str, Any] = {"image": opts.image} if opts.image else {}
+    if opts.from_snapshot:
+        params["from_snapshot"] = opts.from_snapshot
     if opts.kernel_ref:
         params["kernel"] = {"ref": opts.kernel_ref}
     if opts.privileged:
@@ -151,6 +155,69 @@ def parse_create(result: Any) -> str:
     if not isinstance(result, dict) or "id" not in result:
         raise MatchlockError("invalid create response: missing id")
     return str(result["id"])
+
+
+# --- snapshots and forks (matchlock's own) ---------------------------------------------------------
+
+
+def snapshot_params(name: str, mode: str) -> dict[str, Any]:
+    return {"mode": mode} | ({"name": name} if name else {})
+
+
+def parse_snapshot(result: Any) -> dict[str, Any]:
+    _field(result, "snapshot", "name", str)
+    return dict(result)
+
+
+def snapshot_remove_params(names: tuple[str, ...]) -> dict[str, Any]:
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise MatchlockError(f"snapshot_remove needs snapshot names, e.g. snapshot_remove('snap1'); got {names!r}")
+    return {"names": list(names)}
+
+
+def parse_snapshot_list(result: Any) -> list[dict[str, Any]]:
+    records = result.get("snapshots") if isinstance(result, dict) else None
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("name"), str) for r in records
+    ):
+        raise MatchlockError(f"invalid snapshot_list response: snapshots must be a list of records, got {records!r}")
+    return [dict(record) for record in records]
+
+
+def parse_removed(result: Any) -> list[str]:
+    removed = result.get("removed") if isinstance(result, dict) else None
+    if not isinstance(removed, list) or not all(isinstance(name, str) for name in removed):
+        raise MatchlockError(f"invalid snapshot_remove response: removed must be a list of names, got {removed!r}")
+    return removed
+
+
+MAX_FORKS = 16  # as the server's `fork` and `matchlock fork -n`
+
+
+def fork_plan(parent: CreateOptions | None, count: int) -> tuple[str, CreateOptions]:
+    """(temporary snapshot name, the clones' create options) for `fork(count)`.
+
+    A clone is created from the snapshot with the parent's own create options (network policy, secrets,
+    env), minus what belongs to the parent alone: its port forwards, its machine size (the snapshot's
+    is kept) and its entrypoint launch (a full snapshot's processes are running already). Changes made
+    at runtime (`allow_list_add`) are not carried over.
+    """
+    if parent is None:
+        raise MatchlockError("fork needs a created sandbox: call create() first")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORKS:
+        raise MatchlockError(f"invalid fork count {count!r}: fork makes 1 to {MAX_FORKS} clones at a time")
+    name = f"sdk-fork-{secrets.token_hex(4)}"
+    clone = dataclasses.replace(
+        parent,  # shallow: hook callables stay the user's own objects; nothing here mutates the lists
+        from_snapshot=name,
+        cpus=0,
+        memory_mb=0,
+        disk_size_mb=0,
+        port_forwards=[],
+        port_forward_addresses=[],
+        launch_entrypoint=False,
+    )
+    return name, clone
 
 
 # --- exec ----------------------------------------------------------------------------------------

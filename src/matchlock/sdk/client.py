@@ -19,6 +19,7 @@ import os
 import subprocess
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 from ..jsonrpc import Broadcast, Failed, Resolved, Routed
@@ -77,6 +78,7 @@ class Client:
         self._stdout_closed = False  # set before pending calls are failed, so none can slip in after
         self._vm_id: str | None = None
         self._last_vm_id: str | None = None
+        self._create_opts: CreateOptions | None = None  # for fork(); secrets stay in memory only
         self._vfs = LocalVFSHooks()
         self._after_hooks = ThreadedAfterHooks(self._vfs, self)
         self._hook_lock = threading.Lock()
@@ -268,6 +270,7 @@ class Client:
             self._stop_hook_server()
             raise
         self._vm_id = vm_id
+        self._create_opts = copy.copy(plan.opts)
         self._vfs.set(plan.vfs.local)
         if plan.opts.port_forwards:
             self._port_forward(plan.opts.port_forward_addresses, plan.opts.port_forwards, timeout=PORT_FORWARD_TIMEOUT)
@@ -309,10 +312,57 @@ class Client:
         self._request("resume", {}, timeout=timeout)
 
     def snapshot(self, name: str = "", mode: str = "full", timeout: float | None = None) -> dict:
-        """Save the sandbox (`full`: memory and disks, `filesystem`: disks); `matchlock run --from-snapshot`
-        restores it. Returns the snapshot record (name, mode, size, ...)."""
-        params = {"mode": mode} | ({"name": name} if name else {})
-        return dict(self._request("snapshot", params, timeout=timeout))
+        """Save the sandbox (`full`: memory and disks, `filesystem`: disks); `from_snapshot` and
+        `matchlock run --from-snapshot` restore it. Returns the snapshot record (name, mode, size, ...)."""
+        return calls.parse_snapshot(self._request("snapshot", calls.snapshot_params(name, mode), timeout=timeout))
+
+    def snapshot_list(self, timeout: float | None = None) -> list[dict]:
+        """The complete snapshots (records as `snapshot()` returns); works before `create`."""
+        return calls.parse_snapshot_list(self._request("snapshot_list", {}, timeout=timeout))
+
+    def snapshot_remove(self, *names: str, timeout: float | None = None) -> list[str]:
+        """Remove snapshots (all names are checked first); clones restored from them keep running."""
+        params = calls.snapshot_remove_params(names)
+        return calls.parse_removed(self._request("snapshot_remove", params, timeout=timeout))
+
+    def fork(self, count: int = 1, *, timeout: float | None = CREATE_TIMEOUT) -> list[Client]:
+        """`count` new clients, each owning a clone of this running sandbox, which keeps running.
+
+        The clones come from a temporary full snapshot (removed once they are up), created in parallel
+        with this client's create options and secrets (`calls.fork_plan`). If any clone fails, the ones
+        made are closed and removed and the error is raised. Close and remove each clone when done.
+        """
+        name, opts = calls.fork_plan(self._create_opts, count)
+        self.snapshot(name, mode="full", timeout=timeout)
+        try:
+            with ThreadPoolExecutor(count, thread_name_prefix="matchlock-fork") as pool:
+                outcomes = list(pool.map(lambda _: self._clone(opts, timeout), range(count)))
+        finally:
+            with contextlib.suppress(MatchlockError, TimeoutError):
+                self.snapshot_remove(name, timeout=timeout)
+        clones = [outcome for outcome in outcomes if isinstance(outcome, Client)]
+        failures = [outcome for outcome in outcomes if not isinstance(outcome, Client)]
+        if failures:
+            for clone in clones:
+                clone._discard()
+            raise failures[0]
+        return clones
+
+    def _clone(self, opts: CreateOptions, timeout: float | None) -> Client | Exception:
+        clone = Client(self._config)
+        try:
+            clone.start()
+            clone.create(opts, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - reported by fork() once every clone has settled
+            clone._discard()
+            return exc
+        return clone
+
+    def _discard(self) -> None:
+        """Close and remove, quietly: cleaning up after a failure that is being reported already."""
+        self.close()
+        with contextlib.suppress(MatchlockError, OSError, subprocess.CalledProcessError):
+            self.remove()
 
     def allow_list_delete(self, *hosts: str, timeout: float | None = None) -> AllowListUpdate:
         """Remove hosts from the allow-list; an empty list afterwards allows every host."""

@@ -368,6 +368,8 @@ class CreateOptions:
     port_forward_addresses: list[str] = field(default_factory=list)
     image_config: ImageConfig | None = None
     launch_entrypoint: bool = False
+    from_snapshot: str = ""
+    """Restore this snapshot instead of booting `image` (matchlock's own; not in the published SDK)."""
 
 
 @dataclass

@@ -54,6 +54,7 @@ class HostFile(Handle):
 class HostFSProvider(Provider):
     kind = "host_fs"
     cache_seconds = 1.0  # the host may change the directory under the guest
+    quick_getattr = True  # one stat beneath an open directory
 
     def __init__(
         self,

@@ -59,6 +59,7 @@ class _Inode:
 class MemoryProvider(Provider):
     readonly = False
     cache_seconds = 3600.0  # only the guest changes it, and its kernel sees its own changes
+    quick_getattr = True  # its lock is only ever held for in-memory work
     kind = "memory"
 
     def __init__(self, limits: Limits | None = None) -> None:

@@ -8,6 +8,9 @@ again where one was deleted (or renamed in) is opaque: the lower one no longer s
 are sets kept by the provider: the upper is private, so nothing else needs to read them. The host
 directory is never modified.
 
+An entry copied up keeps the inode number it had in the lower (`kept_ino`), as overlayfs with xino
+does: tools that count hard links or compare inodes (`tar`, `du`, `find`, git's index) see one file.
+
 A directory rename copies the directory's subtree up first, then renames it in the upper: the cost
 of that rename is the size of the subtree (as overlayfs without redirect_dir, which returns EXDEV
 and leaves the copy to `mv`).
@@ -54,6 +57,7 @@ class OverlayProvider(Provider):
         self.ino_base = ino_base
         self.whiteouts: set[Path] = set()
         self.opaque: set[Path] = set()
+        self.kept_ino: dict[Path, int] = {}  # upper path -> the inode number it showed in the lower
         self.lock = threading.RLock()
 
     def close(self) -> None:
@@ -84,8 +88,25 @@ class OverlayProvider(Provider):
             raise FsError(errno.ENOENT)
         return self.lower.lstat(path), False
 
-    def _attr(self, st: os.stat_result, upper: bool) -> Attr:
-        return host_attr(st, self.ino_base ^ (_UPPER_INO if upper else 0))
+    def _attr(self, st: os.stat_result, upper: bool, path: Path) -> Attr:
+        return host_attr(st, self._ino_base(st.st_ino, upper, path))
+
+    def _ino_base(self, st_ino: int, upper: bool, path: Path) -> int:
+        """What to XOR `st_ino` with: the layer's base, or what gives back the inode kept at copy-up."""
+        if not upper:
+            return self.ino_base
+        kept = self.kept_ino.get(path)
+        return self.ino_base ^ _UPPER_INO if kept is None else kept ^ st_ino
+
+    def _is_upper_file(self, handle: HostFile, path: Path) -> bool:
+        """Whether `handle` is open on the upper's file at `path` (a lower one opened read-only is not)."""
+        mine, upper = os.fstat(handle.fd), self.upper.lstat(path)
+        return (mine.st_dev, mine.st_ino) == (upper.st_dev, upper.st_ino)
+
+    def _move_kept(self, source: Path, target: Path) -> None:
+        n = len(source)
+        for path in [p for p in self.kept_ino if p[:n] == source]:
+            self.kept_ino[target + path[n:]] = self.kept_ino.pop(path)
 
     # --- copy-up ---------------------------------------------------------------------------------------------
 
@@ -111,6 +132,8 @@ class OverlayProvider(Provider):
         if kind != stat.S_IFLNK:
             self.upper.chmod(path, st.st_mode)
         self.upper.utime(path, st.st_atime_ns, st.st_mtime_ns)
+        if path:
+            self.kept_ino[path] = self.ino_base ^ st.st_ino
 
     def _copy_file(self, path: Path, st: os.stat_result) -> None:
         source = self.lower.open_file(path, os.O_RDONLY)
@@ -136,7 +159,7 @@ class OverlayProvider(Provider):
         upper_dir = self.upper.exists(path)
         if upper_dir:
             for e in self.upper.listdir(path, limit):
-                entries[e.name] = DirEntry(e.name, e.mode, self.ino_base ^ _UPPER_INO ^ e.ino)
+                entries[e.name] = DirEntry(e.name, e.mode, self._ino_base(e.ino, True, path + (e.name,)) ^ e.ino)
         if path not in self.opaque and self._in_lower(path):
             for e in self.lower.listdir(path, limit):
                 if e.name not in entries and path + (e.name,) not in self.whiteouts:
@@ -181,7 +204,7 @@ class OverlayProvider(Provider):
 
     def getattr(self, path: Path) -> Attr:
         with self.lock:
-            return self._attr(*self._stat(path))
+            return self._attr(*self._stat(path), path)
 
     def listdir(self, path: Path, limit: int) -> list[DirEntry]:
         with self.lock:
@@ -200,11 +223,11 @@ class OverlayProvider(Provider):
             if wants_write(flags):
                 self._stat(path)
                 self._copy_up(path)
-                layer, base = self.upper, self.ino_base ^ _UPPER_INO
+                upper = True
             else:
                 _, upper = self._stat(path)
-                layer, base = (self.upper, self.ino_base ^ _UPPER_INO) if upper else (self.lower, self.ino_base)
-            return HostFile(layer.open_file(path, flags & OPEN_FLAGS), base)
+            fd = (self.upper if upper else self.lower).open_file(path, flags & OPEN_FLAGS)
+            return HostFile(fd, self._ino_base(os.fstat(fd).st_ino, upper, path))
 
     def statfs(self) -> StatFs:
         v = self.upper.statvfs()
@@ -217,7 +240,7 @@ class OverlayProvider(Provider):
             self._stat(path)
             self._copy_up(path)
             if changes.size is not None:
-                if isinstance(handle, HostFile) and handle.ino_base == self.ino_base ^ _UPPER_INO:
+                if isinstance(handle, HostFile) and self._is_upper_file(handle, path):
                     handle.truncate(changes.size)
                 else:
                     self.upper.truncate(path, changes.size)
@@ -228,13 +251,13 @@ class OverlayProvider(Provider):
                                  -1 if changes.gid is None else changes.gid)  # fmt: skip
             if changes.atime_ns is not None or changes.mtime_ns is not None:
                 self.upper.utime(path, changes.atime_ns, changes.mtime_ns)
-            return self._attr(self.upper.lstat(path), True)
+            return self._attr(self.upper.lstat(path), True, path)
 
     def _finish_new(self, path: Path, caller: Caller, *, whited: bool, directory: bool = False) -> Attr:
         self.upper.chown(path, caller.uid, caller.gid)
         if directory and whited:
             self.opaque.add(path)
-        return self._attr(self.upper.lstat(path), True)
+        return self._attr(self.upper.lstat(path), True, path)
 
     def create(self, path: Path, flags: int, mode: int, caller: Caller) -> tuple[Handle, Attr]:
         with self.lock:
@@ -275,7 +298,9 @@ class OverlayProvider(Provider):
             self._copy_up(source)
             self._prepare_new(path)
             self.upper.link(source, path)
-            return self._attr(self.upper.lstat(path), True)
+            if source in self.kept_ino:  # the same inode under a second name
+                self.kept_ino[path] = self.kept_ino[source]
+            return self._attr(self.upper.lstat(path), True, path)
 
     def _remove(self, path: Path, directory: bool) -> None:
         st, upper = self._stat(path)
@@ -286,6 +311,7 @@ class OverlayProvider(Provider):
         in_lower = self._in_lower(path)
         if upper:
             (self.upper.rmdir if directory else self.upper.unlink)(path)
+            self.kept_ino.pop(path, None)  # a removed directory was empty: nothing kept below it
         if directory:
             self._forget_below(path)
         if in_lower:
@@ -330,6 +356,7 @@ class OverlayProvider(Provider):
                 raise FsError(errno.ENOTDIR)
             self._copy_up(target[:-1])
             self.upper.rename(source, target)
+            self._move_kept(source, target)
             self._forget_below(source)
             self.whiteouts.discard(target)
             if is_dir:

@@ -18,6 +18,7 @@ Path = tuple[str, ...]
 class Provider:
     readonly = True
     cache_seconds = 1.0  # how long the guest kernel may cache entries and attributes
+    quick_getattr = False  # getattr never waits on a lock or a copy: the router may call it on its event loop
     kind = "provider"
 
     def getattr(self, path: Path) -> Attr:

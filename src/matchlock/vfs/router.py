@@ -102,7 +102,11 @@ class Router:
             self.roots.append((top, node))
 
     def hello(self) -> tuple[wire.Mount, ...]:
-        return tuple(wire.Mount(m.path, node.id, m.readonly) for m, node in self.roots)
+        # A top caches ENOENT only as long as every mount inside it allows (a nested host_fs: 1 s).
+        return tuple(wire.Mount(top.path, node.id, top.readonly, self._negative_ns(top)) for top, node in self.roots)
+
+    def _negative_ns(self, top: Mount) -> int:
+        return min(_ns(m.provider.cache_seconds) for m in self.mounts if m is top or _below(m.parts, top.parts))
 
     def close(self) -> None:
         for opened in self.handles.values():
@@ -193,6 +197,13 @@ class Router:
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _stat(self, parts: Path) -> Attr:
+        # Most requests are LOOKUP/GETATTR: a getattr that cannot wait (host_fs, memory; not the
+        # overlay's, behind a copy-up) runs here, saving ~0.2 ms of thread hops per round trip.
+        if self.route(parts)[0].provider.quick_getattr:
+            return self._getattr(parts)
+        return await self._io(self._getattr, parts)
 
     def _getattr(self, parts: Path) -> Attr:
         """Blocking: the attributes at a guest path, synthesizing the directories to nested mounts."""
@@ -303,7 +314,7 @@ class Router:
         name = check_name(os.fsdecode(a.name))
         parts = self._parts(parent) + (name,)
         path = self._check("stat", parts)
-        attr = await self._io(self._getattr, parts)
+        attr = await self._stat(parts)
         self._emit("stat", path, attr, caller)
         return self._entry(parent, name, parts, attr)
 
@@ -320,7 +331,7 @@ class Router:
             return wire.AttrReply(valid, wire_attr(attr))
         parts = self._parts(node)
         self._check("stat", parts)
-        attr = await self._io(self._getattr, parts)
+        attr = await self._stat(parts)
         return wire.AttrReply(self._validity(parts), wire_attr(attr))
 
     async def setattr(self, a: wire.Setattr, caller: Caller) -> wire.Result:

@@ -11,9 +11,11 @@ with ENOTCONN); the sandbox goes on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,7 @@ from .types import FsError
 log = logging.getLogger("matchlock.vfs")
 READ_SIZE = 256 * 1024
 THREADS = 8
+STATS_ENV = "MATCHLOCK_VFS_STATS"  # set: the guest daemon logs its request timings to the console
 
 
 class VfsServer:
@@ -36,6 +39,7 @@ class VfsServer:
         self.broken: str = ""
         self.served = 0
         self.service_seconds = 0.0  # time from decoding a request to queueing its reply, summed (benchmarks)
+        self.op_counts: collections.Counter[str] = collections.Counter()  # requests by op name (benchmarks)
         self._writer: asyncio.StreamWriter | None = None
         self._pending = bytearray()
         self._flush_scheduled = False
@@ -72,6 +76,7 @@ class VfsServer:
             self.broken = f"VFS channel closed: {exc}"
 
     async def _dispatch(self, request: wire.Request) -> None:
+        self.op_counts[wire.OP_NAMES.get(request.op, "?")] += 1
         if request.op == wire.Op.FORGET:
             assert isinstance(request.args, wire.Forget)
             self.router.forget(request.args.items)
@@ -91,7 +96,8 @@ class VfsServer:
             self._send(wire.encode_error(request_id, errno.EPROTO))
             return
         max_io = min(hello.max_io, self.limits.max_io, wire.MAX_IO)
-        self._send(wire.encode_reply(request_id, wire.HelloReply(wire.VERSION, max_io, self.router.hello())))
+        stats = os.environ.get(STATS_ENV, "") not in ("", "0")
+        self._send(wire.encode_reply(request_id, wire.HelloReply(wire.VERSION, max_io, self.router.hello(), stats)))
 
     async def _serve(self, request: wire.Request) -> None:
         started = time.perf_counter()
@@ -111,7 +117,8 @@ class VfsServer:
                 frame = wire.encode_error(request.id, errno.EIO)
             self.served += 1
             self.service_seconds += time.perf_counter() - started
-            self._send(frame)
+            if request.id:  # id 0: a notice (RELEASE answered in the guest), no reply
+                self._send(frame)
         finally:
             self._slots.release()
 

@@ -22,13 +22,21 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..api.errors import SetupError, VMError
+from ..api.errors import SetupError, UsageError, VMError
 from ..wire.boot import AGENT_PORT_NAME, VFS_PORT_NAME
 from .accel import AccelChoice
 from .qmp import QMPClient, QMPError
 
 QEMU = "qemu-system-x86_64"
 STDERR_LIMIT = 64 * 1024  # enough for any startup error; more would only grow host memory
+# TCG's translation buffer (MiB; 0: QEMU's 1 GiB reserve). It keeps every page it ever wrote code to:
+# 24-36 MiB per idle sandbox. A full buffer is flushed and refilled, and the guest agent's working
+# set is about that size: 16 MiB made `exec -- true` 2-3x slower, 8 MiB 4x, 32 MiB saved only 4 MiB
+# (benchmarks/bench_density.py). So the default stays; $MATCHLOCK_TCG_BUFFER_MB caps it on tight hosts.
+TCG_BUFFER_MB = 0
+TCG_BUFFER_ENV = "MATCHLOCK_TCG_BUFFER_MB"
+# The bus of the one `virtio-serial-device` (it has no id, so QEMU names its bus after the bus type).
+VFS_PORT_BUS = "virtio-serial-bus.0"
 BASE_CMDLINE = ("console=ttyS0", "panic=-1", "quiet", "reboot=t", "mitigations=off", "8250.nr_uarts=1")
 
 
@@ -107,7 +115,7 @@ def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int, vfs_fd: int | None
     argv = [
         find_qemu(),
         "-name", f"{spec.name},process=matchlock-{spec.name}",
-        "-accel", spec.accel.name,
+        "-accel", _accel(spec),
         "-cpu", "host" if spec.accel.name == "kvm" else "max",
         "-M", machine,
         "-m", str(spec.memory_mb),
@@ -151,6 +159,25 @@ def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int, vfs_fd: int | None
     elif spec.incoming is not None:
         argv += ["-incoming", f"exec:cat {shlex.quote(str(spec.incoming))}"]
     return argv + list(spec.extra_args)
+
+
+def tcg_buffer_mb() -> int:
+    """$MATCHLOCK_TCG_BUFFER_MB, else TCG_BUFFER_MB; 0 means QEMU's own default."""
+    text = os.environ.get(TCG_BUFFER_ENV, "").strip()
+    if not text:
+        return TCG_BUFFER_MB
+    if not text.isdigit():
+        raise UsageError(
+            f"{TCG_BUFFER_ENV}={text!r} is not a size in MiB; fix: a whole number such as 32 (0: QEMU's default)"
+        )
+    return int(text)
+
+
+def _accel(spec: MachineSpec) -> str:
+    if spec.accel.name != "tcg":
+        return spec.accel.name
+    size = tcg_buffer_mb()
+    return f"tcg,tb-size={size}" if size else "tcg"
 
 
 def _ram_backend(spec: MachineSpec) -> str:
@@ -272,6 +299,29 @@ class Machine:
                 break
             await asyncio.sleep(0.005)
         raise VMError(f"restoring the boot template failed: {self.stderr_text() or 'migration did not finish'}")
+
+    async def add_vfs_port(self) -> None:
+        """Hot-plug the VFS port (`vfs_socket` is then its host end) into a machine restored without one.
+
+        Only after the restore: a boot template is saved without the port, and the restored device set
+        must be the saved one. The template's virtio-serial device has free slots (max_ports=31).
+        """
+        assert self.qmp is not None and self.vfs_socket is None
+        host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                await self.qmp.send_fd("vfs", guest.fileno())
+            finally:
+                guest.close()  # QEMU has its own copy, or none
+            socket_backend = {"addr": {"type": "fd", "data": {"str": "vfs"}}, "server": False}
+            await self.qmp.execute("chardev-add", id="vfs", backend={"type": "socket", "data": socket_backend})
+            await self.qmp.execute(
+                "device_add", driver="virtserialport", id="vfs", bus=VFS_PORT_BUS, chardev="vfs", name=VFS_PORT_NAME
+            )
+        except BaseException:
+            host.close()
+            raise
+        self.vfs_socket = host
 
     async def wake(self, seed: bytes) -> None:
         """A restored guest waits for this: fresh entropy, then it continues its boot."""

@@ -51,17 +51,33 @@ class QMPClient:
         return message
 
     async def execute(self, command: str, **arguments) -> dict:
+        return await self._call(command, arguments)
+
+    async def send_fd(self, name: str, fd: int) -> None:
+        """`getfd`: give QEMU a copy of `fd` (SCM_RIGHTS on this socket), known as `name` to later commands."""
+        await self._call("getfd", {"fdname": name}, fd=fd)
+
+    async def _call(self, command: str, arguments: dict, *, fd: int | None = None) -> dict:
         if self._writer is None or self._writer.is_closing():
             raise QMPError("QMP is not connected")
         request_id = next(self._ids)
         request: dict = {"execute": command, "id": request_id}
         if arguments:
             request["arguments"] = arguments
+        data = json.dumps(request).encode() + b"\n"
         async with self._lock:
-            self._writer.write(json.dumps(request).encode() + b"\n")
             try:
-                await self._writer.drain()
-            except ConnectionError as exc:
+                if fd is None:
+                    self._writer.write(data)
+                    await self._writer.drain()
+                elif self._writer.transport.get_write_buffer_size():
+                    raise QMPError(f"QMP {command}: earlier output is still queued; cannot attach a descriptor")
+                else:
+                    # The descriptor must travel with the command's own bytes, so bypass the stream. Every
+                    # earlier command was answered, so nothing is queued and a short message fits at once.
+                    if socket.send_fds(self._sock, [data], [fd]) != len(data):
+                        raise QMPError(f"QMP {command}: the command was cut short")
+            except (ConnectionError, BlockingIOError) as exc:
                 raise QMPError(f"QMP connection failed: {exc}") from None
             while True:
                 reply = await self._read_message()

@@ -343,7 +343,7 @@ class GuestConfig(Record):
 
     __slots__ = (
         "hostname", "time_ns", "privileged", "cpus", "dns_servers", "extra_hosts", "network", "ca_certificate",
-        "disks",
+        "disks", "vfs",
     )  # fmt: skip
     hostname: str
     time_ns: int
@@ -354,17 +354,19 @@ class GuestConfig(Record):
     network: GuestNetwork | None
     ca_certificate: str
     disks: tuple[GuestDisk, ...]
+    vfs: bool  # the host serves mounts on the VFS port: the guest starts its FUSE daemon before it is ready
     _defaults = {"privileged": False, "cpus": 1.0, "dns_servers": (), "extra_hosts": (), "network": None,
-                 "ca_certificate": "", "disks": ()}  # fmt: skip
+                 "ca_certificate": "", "disks": (), "vfs": False}  # fmt: skip
 
     @classmethod
     def parse(cls, msg: dict) -> GuestConfig:
         hostname = _str(msg, "hostname", max_len=64)
         if not hostname or any(c.isspace() for c in hostname):
             raise ValueError(f"invalid hostname {hostname!r}")
-        privileged = msg.get("privileged", False)
-        if not isinstance(privileged, bool):
-            raise ValueError("'privileged' must be a boolean")
+        privileged, vfs = msg.get("privileged", False), msg.get("vfs", False)
+        for name, flag in (("privileged", privileged), ("vfs", vfs)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"'{name}' must be a boolean")
         dns = msg.get("dns_servers", [])
         hosts = msg.get("extra_hosts", [])
         if not isinstance(dns, list) or not all(isinstance(d, str) and d and len(d) < 64 for d in dns):
@@ -396,6 +398,7 @@ class GuestConfig(Record):
             network=GuestNetwork.parse(network) if network is not None else None,
             ca_certificate=ca,
             disks=parsed,
+            vfs=vfs,
         )
 
     def to_wire(self) -> dict:
@@ -409,4 +412,5 @@ class GuestConfig(Record):
             "network": self.network.to_wire() if self.network is not None else None,
             "ca_certificate": self.ca_certificate,
             "disks": [d.to_wire() for d in self.disks],
+            "vfs": self.vfs,
         }

@@ -1,8 +1,9 @@
 """The VFS channel: file requests from the guest's FUSE daemon to the host (sans-IO, stdlib only).
 
 It runs on its own virtio-serial port (`VFS_PORT_NAME`), so file traffic never queues behind exec
-streams. The guest sends requests, the host answers each one (except FORGET); many requests are in
-flight at once and replies may come in any order, matched by request id.
+streams. The guest sends requests, the host answers each one (except FORGET, and RELEASE or
+RELEASEDIR sent with id 0); many requests are in flight at once and replies may come in any order,
+matched by request id.
 
     request: length u32 | id u32 | op u8  | uid u32 | gid u32 | pid u32 | payload
     reply:   length u32 | id u32 | status i32 | payload
@@ -25,6 +26,7 @@ request with an op this version does not know decodes with `args=None`; answer i
 from __future__ import annotations
 
 import json
+import operator
 import struct
 
 from .frames import LocalProtocolError, RemoteProtocolError
@@ -111,6 +113,10 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     dirent_size,
 )
 
+TYPE_CHECKING = False  # not `typing`'s: the guest pays for every import under emulation
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 REQUEST_HEADER = struct.Struct(">IIBIII")
 REPLY_HEADER = struct.Struct(">IIi")
 _U16 = struct.Struct(">H")
@@ -121,6 +127,7 @@ _FORGET = struct.Struct(">QQ")
 # Which reply each op gets.
 _ENTRY_OPS = (Op.LOOKUP, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK)
 _ATTR_OPS = (Op.GETATTR, Op.SETATTR)
+NOTICE_OPS = frozenset((Op.FORGET, Op.RELEASE, Op.RELEASEDIR))  # may come with id 0: no reply
 _EMPTY_OPS = (Op.UNLINK, Op.RMDIR, Op.RENAME, Op.FLUSH, Op.RELEASE, Op.FSYNC, Op.RELEASEDIR)
 
 
@@ -147,18 +154,33 @@ def _pack_tail(kind: str, value) -> bytes | memoryview:
     return _U16.pack(len(value)) + value
 
 
+_LAYOUTS: dict[type, tuple[int, Callable[[Args], tuple]]] = {}
+
+
+def _layout(cls: type[Args]) -> tuple[int, Callable[[Args], tuple]]:
+    """How many fixed fields `cls` has, and a getter for all its fields as a tuple (built once per class)."""
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        names = cls.__slots__
+        many = operator.attrgetter(*names)
+        get = many if len(names) > 1 else (lambda args: (many(args),))
+        layout = _LAYOUTS[cls] = (len(names) - len(cls._tail), get)
+    return layout
+
+
 def encode_request(request_id: int, uid: int, gid: int, pid: int, args: Args) -> bytes:
-    """One request frame (guest side). FORGET gets no reply; give it id 0."""
+    """One request frame (guest side). Id 0 asks for no reply: FORGET always, RELEASE and RELEASEDIR may."""
     if not 0 <= request_id <= MAX_ID:
         raise LocalProtocolError(f"request id {request_id} out of range")
     if isinstance(args, Hello):
         parts: list[bytes | memoryview] = [json.dumps({"version": args.version, "max_io": args.max_io}).encode()]
     else:
-        values = args._values()
-        nfixed = len(values) - len(args._tail)
+        nfixed, get = _layout(type(args))
+        values = get(args)
         parts = [args._fixed.pack(*values[:nfixed])]
-        parts += [_pack_tail(kind, value) for kind, value in zip(args._tail, values[nfixed:], strict=True)]
-    length = sum(len(part) for part in parts)
+        for kind, value in zip(args._tail, values[nfixed:]):  # noqa: B905 - _layout gave one value per kind
+            parts.append(_pack_tail(kind, value))
+    length = sum(map(len, parts))
     if length > MAX_PAYLOAD:
         raise LocalProtocolError(f"request payload of {length} bytes exceeds {MAX_PAYLOAD}")
     # One join: WRITE data (up to 1 MiB, possibly a memoryview of the FUSE buffer) is copied once.
@@ -270,8 +292,10 @@ class RequestDecoder:
                 break
             payload = bytes(buf[REQUEST_HEADER.size : end])
             del buf[:end]
-            if request_id == 0 and op != Op.FORGET:
-                raise RemoteProtocolError(f"request id 0 on {OP_NAMES.get(op, op)} (only FORGET may use it)")
+            if request_id == 0 and op not in NOTICE_OPS:
+                raise RemoteProtocolError(
+                    f"request id 0 on {OP_NAMES.get(op, op)} (only FORGET and RELEASE* may use it)"
+                )
             requests.append(Request(request_id, op, uid, gid, pid, decode_args(op, payload)))
         return requests
 
@@ -327,7 +351,10 @@ def _pack_result(result: Result) -> bytes:
             {"path": m.path, "root": m.root, "readonly": m.readonly, "negative_valid_ns": m.negative_valid_ns}
             for m in result.mounts
         ]
-        return json.dumps({"version": result.version, "max_io": result.max_io, "mounts": mounts}).encode()
+        hello = {"version": result.version, "max_io": result.max_io, "mounts": mounts}
+        if result.stats:
+            hello["stats"] = True
+        return json.dumps(hello).encode()
     if isinstance(result, tuple):
         return _U32.pack(len(result)) + b"".join(_pack_dirent(item) for item in result)
     raise LocalProtocolError(f"cannot encode a {type(result).__name__} as a VFS reply")
@@ -353,6 +380,11 @@ class ReplyDecoder:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes held of a frame not yet complete (0 at a frame boundary)."""
+        return len(self._buffer)
 
     def feed(self, data: bytes) -> list[Reply]:
         self._buffer += data
@@ -422,10 +454,12 @@ def _decode_hello_reply(payload: bytes) -> HelloReply:
         if type(negative) is not int or negative < 0:
             raise ValueError(f"mount {path!r} has a bad negative_valid_ns {negative!r}")
         parsed.append(Mount(path, root, readonly, negative))
-    version, max_io = msg["version"], msg["max_io"]
+    version, max_io, stats = msg["version"], msg["max_io"], msg.get("stats", False)
     if type(version) is not int or type(max_io) is not int or not 4096 <= max_io <= MAX_IO:
         raise ValueError(f"bad version {version!r} or max_io {max_io!r}")
-    return HelloReply(version, max_io, tuple(parsed))
+    if not isinstance(stats, bool):
+        raise ValueError(f"bad stats {stats!r}")
+    return HelloReply(version, max_io, tuple(parsed), stats)
 
 
 def decode_result(op: int, payload: bytes) -> Result:

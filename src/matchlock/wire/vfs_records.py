@@ -471,10 +471,14 @@ class Mount(Record):
 
 
 class HelloReply(Record):
-    __slots__ = ("version", "max_io", "mounts")
+    """`stats` asks the guest daemon to log its per-request timings (benchmarks, MATCHLOCK_VFS_STATS)."""
+
+    __slots__ = ("version", "max_io", "mounts", "stats")
     version: int
     max_io: int
     mounts: tuple[Mount, ...]
+    stats: bool
+    _defaults = {"stats": False}
 
 
 class Reply(Record):
