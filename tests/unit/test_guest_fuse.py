@@ -57,6 +57,7 @@ LAYOUTS = {
     "fuse_fsync_in": (fuse.FSYNC_IN, "fh fsync_flags padding"),
     "fuse_getxattr_in": (fuse.GETXATTR_IN, "size padding"),
     "fuse_getxattr_out": (fuse.GETXATTR_OUT, "size padding"),
+    "fuse_notify_inval_inode_out": (fuse.NOTIFY_INVAL_INODE, "ino off len"),
 }
 # Structs we pack only up to a field (the flexible name[], or the fuse_attr packed separately).
 SIZE_IS_PREFIX = {"fuse_dirent": "name", "fuse_entry_out": "attr", "fuse_attr_out": "attr"}
@@ -272,6 +273,20 @@ def test_entry_reply_carries_ids_validity_and_nanosecond_times(tr):
     assert fuse.ENTRY_OUT.unpack_from(body) == (42, 3, 2, 0, 500_000_000, 10)
     attr = fuse.ATTR.unpack_from(body, fuse.ENTRY_OUT.size)
     assert attr == (5, 3, 1, 1, -1, 0, 500_000_000, 999_999_999, 7, 0o100640, 2, 1000, 1001, 0, 4096, 0)
+
+
+def test_a_link_is_followed_by_a_notice_dropping_the_old_names_cached_attributes(tr):
+    # The host gives the new name its own node, so the kernel's inode for the old name keeps
+    # "1 link" and its size cached (a write through the new name would not show): invalidate it.
+    action = tr.handle(request(fuse.LINK, fuse.LINK_IN.pack(50) + b"hard\0", 42))
+    assert action.pending is not None and action.pending.source == 50
+    notice = tr.after_reply(action.pending, 0)
+    assert notice is not None
+    assert fuse.OUT_HEADER.unpack_from(notice) == (16 + 24, fuse.NOTIFY_INVAL_INODE_CODE, 0)
+    assert fuse.NOTIFY_INVAL_INODE.unpack_from(notice, 16) == (50, 0, 0)  # attributes and every page
+    assert tr.after_reply(action.pending, -errno.EPERM) is None  # a refused link changed nothing
+    other = tr.handle(request(fuse.UNLINK, b"f\0", 42))
+    assert other.pending is not None and tr.after_reply(other.pending, 0) is None
 
 
 def test_error_reply_and_negative_lookup_caching():

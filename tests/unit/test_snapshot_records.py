@@ -201,6 +201,16 @@ def test_a_restore_keeps_the_sources_live_allow_list_and_adds_its_own(tmp_path):
     assert bare.network.allowed_hosts == ("api.example.com", "added.example.com") and bare.network.intercepting
 
 
+def test_a_restore_of_a_sandbox_with_interception_rules_needs_them_again(tmp_path):
+    from matchlock.api.network import InterceptionConfig
+
+    restore = _restore(tmp_path, secrets={}, config={"network": {"interception_rules": 2}})
+    with pytest.raises(UsageError, match=r"2 network interception rule\(s\).*same `network.interception`"):
+        restore.prepare(SandboxConfig(image="x"))
+    given = SandboxConfig(image="x", network=NetworkConfig(interception=InterceptionConfig()))
+    assert restore.prepare(given).network.interception == InterceptionConfig()
+
+
 def test_a_filesystem_restore_without_a_network_drops_the_policy(tmp_path):
     source = {"network": {"allowed_hosts": ["api.example.com"], "intercept": True}}
     restore = _restore(tmp_path, mode="filesystem", secrets={}, config=source, allowed_hosts=["api.example.com"])

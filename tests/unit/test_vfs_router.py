@@ -246,3 +246,31 @@ def test_a_private_mount_caches_enoent_long(host: Path) -> None:
         assert {m.path: m.negative_valid_ns for m in guest.router.hello()} == {"/scratch": 3600 * 10**9, "/h": 10**9}
     finally:
         guest.close()
+
+
+@pytest.mark.parametrize("provider", ["memory", "host_fs"])
+async def test_a_hard_linked_file_is_never_cached(host: Path, provider: str) -> None:
+    # Nodes are names, so the guest kernel holds one inode per name of a hard-linked file: neither
+    # may cache attributes or pages, or a write through one name leaves the other's size stale.
+    guest = Guest([Mount("/w", MemoryProvider() if provider == "memory" else HostFSProvider(str(host)))])
+    try:
+        await guest.write("/w/plain", b"y\n")
+        plain = await guest.node("/w/plain")
+        opened = await guest.call(wire.Open(plain, os.O_RDONLY))
+        assert isinstance(opened, wire.Opened)
+        single_flags = opened.flags
+        parent, _ = await guest.parent("/w/hard")
+        entry = await guest.call(wire.Link(plain, parent, b"hard"))
+        assert isinstance(entry, wire.Entry) and entry.attr.nlink == 2
+        assert entry.attr_valid_ns == 0 and entry.entry_valid_ns > 0
+        reply = await guest.call(wire.Getattr(plain, 0))
+        assert isinstance(reply, wire.AttrReply) and reply.attr.nlink == 2 and reply.attr_valid_ns == 0
+        reopened = await guest.call(wire.Open(plain, os.O_RDONLY))
+        assert isinstance(reopened, wire.Opened) and not reopened.flags & wire.OPEN_KEEP_CACHE
+        if provider == "memory":  # a private mount keeps a single-named file's pages across opens
+            assert single_flags & wire.OPEN_KEEP_CACHE
+        await guest.unlink("/w/hard")
+        reply = await guest.call(wire.Getattr(plain, 0))
+        assert isinstance(reply, wire.AttrReply) and reply.attr.nlink == 1 and reply.attr_valid_ns > 0
+    finally:
+        guest.close()

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("vm_prerequisites")]
 
 SECRET_VALUE = "sekrit-" + "7f3a9c1e5b2d4086"
 SECRET = f"API_KEY={SECRET_VALUE}@api.example.com"
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; done"
 CA = "/etc/ssl/certs/matchlock-ca.crt"
 
 

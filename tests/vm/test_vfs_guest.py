@@ -93,6 +93,13 @@ def test_hard_links_on_host_fs(box, loop_thread, host_dirs):
     assert os.stat(host / "one").st_nlink == 2
 
 
+@pytest.mark.parametrize("mount", ["/mem", "/work"])
+def test_both_names_of_a_hard_link_agree_in_the_guest(box, loop_thread, mount):
+    # Each name is its own guest inode: a write through one must show through the other at once.
+    script = f"cd {mount} && echo y > p2 && ln p2 h2 && stat -c %h p2 h2 && echo more >> h2 && cat p2 && rm h2"
+    assert sh(box, loop_thread, script) == "2\n2\ny\nmore\n"
+
+
 def test_owner_mode_and_mtime_agree_on_both_sides(box, loop_thread, host_dirs):
     out = sh(box, loop_thread, "cd /work && echo data > owned && chown 1234:567 owned && chmod 604 owned && "
                                "stat -c '%u %g %a %Y' owned")  # fmt: skip

@@ -56,6 +56,8 @@ FATTR_FH = 1 << 6
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 OUT_HEADER = struct.Struct("<IiQ")
+NOTIFY_INVAL_INODE = struct.Struct("<Qqq")  # fuse_notify_inval_inode_out: ino, off, len (0, 0: every page)
+NOTIFY_INVAL_INODE_CODE = 2  # FUSE_NOTIFY_INVAL_INODE, sent in the header's error field with unique 0
 INIT_IN = struct.Struct("<IIII")
 INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
 ATTR = struct.Struct("<QQQqqqIIIIIIIIII")
@@ -99,13 +101,14 @@ _FUSE_ATTR_REPLY = struct.Struct(ATTR_OUT.format + ATTR.format[1:])
 class Pending(Record):
     """What the reply to a forwarded request needs: the FUSE request, and its limits."""
 
-    __slots__ = ("unique", "op", "size", "plus", "key")
+    __slots__ = ("unique", "op", "size", "plus", "key", "source")
     unique: int
     op: int
     size: int
     plus: int
     key: tuple[int, bytes] | None  # a LOOKUP's (parent, name), to remember an ENOENT
-    _defaults = {"size": 0, "plus": 0, "key": None}
+    source: int  # a LINK's existing inode (the kernel's node id), whose cached attributes go stale
+    _defaults = {"size": 0, "plus": 0, "key": None, "source": 0}
 
 
 class Action(Record):
@@ -243,7 +246,8 @@ class MountTranslator:
         args, size, plus = built
         if self._absent and op in _NAMING:
             self._absent.pop(_made_name(args), None)
-        return Action(None, args, Pending(unique, op, size, plus), uid, gid, pid)
+        source = LINK_IN.unpack_from(body)[0] if op == LINK else 0
+        return Action(None, args, Pending(unique, op, size, plus, None, source), uid, gid, pid)
 
     def _lookup(self, data: bytes | memoryview, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Action:
         # The commonest request by far, so straight to wire bytes: each Python step is dear under emulation.
@@ -382,6 +386,16 @@ class MountTranslator:
         return errno.ENOSYS
 
     # ---- replies -----------------------------------------------------------------------------
+
+    @staticmethod
+    def after_reply(pending: Pending, status: int) -> bytes | None:
+        """A notice to write after the reply. After a LINK the new name is a new guest inode (nodes are
+        names on the host), and the kernel keeps the old name's attributes (one link, its size) cached:
+        drop them and its pages, so it asks again and learns it is linked (never cached from then on)."""
+        if pending.op != LINK or status < 0 or not pending.source:
+            return None
+        body = NOTIFY_INVAL_INODE.pack(pending.source, 0, 0)
+        return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_INVAL_INODE_CODE, 0) + body
 
     def complete(self, pending: Pending, status: int, payload: bytes) -> tuple[list[bytes], vfs.Forget | None]:
         """The /dev/fuse reply (as buffers for one writev) and any lookups to give back to the host."""

@@ -186,6 +186,13 @@ class Mount:
             if exc.errno != errno.ENODEV:  # unmounted
                 raise
 
+    def notify_kernel(self, notice: bytes) -> None:
+        try:
+            os.write(self.fd, notice)
+        except OSError as exc:  # ENOENT: the inode is no longer cached, so nothing is stale
+            if exc.errno != errno.ENOENT:
+                log(f"a cache notice failed: {exc}")
+
 
 def _fatal_on_error(target, *args) -> None:
     """Run a daemon thread; if it fails, end the daemon so the mounts fail fast (ENOTCONN), not hang."""
@@ -239,6 +246,8 @@ def serve_replies(channel: Channel) -> None:
             mount, pending = entry
             buffers, forget = mount.translator.complete(pending, reply.status, reply.payload)
             mount.write(buffers)
+            if (after := mount.translator.after_reply(pending, reply.status)) is not None:
+                mount.notify_kernel(after)
             if stats is not None:
                 stats.done(reply.id, got)
             if forget is not None:

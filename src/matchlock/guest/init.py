@@ -210,6 +210,10 @@ def main() -> None:
         mount_early()
         with open("/proc/cmdline") as f:
             if TEMPLATE_FLAG in f.read().split():
+                # Loaded into the template's memory: under emulation the import alone takes ~2 s,
+                # which every sandbox with mounts would pay after its restore.
+                from . import fuse_daemon  # noqa: F401
+
                 wait_for_wake()
                 started = uptime()
         assemble_root()

@@ -307,6 +307,14 @@ class Restore:
             want = "--no-network" if not meta["network"] else "no --no-network"
             raise UsageError(f"snapshot {self.name!r} was taken {'without' if not meta['network'] else 'with'} "
                              f"a network interface; a full restore needs the same: use {want}")  # fmt: skip
+        rules = meta.get("config", {}).get("network", {}).get("interception_rules", 0)
+        if rules and config.network.interception is None:
+            # They may block what the allow-list lets through, and they live in the source's client.
+            raise UsageError(
+                f"snapshot {self.name!r} was taken with {rules} network interception rule(s), which a "
+                "snapshot does not keep; fix: restore it through RPC `create` (or the SDK's `fork()`) "
+                "with the same `network.interception`"
+            )
         # The guest's running processes hold the old placeholders: keep them, unless the user chose others.
         secrets = {
             name: s if s.placeholder or not meta["secrets"].get(name) else dataclasses.replace(

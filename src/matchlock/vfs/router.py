@@ -44,7 +44,7 @@ class Mount:
 
 
 class _Node:
-    __slots__ = ("id", "parent", "name", "nlookup", "children", "root")
+    __slots__ = ("id", "parent", "name", "nlookup", "children", "root", "linked")
 
     def __init__(self, node_id: int, parent: _Node | None, name: str, root: Path = ()) -> None:
         self.id = node_id
@@ -53,6 +53,7 @@ class _Node:
         self.nlookup = 0
         self.children = 0
         self.root = root  # the guest path of a top-level mount root (parent None)
+        self.linked = False  # last seen as a regular file with more than one name (see _attr_validity)
 
 
 @dataclass
@@ -238,10 +239,15 @@ class Router:
     def _validity(self, parts: Path) -> int:
         return _ns(self.route(parts)[0].provider.cache_seconds)
 
+    def _attr_validity(self, node: _Node, parts: Path, attr: Attr) -> int:
+        """Attributes are cached, except a hard-linked file's: nodes are names here, so the guest kernel
+        holds one inode per name, and a write through one name must not leave the other's size stale."""
+        node.linked = stat.S_ISREG(attr.mode) and attr.nlink > 1
+        return 0 if node.linked else self._validity(parts)
+
     def _entry(self, parent: _Node, name: str, parts: Path, attr: Attr) -> wire.Entry:
         node = self._remember(parent, name)
-        valid = self._validity(parts)
-        return wire.Entry(node.id, 0, valid, valid, wire_attr(attr))
+        return wire.Entry(node.id, 0, self._validity(parts), self._attr_validity(node, parts, attr), wire_attr(attr))
 
     def _check(self, op: str, parts: Path) -> str:
         path = "/" + "/".join(parts)
@@ -295,8 +301,11 @@ class Router:
         self.handles[fh] = opened
         return fh
 
-    def _cache_flags(self, parts: Path) -> int:
-        # Private mounts change only through this guest, so its page cache stays valid across opens.
+    def _cache_flags(self, parts: Path, node: _Node | None = None) -> int:
+        # Private mounts change only through this guest, so its page cache stays valid across opens;
+        # not a hard-linked file's, which another name (another guest inode) may have written.
+        if node is not None and node.linked:
+            return 0
         return wire.OPEN_KEEP_CACHE if self.route(parts)[0].provider.cache_seconds > 60 else 0
 
     # --- dispatch ----------------------------------------------------------------------------------------
@@ -325,14 +334,14 @@ class Router:
             # An open file keeps its attributes even once unlinked.
             attr = await self._io(opened.handle.fstat)
             try:
-                valid = self._validity(self._parts(node))
+                valid = self._attr_validity(node, self._parts(node), attr)
             except FsError:
                 valid = 0
             return wire.AttrReply(valid, wire_attr(attr))
         parts = self._parts(node)
         self._check("stat", parts)
         attr = await self._stat(parts)
-        return wire.AttrReply(self._validity(parts), wire_attr(attr))
+        return wire.AttrReply(self._attr_validity(node, parts, attr), wire_attr(attr))
 
     async def setattr(self, a: wire.Setattr, caller: Caller) -> wire.Result:
         node = self._node(a.node)
@@ -363,7 +372,7 @@ class Router:
         attr = await self._io(m.provider.setattr, rel, changes, handle)
         for op in ops:
             self._emit(op, path, attr, caller)
-        return wire.AttrReply(self._validity(parts), wire_attr(attr))
+        return wire.AttrReply(self._attr_validity(node, parts, attr), wire_attr(attr))
 
     async def readlink(self, a: wire.Readlink, caller: Caller) -> wire.Result:
         parts = self._parts(self._node(a.node))
@@ -454,7 +463,7 @@ class Router:
         handle = await self._io(m.provider.open, rel, a.flags)
         fh = self._open_handle(_Open(node, handle))
         self._emit("open", path, None, caller)
-        return wire.Opened(fh, self._cache_flags(parts))
+        return wire.Opened(fh, self._cache_flags(parts, node))
 
     async def create(self, a: wire.Create, caller: Caller) -> wire.Result:
         parent = self._node(a.parent)
