@@ -60,7 +60,7 @@ log = logging.getLogger("matchlock.rpc")
 
 MAX_IN_FLIGHT = 256
 EVENT_QUEUE = 100  # as upstream: events beyond this many unsent are dropped
-ENTRYPOINT_CHECK_SECONDS = 0.5  # an entrypoint failing this fast fails the create (upstream)
+ENTRYPOINT_CHECK_SECONDS = 0.5  # an entrypoint failing this fast after it started fails the create (upstream)
 SHUTDOWN_REQUEST_WAIT = 1.0  # how long cancelled requests get to answer before the VM goes
 FLUSH_SECONDS = 5.0
 
@@ -430,6 +430,15 @@ async def _launch_entrypoint(session: Session, sandbox: Sandbox) -> None:
         log_file.close()
         raise
     session.entrypoint = process
+    try:
+        # The window counts from when the command runs: starting it alone can take longer under emulation.
+        await process.started()
+    except MatchlockError as exc:
+        log_file.close()
+        raise RpcError(VM_FAILED, f"start image entrypoint: {exc}") from None
+    except BaseException:
+        log_file.close()
+        raise
     task = session.tasks.create_task(_run_entrypoint(process, log_file))
     done, _ = await asyncio.wait({task}, timeout=ENTRYPOINT_CHECK_SECONDS)
     if task not in done:
