@@ -132,9 +132,12 @@ def sandbox_processes(vm_id: str) -> dict[str, int]:
     return found
 
 
-def _pss(pid: int) -> int:
+def _rollup(pid: int) -> dict[str, int]:
+    """KiB per field of /proc/PID/smaps_rollup."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        return {
+            key: int(rest.split()[0]) for key, _, rest in (line.partition(":") for line in f) if rest.endswith("kB\n")
+        }
 
 
 def _mib(kib: float) -> str:
@@ -177,9 +180,12 @@ def _measure(vm_ids: list[str]) -> tuple[int, int]:
                 pss, unmapped = _print_qemu("QEMU", pid)
                 total, hidden = total + pss, hidden + unmapped
             else:
-                pss = _pss(pid)
-                total += pss
-                print(f"    {role:14s} PSS {_mib(pss)} MiB")
+                # Private_Dirty: what this process alone holds (a forked owner's copies of its parent's pages).
+                rollup = _rollup(pid)
+                total += rollup["Pss"]
+                print(
+                    f"    {role:14s} PSS {_mib(rollup['Pss'])} MiB, private dirty {_mib(rollup['Private_Dirty']).strip()}"
+                )
     return total, hidden
 
 

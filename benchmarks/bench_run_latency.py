@@ -32,7 +32,7 @@ from matchlock.image.runtime import ensure_runtime_disk
 from matchlock.image.store import ImageStore
 from matchlock.kernel import resolve
 from matchlock.net.namespace import GUEST_MAC, SandboxNamespace
-from matchlock.sandbox.sandbox import make_upper_disk
+from matchlock.sandbox.upper import make_upper_disk
 from matchlock.util.trace import ENV as TIMING_ENV
 from matchlock.vm import checkpoint, snapshot
 from matchlock.vm.accel import choose_accelerator, host_tsc_khz
@@ -88,7 +88,7 @@ def _spec(work: Path, tap_fd: int) -> MachineSpec:
 
 
 async def raw_restore_seconds(work: Path) -> float:
-    """Spawn QEMU on the template and wait until the restored guest runs; the RAM load is included."""
+    """Spawn QEMU on the template and wait until the restored guest runs."""
     namespace = SandboxNamespace(1500)
     namespace.create()
     try:
@@ -97,14 +97,11 @@ async def raw_restore_seconds(work: Path) -> float:
         state = await snapshot.TemplateCache().ensure(spec)
         waking = dataclasses.replace(spec, kernel_args=spec.kernel_args + (boot.TEMPLATE_FLAG,))
         started = time.perf_counter()
-        restore = checkpoint.template_restore(waking, state)
-        machine = Machine(restore)
+        machine = Machine(checkpoint.template_restore(waking, state))
         try:
             await machine.start()  # returns once QEMU reports the guest running
             elapsed = time.perf_counter() - started
         finally:
-            if restore.ram_fd is not None:
-                os.close(restore.ram_fd)
             await machine.kill()
         return elapsed
     finally:

@@ -58,6 +58,7 @@ LAYOUTS = {
     "fuse_getxattr_in": (fuse.GETXATTR_IN, "size padding"),
     "fuse_getxattr_out": (fuse.GETXATTR_OUT, "size padding"),
     "fuse_notify_inval_inode_out": (fuse.NOTIFY_INVAL_INODE, "ino off len"),
+    "fuse_notify_inval_entry_out": (fuse.NOTIFY_INVAL_ENTRY, "parent namelen flags"),
 }
 # Structs we pack only up to a field (the flexible name[], or the fuse_attr packed separately).
 SIZE_IS_PREFIX = {"fuse_dirent": "name", "fuse_entry_out": "attr", "fuse_attr_out": "attr"}
@@ -121,7 +122,8 @@ def sent(action: fuse.Action) -> vfs.Args | None:
     if action.wire is None:
         return action.args
     assert action.args is None
-    args = vfs.decode_args(*action.wire)
+    op, payload = action.wire
+    args = vfs.decode_args(op, b"".join(payload) if isinstance(payload, tuple) else payload)
     assert args is not None
     return args
 

@@ -72,9 +72,9 @@ def test_handshake_then_mount_each_mount_point(port, tmp_path, monkeypatch):
     thread = threading.Thread(target=lambda: result.append(fuse_daemon.handshake(channel)))
     thread.start()
     (hello,) = host.take(1)
-    assert hello.args == vfs.Hello(vfs.VERSION, vfs.MAX_IO)
+    assert hello.args == vfs.Hello(vfs.VERSION, vfs.MAX_IO, vfs.FEATURES_ALL)
     mounts = (vfs.Mount(str(target), 2, False), vfs.Mount(str(single), 3, True, 10**9))
-    host.reply(hello, vfs.HelloReply(vfs.VERSION, 1 << 18, mounts))
+    host.reply(hello, vfs.HelloReply(vfs.VERSION, 1 << 18, mounts, features=vfs.FEATURE_KILLPRIV))
     (getattr_dir,) = host.take(1)
     assert getattr_dir.args == vfs.Getattr(2, 0)
     host.reply(getattr_dir, vfs.AttrReply(0, DIR_ATTR))
@@ -84,7 +84,8 @@ def test_handshake_then_mount_each_mount_point(port, tmp_path, monkeypatch):
     ((max_io, roots),) = result
     assert max_io == 1 << 18
     assert [(info.path, mode) for info, mode in roots] == [(str(target), stat.S_IFDIR), (str(single), stat.S_IFREG)]
-    made = [fuse_daemon.mount(info, mode, max_io) for info, mode in roots]
+    assert channel.features == vfs.FEATURE_KILLPRIV  # only what the host serves
+    made = [fuse_daemon.mount(info, mode, max_io, channel.features) for info, mode in roots]
     assert target.is_dir() and single.is_file()
     assert [m[1:4] for m in mounted] == [
         (str(target), "fuse.matchlock", fuse_daemon.syscalls.MS_NOSUID | fuse_daemon.syscalls.MS_NODEV),
@@ -95,6 +96,7 @@ def test_handshake_then_mount_each_mount_point(port, tmp_path, monkeypatch):
     assert "allow_other,default_permissions" in mounted[0][4]
     assert [m.translator.max_io for m in made] == [1 << 18, 1 << 18]
     assert made[1].translator.negative_valid_ns == 10**9
+    assert made[0].translator.features == vfs.FEATURE_KILLPRIV
     for m in made:
         os.close(m.fd)
 

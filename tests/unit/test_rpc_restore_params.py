@@ -13,7 +13,7 @@ from matchlock import AsyncClient, Client, Config, RPCError
 from matchlock.api.network import SecretConfig
 from matchlock.api.secrets import load_secret_file
 from matchlock.rpc import fork as rpc_fork
-from matchlock.rpc.params import RpcError, check_restore, parse_create
+from matchlock.rpc.params import RpcError, parse_create, prepare_restore
 from matchlock.sandbox.snapshots import Restore
 from matchlock.sdk import calls
 from matchlock.sdk.builder import Sandbox
@@ -41,11 +41,15 @@ def _parse(params: dict):
     return parsed
 
 
+def _prepare(params: dict, meta: dict | None = None):
+    parsed = _parse(params)
+    assert parsed.restore is not None
+    return prepare_restore(Restore("snap1", Path("/nonexistent"), meta or META), parsed.restore, parsed.config)
+
+
 def _refused(params: dict, meta: dict | None = None) -> str:
     with pytest.raises(RpcError) as caught:
-        parsed = parse_create(params)
-        assert parsed.restore is not None
-        check_restore(parsed.restore, parsed.config, meta or META)
+        _prepare(params, meta)
     assert caught.value.code == -32602
     return caught.value.message
 
@@ -80,6 +84,7 @@ def test_what_a_restore_cannot_take_is_refused_by_name(params: dict, fragment: s
 
 def test_a_missing_secret_is_named_with_the_fix() -> None:
     message = _refused({"from_snapshot": "snap1"})
+    assert message.startswith("invalid params: network.secrets.API_KEY is missing: ")
     assert "snapshot 'snap1' uses secret(s) API_KEY" in message
     assert "fix: pass network.secrets.API_KEY = {value, hosts} again" in message
 
@@ -103,9 +108,33 @@ def test_the_network_interface_must_match_a_full_snapshot() -> None:
     assert "taken with a network interface" in message and "drop network.no_network" in message
     without = {**META, "secrets": {}, "network": False}
     assert "set network.no_network" in _refused({"from_snapshot": "snap1"}, without)
-    check = parse_create({"from_snapshot": "snap1"})
-    assert check.restore is not None
-    check_restore(check.restore, check.config, {**without, "mode": "filesystem"})  # a cold boot: either way
+    _prepare({"from_snapshot": "snap1"}, {**without, "mode": "filesystem"})  # a cold boot: either way
+
+
+def test_the_cli_gets_the_same_checks_in_its_own_terms(tmp_path: Path) -> None:
+    """One check per setting (Restore.prepare), worded by each front end."""
+    from matchlock.api.config import SandboxConfig
+    from matchlock.api.network import NetworkConfig
+    from matchlock.state.snapshots import RestoreMismatch
+
+    restore = Restore("snap1", tmp_path, META)
+    with pytest.raises(RestoreMismatch) as caught:
+        restore.prepare(SandboxConfig(image="ignored"))
+    assert (caught.value.field, caught.value.flag) == ("network.secrets.API_KEY", "--secret API_KEY")
+    assert str(caught.value).startswith("--secret API_KEY is missing: snapshot 'snap1' uses secret(s) API_KEY")
+    assert str(caught.value).endswith("fix: pass --secret API_KEY=VALUE@HOSTS (values are never stored in a snapshot)")
+    secrets = {"API_KEY": SecretConfig(value="v", hosts=("api.example.com",))}
+    with pytest.raises(RestoreMismatch, match="^--no-network is set, .*; fix: drop --no-network$"):
+        restore.prepare(SandboxConfig(image="x", network=NetworkConfig(no_network=True, secrets=secrets)))
+    with pytest.raises(RestoreMismatch, match="^--memory is 1024 but .*; fix: omit --memory$"):
+        restore.prepare(SandboxConfig(image="x", network=NetworkConfig(secrets=secrets)), resources={"memory_mb": 1024})
+    ruled = Restore("snap1", tmp_path, {**META, "secrets": {}, "config": {"network": {"interception_rules": 2}}})
+    with pytest.raises(RestoreMismatch) as rules:
+        ruled.prepare(SandboxConfig(image="x"))
+    assert rules.value.field == "network.interception" and "taken with 2 network interception rule(s)" in str(
+        rules.value
+    )
+    assert rules.value.explain("rpc").endswith("fix: give the same network.interception again")
 
 
 def test_a_matching_restore_takes_the_snapshots_image_and_machine(tmp_path: Path) -> None:
@@ -113,8 +142,9 @@ def test_a_matching_restore_takes_the_snapshots_image_and_machine(tmp_path: Path
         {"from_snapshot": "snap1", "image": "alpine", "resources": {"cpus": 1}, "network": {"secrets": SECRETS}}
     )
     assert parsed.restore is not None
-    check_restore(parsed.restore, parsed.config, META)  # "alpine" is "alpine:latest"
-    config = Restore("snap1", tmp_path, META).prepare(parsed.config)
+    config = prepare_restore(
+        Restore("snap1", tmp_path, META), parsed.restore, parsed.config
+    )  # "alpine" is "alpine:latest"
     assert (config.image, config.resources.memory_mb) == ("alpine:latest", 512)
     assert config.network.secrets["API_KEY"].placeholder == "SANDBOX_SECRET_ab12"  # the guest's processes hold it
 

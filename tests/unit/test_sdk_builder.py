@@ -325,16 +325,16 @@ def recorder(monkeypatch):
     """Client with its transport replaced: returns the list of (method, params) it sends."""
     sent: list[tuple[str, dict]] = []
 
-    def fake_request(self, method, params=None, on_notification=None, timeout=None):
-        sent.append((method, params))
-        if method == "create":
-            return {"id": "vm-test"}
+    def fake_request(self, call, timeout=None):
+        sent.append((call.method, call.params))
+        if call.method == "create":
+            return call.parse({"id": "vm-test"})
         bindings = [
             {"address": a, "local_port": f["local_port"] or 1, "remote_port": f["remote_port"]}
-            for a in params["addresses"]
-            for f in params["forwards"]
+            for a in call.params["addresses"]
+            for f in call.params["forwards"]
         ]
-        return {"bindings": bindings}
+        return call.parse({"bindings": bindings})
 
     monkeypatch.setattr(Client, "_request", fake_request)
     monkeypatch.setattr(client_module, "NetworkHookServer", FakeHookServer)

@@ -14,7 +14,7 @@ from matchlock.api.errors import VMError
 from matchlock.cli.image import image as image_cli
 from matchlock.sandbox.sandbox import Sandbox, SandboxPaths
 from matchlock.util.fs import file_lock
-from matchlock.vm import snapshot
+from matchlock.vm import checkpoint, snapshot
 from matchlock.vm.snapshot import TemplateCache
 
 MB = 1024 * 1024
@@ -80,6 +80,8 @@ def boot_with_failed_restore(tmp_path, monkeypatch, machine: FakeMachine) -> tup
     state = tmp_path / "templates" / "k" / "state"
     state.parent.mkdir(parents=True)
     state.write_bytes(STATE)
+    with open(state.with_name(checkpoint.RAM_FILE), "wb") as ram:
+        ram.truncate(1 << 20)
 
     async def ensure(self, spec, network_wrapper=None):
         return state
@@ -99,7 +101,7 @@ def boot_with_failed_restore(tmp_path, monkeypatch, machine: FakeMachine) -> tup
             raise VMError("sandbox x failed to start: QEMU closed the QMP connection")
 
     box._start_machine = start_machine  # type: ignore[method-assign]
-    spec = type("Spec", (), {"kernel_args": (), "ram_fd": None})()
+    spec = type("Spec", (), {"kernel_args": (), "memory_mb": 1})()
     monkeypatch.setattr(snapshot.dataclasses, "replace", lambda obj, **changes: obj)
     asyncio.run(box._boot(spec))  # type: ignore[arg-type]
     return state, wakes

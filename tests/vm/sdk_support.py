@@ -1,4 +1,4 @@
-"""Shared by the SDK VM tests (test_sdk.py, test_sdk_async.py, test_sdk_compat.py)."""
+"""Shared by the SDK VM tests (tests/vm/test_sdk*.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """`AsyncClient` end to end against our `matchlock rpc` and a real VM (the sync twin is test_sdk.py).
 
 The module shares one sandbox, driven from one long-lived event loop (`loop_thread`); the last test
-closes and removes it.
+closes and removes it. Its binary is `matchlock` behind a switch that can make one `rpc` server fail to
+start (`_switchable`), so a fork can fail midway with real VMs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import io
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from sdk_support import IMAGE, MATCHLOCK
@@ -28,9 +30,26 @@ def run(loop_thread):
 
 
 @pytest.fixture(scope="module")
-def client(module_state_dir, run):
+def switch(tmp_path_factory) -> Path:
+    """While `switch / "fail-one"` exists, the first `rpc` server started exits at once (claimed by mkdir)."""
+    return tmp_path_factory.mktemp("switch")
+
+
+def _switchable(switch: Path) -> str:
+    wrapper = switch / "matchlock"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = rpc ] && [ -e "{switch}/fail-one" ] && mkdir "{switch}/failed" 2>/dev/null; then exit 3; fi\n'
+        f'exec "{MATCHLOCK}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+@pytest.fixture(scope="module")
+def client(module_state_dir, run, switch):
     box = Sandbox(IMAGE).allow_host("allowed.example.com").with_port_forward(FORWARD_PORT, 8080).with_memory(256)
-    client = AsyncClient(Config(binary_path=MATCHLOCK))
+    client = AsyncClient(Config(binary_path=_switchable(switch)))
 
     async def start() -> None:
         await client.start()
@@ -131,6 +150,45 @@ def test_cancelling_the_task_cancels_the_request(client, run):
     assert run(scenario()) == (True, True, "alive\n")
 
 
+def _listed() -> list[str]:
+    return subprocess.run([MATCHLOCK, "list", "-q"], check=True, capture_output=True, text=True).stdout.split()
+
+
+def test_fork_gives_clones_whose_writes_are_isolated(client, run):
+    async def scenario():
+        clones = await client.fork(2)
+        try:
+            first, second = clones
+            await first.write_file("/root/fork-file", "first\n")
+            seen = await asyncio.gather(
+                *(box.exec("cat /root/fork-file 2>/dev/null || echo absent") for box in (first, second, client))
+            )
+            return [clone.vm_id for clone in clones], [result.stdout for result in seen]
+        finally:
+            for clone in clones:
+                await clone.close()
+                await clone.remove()
+
+    ids, seen = run(scenario())
+    assert len({client.vm_id, *ids}) == 3
+    assert seen == ["first\n", "absent\n", "absent\n"]
+    assert _listed() == [client.vm_id]  # the clones are removed; the parent runs on
+
+
+def test_a_fork_that_fails_midway_leaves_no_clone(client, run, switch):
+    """One clone's server cannot start while the other boots a real VM: that VM is closed and removed."""
+    (switch / "fail-one").touch()
+    try:
+        with pytest.raises(MatchlockError, match="not running|closed unexpectedly"):
+            run(client.fork(2))
+    finally:
+        (switch / "fail-one").unlink()
+    assert (switch / "failed").is_dir()  # the switch was used: exactly one server exited
+    assert _listed() == [client.vm_id]
+    assert run(client.snapshot_list()) == []  # the fork's temporary snapshot is gone too
+    assert run(client.exec("echo alive")).stdout == "alive\n"
+
+
 def test_port_forward_from_create_and_later(client, run):
     served = run(_serve_once(client, FORWARD_PORT))
     assert served == (0, b"forwarded at create\n")
@@ -158,7 +216,6 @@ def test_zz_close_then_remove(client, run):
     vm_id = client.vm_id
     run(client.close())
     run(client.remove())
-    listing = subprocess.run([MATCHLOCK, "list"], check=True, capture_output=True, text=True).stdout
-    assert vm_id and vm_id not in listing
+    assert vm_id and vm_id not in _listed()
     with pytest.raises(MatchlockError, match="not running"):
         run(client.exec("true"))

@@ -194,3 +194,26 @@ def test_the_guest_sees_host_side_changes_after_the_validity_period(box, loop_th
     assert sh(box, loop_thread, "cat /work/appears /work/grows.txt") == "newabcdef"
     (host / "appears").unlink()
     sh(box, loop_thread, HOST_CHANGE_WAIT.format(test="[ ! -e /work/appears ]"))
+
+
+def test_a_setuid_file_loses_the_bit_when_someone_without_cap_fsetid_writes_it(box, loop_thread):
+    # KILLPRIV_V2: the guest kernel leaves dropping set-id bits to the host, on write and on chown.
+    assert sh(box, loop_thread, "cd /mem && printf a > su && chmod 4777 su && stat -c %a su") == "4777\n"
+    sh(box, loop_thread, "printf b >> /mem/su", user="nobody")
+    assert sh(box, loop_thread, "stat -c %a /mem/su && cat /mem/su") == "777\nab"
+    out = sh(
+        box, loop_thread, "cd /mem && chmod 4755 su && printf c >> su && stat -c %a su && chown 7 su && stat -c %a su"
+    )
+    assert out == "4755\n755\n"  # root's own write keeps it (CAP_FSETID); any chown drops it
+
+
+@pytest.mark.parametrize("mount", ["/mem", "/work"])
+def test_a_directory_changed_in_the_guest_shows_its_new_attributes_at_once(box, loop_thread, mount):
+    # The daemon answers a directory's GETATTR and its mkdir -p revalidation from the attributes the
+    # last change in it returned: they must be the new ones (link count, mtime) every time.
+    old = "touch -d '2001-02-03 04:05:06'"
+    script = (f"cd {mount} && mkdir -p top/a && {old} top && stat -c '%h %Y' top && mkdir -p top/a && mkdir top/b "
+              f"&& mkdir -p top/b && stat -c %h top && {old} top/b && mkdir -p top/b && stat -c %Y top/b && "
+              "touch top/b/f && mkdir -p top/b && [ \"$(stat -c %Y top/b)\" -gt 981173106 ] && rmdir top/a && "
+              "stat -c %h top && ls top")  # fmt: skip
+    assert sh(box, loop_thread, script).split() == ["3", "981173106", "4", "981173106", "3", "b"]

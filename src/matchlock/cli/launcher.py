@@ -7,6 +7,14 @@ once (`preload`, while the source sandbox saves its snapshot), and each
 owner is an `os.fork` of this process that runs `run` in-process: the same
 code, arguments and readiness pipe as `run -d`, minus the imports.
 
+The owners share those modules' memory with this process as long as nobody
+writes to it. What an owner imports itself, or what the collector walks, is
+copied into each one: `preload` loads everything a restore touches (the
+proxy too; tests/unit/test_fork_preload.py checks the list), with the
+collector off so no collection leaves holes, and the preloaded objects are
+frozen before the forks, so the owners' collections never visit them
+(the recipe of the `gc.freeze` documentation).
+
 A forked owner's arguments never appear on a command line (there is no
 exec), and a `--secret-file` is read once here, so a pipe or a memfd of the
 caller works too: each owner reads a private in-memory copy (`SecretCopy`).
@@ -15,6 +23,7 @@ caller works too: each owner reads a private in-memory copy (`SecretCopy`).
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import sys
@@ -24,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from ..api.secrets import MAX_SECRET_FILE
+from ..sandbox.network import CLONE_MODULES
 
 # What a `run --from-snapshot -d` owner imports beyond `matchlock fork` itself.
 OWNER_MODULES = (
@@ -38,11 +48,14 @@ OWNER_MODULES = (
     "matchlock.sandbox.network",
     "matchlock.sandbox.portforward",
     "matchlock.sandbox.snapshots",
+    *CLONE_MODULES,  # a clone with a network: its proxy, DNS forwarder and TLS interception
     "cryptography.hazmat.backends.openssl",  # the clone's new CA
 )
 
 
 def preload(modules: tuple[str, ...] = OWNER_MODULES) -> None:
+    """Import what the owners need; the collector stays off until `start` has forked them."""
+    gc.disable()
     for module in modules:
         importlib.import_module(module)
 
@@ -97,6 +110,7 @@ def _owner_process(args: list[str], ready_w: int, errors_w: int, inherited: list
     """The child: a session of its own, no terminal, errors to the parent until ready; then `run`."""
     code = 1
     try:
+        gc.enable()  # the inherited objects are frozen: its passes see only the owner's own
         os.setsid()  # Ctrl-C at the `fork` command is not for the clones
         for fd in inherited:
             os.close(fd)  # the other owners' pipes: their parent alone must hold them
@@ -133,16 +147,21 @@ def start(args: list[str], count: int) -> list[Owner]:
     sys.stdout.flush()
     sys.stderr.flush()
     owners: list[Owner] = []
-    for _ in range(count):
-        ready_r, ready_w = os.pipe()
-        errors_r, errors_w = os.pipe()
-        inherited = [fd for owner in owners for fd in (owner.ready, owner.errors)] + [ready_r, errors_r]
-        pid = os.fork()
-        if pid == 0:
-            _owner_process(args, ready_w, errors_w, inherited)
-        os.close(ready_w)
-        os.close(errors_w)
-        owners.append(Owner(pid, ready_r, errors_r))
+    gc.freeze()  # out of the owners' collections, so their passes never write to the shared pages
+    try:
+        for _ in range(count):
+            ready_r, ready_w = os.pipe()
+            errors_r, errors_w = os.pipe()
+            inherited = [fd for owner in owners for fd in (owner.ready, owner.errors)] + [ready_r, errors_r]
+            pid = os.fork()
+            if pid == 0:
+                _owner_process(args, ready_w, errors_w, inherited)
+            os.close(ready_w)
+            os.close(errors_w)
+            owners.append(Owner(pid, ready_r, errors_r))
+    finally:
+        gc.unfreeze()
+        gc.enable()
     return owners
 
 

@@ -41,6 +41,8 @@ from .handlers import ExecHandler, PortForwardHandler, ReadFileHandler, StreamHa
 
 AGENT_VERSION = "1"
 CGROUP_ROOT = "/sys/fs/cgroup"
+INIT_CGROUP = CGROUP_ROOT + "/init"
+NET_CLASS = "/sys/class/net"
 CPU_PERIOD_US = 100_000
 
 
@@ -141,7 +143,7 @@ class Agent:
             if not timer.cancelled:
                 timer.callback()
 
-    def run(self) -> None:
+    def say_hello(self) -> None:
         self.conn.send_hello(
             {
                 "agent_version": AGENT_VERSION,
@@ -153,6 +155,8 @@ class Agent:
             }
         )
         self._flush()
+
+    def run(self) -> None:
         readable = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
         writable = select.EPOLLOUT | select.EPOLLERR
         while self.running:
@@ -387,17 +391,13 @@ def apply_config(config: msgs.GuestConfig) -> str:
     _write_etc("/etc/hosts", render_hosts(config.hostname, config.extra_hosts))
     if config.dns_servers:
         _write_etc("/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in config.dns_servers))
-    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-    try:
-        netconfig.set_link_up(sock, b"lo")
-    finally:
-        sock.close()
     if config.network is not None:
         net = config.network
         netconfig.configure_interface(net.interface, net.address, net.prefix, net.gateway, net.mtu)
     bundle = _install_ca(config.ca_certificate) if config.ca_certificate else ""
     disks.mount_disks(config.disks)
-    _setup_cgroups(config.cpus)
+    if _cpu_quota is not None:
+        _set_cpu_quota(config.cpus)
     return bundle
 
 
@@ -424,11 +424,16 @@ def _install_ca(pem: str) -> str:
     return ""
 
 
-def _setup_cgroups(cpus: float) -> None:
-    """Move PID 1 into /init, delegate every controller, and cap CPU time for fractional CPUs."""
-    init_group = f"{CGROUP_ROOT}/init"
-    os.makedirs(init_group, exist_ok=True)
-    with open(f"{init_group}/cgroup.procs", "w") as f:
+_cpu_quota: int | None = None  # the quota cpu.max holds, None without the cpu controller
+
+
+def prepare_cgroups() -> None:
+    """Move PID 1 into its own cgroup, delegate every controller and cap CPU time at the vCPU count.
+
+    Done at boot, before a template's snapshot; only a fractional --cpus changes the cap later.
+    """
+    os.makedirs(INIT_CGROUP, exist_ok=True)
+    with open(f"{INIT_CGROUP}/cgroup.procs", "w") as f:
         f.write("1")
     with open(f"{CGROUP_ROOT}/cgroup.controllers") as f:
         controllers = f.read().split()
@@ -436,6 +441,30 @@ def _setup_cgroups(cpus: float) -> None:
         with open(f"{CGROUP_ROOT}/cgroup.subtree_control", "w") as f:
             f.write(" ".join("+" + c for c in controllers))
     if "cpu" in controllers:
-        quota = max(1000, int(cpus * CPU_PERIOD_US))
-        with open(f"{init_group}/cpu.max", "w") as f:
+        _set_cpu_quota(os.cpu_count() or 1)
+
+
+def _set_cpu_quota(cpus: float) -> None:
+    global _cpu_quota
+    quota = max(1000, int(cpus * CPU_PERIOD_US))
+    if quota != _cpu_quota:
+        with open(f"{INIT_CGROUP}/cpu.max", "w") as f:
             f.write(f"{quota} {CPU_PERIOD_US}")
+        _cpu_quota = quota
+
+
+def release_from_cgroup(pid: int) -> None:
+    """Put a helper of init (the FUSE daemon) back in the root cgroup, outside the workloads' CPU cap."""
+    with open(f"{CGROUP_ROOT}/cgroup.procs", "w") as f:
+        f.write(str(pid))
+
+
+def prepare_network() -> None:
+    """Bring every interface up (at boot, before a template's snapshot): that needs no settings,
+    and under emulation a virtio NIC's takes tens of milliseconds."""
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        for name in sorted(os.listdir(NET_CLASS)):
+            netconfig.set_link_up(sock, name.encode())
+    finally:
+        sock.close()

@@ -19,11 +19,35 @@ import time
 from ..wire import vfs
 from ..wire._records import Record
 from ..wire.frames import RemoteProtocolError
+from .fuse_cache import MetaCache
+from .fuse_out import (  # noqa: F401 - re-exported: the daemon and the tests use them as fuse.*
+    ATTR,
+    ATTR_OUT,
+    ENTRY_OUT,
+    ENTRY_SIZE,
+    NOTIFY_INVAL_ENTRY,
+    NOTIFY_INVAL_ENTRY_CODE,
+    NOTIFY_INVAL_INODE,
+    NOTIFY_INVAL_INODE_CODE,
+    NS,
+    OUT_HEADER,
+    ROOT_ID,
+    WIRE_ATTR_REPLY,
+    WIRE_ENTRY,
+    error,
+    fast_attr_reply,
+    fast_entry,
+    inval_entry_notice,
+    inval_inode_notice,
+    out,
+    pack_attr,
+    pack_entry,
+    split_ns,
+)
 
 KERNEL_MAJOR = 7
 KERNEL_MINOR = 38
 MIN_MINOR = 28  # max_pages
-ROOT_ID = 1
 PAGE = 4096
 
 # Opcodes (enum fuse_opcode).
@@ -42,6 +66,8 @@ ASYNC_DIO = 1 << 15
 PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
+HANDLE_KILLPRIV_V2 = 1 << 28  # only if the host drops set-id bits itself (FEATURE_KILLPRIV): then a
+# chown needs no GETATTR first, as the kernel would otherwise send to recompute the mode
 # No READDIRPLUS_AUTO: with it only a directory's first READDIR (of one page, ~25 entries) carries
 # attributes, and `find`/`ls -l`/`git status` then LOOKUP every other entry, one round trip each.
 # No WRITEBACK_CACHE: with it the kernel would own size and mtime and delay writes past the
@@ -53,16 +79,12 @@ CONGESTION_THRESHOLD = 48
 
 GETATTR_FH = 1
 FATTR_FH = 1 << 6
+WRITE_KILL_SUIDGID = 1 << 2  # fuse_write_in.write_flags
+OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in/fuse_create_in.open_flags
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
-OUT_HEADER = struct.Struct("<IiQ")
-NOTIFY_INVAL_INODE = struct.Struct("<Qqq")  # fuse_notify_inval_inode_out: ino, off, len (0, 0: every page)
-NOTIFY_INVAL_INODE_CODE = 2  # FUSE_NOTIFY_INVAL_INODE, sent in the header's error field with unique 0
 INIT_IN = struct.Struct("<IIII")
 INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
-ATTR = struct.Struct("<QQQqqqIIIIIIIIII")
-ENTRY_OUT = struct.Struct("<QQQQII")
-ATTR_OUT = struct.Struct("<QII")
 OPEN_OUT = struct.Struct("<QII")
 WRITE_OUT = struct.Struct("<II")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
@@ -85,30 +107,31 @@ RELEASE_IN = struct.Struct("<QIIQ")
 FSYNC_IN = struct.Struct("<QII")
 GETXATTR_IN = struct.Struct("<II")
 GETXATTR_OUT = struct.Struct("<II")
-ENTRY_SIZE = ENTRY_OUT.size + ATTR.size
 MAX_ABSENT = 4096  # remembered ENOENTs per mount; past it they are forgotten all at once
-_NS = 1_000_000_000
-# The hot replies go from wire bytes to FUSE bytes in one unpack and one pack, without records.
-_WIRE_ENTRY = struct.Struct(vfs.ENTRY_STRUCT.format + vfs.ATTR_STRUCT.format[1:])
-_WIRE_ATTR_REPLY = struct.Struct(">Q" + vfs.ATTR_STRUCT.format[1:])
-_FUSE_ENTRY = struct.Struct(ENTRY_OUT.format + ATTR.format[1:])
+# The hot requests go straight to wire bytes (see fuse_out for the replies).
 _WIRE_LOOKUP = struct.Struct(vfs.Lookup._fixed.format + "H")  # parent, then the name's length and bytes
 _WIRE_GETATTR = vfs.Getattr._fixed
-_WIRE_CREATED_SIZE = _WIRE_ENTRY.size + vfs._OPENED.size
-_FUSE_ATTR_REPLY = struct.Struct(ATTR_OUT.format + ATTR.format[1:])
+_WIRE_SETATTR = vfs.Setattr._fixed
+_WIRE_WRITE = vfs.Write._fixed  # then the data
+_WIRE_CREATE = struct.Struct(vfs.Create._fixed.format + "H")  # then the name
+_SETATTR_IN_SIGNED = struct.Struct("<IIQQQqqqIIIIIIII")  # SETATTR_IN with the times signed (before 1970)
+_WIRE_CREATED_SIZE = WIRE_ENTRY.size + vfs._OPENED.size
 
 
 class Pending(Record):
     """What the reply to a forwarded request needs: the FUSE request, and its limits."""
 
-    __slots__ = ("unique", "op", "size", "plus", "key", "source")
+    __slots__ = ("unique", "op", "size", "plus", "key", "source", "node", "gen", "changes")
     unique: int
     op: int
     size: int
     plus: int
-    key: tuple[int, bytes] | None  # a LOOKUP's (parent, name), to remember an ENOENT
+    key: tuple[int, bytes] | None  # the (parent, name) a LOOKUP or an op making a name is about
     source: int  # a LINK's existing inode (the kernel's node id), whose cached attributes go stale
-    _defaults = {"size": 0, "plus": 0, "key": None, "source": 0}
+    node: int  # the host node a GETATTR or SETATTR is about
+    gen: int  # the cache generation it was sent at (or its change began at)
+    changes: tuple[int, ...]  # the nodes it changes (see MetaCache.begin)
+    _defaults = {"size": 0, "plus": 0, "key": None, "source": 0, "node": 0, "gen": 0, "changes": ()}
 
 
 class Action(Record):
@@ -125,35 +148,9 @@ class Action(Record):
     gid: int
     pid: int
     notices: tuple[vfs.Forget | vfs.Release | vfs.Releasedir, ...]
-    wire: tuple[int, bytes] | None  # instead of `args`: the wire op and its encoded payload
+    wire: tuple[int, bytes | tuple[bytes, memoryview]] | None  # instead of `args`: the wire op and its
+    # encoded payload (a WRITE's: its fixed fields and a view of the data, joined once into the frame)
     _defaults = {"args": None, "pending": None, "uid": 0, "gid": 0, "pid": 0, "notices": (), "wire": None}
-
-
-def out(unique: int, body: bytes = b"") -> bytes:
-    return OUT_HEADER.pack(OUT_HEADER.size + len(body), 0, unique) + body
-
-
-def error(unique: int, code: int) -> bytes:
-    return OUT_HEADER.pack(OUT_HEADER.size, -code, unique)
-
-
-def _split_ns(ns: int) -> tuple[int, int]:
-    return ns // _NS, ns % _NS
-
-
-def pack_attr(attr: vfs.Attr) -> bytes:
-    (a, an), (m, mn), (c, cn) = _split_ns(attr.atime_ns), _split_ns(attr.mtime_ns), _split_ns(attr.ctime_ns)
-    return ATTR.pack(attr.ino, attr.size, attr.blocks, a, m, c, an, mn, cn, attr.mode, attr.nlink, attr.uid,
-                     attr.gid, attr.rdev, attr.blksize, 0)  # fmt: skip
-
-
-def pack_entry(entry: vfs.Entry | None, negative_ns: int = 0) -> bytes:
-    """fuse_entry_out; None is a negative entry (node 0), cached for `negative_ns`."""
-    if entry is None:
-        sec, nsec = _split_ns(negative_ns)
-        return ENTRY_OUT.pack(0, 0, sec, 0, nsec, 0) + bytes(ATTR.size)
-    (es, en), (as_, an) = _split_ns(entry.entry_valid_ns), _split_ns(entry.attr_valid_ns)
-    return ENTRY_OUT.pack(entry.node, entry.generation, es, as_, en, an) + pack_attr(entry.attr)
 
 
 def _name(raw: bytes) -> bytes | int:
@@ -177,9 +174,17 @@ class MountTranslator:
     """One FUSE connection (one mount point) and the host root node it maps to."""
 
     def __init__(
-        self, root: int, *, max_io: int = vfs.MAX_IO, negative_valid_ns: int = 0, clock=time.monotonic_ns
+        self,
+        root: int,
+        *,
+        max_io: int = vfs.MAX_IO,
+        negative_valid_ns: int = 0,
+        clock=time.monotonic_ns,
+        features: int = 0,
     ) -> None:
         self.root = root
+        self.features = features  # the host's HELLO features
+        self.cache = MetaCache(clock)
         self.max_io = max_io
         self.negative_valid_ns = negative_valid_ns
         self.initialized = False
@@ -194,6 +199,11 @@ class MountTranslator:
     def _node(self, nodeid: int) -> int:
         return self.root if nodeid == ROOT_ID else nodeid
 
+    def drop_absent(self, parent: int, name: bytes) -> None:
+        """The host says `name` in `parent` (a host node id) changed: forget a remembered ENOENT for it."""
+        self._absent.pop((parent, name), None)
+        self.cache.drop_name(parent, name)
+
     # ---- requests ----------------------------------------------------------------------------
 
     def handle(self, data: bytes | memoryview) -> Action:
@@ -207,8 +217,15 @@ class MountTranslator:
                 flags, _, fh = GETATTR_IN.unpack_from(data, IN_HEADER.size)
             except struct.error:
                 return Action(error(unique, errno.EINVAL))
-            payload = _WIRE_GETATTR.pack(self._node(nodeid), fh if flags & GETATTR_FH else 0)
-            return Action(None, None, Pending(unique, op), uid, gid, pid, (), (vfs.Op.GETATTR, payload))
+            node = self._node(nodeid)
+            hit = self.cache.getattr(node)
+            if hit is not None:
+                return Action(out(unique, hit))
+            payload = _WIRE_GETATTR.pack(node, fh if flags & GETATTR_FH else 0)
+            pending = Pending(unique, op, 0, 0, None, 0, node, self.cache.stamp())
+            return Action(None, None, pending, uid, gid, pid, (), (vfs.Op.GETATTR, payload))
+        if op in _FAST:
+            return _FAST[op](self, data, unique, self._node(nodeid), uid, gid, pid)
         # A view, so WRITE data is not copied here (it is copied once, into the request frame).
         body = memoryview(data)[IN_HEADER.size :]
         if op in (FORGET, BATCH_FORGET):
@@ -244,10 +261,34 @@ class MountTranslator:
         if isinstance(built, int):
             return Action(error(unique, built))
         args, size, plus = built
-        if self._absent and op in _NAMING:
-            self._absent.pop(_made_name(args), None)
+        key = None
+        if op in _NAMING:
+            key = _made_name(args)
+            self._absent.pop(key, None)
+            self.cache.naming(*key)
         source = LINK_IN.unpack_from(body)[0] if op == LINK else 0
-        return Action(None, args, Pending(unique, op, size, plus, None, source), uid, gid, pid)
+        changes = self._changes(args)
+        gen = self.cache.begin(changes) if changes else self.cache.stamp()
+        return Action(None, args, Pending(unique, op, size, plus, key, source, 0, gen, changes), uid, gid, pid)
+
+    def _changes(self, args: vfs.Args) -> tuple[int, ...]:
+        """The nodes whose cached attributes `args` makes stale; names it removes are dropped here."""
+        if isinstance(args, vfs.Open):
+            return (args.node,) if args.flags & 0o1000 else ()  # O_TRUNC
+        if isinstance(args, (vfs.Mknod, vfs.Mkdir, vfs.Symlink)):
+            return (args.parent,)
+        if isinstance(args, vfs.Link):
+            return (args.node, args.newparent)
+        if isinstance(args, (vfs.Unlink, vfs.Rmdir, vfs.Rename)):
+            # The removed (or replaced) node's nlink and ctime change too: if this cache does not know
+            # which node a name is, it forgets everything rather than keep a stale nlink.
+            names = [(args.parent, args.name)]
+            if isinstance(args, vfs.Rename):
+                names.append((args.newparent, args.newname))
+            if not all(self.cache.drop_name(p, n) for p, n in names):
+                self.cache.drop_all()
+            return (args.parent, args.newparent) if isinstance(args, vfs.Rename) else (args.parent,)
+        return ()
 
     def _lookup(self, data: bytes | memoryview, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Action:
         # The commonest request by far, so straight to wire bytes: each Python step is dear under emulation.
@@ -259,17 +300,74 @@ class MountTranslator:
         if isinstance(name, int):
             return Action(error(unique, name))
         parent = self.root if nodeid == ROOT_ID else nodeid
-        key = None
+        key = (parent, name)
         if self.negative_valid_ns:
-            key = (parent, name)
             expires = self._absent.get(key)
             if expires is not None:
                 left = expires - self._clock()
                 if left > 0:
                     return Action(out(unique, pack_entry(None, left)))
                 del self._absent[key]
+        hit = self.cache.lookup(parent, name)
+        if hit is not None:
+            return Action(out(unique, hit))
+        if self.negative_valid_ns and (left := self.cache.absent(parent, name)):
+            return Action(out(unique, pack_entry(None, min(left, self.negative_valid_ns))))
         payload = _WIRE_LOOKUP.pack(parent, len(name)) + name
-        return Action(None, None, Pending(unique, LOOKUP, 0, 0, key), uid, gid, pid, (), (vfs.Op.LOOKUP, payload))
+        pending = Pending(unique, LOOKUP, 0, 0, key, 0, 0, self.cache.stamp())
+        return Action(None, None, pending, uid, gid, pid, (), (vfs.Op.LOOKUP, payload))
+
+    # `tar x` sends CREATE, WRITE and three SETATTRs per file: straight to wire bytes, as LOOKUP.
+
+    def _setattr(self, data: bytes | memoryview, unique: int, node: int, uid: int, gid: int, pid: int) -> Action:
+        try:
+            valid, _, fh, size, _, atime, mtime, _, atimens, mtimens, _, mode, _, owner, group, _ = (
+                _SETATTR_IN_SIGNED.unpack_from(data, IN_HEADER.size)
+            )
+            payload = _WIRE_SETATTR.pack(node, valid & vfs.SET_ALL, fh if valid & FATTR_FH else 0, size,
+                                         atime * NS + atimens, mtime * NS + mtimens, mode, owner, group)  # fmt: skip
+        except struct.error:  # short, or a time past the wire's range
+            return Action(error(unique, errno.EINVAL))
+        changes = (node,)
+        pending = Pending(unique, SETATTR, 0, 0, None, 0, node, self.cache.begin(changes), changes)
+        return Action(None, None, pending, uid, gid, pid, (), (vfs.Op.SETATTR, payload))
+
+    def _write(self, data: bytes | memoryview, unique: int, node: int, uid: int, gid: int, pid: int) -> Action:
+        try:
+            fh, offset, size, write_flags, _, flags, _ = WRITE_IN.unpack_from(data, IN_HEADER.size)
+            kill = vfs.KILL_SUIDGID if write_flags & WRITE_KILL_SUIDGID else 0
+            fixed = _WIRE_WRITE.pack(node, fh, offset, flags & vfs.OPEN_FLAG_MASK | kill)
+        except struct.error:
+            return Action(error(unique, errno.EINVAL))
+        start = IN_HEADER.size + WRITE_IN.size
+        if start + size > len(data) or size > self.max_io:
+            return Action(error(unique, errno.EINVAL))
+        changes = (node,)
+        pending = Pending(unique, WRITE, size, 0, None, 0, 0, self.cache.begin(changes), changes)
+        # A view of the FUSE buffer: the data is copied once, into the request frame.
+        wire = (vfs.Op.WRITE, (fixed, memoryview(data)[start : start + size]))
+        return Action(None, None, pending, uid, gid, pid, (), wire)
+
+    def _create(self, data: bytes | memoryview, unique: int, parent: int, uid: int, gid: int, pid: int) -> Action:
+        try:
+            flags, mode, _, open_flags = CREATE_IN.unpack_from(data, IN_HEADER.size)
+        except struct.error:
+            return Action(error(unique, errno.EINVAL))
+        raw = bytes(data[IN_HEADER.size + CREATE_IN.size :])
+        end = raw.find(b"\0")
+        if end < 0:
+            raise RemoteProtocolError("FUSE CREATE lacks a NUL-terminated name")
+        name = _name(raw[:end])
+        if isinstance(name, int):
+            return Action(error(unique, name))
+        key = (parent, name)
+        self._absent.pop(key, None)
+        self.cache.naming(parent, name)
+        kill = vfs.KILL_SUIDGID if open_flags & OPEN_KILL_SUIDGID else 0
+        payload = _WIRE_CREATE.pack(parent, flags & vfs.OPEN_FLAG_MASK | kill, mode, len(name)) + name
+        changes = (parent,)
+        pending = Pending(unique, CREATE, 0, 0, key, 0, 0, self.cache.begin(changes), changes)
+        return Action(None, None, pending, uid, gid, pid, (), (vfs.Op.CREATE, payload))
 
     def _forgets(self, op: int, nodeid: int, body: memoryview) -> tuple[vfs.Forget, ...]:
         if op == FORGET:
@@ -278,7 +376,9 @@ class MountTranslator:
             (count, _) = BATCH_FORGET_IN.unpack_from(body)
             end = BATCH_FORGET_IN.size + count * FORGET_ONE.size
             items = list(FORGET_ONE.iter_unpack(body[BATCH_FORGET_IN.size : end]))
-        items = [(node, n) for node, n in items if node not in (0, ROOT_ID)]  # the root is never forgotten
+        # The root is never forgotten; lookups answered from the cache are not the host's to give back.
+        items = [(node, n) for node, n in items if node not in (0, ROOT_ID)]
+        items = [(node, n) for node, n in ((node, self.cache.forget(node, n)) for node, n in items) if n]
         chunks = [items[i : i + vfs.MAX_FORGETS] for i in range(0, len(items), vfs.MAX_FORGETS)]
         return tuple(vfs.Forget(tuple(chunk)) for chunk in chunks)
 
@@ -294,7 +394,7 @@ class MountTranslator:
                 KERNEL_MAJOR,
                 KERNEL_MINOR,
                 max_readahead,
-                flags & WANTED,
+                flags & (WANTED | (HANDLE_KILLPRIV_V2 if self.features & vfs.FEATURE_KILLPRIV else 0)),
                 MAX_BACKGROUND,
                 CONGESTION_THRESHOLD,
                 self.max_io,
@@ -308,12 +408,6 @@ class MountTranslator:
     def _build(self, op: int, node: int, body: memoryview) -> tuple[vfs.Args, int, int] | int:  # noqa: C901, PLR0911, PLR0912 - one branch per opcode
         """The host request for `op`, with the read size and plus flag its reply needs, or an errno."""
         mask = vfs.OPEN_FLAG_MASK
-        if op == SETATTR:
-            (valid, _, fh, size, _, atime, mtime, _, atimens, mtimens, _, mode, _, uid, gid, _) = (
-                SETATTR_IN.unpack_from(body)
-            )
-            return vfs.Setattr(node, valid & vfs.SET_ALL, fh if valid & FATTR_FH else 0, size,
-                               atime * _NS + atimens, mtime * _NS + mtimens, mode, uid, gid), 0, 0  # fmt: skip
         if op == READLINK:
             return vfs.Readlink(node), 0, 0
         if op == SYMLINK:
@@ -326,7 +420,7 @@ class MountTranslator:
             if len(target) > vfs.MAX_TARGET:
                 return errno.ENAMETOOLONG
             return vfs.Symlink(node, name, target), 0, 0
-        if op in (MKNOD, MKDIR, UNLINK, RMDIR, CREATE):
+        if op in (MKNOD, MKDIR, UNLINK, RMDIR):
             fixed = _NAMED_FIXED.get(op)
             name = _name(_cstrings(body[fixed.size if fixed else 0 :], 1)[0])
             if isinstance(name, int):
@@ -336,9 +430,6 @@ class MountTranslator:
                 return vfs.Mknod(node, mode, rdev, name), 0, 0
             if op == MKDIR:
                 return vfs.Mkdir(node, MKDIR_IN.unpack_from(body)[0], name), 0, 0
-            if op == CREATE:
-                flags, mode, _, _ = CREATE_IN.unpack_from(body)
-                return vfs.Create(node, flags & mask, mode, name), 0, 0
             return (vfs.Unlink(node, name) if op == UNLINK else vfs.Rmdir(node, name)), 0, 0
         if op in (RENAME, RENAME2):
             if op == RENAME:
@@ -359,8 +450,10 @@ class MountTranslator:
             name = _name(_cstrings(body[LINK_IN.size :], 1)[0])
             return name if isinstance(name, int) else (vfs.Link(self._node(old_node), node, name), 0, 0)
         if op in (OPEN, OPENDIR):
-            flags = OPEN_IN.unpack_from(body)[0] & mask
-            return (vfs.Open(node, flags) if op == OPEN else vfs.Opendir(node, flags)), 0, 0
+            flags, open_flags = OPEN_IN.unpack_from(body)
+            if op == OPENDIR:
+                return vfs.Opendir(node, flags & mask), 0, 0
+            return vfs.Open(node, flags & mask | (vfs.KILL_SUIDGID if open_flags & OPEN_KILL_SUIDGID else 0)), 0, 0
         if op in (READ, READDIR, READDIRPLUS):
             fh, offset, size, _, _, _, _ = READ_IN.unpack_from(body)
             size = min(size, self.max_io)
@@ -368,12 +461,6 @@ class MountTranslator:
                 return vfs.Read(node, fh, offset, size), size, 0
             plus = int(op == READDIRPLUS)
             return vfs.Readdir(node, fh, offset, size, plus), size, plus
-        if op == WRITE:
-            fh, offset, size, _, _, flags, _ = WRITE_IN.unpack_from(body)
-            data = body[WRITE_IN.size : WRITE_IN.size + size]
-            if len(data) != size or size > self.max_io:
-                return errno.EINVAL
-            return vfs.Write(node, fh, offset, flags & mask, data), size, 0
         if op == FSYNC:
             fh, fsync_flags, _ = FSYNC_IN.unpack_from(body)
             return vfs.Fsync(node, fh, fsync_flags & 1), 0, 0
@@ -400,6 +487,7 @@ class MountTranslator:
     def complete(self, pending: Pending, status: int, payload: bytes) -> tuple[list[bytes], vfs.Forget | None]:
         """The /dev/fuse reply (as buffers for one writev) and any lookups to give back to the host."""
         unique, op = pending.unique, pending.op
+        alone = self.cache.end(pending.changes, pending.gen) if pending.changes else False
         if status < 0:
             if status == -errno.ENOENT and op == LOOKUP and self.negative_valid_ns:
                 if pending.key is not None:
@@ -408,19 +496,35 @@ class MountTranslator:
                     self._absent[pending.key] = self._clock() + self.negative_valid_ns
                 return [out(unique, pack_entry(None, self.negative_valid_ns))], None
             return [error(unique, -status)], None
-        if op in _ENTRY_REPLIES and len(payload) == _WIRE_ENTRY.size:
-            return [out(unique, _fast_entry(payload))], None
-        if op in _ATTR_REPLIES and len(payload) == _WIRE_ATTR_REPLY.size:
-            return [out(unique, _fast_attr_reply(payload))], None
+        if op in _PARENT_REPLIES and len(payload) == _WITH_PARENT_SIZE[op == CREATE]:
+            # FEATURE_PARENT_ATTR: the directory's attributes after the change, for the cache.
+            cut = len(payload) - vfs.PARENT_STRUCT.size
+            if pending.key is not None:
+                self.cache.store_attr(pending.key[0], fast_attr_reply(payload[cut:]), pending.gen, alone)
+            payload = payload[:cut]
+        if op in _ENTRY_REPLIES and len(payload) == WIRE_ENTRY.size:
+            body = fast_entry(payload)
+            if pending.key is not None:
+                self.cache.store_entry(pending.key[0], pending.key[1], body, pending.gen, alone)
+            if op == MKDIR and self.negative_valid_ns:
+                self.cache.made_dir(ENTRY_OUT.unpack_from(body)[0], self.negative_valid_ns)
+            return [out(unique, body)], None
+        if op in _ATTR_REPLIES and len(payload) == WIRE_ATTR_REPLY.size:
+            body = fast_attr_reply(payload)
+            self.cache.store_attr(pending.node, body, pending.gen, alone)
+            return [out(unique, body)], None
         if op == CREATE and len(payload) == _WIRE_CREATED_SIZE:
-            fh, flags = vfs._OPENED.unpack_from(payload, _WIRE_ENTRY.size)
+            fh, flags = vfs._OPENED.unpack_from(payload, WIRE_ENTRY.size)
             opened = OPEN_OUT.pack(fh, flags & vfs.OPEN_FLAGS_ALL, 0)
-            return [out(unique, _fast_entry(payload[: _WIRE_ENTRY.size]) + opened)], None
+            body = fast_entry(payload[: WIRE_ENTRY.size])
+            if pending.key is not None:
+                self.cache.store_entry(pending.key[0], pending.key[1], body, pending.gen, alone)
+            return [out(unique, body + opened)], None
         result = vfs.decode_result(_WIRE_OP[op], payload)
         if isinstance(result, vfs.Entry):
             return [out(unique, pack_entry(result))], None
         if isinstance(result, vfs.AttrReply):
-            sec, nsec = _split_ns(result.attr_valid_ns)
+            sec, nsec = split_ns(result.attr_valid_ns)
             return [out(unique, ATTR_OUT.pack(sec, nsec, 0) + pack_attr(result.attr))], None
         if isinstance(result, vfs.Opened):
             return [out(unique, OPEN_OUT.pack(result.fh, result.flags & vfs.OPEN_FLAGS_ALL, 0))], None
@@ -469,20 +573,6 @@ class MountTranslator:
         return [out(pending.unique, body)], forget
 
 
-def _fast_entry(payload: bytes) -> bytes:
-    node, gen, ev, av, ino, size, blocks, at, mt, ct, mode, nlink, uid, gid, rdev, blksize = _WIRE_ENTRY.unpack(payload)
-    if node in (0, ROOT_ID):
-        raise RemoteProtocolError(f"entry with reserved node id {node}")
-    return _FUSE_ENTRY.pack(node, gen, ev // _NS, av // _NS, ev % _NS, av % _NS, ino, size, blocks, at // _NS,
-                            mt // _NS, ct // _NS, at % _NS, mt % _NS, ct % _NS, mode, nlink, uid, gid, rdev, blksize, 0)  # fmt: skip
-
-
-def _fast_attr_reply(payload: bytes) -> bytes:
-    av, ino, size, blocks, at, mt, ct, mode, nlink, uid, gid, rdev, blksize = _WIRE_ATTR_REPLY.unpack(payload)
-    return _FUSE_ATTR_REPLY.pack(av // _NS, av % _NS, 0, ino, size, blocks, at // _NS, mt // _NS, ct // _NS, at % _NS,
-                                 mt % _NS, ct % _NS, mode, nlink, uid, gid, rdev, blksize, 0)  # fmt: skip
-
-
 def _made_name(args: vfs.Args) -> tuple[int, bytes]:
     """The (directory, name) an op in _NAMING may bring into being."""
     if isinstance(args, (vfs.Rename, vfs.Link)):
@@ -491,10 +581,13 @@ def _made_name(args: vfs.Args) -> tuple[int, bytes]:
     return args.parent, args.name
 
 
+_FAST = {SETATTR: MountTranslator._setattr, WRITE: MountTranslator._write, CREATE: MountTranslator._create}
 _NAMING = frozenset((CREATE, MKNOD, MKDIR, SYMLINK, LINK, RENAME, RENAME2))
-_NAMED_FIXED = {MKNOD: MKNOD_IN, MKDIR: MKDIR_IN, CREATE: CREATE_IN}  # the fixed part before the name
+_NAMED_FIXED = {MKNOD: MKNOD_IN, MKDIR: MKDIR_IN}  # the fixed part before the name
 _ENTRY_REPLIES = frozenset((LOOKUP, MKNOD, MKDIR, SYMLINK, LINK))
 _ATTR_REPLIES = frozenset((GETATTR, SETATTR))
+_PARENT_REPLIES = frozenset((MKNOD, MKDIR, SYMLINK, LINK, CREATE))
+_WITH_PARENT_SIZE = (WIRE_ENTRY.size + vfs.PARENT_STRUCT.size, _WIRE_CREATED_SIZE + vfs.PARENT_STRUCT.size)
 _WIRE_OP = {
     LOOKUP: vfs.Op.LOOKUP, GETATTR: vfs.Op.GETATTR, SETATTR: vfs.Op.SETATTR, READLINK: vfs.Op.READLINK,
     SYMLINK: vfs.Op.SYMLINK, MKNOD: vfs.Op.MKNOD, MKDIR: vfs.Op.MKDIR, UNLINK: vfs.Op.UNLINK, RMDIR: vfs.Op.RMDIR,

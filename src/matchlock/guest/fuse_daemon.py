@@ -95,6 +95,7 @@ class Channel:
         self._writable = select.poll()
         self._writable.register(fd, select.POLLOUT)
         self.stats: Stats | None = None
+        self.features = 0  # the HELLO features the host serves
 
     def _new_id(self, entry: tuple[Mount, fuse.Pending] | None) -> int:
         with self._id_lock:
@@ -120,7 +121,16 @@ class Channel:
         request_id = self._new_id((mount, action.pending))
         if action.wire is not None:  # the translator's ready payload (the hottest ops)
             op, payload = action.wire
-            frame = vfs.REQUEST_HEADER.pack(len(payload), request_id, op, action.uid, action.gid, action.pid) + payload
+            if isinstance(payload, tuple):
+                fixed, data = payload
+                header = vfs.REQUEST_HEADER.pack(
+                    len(fixed) + len(data), request_id, op, action.uid, action.gid, action.pid
+                )
+                frame = b"".join((header, fixed, data))
+            else:
+                frame = (
+                    vfs.REQUEST_HEADER.pack(len(payload), request_id, op, action.uid, action.gid, action.pid) + payload
+                )
         else:
             assert action.args is not None
             frame = vfs.encode_request(request_id, action.uid, action.gid, action.pid, action.args)
@@ -130,6 +140,10 @@ class Channel:
 
     def notify(self, notice: vfs.Args) -> None:
         """A request that gets no reply (id 0): FORGET, RELEASE, RELEASEDIR."""
+        if isinstance(notice, (vfs.Release, vfs.Releasedir)):  # one per close: packed directly
+            body = notice._fixed.pack(notice.node, notice.fh)
+            self.send(vfs.REQUEST_HEADER.pack(len(body), 0, notice._op, 0, 0, 0) + body)
+            return
         self.send(vfs.encode_request(0, 0, 0, 0, notice))
 
     def read(self) -> list[vfs.Reply]:
@@ -160,6 +174,8 @@ class Channel:
         self.send(vfs.encode_request(request_id, 0, 0, os.getpid(), args))
         while True:
             for reply in self.read():
+                if reply.id == vfs.NOTICE_ID:
+                    continue  # about a cache no mount has yet
                 if reply.id != request_id:
                     raise RemoteProtocolError(f"reply to unknown request {reply.id}")
                 del self.pending[request_id]
@@ -171,10 +187,12 @@ class Channel:
 class Mount:
     """One FUSE connection: the mount point, its /dev/fuse descriptor and its translator."""
 
-    def __init__(self, info: vfs.Mount, fd: int, max_io: int) -> None:
+    def __init__(self, info: vfs.Mount, fd: int, max_io: int, features: int = 0) -> None:
         self.info = info
         self.fd = fd
-        self.translator = fuse.MountTranslator(info.root, max_io=max_io, negative_valid_ns=info.negative_valid_ns)
+        self.translator = fuse.MountTranslator(
+            info.root, max_io=max_io, negative_valid_ns=info.negative_valid_ns, features=features
+        )
         self.initialized = threading.Event()
 
     def write(self, buffers: list[bytes]) -> None:
@@ -192,6 +210,51 @@ class Mount:
         except OSError as exc:  # ENOENT: the inode is no longer cached, so nothing is stale
             if exc.errno != errno.ENOENT:
                 log(f"a cache notice failed: {exc}")
+
+
+class Notices:
+    """Host notices (a host_fs directory changed), written to /dev/fuse by their own thread.
+
+    Not by the reply thread: a notify write waits for the inode and page locks that an in-flight
+    request holds, and that request ends only when the reply thread writes its reply.
+    """
+
+    def __init__(self) -> None:
+        self.mounts: list[Mount] = []
+        self._queue: list[tuple[int, int, bytes]] = []
+        self._ready = threading.Condition()
+
+    def put(self, payload: bytes) -> None:
+        notice = vfs.decode_notice(payload)
+        with self._ready:
+            self._queue.append(notice)
+            self._ready.notify()
+
+    def serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                batch, self._queue = self._queue, []
+            for kind, node, name in dict.fromkeys(batch):  # a notice repeated in one batch: once
+                for mount in self.mounts:
+                    if mount.initialized.is_set():
+                        self._write(mount, kind, node, name)
+
+    @staticmethod
+    def _write(mount: Mount, kind: int, node: int, name: bytes) -> None:
+        nodeid = fuse.ROOT_ID if node == mount.info.root else node
+        if kind == vfs.INVAL_ENTRY:
+            mount.translator.drop_absent(node, name)
+            notice = fuse.inval_entry_notice(nodeid, name)
+        else:
+            mount.translator.cache.drop_node(node)
+            notice = fuse.inval_inode_notice(nodeid)
+        try:
+            os.write(mount.fd, notice)
+        except OSError as exc:  # ENOENT: not cached (or another mount's node); ENOTDIR: no longer a directory
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENODEV):
+                log(f"a host change notice failed: {exc}")
 
 
 def _fatal_on_error(target, *args) -> None:
@@ -223,7 +286,7 @@ def serve_mount(channel: Channel, mount: Mount) -> None:
         action = mount.translator.handle(view[:count])
         if action.reply is not None:
             mount.write([action.reply])
-            if mount.translator.initialized:
+            if mount.translator.initialized and not mount.initialized.is_set():
                 mount.initialized.set()
         for notice in action.notices:
             channel.notify(notice)
@@ -231,7 +294,7 @@ def serve_mount(channel: Channel, mount: Mount) -> None:
             channel.request(mount, action, started)
 
 
-def serve_replies(channel: Channel) -> None:
+def serve_replies(channel: Channel, notices: Notices | None = None) -> None:
     while True:
         replies = channel.read()
         stats = channel.stats
@@ -240,6 +303,10 @@ def serve_replies(channel: Channel) -> None:
             got = time.perf_counter_ns()
             stats.batches += 1
         for reply in replies:
+            if reply.id == vfs.NOTICE_ID:
+                if notices is not None:
+                    notices.put(reply.payload)
+                continue
             entry = channel.pending.pop(reply.id, None)
             if entry is None:
                 raise RemoteProtocolError(f"reply to unknown request {reply.id}")
@@ -273,12 +340,13 @@ def _make_mount_point(path: str, is_dir: bool) -> None:
 
 def handshake(channel: Channel) -> tuple[int, list[tuple[vfs.Mount, int]]]:
     """HELLO, and the file type of each mount's root: (max_io, [(mount, S_IFDIR or S_IFREG)]), parents first."""
-    hello = channel.call(vfs.Hello(vfs.VERSION, vfs.MAX_IO))
+    hello = channel.call(vfs.Hello(vfs.VERSION, vfs.MAX_IO, vfs.FEATURES_ALL))
     assert isinstance(hello, vfs.HelloReply)
     if hello.version != vfs.VERSION:
         raise RuntimeError(f"host speaks VFS protocol {hello.version}, this guest {vfs.VERSION}")
     if hello.stats:
         channel.stats = Stats()
+    channel.features = hello.features & vfs.FEATURES_ALL
     roots = []
     for info in sorted(hello.mounts, key=lambda m: m.path.count("/")):
         root = channel.call(vfs.Getattr(info.root, 0))
@@ -290,14 +358,14 @@ def handshake(channel: Channel) -> tuple[int, list[tuple[vfs.Mount, int]]]:
     return hello.max_io, roots
 
 
-def mount(info: vfs.Mount, mode: int, max_io: int) -> Mount:
+def mount(info: vfs.Mount, mode: int, max_io: int, features: int = 0) -> Mount:
     """Mount one FUSE filesystem at `info.path` (creating the mount point); the kernel then sends INIT."""
     _make_mount_point(info.path, mode == stat.S_IFDIR)
     fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | (syscalls.MS_RDONLY if info.readonly else 0)
     options = f"fd={fd},rootmode={mode:o},user_id=0,group_id=0,allow_other,default_permissions"
     syscalls.mount("matchlock", info.path, "fuse.matchlock", flags, options)
-    return Mount(info, fd, max_io)
+    return Mount(info, fd, max_io, features)
 
 
 def _raise_readahead(path: str, max_io: int) -> None:
@@ -313,9 +381,9 @@ def _raise_readahead(path: str, max_io: int) -> None:
         log(f"readahead of {path} left at the default: {exc}")
 
 
-def _replies_until_eof(channel: Channel) -> None:
+def _replies_until_eof(channel: Channel, notices: Notices) -> None:
     try:
-        serve_replies(channel)
+        serve_replies(channel, notices)
     except EOFError as exc:
         log(f"stopped: {exc}")
         os._exit(0)
@@ -332,12 +400,15 @@ def serve(port: str, ready_fd: int) -> None:
     try:
         channel = Channel(os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
         max_io, roots = handshake(channel)
-        replies = _spawn(_replies_until_eof, channel)
+        notices = Notices()
+        _spawn(notices.serve)
+        replies = _spawn(_replies_until_eof, channel, notices)
         # One at a time and parents first, each served before the next is made: a mount point
         # inside an earlier mount is created through it.
         for info, mode in roots:
-            served = mount(info, mode, max_io)
+            served = mount(info, mode, max_io, channel.features)
             _spawn(serve_mount, channel, served)
+            notices.mounts.append(served)
             if not served.initialized.wait(READY_TIMEOUT):
                 raise RuntimeError(f"the kernel never sent FUSE INIT for {info.path}")
             _raise_readahead(info.path, max_io)

@@ -2,20 +2,27 @@
 
 Boot order:
 1. The kernel mounts the runtime disk (read-only) as / and runs /init (us).
-2. Mount the image's read-only lower disk and the writable ext4 upper disk,
+2. `prepare`: everything that depends on neither the sandbox's disks nor
+   its settings: /proc, /sys, /dev, /dev/pts, /dev/shm, /dev/mqueue,
+   cgroup2 and bpffs mounted, PID 1's cgroup, links up, the disks found,
+   the runtime also at /run/matchlock/rt, and the agent created. A boot
+   template is saved after this (`wait_for_wake`), so restored sandboxes
+   start from here. Under emulation each of these steps costs milliseconds
+   to tens of them, the first time code runs after a restore most of all.
+3. Send HELLO, so the host's settings travel while the root is assembled:
+   mount the image's read-only lower disk and the writable ext4 upper disk,
    join them with overlayfs and pivot_root into the result. The runtime disk
    ends up at /run/matchlock/rt; each workload's mount namespace detaches
    /run/matchlock, so workloads never see it (/run/matchlock/dev is where
-   a workload's own /dev is assembled: see confine.py).
-3. Mount /proc, /sys, /dev, /dev/pts, /dev/shm, /dev/mqueue, /run, /tmp and
-   cgroup2; open the virtio-serial port and hand over to the agent, which
-   applies the host's settings (clock, hostname, hosts, DNS, CPU quota)
-   from the handshake and then reports ready. When the handshake says the
-   host serves mounts, the agent first calls `start_vfs`: the FUSE daemon
-   starts on the VFS port and the mounts are up before the guest is ready,
-   so no command ever runs without them. The host adds that port at boot,
-   or hot-plugs it after restoring a boot template (which has none), so
-   the port is looked up only then.
+   a workload's own /dev is assembled: see confine.py). /dev, /proc and
+   /sys move into the new root with their submounts; /tmp is mounted.
+4. The agent applies the host's settings (clock, hostname, hosts, DNS,
+   CPU quota) from the handshake and then reports ready. When the
+   handshake says the host serves mounts, the agent first calls
+   `start_vfs`: the FUSE daemon starts on the VFS port and the mounts are
+   up before the guest is ready, so no command ever runs without them. The
+   host adds that port at boot, or hot-plugs it after restoring a boot
+   template (which has none), so the port is looked up only then.
 
 Any failure prints `FATAL: ...` on the console (the host shows the tail of
 the console log) and exits, which panics the kernel and ends QEMU.
@@ -38,7 +45,7 @@ from ..wire.boot import (
     VFS_PORT_NAME,
     WAKE_SIZE,
 )
-from . import confine, syscalls
+from . import agent, confine, syscalls
 from .agent import Agent, uptime
 from .confine import DEV_STAGING
 
@@ -49,6 +56,7 @@ NOSUID_NODEV_NOEXEC = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXE
 # A hot-plugged port gets its name from the host a few control messages after it appears; under
 # emulation that takes milliseconds, so this bound is only for a host that never added it.
 VFS_PORT_TIMEOUT = 10.0
+_disks: dict[str, str] = {}  # serial -> device, found by prepare()
 
 
 def log(message: str) -> None:
@@ -106,7 +114,7 @@ def start_vfs() -> str:
         time.sleep(0.002)
     from . import fuse_daemon  # only sandboxes with mounts load it
 
-    fuse_daemon.start(port)
+    agent.release_from_cgroup(fuse_daemon.start(port))
     return port
 
 
@@ -116,7 +124,7 @@ def mount_early() -> None:
     _mount_quiet("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC)
 
 
-def wait_for_wake() -> None:
+def wait_for_wake(fd: int) -> None:
     """The snapshot point of a template VM (kernel booted, Python and the agent loaded).
 
     The host saves the machine while it waits here; every sandbox restored
@@ -124,28 +132,67 @@ def wait_for_wake() -> None:
     The wake message is fresh host entropy: clones must not share the
     template's random state.
     """
-    fd = os.open(find_port(AGENT_PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
-    try:
-        os.write(fd, TEMPLATE_READY)
-        seed = b""
-        while len(seed) < WAKE_SIZE:
-            chunk = os.read(fd, WAKE_SIZE - len(seed))
-            if not chunk:
-                raise RuntimeError("the host went away before waking the template")
-            seed += chunk
-    finally:
-        os.close(fd)
+    os.write(fd, TEMPLATE_READY)
+    seed = b""
+    while len(seed) < WAKE_SIZE:
+        chunk = os.read(fd, WAKE_SIZE - len(seed))
+        if not chunk:
+            raise RuntimeError("the host went away before waking the template")
+        seed += chunk
     syscalls.reseed_random(seed)
 
 
-def assemble_root() -> None:
-    syscalls.mount("tmpfs", "/run", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755")
+def prepare() -> None:
+    """Everything that needs neither the sandbox's disks nor its settings, done before the template's snapshot.
 
-    lower, upper = STAGING + "/lower", STAGING + "/upperfs"
-    for path in (lower, upper, NEWROOT):
+    A template saves the result, so a restored sandbox pays none of it. /dev, /proc and /sys
+    with everything mounted under them are later moved, not mounted again, into the new root.
+    """
+    syscalls.mount("tmpfs", "/run", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755")
+    for path in (STAGING + "/lower", STAGING + "/upperfs", NEWROOT, RUNTIME_MOUNT):
         os.makedirs(path)
-    syscalls.mount(find_disk(LOWER_DISK_SERIAL), lower, "erofs", syscalls.MS_RDONLY)
-    syscalls.mount(find_disk(UPPER_DISK_SERIAL), upper, "ext4", 0)
+    # The runtime under the path it will have after pivot_root, so the import machinery is
+    # pointed there now and needs no fixing after the wake.
+    syscalls.mount("/", RUNTIME_MOUNT, None, syscalls.MS_BIND)
+    sys.path[:] = [RUNTIME_MOUNT + p if p.startswith("/") else p for p in sys.path]
+    # Packages imported already keep their own search path; fix it too, so their submodules can
+    # still be imported lazily (fuse_daemon, only when there are mounts).
+    for module in list(sys.modules.values()):
+        package_path = getattr(module, "__path__", None)
+        if isinstance(package_path, list):
+            package_path[:] = [RUNTIME_MOUNT + p if p.startswith("/") else p for p in package_path]
+    sys.path_importer_cache.clear()
+
+    dev_flags = syscalls.MS_NOSUID | syscalls.MS_NOEXEC
+    _mount_quiet("devpts", "/dev/pts", "devpts", dev_flags, "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    _mount_quiet("shm", "/dev/shm", "tmpfs", dev_flags | syscalls.MS_NODEV, "mode=1777")
+    _mount_quiet("mqueue", "/dev/mqueue", "mqueue", NOSUID_NODEV_NOEXEC)
+    _mount_quiet("cgroup2", "/sys/fs/cgroup", "cgroup2", NOSUID_NODEV_NOEXEC)
+    confine.restrict_kernel_log()
+    try:
+        _mount_quiet("bpf", "/sys/fs/bpf", "bpf", NOSUID_NODEV_NOEXEC)
+    except OSError:
+        pass  # older fallback kernels may lack bpffs; nothing depends on it
+    # devtmpfs has one instance, so these are in the /dev every later mount of it shows.
+    for link, target in (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                         ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")):  # fmt: skip
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+    if os.path.lexists("/dev/ptmx") and not os.path.islink("/dev/ptmx"):
+        os.unlink("/dev/ptmx")
+    if not os.path.lexists("/dev/ptmx"):
+        os.symlink("pts/ptmx", "/dev/ptmx")
+    agent.prepare_cgroups()
+    agent.prepare_network()
+    # Reading a serial is a request to the device. A template is keyed by its disks' serials in
+    # order, so the disks of every sandbox restored from it are where they were here.
+    _disks.update((serial, find_disk(serial)) for serial in (LOWER_DISK_SERIAL, UPPER_DISK_SERIAL))
+
+
+def assemble_root() -> None:
+    lower, upper = STAGING + "/lower", STAGING + "/upperfs"
+    syscalls.mount(_disks[LOWER_DISK_SERIAL], lower, "erofs", syscalls.MS_RDONLY)
+    syscalls.mount(_disks[UPPER_DISK_SERIAL], upper, "ext4", 0)
     os.makedirs(upper + "/upper", exist_ok=True)
     os.makedirs(upper + "/work", exist_ok=True)
     syscalls.mount(
@@ -161,45 +208,14 @@ def assemble_root() -> None:
     os.makedirs(NEWROOT + DEV_STAGING)
     syscalls.pivot_root(NEWROOT, NEWROOT + RUNTIME_MOUNT)
     os.chdir("/")
-    # Everything still loads from the runtime disk, now under its new path.
-    sys.path[:] = [RUNTIME_MOUNT + p if p.startswith("/") else p for p in sys.path]
-    # Packages imported already keep their own search path; fix it too, so their submodules can
-    # still be imported lazily (fuse_daemon, only when there are mounts).
-    for module in list(sys.modules.values()):
-        package_path = getattr(module, "__path__", None)
-        if isinstance(package_path, list):
-            package_path[:] = [RUNTIME_MOUNT + p if p.startswith("/") else p for p in package_path]
-    sys.path_importer_cache.clear()
-    for stale in ("/dev", "/proc", "/sys"):
-        try:
-            syscalls.umount(RUNTIME_MOUNT + stale, syscalls.MNT_DETACH)
-        except OSError:
-            pass
 
 
 def mount_system() -> None:
-    dev_flags = syscalls.MS_NOSUID | syscalls.MS_NOEXEC
-    _mount_quiet("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC)
-    _mount_quiet("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC)
-    _mount_quiet("devtmpfs", "/dev", "devtmpfs", syscalls.MS_NOSUID, "mode=0755")
-    _mount_quiet("devpts", "/dev/pts", "devpts", dev_flags, "newinstance,ptmxmode=0666,mode=0620,gid=5")
-    _mount_quiet("shm", "/dev/shm", "tmpfs", dev_flags | syscalls.MS_NODEV, "mode=1777")
-    _mount_quiet("mqueue", "/dev/mqueue", "mqueue", NOSUID_NODEV_NOEXEC)
+    # The runtime's own, prepared before the wake, each with what is mounted below it.
+    for path in ("/dev", "/proc", "/sys"):
+        os.makedirs(path, exist_ok=True)
+        syscalls.mount(RUNTIME_MOUNT + path, path, None, syscalls.MS_MOVE)
     _mount_quiet("tmpfs", "/tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777")
-    _mount_quiet("cgroup2", "/sys/fs/cgroup", "cgroup2", NOSUID_NODEV_NOEXEC)
-    confine.restrict_kernel_log()
-    try:
-        _mount_quiet("bpf", "/sys/fs/bpf", "bpf", NOSUID_NODEV_NOEXEC)
-    except OSError:
-        pass  # older fallback kernels may lack bpffs; nothing depends on it
-    for link, target in (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
-                         ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")):  # fmt: skip
-        if not os.path.lexists(link):
-            os.symlink(target, link)
-    if os.path.lexists("/dev/ptmx") and not os.path.islink("/dev/ptmx"):
-        os.unlink("/dev/ptmx")
-    if not os.path.lexists("/dev/ptmx"):
-        os.symlink("pts/ptmx", "/dev/ptmx")
 
 
 def main() -> None:
@@ -208,19 +224,25 @@ def main() -> None:
     os.environ.update({"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "linux"})
     try:
         mount_early()
+        prepare()
+        port = find_port(AGENT_PORT_NAME)
+        fd = os.open(port, os.O_RDWR | os.O_CLOEXEC)
+        guest = Agent(fd, hidden_devices=(port,), start_vfs=start_vfs)
         with open("/proc/cmdline") as f:
             if TEMPLATE_FLAG in f.read().split():
                 # Loaded into the template's memory: under emulation the import alone takes ~2 s,
                 # which every sandbox with mounts would pay after its restore.
                 from . import fuse_daemon  # noqa: F401
 
-                wait_for_wake()
+                wait_for_wake(fd)
                 started = uptime()
+        guest.boot_started = started
+        os.set_blocking(fd, False)
+        # HELLO first: the host's answer (the settings) travels while the root is assembled.
+        guest.say_hello()
         assemble_root()
         mount_system()
-        port = find_port(AGENT_PORT_NAME)
-        fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except Exception as exc:  # noqa: BLE001 - PID 1 must report, never traceback silently
         log(f"FATAL: {type(exc).__name__}: {exc}")
         sys.exit(1)
-    Agent(fd, hidden_devices=(port,), boot_started=started, start_vfs=start_vfs).run()
+    guest.run()

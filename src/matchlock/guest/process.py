@@ -56,7 +56,7 @@ _KEPT_BITS = frozenset(WORKLOAD_CAPABILITIES.values())
 _KEPT_MASK = sum(1 << bit for bit in _KEPT_BITS)
 _MAX_CAPABILITIES = 64  # the kernel's sets are 64 bits; it refuses numbers past its last with EINVAL
 EXEC_FAILED = 127
-_SECCOMP_PROGRAM = seccomp.build_filter()
+_SECCOMP_FILTER = syscalls.SeccompFilter(seccomp.build_filter())
 _UNCATCHABLE = (_signal.SIGKILL, _signal.SIGSTOP)
 
 
@@ -257,7 +257,7 @@ def _exec_command(request: ExecRequest, child_fds, error_w: int, privileged: boo
         syscalls.capset(kept, kept, 0)
         syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
         syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
-        syscalls.set_seccomp_filter(_SECCOMP_PROGRAM)
+        _SECCOMP_FILTER.install()
     try:
         os.chdir(request.cwd)
     except OSError as exc:

@@ -87,40 +87,52 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
 
 
+# ctypes types are made once, at import: under emulation making one costs milliseconds.
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32))
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
 def capset(effective: int, permitted: int, inheritable: int) -> None:
     """Set this thread's capability sets (bit masks of capability numbers); libc has no wrapper."""
-
-    class Header(ctypes.Structure):
-        _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-    class Data(ctypes.Structure):
-        _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32))
-
     masks = (effective, permitted, inheritable)
-    data = (Data * 2)(Data(*(m & 0xFFFFFFFF for m in masks)), Data(*(m >> 32 & 0xFFFFFFFF for m in masks)))
-    header = Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)(_CapData(*(m & 0xFFFFFFFF for m in masks)), _CapData(*(m >> 32 & 0xFFFFFFFF for m in masks)))
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     _check(_libc.syscall(SYS_CAPSET, ctypes.byref(header), data), "capset")
+
+
+class SeccompFilter:
+    """A classic-BPF program in the form prctl takes, built once and installed in each workload."""
+
+    def __init__(self, program: bytes) -> None:
+        self._buffer = ctypes.create_string_buffer(program, len(program))  # kept alive with the struct
+        self._prog = _SockFprog(len(program) // 8, ctypes.cast(self._buffer, ctypes.c_void_p))
+
+    def install(self) -> None:
+        _check(
+            _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self._prog), 0, 0),
+            "prctl(PR_SET_SECCOMP)",
+        )
 
 
 def set_seccomp_filter(program: bytes) -> None:
     """Install a classic-BPF seccomp filter (a sequence of sock_filter structs)."""
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
-
-    buffer = ctypes.create_string_buffer(program, len(program))
-    prog = SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
-    _check(
-        _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0),
-        "prctl(PR_SET_SECCOMP)",
-    )
+    SeccompFilter(program).install()
 
 
 def set_realtime_clock(time_ns: int) -> None:
-    class Timespec(ctypes.Structure):
-        _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
-
-    ts = Timespec(time_ns // 1_000_000_000, time_ns % 1_000_000_000)
+    ts = _Timespec(time_ns // 1_000_000_000, time_ns % 1_000_000_000)
     _check(_libc.clock_settime(CLOCK_REALTIME, ctypes.byref(ts)), "clock_settime")
 
 

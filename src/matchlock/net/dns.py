@@ -15,17 +15,15 @@ import asyncio
 import contextlib
 import functools
 import socket
-
-import dns.exception
-import dns.flags
-import dns.message
-import dns.rcode
-import dns.rdatatype
+from typing import TYPE_CHECKING
 
 from ..api.events import NetworkEvent
 from ..policy.engine import NetworkPolicy
 from .local import host_addresses
 from .tasks import Supervisor
+
+if TYPE_CHECKING:  # dnspython is imported on the first query: ~60 ms that a sandbox without DNS never pays
+    import dns.message
 
 UPSTREAM_TIMEOUT = 2.0
 MAX_IN_FLIGHT = 64
@@ -87,6 +85,11 @@ class DNSForwarder:
         self._queries.spawn(self._answer(data, addr), "dns query")
 
     async def _answer(self, data: bytes, addr) -> None:
+        import dns.exception
+        import dns.flags
+        import dns.message
+        import dns.rcode
+
         try:
             query = dns.message.from_wire(data)
         except (dns.exception.DNSException, ValueError):
@@ -109,6 +112,8 @@ class DNSForwarder:
         self._send(response, None, addr)
 
     def _drop_unreachable(self, response: dns.message.Message) -> None:
+        import dns.rdatatype
+
         local = host_addresses()
         for rrset in list(response.answer):
             if rrset.rdtype not in (dns.rdatatype.A, dns.rdatatype.AAAA):
@@ -141,6 +146,8 @@ class DNSForwarder:
         return None
 
     def _send(self, message: dns.message.Message, rcode, addr) -> None:
+        import dns.exception
+
         if rcode is not None:
             message.set_rcode(rcode)
         with contextlib.suppress(dns.exception.DNSException, OSError):

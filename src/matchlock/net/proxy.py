@@ -19,19 +19,18 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from ..policy.engine import Blocked, NetworkPolicy
 from ..policy.hosts import is_ip_literal
 from .dns import DNSForwarder
-from .exchange import connection_event
-from .http1 import HTTP1Session
-from .intercept import TLSInterceptor
 from .local import host_addresses
 from .namespace import PORTS, SandboxNamespace
 from .relay import pipe_both_ways
 from .tasks import Supervisor
-from .tls import CertificateAuthority, UpstreamTLS
-from .upstream import CONNECT_TIMEOUT
+
+if TYPE_CHECKING:  # imported when first used: TLS, HTTP and the CA take ~100 ms, which `run -- true` never needs
+    from .tls import UpstreamTLS
 
 SO_ORIGINAL_DST = 80
 
@@ -46,11 +45,17 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
 
 class NetworkProxy:
     def __init__(self, namespace: SandboxNamespace, policy: NetworkPolicy, dns_upstreams: list[str], *,
-                 upstream_tls: UpstreamTLS) -> None:  # fmt: skip
+                 upstream_tls: UpstreamTLS | None = None) -> None:  # fmt: skip
+        """`upstream_tls`: how intercepted connections verify servers; None reads it from the environment."""
         self.namespace = namespace
         self.policy = policy
-        self.ca = CertificateAuthority() if policy.intercepting else None
-        self.interceptor = TLSInterceptor(policy, self.ca, upstream_tls) if self.ca is not None else None
+        self.ca, self.interceptor = None, None
+        if policy.intercepting:
+            from .intercept import TLSInterceptor
+            from .tls import CertificateAuthority, UpstreamTLS
+
+            self.ca = CertificateAuthority()
+            self.interceptor = TLSInterceptor(policy, self.ca, upstream_tls or UpstreamTLS.from_environment())
         self.dns = DNSForwarder(policy, dns_upstreams)
         self._tasks = Supervisor("proxy")
         self._listeners: list[socket.socket] = []
@@ -102,6 +107,8 @@ class NetworkProxy:
         return address, port, reader, writer
 
     async def _on_http(self, sock: socket.socket) -> None:
+        from .http1 import HTTP1Session
+
         address, port, reader, writer = await self._streams(sock)
         try:
             await HTTP1Session(self.policy, reader, writer, scheme="http", default_host=address, port=port).run()
@@ -118,6 +125,9 @@ class NetworkProxy:
         await self.interceptor.handle(sock, address, port)
 
     async def _on_passthrough(self, sock: socket.socket) -> None:
+        from .exchange import connection_event
+        from .upstream import CONNECT_TIMEOUT
+
         started = time.monotonic()
         address, port, reader, writer = await self._streams(sock)
         url = f"tcp://{address}:{port}"

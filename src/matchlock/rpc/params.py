@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..api.config import Resources, SandboxConfig
 from ..api.disks import DiskMount
@@ -25,9 +25,11 @@ from ..api.network import (
 )
 from ..api.vfs import MountConfig, VFSConfig, VFSHookRule, VFSInterceptionConfig, normalize_op
 from ..image.reference import parse as parse_reference
-from ..image.reference import try_parse as try_parse_reference
 from ..jsonrpc import INVALID_PARAMS, JSONObject
 from ..state import snapshots as records
+
+if TYPE_CHECKING:
+    from ..sandbox.snapshots import Restore
 
 
 class RpcError(Exception):
@@ -166,7 +168,7 @@ class Fields:
 
 @dataclass(frozen=True)
 class RestoreRequest:
-    """`create` with `from_snapshot`: what must agree with the snapshot once it is loaded (`check_restore`)."""
+    """`create` with `from_snapshot`: what must agree with the snapshot once it is loaded (`prepare_restore`)."""
 
     name: str
     image: str  # as given; "" takes the snapshot's
@@ -241,47 +243,13 @@ def _restore_request(fields: Fields) -> RestoreRequest | None:
     return RestoreRequest(name, fields.string("image"), given)
 
 
-def _same_image(given: str, saved: str) -> bool:
-    if given == saved:
-        return True
-    a, b = try_parse_reference(given), try_parse_reference(saved)
-    return a is not None and b is not None and a.canonical == b.canonical
-
-
-def check_restore(request: RestoreRequest, config: SandboxConfig, meta: dict[str, Any]) -> None:
-    """What `Restore.prepare` would refuse in the CLI's words, refused first in the RPC's (-32602)."""
-    name = request.name
-    saved_image = str(meta.get("image", ""))
-    if request.image and not _same_image(request.image, saved_image):
-        raise bad(
-            "image",
-            f"{request.image!r} is not the image of snapshot {name!r}, {saved_image!r}: "
-            "omit image (a restore boots the snapshot's) or give that one",
-        )
-    for key, value in request.resources.items():
-        saved = meta.get(key)
-        if value != saved:
-            raise bad(
-                f"resources.{key}",
-                f"is {value:g} but snapshot {name!r} was taken with {saved}: a restore keeps the snapshot's "
-                f"machine; omit resources.{key}",
-            )
-    missing = sorted(set(meta.get("secrets", {})) - set(config.network.secrets))
-    if missing:
-        raise RpcError(
-            INVALID_PARAMS,
-            f"invalid params: snapshot {name!r} uses secret(s) {', '.join(missing)}, which this create does not "
-            f"give; fix: pass network.secrets.{missing[0]} = {{value, hosts}} again "
-            "(secret values are never stored in a snapshot)",
-        )
-    had_network = bool(meta.get("network"))
-    if meta.get("mode") == "full" and config.network.no_network == had_network:
-        fix = "drop network.no_network" if had_network else "set network.no_network"
-        raise bad(
-            "network.no_network",
-            f"does not match snapshot {name!r}, taken {'with' if had_network else 'without'} a network "
-            f"interface: a full restore needs the same; {fix}",
-        )
+def prepare_restore(restore: Restore, request: RestoreRequest, config: SandboxConfig) -> SandboxConfig:
+    """`Restore.prepare` with what the request gave explicitly; a setting the snapshot cannot take is
+    -32602 naming the field, with the fix in the RPC's terms."""
+    try:
+        return restore.prepare(config, image=request.image, resources=request.resources)
+    except records.RestoreMismatch as exc:
+        raise RpcError(INVALID_PARAMS, f"invalid params: {exc.explain('rpc')}") from None
 
 
 def _disk(disk: Fields) -> DiskMount:

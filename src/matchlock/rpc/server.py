@@ -50,7 +50,7 @@ from ..sandbox.process import ExecResult, GuestProcess
 from ..sandbox.sandbox import ExecSpec, Sandbox
 from ..state.store import StateStore
 from .methods import INPUT_METHODS, METHODS, NO_VM_METHODS, ExecInput, Handler, wait_outcome
-from .params import CreateParams, Fields, RpcError, bad, check_restore, parse_create
+from .params import CreateParams, Fields, RpcError, bad, parse_create, prepare_restore
 from .transport import StdinReader, StdoutWriter
 
 if TYPE_CHECKING:
@@ -411,8 +411,7 @@ def _restore(store: StateStore, parsed: CreateParams) -> tuple[SandboxConfig, Re
         restore = Restore.load(store, parsed.restore.name)
     except NotFoundError as exc:
         raise RpcError(INVALID_PARAMS, f"invalid params: from_snapshot: {exc}, or the snapshot_list method") from None
-    check_restore(parsed.restore, parsed.config, restore.meta)
-    return restore.prepare(parsed.config), restore
+    return prepare_restore(restore, parsed.restore, parsed.config), restore
 
 
 async def _launch_entrypoint(session: Session, sandbox: Sandbox) -> None:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from ..net.proxy import NetworkProxy
     from ..policy.rules import InterceptionRules
 
+# Imported only when first needed (interception, dnspython), so `run -- true` never pays for them;
+# `matchlock fork` preloads them (cli/launcher.py), or each clone would import its own copy.
+CLONE_MODULES = ("matchlock.net.proxy", "matchlock.net.intercept", "dns.message", "dns.rdatatype")
 CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
 
 
@@ -63,11 +66,9 @@ class SandboxNetwork:
     async def start_proxy(self) -> None:
         """The proxy (and with interception its CA) on the namespace's listeners; create_namespace() first."""
         from ..net.proxy import NetworkProxy
-        from ..net.tls import UpstreamTLS
 
-        # Read once per sandbox: stand-in servers in tests are trusted through this variable.
-        upstream_tls = UpstreamTLS.from_environment()
-        self.proxy = NetworkProxy(self.namespace, self.policy, list(self.config.dns_servers), upstream_tls=upstream_tls)
+        # The proxy reads $MATCHLOCK_UPSTREAM_CA_FILE (stand-in servers in tests) once, and only when it intercepts.
+        self.proxy = NetworkProxy(self.namespace, self.policy, list(self.config.dns_servers))
         await self.proxy.start()
 
     @property

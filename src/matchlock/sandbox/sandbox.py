@@ -14,7 +14,6 @@ import math
 import os
 import secrets
 import shutil
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..api.config import DEFAULT_DNS_SERVERS, SandboxConfig, public_config
-from ..api.errors import SetupError, UsageError, VMError
+from ..api.errors import UsageError, VMError
 from ..api.events import Event, FileEvent, NetworkEvent
 from ..api.image import ImageConfig
 from ..api.paths import SandboxPaths
@@ -39,6 +38,7 @@ from ..wire.frames import MAX_PAYLOAD
 from . import disks, files
 from .process import ExecResult, GuestProcess, OutputCallback
 from .tracking import Tracker
+from .upper import make_upper_disk
 
 if TYPE_CHECKING:  # imported lazily at run time: sandboxes without them never load them
     from ..image.store import ImageInfo
@@ -95,24 +95,6 @@ async def _finish_in_thread(function: Callable[..., None], *args: object) -> Non
 
 def new_vm_id() -> str:
     return "vm-" + secrets.token_hex(4)
-
-
-def make_upper_disk(path: Path, size_mb: int) -> None:
-    """A sparse ext4 of `size_mb`; no journal (the disk dies with the sandbox)."""
-    try:
-        with open(path, "wb") as f:
-            f.truncate(size_mb * 1024 * 1024)
-    except OSError as exc:
-        raise SetupError(
-            f"cannot create a {size_mb} MB sandbox disk in {path.parent}: {exc.strerror}; fix: a smaller --disk-size"
-        ) from None
-    proc = subprocess.run(
-        ["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
-         "-E", "lazy_itable_init=1,lazy_journal_init=1", str(path)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise SetupError(f"mke2fs failed for the sandbox disk: {proc.stderr.strip()}; fix: apt-get install e2fsprogs")
 
 
 @dataclass
@@ -217,8 +199,8 @@ class Sandbox:
                 console_log=str(paths.console_log), upper_disk=str(upper), image_disk=str(image.lower_path)
             )
             try:
-                # Side by side: mke2fs (or the snapshot's copy), and the namespace helper with the
-                # proxy's imports: they wait on different things, and all come before QEMU.
+                # Side by side: the upper disk (a copy of a blank, or of the snapshot's), and the namespace
+                # helper with the proxy's imports: they wait on different things, and all come before QEMU.
                 async with asyncio.TaskGroup() as setup:
                     network = setup.create_task(sandbox._start_network())
                     if restore is not None:
@@ -335,12 +317,9 @@ class Sandbox:
             except Exception as exc:  # noqa: BLE001 - a template is an optimisation, never a requirement
                 self._note(f"boot template unavailable ({exc}); booting cold")
             else:
-                restore = None
                 try:
                     waking = dataclasses.replace(shape, kernel_args=tuple(spec.kernel_args) + (boot.TEMPLATE_FLAG,))
-                    restore = checkpoint.template_restore(waking, state)
-                    trace.mark("boot: template RAM loaded")
-                    await self._start_machine(restore, wake=True)
+                    await self._start_machine(checkpoint.template_restore(waking, state), wake=True)
                     return
                 except VMError as exc:
                     self._note(f"restoring the boot template failed ({exc.args[0].splitlines()[0]}); booting cold")
@@ -350,9 +329,6 @@ class Sandbox:
                     stderr = failed.stderr_text() if failed is not None else ""
                     if snapshot.restore_proves_state_bad(state, exited, stderr):
                         state.unlink(missing_ok=True)
-                finally:
-                    if restore is not None and restore.ram_fd is not None:
-                        os.close(restore.ram_fd)  # QEMU has its own, or failed
         await self._start_machine(spec, wake=False)
 
     def _template_namespace(self):

@@ -27,6 +27,7 @@ import dataclasses
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +35,10 @@ from typing import TYPE_CHECKING
 from ..api.config import SandboxConfig, public_config
 from ..api.errors import MatchlockError, SetupError, UsageError, VMError
 from ..api.network import HostMapping, NetworkConfig
+from ..image.reference import try_parse as try_parse_reference
 from ..state import snapshots as records
+from ..state.snapshots import RestoreMismatch
+from ..util import trace
 from ..vm import checkpoint
 from ..vm.machine import Disk, MachineSpec
 from ..wire import agent as msgs
@@ -220,11 +224,15 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
     if was_paused:
         await checkpoint.resume(machine)  # the agent must run to park
         sandbox.paused = False
+    trace.mark("snapshot: parking the guest")
     await _park(sandbox)
+    trace.mark("snapshot: guest parked")
     try:
         await checkpoint.pause(machine)
         await checkpoint.save_memory(machine, directory / MEMORY_FILE, directory / RAM_FILE)
+        trace.mark("snapshot: memory saved")
         checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
+        trace.mark("snapshot: upper disk copied")
     finally:
         try:
             if not was_paused:
@@ -232,6 +240,7 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
         finally:
             _wake(sandbox)  # queued behind the stop when paused: the guest reads it on `resume`
             sandbox.paused = was_paused
+            trace.mark("snapshot: guest resumed")
 
 
 async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
@@ -248,6 +257,16 @@ async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
 
 
 # --- restore ---------------------------------------------------------------------------
+
+
+_RESOURCE_FLAGS = {"cpus": "--cpus", "memory_mb": "--memory", "disk_size_mb": "--disk-size"}
+
+
+def _same_image(given: str, saved: str) -> bool:
+    if given == saved:
+        return True
+    a, b = try_parse_reference(given), try_parse_reference(saved)
+    return a is not None and b is not None and a.canonical == b.canonical
 
 
 def _inherit_network(given: NetworkConfig, meta: dict) -> NetworkConfig:
@@ -292,45 +311,84 @@ class Restore:
             raise SetupError(f"snapshot {name!r} is damaged: {', '.join(missing)} missing; fix: snapshot rm {name}")
         return cls(name, directory, record.meta)
 
-    def prepare(self, config: SandboxConfig) -> SandboxConfig:
-        """`config` (from the restore's flags) with the snapshot's image and machine shape, its
-        secrets checked: every secret the snapshot's policy names must be given again."""
+    def prepare(
+        self, config: SandboxConfig, *, image: str = "", resources: Mapping[str, float] | None = None
+    ) -> SandboxConfig:
+        """`config` (from the restore's settings) with the snapshot's image and machine shape.
+
+        `image` and `resources` are what the caller set explicitly (RPC `create`); each must be the
+        snapshot's. The CLI's flags always have values, so `run --from-snapshot` passes neither and takes
+        the snapshot's. Every secret the snapshot's policy names must be given again. A setting the
+        snapshot cannot take raises `RestoreMismatch`, which each front end words in its own terms.
+        """
+        self._check(config, image, resources or {})
         meta = self.meta
         given = config.network.secrets
-        missing = sorted(set(meta["secrets"]) - set(given))
-        if missing:
-            raise UsageError(
-                f"snapshot {self.name!r} uses secret(s) {', '.join(missing)}, which this restore does not give; "
-                f"fix: pass --secret {missing[0]}=VALUE@HOSTS (values are never stored in a snapshot)"
-            )
-        if self.full and config.network.no_network != (not meta["network"]):
-            want = "--no-network" if not meta["network"] else "no --no-network"
-            raise UsageError(f"snapshot {self.name!r} was taken {'without' if not meta['network'] else 'with'} "
-                             f"a network interface; a full restore needs the same: use {want}")  # fmt: skip
-        rules = meta.get("config", {}).get("network", {}).get("interception_rules", 0)
-        if rules and config.network.interception is None:
-            # They may block what the allow-list lets through, and they live in the source's client.
-            raise UsageError(
-                f"snapshot {self.name!r} was taken with {rules} network interception rule(s), which a "
-                "snapshot does not keep; fix: restore it through RPC `create` (or the SDK's `fork()`) "
-                "with the same `network.interception`"
-            )
         # The guest's running processes hold the old placeholders: keep them, unless the user chose others.
         secrets = {
             name: s if s.placeholder or not meta["secrets"].get(name) else dataclasses.replace(
                 s, placeholder=meta["secrets"][name])
             for name, s in given.items()
         }  # fmt: skip
-        resources = dataclasses.replace(
+        shape = dataclasses.replace(
             config.resources,
             cpus=meta["cpus"], memory_mb=meta["memory_mb"], disk_size_mb=meta["disk_size_mb"],
         )  # fmt: skip
         network = dataclasses.replace(_inherit_network(config.network, meta), secrets=secrets)
-        prepared = dataclasses.replace(config, image=meta["image"], resources=resources, network=network)
+        prepared = dataclasses.replace(config, image=meta["image"], resources=shape, network=network)
         if prepared.extra_disks or prepared.vfs.active:
             raise UsageError("--disk and directory mounts cannot be combined with --from-snapshot")
         prepared.validate()
         return prepared
+
+    def _check(self, config: SandboxConfig, image: str, resources: Mapping[str, float]) -> None:
+        meta, name = self.meta, self.name
+        saved_image = str(meta.get("image", ""))
+        if image and not _same_image(image, saved_image):
+            raise RestoreMismatch(
+                "image", "--image", f"{image!r} is not the image of snapshot {name!r}, {saved_image!r}",
+                cli="omit --image (a restore boots the snapshot's)",
+                rpc="omit image (a restore boots the snapshot's) or give that one",
+            )  # fmt: skip
+        for key, value in resources.items():
+            if value != meta.get(key):
+                flag = _RESOURCE_FLAGS[key]
+                raise RestoreMismatch(
+                    f"resources.{key}", flag,
+                    f"is {value:g} but snapshot {name!r} was taken with {meta.get(key)}: "
+                    "a restore keeps the snapshot's machine",
+                    cli=f"omit {flag}", rpc=f"omit resources.{key}",
+                )  # fmt: skip
+        missing = sorted(set(meta.get("secrets", {})) - set(config.network.secrets))
+        if missing:
+            first = missing[0]
+            raise RestoreMismatch(
+                f"network.secrets.{first}", f"--secret {first}",
+                f"is missing: snapshot {name!r} uses secret(s) {', '.join(missing)}, which this restore does not give",
+                cli=f"pass --secret {first}=VALUE@HOSTS (values are never stored in a snapshot)",
+                rpc=f"pass network.secrets.{first} = {{value, hosts}} again (secret values are never stored in a snapshot)",
+            )  # fmt: skip
+        had_network = bool(meta.get("network"))
+        if self.full and config.network.no_network == had_network:
+            problem = (
+                f"is {'set' if had_network else 'not set'}, but snapshot {name!r} was taken "
+                f"{'with' if had_network else 'without'} a network interface: a full restore needs the same"
+            )
+            raise RestoreMismatch(
+                "network.no_network", "--no-network", problem,
+                cli="drop --no-network" if had_network else "add --no-network",
+                rpc="drop network.no_network" if had_network else "set network.no_network",
+            )  # fmt: skip
+        rules = meta.get("config", {}).get("network", {}).get("interception_rules", 0)
+        if rules and config.network.interception is None:
+            # They may block what the allow-list lets through, and they live in the source's client.
+            raise RestoreMismatch(
+                "network.interception", "the restore",
+                f"has no interception rules, but snapshot {name!r} was taken with {rules} network interception "
+                "rule(s), which a snapshot does not keep",
+                cli="restore it through RPC `create` (or the SDK's `fork()`) with the same `network.interception`",
+                rpc="give the same network.interception again",
+            )  # fmt: skip
 
     def make_upper(self, target: Path) -> None:
         checkpoint.copy_disk(self.directory / UPPER_FILE, target)

@@ -4,10 +4,11 @@
         await client.create(Sandbox("alpine:latest").options())
         print((await client.exec("echo hello")).stdout)
 
-It shares the wire logic with `Client` (`calls`, `hooks`, `session`, on the jsonrpc core); only the I/O
-differs. Cancelling a call's task also cancels the request in the server. Output writers are ordinary
-file-like objects; `stdin` may be a file-like object (read in a worker thread) or anything with an
-`async read(n)`, such as `asyncio.StreamReader`; `resize` may be an iterable or an async iterable.
+It shares everything but the I/O with `Client`: the requests and their results (`calls`), the connection
+state (`base.ClientBase`), the hook protocols (`hooks`) and the session (`session`, on the jsonrpc core).
+Cancelling a call's task also cancels the request in the server. Output writers are ordinary file-like
+objects; `stdin` may be a file-like object (read in a worker thread) or anything with an `async read(n)`,
+such as `asyncio.StreamReader`; `resize` may be an iterable or an async iterable.
 Network hooks and VFS after-hooks may be plain functions (run in a worker thread) or coroutine functions
 (awaited on the loop); a `dangerous_hook` receives this `AsyncClient`. `action_hook` and `mutate_hook`
 stay plain functions.
@@ -17,31 +18,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import inspect
 import shutil
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-from ..jsonrpc import Broadcast, Failed, Resolved, Routed
-from . import calls
+from . import calls, volumes
+from .base import ClientBase, PendingCall, server_argv, split_forks
 from .builder import Sandbox
-from .calls import CREATE_TIMEOUT, PORT_FORWARD_TIMEOUT, Notify
-from .client import default_config, server_argv
-from .errors import MatchlockError, RPCError
+from .calls import CREATE_TIMEOUT, PORT_FORWARD_TIMEOUT, Call
+from .errors import MatchlockError
 from .hooks import (
     MAX_HOOK_LINE,
     LocalVFSHook,
-    LocalVFSHooks,
     answer_line,
     network_result_to_wire,
     new_socket_dir,
-    parse_file_event,
-    plan_create,
     resolve_network_call,
 )
-from .session import Malformed, Session
+from .streams import InputRoute, Notify, as_bytes
 from .types import (
     AllowListUpdate,
     Config,
@@ -51,12 +47,12 @@ from .types import (
     ExecResult,
     ExecStreamResult,
     FileInfo,
-    PortForward,
     PortForwardBinding,
     VFSHookEvent,
     VolumeInfo,
 )
 
+R = TypeVar("R")
 Resize = Iterable[tuple[int, int]] | AsyncIterable[tuple[int, int]]
 
 
@@ -141,29 +137,33 @@ class _NetworkHookServer:
             return {"error": f"network hook raised {type(exc).__name__}: {exc}"}
 
 
-class _Call:
-    __slots__ = ("future", "on_notification")
+class _Call(PendingCall):
+    __slots__ = ("future",)
 
     def __init__(self, future: asyncio.Future[Any], on_notification: Notify | None) -> None:
+        super().__init__(on_notification)
         self.future = future
-        self.on_notification = on_notification
+
+    def resolve(self, result: Any) -> None:
+        if not self.future.done():
+            self.future.set_result(result)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def output_failed(self, error: Exception) -> None:
+        self.fail(error)  # at once: the awaiting task is the one whose writer failed
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """asyncio client for one sandbox served by a `matchlock rpc` child process."""
 
     def __init__(self, config: Config | None = None):
-        self._config = config if config is not None else default_config()
+        super().__init__(config)
         self._process: asyncio.subprocess.Process | None = None
-        self._session: Session[_Call] = Session()
         self._write_lock = asyncio.Lock()
         self._background = _Background()
-        self._closed = False
-        self._stdout_closed = False  # set before pending calls are failed, so none can slip in after
-        self._vm_id: str | None = None
-        self._last_vm_id: str | None = None
-        self._create_opts: CreateOptions | None = None  # for fork(); secrets stay in memory only
-        self._vfs = LocalVFSHooks()
         self._safe_hook_running = False
         self._hook_server: _NetworkHookServer | None = None
 
@@ -173,10 +173,6 @@ class AsyncClient:
 
     async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         await self.close()
-
-    @property
-    def vm_id(self) -> str | None:
-        return self._vm_id
 
     # --- process ---------------------------------------------------------------------------
 
@@ -193,17 +189,13 @@ class AsyncClient:
 
     async def close(self, timeout: float = 0) -> None:
         """Close the sandbox and stop the server; idempotent (see `Client.close`)."""
-        if self._closed:
+        if not self._begin_close():
             return
-        self._closed = True
-        self._last_vm_id = self._vm_id
-        self._vfs.set([])
-        self._stop_hook_server()
         process = self._process
         if process is not None and process.returncode is None:
-            seconds = calls.close_seconds(timeout)
+            call, seconds = calls.close(timeout)
             with contextlib.suppress(MatchlockError, TimeoutError):
-                await self._request("close", {"timeout_seconds": seconds}, timeout=seconds + 1.0)
+                await self._request(call, seconds + 1.0)
             if process.stdin is not None:
                 process.stdin.close()
             try:
@@ -218,27 +210,26 @@ class AsyncClient:
 
     async def remove(self) -> None:
         """Delete the stopped VM's state (`matchlock rm ID`); call after close()."""
-        vm_id = self._vm_id or self._last_vm_id
+        vm_id = self._removable_id()
         if vm_id:
-            await self._cli("rm", vm_id)
+            await self._cli(volumes.remove(vm_id))
 
-    async def _cli(self, *args: str) -> str:
-        argv = [self._config.binary_path, *args]
+    async def _cli(self, call: volumes.CliCall[R]) -> R:
+        argv = [self._config.binary_path, *call.args]
         child = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = await child.communicate()
         if child.returncode:
             raise subprocess.CalledProcessError(child.returncode, argv, out.decode(), err.decode())
-        return out.decode()
+        return call.parse(out.decode())
 
     async def volume_create(self, name: str, size_mb: int = 10240) -> VolumeInfo:
-        argv = calls.volume_create_argv(self._config.binary_path, name, size_mb)
-        return calls.parse_volume_create(await self._cli(*argv[1:]), name, size_mb)
+        return await self._cli(volumes.volume_create(name, size_mb))
 
     async def volume_list(self) -> list[VolumeInfo]:
-        return calls.parse_volume_list(await self._cli("volume", "ls", "--json"))
+        return await self._cli(volumes.volume_list())
 
     async def volume_remove(self, name: str) -> None:
-        await self._cli("volume", "rm", calls.volume_name(name))
+        await self._cli(volumes.volume_remove(name))
 
     # --- transport -------------------------------------------------------------------------
 
@@ -251,35 +242,8 @@ class AsyncClient:
                 data = b""
             if not data:
                 break
-            for event in self._session.feed(data):
-                self._dispatch(event)
-        self._stdout_closed = True
-        lost = MatchlockError("Matchlock process closed unexpectedly")
-        for _, call in self._session.eof():
-            if not call.future.done():
-                call.future.set_exception(lost)
-        self._stop_hook_server()
-
-    def _dispatch(self, event: Any) -> None:
-        if isinstance(event, Resolved | Failed | Malformed):
-            future = event.context.future
-            if future.done():
-                return
-            if isinstance(event, Resolved):
-                future.set_result(event.result)
-            elif isinstance(event, Failed):
-                future.set_exception(RPCError(event.code, event.message))
-            else:
-                future.set_exception(MatchlockError(event.reason))
-        elif isinstance(event, Routed):
-            call = event.context
-            error = calls.deliver(call.on_notification, event.method, event.params)
-            if error is not None and not call.future.done():
-                call.future.set_exception(error)
-        elif isinstance(event, Broadcast) and event.method == "event":
-            file_event = parse_file_event(event.params)
-            if file_event is not None:
-                self._on_file_event(file_event)
+            self._receive(data)
+        self._server_gone()
 
     async def _write(self, line: bytes) -> None:
         process = self._process
@@ -296,18 +260,12 @@ class AsyncClient:
         with contextlib.suppress(MatchlockError):
             await self._write(line)
 
-    async def _request(
-        self,
-        method: str,
-        params: dict[str, Any] | None = None,
-        on_notification: Notify | None = None,
-        timeout: float | None = None,
-    ) -> Any:
+    async def _request(self, call: Call[R], timeout: float | None = None) -> R:
         """Send one request and await its result; a timeout or a cancelled task cancels it in the server."""
         if self._process is None or self._process.returncode is not None or self._stdout_closed:
             raise MatchlockError("Matchlock process not running")
-        call = _Call(asyncio.get_running_loop().create_future(), on_notification)
-        call_id, line = self._session.start(method, params, call)
+        pending = _Call(asyncio.get_running_loop().create_future(), call.on_notification)
+        call_id, line = self._session.start(call.method, call.params, pending)
         try:
             await self._write(line)
         except asyncio.CancelledError:
@@ -319,16 +277,17 @@ class AsyncClient:
             raise
         try:
             async with asyncio.timeout(timeout):
-                return await asyncio.shield(call.future)
+                result = await asyncio.shield(pending.future)
         except TimeoutError:
-            if call.future.done():  # answered as the timer fired
-                return call.future.result()
-            await self._send_quietly(self._session.abandon(call_id))
-            raise TimeoutError(f"request {method} (id={call_id}) timed out after {timeout}s") from None
+            if not pending.future.done():
+                await self._send_quietly(self._session.abandon(call_id))
+                raise TimeoutError(f"request {call.method} (id={call_id}) timed out after {timeout}s") from None
+            result = pending.future.result()  # answered as the timer fired
         except asyncio.CancelledError:
-            if not call.future.done():
+            if not pending.future.done():
                 await self._send_quietly(self._session.abandon(call_id))
             raise
+        return call.parse(result)
 
     async def _notify(self, method: str, params: dict[str, Any]) -> None:
         await self._send_quietly(self._session.send(method, params))
@@ -359,9 +318,7 @@ class AsyncClient:
 
     async def create(self, opts: CreateOptions | None = None, *, timeout: float | None = CREATE_TIMEOUT) -> str:
         """Create and boot the sandbox; returns its id. `timeout=None` waits forever."""
-        plan = plan_create(opts)
-        self._stop_hook_server()
-        self._vfs.set([])
+        plan = self._begin_create(opts)
         callback_socket = None
         if plan.callbacks:
             server = _NetworkHookServer(plan.callbacks)
@@ -369,25 +326,18 @@ class AsyncClient:
             self._hook_server = server
             callback_socket = server.socket_path
         try:
-            result = await self._request("create", plan.params(callback_socket), timeout=timeout)
-            vm_id = calls.parse_create(result)
+            vm_id = await self._request(calls.create(plan.params(callback_socket)), timeout)
         except BaseException:
             self._stop_hook_server()
             raise
-        self._vm_id = vm_id
-        self._create_opts = copy.copy(plan.opts)
-        self._vfs.set(plan.vfs.local)
-        if plan.opts.port_forwards:
-            await self._port_forward(
-                plan.opts.port_forward_addresses, plan.opts.port_forwards, timeout=PORT_FORWARD_TIMEOUT
-            )
+        forwards = self._created(plan, vm_id)
+        if forwards is not None:
+            await self._request(forwards, PORT_FORWARD_TIMEOUT)
         return vm_id
 
     async def launch(self, sandbox: Sandbox, *, timeout: float | None = CREATE_TIMEOUT) -> str:
         """Create the sandbox and start the image's ENTRYPOINT/CMD in the background."""
-        opts = copy.deepcopy(sandbox.options())
-        opts.launch_entrypoint = True
-        return await self.create(opts, timeout=timeout)
+        return await self.create(calls.launch_options(sandbox), timeout=timeout)
 
     async def port_forward(self, *specs: str, timeout: float | None = PORT_FORWARD_TIMEOUT) -> list[PortForwardBinding]:
         return await self.port_forward_with_addresses(None, *specs, timeout=timeout)
@@ -395,41 +345,31 @@ class AsyncClient:
     async def port_forward_with_addresses(
         self, addresses: list[str] | None, *specs: str, timeout: float | None = PORT_FORWARD_TIMEOUT
     ) -> list[PortForwardBinding]:
-        forwards = [calls.parse_forward_spec(spec) for spec in specs]
-        return await self._port_forward(addresses, forwards, timeout=timeout)
-
-    async def _port_forward(
-        self, addresses: list[str] | None, forwards: list[PortForward], *, timeout: float | None
-    ) -> list[PortForwardBinding]:
-        if not forwards:
-            return []
-        params = calls.port_forward_params(addresses, forwards)
-        return calls.parse_bindings(await self._request("port_forward", params, timeout=timeout))
+        call = calls.port_forward(addresses, [calls.parse_forward_spec(spec) for spec in specs])
+        return [] if call is None else await self._request(call, timeout)
 
     async def allow_list_add(self, *hosts: str, timeout: float | None = None) -> AllowListUpdate:
-        result = await self._request("allow_list_add", calls.allow_list_params(hosts), timeout=timeout)
-        return calls.parse_allow_list(result, "allow_list_add", "added")
+        return await self._request(calls.allow_list_add(hosts), timeout)
+
+    async def allow_list_delete(self, *hosts: str, timeout: float | None = None) -> AllowListUpdate:
+        return await self._request(calls.allow_list_delete(hosts), timeout)
 
     async def pause(self, timeout: float | None = None) -> None:
         """Stop the sandbox's vCPUs (memory and connections kept); exec fails until `resume()`."""
-        await self._request("pause", {}, timeout=timeout)
+        await self._request(calls.pause(), timeout)
 
     async def resume(self, timeout: float | None = None) -> None:
-        await self._request("resume", {}, timeout=timeout)
+        await self._request(calls.resume(), timeout)
 
     async def snapshot(self, name: str = "", mode: str = "full", timeout: float | None = None) -> dict:
-        """Save the sandbox (`full`: memory and disks, `filesystem`: disks); `from_snapshot` and
-        `matchlock run --from-snapshot` restore it. Returns the snapshot record (name, mode, size, ...)."""
-        return calls.parse_snapshot(await self._request("snapshot", calls.snapshot_params(name, mode), timeout=timeout))
+        """Save the sandbox (see `Client.snapshot`); returns the snapshot record."""
+        return await self._request(calls.snapshot(name, mode), timeout)
 
     async def snapshot_list(self, timeout: float | None = None) -> list[dict]:
-        """The complete snapshots (records as `snapshot()` returns); works before `create`."""
-        return calls.parse_snapshot_list(await self._request("snapshot_list", {}, timeout=timeout))
+        return await self._request(calls.snapshot_list(), timeout)
 
     async def snapshot_remove(self, *names: str, timeout: float | None = None) -> list[str]:
-        """Remove snapshots (all names are checked first); clones restored from them keep running."""
-        params = calls.snapshot_remove_params(names)
-        return calls.parse_removed(await self._request("snapshot_remove", params, timeout=timeout))
+        return await self._request(calls.snapshot_remove(names), timeout)
 
     async def fork(self, count: int = 1, *, timeout: float | None = CREATE_TIMEOUT) -> list[AsyncClient]:
         """`count` new async clients, each owning a clone of this running sandbox (see `Client.fork`)."""
@@ -448,13 +388,11 @@ class AsyncClient:
         finally:
             with contextlib.suppress(MatchlockError, TimeoutError):
                 await self.snapshot_remove(name, timeout=timeout)
-        outcomes = [task.result() for task in making]
-        clones = [outcome for outcome in outcomes if isinstance(outcome, AsyncClient)]
-        failures = [outcome for outcome in outcomes if not isinstance(outcome, AsyncClient)]
-        if failures:
+        clones, failure = split_forks([task.result() for task in making])
+        if failure is not None:
             for clone in clones:
                 await clone._discard()
-            raise failures[0]
+            raise failure
         return clones
 
     async def _clone(self, opts: CreateOptions, timeout: float | None) -> AsyncClient | Exception:
@@ -475,15 +413,10 @@ class AsyncClient:
         with contextlib.suppress(MatchlockError, OSError, subprocess.CalledProcessError):
             await self.remove()
 
-    async def allow_list_delete(self, *hosts: str, timeout: float | None = None) -> AllowListUpdate:
-        result = await self._request("allow_list_delete", calls.allow_list_params(hosts), timeout=timeout)
-        return calls.parse_allow_list(result, "allow_list_delete", "removed")
-
     # --- exec ------------------------------------------------------------------------------
 
     async def exec(self, command: str, working_dir: str = "", timeout: float | None = None) -> ExecResult:
-        result = await self._request("exec", calls.exec_params(command, working_dir), timeout=timeout)
-        return calls.parse_exec(result)
+        return await self._request(calls.exec_command(command, working_dir), timeout)
 
     async def exec_stream(
         self,
@@ -493,9 +426,7 @@ class AsyncClient:
         working_dir: str = "",
         timeout: float | None = None,
     ) -> ExecStreamResult:
-        on_output = calls.output_writer({"exec_stream.stdout": stdout, "exec_stream.stderr": stderr})
-        result = await self._request("exec_stream", calls.exec_params(command, working_dir), on_output, timeout)
-        return ExecStreamResult(*calls.parse_status(result, "exec_stream"))
+        return await self._request(calls.exec_stream(command, working_dir, stdout, stderr), timeout)
 
     async def exec_pipe(
         self,
@@ -507,10 +438,9 @@ class AsyncClient:
         timeout: float | None = None,
         user: str = "",
     ) -> ExecPipeResult:
-        writers = {"exec_pipe.stdout": stdout, "exec_pipe.stderr": stderr}
-        params = calls.exec_params(command, working_dir, user)
-        result = await self._run_with_input("exec_pipe", params, stdin, None, writers, timeout)
-        return ExecPipeResult(*calls.parse_status(result, "exec_pipe"))
+        ready = asyncio.Event()
+        call, route = calls.exec_pipe(command, working_dir, user, stdout, stderr, ready.set)
+        return await self._run_with_input(call, route, ready, stdin, None, timeout)
 
     async def exec_interactive(
         self,
@@ -524,38 +454,34 @@ class AsyncClient:
         timeout: float | None = None,
         user: str = "",
     ) -> ExecInteractiveResult:
-        params = calls.tty_params(command, working_dir, user, rows, cols)
-        result = await self._run_with_input("exec_tty", params, stdin, resize, {"exec_tty.stdout": stdout}, timeout)
-        return ExecInteractiveResult(*calls.parse_status(result, "exec_tty"))
+        ready = asyncio.Event()
+        call, route = calls.exec_tty(command, working_dir, user, rows, cols, stdout, ready.set)
+        return await self._run_with_input(call, route, ready, stdin, resize, timeout)
 
     async def _run_with_input(
         self,
-        method: str,
-        params: dict[str, Any],
+        call: Call[R],
+        route: InputRoute,
+        ready: asyncio.Event,
         stdin: Any,
         resize: Resize | None,
-        writers: dict[str, IO[str] | None],
         timeout: float | None,
-    ) -> Any:
-        ready = asyncio.Event()
-        target: list[int] = []
-        on_notification = calls.input_notifications(method, writers, ready.set, target)
-
+    ) -> R:
         async with asyncio.TaskGroup() as group:
-            pumps = [group.create_task(self._pump_stdin(method, stdin, ready, target))]
+            pumps = [group.create_task(self._pump_stdin(route, stdin, ready))]
             if resize is not None:
-                pumps.append(group.create_task(self._pump_resize(resize, ready, target)))
+                pumps.append(group.create_task(self._pump_resize(route, resize, ready)))
             try:
-                return await self._request(method, params, on_notification, timeout)
+                return await self._request(call, timeout)
             finally:
                 for pump in pumps:
                     pump.cancel()
 
-    async def _pump_stdin(self, method: str, stdin: Any, ready: asyncio.Event, target: list[int]) -> None:
+    async def _pump_stdin(self, route: InputRoute, stdin: Any, ready: asyncio.Event) -> None:
         await ready.wait()
-        if not target:
+        target = route.target
+        if target is None:
             return
-        call_id = target[0]
         while stdin is not None:
             try:
                 if isinstance(stdin, asyncio.StreamReader) or inspect.iscoroutinefunction(stdin.read):
@@ -567,44 +493,40 @@ class AsyncClient:
             if chunk is None:  # a non-blocking reader with nothing yet
                 await asyncio.sleep(0.01)
                 continue
-            data = calls.as_bytes(chunk)
+            data = as_bytes(chunk)
             if not data:
                 break
-            await self._notify(f"{method}.stdin", {"id": call_id, "data": calls.encode(data)})
-        await self._notify(f"{method}.stdin_eof", {"id": call_id})
+            await self._notify(*route.stdin(target, data))
+        await self._notify(*route.stdin_eof(target))
 
-    async def _pump_resize(self, resize: Resize, ready: asyncio.Event, target: list[int]) -> None:
+    async def _pump_resize(self, route: InputRoute, resize: Resize, ready: asyncio.Event) -> None:
         await ready.wait()
-        if not target:
+        target = route.target
+        if target is None:
             return
         async for size in _iterate(resize):
-            if isinstance(size, tuple | list) and len(size) >= 2:
-                await self._notify("exec_tty.resize", {"id": target[0], "rows": int(size[0]), "cols": int(size[1])})
+            message = route.resize(target, size)
+            if message is not None:
+                await self._notify(*message)
 
     # --- files and log ---------------------------------------------------------------------
 
     async def write_file(
         self, path: str, content: bytes | str, mode: int = 0o644, timeout: float | None = None
     ) -> None:
-        data = calls.as_bytes(content)
-        self._vfs.check_action("write", path, len(data), mode)
-        data = self._vfs.mutate_write(path, data, mode)
-        await self._request("write_file", calls.write_file_params(path, data, mode), timeout=timeout)
+        await self._request(self._write_file_call(path, content, mode), timeout)
 
     async def read_file(self, path: str, timeout: float | None = None) -> bytes:
-        self._vfs.check_action("read", path, 0, 0)
-        return calls.parse_read_file(await self._request("read_file", {"path": path}, timeout=timeout))
+        return await self._request(self._read_file_call(path), timeout)
 
     async def list_files(self, path: str, timeout: float | None = None) -> list[FileInfo]:
-        self._vfs.check_action("readdir", path, 0, 0)
-        return calls.parse_list_files(await self._request("list_files", {"path": path}, timeout=timeout))
+        return await self._request(self._list_files_call(path), timeout)
 
     async def log(self, timeout: float | None = None) -> str:
-        return calls.parse_log(await self._request("log", timeout=timeout))
+        return await self._request(calls.log(), timeout)
 
     async def log_stream(self, stdout: IO[str] | None = None, timeout: float | None = None) -> None:
-        on_data = calls.output_writer({"log_stream.data": stdout})
-        await self._request("log_stream", on_notification=on_data, timeout=timeout)
+        await self._request(calls.log_stream(stdout), timeout)
 
 
 async def _iterate(items: Resize) -> AsyncIterator[tuple[int, int]]:

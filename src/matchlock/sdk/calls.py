@@ -1,4 +1,5 @@
-"""Request params and result parsing for every SDK call (sans-IO, shared by `Client` and `AsyncClient`).
+"""Every SDK call without I/O (shared by `Client` and `AsyncClient`): the request it sends and how its result
+is read, as a `Call`; each client only writes it, awaits the answer and returns `call.parse(result)`.
 
 The params are exactly what the published SDK 0.2.17 sends (sdk-wire.md §2-§3). Results are checked
 here: a malformed answer raises `MatchlockError` naming the method and the field, where the published
@@ -9,25 +10,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import dataclasses
-import json
 import secrets
-from collections.abc import Callable, Mapping
-from typing import IO, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any, Generic, TypeVar
 
+from .builder import Sandbox
 from .errors import MatchlockError
+from .streams import InputRoute, Notify, encode, output_writer
 from .types import (
     AllowListUpdate,
     CreateOptions,
+    ExecInteractiveResult,
+    ExecPipeResult,
     ExecResult,
+    ExecStreamResult,
     FileInfo,
     PortForward,
     PortForwardBinding,
-    VolumeInfo,
 )
 
-# A handler for the notifications of one call: (method, params).
-Notify = Callable[[str, dict[str, Any]], None]
+R = TypeVar("R")
 
 DEFAULT_FORWARD_ADDRESS = "127.0.0.1"
 CLOSE_DEFAULT_SECONDS = 2.0
@@ -35,6 +40,21 @@ CLOSE_DEFAULT_SECONDS = 2.0
 # Create covers a cold image pull plus boot under TCG, hence the generous bound.
 CREATE_TIMEOUT = 900.0
 PORT_FORWARD_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[R]):
+    """One request: its method and params (None: no `params` key), how its result is read, and the handler
+    of the notifications that name it."""
+
+    method: str
+    params: dict[str, Any] | None
+    parse: Callable[[Any], R]
+    on_notification: Notify | None = None
+
+
+def _ignore(_result: Any) -> None:
+    return None
 
 
 # --- create ------------------------------------------------------------------------------------
@@ -157,11 +177,32 @@ def parse_create(result: Any) -> str:
     return str(result["id"])
 
 
+def create(params: dict[str, Any]) -> Call[str]:
+    """`params` come from `hooks.CreatePlan.params` (the options compiled, callbacks stripped)."""
+    return Call("create", params, parse_create)
+
+
+def launch_options(sandbox: Sandbox) -> CreateOptions:
+    opts = copy.deepcopy(sandbox.options())
+    opts.launch_entrypoint = True
+    return opts
+
+
+def close(timeout: float) -> tuple[Call[None], float]:
+    """The `close` call and the seconds it gives the server (0 means the default)."""
+    seconds = timeout if timeout and timeout > 0 else CLOSE_DEFAULT_SECONDS
+    return Call("close", {"timeout_seconds": seconds}, _ignore), seconds
+
+
+def pause() -> Call[None]:
+    return Call("pause", {}, _ignore)
+
+
+def resume() -> Call[None]:
+    return Call("resume", {}, _ignore)
+
+
 # --- snapshots and forks (matchlock's own) ---------------------------------------------------------
-
-
-def snapshot_params(name: str, mode: str) -> dict[str, Any]:
-    return {"mode": mode} | ({"name": name} if name else {})
 
 
 def parse_snapshot(result: Any) -> dict[str, Any]:
@@ -220,6 +261,18 @@ def fork_plan(parent: CreateOptions | None, count: int) -> tuple[str, CreateOpti
     return name, clone
 
 
+def snapshot(name: str, mode: str) -> Call[dict[str, Any]]:
+    return Call("snapshot", {"mode": mode} | ({"name": name} if name else {}), parse_snapshot)
+
+
+def snapshot_list() -> Call[list[dict[str, Any]]]:
+    return Call("snapshot_list", {}, parse_snapshot_list)
+
+
+def snapshot_remove(names: tuple[str, ...]) -> Call[list[str]]:
+    return Call("snapshot_remove", snapshot_remove_params(names), parse_removed)
+
+
 # --- exec ----------------------------------------------------------------------------------------
 
 
@@ -269,83 +322,73 @@ def parse_status(result: Any, method: str) -> tuple[int, int]:
     return _field(result, method, "exit_code", int), _field(result, method, "duration_ms", int)
 
 
-def decode_chunk(params: dict[str, Any]) -> bytes | None:
-    """The `data` of an output notification, or None when it is not valid base64."""
-    data = params.get("data", "")
-    if not isinstance(data, str):
-        return None
-    try:
-        return base64.b64decode(data, validate=True)
-    except binascii.Error:
-        return None
+def exec_command(command: str, working_dir: str) -> Call[ExecResult]:
+    return Call("exec", exec_params(command, working_dir), parse_exec)
 
 
-def write_text(writer: IO[str] | None, data: bytes | None) -> None:
-    """Output chunks go to text writers decoded as UTF-8 (a split character becomes U+FFFD)."""
-    if writer is None or data is None:
-        return
-    writer.write(data.decode("utf-8", errors="replace"))
-    flush = getattr(writer, "flush", None)
-    if callable(flush):
-        flush()
+def exec_stream(
+    command: str, working_dir: str, stdout: IO[str] | None, stderr: IO[str] | None
+) -> Call[ExecStreamResult]:
+    on_output = output_writer({"exec_stream.stdout": stdout, "exec_stream.stderr": stderr})
+    return Call(
+        "exec_stream",
+        exec_params(command, working_dir),
+        lambda result: ExecStreamResult(*parse_status(result, "exec_stream")),
+        on_output,
+    )
 
 
-def as_bytes(chunk: Any) -> bytes:
-    return chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
+def exec_pipe(
+    command: str,
+    working_dir: str,
+    user: str,
+    stdout: IO[str] | None,
+    stderr: IO[str] | None,
+    ready: Callable[[], object],
+) -> tuple[Call[ExecPipeResult], InputRoute]:
+    """The call and the route its input takes once the server says ready (which calls `ready`)."""
+    route = InputRoute("exec_pipe", {"exec_pipe.stdout": stdout, "exec_pipe.stderr": stderr}, ready)
+    call = Call(
+        "exec_pipe",
+        exec_params(command, working_dir, user),
+        lambda result: ExecPipeResult(*parse_status(result, "exec_pipe")),
+        route.on_notification,
+    )
+    return call, route
 
 
-def output_writer(writers: Mapping[str, IO[str] | None]) -> Notify:
-    """A notification handler that writes each output chunk to the writer named by its method."""
-
-    def on_output(method: str, params: dict[str, Any]) -> None:
-        if method in writers:
-            write_text(writers[method], decode_chunk(params))
-
-    return on_output
-
-
-def deliver(handler: Notify | None, method: str, params: dict[str, Any]) -> Exception | None:
-    """Run a call's notification handler; what a failing user writer raised is returned, to fail its call."""
-    if handler is None:
-        return None
-    try:
-        handler(method, params)
-    except Exception as exc:  # noqa: BLE001 - a user writer failed: report it from its call
-        return exc
-    return None
-
-
-def input_notifications(
-    method: str, writers: Mapping[str, IO[str] | None], ready: Callable[[], object], target: list[int]
-) -> Notify:
-    """exec_pipe / exec_tty: `<method>.ready` names the process input goes to (the first id wins) and calls
-    `ready`, which releases the input pumps; output chunks go to `writers`."""
-    write = output_writer(writers)
-
-    def on_notification(name: str, notification: dict[str, Any]) -> None:
-        if name == f"{method}.ready":
-            if isinstance(notification.get("id"), int) and not target:
-                target.append(notification["id"])
-            ready()
-        else:
-            write(name, notification)
-
-    return on_notification
-
-
-def encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def exec_tty(
+    command: str,
+    working_dir: str,
+    user: str,
+    rows: int,
+    cols: int,
+    stdout: IO[str] | None,
+    ready: Callable[[], object],
+) -> tuple[Call[ExecInteractiveResult], InputRoute]:
+    route = InputRoute("exec_tty", {"exec_tty.stdout": stdout}, ready)
+    call = Call(
+        "exec_tty",
+        tty_params(command, working_dir, user, rows, cols),
+        lambda result: ExecInteractiveResult(*parse_status(result, "exec_tty")),
+        route.on_notification,
+    )
+    return call, route
 
 
 # --- files and log ---------------------------------------------------------------------------------
 
 
-def write_file_params(path: str, content: bytes, mode: int) -> dict[str, Any]:
-    return {"path": path, "content": encode(content), "mode": mode}
+def write_file(path: str, content: bytes, mode: int) -> Call[None]:
+    return Call("write_file", {"path": path, "content": encode(content), "mode": mode}, _ignore)
 
 
-def parse_read_file(result: Any) -> bytes:
-    return _b64_field(result, "read_file", "content")
+def read_file(path: str) -> Call[bytes]:
+    return Call("read_file", {"path": path}, lambda result: _b64_field(result, "read_file", "content"))
+
+
+def list_files(path: str) -> Call[list[FileInfo]]:
+    return Call("list_files", {"path": path}, parse_list_files)
 
 
 def parse_list_files(result: Any) -> list[FileInfo]:
@@ -369,8 +412,12 @@ def parse_log(result: Any) -> str:
     return _b64_field(result, "log", "content").decode("utf-8", errors="replace")
 
 
-def close_seconds(timeout: float) -> float:
-    return timeout if timeout and timeout > 0 else CLOSE_DEFAULT_SECONDS
+def log() -> Call[str]:
+    return Call("log", None, parse_log)
+
+
+def log_stream(stdout: IO[str] | None) -> Call[None]:
+    return Call("log_stream", None, _ignore, output_writer({"log_stream.data": stdout}))
 
 
 # --- port forwarding -------------------------------------------------------------------------------
@@ -433,6 +480,13 @@ def parse_bindings(result: Any) -> list[PortForwardBinding]:
     return bindings
 
 
+def port_forward(addresses: list[str] | None, forwards: list[PortForward]) -> Call[list[PortForwardBinding]] | None:
+    """None when there is nothing to forward: no request is sent then."""
+    if not forwards:
+        return None
+    return Call("port_forward", port_forward_params(addresses, forwards), parse_bindings)
+
+
 # --- runtime allow-list (new; the Go SDK's shape) ----------------------------------------------------
 
 
@@ -461,54 +515,15 @@ def parse_allow_list(result: Any, method: str, changed_key: str) -> AllowListUpd
     return AllowListUpdate(changed=lists[0], allowed_hosts=lists[1])
 
 
-# --- volumes (CLI subprocesses) --------------------------------------------------------------------
-
-
-def volume_name(name: str) -> str:
-    name = name.strip()
-    if not name:
-        raise MatchlockError("volume name is required")
-    return name
-
-
-def volume_create_argv(binary: str, name: str, size_mb: int) -> list[str]:
-    name = volume_name(name)
-    if size_mb <= 0:
-        raise MatchlockError("volume size must be > 0")
-    return [binary, "volume", "create", name, "--size", str(size_mb), "--json"]
-
-
-def _json_output(stdout: str, what: str) -> Any:
-    try:
-        return json.loads(stdout)
-    except json.JSONDecodeError as exc:
-        raise MatchlockError(f"failed to parse volume {what} output: {exc}") from exc
-
-
-def parse_volume_create(stdout: str, name: str, size_mb: int) -> VolumeInfo:
-    payload = _json_output(stdout, "create")
-    if not isinstance(payload, dict):
-        raise MatchlockError(f"failed to parse volume create output: expected object, got {payload!r}")
-    path = str(payload.get("path", "")).strip()
-    if not path:
-        raise MatchlockError("failed to parse volume create output: missing Path")
-    return VolumeInfo(
-        name=str(payload.get("name", "")).strip() or name.strip(),
-        size=str(payload.get("size", "")).strip() or f"{float(size_mb):.1f} MB",
-        path=path,
+def allow_list_add(hosts: tuple[str, ...]) -> Call[AllowListUpdate]:
+    return Call(
+        "allow_list_add", allow_list_params(hosts), lambda result: parse_allow_list(result, "allow_list_add", "added")
     )
 
 
-def parse_volume_list(stdout: str) -> list[VolumeInfo]:
-    payload = _json_output(stdout, "list")
-    if not isinstance(payload, list):
-        raise MatchlockError("failed to parse volume list output: expected array")
-    volumes = []
-    for entry in payload:
-        if not isinstance(entry, dict):
-            raise MatchlockError(f"failed to parse volume list output line: {entry!r}")
-        name, size, path = (str(entry.get(key, "")).strip() for key in ("name", "size", "path"))
-        if not name or not path:
-            raise MatchlockError(f"failed to parse volume list output line: {entry!r}")
-        volumes.append(VolumeInfo(name=name, size=size, path=path))
-    return volumes
+def allow_list_delete(hosts: tuple[str, ...]) -> Call[AllowListUpdate]:
+    return Call(
+        "allow_list_delete",
+        allow_list_params(hosts),
+        lambda result: parse_allow_list(result, "allow_list_delete", "removed"),
+    )

@@ -9,26 +9,28 @@ methods are thread-safe; requests run concurrently. Differences from the publish
 `create`, `launch` and `port_forward` take a `timeout` (they waited forever), a bad line from the server
 no longer kills the reader, late output notifications are still delivered, a failing output writer
 raises from its exec call, and `allow_list_add` / `allow_list_delete` exist.
+
+The requests and their results are `calls.Call`s and the connection state is `base.ClientBase`, both
+shared with `AsyncClient`; this module is the transport: a child process, a reader thread, waiting threads.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import subprocess
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-from ..jsonrpc import Broadcast, Failed, Resolved, Routed
-from . import calls
+from . import calls, volumes
+from .base import ClientBase, PendingCall, server_argv, split_forks
 from .builder import Sandbox
-from .calls import CREATE_TIMEOUT, PORT_FORWARD_TIMEOUT, Notify
-from .errors import MatchlockError, RPCError
-from .hooks import LocalVFSHooks, NetworkHookServer, ThreadedAfterHooks, parse_file_event, plan_create
-from .session import Malformed, Session
+from .calls import CREATE_TIMEOUT, PORT_FORWARD_TIMEOUT, Call
+from .errors import MatchlockError
+from .hooks import NetworkHookServer, ThreadedAfterHooks
+from .streams import InputRoute, Notify, as_bytes
 from .types import (
     AllowListUpdate,
     Config,
@@ -38,48 +40,46 @@ from .types import (
     ExecResult,
     ExecStreamResult,
     FileInfo,
-    PortForward,
     PortForwardBinding,
+    VFSHookEvent,
     VolumeInfo,
 )
 
+R = TypeVar("R")
 Reader = IO[str] | IO[bytes]
 
 
-class _Call:
-    __slots__ = ("done", "result", "error", "on_notification")
+class _Call(PendingCall):
+    __slots__ = ("done", "result", "error")
 
     def __init__(self, on_notification: Notify | None) -> None:
+        super().__init__(on_notification)
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
-        self.on_notification = on_notification
+
+    def resolve(self, result: Any) -> None:
+        self.result = result
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def output_failed(self, error: Exception) -> None:
+        # Raised once the call's answer is in: the command's output keeps going to the other writers.
+        if self.error is None and not self.done.is_set():
+            self.error = error
 
 
-def default_config() -> Config:
-    return Config(binary_path=os.environ.get("MATCHLOCK_BIN", "matchlock"))
-
-
-def server_argv(config: Config) -> list[str]:
-    argv = [config.binary_path, "rpc"]
-    return ["sudo", *argv] if config.use_sudo else argv
-
-
-class Client:
+class Client(ClientBase):
     """Client for one sandbox served by a `matchlock rpc` child process."""
 
     def __init__(self, config: Config | None = None):
-        self._config = config if config is not None else default_config()
+        super().__init__(config)
         self._process: subprocess.Popen[bytes] | None = None
-        self._session: Session[_Call] = Session()
         self._write_lock = threading.Lock()
         self._reader: threading.Thread | None = None
-        self._closed = False
-        self._stdout_closed = False  # set before pending calls are failed, so none can slip in after
-        self._vm_id: str | None = None
-        self._last_vm_id: str | None = None
-        self._create_opts: CreateOptions | None = None  # for fork(); secrets stay in memory only
-        self._vfs = LocalVFSHooks()
         self._after_hooks = ThreadedAfterHooks(self._vfs, self)
         self._hook_lock = threading.Lock()
         self._hook_server: NetworkHookServer | None = None
@@ -90,10 +90,6 @@ class Client:
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         self.close()
-
-    @property
-    def vm_id(self) -> str | None:
-        return self._vm_id
 
     # --- process ---------------------------------------------------------------------------
 
@@ -113,18 +109,14 @@ class Client:
         The server gets `close` with `timeout` seconds (0 means 2) to stop the VM, then as long to exit
         before it is killed. The VM stays listed as stopped until `remove()`.
         """
-        if self._closed:
+        if not self._begin_close():
             return
-        self._closed = True
-        self._last_vm_id = self._vm_id
-        self._vfs.set([])
-        self._stop_hook_server()
         process = self._process
         if process is None or process.poll() is not None:
             return
-        seconds = calls.close_seconds(timeout)
+        call, seconds = calls.close(timeout)
         with contextlib.suppress(MatchlockError, TimeoutError):
-            self._request("close", {"timeout_seconds": seconds}, timeout=seconds + 1.0)
+            self._request(call, seconds + 1.0)
         with contextlib.suppress(OSError):
             assert process.stdin is not None
             process.stdin.close()
@@ -138,23 +130,22 @@ class Client:
 
     def remove(self) -> None:
         """Delete the stopped VM's state (`matchlock rm ID`); call after close()."""
-        vm_id = self._vm_id or self._last_vm_id
+        vm_id = self._removable_id()
         if vm_id:
-            self._cli("rm", vm_id)
+            self._cli(volumes.remove(vm_id))
 
-    def _cli(self, *args: str) -> str:
-        completed = subprocess.run([self._config.binary_path, *args], capture_output=True, text=True, check=True)
-        return completed.stdout
+    def _cli(self, call: volumes.CliCall[R]) -> R:
+        argv = [self._config.binary_path, *call.args]
+        return call.parse(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
 
     def volume_create(self, name: str, size_mb: int = 10240) -> VolumeInfo:
-        argv = calls.volume_create_argv(self._config.binary_path, name, size_mb)
-        return calls.parse_volume_create(self._cli(*argv[1:]), name, size_mb)
+        return self._cli(volumes.volume_create(name, size_mb))
 
     def volume_list(self) -> list[VolumeInfo]:
-        return calls.parse_volume_list(self._cli("volume", "ls", "--json"))
+        return self._cli(volumes.volume_list())
 
     def volume_remove(self, name: str) -> None:
-        self._cli("volume", "rm", calls.volume_name(name))
+        self._cli(volumes.volume_remove(name))
 
     # --- transport -------------------------------------------------------------------------
 
@@ -168,34 +159,8 @@ class Client:
                 data = b""
             if not data:
                 break
-            for event in self._session.feed(data):
-                self._dispatch(event)
-        self._stdout_closed = True
-        lost = MatchlockError("Matchlock process closed unexpectedly")
-        for _, call in self._session.eof():
-            call.error = lost
-            call.done.set()
-        self._stop_hook_server()
-
-    def _dispatch(self, event: Any) -> None:
-        if isinstance(event, Resolved):
-            event.context.result = event.result
-            event.context.done.set()
-        elif isinstance(event, Failed):
-            event.context.error = RPCError(event.code, event.message)
-            event.context.done.set()
-        elif isinstance(event, Malformed):
-            event.context.error = MatchlockError(event.reason)
-            event.context.done.set()
-        elif isinstance(event, Routed):
-            call = event.context
-            error = calls.deliver(call.on_notification, event.method, event.params)
-            if error is not None and call.error is None and not call.done.is_set():
-                call.error = error
-        elif isinstance(event, Broadcast) and event.method == "event":
-            file_event = parse_file_event(event.params)
-            if file_event is not None:
-                self._after_hooks.on_event(file_event)
+            self._receive(data)
+        self._server_gone()
 
     def _write(self, line: bytes) -> None:
         process = self._process
@@ -212,18 +177,12 @@ class Client:
         with contextlib.suppress(MatchlockError):
             self._write(line)
 
-    def _request(
-        self,
-        method: str,
-        params: dict[str, Any] | None = None,
-        on_notification: Notify | None = None,
-        timeout: float | None = None,
-    ) -> Any:
+    def _request(self, call: Call[R], timeout: float | None = None) -> R:
         """Send one request and wait for its result; on timeout send `cancel` and raise TimeoutError."""
         if self._process is None or self._process.poll() is not None or self._stdout_closed:
             raise MatchlockError("Matchlock process not running")
-        call = _Call(on_notification)
-        call_id, line = self._session.start(method, params, call)
+        pending = _Call(call.on_notification)
+        call_id, line = self._session.start(call.method, call.params, pending)
         if self._stdout_closed:
             self._session.forget(call_id)
             raise MatchlockError("Matchlock process closed unexpectedly")
@@ -232,13 +191,13 @@ class Client:
         except MatchlockError:
             self._session.forget(call_id)
             raise
-        if not call.done.wait(timeout):
+        if not pending.done.wait(timeout):
             self._send_quietly(self._session.abandon(call_id))
-            if not call.done.is_set():
-                raise TimeoutError(f"request {method} (id={call_id}) timed out after {timeout}s")
-        if call.error is not None:
-            raise call.error
-        return call.result
+            if not pending.done.is_set():
+                raise TimeoutError(f"request {call.method} (id={call_id}) timed out after {timeout}s")
+        if pending.error is not None:
+            raise pending.error
+        return call.parse(pending.result)
 
     def _notify(self, method: str, params: dict[str, Any]) -> None:
         self._send_quietly(self._session.send(method, params))
@@ -251,13 +210,14 @@ class Client:
         if server is not None:
             server.stop()
 
+    def _on_file_event(self, event: VFSHookEvent) -> None:
+        self._after_hooks.on_event(event)
+
     # --- sandbox ---------------------------------------------------------------------------
 
     def create(self, opts: CreateOptions | None = None, *, timeout: float | None = CREATE_TIMEOUT) -> str:
         """Create and boot the sandbox; returns its id. `timeout=None` waits forever."""
-        plan = plan_create(opts)
-        self._stop_hook_server()
-        self._vfs.set([])
+        plan = self._begin_create(opts)
         callback_socket = None
         if plan.callbacks:
             server = NetworkHookServer(plan.callbacks)
@@ -265,22 +225,18 @@ class Client:
                 self._hook_server = server
             callback_socket = server.socket_path
         try:
-            vm_id = calls.parse_create(self._request("create", plan.params(callback_socket), timeout=timeout))
+            vm_id = self._request(calls.create(plan.params(callback_socket)), timeout)
         except BaseException:
             self._stop_hook_server()
             raise
-        self._vm_id = vm_id
-        self._create_opts = copy.copy(plan.opts)
-        self._vfs.set(plan.vfs.local)
-        if plan.opts.port_forwards:
-            self._port_forward(plan.opts.port_forward_addresses, plan.opts.port_forwards, timeout=PORT_FORWARD_TIMEOUT)
+        forwards = self._created(plan, vm_id)
+        if forwards is not None:
+            self._request(forwards, PORT_FORWARD_TIMEOUT)
         return vm_id
 
     def launch(self, sandbox: Sandbox, *, timeout: float | None = CREATE_TIMEOUT) -> str:
         """Create the sandbox and start the image's ENTRYPOINT/CMD in the background."""
-        opts = copy.deepcopy(sandbox.options())
-        opts.launch_entrypoint = True
-        return self.create(opts, timeout=timeout)
+        return self.create(calls.launch_options(sandbox), timeout=timeout)
 
     def port_forward(self, *specs: str, timeout: float | None = PORT_FORWARD_TIMEOUT) -> list[PortForwardBinding]:
         """Forward `[LOCAL:]REMOTE` ports on 127.0.0.1; replaces the earlier set."""
@@ -289,41 +245,36 @@ class Client:
     def port_forward_with_addresses(
         self, addresses: list[str] | None, *specs: str, timeout: float | None = PORT_FORWARD_TIMEOUT
     ) -> list[PortForwardBinding]:
-        return self._port_forward(addresses, [calls.parse_forward_spec(spec) for spec in specs], timeout=timeout)
-
-    def _port_forward(
-        self, addresses: list[str] | None, forwards: list[PortForward], *, timeout: float | None
-    ) -> list[PortForwardBinding]:
-        if not forwards:
-            return []
-        result = self._request("port_forward", calls.port_forward_params(addresses, forwards), timeout=timeout)
-        return calls.parse_bindings(result)
+        call = calls.port_forward(addresses, [calls.parse_forward_spec(spec) for spec in specs])
+        return [] if call is None else self._request(call, timeout)
 
     def allow_list_add(self, *hosts: str, timeout: float | None = None) -> AllowListUpdate:
         """Allow more hosts on the running sandbox (needs network interception); `changed` = newly added."""
-        result = self._request("allow_list_add", calls.allow_list_params(hosts), timeout=timeout)
-        return calls.parse_allow_list(result, "allow_list_add", "added")
+        return self._request(calls.allow_list_add(hosts), timeout)
+
+    def allow_list_delete(self, *hosts: str, timeout: float | None = None) -> AllowListUpdate:
+        """Remove hosts from the allow-list; an empty list afterwards allows every host."""
+        return self._request(calls.allow_list_delete(hosts), timeout)
 
     def pause(self, timeout: float | None = None) -> None:
         """Stop the sandbox's vCPUs (memory and connections kept); exec fails until `resume()`."""
-        self._request("pause", {}, timeout=timeout)
+        self._request(calls.pause(), timeout)
 
     def resume(self, timeout: float | None = None) -> None:
-        self._request("resume", {}, timeout=timeout)
+        self._request(calls.resume(), timeout)
 
     def snapshot(self, name: str = "", mode: str = "full", timeout: float | None = None) -> dict:
         """Save the sandbox (`full`: memory and disks, `filesystem`: disks); `from_snapshot` and
         `matchlock run --from-snapshot` restore it. Returns the snapshot record (name, mode, size, ...)."""
-        return calls.parse_snapshot(self._request("snapshot", calls.snapshot_params(name, mode), timeout=timeout))
+        return self._request(calls.snapshot(name, mode), timeout)
 
     def snapshot_list(self, timeout: float | None = None) -> list[dict]:
         """The complete snapshots (records as `snapshot()` returns); works before `create`."""
-        return calls.parse_snapshot_list(self._request("snapshot_list", {}, timeout=timeout))
+        return self._request(calls.snapshot_list(), timeout)
 
     def snapshot_remove(self, *names: str, timeout: float | None = None) -> list[str]:
         """Remove snapshots (all names are checked first); clones restored from them keep running."""
-        params = calls.snapshot_remove_params(names)
-        return calls.parse_removed(self._request("snapshot_remove", params, timeout=timeout))
+        return self._request(calls.snapshot_remove(names), timeout)
 
     def fork(self, count: int = 1, *, timeout: float | None = CREATE_TIMEOUT) -> list[Client]:
         """`count` new clients, each owning a clone of this running sandbox, which keeps running.
@@ -340,12 +291,11 @@ class Client:
         finally:
             with contextlib.suppress(MatchlockError, TimeoutError):
                 self.snapshot_remove(name, timeout=timeout)
-        clones = [outcome for outcome in outcomes if isinstance(outcome, Client)]
-        failures = [outcome for outcome in outcomes if not isinstance(outcome, Client)]
-        if failures:
+        clones, failure = split_forks(outcomes)
+        if failure is not None:
             for clone in clones:
                 clone._discard()
-            raise failures[0]
+            raise failure
         return clones
 
     def _clone(self, opts: CreateOptions, timeout: float | None) -> Client | Exception:
@@ -364,16 +314,11 @@ class Client:
         with contextlib.suppress(MatchlockError, OSError, subprocess.CalledProcessError):
             self.remove()
 
-    def allow_list_delete(self, *hosts: str, timeout: float | None = None) -> AllowListUpdate:
-        """Remove hosts from the allow-list; an empty list afterwards allows every host."""
-        result = self._request("allow_list_delete", calls.allow_list_params(hosts), timeout=timeout)
-        return calls.parse_allow_list(result, "allow_list_delete", "removed")
-
     # --- exec ------------------------------------------------------------------------------
 
     def exec(self, command: str, working_dir: str = "", timeout: float | None = None) -> ExecResult:
         """Run `sh -c command` to completion; on timeout the command is cancelled and TimeoutError raised."""
-        return calls.parse_exec(self._request("exec", calls.exec_params(command, working_dir), timeout=timeout))
+        return self._request(calls.exec_command(command, working_dir), timeout)
 
     def exec_stream(
         self,
@@ -384,10 +329,7 @@ class Client:
         timeout: float | None = None,
     ) -> ExecStreamResult:
         """Run a command, writing its output to the writers as it arrives."""
-
-        on_output = calls.output_writer({"exec_stream.stdout": stdout, "exec_stream.stderr": stderr})
-        result = self._request("exec_stream", calls.exec_params(command, working_dir), on_output, timeout)
-        return ExecStreamResult(*calls.parse_status(result, "exec_stream"))
+        return self._request(calls.exec_stream(command, working_dir, stdout, stderr), timeout)
 
     def exec_pipe(
         self,
@@ -400,10 +342,9 @@ class Client:
         user: str = "",
     ) -> ExecPipeResult:
         """Run a command with stdin forwarded (no terminal); user is `uid`, `uid:gid` or a name."""
-        writers = {"exec_pipe.stdout": stdout, "exec_pipe.stderr": stderr}
-        params = calls.exec_params(command, working_dir, user)
-        result = self._run_with_input("exec_pipe", params, stdin, None, writers, timeout)
-        return ExecPipeResult(*calls.parse_status(result, "exec_pipe"))
+        ready = threading.Event()
+        call, route = calls.exec_pipe(command, working_dir, user, stdout, stderr, ready.set)
+        return self._run_with_input(call, route, ready, stdin, None, timeout)
 
     def exec_interactive(
         self,
@@ -418,31 +359,28 @@ class Client:
         user: str = "",
     ) -> ExecInteractiveResult:
         """Run a command in a pseudo-terminal; `resize` yields (rows, cols) changes."""
-        params = calls.tty_params(command, working_dir, user, rows, cols)
-        result = self._run_with_input("exec_tty", params, stdin, resize, {"exec_tty.stdout": stdout}, timeout)
-        return ExecInteractiveResult(*calls.parse_status(result, "exec_tty"))
+        ready = threading.Event()
+        call, route = calls.exec_tty(command, working_dir, user, rows, cols, stdout, ready.set)
+        return self._run_with_input(call, route, ready, stdin, resize, timeout)
 
     def _run_with_input(
         self,
-        method: str,
-        params: dict[str, Any],
+        call: Call[R],
+        route: InputRoute,
+        ready: threading.Event,
         stdin: Reader | None,
         resize: Iterable[tuple[int, int]] | None,
-        writers: dict[str, IO[str] | None],
         timeout: float | None,
-    ) -> Any:
+    ) -> R:
         """exec_pipe / exec_tty: input is pumped once the server says `<method>.ready`."""
-        ready, done = threading.Event(), threading.Event()
-        target: list[int] = []
-        on_notification = calls.input_notifications(method, writers, ready.set, target)
-
-        pumps = [threading.Thread(target=self._pump_stdin, args=(method, stdin, ready, done, target), daemon=True)]
+        done = threading.Event()
+        pumps = [threading.Thread(target=self._pump_stdin, args=(route, stdin, ready, done), daemon=True)]
         if resize is not None:
-            pumps.append(threading.Thread(target=self._pump_resize, args=(resize, ready, done, target), daemon=True))
+            pumps.append(threading.Thread(target=self._pump_resize, args=(route, resize, ready, done), daemon=True))
         for pump in pumps:
             pump.start()
         try:
-            return self._request(method, params, on_notification, timeout)
+            return self._request(call, timeout)
         finally:
             done.set()
             ready.set()  # wakes pumps that never saw ready
@@ -450,12 +388,12 @@ class Client:
                 pump.join(timeout=0.2)
 
     def _pump_stdin(
-        self, method: str, stdin: Reader | None, ready: threading.Event, done: threading.Event, target: list[int]
+        self, route: InputRoute, stdin: Reader | None, ready: threading.Event, done: threading.Event
     ) -> None:
         ready.wait()
-        if not target or done.is_set():
+        target = route.target
+        if target is None or done.is_set():
             return
-        call_id = target[0]
         while stdin is not None and not done.is_set():
             try:
                 chunk = stdin.read(4096)
@@ -464,47 +402,42 @@ class Client:
             if chunk is None:  # a non-blocking reader with nothing yet
                 done.wait(0.01)
                 continue
-            data = calls.as_bytes(chunk)
+            data = as_bytes(chunk)
             if not data:
                 break
-            self._notify(f"{method}.stdin", {"id": call_id, "data": calls.encode(data)})
+            self._notify(*route.stdin(target, data))
         if not done.is_set():
-            self._notify(f"{method}.stdin_eof", {"id": call_id})
+            self._notify(*route.stdin_eof(target))
 
     def _pump_resize(
-        self, resize: Iterable[tuple[int, int]], ready: threading.Event, done: threading.Event, target: list[int]
+        self, route: InputRoute, resize: Iterable[tuple[int, int]], ready: threading.Event, done: threading.Event
     ) -> None:
         ready.wait()
-        if not target:
+        target = route.target
+        if target is None:
             return
         for size in resize:
             if done.is_set():
                 return
-            if isinstance(size, tuple | list) and len(size) >= 2:
-                self._notify("exec_tty.resize", {"id": target[0], "rows": int(size[0]), "cols": int(size[1])})
+            message = route.resize(target, size)
+            if message is not None:
+                self._notify(*message)
 
     # --- files and log ---------------------------------------------------------------------
 
     def write_file(self, path: str, content: bytes | str, mode: int = 0o644, timeout: float | None = None) -> None:
-        data = calls.as_bytes(content)
-        self._vfs.check_action("write", path, len(data), mode)
-        data = self._vfs.mutate_write(path, data, mode)
-        self._request("write_file", calls.write_file_params(path, data, mode), timeout=timeout)
+        self._request(self._write_file_call(path, content, mode), timeout)
 
     def read_file(self, path: str, timeout: float | None = None) -> bytes:
-        self._vfs.check_action("read", path, 0, 0)
-        return calls.parse_read_file(self._request("read_file", {"path": path}, timeout=timeout))
+        return self._request(self._read_file_call(path), timeout)
 
     def list_files(self, path: str, timeout: float | None = None) -> list[FileInfo]:
-        self._vfs.check_action("readdir", path, 0, 0)
-        return calls.parse_list_files(self._request("list_files", {"path": path}, timeout=timeout))
+        return self._request(self._list_files_call(path), timeout)
 
     def log(self, timeout: float | None = None) -> str:
         """The VM's log so far (console and entrypoint output)."""
-        return calls.parse_log(self._request("log", timeout=timeout))
+        return self._request(calls.log(), timeout)
 
     def log_stream(self, stdout: IO[str] | None = None, timeout: float | None = None) -> None:
         """Follow the VM log into `stdout` until the timeout (then TimeoutError) or the server ends it."""
-
-        on_data = calls.output_writer({"log_stream.data": stdout})
-        self._request("log_stream", on_notification=on_data, timeout=timeout)
+        self._request(calls.log_stream(stdout), timeout)

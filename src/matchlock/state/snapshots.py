@@ -47,6 +47,25 @@ MIGRATION = Migration(
 )
 
 
+class RestoreMismatch(UsageError):
+    """A setting of a restore that its snapshot cannot take (raised by `sandbox.snapshots.Restore.prepare`).
+
+    Each front end names the setting its own way: `field` as RPC `create` does (`network.secrets.API_KEY`),
+    `flag` as `run --from-snapshot` does (`--secret API_KEY`). `problem` follows either name, and
+    `fixes["cli"]` / `fixes["rpc"]` say what to do there. The message is the CLI's.
+    """
+
+    def __init__(self, field: str, flag: str, problem: str, *, cli: str, rpc: str) -> None:
+        self.field, self.flag, self.problem = field, flag, problem
+        self.fixes = {"cli": cli, "rpc": rpc}
+        super().__init__(self.explain("cli"))
+
+    def explain(self, front: str) -> str:
+        """`front` is "cli" or "rpc"."""
+        subject = self.flag if front == "cli" else self.field
+        return f"{subject} {self.problem}; fix: {self.fixes[front]}"
+
+
 def validate_name(name: str) -> str:
     if not NAME.match(name):
         raise UsageError(

@@ -53,7 +53,8 @@ class HostFile(Handle):
 
 class HostFSProvider(Provider):
     kind = "host_fs"
-    cache_seconds = 1.0  # the host may change the directory under the guest
+    # The host may change the directory under the guest: 1 s, unless `notify.Notifier` watches it.
+    cache_seconds = 1.0
     quick_getattr = True  # one stat beneath an open directory
 
     def __init__(
@@ -73,6 +74,11 @@ class HostFSProvider(Provider):
         root = os.fstat(self.dir.root_fd)
         # New files belong to whoever owns the shared directory (only root can give them away).
         self.new_owner = (root.st_uid, root.st_gid) if os.geteuid() == 0 else None
+
+    @property
+    def negative_seconds(self) -> float:
+        # Always the unwatched lifetime: a watch that fails cannot name the ENOENTs the guest cached.
+        return type(self).cache_seconds
 
     def close(self) -> None:
         self.dir.close()

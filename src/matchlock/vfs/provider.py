@@ -21,6 +21,11 @@ class Provider:
     quick_getattr = False  # getattr never waits on a lock or a copy: the router may call it on its event loop
     kind = "provider"
 
+    @property
+    def negative_seconds(self) -> float:
+        """How long the guest may cache "no such name": as long as the rest unless a provider says less."""
+        return self.cache_seconds
+
     def getattr(self, path: Path) -> Attr:
         raise NotImplementedError
 

@@ -3,9 +3,10 @@
 Mount roots that lie under no other mount are what the guest mounts (one FUSE filesystem each, from
 the HELLO reply); mounts nested inside one (`/workspace/.host/x`) are routed here, and the
 directories leading to them are synthesized when the enclosing provider has none. Node ids are
-(parent node, name) pairs of the guest's tree, so a rename moves a whole subtree at once; the
-guest gives them back with FORGET, and both tables are bounded (`Limits`). The tables change only
-on the event loop; provider calls run in the thread pool.
+(parent node, name) pairs of the guest's tree (`nodes.NodeTable`); both tables are bounded
+(`Limits`) and change only on the event loop; provider calls run in the thread pool. Every change
+the guest makes to a watched host_fs mount is marked for `notify.Notifier`, which tells the guest
+about the host's own changes.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from typing import Any, TypeVar
 
 from ..wire import vfs as wire
 from .intercept import Interceptor
+from .nodes import Node, NodeTable
+from .notify import Notifier
 from .provider import Path, Provider
 from .types import NOW as TIME_NOW
 from .types import Attr, Caller, DirEntry, FsError, Handle, Limits, SetAttr, check_name, wants_write
 
 T = TypeVar("T")
-_NEVER_FORGOTTEN = 1 << 62
 _SYNTHETIC_INO = 1 << 62
 
 
@@ -43,22 +45,9 @@ class Mount:
         return tuple(self.path.strip("/").split("/"))
 
 
-class _Node:
-    __slots__ = ("id", "parent", "name", "nlookup", "children", "root", "linked")
-
-    def __init__(self, node_id: int, parent: _Node | None, name: str, root: Path = ()) -> None:
-        self.id = node_id
-        self.parent = parent
-        self.name = name
-        self.nlookup = 0
-        self.children = 0
-        self.root = root  # the guest path of a top-level mount root (parent None)
-        self.linked = False  # last seen as a regular file with more than one name (see _attr_validity)
-
-
 @dataclass
 class _Open:
-    node: _Node
+    node: Node
     handle: Handle | None = None
     listing: list[DirEntry] | None = None
 
@@ -75,11 +64,10 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-class Router:
+class Router(NodeTable):
     def __init__(
         self, mounts: list[Mount], interceptor: Interceptor, executor: Executor, limits: Limits | None = None
     ) -> None:
-        self.limits = limits or Limits()
         self.interceptor = interceptor
         self.executor = executor
         self.mounts = sorted(mounts, key=lambda m: len(m.parts), reverse=True)  # longest prefix first
@@ -90,99 +78,27 @@ class Router:
             top = next(t for t in self.tops if _below(m.parts, t.parts) or t is m)
             self.virtual.update(m.parts[:n] for n in range(len(top.parts), len(m.parts)))
         self.virtual -= set(self.points)
-        self.nodes: dict[int, _Node] = {}
-        self.index: dict[tuple[int, str], _Node] = {}
+        super().__init__(limits or Limits(), [top.parts for top in self.tops])
+        self.roots: list[tuple[Mount, Node]] = list(zip(self.tops, self.root_nodes))
         self.handles: dict[int, _Open] = {}
-        self._ids = itertools.count(2)  # 0 and 1 are reserved by the wire
         self._fhs = itertools.count(1)
-        self.roots: list[tuple[Mount, _Node]] = []
-        for top in self.tops:
-            node = _Node(next(self._ids), None, "", top.parts)
-            node.nlookup = _NEVER_FORGOTTEN
-            self.nodes[node.id] = node
-            self.roots.append((top, node))
+        self.notifier = Notifier(self)  # started by the server, once it can send
 
     def hello(self) -> tuple[wire.Mount, ...]:
         # A top caches ENOENT only as long as every mount inside it allows (a nested host_fs: 1 s).
         return tuple(wire.Mount(top.path, node.id, top.readonly, self._negative_ns(top)) for top, node in self.roots)
 
     def _negative_ns(self, top: Mount) -> int:
-        return min(_ns(m.provider.cache_seconds) for m in self.mounts if m is top or _below(m.parts, top.parts))
+        return min(_ns(m.provider.negative_seconds) for m in self.mounts if m is top or _below(m.parts, top.parts))
 
     def close(self) -> None:
+        self.notifier.close()
         for opened in self.handles.values():
             if opened.handle is not None:
                 opened.handle.close()
         self.handles.clear()
         for m in self.mounts:
             m.provider.close()
-
-    # --- nodes -------------------------------------------------------------------------------------------
-
-    def _node(self, node_id: int) -> _Node:
-        node = self.nodes.get(node_id)
-        if node is None:
-            raise FsError(errno.ESTALE, f"unknown node {node_id}")
-        return node
-
-    def _parts(self, node: _Node) -> Path:
-        names = []
-        while node.parent is not None:
-            names.append(node.name)
-            node = node.parent
-        if node.nlookup != _NEVER_FORGOTTEN:  # detached: unlinked or renamed over
-            raise FsError(errno.ENOENT)
-        return node.root + tuple(reversed(names))
-
-    def _remember(self, parent: _Node, name: str) -> _Node:
-        node = self.index.get((parent.id, name))
-        if node is None:
-            if len(self.nodes) >= self.limits.max_nodes:
-                raise FsError(errno.ENFILE, f"the guest holds {len(self.nodes)} nodes, the limit")
-            node = _Node(next(self._ids), parent, name)
-            self.nodes[node.id] = node
-            self.index[(parent.id, name)] = node
-            parent.children += 1
-        node.nlookup += 1
-        return node
-
-    def _detach(self, parent: _Node, name: str) -> None:
-        node = self.index.pop((parent.id, name), None)
-        if node is not None:
-            node.parent = _DETACHED
-            parent.children -= 1
-            self._drop_if_unused(parent)
-            self._drop_if_unused(node)
-
-    def _drop_if_unused(self, node: _Node) -> None:
-        while node.nlookup <= 0 and node.children <= 0 and node.id in self.nodes:
-            del self.nodes[node.id]
-            parent = node.parent
-            if parent is None or parent is _DETACHED:
-                return
-            if self.index.get((parent.id, node.name)) is node:
-                del self.index[(parent.id, node.name)]
-            parent.children -= 1
-            node = parent
-
-    def forget(self, items: tuple[tuple[int, int], ...]) -> None:
-        for node_id, count in items:
-            node = self.nodes.get(node_id)
-            if node is None or node.nlookup == _NEVER_FORGOTTEN:
-                continue
-            node.nlookup -= count
-            self._drop_if_unused(node)
-
-    def _move(self, parent: _Node, name: str, newparent: _Node, newname: str) -> None:
-        node = self.index.pop((parent.id, name), None)
-        self._detach(newparent, newname)
-        if node is None:
-            return
-        parent.children -= 1
-        node.parent, node.name = newparent, newname
-        self.index[(newparent.id, newname)] = node
-        newparent.children += 1
-        self._drop_if_unused(parent)
 
     # --- routing -----------------------------------------------------------------------------------------
 
@@ -239,13 +155,13 @@ class Router:
     def _validity(self, parts: Path) -> int:
         return _ns(self.route(parts)[0].provider.cache_seconds)
 
-    def _attr_validity(self, node: _Node, parts: Path, attr: Attr) -> int:
+    def _attr_validity(self, node: Node, parts: Path, attr: Attr) -> int:
         """Attributes are cached, except a hard-linked file's: nodes are names here, so the guest kernel
         holds one inode per name, and a write through one name must not leave the other's size stale."""
         node.linked = stat.S_ISREG(attr.mode) and attr.nlink > 1
         return 0 if node.linked else self._validity(parts)
 
-    def _entry(self, parent: _Node, name: str, parts: Path, attr: Attr) -> wire.Entry:
+    def _entry(self, parent: Node, name: str, parts: Path, attr: Attr) -> wire.Entry:
         node = self._remember(parent, name)
         return wire.Entry(node.id, 0, self._validity(parts), self._attr_validity(node, parts, attr), wire_attr(attr))
 
@@ -261,7 +177,7 @@ class Router:
         else:
             self.interceptor.event(op, path, attr.size if size is None else size, attr.mode, attr.uid, attr.gid)
 
-    def _writable_child(self, parent: _Node, name: bytes, *, busy: int) -> tuple[Path, Mount, Path, str]:
+    def _writable_child(self, parent: Node, name: bytes, *, busy: int) -> tuple[Path, Mount, Path, str]:
         """For an op that makes or removes `name` in `parent`: its parts, mount and relative path."""
         text = check_name(os.fsdecode(name))
         parts = self._parts(parent) + (text,)
@@ -278,7 +194,7 @@ class Router:
             return FsError(errno.EROFS, "a synthesized directory")
         return exc
 
-    def _open_path(self, node: _Node, op: str) -> str | None:
+    def _open_path(self, node: Node, op: str) -> str | None:
         """The checked guest path of an open file; None once it is unlinked (it was allowed when opened)."""
         try:
             parts = self._parts(node)
@@ -301,7 +217,7 @@ class Router:
         self.handles[fh] = opened
         return fh
 
-    def _cache_flags(self, parts: Path, node: _Node | None = None) -> int:
+    def _cache_flags(self, parts: Path, node: Node | None = None) -> int:
         # Private mounts change only through this guest, so its page cache stays valid across opens;
         # not a hard-linked file's, which another name (another guest inode) may have written.
         if node is not None and node.linked:
@@ -370,6 +286,7 @@ class Router:
         opened = self.handles.get(a.fh) if a.fh else None
         handle = opened.handle if opened is not None else None
         attr = await self._io(m.provider.setattr, rel, changes, handle)
+        self.notifier.own(m, rel, attr)
         for op in ops:
             self._emit(op, path, attr, caller)
         return wire.AttrReply(self._attr_validity(node, parts, attr), wire_attr(attr))
@@ -392,6 +309,7 @@ class Router:
             attr = await self._io(getattr(m.provider, method), rel, *args)
         except FsError as exc:
             raise self._synthetic_parent(exc, parts) from None
+        self.notifier.own(m, rel, attr)
         self._emit(op, path, attr, caller)
         return self._entry(parent, text, parts, attr)
 
@@ -413,6 +331,8 @@ class Router:
             raise FsError(errno.EXDEV)
         path = self._check("create", parts)
         attr = await self._io(m.provider.link, srel, rel)
+        self.notifier.own(m, rel, attr)
+        self.notifier.own(m, srel, attr)  # its link count changed
         self._emit("create", path, attr, caller)
         return self._entry(parent, text, parts, attr)
 
@@ -421,6 +341,7 @@ class Router:
         parts, m, rel, text = self._writable_child(parent, a.name, busy=errno.EBUSY)
         path = self._check("remove", parts)
         await self._io(m.provider.rmdir if directory else m.provider.unlink, rel)
+        self.notifier.own(m, rel, gone=True)
         self._detach(parent, text)
         self._emit("remove", path, None, caller)
         return None
@@ -443,6 +364,8 @@ class Router:
             await self._io(m.provider.rename, rel, newrel, a.flags)
         except FsError as exc:
             raise self._synthetic_parent(exc, newparts) from None
+        self.notifier.own(m, rel, gone=not a.flags & wire.RENAME_EXCHANGE)
+        self.notifier.own(m, newrel)
         if a.flags & wire.RENAME_EXCHANGE:
             self._detach(parent, name)
             self._detach(newparent, newname)
@@ -461,6 +384,8 @@ class Router:
         if parts in self.virtual:
             raise FsError(errno.EISDIR)
         handle = await self._io(m.provider.open, rel, a.flags)
+        if wants_write(a.flags):
+            self.notifier.wrote(node, handle)  # O_TRUNC
         fh = self._open_handle(_Open(node, handle))
         self._emit("open", path, None, caller)
         return wire.Opened(fh, self._cache_flags(parts, node))
@@ -473,6 +398,7 @@ class Router:
             handle, attr = await self._io(m.provider.create, rel, a.flags, a.mode, caller)
         except FsError as exc:
             raise self._synthetic_parent(exc, parts) from None
+        self.notifier.own(m, rel, attr)
         entry = self._entry(parent, text, parts, attr)
         fh = self._open_handle(_Open(self.nodes[entry.node], handle))
         self._emit("create", path, attr, caller)
@@ -498,13 +424,12 @@ class Router:
             raise FsError(errno.EISDIR)
         if a.offset + len(a.data) >= 1 << 63:
             raise FsError(errno.EFBIG)
-        if self.interceptor.enabled:
-            path = self._open_path(opened.node, "write")
-            written = await self._io(opened.handle.write, a.offset, a.data)
-            if path is not None:
-                self._emit("write", path, await self._io(opened.handle.fstat), caller, written)
-            return wire.Written(written)
-        return wire.Written(await self._io(opened.handle.write, a.offset, a.data))
+        path = self._open_path(opened.node, "write") if self.interceptor.enabled else None
+        written = await self._io(opened.handle.write, a.offset, a.data)
+        self.notifier.wrote(opened.node, opened.handle)
+        if path is not None:
+            self._emit("write", path, await self._io(opened.handle.fstat), caller, written)
+        return wire.Written(written)
 
     async def flush(self, a: wire.Flush, caller: Caller) -> wire.Result:
         self._handle(a.fh)
@@ -597,9 +522,6 @@ class Router:
 
 def _below(parts: Path, root: Path) -> bool:
     return len(parts) > len(root) and parts[: len(root)] == root
-
-
-_DETACHED = _Node(0, None, "")  # the parent of an unlinked node: its path is gone
 
 
 _METHODS: dict[type, Callable[..., Any]] = {

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import math
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -74,10 +73,9 @@ class MachineSpec:
     network: MachineNetwork | None = None
     incoming: Path | None = None  # restore this saved state instead of booting
     vfs_port: bool = False  # a second virtio-serial port, for the VFS channel (sandboxes with mounts)
-    # Guest RAM (vm/checkpoint.py): a shared memfd, `ram_fd` when given (filled from a template's RAM),
-    # which a snapshot copies out; or private: anonymous memory, or `ram_file` mapped copy-on-write
-    # (a clone's pages load on touch and are shared with every clone of the same snapshot).
-    ram_fd: int | None = None
+    # Guest RAM (vm/checkpoint.py): a shared memfd (cold boots), which a snapshot copies out; or private:
+    # anonymous memory, or `ram_file` mapped copy-on-write (a template's or a snapshot's RAM: pages load
+    # on touch and are shared with every sandbox mapping the same file).
     ram_file: Path | None = None
     ram_private: bool = False
     ignore_shared: bool = False  # -incoming from a snapshot saved with x-ignore-shared
@@ -154,10 +152,8 @@ def build_argv(spec: MachineSpec, agent_fd: int, qmp_fd: int, vfs_fd: int | None
             "-netdev", f"tap,id=net0,fd={spec.network.tap_fd}",
             "-device", f"virtio-net-device,netdev=net0,mac={spec.network.mac}",
         ]  # fmt: skip
-    if spec.incoming is not None and spec.ignore_shared:
-        argv += ["-incoming", "defer"]  # the capability must be set first (QEMU 7.2 has no -global for it)
-    elif spec.incoming is not None:
-        argv += ["-incoming", f"exec:cat {shlex.quote(str(spec.incoming))}"]
+    if spec.incoming is not None:
+        argv += ["-incoming", "defer"]  # loaded over QMP (Machine.start), after any capability it needs
     return argv + list(spec.extra_args)
 
 
@@ -186,8 +182,6 @@ def _ram_backend(spec: MachineSpec) -> str:
         return f"memory-backend-file,{size},mem-path={spec.ram_file},share=off"
     if spec.ram_private:
         return f"memory-backend-ram,{size}"
-    if spec.ram_fd is not None:  # QEMU inherits it under the same number
-        return f"memory-backend-file,{size},mem-path=/proc/self/fd/{spec.ram_fd},share=on"
     return f"memory-backend-memfd,{size},share=on"
 
 
@@ -246,8 +240,6 @@ class Machine:
             raise SetupError("setpriv not found; fix: apt-get install util-linux")
         network = self.spec.network
         extra_fds: tuple[int, ...] = (network.tap_fd,) if network is not None else ()
-        if self.spec.ram_fd is not None:
-            extra_fds += (self.spec.ram_fd,)  # the caller's: it closes it once QEMU has started
         try:
             # setpriv sets the parent-death signal, which survives the exec into QEMU.
             self._transport, _ = await asyncio.get_running_loop().subprocess_exec(
@@ -275,13 +267,24 @@ class Machine:
             await self.kill()
             raise VMError(f"QEMU did not start: {self.stderr_text() or exc}") from None
         if self.spec.incoming is not None:
-            if self.spec.ignore_shared:
+            if self.spec.ignore_shared:  # QEMU 7.2 has no -global for a capability
                 await self.qmp.execute(
                     "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}]
                 )
-                await self.qmp.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(self.spec.incoming))}")
+            try:
+                await self._load(self.spec.incoming)
+            except (OSError, QMPError) as exc:
+                await self.kill()
+                raise VMError(f"restoring {self.spec.incoming} failed: {exc}") from None
             await self._finish_restore()
         return agent_host
+
+    async def _load(self, state: Path) -> None:
+        """Start loading `state`, which QEMU reads itself (`fd:`): no shell or `cat` to start first."""
+        assert self.qmp is not None
+        with open(state, "rb") as stream:
+            await self.qmp.send_fd("incoming", stream.fileno())
+        await self.qmp.execute("migrate-incoming", uri="fd:incoming")
 
     async def _finish_restore(self) -> None:
         """Wait until the saved state is loaded, then let the restored guest run."""
@@ -335,7 +338,7 @@ class Machine:
         assert self._transport is not None
         await self._process.exited.wait()
         # The last words on stderr may still be in the pipe; a child of QEMU
-        # (the `exec:` migration helper) can hold it open, so wait only briefly.
+        # can hold it open, so wait only briefly.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1):
                 await self._process.finished.wait()

@@ -145,6 +145,10 @@ class Template:
     shape: str  # e.g. "512 MB, 1 CPU, network"
 
 
+def _complete(state: Path) -> bool:
+    return state.exists() and state.with_name(checkpoint.RAM_FILE).exists()
+
+
 def _disk_usage(directory: Path) -> int:
     total = 0
     for entry in directory.iterdir():
@@ -170,11 +174,11 @@ class TemplateCache:
         base = template_spec(spec, self.root)
         key = template_key(base)
         state = self.root / key / "state"
-        if state.exists():
+        if _complete(state):
             os.utime(state)
             return state
         with file_lock(self._lock_path(key)):
-            if state.exists():
+            if _complete(state):
                 return state
             await self._build(base, state, network_wrapper)
         self.prune()
@@ -208,7 +212,8 @@ class TemplateCache:
                 raise RuntimeError(f"template guest sent {marker!r} instead of its ready marker")
             assert machine.qmp is not None
             await machine.qmp.execute("stop")
-            # Device state in `state`, RAM beside it: sandboxes copy the RAM into their memfd, not parse it.
+            # Device state in `state`, RAM beside it, which sandboxes map copy-on-write. Both are
+            # replaced by rename only, never rewritten: running sandboxes map the old RAM file.
             await checkpoint.save_memory(machine, partial, ram_partial)
             os.rename(ram_partial, state.with_name(checkpoint.RAM_FILE))
             os.rename(partial, state)

@@ -41,6 +41,10 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     ARGS,
     ATTR_STRUCT,
     ENTRY_STRUCT,
+    FEATURE_KILLPRIV,
+    FEATURE_PARENT_ATTR,
+    FEATURES_ALL,
+    KILL_SUIDGID,
     MAX_FORGETS,
     MAX_HELLO,
     MAX_ID,
@@ -55,6 +59,7 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     OPEN_FLAG_MASK,
     OPEN_FLAGS_ALL,
     OPEN_KEEP_CACHE,
+    PARENT_STRUCT,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     ROOT_ALIAS,
@@ -63,6 +68,7 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     SET_ATIME_NOW,
     SET_CTIME,
     SET_GID,
+    SET_KILL_SUIDGID,
     SET_MODE,
     SET_MTIME,
     SET_MTIME_NOW,
@@ -127,6 +133,7 @@ _FORGET = struct.Struct(">QQ")
 # Which reply each op gets.
 _ENTRY_OPS = (Op.LOOKUP, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK)
 _ATTR_OPS = (Op.GETATTR, Op.SETATTR)
+_PARENT_OPS = frozenset((Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.CREATE))  # FEATURE_PARENT_ATTR
 NOTICE_OPS = frozenset((Op.FORGET, Op.RELEASE, Op.RELEASEDIR))  # may come with id 0: no reply
 _EMPTY_OPS = (Op.UNLINK, Op.RMDIR, Op.RENAME, Op.FLUSH, Op.RELEASE, Op.FSYNC, Op.RELEASEDIR)
 
@@ -173,7 +180,10 @@ def encode_request(request_id: int, uid: int, gid: int, pid: int, args: Args) ->
     if not 0 <= request_id <= MAX_ID:
         raise LocalProtocolError(f"request id {request_id} out of range")
     if isinstance(args, Hello):
-        parts: list[bytes | memoryview] = [json.dumps({"version": args.version, "max_io": args.max_io}).encode()]
+        hello = {"version": args.version, "max_io": args.max_io}
+        if args.features:
+            hello["features"] = args.features
+        parts: list[bytes | memoryview] = [json.dumps(hello).encode()]
     else:
         nfixed, get = _layout(type(args))
         values = get(args)
@@ -228,10 +238,12 @@ def _decode_hello(payload: bytes) -> Hello:
         raise RemoteProtocolError(f"HELLO is not JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise RemoteProtocolError("HELLO must be a JSON object")
-    version, max_io = msg.get("version"), msg.get("max_io")
+    version, max_io, features = msg.get("version"), msg.get("max_io"), msg.get("features", 0)
     if type(version) is not int or type(max_io) is not int or not 4096 <= max_io <= MAX_IO:
         raise RemoteProtocolError(f"HELLO needs integer version and max_io in 4096..{MAX_IO}, got {msg!r:.200}")
-    return Hello(version, max_io)
+    if type(features) is not int or features < 0:
+        raise RemoteProtocolError(f"HELLO features must be a non-negative integer, got {features!r:.100}")
+    return Hello(version, max_io, features)
 
 
 def decode_args(op: int, payload: bytes) -> Args | None:
@@ -266,7 +278,9 @@ def _check_args(args: Args) -> None:
         raise RemoteProtocolError(f"SETATTR with unknown valid bits {args.valid & ~SET_ALL:#x}")
     if isinstance(args, Rename) and args.flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
         raise RemoteProtocolError(f"RENAME with unknown flags {args.flags:#x}")
-    if isinstance(args, (Open, Create, Opendir, Write)) and args.flags & ~OPEN_FLAG_MASK:
+    if isinstance(args, Opendir) and args.flags & ~OPEN_FLAG_MASK:
+        raise RemoteProtocolError(f"OPENDIR with open flags {args.flags:#o} outside the mask")
+    if isinstance(args, (Open, Create, Write)) and args.flags & ~(OPEN_FLAG_MASK | KILL_SUIDGID):
         raise RemoteProtocolError(f"{type(args).__name__.upper()} with open flags {args.flags:#o} outside the mask")
     if isinstance(args, Readdir) and args.plus > 1:
         raise RemoteProtocolError(f"READDIR plus must be 0 or 1, got {args.plus}")
@@ -354,15 +368,24 @@ def _pack_result(result: Result) -> bytes:
         hello = {"version": result.version, "max_io": result.max_io, "mounts": mounts}
         if result.stats:
             hello["stats"] = True
+        if result.features:
+            hello["features"] = result.features
         return json.dumps(hello).encode()
     if isinstance(result, tuple):
         return _U32.pack(len(result)) + b"".join(_pack_dirent(item) for item in result)
     raise LocalProtocolError(f"cannot encode a {type(result).__name__} as a VFS reply")
 
 
-def encode_reply(request_id: int, result: Result) -> bytes:
-    """A success reply (host side): the record the op calls for, bytes for READ/READLINK, None if empty."""
+def encode_reply(request_id: int, result: Result, parent: AttrReply | None = None) -> bytes:
+    """A success reply (host side): the record the op calls for, bytes for READ/READLINK, None if empty.
+
+    `parent`: the parent directory's attributes after an op that made a name (FEATURE_PARENT_ATTR).
+    """
     payload = _pack_result(result)
+    if parent is not None:
+        if not isinstance(result, (Entry, Created)):
+            raise LocalProtocolError(f"parent attributes after a {type(result).__name__}, not an entry")
+        payload += PARENT_STRUCT.pack(parent.attr_valid_ns, *parent.attr._values())
     if len(payload) > MAX_PAYLOAD:
         raise LocalProtocolError(f"reply payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     return REPLY_HEADER.pack(len(payload), request_id, 0) + payload
@@ -455,11 +478,12 @@ def _decode_hello_reply(payload: bytes) -> HelloReply:
             raise ValueError(f"mount {path!r} has a bad negative_valid_ns {negative!r}")
         parsed.append(Mount(path, root, readonly, negative))
     version, max_io, stats = msg["version"], msg["max_io"], msg.get("stats", False)
+    features = msg.get("features", 0)
     if type(version) is not int or type(max_io) is not int or not 4096 <= max_io <= MAX_IO:
         raise ValueError(f"bad version {version!r} or max_io {max_io!r}")
-    if not isinstance(stats, bool):
-        raise ValueError(f"bad stats {stats!r}")
-    return HelloReply(version, max_io, tuple(parsed), stats)
+    if not isinstance(stats, bool) or type(features) is not int or features < 0:
+        raise ValueError(f"bad stats {stats!r} or features {features!r}")
+    return HelloReply(version, max_io, tuple(parsed), stats, features)
 
 
 def decode_result(op: int, payload: bytes) -> Result:
@@ -473,6 +497,18 @@ def decode_result(op: int, payload: bytes) -> Result:
 def _exact(payload: bytes, size: int, op: int) -> None:
     if len(payload) != size:
         raise ValueError(f"{len(payload)} bytes, expected {size} for {OP_NAMES[op]}")
+
+
+def split_parent(op: int, payload: bytes) -> tuple[bytes, AttrReply | None]:
+    """A reply payload without its FEATURE_PARENT_ATTR suffix, and the parent's attributes (guest side)."""
+    if op not in _PARENT_OPS:
+        return payload, None
+    size = _ENTRY_SIZE + (_OPENED.size if op == Op.CREATE else 0) + PARENT_STRUCT.size
+    if len(payload) != size:
+        return payload, None
+    end = size - PARENT_STRUCT.size
+    (valid,) = struct.unpack_from(">Q", payload, end)
+    return payload[:end], AttrReply(valid, _unpack_attr(payload, end + 8))
 
 
 def _decode_result(op: int, payload: bytes) -> Result:
@@ -506,3 +542,46 @@ def _decode_result(op: int, payload: bytes) -> Result:
     if op == Op.HELLO:
         return _decode_hello_reply(payload)
     raise ValueError(f"no reply is defined for op {op}")
+
+
+# ---- host notices --------------------------------------------------------------------------------
+# A frame from the host with id 0 is a notice, never a reply (no request the host answers has id 0):
+# a watched host_fs directory changed under the guest, so its kernel drops what it caches there.
+#     notice payload: kind u8 | node u64 | name length u16 | name (INVAL_ENTRY only)
+NOTICE_ID = 0
+INVAL_INODE = 1  # the node's attributes and cached pages (a directory's: its cached listing)
+INVAL_ENTRY = 2  # the name in directory `node`, positive or negative
+_NOTICE = struct.Struct(">BQH")
+
+
+def encode_notice(kind: int, node: int, name: bytes = b"") -> bytes:
+    """One notice frame (host side)."""
+    if kind not in (INVAL_INODE, INVAL_ENTRY) or not 0 < node < 1 << 64 or node == ROOT_ALIAS:
+        raise LocalProtocolError(f"notice kind {kind} for node {node}")
+    if kind == INVAL_ENTRY:
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc)) from None
+    elif name:
+        raise LocalProtocolError("an INVAL_INODE notice carries no name")
+    payload = _NOTICE.pack(kind, node, len(name)) + name
+    return REPLY_HEADER.pack(len(payload), NOTICE_ID, 0) + payload
+
+
+def decode_notice(payload: bytes) -> tuple[int, int, bytes]:
+    """(kind, node, name) of a notice's payload (guest side)."""
+    if len(payload) < _NOTICE.size:
+        raise _short("notice")
+    kind, node, length = _NOTICE.unpack_from(payload)
+    name = payload[_NOTICE.size :]
+    if len(name) != length or kind not in (INVAL_INODE, INVAL_ENTRY) or node in (0, ROOT_ALIAS):
+        raise RemoteProtocolError(f"bad notice: kind {kind}, node {node}, {len(name)} of {length} name bytes")
+    if kind == INVAL_ENTRY:
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"bad notice name: {exc}") from None
+    elif name:
+        raise RemoteProtocolError("an INVAL_INODE notice with a name")
+    return kind, node, name

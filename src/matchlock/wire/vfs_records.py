@@ -65,7 +65,9 @@ SET_MTIME = 32
 SET_ATIME_NOW = 128
 SET_MTIME_NOW = 256
 SET_CTIME = 1024
-SET_ALL = SET_MODE | SET_UID | SET_GID | SET_SIZE | SET_ATIME | SET_MTIME | SET_ATIME_NOW | SET_MTIME_NOW | SET_CTIME
+SET_KILL_SUIDGID = 2048  # with SET_SIZE: the truncater lacks CAP_FSETID, so drop set-id bits (FUSE_HANDLE_KILLPRIV_V2)
+SET_ALL = (SET_MODE | SET_UID | SET_GID | SET_SIZE | SET_ATIME | SET_MTIME | SET_ATIME_NOW | SET_MTIME_NOW | SET_CTIME
+           | SET_KILL_SUIDGID)  # fmt: skip
 
 # Opened.flags bits (FUSE's FOPEN_* values).
 OPEN_DIRECT_IO = 1
@@ -76,6 +78,14 @@ OPEN_FLAGS_ALL = OPEN_DIRECT_IO | OPEN_KEEP_CACHE | OPEN_CACHE_DIR
 # The Linux open(2) flags OPEN, CREATE, OPENDIR and WRITE may carry (the same values on every Linux
 # architecture we boot): access mode, O_CREAT, O_EXCL, O_TRUNC, O_APPEND, O_DSYNC, O_SYNC.
 OPEN_FLAG_MASK = 0o3 | 0o100 | 0o200 | 0o1000 | 0o2000 | 0o10000 | 0o4000000
+# Beside them, OPEN and CREATE (with O_TRUNC) and WRITE may carry this bit, no open(2) flag: the caller
+# lacks CAP_FSETID, so the host drops the file's set-id bits as the kernel would (FUSE_HANDLE_KILLPRIV_V2).
+KILL_SUIDGID = 1 << 30
+
+# HELLO features, a bit mask: the guest offers them, the host's reply says which it serves.
+FEATURE_PARENT_ATTR = 1  # MKNOD, MKDIR, SYMLINK, LINK and CREATE replies end with the parent's new attributes
+FEATURE_KILLPRIV = 2  # the host honours KILL_SUIDGID and SET_KILL_SUIDGID, and drops set-id bits on chown
+FEATURES_ALL = FEATURE_PARENT_ATTR | FEATURE_KILLPRIV
 
 # RENAME flags (renameat2): anything else is rejected by the decoder.
 RENAME_NOREPLACE = 1
@@ -312,12 +322,14 @@ class Statfs(Args):
 
 
 class Hello(Args):
-    """The guest's first request (JSON): its protocol version and the largest I/O it will send."""
+    """The guest's first request (JSON): its protocol version, the largest I/O it will send, FEATURE_* it offers."""
 
-    __slots__ = ("version", "max_io")
+    __slots__ = ("version", "max_io", "features")
     version: int
     max_io: int
+    features: int
     _op = Op.HELLO
+    _defaults = {"features": 0}
 
 
 ARGS: dict[int, type[Args]] = {
@@ -364,6 +376,7 @@ class Attr(Record):
 
 
 ATTR_STRUCT = struct.Struct(">QQQqqqIIIIII")
+PARENT_STRUCT = struct.Struct(">Q" + ATTR_STRUCT.format[1:])  # FEATURE_PARENT_ATTR's suffix: an AttrReply
 
 
 class AttrReply(Record):
@@ -471,14 +484,16 @@ class Mount(Record):
 
 
 class HelloReply(Record):
-    """`stats` asks the guest daemon to log its per-request timings (benchmarks, MATCHLOCK_VFS_STATS)."""
+    """`stats` asks the guest daemon to log its per-request timings (benchmarks, MATCHLOCK_VFS_STATS);
+    `features` are the offered FEATURE_* bits the host serves."""
 
-    __slots__ = ("version", "max_io", "mounts", "stats")
+    __slots__ = ("version", "max_io", "mounts", "stats", "features")
     version: int
     max_io: int
     mounts: tuple[Mount, ...]
     stats: bool
-    _defaults = {"stats": False}
+    features: int
+    _defaults = {"stats": False, "features": 0}
 
 
 class Reply(Record):

@@ -1,0 +1,157 @@
+"""The VFS server's HELLO features: parent attributes after a change, and set-id bits dropped host-side."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+
+from matchlock.vfs.intercept import Interceptor
+from matchlock.vfs.memory import MemoryProvider
+from matchlock.vfs.router import Mount, Router
+from matchlock.vfs.server import VfsServer
+from matchlock.wire import vfs as wire
+
+
+class _Guest:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = wire.ReplyDecoder()
+        self.replies: dict[int, wire.Reply] = {}
+        self.next_id = 1
+
+    async def call(self, args: wire.Args, uid: int = 0) -> wire.Reply:
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        frame = wire.encode_request(request_id, uid, uid, 1, args)
+        await asyncio.get_running_loop().sock_sendall(self.sock, frame)
+        while request_id not in self.replies:
+            data = await asyncio.get_running_loop().sock_recv(self.sock, 1 << 20)
+            assert data, "the server closed the channel"
+            for reply in self.decoder.feed(data):
+                self.replies[reply.id] = reply
+        return self.replies.pop(request_id)
+
+    async def ok(self, args: wire.Args, uid: int = 0) -> bytes:
+        reply = await self.call(args, uid)
+        assert reply.status == 0, (args, reply.status)
+        return reply.payload
+
+
+async def _serving(features: int) -> tuple[VfsServer, _Guest, int]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    router = Router([Mount("/m", MemoryProvider())], Interceptor(None), VfsServer.executor())
+    server = VfsServer(theirs, router)
+    await server.start()
+    guest = _Guest(ours)
+    hello = wire.decode_result(wire.Op.HELLO, await guest.ok(wire.Hello(wire.VERSION, 1 << 20, features)))
+    assert isinstance(hello, wire.HelloReply) and hello.features == features
+    return server, guest, hello.mounts[0].root
+
+
+async def _setuid_file(guest: _Guest, root: int, name: bytes, mode: int) -> tuple[int, int]:
+    """A file with `mode` (set-id bits included) open for writing by anyone: (node, fh)."""
+    body, _ = wire.split_parent(wire.Op.CREATE, await guest.ok(wire.Create(root, os.O_RDWR, 0o666, name)))
+    created = wire.decode_result(wire.Op.CREATE, body)
+    assert isinstance(created, wire.Created)
+    await guest.ok(wire.Setattr(created.entry.node, wire.SET_MODE, 0, 0, 0, 0, mode, 0, 0))
+    return created.entry.node, created.fh
+
+
+async def _mode(guest: _Guest, node: int) -> int:
+    got = wire.decode_result(wire.Op.GETATTR, await guest.ok(wire.Getattr(node, 0)))
+    assert isinstance(got, wire.AttrReply)
+    return stat.S_IMODE(got.attr.mode)
+
+
+async def test_making_a_name_returns_the_parents_new_attributes_only_when_asked() -> None:
+    for features, suffix in ((wire.FEATURE_PARENT_ATTR, True), (0, False)):
+        server, guest, root = await _serving(features)
+        try:
+            payload = await guest.ok(wire.Mkdir(root, 0o755, b"d"))
+            body, parent = wire.split_parent(wire.Op.MKDIR, payload)
+            assert (parent is not None) == suffix
+            assert isinstance(wire.decode_result(wire.Op.MKDIR, body), wire.Entry)
+            if parent is not None:
+                assert parent.attr.nlink == 3 and stat.S_ISDIR(parent.attr.mode)  # counts the new directory
+            payload = await guest.ok(wire.Create(root, os.O_WRONLY, 0o644, b"f"))
+            body, parent = wire.split_parent(wire.Op.CREATE, payload)
+            assert (parent is not None) == suffix
+            assert isinstance(wire.decode_result(wire.Op.CREATE, body), wire.Created)
+        finally:
+            await server.aclose()
+            guest.sock.close()
+
+
+async def test_a_write_without_cap_fsetid_drops_setuid_and_group_executable_setgid() -> None:
+    server, guest, root = await _serving(wire.FEATURES_ALL)
+    try:
+        node, fh = await _setuid_file(guest, root, b"s", 0o6777)
+        await guest.ok(wire.Write(node, fh, 0, os.O_RDWR, b"root writes"))  # no KILL flag: CAP_FSETID
+        assert await _mode(guest, node) == 0o6777
+        await guest.ok(wire.Write(node, fh, 0, os.O_RDWR | wire.KILL_SUIDGID, b"x"), uid=1000)
+        assert await _mode(guest, node) == 0o777
+        # setgid without group execute is mandatory locking, not privilege: it stays.
+        node, fh = await _setuid_file(guest, root, b"g", 0o2666)
+        await guest.ok(wire.Write(node, fh, 0, os.O_RDWR | wire.KILL_SUIDGID, b"x"), uid=1000)
+        assert await _mode(guest, node) == 0o2666
+    finally:
+        await server.aclose()
+        guest.sock.close()
+
+
+async def test_chown_and_an_unprivileged_truncate_drop_setuid() -> None:
+    server, guest, root = await _serving(wire.FEATURES_ALL)
+    try:
+        node, _ = await _setuid_file(guest, root, b"c", 0o4755)
+        got = wire.decode_result(wire.Op.SETATTR, await guest.ok(wire.Setattr(node, wire.SET_UID, 0, 0, 0, 0, 0, 7, 0)))
+        assert isinstance(got, wire.AttrReply) and got.attr.uid == 7 and stat.S_IMODE(got.attr.mode) == 0o755
+        node, _ = await _setuid_file(guest, root, b"t", 0o4777)
+        await guest.ok(wire.Setattr(node, wire.SET_SIZE, 0, 0, 0, 0, 0, 0, 0))  # by root: kept
+        assert await _mode(guest, node) == 0o4777
+        await guest.ok(wire.Setattr(node, wire.SET_SIZE | wire.SET_KILL_SUIDGID, 0, 0, 0, 0, 0, 0, 0), uid=1000)
+        assert await _mode(guest, node) == 0o777
+        node, _ = await _setuid_file(guest, root, b"o", 0o4777)
+        await guest.ok(wire.Open(node, os.O_WRONLY | os.O_TRUNC | wire.KILL_SUIDGID), uid=1000)
+        assert await _mode(guest, node) == 0o777
+        # A file made by this very create keeps the mode it was made with, as on a local filesystem.
+        made = wire.Create(root, os.O_RDWR | os.O_TRUNC | wire.KILL_SUIDGID, 0o4755, b"new")
+        body, _ = wire.split_parent(wire.Op.CREATE, await guest.ok(made, uid=1000))
+        created = wire.decode_result(wire.Op.CREATE, body)
+        assert isinstance(created, wire.Created) and stat.S_IMODE(created.entry.attr.mode) == 0o4755
+        assert await _mode(guest, created.entry.node) == 0o4755
+    finally:
+        await server.aclose()
+        guest.sock.close()
+
+
+def test_quick_provider_calls_run_on_the_calling_thread_and_the_rest_in_the_pool(tmp_path) -> None:
+    from matchlock.vfs import server
+    from matchlock.vfs.hostfs import HostFSProvider
+    from matchlock.vfs.overlay import OverlayProvider
+    from matchlock.vfs.types import FsError, SetAttr
+
+    (tmp_path / "f").write_bytes(b"data")
+    provider = HostFSProvider(str(tmp_path))
+    overlay = OverlayProvider(str(tmp_path), str(tmp_path / "private" / "upper"))
+    executor = VfsServer.executor()
+    try:
+        chmod = executor.submit(provider.setattr, ("f",), SetAttr(mode=0o600), None)
+        assert chmod.done() and stat.S_IMODE(chmod.result().mode) == 0o600  # done before submit returned
+        failed = executor.submit(provider.setattr, ("missing",), SetAttr(mode=0o600), None)
+        assert failed.done() and isinstance(failed.exception(), FsError)
+        handle = provider.open(("f",), os.O_RDWR)
+        small = executor.submit(handle.read, 0, 4)
+        assert small.done() and small.result() == b"data"
+        # What may wait on the disk or copy a file stays in the pool: fsync, a truncate, big I/O, the overlay.
+        assert not server._inline(handle.fsync, (False,))
+        assert not server._inline(handle.write, (0, bytes(1 << 20)))
+        assert not server._inline(provider.setattr, (("f",), SetAttr(size=0), None))
+        assert not server._inline(overlay.setattr, (("f",), SetAttr(mode=0o600), None))
+        assert server._inline(handle.write, (0, b"x")) and server._inline(provider.create, (("g",), 0, 0o644, None))
+        handle.close()
+    finally:
+        executor.shutdown()
+        provider.close()
+        overlay.close()
