@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from bench_vm import _busybox_root, _raw_spec
 from benchstate import private_state_dir
+from timing import median_ms, smaps_rollup, timed
 
 from matchlock.vm.machine import TCG_BUFFER_ENV, build_argv
 
@@ -132,14 +132,6 @@ def sandbox_processes(vm_id: str) -> dict[str, int]:
     return found
 
 
-def _rollup(pid: int) -> dict[str, int]:
-    """KiB per field of /proc/PID/smaps_rollup."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        return {
-            key: int(rest.split()[0]) for key, _, rest in (line.partition(":") for line in f) if rest.endswith("kB\n")
-        }
-
-
 def _mib(kib: float) -> str:
     return f"{kib / 1024:6.1f}"
 
@@ -152,12 +144,8 @@ def _matchlock(*args: str, env: dict[str, str]) -> str:
 
 
 def _timed(runs: int, *args: str, env: dict[str, str]) -> float:
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        _matchlock(*args, env=env)
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples) * 1000
+    """Median ms of `runs` runs of `matchlock ARGS`."""
+    return median_ms(timed(runs, lambda: _matchlock(*args, env=env)))
 
 
 def _print_qemu(label: str, pid: int) -> tuple[int, int]:
@@ -181,7 +169,7 @@ def _measure(vm_ids: list[str]) -> tuple[int, int]:
                 total, hidden = total + pss, hidden + unmapped
             else:
                 # Private_Dirty: what this process alone holds (a forked owner's copies of its parent's pages).
-                rollup = _rollup(pid)
+                rollup = smaps_rollup(pid)
                 total += rollup["Pss"]
                 print(
                     f"    {role:14s} PSS {_mib(rollup['Pss'])} MiB, private dirty {_mib(rollup['Private_Dirty']).strip()}"

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchstate import private_state_dir
-from timing import median_ms, timed_async
+from timing import median_ms, smaps_rollup, timed_async
 
 from matchlock.api.config import Resources, SandboxConfig
 from matchlock.api.network import NetworkConfig
@@ -42,17 +42,6 @@ from matchlock.state import snapshots as records
 from matchlock.state.store import StateStore
 
 MATCHLOCK = str(Path(sys.executable).with_name("matchlock"))
-
-
-def _memory_kib(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in KiB from /proc/PID/smaps_rollup."""
-    values = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Rss", "Pss"):
-                values[key] = int(rest.split()[0])
-    return values["Rss"], values["Pss"]
 
 
 async def _first_exec(box: Sandbox) -> None:
@@ -215,8 +204,8 @@ async def main(runs: int, forks: int, no_network: bool, fork_only: bool) -> None
         await asyncio.sleep(2)
         for label, box in (("source", source), *((f"clone {i + 1}", c) for i, c in enumerate(clones))):
             assert box.machine is not None and box.machine.pid is not None
-            rss, pss = _memory_kib(box.machine.pid)
-            print(f"  {label:8s} RSS {rss / 1024:6.1f} MiB  PSS {pss / 1024:6.1f} MiB")
+            rollup = smaps_rollup(box.machine.pid)
+            print(f"  {label:8s} RSS {rollup['Rss'] / 1024:6.1f} MiB  PSS {rollup['Pss'] / 1024:6.1f} MiB")
         for clone in clones:
             await clone.aclose()
 

@@ -13,13 +13,13 @@ Usage: .venv/bin/python benchmarks/bench_template_density.py [--sandboxes N] [--
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import time
 from pathlib import Path
 
 from bench_density import MATCHLOCK, _matchlock, _measure, _mib
 from benchstate import private_state_dir
+from timing import median_ms
 
 from matchlock.vm import checkpoint, snapshot
 
@@ -63,7 +63,7 @@ def main() -> None:
                     _matchlock("snapshot", "create", ids[0], "--name", name, "--mode", mode, env={})
                     samples.append(time.perf_counter() - started)
                     _matchlock("snapshot", "rm", name, env={})
-                print(f"  {mode:10s} {statistics.median(samples) * 1000:7.0f} ms  {[round(s, 3) for s in samples]}")
+                print(f"  {mode:10s} {median_ms(samples):7.0f} ms  {[round(s, 3) for s in samples]}")
         finally:
             for vm in ids:
                 subprocess.run([MATCHLOCK, "kill", vm], capture_output=True, timeout=60)

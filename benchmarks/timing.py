@@ -1,4 +1,5 @@
-"""Sampling helpers shared by the benchmarks: each sample is one call's wall-clock seconds."""
+"""Sampling helpers shared by the benchmarks: wall-clock samples (each one call's seconds) and a process's
+memory from /proc."""
 
 from __future__ import annotations
 
@@ -27,3 +28,11 @@ async def timed_async(runs: int, call: Callable[[], Awaitable[object]]) -> list[
         await call()
         samples.append(time.perf_counter() - started)
     return samples
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """KiB per field of /proc/PID/smaps_rollup (Rss, Pss, Private_Dirty, ...)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return {
+            key: int(rest.split()[0]) for key, _, rest in (line.partition(":") for line in f) if rest.endswith("kB\n")
+        }

@@ -47,6 +47,16 @@ def answered_here(action: fuse.Action) -> bytes:
     return action.reply[fuse.OUT_HEADER.size :]
 
 
+def getattr_request(nodeid: int = fuse.ROOT_ID) -> bytes:
+    return request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=nodeid)
+
+
+def cache_file_attr(tr: fuse.MountTranslator, node: int) -> None:
+    """A GETATTR of `node` goes to the host, and the next one is answered here."""
+    reply_to(tr, tr.handle(getattr_request(node)), vfs.AttrReply(SECOND, FILE))
+    answered_here(tr.handle(getattr_request(node)))
+
+
 def mkdir(tr: fuse.MountTranslator, parent_valid: int = SECOND) -> None:
     """`mkdir /d` (node 50): the reply carries the root's new attributes."""
     action = tr.handle(request(fuse.MKDIR, fuse.MKDIR_IN.pack(0o755, 0) + b"d\0"))
@@ -58,7 +68,7 @@ def test_after_mkdir_the_parents_getattr_and_the_names_revalidation_are_answered
     tr = translator(clock)
     mkdir(tr)
     clock.now += SECOND // 2
-    body = answered_here(tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0))))
+    body = answered_here(tr.handle(getattr_request()))
     valid, nsec, _ = fuse.ATTR_OUT.unpack_from(body)
     assert (valid, nsec) == (0, SECOND // 2)  # only what is left of the host's validity
     assert fuse.ATTR.unpack_from(body, fuse.ATTR_OUT.size)[9] == stat.S_IFDIR | 0o755
@@ -77,7 +87,7 @@ def test_cached_answers_expire_with_the_hosts_validity():
     tr = translator(clock)
     mkdir(tr)
     clock.now += SECOND
-    assert tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0))).pending is not None
+    assert tr.handle(getattr_request()).pending is not None
     assert tr.handle(request(fuse.LOOKUP, b"d\0")).pending is not None
 
 
@@ -87,13 +97,11 @@ def test_a_change_in_flight_keeps_an_older_reply_out_of_the_cache():
     lookup = tr.handle(request(fuse.LOOKUP, b"f\0"))
     write = tr.handle(request(fuse.WRITE, fuse.WRITE_IN.pack(1, 0, 1, 0, 0, 0o1, 0) + b"x", nodeid=60))
     reply_to(tr, lookup, vfs.Entry(60, 0, SECOND, SECOND, FILE))  # taken before the write landed, maybe
-    assert tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=60)).pending is not None
+    assert tr.handle(getattr_request(60)).pending is not None
     reply_to(tr, write, vfs.Written(1))
-    assert tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=60)).pending is not None
+    assert tr.handle(getattr_request(60)).pending is not None
     # A GETATTR asked after the write is fresh again.
-    getattr_ = tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=60))
-    reply_to(tr, getattr_, vfs.AttrReply(SECOND, FILE))
-    answered_here(tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=60)))
+    cache_file_attr(tr, 60)
 
 
 def test_two_changes_in_one_directory_at_once_leave_its_attributes_to_the_host():
@@ -103,7 +111,7 @@ def test_two_changes_in_one_directory_at_once_leave_its_attributes_to_the_host()
     second = tr.handle(request(fuse.CREATE, fuse.CREATE_IN.pack(0o101, 0o644, 0, 0) + b"b\0"))
     reply_to(tr, second, vfs.Created(vfs.Entry(61, 0, SECOND, SECOND, FILE), 1), vfs.AttrReply(SECOND, DIR))
     reply_to(tr, first, vfs.Created(vfs.Entry(62, 0, SECOND, SECOND, FILE), 2), vfs.AttrReply(SECOND, DIR))
-    assert tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0))).pending is not None
+    assert tr.handle(getattr_request()).pending is not None
 
 
 def test_hard_linked_files_and_removed_names_are_never_answered_here():
@@ -118,17 +126,15 @@ def test_hard_linked_files_and_removed_names_are_never_answered_here():
     rmdir = tr.handle(request(fuse.RMDIR, b"d\0"))
     reply_to(tr, rmdir, None)
     assert tr.handle(request(fuse.LOOKUP, b"d\0")).pending is not None
-    assert tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0))).pending is not None
+    assert tr.handle(getattr_request()).pending is not None
 
 
 def test_unlinking_a_name_the_cache_does_not_know_forgets_every_attribute():
     clock = Clock()
     tr = translator(clock)
-    getattr_ = tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=64))
-    reply_to(tr, getattr_, vfs.AttrReply(SECOND, FILE))  # node 64, name unknown (say, an open file)
-    answered_here(tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=64)))
+    cache_file_attr(tr, 64)  # node 64, name unknown (say, an open file)
     tr.handle(request(fuse.UNLINK, b"x\0"))  # maybe node 64: its nlink changes
-    assert tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=64)).pending is not None
+    assert tr.handle(getattr_request(64)).pending is not None
 
 
 def test_a_host_change_notice_drops_the_cached_name():
@@ -186,9 +192,7 @@ def test_an_error_reply_still_ends_the_change():
     setattr_ = tr.handle(request(fuse.SETATTR, fuse.SETATTR_IN.pack(vfs.SET_MODE, *[0] * 15), 60))
     assert setattr_.pending is not None
     tr.complete(setattr_.pending, -errno.EPERM, b"")
-    getattr_ = tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=60))
-    reply_to(tr, getattr_, vfs.AttrReply(SECOND, FILE))
-    answered_here(tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=60)))
+    cache_file_attr(tr, 60)
 
 
 def test_a_directory_made_here_answers_enoent_for_names_never_made_in_it():

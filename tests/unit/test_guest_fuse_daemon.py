@@ -56,6 +56,19 @@ def _until_eof(channel: fuse_daemon.Channel) -> None:
         pass
 
 
+def _serve(channel: fuse_daemon.Channel) -> tuple[socket.socket, socket.socket, list[threading.Thread]]:
+    """Serve one mount of host node 2 on a socketpair (the kernel's end first) and the port's replies."""
+    kernel, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mount = fuse_daemon.Mount(vfs.Mount("/m", 2, False), daemon_end.fileno(), vfs.MAX_IO)
+    threads = [
+        threading.Thread(target=fuse_daemon.serve_mount, args=(channel, mount), daemon=True),
+        threading.Thread(target=_until_eof, args=(channel,), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    return kernel, daemon_end, threads
+
+
 def fuse_request(op: int, unique: int, nodeid: int, body: bytes) -> bytes:
     return fuse.IN_HEADER.pack(fuse.IN_HEADER.size + len(body), op, unique, nodeid, 1000, 1000, 5, 0, 0) + body
 
@@ -109,14 +122,7 @@ def test_a_mount_point_of_the_wrong_kind_is_refused(tmp_path):
 
 def test_requests_are_pipelined_and_replies_matched_out_of_order(port):
     channel, host = port
-    kernel, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    mount = fuse_daemon.Mount(vfs.Mount("/m", 2, False), daemon_end.fileno(), vfs.MAX_IO)
-    threads = [
-        threading.Thread(target=fuse_daemon.serve_mount, args=(channel, mount), daemon=True),
-        threading.Thread(target=_until_eof, args=(channel,), daemon=True),
-    ]
-    for thread in threads:
-        thread.start()
+    kernel, daemon_end, threads = _serve(channel)
     read_in = fuse.READ_IN.pack(7, 0, 4096, 0, 0, 0, 0)
     kernel.send(fuse_request(fuse.READ, 11, 42, read_in))
     kernel.send(fuse_request(fuse.LOOKUP, 12, 1, b"x\0"))
@@ -146,14 +152,7 @@ def test_stats_when_the_host_asks_time_each_request(port, capfd, monkeypatch):
     channel, host = port
     channel.stats = fuse_daemon.Stats()
     monkeypatch.setattr(fuse_daemon.Stats, "INTERVAL_NS", 0)
-    kernel, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    mount = fuse_daemon.Mount(vfs.Mount("/m", 2, False), daemon_end.fileno(), vfs.MAX_IO)
-    threads = [
-        threading.Thread(target=fuse_daemon.serve_mount, args=(channel, mount), daemon=True),
-        threading.Thread(target=_until_eof, args=(channel,), daemon=True),
-    ]
-    for thread in threads:
-        thread.start()
+    kernel, daemon_end, threads = _serve(channel)
     kernel.send(fuse_request(fuse.LOOKUP, 12, 1, b"x\0"))
     (lookup,) = host.take(1)
     host.reply(lookup, error=errno.ENOENT)

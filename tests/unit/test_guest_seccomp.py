@@ -131,7 +131,7 @@ def _child_probe(install: bool) -> dict:
     result = {}
     if install:
         syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
-        syscalls.set_seccomp_filter(seccomp.build_filter())
+        syscalls.SeccompFilter(seccomp.build_filter()).install()
 
     def call(name, *args):
         ctypes.set_errno(0)
@@ -210,7 +210,7 @@ def test_filter_is_inherited_and_permanent_after_fork():
         try:
             os.close(read_fd)
             syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
-            syscalls.set_seccomp_filter(seccomp.build_filter())
+            syscalls.SeccompFilter(seccomp.build_filter()).install()
             grandchild = os.fork()
             if grandchild == 0:
                 libc = ctypes.CDLL(None, use_errno=True)

@@ -9,29 +9,13 @@ import os
 import socket
 from pathlib import Path
 
+from vfs_peer import Peer
+
 from matchlock.vfs.hostfs import HostFSProvider
 from matchlock.vfs.intercept import Interceptor
 from matchlock.vfs.router import Mount, Router
 from matchlock.vfs.server import VfsServer
 from matchlock.wire import vfs as wire
-
-
-class _Peer:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.decoder = wire.ReplyDecoder()
-        self.replies: dict[int, wire.Reply] = {}
-
-    async def send(self, request_id: int, args: wire.Args) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, wire.encode_request(request_id, 0, 0, 1, args))
-
-    async def reply(self, request_id: int) -> wire.Reply:
-        while request_id not in self.replies:
-            data = await asyncio.get_running_loop().sock_recv(self.sock, 1 << 20)
-            assert data, "the server closed the channel"
-            for reply in self.decoder.feed(data):
-                self.replies[reply.id] = reply
-        return self.replies.pop(request_id)
 
 
 async def _serving(tmp_path: Path):
@@ -41,7 +25,7 @@ async def _serving(tmp_path: Path):
     router = Router([Mount("/w", HostFSProvider(str(tmp_path)))], Interceptor(None), VfsServer.executor())
     server = VfsServer(theirs, router)
     await server.start()
-    return server, _Peer(ours)
+    return server, Peer(ours)
 
 
 async def test_hello_then_pipelined_requests(tmp_path: Path) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
 import socket
 import stat
+from collections.abc import AsyncIterator
+
+from vfs_peer import Peer
 
 from matchlock.vfs.intercept import Interceptor
 from matchlock.vfs.memory import MemoryProvider
@@ -14,43 +17,25 @@ from matchlock.vfs.server import VfsServer
 from matchlock.wire import vfs as wire
 
 
-class _Guest:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.decoder = wire.ReplyDecoder()
-        self.replies: dict[int, wire.Reply] = {}
-        self.next_id = 1
-
-    async def call(self, args: wire.Args, uid: int = 0) -> wire.Reply:
-        request_id, self.next_id = self.next_id, self.next_id + 1
-        frame = wire.encode_request(request_id, uid, uid, 1, args)
-        await asyncio.get_running_loop().sock_sendall(self.sock, frame)
-        while request_id not in self.replies:
-            data = await asyncio.get_running_loop().sock_recv(self.sock, 1 << 20)
-            assert data, "the server closed the channel"
-            for reply in self.decoder.feed(data):
-                self.replies[reply.id] = reply
-        return self.replies.pop(request_id)
-
-    async def ok(self, args: wire.Args, uid: int = 0) -> bytes:
-        reply = await self.call(args, uid)
-        assert reply.status == 0, (args, reply.status)
-        return reply.payload
-
-
-async def _serving(features: int) -> tuple[VfsServer, _Guest, int]:
+@contextlib.asynccontextmanager
+async def _serving(features: int) -> AsyncIterator[tuple[Peer, int]]:
+    """A served memory mount after a HELLO with `features`: the guest's end and the mount's root node."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     router = Router([Mount("/m", MemoryProvider())], Interceptor(None), VfsServer.executor())
     server = VfsServer(theirs, router)
     await server.start()
-    guest = _Guest(ours)
-    hello = wire.decode_result(wire.Op.HELLO, await guest.ok(wire.Hello(wire.VERSION, 1 << 20, features)))
-    assert isinstance(hello, wire.HelloReply) and hello.features == features
-    return server, guest, hello.mounts[0].root
+    guest = Peer(ours)
+    try:
+        hello = wire.decode_result(wire.Op.HELLO, await guest.ok(wire.Hello(wire.VERSION, 1 << 20, features)))
+        assert isinstance(hello, wire.HelloReply) and hello.features == features
+        yield guest, hello.mounts[0].root
+    finally:
+        await server.aclose()
+        ours.close()
 
 
-async def _setuid_file(guest: _Guest, root: int, name: bytes, mode: int) -> tuple[int, int]:
+async def _setuid_file(guest: Peer, root: int, name: bytes, mode: int) -> tuple[int, int]:
     """A file with `mode` (set-id bits included) open for writing by anyone: (node, fh)."""
     body, _ = wire.split_parent(wire.Op.CREATE, await guest.ok(wire.Create(root, os.O_RDWR, 0o666, name)))
     created = wire.decode_result(wire.Op.CREATE, body)
@@ -59,7 +44,7 @@ async def _setuid_file(guest: _Guest, root: int, name: bytes, mode: int) -> tupl
     return created.entry.node, created.fh
 
 
-async def _mode(guest: _Guest, node: int) -> int:
+async def _mode(guest: Peer, node: int) -> int:
     got = wire.decode_result(wire.Op.GETATTR, await guest.ok(wire.Getattr(node, 0)))
     assert isinstance(got, wire.AttrReply)
     return stat.S_IMODE(got.attr.mode)
@@ -67,8 +52,7 @@ async def _mode(guest: _Guest, node: int) -> int:
 
 async def test_making_a_name_returns_the_parents_new_attributes_only_when_asked() -> None:
     for features, suffix in ((wire.FEATURE_PARENT_ATTR, True), (0, False)):
-        server, guest, root = await _serving(features)
-        try:
+        async with _serving(features) as (guest, root):
             payload = await guest.ok(wire.Mkdir(root, 0o755, b"d"))
             body, parent = wire.split_parent(wire.Op.MKDIR, payload)
             assert (parent is not None) == suffix
@@ -79,14 +63,10 @@ async def test_making_a_name_returns_the_parents_new_attributes_only_when_asked(
             body, parent = wire.split_parent(wire.Op.CREATE, payload)
             assert (parent is not None) == suffix
             assert isinstance(wire.decode_result(wire.Op.CREATE, body), wire.Created)
-        finally:
-            await server.aclose()
-            guest.sock.close()
 
 
 async def test_a_write_without_cap_fsetid_drops_setuid_and_group_executable_setgid() -> None:
-    server, guest, root = await _serving(wire.FEATURES_ALL)
-    try:
+    async with _serving(wire.FEATURES_ALL) as (guest, root):
         node, fh = await _setuid_file(guest, root, b"s", 0o6777)
         await guest.ok(wire.Write(node, fh, 0, os.O_RDWR, b"root writes"))  # no KILL flag: CAP_FSETID
         assert await _mode(guest, node) == 0o6777
@@ -96,14 +76,10 @@ async def test_a_write_without_cap_fsetid_drops_setuid_and_group_executable_setg
         node, fh = await _setuid_file(guest, root, b"g", 0o2666)
         await guest.ok(wire.Write(node, fh, 0, os.O_RDWR | wire.KILL_SUIDGID, b"x"), uid=1000)
         assert await _mode(guest, node) == 0o2666
-    finally:
-        await server.aclose()
-        guest.sock.close()
 
 
 async def test_chown_and_an_unprivileged_truncate_drop_setuid() -> None:
-    server, guest, root = await _serving(wire.FEATURES_ALL)
-    try:
+    async with _serving(wire.FEATURES_ALL) as (guest, root):
         node, _ = await _setuid_file(guest, root, b"c", 0o4755)
         got = wire.decode_result(wire.Op.SETATTR, await guest.ok(wire.Setattr(node, wire.SET_UID, 0, 0, 0, 0, 0, 7, 0)))
         assert isinstance(got, wire.AttrReply) and got.attr.uid == 7 and stat.S_IMODE(got.attr.mode) == 0o755
@@ -121,9 +97,6 @@ async def test_chown_and_an_unprivileged_truncate_drop_setuid() -> None:
         created = wire.decode_result(wire.Op.CREATE, body)
         assert isinstance(created, wire.Created) and stat.S_IMODE(created.entry.attr.mode) == 0o4755
         assert await _mode(guest, created.entry.node) == 0o4755
-    finally:
-        await server.aclose()
-        guest.sock.close()
 
 
 def test_quick_provider_calls_run_on_the_calling_thread_and_the_rest_in_the_pool(tmp_path) -> None:

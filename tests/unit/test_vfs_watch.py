@@ -132,14 +132,20 @@ async def _watched(host: Path, cap: int | None = None, readonly: bool = False) -
     guest = Guest([Mount("/data", HostFSProvider(str(host), readonly=readonly), readonly)])
     if cap is not None:
         guest.router.notifier.cap = cap
+    sent = await _started(guest)
+    assert guest.router.notifier.walked
+    return guest, sent
+
+
+async def _started(guest: Guest) -> Sent:
+    """Starts the guest's notifier and waits (bounded) for its first walk of the watched trees."""
     sent = Sent()
     guest.router.notifier.start(sent)
     for _ in range(TRIES):
         if guest.router.notifier.walked:
             break
         await asyncio.sleep(0.02)
-    assert guest.router.notifier.walked
-    return guest, sent
+    return sent
 
 
 @pytest.fixture
@@ -201,13 +207,8 @@ async def test_the_guests_own_changes_send_no_notices(host: Path) -> None:
 
 async def test_two_mounts_of_one_directory_are_both_told(host: Path) -> None:
     guest = Guest([Mount("/a", HostFSProvider(str(host))), Mount("/b", HostFSProvider(str(host)))])
-    sent = Sent()
-    guest.router.notifier.start(sent)
+    sent = await _started(guest)
     try:
-        for _ in range(TRIES):
-            if guest.router.notifier.walked:
-                break
-            await asyncio.sleep(0.02)
         assert len(guest.router.notifier.watched) == 2
         a, b = await guest.node("/a/top.txt"), await guest.node("/b/top.txt")
         (host / "top.txt").write_text("both see it")
@@ -221,13 +222,8 @@ async def test_names_hidden_under_a_nested_mount_are_never_told(host: Path) -> N
     from matchlock.vfs.memory import MemoryProvider
 
     guest = Guest([Mount("/data", HostFSProvider(str(host))), Mount("/data/src", MemoryProvider())])
-    sent = Sent()
-    guest.router.notifier.start(sent)
+    sent = await _started(guest)
     try:
-        for _ in range(TRIES):
-            if guest.router.notifier.walked:
-                break
-            await asyncio.sleep(0.02)
         assert guest.router.notifier.watched
         src = await guest.node("/data/src")  # the memory mount's root, over the host's src/
         await guest.node("/data/top.txt")

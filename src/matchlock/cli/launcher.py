@@ -34,6 +34,7 @@ from typing import NoReturn
 
 from ..api.secrets import MAX_SECRET_FILE
 from ..sandbox.network import CLONE_MODULES
+from ..util.fs import memfd_holding
 
 # What a `run --from-snapshot -d` owner imports beyond `matchlock fork` itself.
 OWNER_MODULES = (
@@ -71,10 +72,7 @@ class SecretCopy:
             from ..api.errors import UsageError
 
             raise UsageError(f"--secret-file {path}: cannot read it: {exc.strerror or exc}") from None
-        self.fd = os.memfd_create("matchlock-fork-secrets", os.MFD_CLOEXEC)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        self.fd = memfd_holding("matchlock-fork-secrets", data)
 
     @property
     def path(self) -> str:

@@ -12,22 +12,28 @@ a snapshot: pass the source's secrets to `fork` again with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import click
 
 from ..api.errors import MatchlockError, UsageError
 from ..state import snapshots as records
 
+if TYPE_CHECKING:
+    from ..state.store import StateStore
+
 MAX_FORKS = 16
 
 
-def _store():
+def _store() -> contextlib.closing[StateStore]:
+    """The state store, closed when the `with` block ends."""
     from ..state.store import StateStore
 
-    return StateStore()
+    return contextlib.closing(StateStore())
 
 
 @click.group()
@@ -55,11 +61,8 @@ def create(vm_id: str, name: str, mode: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of the snapshots.")
 def list_snapshots(as_json: bool) -> None:
     """List the snapshots that are complete (ones being made, or left half-made, are not shown)."""
-    store = _store()
-    try:
+    with _store() as store:
         found = records.ready(store)
-    finally:
-        store.close()
     if as_json:
         click.echo(json.dumps([record.to_json() for record in found], indent=2))
         return
@@ -74,13 +77,10 @@ def list_snapshots(as_json: bool) -> None:
 @click.argument("names", nargs=-1, required=True)
 def remove(names: tuple[str, ...]) -> None:
     """Remove snapshots (sandboxes restored from them keep running)."""
-    store = _store()
-    try:
+    with _store() as store:
         for name in names:
             records.remove(store, records.validate_name(name))
             click.echo(name)
-    finally:
-        store.close()
 
 
 def _secret_args(secret: tuple[str, ...], secret_file: str | None) -> list[str]:
@@ -89,19 +89,13 @@ def _secret_args(secret: tuple[str, ...], secret_file: str | None) -> list[str]:
 
 
 def _has_network(name: str) -> bool:
-    store = _store()
-    try:
+    with _store() as store:
         return bool(records.require(store, name).meta["network"])
-    finally:
-        store.close()
 
 
 def _remove_snapshot(name: str) -> None:
-    store = _store()
-    try:
+    with _store() as store:
         records.remove(store, name)
-    finally:
-        store.close()
 
 
 @click.command()

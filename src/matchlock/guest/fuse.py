@@ -163,6 +163,15 @@ def _name(raw: bytes) -> bytes | int:
         return errno.EINVAL
 
 
+def _name_at(data: bytes | memoryview, start: int, what: str) -> bytes | int:
+    """The NUL-terminated name at `start` of a `what` request, as `_name` checks it."""
+    raw = bytes(data[start:])
+    end = raw.find(b"\0")
+    if end < 0:
+        raise RemoteProtocolError(f"FUSE {what} lacks a NUL-terminated name")
+    return _name(raw[:end])
+
+
 def _cstrings(body: bytes | memoryview, count: int) -> list[bytes]:
     parts = bytes(body).split(b"\0", count)
     if len(parts) <= count:
@@ -292,11 +301,7 @@ class MountTranslator:
 
     def _lookup(self, data: bytes | memoryview, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Action:
         # The commonest request by far, so straight to wire bytes: each Python step is dear under emulation.
-        raw = bytes(data[IN_HEADER.size :])
-        end = raw.find(b"\0")
-        if end < 0:
-            raise RemoteProtocolError("FUSE LOOKUP lacks a NUL-terminated name")
-        name = _name(raw[:end])
+        name = _name_at(data, IN_HEADER.size, "LOOKUP")
         if isinstance(name, int):
             return Action(error(unique, name))
         parent = self.root if nodeid == ROOT_ID else nodeid
@@ -353,11 +358,7 @@ class MountTranslator:
             flags, mode, _, open_flags = CREATE_IN.unpack_from(data, IN_HEADER.size)
         except struct.error:
             return Action(error(unique, errno.EINVAL))
-        raw = bytes(data[IN_HEADER.size + CREATE_IN.size :])
-        end = raw.find(b"\0")
-        if end < 0:
-            raise RemoteProtocolError("FUSE CREATE lacks a NUL-terminated name")
-        name = _name(raw[:end])
+        name = _name_at(data, IN_HEADER.size + CREATE_IN.size, "CREATE")
         if isinstance(name, int):
             return Action(error(unique, name))
         key = (parent, name)
@@ -481,8 +482,7 @@ class MountTranslator:
         drop them and its pages, so it asks again and learns it is linked (never cached from then on)."""
         if pending.op != LINK or status < 0 or not pending.source:
             return None
-        body = NOTIFY_INVAL_INODE.pack(pending.source, 0, 0)
-        return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_INVAL_INODE_CODE, 0) + body
+        return inval_inode_notice(pending.source)
 
     def complete(self, pending: Pending, status: int, payload: bytes) -> tuple[list[bytes], vfs.Forget | None]:
         """The /dev/fuse reply (as buffers for one writev) and any lookups to give back to the host."""

@@ -121,16 +121,9 @@ class Channel:
         request_id = self._new_id((mount, action.pending))
         if action.wire is not None:  # the translator's ready payload (the hottest ops)
             op, payload = action.wire
-            if isinstance(payload, tuple):
-                fixed, data = payload
-                header = vfs.REQUEST_HEADER.pack(
-                    len(fixed) + len(data), request_id, op, action.uid, action.gid, action.pid
-                )
-                frame = b"".join((header, fixed, data))
-            else:
-                frame = (
-                    vfs.REQUEST_HEADER.pack(len(payload), request_id, op, action.uid, action.gid, action.pid) + payload
-                )
+            fixed, data = payload if isinstance(payload, tuple) else (payload, b"")  # a WRITE's data apart
+            header = vfs.REQUEST_HEADER.pack(len(fixed) + len(data), request_id, op, action.uid, action.gid, action.pid)
+            frame = b"".join((header, fixed, data))
         else:
             assert action.args is not None
             frame = vfs.encode_request(request_id, action.uid, action.gid, action.pid, action.args)
@@ -207,8 +200,8 @@ class Mount:
     def notify_kernel(self, notice: bytes) -> None:
         try:
             os.write(self.fd, notice)
-        except OSError as exc:  # ENOENT: the inode is no longer cached, so nothing is stale
-            if exc.errno != errno.ENOENT:
+        except OSError as exc:  # ENOENT: not cached (or another mount's node); ENOTDIR: no longer a directory
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENODEV):
                 log(f"a cache notice failed: {exc}")
 
 
@@ -250,11 +243,7 @@ class Notices:
         else:
             mount.translator.cache.drop_node(node)
             notice = fuse.inval_inode_notice(nodeid)
-        try:
-            os.write(mount.fd, notice)
-        except OSError as exc:  # ENOENT: not cached (or another mount's node); ENOTDIR: no longer a directory
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENODEV):
-                log(f"a host change notice failed: {exc}")
+        mount.notify_kernel(notice)
 
 
 def _fatal_on_error(target, *args) -> None:

@@ -113,7 +113,7 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
 
 
 class SeccompFilter:
-    """A classic-BPF program in the form prctl takes, built once and installed in each workload."""
+    """A classic-BPF program (sock_filter structs), put in prctl's form once and installed in each workload."""
 
     def __init__(self, program: bytes) -> None:
         self._buffer = ctypes.create_string_buffer(program, len(program))  # kept alive with the struct
@@ -124,11 +124,6 @@ class SeccompFilter:
             _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self._prog), 0, 0),
             "prctl(PR_SET_SECCOMP)",
         )
-
-
-def set_seccomp_filter(program: bytes) -> None:
-    """Install a classic-BPF seccomp filter (a sequence of sock_filter structs)."""
-    SeccompFilter(program).install()
 
 
 def set_realtime_clock(time_ns: int) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..api.errors import SetupError
+from ..util.aio import finish_in_thread
 
 CLONE_NEWNET = 0x40000000
 TAP = "tap0"
@@ -175,13 +176,9 @@ class SandboxNamespace:
 
         A cancelled caller still waits for the helper, then releases what it made: nothing leaks.
         """
-        created = asyncio.get_running_loop().run_in_executor(None, self.create)
         try:
-            await asyncio.shield(created)
+            await finish_in_thread(self.create)
         except asyncio.CancelledError:
-            await asyncio.wait([created])
-            if not created.cancelled():
-                created.exception()  # retrieved: a failure nobody awaits any more is not logged
             self.close()
             raise
 

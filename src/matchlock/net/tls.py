@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..util.fs import memfd_holding
+
 CA_NAME = "Sandbox MITM CA"
 UPSTREAM_CA_ENV = "MATCHLOCK_UPSTREAM_CA_FILE"
 CACHE_SIZE = 100
@@ -194,9 +196,7 @@ def _load_chain(context: ssl.SSLContext, chain: bytes, key: bytes) -> None:
     fds = []
     try:
         for data in (chain, key):
-            fd = os.memfd_create("matchlock-tls", os.MFD_CLOEXEC)
-            fds.append(fd)
-            os.write(fd, data)
+            fds.append(memfd_holding("matchlock-tls", data))
         context.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
     finally:
         for fd in fds:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..api.network import SecretConfig
 from ..jsonrpc import VM_FAILED
+from ..util.fs import memfd_holding
 from .params import RpcError
 
 if TYPE_CHECKING:
@@ -46,12 +47,8 @@ def secret_file(secrets: Mapping[str, SecretConfig]) -> Iterator[str | None]:
         name: {"value": s.value, "hosts": list(s.hosts), **({"placeholder": s.placeholder} if s.placeholder else {})}
         for name, s in secrets.items()
     }
-    data = json.dumps(document).encode()
-    fd = os.memfd_create("matchlock-fork-secrets", os.MFD_CLOEXEC)
+    fd = memfd_holding("matchlock-fork-secrets", json.dumps(document).encode())
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
         yield f"/proc/{os.getpid()}/fd/{fd}"
     finally:
         os.close(fd)

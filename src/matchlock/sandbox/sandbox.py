@@ -28,6 +28,7 @@ from ..api.paths import SandboxPaths
 from ..state import lifecycle as phases
 from ..state.store import StateStore
 from ..util import trace
+from ..util.aio import finish_in_thread
 from ..vm import checkpoint, snapshot
 from ..vm.accel import choose_accelerator, host_tsc_khz
 from ..vm.channel import GuestChannel, GuestStream
@@ -81,16 +82,6 @@ def validate_exec_request(request: msgs.ExecRequest) -> None:
             f"the command and its environment take {size} bytes, more than the {MAX_PAYLOAD} a command may; "
             "fix: pass large data through stdin or a file"
         )
-
-
-async def _finish_in_thread(function: Callable[..., None], *args: object) -> None:
-    """Run `function` on a thread; a cancelled caller still waits for it, so no cleanup races it."""
-    work = asyncio.get_running_loop().run_in_executor(None, function, *args)
-    try:
-        await asyncio.shield(work)
-    except asyncio.CancelledError:
-        await asyncio.wait([work])
-        raise
 
 
 def new_vm_id() -> str:
@@ -204,9 +195,9 @@ class Sandbox:
                 async with asyncio.TaskGroup() as setup:
                     network = setup.create_task(sandbox._start_network())
                     if restore is not None:
-                        setup.create_task(_finish_in_thread(restore.make_upper, upper))
+                        setup.create_task(finish_in_thread(restore.make_upper, upper))
                     else:
-                        setup.create_task(_finish_in_thread(make_upper_disk, upper, config.resources.disk_size_mb))
+                        setup.create_task(finish_in_thread(make_upper_disk, upper, config.resources.disk_size_mb))
             except BaseExceptionGroup as group:
                 raise group.exceptions[0] from None  # a SetupError stays one
             machine_network = network.result()

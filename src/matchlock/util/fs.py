@@ -1,4 +1,4 @@
-"""Small filesystem helpers used by every cache: locks and atomic publication."""
+"""Small filesystem helpers used by every cache: locks, atomic publication, anonymous memory files."""
 
 from __future__ import annotations
 
@@ -62,3 +62,17 @@ def directory_digest_input(root: Path, suffixes: tuple[str, ...] = (".py",)) -> 
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes):
         parts.append(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return b"".join(parts)
+
+
+def memfd_holding(name: str, data: bytes) -> int:
+    """A close-on-exec memfd holding `data` (never on disk), for a consumer that wants a path:
+    `/proc/self/fd/N`. The caller closes it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .router import Mount, Router
 
 log = logging.getLogger("matchlock.vfs")
-SHORT = 1.0  # seconds a host_fs mount is cached without a healthy watch
+SHORT = HostFSProvider.cache_seconds  # seconds a host_fs mount is cached without a healthy watch
 LONG = 600.0  # with one (past 60 s the router also keeps page caches across opens)
 DELAY = 0.02
 LOOKS = 3  # a change unexplained this many looks DELAY apart is the host's (so it waits <= 4 DELAYs)
@@ -136,12 +136,7 @@ class Notifier:
         """The guest changed `rel` of `m` through the router; `attr` is what it left (None: look now)."""
         if m.provider not in self.watched:
             return
-        sig: Signature = None
-        if not gone:
-            try:
-                sig = signature(attr if attr is not None else m.provider.getattr(rel))
-            except FsError:
-                sig = None
+        sig = None if gone else signature(attr) if attr is not None else _looks_now(m.provider, rel)
         key = (m.provider, rel)
         self.marks.pop(key, None)
         if len(self.marks) >= MAX_MARKS:
@@ -154,7 +149,7 @@ class Notifier:
             return
         try:
             m, rel = self.router.route(self.router._parts(node))
-            if m.provider in self.watched:
+            if m.provider in self.watched:  # before the fstat: a write to another mount costs nothing more
                 self.own(m, rel, handle.fstat())
         except FsError:
             return
@@ -167,11 +162,7 @@ class Notifier:
         if mark[1] < now:
             del self.marks[key]
             return False
-        try:
-            current: Signature = signature(w.mount.provider.getattr(rel))
-        except FsError:
-            current = None
-        return current == mark[0]
+        return _looks_now(w.mount.provider, rel) == mark[0]
 
     # --- host events ----------------------------------------------------------------------------------
 
@@ -270,7 +261,7 @@ class Notifier:
     def _invalidate_all(self) -> None:
         """Every name and node the guest holds (bounded by Limits.max_nodes): what it cached long is unknown."""
         frames: dict[bytes, None] = {}
-        for (parent_id, name), _ in self.router.index.items():
+        for parent_id, name in self.router.index:
             try:
                 frames[wire.encode_notice(wire.INVAL_ENTRY, parent_id, os.fsencode(name))] = None
             except LocalProtocolError:
@@ -278,6 +269,13 @@ class Notifier:
         for node_id in self.router.nodes:
             frames[wire.encode_notice(wire.INVAL_INODE, node_id)] = None
         self._emit(frames)
+
+
+def _looks_now(provider: Provider, rel: Path) -> Signature:
+    try:
+        return signature(provider.getattr(rel))
+    except FsError:
+        return None
 
 
 def _close(w: _Watched) -> None:

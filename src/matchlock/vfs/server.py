@@ -35,7 +35,6 @@ T = TypeVar("T")
 READ_SIZE = 256 * 1024
 THREADS = 8
 STATS_ENV = "MATCHLOCK_VFS_STATS"  # set: the guest daemon logs its request timings to the console
-_MAKING = (wire.Op.MKNOD, wire.Op.MKDIR, wire.Op.SYMLINK, wire.Op.LINK, wire.Op.CREATE)
 
 
 # Provider calls that are one or two syscalls on a local directory, or memory work: run on the event
@@ -72,6 +71,14 @@ class _Executor(ThreadPoolExecutor):
         except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting request, as from a thread
             done.set_exception(exc)
         return done
+
+
+A = TypeVar("A", bound=wire.Args)
+
+
+def _with(args: A, **changes: int) -> A:
+    """A copy of the request record `args` with the fields named in `changes` replaced."""
+    return type(args)(*(changes.get(name, getattr(args, name)) for name in args.__slots__))
 
 
 def _setid_to_drop(mode: int) -> int:
@@ -185,7 +192,7 @@ class VfsServer:
         else:
             result = await self.router.handle(request)
         parent = None
-        if self.features & wire.FEATURE_PARENT_ATTR and request.op in _MAKING:
+        if self.features & wire.FEATURE_PARENT_ATTR and request.op in wire.PARENT_OPS:
             # The directory changed: its new attributes let the guest answer the GETATTR and the
             # mkdir -p revalidations that follow from its cache instead of a round trip each.
             node = args.newparent if isinstance(args, wire.Link) else getattr(args, "parent", 0)
@@ -210,19 +217,12 @@ class VfsServer:
             kill = bool(args.valid & (wire.SET_UID | wire.SET_GID) or args.valid & wire.SET_KILL_SUIDGID
                         and args.valid & wire.SET_SIZE) and not args.valid & wire.SET_MODE  # fmt: skip
             if args.valid & wire.SET_KILL_SUIDGID:
-                args = wire.Setattr(args.node, args.valid & ~wire.SET_KILL_SUIDGID, args.fh, args.size,
-                                    args.atime_ns, args.mtime_ns, args.mode, args.uid, args.gid)  # fmt: skip
+                args = _with(args, valid=args.valid & ~wire.SET_KILL_SUIDGID)
         elif isinstance(args, (wire.Write, wire.Open, wire.Create)) and args.flags & wire.KILL_SUIDGID:
             # Not for CREATE: every provider's create makes a new file, which keeps the mode it was made
             # with (as on a local filesystem: O_TRUNC of a file just created truncates nothing).
             kill = not isinstance(args, wire.Create)
-            flags = args.flags & ~wire.KILL_SUIDGID
-            if isinstance(args, wire.Write):
-                args = wire.Write(args.node, args.fh, args.offset, flags, args.data)
-            elif isinstance(args, wire.Open):
-                args = wire.Open(args.node, flags)
-            else:
-                args = wire.Create(args.parent, flags, args.mode, args.name)
+            args = _with(args, flags=args.flags & ~wire.KILL_SUIDGID)
         if args is not request.args:
             request = wire.Request(request.id, request.op, request.uid, request.gid, request.pid, args)
         result = await self.router.handle(request)

@@ -234,9 +234,8 @@ class TreeWatch:
             self.failed = reason
 
     def close(self) -> None:
-        for wd in list(self.dirs):
-            if wd >= 0:
-                self.inotify.remove(wd)
+        for wd in self.dirs:
+            self.inotify.remove(wd)
         self.dirs.clear()
 
     # --- events -------------------------------------------------------------------------------------------

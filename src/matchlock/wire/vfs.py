@@ -133,7 +133,7 @@ _FORGET = struct.Struct(">QQ")
 # Which reply each op gets.
 _ENTRY_OPS = (Op.LOOKUP, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK)
 _ATTR_OPS = (Op.GETATTR, Op.SETATTR)
-_PARENT_OPS = frozenset((Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.CREATE))  # FEATURE_PARENT_ATTR
+PARENT_OPS = frozenset((Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.CREATE))  # FEATURE_PARENT_ATTR
 NOTICE_OPS = frozenset((Op.FORGET, Op.RELEASE, Op.RELEASEDIR))  # may come with id 0: no reply
 _EMPTY_OPS = (Op.UNLINK, Op.RMDIR, Op.RENAME, Op.FLUSH, Op.RELEASE, Op.FSYNC, Op.RELEASEDIR)
 
@@ -501,7 +501,7 @@ def _exact(payload: bytes, size: int, op: int) -> None:
 
 def split_parent(op: int, payload: bytes) -> tuple[bytes, AttrReply | None]:
     """A reply payload without its FEATURE_PARENT_ATTR suffix, and the parent's attributes (guest side)."""
-    if op not in _PARENT_OPS:
+    if op not in PARENT_OPS:
         return payload, None
     size = _ENTRY_SIZE + (_OPENED.size if op == Op.CREATE else 0) + PARENT_STRUCT.size
     if len(payload) != size:

@@ -1,0 +1,39 @@
+"""The guest's end of a VFS server's socket for the server tests: encoded requests out, replies matched by id."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+
+from matchlock.wire import vfs as wire
+
+
+class Peer:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = wire.ReplyDecoder()
+        self.replies: dict[int, wire.Reply] = {}
+        self._ids = itertools.count(1)
+
+    async def send(self, request_id: int, args: wire.Args, uid: int = 0) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, wire.encode_request(request_id, uid, uid, 1, args))
+
+    async def reply(self, request_id: int) -> wire.Reply:
+        while request_id not in self.replies:
+            data = await asyncio.get_running_loop().sock_recv(self.sock, 1 << 20)
+            assert data, "the server closed the channel"
+            for reply in self.decoder.feed(data):
+                self.replies[reply.id] = reply
+        return self.replies.pop(request_id)
+
+    async def call(self, args: wire.Args, uid: int = 0) -> wire.Reply:
+        """One request with the next id, and its reply."""
+        request_id = next(self._ids)
+        await self.send(request_id, args, uid)
+        return await self.reply(request_id)
+
+    async def ok(self, args: wire.Args, uid: int = 0) -> bytes:
+        reply = await self.call(args, uid)
+        assert reply.status == 0, (args, reply.status)
+        return reply.payload
