@@ -1,18 +1,22 @@
 """Memory density (issue 14): what an idle sandbox costs, per process and per mapping, old settings against new.
 
-For each setting (old: matchlock's defaults; new: a candidate, a TCG translation buffer capped at
---tb-size MiB through $MATCHLOCK_TCG_BUFFER_MB), in one run:
+For each setting (old: matchlock's defaults; new: a candidate, by default a TCG translation buffer capped
+at --tb-size MiB through $MATCHLOCK_TCG_BUFFER_MB, or the environment given by --candidate), in one run:
 (a) one idle sandbox from the boot template (`matchlock run -d`): PSS of QEMU, of the owner process and
     of any helper process (the owner's other children);
 (b) `matchlock fork ID -n N` of that sandbox: PSS of every process, and the PSS the N idle clones added
     (the sum over all processes after, less before, divided by N);
 and, as the floor, bare `qemu-system-x86_64` booting the same kernel into a busybox that only sleeps.
 QEMU's PSS is broken down by mapping (guest RAM, TCG code buffer, heap, other anonymous memory, the
-binary and libraries). Guest RAM in a memfd can hold pages that no process maps (filled from the
-template but not yet touched): PSS misses them, so they are printed apart ("memfd unmapped").
+binary and libraries). Guest RAM is split into pages the guest wrote (private to this QEMU) and pages it
+only read from a template's or snapshot's RAM file (shared with every sandbox mapping the same file).
+The binary's and libraries' PSS falls as more QEMUs run on the machine (anyone's): compare within a run.
+Guest RAM in a memfd can hold pages that no process maps (filled from the template but not yet
+touched): PSS misses them, so they are printed apart ("memfd unmapped").
 Also timed: `run -- true` from the template and `exec -- true` (a small buffer is refilled more often).
 
 Usage: .venv/bin/python benchmarks/bench_density.py [--forks N] [--runs N] [--tb-size MiB] [--settle S]
+       [--candidate NAME=VALUE ...]  (e.g. --candidate MALLOC_ARENA_MAX=1; it replaces the --tb-size candidate)
 (at most 1 + N VMs at once; the machine has 2 cores: keep N <= 4).
 """
 
@@ -37,7 +41,7 @@ from timing import median_ms, smaps_rollup, timed
 from matchlock.vm.machine import TCG_BUFFER_ENV, build_argv
 
 MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
-CATEGORIES = ("guest RAM", "TCG code buffer", "heap", "anon other", "binary+libs", "other")
+CATEGORIES = ("guest RAM written", "guest RAM read", "TCG code buffer", "heap", "anon other", "binary+libs", "other")
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 
 
@@ -56,7 +60,7 @@ def _category(size: int, perms: str, name: str, ram_bytes: int) -> str:
 
 
 def mappings_pss(pid: int, ram_mb: int = 512) -> dict[str, int]:
-    """PSS in KiB per mapping category, from /proc/PID/smaps."""
+    """PSS in KiB per mapping category, from /proc/PID/smaps; guest RAM split into written and read."""
     totals: collections.Counter[str] = collections.Counter()
     category = "other"
     with open(f"/proc/{pid}/smaps") as f:
@@ -66,7 +70,12 @@ def mappings_pss(pid: int, ram_mb: int = 512) -> dict[str, int]:
                 size = int(match.group(2), 16) - int(match.group(1), 16)
                 category = _category(size, match.group(3), match.group(4).strip(), ram_mb << 20)
             elif line.startswith("Pss:"):
-                totals[category] += int(line.split()[1])
+                totals["guest RAM read" if category == "guest RAM" else category] += int(line.split()[1])
+            elif category == "guest RAM" and line.startswith("Private_Dirty:"):
+                # Copied on write: this QEMU's alone. The rest of its PSS is clean pages of the RAM file.
+                written = int(line.split()[1])
+                totals["guest RAM written"] += written
+                totals["guest RAM read"] -= written
     return dict(totals)
 
 
@@ -239,10 +248,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tb-size", type=int, default=32, help="the candidate's TCG buffer, MiB (see vm/machine.py)")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds idle before measuring")
+    parser.add_argument(
+        "--candidate", action="append", default=[], metavar="NAME=VALUE", help="the new setting's environment"
+    )
     args = parser.parse_args()
+    candidate = dict(item.split("=", 1) for item in args.candidate if "=" in item)
+    if len(candidate) != len(args.candidate):
+        sys.exit(f"--candidate takes NAME=VALUE, got {args.candidate}; fix: e.g. --candidate MALLOC_ARENA_MAX=1")
     if not shutil.which("mkfs.erofs"):
         sys.exit("mkfs.erofs is needed for the bare baseline; fix: apt-get install erofs-utils")
-    settings = {"old": {}, "new": {TCG_BUFFER_ENV: str(args.tb_size)}}
+    settings = {"old": {}, "new": candidate or {TCG_BUFFER_ENV: str(args.tb_size)}}
+    print(f"new = {settings['new']}")
     with private_state_dir(), tempfile.TemporaryDirectory(prefix="bench-density-") as work:
         results = {
             label: bench_setting(label, env, args.forks, args.runs, args.settle) for label, env in settings.items()

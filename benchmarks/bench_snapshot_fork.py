@@ -10,12 +10,14 @@
    started together, to every clone's first exec result, against N fresh
    sandboxes from the boot template started together; in this process, and
    through the CLI (`matchlock fork -n N` against N x `run -d` at once, the
-   first execs through each sandbox's relay).
+   first execs through each sandbox's relay); then the steps of `fork`
+   timed one by one (snapshot, owners up, first execs).
 5. Memory: RSS and PSS of each QEMU (the source and its idle clones).
 6. Full snapshot time and size against dirty guest memory (MiB written to
    the guest's tmpfs first), against the clean snapshot of item 2.
 
 Usage: .venv/bin/python benchmarks/bench_snapshot_fork.py [--runs N] [--forks N] [--no-network] [--fork-only]
+       [--timeline]
 (at most 1 + N VMs run at once; the machine has 2 cores, keep N small).
 """
 
@@ -112,6 +114,52 @@ def _cli_fork_runs(runs: int, forks: int, no_network: bool) -> tuple[list[float]
     return fresh_samples, fork_samples
 
 
+def fork_timeline(runs: int, forks: int, no_network: bool) -> None:
+    """Where `matchlock fork SRC -n forks` goes: its steps (cli/snapshot.py) one by one, timed. Run in a
+    process of its own (`--timeline`): the owners are forked from it, which needs no other thread."""
+    from matchlock.cli import launcher
+    from matchlock.cli.snapshot import _has_network, _remove_snapshot
+
+    ready: dict[int, float] = {}
+    wait_ready = launcher._wait_ready
+
+    def timed_wait(owner: launcher.Owner) -> None:
+        wait_ready(owner)
+        ready[owner.pid] = time.perf_counter()
+
+    launcher._wait_ready = timed_wait
+    source = _cli("run", "-d", "--disk-size", "512", *(["--no-network"] if no_network else [])).strip()
+    phases: dict[str, list[float]] = {"snapshot": [], "first owner up": [], "last owner up": [], "first execs": []}
+    try:
+        for run in range(runs):
+            name = f"bench-timeline-{run}"
+            started = time.perf_counter()
+            with ThreadPoolExecutor(1) as pool:  # as `fork`: the owners' modules load while the source saves
+                saving = pool.submit(relay_client.control, source, "snapshot", name=name, mode="full")
+                launcher.preload()
+                saving.result()
+            saved = time.perf_counter()
+            args = ["run", "--from-snapshot", name, "-d", *([] if _has_network(name) else ["--no-network"])]
+            owners = launcher.wait(launcher.start(args, forks))
+            up = time.perf_counter()
+            _remove_snapshot(name)
+            ids = [owner.vm_id for owner in owners]
+            assert all(ids), [owner.error for owner in owners]
+            with ThreadPoolExecutor(forks) as pool:
+                list(pool.map(_relay_exec, ids))
+            phases["snapshot"].append(saved - started)
+            phases["first owner up"].append(min(ready[o.pid] for o in owners) - saved)
+            phases["last owner up"].append(up - saved)
+            phases["first execs"].append(time.perf_counter() - up)
+            for vm_id in ids:
+                _cli("rm", "-f", vm_id)
+    finally:
+        _cli("rm", "-f", source)
+    total = sum(median_ms(phases[key]) for key in ("snapshot", "last owner up", "first execs"))
+    print(f"  `fork -n {forks}` timeline (medians): " + "; ".join(f"{k} {median_ms(v):.0f} ms" for k, v in phases.items())
+          + f" (owners up counted from the snapshot's end, first execs from the last owner up; sum {total:.0f} ms)")  # fmt: skip
+
+
 def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
@@ -195,6 +243,8 @@ async def main(runs: int, forks: int, no_network: bool, fork_only: bool) -> None
         print(f"  CLI: baseline {forks} x `run -d` at once {median_ms(cli_fresh):7.1f} ms; "
               f"`fork -n {forks}` {median_ms(cli_forked):7.1f} ms ({median_ms(cli_forked) / median_ms(cli_fresh):.2f}x), "
               "each to every sandbox's first exec result")  # fmt: skip
+        timeline = [sys.executable, __file__, "--timeline", "--runs", str(runs), "--forks", str(forks)]
+        subprocess.run(timeline + (["--no-network"] if no_network else []), check=True)
 
         for clone in clones if fork_only else ():
             await clone.aclose()
@@ -232,6 +282,10 @@ if __name__ == "__main__":
     parser.add_argument("--forks", type=int, default=2)
     parser.add_argument("--no-network", action="store_true")
     parser.add_argument("--fork-only", action="store_true", help="Only item 4 (fork against fresh starts).")
+    parser.add_argument("--timeline", action="store_true", help="Only the steps of `fork` (part of item 4).")
     args = parser.parse_args()
     with private_state_dir():
-        asyncio.run(main(args.runs, args.forks, args.no_network, args.fork_only))
+        if args.timeline:
+            fork_timeline(args.runs, args.forks, args.no_network)
+        else:
+            asyncio.run(main(args.runs, args.forks, args.no_network, args.fork_only))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
+import threading
+import types
 from pathlib import Path
 
 import pytest
 
+from matchlock.api.errors import VMError
 from matchlock.vm import checkpoint, ramstream
 from matchlock.vm.ramstream import FLAG_CONTINUE, FLAG_EOS, FLAG_MEM_SIZE, FLAG_PAGE, FLAG_ZERO, PAGE_SIZE
 
@@ -82,22 +86,92 @@ def test_the_ram_pages_go_to_a_sparse_file_and_everything_else_stays(tmp_path):
     ],
     ids=["unknown flag", "truncated", "empty", "other version", "bad footer"],
 )
-def test_a_stream_laid_out_otherwise_is_refused_and_kept_whole(tmp_path, damage):
+def test_a_stream_laid_out_otherwise_is_refused(tmp_path, damage):
     stream = tmp_path / "memory.partial"
     stream.write_bytes(damage(_stream()))
     with pytest.raises(ramstream.StreamFormatError):
         ramstream.split(stream, tmp_path / "state", tmp_path / "ram")
-    kept = stream.read_bytes()
-    assert not checkpoint._split_ram(stream, tmp_path / "memory", tmp_path / "ram")
-    assert (tmp_path / "memory").read_bytes() == kept and not (tmp_path / "ram").exists()
 
 
-def test_a_split_snapshot_replaces_the_stream(tmp_path):
-    stream = tmp_path / "memory.partial"
-    stream.write_bytes(_stream())
-    assert checkpoint._split_ram(stream, tmp_path / "memory", tmp_path / "ram")
-    assert (tmp_path / "memory").read_bytes() == _expected_device_state()
-    assert not stream.exists() and not Path(f"{tmp_path / 'memory'}.split").exists()
+class _FakeQEMU:
+    """QMP of a QEMU that migrates by writing `stream` to the descriptor it was given, in small writes."""
+
+    def __init__(self, stream: bytes, fail: bool = False, keep_open: bool = False) -> None:
+        self.stream, self.fail, self.keep_open, self.migrations, self.fd = stream, fail, keep_open, 0, -1
+        self.writer: threading.Thread | None = None
+
+    async def send_fd(self, name: str, fd: int) -> None:
+        self.fd = os.dup(fd)
+
+    async def execute(self, command: str, **arguments: object) -> dict:
+        if command == "migrate":
+            self.migrations += 1
+            self.writer = threading.Thread(target=self._write, args=(self.fd,))
+            self.writer.start()
+        if command == "query-migrate":
+            assert self.writer is not None
+            done = not self.writer.is_alive()
+            return {"status": ("failed" if self.fail else "completed") if done else "active"}
+        return {}
+
+    def _write(self, fd: int) -> None:
+        data = self.stream[: len(self.stream) // 2] if self.fail else self.stream
+        try:
+            for at in range(0, len(data), 65521):
+                os.write(fd, data[at : at + 65521])
+        except BrokenPipeError:
+            pass
+        finally:
+            if not self.keep_open:
+                os.close(fd)
+
+
+def _machine(qemu: _FakeQEMU):
+    spec = types.SimpleNamespace(name="vm-test", ram_file=None, ram_private=True)
+    return types.SimpleNamespace(qmp=qemu, running=True, spec=spec, pid=None)
+
+
+def test_private_ram_is_split_while_qemu_writes(tmp_path):
+    records = [(p, FLAG_PAGE, _page(p)) if p % 3 else (p, FLAG_ZERO, b"\x00") for p in range(3000)]
+    qemu = _FakeQEMU(_big_stream(records, 4000 * PAGE_SIZE))
+    assert asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram"))
+    assert (tmp_path / "memory").read_bytes() == _big_stream(records, 4000 * PAGE_SIZE, split=True)
+    ram = (tmp_path / "ram").read_bytes()
+    assert all(
+        ram[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] == (_page(p) if p % 3 and p < 3000 else bytes(PAGE_SIZE))
+        for p in range(4000)
+    )
+    assert qemu.migrations == 1 and sorted(f.name for f in tmp_path.iterdir()) == ["memory", "ram"]
+
+
+@pytest.mark.parametrize(
+    "damage", [lambda s: s.replace(b"\x7e", b"\x7f", 1), lambda s: s[: len(s) // 2]], ids=["footer", "cut"]
+)
+def test_a_stream_the_split_refuses_is_read_to_its_end_and_saved_again_whole(tmp_path, monkeypatch, damage):
+    monkeypatch.setattr(checkpoint, "SAVE_TIMEOUT", 10.0)  # a reader that stopped would leave QEMU stuck
+    stream = damage(_big_stream([(p, FLAG_PAGE, _page(p)) for p in range(2000)], 2000 * PAGE_SIZE))
+    qemu = _FakeQEMU(stream)
+    assert not asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram"))
+    assert (tmp_path / "memory").read_bytes() == stream  # as QEMU wrote it: clones load its RAM
+    assert qemu.migrations == 2 and [f.name for f in tmp_path.iterdir()] == ["memory"]
+
+
+def test_a_qemu_that_keeps_its_end_open_after_completing_still_gets_its_stream_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "READER_GRACE", 0.2)
+    records = [(p, FLAG_PAGE, _page(p)) for p in range(300)]
+    qemu = _FakeQEMU(_big_stream(records, 300 * PAGE_SIZE), keep_open=True)
+    try:
+        assert asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram"))
+    finally:
+        os.close(qemu.fd)
+    assert (tmp_path / "ram").read_bytes() == b"".join(_page(p) for p in range(300))
+
+
+def test_a_failed_migration_leaves_no_file(tmp_path):
+    qemu = _FakeQEMU(_big_stream([(p, FLAG_PAGE, _page(p)) for p in range(2000)], 2000 * PAGE_SIZE), fail=True)
+    with pytest.raises(VMError, match="migration failed"):
+        asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def _resident_kib(path: Path) -> int:
@@ -141,3 +215,70 @@ def test_the_cached_zero_pages_of_the_holes_are_dropped_and_the_data_kept(tmp_pa
     assert cached() > PAGE_SIZE
     ramstream._drop_cached_holes(ram)
     assert cached() == PAGE_SIZE and ram.read_bytes()[:PAGE_SIZE] == b"D" * PAGE_SIZE
+
+
+def _big_stream(records: list[tuple[int, int, bytes]], ram_size: int, *, split: bool = False) -> bytes:
+    """A stream of one ram block of `ram_size` whose records are (page, flags, payload), CONTINUE added
+    after the first (200 records a section, as QEMU ends sections by time and then continues the block);
+    `split`: as it must be once the pages are moved out (the sections kept, empty)."""
+    head = b"\x01" + struct.pack(">I", 2) + _name(b"ram") + struct.pack(">II", 0, 4)
+    blocks = _name(b"ram") + struct.pack(">QQ", ram_size, 0)
+    start = head + struct.pack(">Q", ram_size | FLAG_MEM_SIZE) + blocks + struct.pack(">Q", FLAG_EOS) + _footer()
+    sections = []
+    for first in range(0, len(records), 200):
+        body = b"".join(
+            _record(page * PAGE_SIZE, flags | (FLAG_CONTINUE if i else 0), None if i else b"ram", payload)
+            for i, (page, flags, payload) in enumerate(records[first : first + 200], start=first)
+        )
+        sections.append(_section(2, b"" if split else body))
+    return HEADER + start + b"".join(sections) + _section(3, b"") + DEVICES
+
+
+def _page(n: int) -> bytes:
+    return n.to_bytes(4, "big") * (PAGE_SIZE // 4)
+
+
+def test_long_runs_of_pages_and_zero_pages_land_where_a_record_at_a_time_puts_them(tmp_path):
+    pages = 6000
+    records: list[tuple[int, int, bytes]] = []
+    for page in range(pages):  # runs of every length, longer than a section and than ramstream.RUN
+        data = page % 2500 < 300 or 3000 <= page < 5200 or page % 7 == 3
+        records.append((page, FLAG_PAGE, _page(page)) if data else (page, FLAG_ZERO, b"\x00"))
+    # Out of order inside a continued run (a bulk match overshoots), a data page sent again as zero, a filled one.
+    records[3500:3503] = [(p, FLAG_PAGE, _page(p)) for p in (3502, 3501, 3500)]
+    records += [(10, FLAG_ZERO, b"\x00"), (11, FLAG_ZERO, b"\x09"), (pages + 3, FLAG_PAGE, _page(99))]
+    expected = bytearray((pages + 8) * PAGE_SIZE)
+    for page, flags, payload in records:
+        expected[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = payload if flags & FLAG_PAGE else payload * PAGE_SIZE
+    stream = tmp_path / "stream"
+    stream.write_bytes(_big_stream(records, len(expected)))
+    moved = ramstream.split(stream, tmp_path / "state", tmp_path / "ram")
+    assert (tmp_path / "ram").read_bytes() == expected
+    assert (tmp_path / "state").read_bytes() == _big_stream(records, len(expected), split=True)
+    data_pages = sum(1 for _, flags, payload in records if flags & FLAG_PAGE or payload != b"\x00")
+    assert moved == (data_pages + 1) * PAGE_SIZE  # + page 10, sent as data, then as zero: zeroed
+    assert os.stat(tmp_path / "ram").st_blocks * 512 < (data_pages + 64) * PAGE_SIZE  # the zero pages are holes
+
+
+@pytest.mark.parametrize("where", [2100, 3100, 5999])
+@pytest.mark.parametrize(
+    "damage",
+    ["unknown flag", "truncated", "outside the block"],
+)
+def test_a_bad_record_deep_in_a_run_refuses_the_stream(tmp_path, where, damage):
+    records = [(p, FLAG_ZERO, b"\x00") if p < 3000 else (p, FLAG_PAGE, _page(p)) for p in range(6000)]
+    size = 6000 * PAGE_SIZE
+    if damage == "outside the block":
+        size = where * PAGE_SIZE  # the record at `where` is the first page past the block's end
+    stream = _big_stream(records, size)
+    if damage == "unknown flag":
+        page, flags, payload = records[where]
+        good = _record(page * PAGE_SIZE, flags | FLAG_CONTINUE, None, payload)
+        assert stream.count(good) == 1
+        stream = stream.replace(good, _record(page * PAGE_SIZE, flags | FLAG_CONTINUE | 0x40, None, payload))
+    elif damage == "truncated":
+        at = stream.index(_record(where * PAGE_SIZE, records[where][1] | FLAG_CONTINUE, None, b""))
+        stream = stream[: at + 12]
+    (tmp_path / "stream").write_bytes(stream)
+    with pytest.raises(ramstream.StreamFormatError):
+        ramstream.split(tmp_path / "stream", tmp_path / "state", tmp_path / "ram")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from matchlock.api.events import FileEvent
-from matchlock.api.vfs import MountConfig, VFSConfig
+from matchlock.api.vfs import MountConfig, VFSConfig, VFSInterceptionConfig
 from matchlock.guest import agent as guest_agent
 from matchlock.guest import init as guest_init
 from matchlock.sandbox.vfs import SandboxVFS
@@ -206,7 +206,8 @@ async def test_a_second_start_serves_a_fresh_set_of_providers(tmp_path: Path) ->
     """A template boot that failed after it was served is followed by a cold boot: no state carries over."""
     lower = tmp_path / "lower"
     lower.mkdir()
-    config = VFSConfig(mounts={"/ovl": MountConfig("overlay", str(lower))})
+    # Events wanted: the host-side overlay, whose private copy is what must not carry over.
+    config = VFSConfig(mounts={"/ovl": MountConfig("overlay", str(lower))}, interception=VFSInterceptionConfig(True))
     vfs = SandboxVFS(config, tmp_path / "sandbox", _ignore)
     upper = tmp_path / "sandbox" / "vfs" / "overlay-0"
     sockets = [socket.socketpair() for _ in range(2)]

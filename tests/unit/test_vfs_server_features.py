@@ -1,28 +1,36 @@
-"""The VFS server's HELLO features: parent attributes after a change, and set-id bits dropped host-side."""
+"""The VFS server's HELLO features: parent attributes after a change, set-id bits dropped host-side, and
+directories the guest opens itself."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
 from collections.abc import AsyncIterator
 
+import pytest
 from vfs_peer import Peer
 
+from matchlock.api.vfs import VFSHookRule, VFSInterceptionConfig
 from matchlock.vfs.intercept import Interceptor
 from matchlock.vfs.memory import MemoryProvider
 from matchlock.vfs.router import Mount, Router
 from matchlock.vfs.server import VfsServer
+from matchlock.vfs.types import Limits
 from matchlock.wire import vfs as wire
 
 
 @contextlib.asynccontextmanager
-async def _serving(features: int) -> AsyncIterator[tuple[Peer, int]]:
+async def _serving(
+    features: int, interception: VFSInterceptionConfig | None = None, limits: Limits | None = None
+) -> AsyncIterator[tuple[Peer, int]]:
     """A served memory mount after a HELLO with `features`: the guest's end and the mount's root node."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
-    router = Router([Mount("/m", MemoryProvider())], Interceptor(None), VfsServer.executor())
+    intercepts = Interceptor(interception, lambda _: None)
+    router = Router([Mount("/m", MemoryProvider())], intercepts, VfsServer.executor(), limits)
     server = VfsServer(theirs, router)
     await server.start()
     guest = Peer(ours)
@@ -99,24 +107,20 @@ async def test_chown_and_an_unprivileged_truncate_drop_setuid() -> None:
         assert await _mode(guest, created.entry.node) == 0o4755
 
 
-def test_quick_provider_calls_run_on_the_calling_thread_and_the_rest_in_the_pool(tmp_path) -> None:
+def test_which_provider_calls_are_quick_enough_to_make_on_the_event_loop(tmp_path) -> None:
     from matchlock.vfs import server
     from matchlock.vfs.hostfs import HostFSProvider
     from matchlock.vfs.overlay import OverlayProvider
-    from matchlock.vfs.types import FsError, SetAttr
+    from matchlock.vfs.types import SetAttr
 
     (tmp_path / "f").write_bytes(b"data")
     provider = HostFSProvider(str(tmp_path))
     overlay = OverlayProvider(str(tmp_path), str(tmp_path / "private" / "upper"))
     executor = VfsServer.executor()
     try:
-        chmod = executor.submit(provider.setattr, ("f",), SetAttr(mode=0o600), None)
-        assert chmod.done() and stat.S_IMODE(chmod.result().mode) == 0o600  # done before submit returned
-        failed = executor.submit(provider.setattr, ("missing",), SetAttr(mode=0o600), None)
-        assert failed.done() and isinstance(failed.exception(), FsError)
+        assert executor.runs_here(provider.setattr, (("f",), SetAttr(mode=0o600), None))
         handle = provider.open(("f",), os.O_RDWR)
-        small = executor.submit(handle.read, 0, 4)
-        assert small.done() and small.result() == b"data"
+        assert executor.runs_here(handle.read, (0, 4))
         # What may wait on the disk or copy a file stays in the pool: fsync, a truncate, big I/O, the overlay.
         assert not server._inline(handle.fsync, (False,))
         assert not server._inline(handle.write, (0, bytes(1 << 20)))
@@ -128,3 +132,75 @@ def test_quick_provider_calls_run_on_the_calling_thread_and_the_rest_in_the_pool
         executor.shutdown()
         provider.close()
         overlay.close()
+
+
+async def test_the_router_makes_quick_calls_itself_and_submits_the_rest(tmp_path) -> None:
+    from matchlock.vfs.hostfs import HostFSProvider
+    from matchlock.vfs.types import Caller
+
+    provider = HostFSProvider(str(tmp_path))
+    executor = VfsServer.executor()
+    router = Router([Mount("/w", provider)], Interceptor(None), executor)
+    executor.shutdown()  # from now on a submitted call fails
+    try:
+        await router._io(provider.mkdir, ("d",), 0o755, Caller(0, 0, 1))
+        assert (tmp_path / "d").is_dir()
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            await router._io(os.getpid)
+    finally:
+        router.close()
+        provider.close()
+
+
+async def _opendir_flags(guest: Peer, node: int) -> int:
+    opened = wire.decode_result(wire.Op.OPENDIR, await guest.ok(wire.Opendir(node, 0)))
+    assert isinstance(opened, wire.Opened)
+    await guest.ok(wire.Releasedir(node, opened.fh))
+    return opened.flags
+
+
+async def test_the_guest_may_open_directories_itself_only_when_asked_and_nothing_intercepts() -> None:
+    cached = wire.OPEN_CACHE_DIR | wire.OPEN_KEEP_CACHE
+    async with _serving(wire.FEATURES_ALL) as (guest, root):
+        assert await _opendir_flags(guest, root) == cached | wire.OPEN_GUEST_DIR
+    async with _serving(wire.FEATURES_ALL & ~wire.FEATURE_GUEST_OPENDIR) as (guest, root):
+        assert await _opendir_flags(guest, root) == cached
+    # With interception (even events only) every open must reach the host, to fire its rules and events.
+    async with _serving(wire.FEATURES_ALL, VFSInterceptionConfig(emit_events=True)) as (guest, root):
+        assert await _opendir_flags(guest, root) == cached
+
+
+async def test_opendir_read_opens_and_reads_in_one_and_its_handle_is_an_ordinary_one() -> None:
+    async with _serving(wire.FEATURES_ALL) as (guest, root):
+        await guest.ok(wire.Mkdir(root, 0o755, b"d"))
+        got = wire.decode_result(wire.Op.OPENDIR_READ, await guest.ok(wire.OpendirRead(root, 0, 4096, 1)))
+        assert isinstance(got, wire.DirOpened) and got.flags & wire.OPEN_GUEST_DIR
+        assert [e.name for e in got.entries] == [b".", b"..", b"d"] and got.entries[2].entry is not None
+        page = wire.decode_result(wire.Op.READDIR, await guest.ok(wire.Readdir(root, got.fh, 2, 4096, 0)))
+        assert [e.name for e in page] == [b"d"]
+        await guest.ok(wire.Releasedir(root, got.fh))
+        assert (await guest.call(wire.Readdir(root, got.fh, 0, 4096, 0))).status == -errno.EBADF
+
+
+async def test_opendir_read_obeys_a_block_rule_on_readdir() -> None:
+    rules = (VFSHookRule(ops=("readdir",), path="/m", action="block"),)
+    async with _serving(wire.FEATURES_ALL, VFSInterceptionConfig(rules=rules)) as (guest, root):
+        assert (await guest.call(wire.OpendirRead(root, 0, 4096, 0))).status == -errno.EPERM
+
+
+async def test_opendir_read_is_refused_to_a_guest_that_did_not_offer_the_feature() -> None:
+    async with _serving(wire.FEATURES_ALL & ~wire.FEATURE_GUEST_OPENDIR) as (guest, root):
+        assert (await guest.call(wire.OpendirRead(root, 0, 4096, 0))).status == -errno.ENOSYS
+
+
+async def test_opendir_read_counts_against_the_handle_limit() -> None:
+    async with _serving(wire.FEATURES_ALL, limits=Limits(max_handles=2)) as (guest, root):
+        held = []
+        for _ in range(2):
+            got = wire.decode_result(wire.Op.OPENDIR_READ, await guest.ok(wire.OpendirRead(root, 0, 4096, 0)))
+            assert isinstance(got, wire.DirOpened)
+            held.append(got.fh)
+        assert (await guest.call(wire.OpendirRead(root, 0, 4096, 0))).status == -errno.EMFILE
+        assert (await guest.call(wire.Opendir(root, 0))).status == -errno.EMFILE
+        await guest.ok(wire.Releasedir(root, held[0]))
+        assert (await guest.call(wire.OpendirRead(root, 0, 4096, 0))).status == 0

@@ -41,6 +41,7 @@ REQUESTS = [
     vfs.Readdir(node=2, fh=4, offset=17, size=65536, plus=1),
     vfs.Releasedir(node=2, fh=4),
     vfs.Statfs(node=2),
+    vfs.OpendirRead(node=2, offset=0, size=4096, plus=1),
 ]
 
 
@@ -102,6 +103,9 @@ HOSTILE = {
     "read above MAX_IO": _raw(vfs.Op.READ, struct.pack(">QQQI", 2, 1, 0, vfs.MAX_IO + 1)),
     "readdir above MAX_IO": _raw(vfs.Op.READDIR, struct.pack(">QQQIB", 2, 1, 0, vfs.MAX_IO + 1, 0)),
     "readdir plus 2": _raw(vfs.Op.READDIR, struct.pack(">QQQIB", 2, 1, 0, 100, 2)),
+    "opendir_read above MAX_IO": _raw(vfs.Op.OPENDIR_READ, struct.pack(">QQIB", 2, 0, vfs.MAX_IO + 1, 0)),
+    "opendir_read plus 2": _raw(vfs.Op.OPENDIR_READ, struct.pack(">QQIB", 2, 0, 100, 2)),
+    "opendir_read of node 0": _raw(vfs.Op.OPENDIR_READ, struct.pack(">QQIB", 0, 0, 100, 0)),
     "write above MAX_IO": _raw(vfs.Op.WRITE, struct.pack(">QQQI", 2, 1, 0, 0) + b"x" * (vfs.MAX_IO + 1)),
     "forget count past the frame": _raw(vfs.Op.FORGET, struct.pack(">I", 3) + struct.pack(">QQ", 5, 1), 0),
     "forget count 0": _raw(vfs.Op.FORGET, struct.pack(">I", 0), 0),
@@ -178,6 +182,7 @@ REPLIES = [
     ),  # fmt: skip
     (vfs.Op.READDIR, DIRENTS),
     (vfs.Op.READDIR, ()),
+    (vfs.Op.OPENDIR_READ, vfs.DirOpened(fh=4, flags=vfs.OPEN_CACHE_DIR | vfs.OPEN_GUEST_DIR, entries=DIRENTS)),
     (
         vfs.Op.HELLO,
         vfs.HelloReply(
@@ -210,6 +215,15 @@ def test_replies_split_at_every_byte_and_errors_carry_negative_errno():
     assert boundaries == [first, first + vfs.REPLY_HEADER.size, len(stream)]
 
 
+def test_whole_replies_and_a_partial_one_in_one_read_keep_only_the_partial():
+    third = vfs.encode_reply(3, b"x" * 100)
+    decoder = vfs.ReplyDecoder()
+    got = decoder.feed(vfs.encode_reply(1, None) + vfs.encode_reply(2, ENTRY) + third[:50])
+    assert [r.id for r in got] == [1, 2] and decoder.pending == 50
+    (last,) = decoder.feed(third[50:])
+    assert (last.id, last.payload, decoder.pending) == (3, b"x" * 100, 0)
+
+
 @pytest.mark.parametrize(
     "frame",
     [
@@ -231,7 +245,9 @@ def test_bad_reply_frames_are_refused(frame):
         (vfs.Op.UNLINK, b"x"),
         (vfs.Op.READDIR, struct.pack(">I", 1) + struct.pack(">QQBHB", 1, 1, 8, 3, 0) + b"a/b"),
         (vfs.Op.READDIR, struct.pack(">I", 2)),
+        (vfs.Op.OPENDIR_READ, struct.pack(">QI", 4, 0)),  # no entry count
         (vfs.Op.HELLO, b'{"version": 1, "max_io": 4096, "mounts": [{"path": "rel", "root": 2, "readonly": false}]}'),
+        (vfs.Op.HELLO, b'{"version": 1, "max_io": 4096, "mounts": [{"path": "/w/../run", "root": 2}]}'),
         (vfs.Op.HELLO, b'{"version": 1, "max_io": 4096, "mounts": [{"path": "/a", "root": 1, "readonly": false}]}'),
         (vfs.Op.READLINK, b""),
         (vfs.Op.FORGET, b""),

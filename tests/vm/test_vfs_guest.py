@@ -217,3 +217,23 @@ def test_a_directory_changed_in_the_guest_shows_its_new_attributes_at_once(box, 
               "touch top/b/f && mkdir -p top/b && [ \"$(stat -c %Y top/b)\" -gt 981173106 ] && rmdir top/a && "
               "stat -c %h top && ls top")  # fmt: skip
     assert sh(box, loop_thread, script).split() == ["3", "981173106", "4", "981173106", "3", "b"]
+
+
+def test_with_interception_every_listing_reaches_the_host_and_fires_its_event(vm_prerequisites, loop_thread):
+    # Without interception a memory mount's directories are opened in the guest after the first time
+    # (no host round trip); with it, each open must reach the host so its rules and events see it.
+    from matchlock.api.config import SandboxConfig
+    from matchlock.api.vfs import MountConfig, VFSConfig, VFSInterceptionConfig
+    from matchlock.sandbox.sandbox import Sandbox
+
+    vfs = VFSConfig(mounts={"/mem": MountConfig("memory")}, interception=VFSInterceptionConfig(emit_events=True))
+    sandbox = loop_thread.run(Sandbox.create(SandboxConfig(image="matchlock/busybox:builtin", vfs=vfs)))
+    events: list = []
+    sandbox.event_listeners.append(events.append)
+    try:
+        sh(sandbox, loop_thread, "mkdir /mem/d && ls /mem/d && ls /mem/d && ls /mem/d")
+        listings = [e for e in events if getattr(e, "op", "") == "readdir" and e.path == "/mem/d"]
+        assert len(listings) == 3, events
+        assert sandbox.vfs.server.op_counts["OPENDIR"] >= 3
+    finally:
+        loop_thread.run(sandbox.aclose())

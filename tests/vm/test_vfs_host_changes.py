@@ -116,3 +116,24 @@ def test_the_guests_own_writes_cost_no_notices(box, loop_thread):
              "mv own/f1 own/g1 && rm own/f2 && chmod 600 own/f3 && cat own/f8 && ls own | wc -l")  # fmt: skip
     assert out.split() == ["8", "7"]
     assert _notifier(box).sent - sent < 8  # unsuppressed, each file costs three (an op racing its own event: one)
+
+
+def test_directories_opened_in_the_guest_still_see_host_changes(box, loop_thread, host_dirs):
+    host = host_dirs / "rw" / "listed"
+    host.mkdir()
+    (host / "a").write_text("a\n")
+    ops = box.vfs.server.op_counts
+    sh(box, loop_thread, SEEN.format(test="ls /work/listed | grep -qx a"))  # the host's OPENDIR gives leave
+    opened = (ops["OPENDIR"], ops["RELEASEDIR"])
+    assert sh(box, loop_thread, "ls /work/listed; ls /work/listed").split() == ["a", "a"]
+    assert (ops["OPENDIR"], ops["RELEASEDIR"]) == opened  # opened in the guest, listed from the kernel's cache
+
+    (host / "b").write_text("b\n")  # the notice drops the cached listing and the leave
+    sh(box, loop_thread, SEEN.format(test='[ "$(ls /work/listed | tr "\\n" " ")" = "a b " ]'))
+
+    # The guest's own change drops the kernel's cached listing but not the leave: the next listing is
+    # read through a handle the guest opened, the host's opened with that first read.
+    sh(box, loop_thread, "ls /work/listed > /dev/null")
+    reads = ops["OPENDIR_READ"]
+    assert sh(box, loop_thread, "touch /work/listed/c && ls /work/listed").split() == ["a", "b", "c"]
+    assert ops["OPENDIR_READ"] > reads

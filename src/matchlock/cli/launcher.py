@@ -51,6 +51,7 @@ OWNER_MODULES = (
     "matchlock.sandbox.snapshots",
     *CLONE_MODULES,  # a clone with a network: its proxy, DNS forwarder and TLS interception
     "cryptography.hazmat.backends.openssl",  # the clone's new CA
+    "ctypes",  # the owner's malloc_trim once it is up (cli/owner.py)
 )
 
 

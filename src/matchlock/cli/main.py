@@ -51,6 +51,7 @@ ALIASES: dict[str, str] = {"ls": "list", "stat": "inspect", "remove": "rm"}
 # `run -d` hands the background owner its arguments through this inherited pipe
 # (a JSON list) instead of its command line, which every user can read.
 ARGS_FD_ENV = "MATCHLOCK_ARGS_FD"
+READY_FD_ENV = "MATCHLOCK_READY_FD"  # and the owner tells the parent it is up (its VM ID) through this one
 DEBUG_ENV = "MATCHLOCK_DEBUG"
 
 

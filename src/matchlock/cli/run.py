@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import shlex
-import subprocess
 import sys
-import threading
+from collections.abc import Callable
 
 import click
 
@@ -28,12 +25,9 @@ from ..api.image import DEFAULT_IMAGE, ImageConfig, compose_command
 from ..api.network import DEFAULT_MTU, HostMapping, NetworkConfig, parse_host_list
 from ..api.secrets import parse_secrets
 from ..api.vfs import build_vfs, split_volume_flags
-from ..sandbox.sandbox import boot_timeout, validate_exec_request
 from ..util import trace
-from ..wire.agent import ExecRequest
 from .common import BoolFlagsCommand, parse_forwards
-from .main import ARGS_FD_ENV
-from .owner import READY_FD_ENV, TIMEOUT_EXIT_CODE, RunOptions, own_sandbox
+from .main import ARGS_FD_ENV, READY_FD_ENV
 
 
 def _split_commas(values: tuple[str, ...]) -> list[str]:
@@ -136,12 +130,30 @@ def build_config(
 @click.option("--from-snapshot", default="", metavar="NAME",
               help="Start from a snapshot (its image, memory and disks); give its secrets again with --secret.")  # fmt: skip
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size, timeout, hostname, dns_servers,
-        add_host, interactive, tty, privileged, rm, detach, graceful_shutdown, command, force_pull, allow_host,
-        secret, secret_file, secret_placeholder, network_intercept, no_network, mtu, publish,
-        address, disk, from_snapshot, volume, workspace) -> None:  # fmt: skip
+def run(**flags) -> None:
     """Boot a sandbox from IMAGE and run COMMAND in it (after `--`)."""
     trace.mark("run: imported")
+    release: Callable[[], None] | None = None
+    if not flags["no_network"] and not flags["from_snapshot"] and (READY_FD_ENV in os.environ or not flags["detach"]):
+        # Its namespace helper first: it works on the other core while the rest of `run` imports.
+        from ..sandbox.early import discard_early, start_early
+
+        start_early(flags["mtu"])
+        release = discard_early  # when the command fails before its sandbox took the namespace
+        trace.mark("run: namespace helper started")
+    try:
+        _run(**flags)
+    finally:
+        if release is not None:
+            release()
+
+
+def _run(*, image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size, timeout, hostname, dns_servers,
+         add_host, interactive, tty, privileged, rm, detach, graceful_shutdown, command, force_pull, allow_host,
+         secret, secret_file, secret_placeholder, network_intercept, no_network, mtu, publish,
+         address, disk, from_snapshot, volume, workspace) -> None:  # fmt: skip
+    from ..sandbox.sandbox import boot_timeout
+
     if timeout is not None and timeout <= 0:
         raise UsageError(f"invalid --timeout {timeout}: must be a positive number of seconds")
     if workdir and not workdir.startswith("/"):
@@ -187,6 +199,10 @@ def run(image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_size
     )
     if detach and not detached_child:
         sys.exit(start_detached())
+    import asyncio
+
+    from .owner import TIMEOUT_EXIT_CODE, RunOptions, own_sandbox
+
     options = RunOptions(
         command=shlex.join(argv) if argv else None, workdir=workdir, interactive=interactive, pty=use_pty,
         remove=rm, detached=detached_child, graceful_shutdown=grace, timeout=timeout,
@@ -217,6 +233,9 @@ def _restore_config(name: str, config: SandboxConfig) -> SandboxConfig:
 
 def _validate_exec(argv, env: dict[str, str], workdir: str, user: str) -> None:
     """What the guest would refuse (a long command, too much environment) fails now, before the boot."""
+    from ..sandbox.sandbox import validate_exec_request
+    from ..wire.agent import ExecRequest
+
     validate_exec_request(ExecRequest(command=shlex.join(argv), env=env, cwd=workdir or "/", user=user))
 
 
@@ -229,6 +248,10 @@ def start_detached(args: list[str] | None = None) -> int:
     not the child's command line: that is readable by every user through
     /proc, and `-e` and `--secret` values must not be.
     """
+    import json
+    import subprocess
+    import threading
+
     ready_r, ready_w = os.pipe()
     args_r, args_w = os.pipe()
     child = subprocess.Popen(

@@ -21,7 +21,15 @@ import sys
 import time
 
 from ..wire import agent as msgs
-from ..wire.boot import CA_PATH
+from ..wire.boot import (
+    CA_PATH,
+    DEBUG_TIMING_FLAG,
+    GUEST_ADDRESS,
+    GUEST_GATEWAY,
+    GUEST_INTERFACE,
+    GUEST_MTU,
+    GUEST_PREFIX_LENGTH,
+)
 from ..wire.frames import RemoteProtocolError
 from ..wire.mux import (
     ChannelEnded,
@@ -36,8 +44,9 @@ from ..wire.mux import (
     WindowOpened,
 )
 from ..wire.replies import Fatal, Ready, Result
-from . import checkpoint, disks, netconfig, syscalls
+from . import checkpoint, disks, netconfig, syscalls, timing
 from .handlers import ExecHandler, PortForwardHandler, ReadFileHandler, StreamHandler, WriteFileHandler, list_files
+from .timing import stamp
 
 AGENT_VERSION = "1"
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -335,6 +344,7 @@ class Agent:
     # --- boot configuration from the host's HELLO --------------------------------
 
     def _configure(self, info: dict) -> None:
+        stamp("host HELLO received")
         try:
             config = msgs.GuestConfig.parse(info)
             if config.vfs and self.start_vfs is not None:
@@ -354,7 +364,13 @@ class Agent:
             self.conn.send_message(0, Fatal(message).to_wire())
             self.flush_blocking()
             sys.exit(1)
-        self.conn.send_message(0, Ready(_uptime_ms(), ca_bundle).to_wire())
+        ready = Ready(_uptime_ms(), ca_bundle).to_wire()
+        if info.get(DEBUG_TIMING_FLAG) is True:
+            stamp("configured")
+            ready["stamps"] = timing.take()
+        else:
+            timing.take(last=True)  # nobody reads them
+        self.conn.send_message(0, ready)
 
 
 def uptime() -> float:
@@ -391,9 +407,7 @@ def apply_config(config: msgs.GuestConfig) -> str:
     _write_etc("/etc/hosts", render_hosts(config.hostname, config.extra_hosts))
     if config.dns_servers:
         _write_etc("/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in config.dns_servers))
-    if config.network is not None:
-        net = config.network
-        netconfig.configure_interface(net.interface, net.address, net.prefix, net.gateway, net.mtu)
+    _apply_network(config.network)
     bundle = _install_ca(config.ca_certificate) if config.ca_certificate else ""
     disks.mount_disks(config.disks)
     if _cpu_quota is not None:
@@ -459,12 +473,39 @@ def release_from_cgroup(pid: int) -> None:
         f.write(str(pid))
 
 
+# What the interface holds now: (interface, address, prefix, gateway, mtu), or None.
+_network: tuple | None = None
+
+
 def prepare_network() -> None:
-    """Bring every interface up (at boot, before a template's snapshot): that needs no settings,
-    and under emulation a virtio NIC's takes tens of milliseconds."""
+    """Bring every interface up and give the NIC the usual address (at boot, before a template's snapshot):
+    under emulation each step takes tens of milliseconds, which a restored guest then skips."""
+    global _network
     sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
     try:
-        for name in sorted(os.listdir(NET_CLASS)):
+        names = sorted(os.listdir(NET_CLASS))
+        for name in names:
             netconfig.set_link_up(sock, name.encode())
     finally:
         sock.close()
+    if GUEST_INTERFACE in names:
+        usual = (GUEST_INTERFACE, GUEST_ADDRESS, GUEST_PREFIX_LENGTH, GUEST_GATEWAY, GUEST_MTU)
+        try:
+            netconfig.configure_interface(*usual)
+        except OSError:
+            return  # left to the host's settings, which report what fails
+        _network = usual
+
+
+def _apply_network(net: msgs.GuestNetwork | None) -> None:
+    """Make the interface what the host asked for; nothing to do when it already is."""
+    global _network
+    wanted = None if net is None else (net.interface, net.address, net.prefix, net.gateway, net.mtu)
+    if wanted == _network:
+        return
+    if _network is not None:
+        netconfig.clear_address(_network[0])  # no network, or another one: the usual address and route go
+        _network = None
+    if wanted is not None:
+        netconfig.configure_interface(*wanted)
+        _network = wanted

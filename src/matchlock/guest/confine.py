@@ -26,6 +26,9 @@ from . import syscalls
 # A mount point on the agent's private tmpfs (init creates it), where the
 # new /dev is assembled before it is moved over /dev.
 DEV_STAGING = "/run/matchlock/dev"
+# The read-only copy of /sys, made by init at /run/boot/sys on the runtime's /run before pivot_root,
+# where it is after: under the runtime, which every workload's namespace detaches.
+READ_ONLY_SYS = "/run/matchlock/rt/run/boot/sys"
 _S_IFCHR = 0o020000
 DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
 # Shared with the agent: its pty slaves live in this devpts instance.
@@ -37,8 +40,8 @@ LINKS = (
     ("stderr", "/proc/self/fd/2"),
     ("ptmx", "pts/ptmx"),
 )
-# /sys is bound recursively so the cgroup and bpf mounts under it stay visible (read-only too).
-READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs", "/sys")
+# /sys is copied recursively, so the cgroup and bpf mounts under it stay visible (read-only too).
+READ_ONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
 MASKED_FILES = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/latency_stats",
                 "/proc/timer_stats")  # fmt: skip
 MASKED_DIRS = ("/proc/acpi", "/proc/scsi", "/proc/asound", "/sys/firmware")
@@ -76,17 +79,34 @@ def build_dev() -> None:
     syscalls.mount(None, "/", None, syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_NODEV)
 
 
+def prepare_read_only_sys(staging: str) -> None:
+    """A read-only copy of /sys with every mount under it, at `staging`: made once, at boot, after the last
+    of them is mounted; each command's namespace init binds it over its /sys (`take_read_only_sys`)."""
+    os.makedirs(staging, exist_ok=True)
+    syscalls.mount("/sys", staging, None, syscalls.MS_BIND | syscalls.MS_REC)
+    _remount_read_only([staging, *_mounts_under(staging)])
+
+
+def take_read_only_sys(staging: str) -> None:
+    """Cover /sys with the read-only copy (call before /run/matchlock, which holds it, goes).
+
+    A recursive bind, not a move: bind mounts keep the read-only flag of what they copy, and a new mount
+    is listed last in the mount table, as the top one at its path should be."""
+    syscalls.mount(staging, "/sys", None, syscalls.MS_BIND | syscalls.MS_REC)
+
+
 def restrict_kernel_files() -> None:
-    """Make the kernel's knobs read-only and mask its leaky files (call after the fresh /proc is mounted)."""
-    for path in READ_ONLY:
+    """Make the kernel's knobs under /proc read-only and mask its leaky files (call after the fresh /proc is
+    mounted, and after `take_read_only_sys`)."""
+    bound = []
+    for path in READ_ONLY_PROC:
         try:
             syscalls.mount(path, path, None, syscalls.MS_BIND | syscalls.MS_REC)
         except FileNotFoundError:
             continue  # not in this kernel's configuration
-        # A remount changes one mount only: the ones the recursive bind brought along need their own.
-        for mount_point in (path, *_mounts_under(path)):
-            syscalls.mount(mount_point, mount_point, None,
-                           syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY | _RO_FLAGS)  # fmt: skip
+        bound.append(path)
+    # A remount changes one mount only: the ones the recursive binds brought along need their own.
+    _remount_read_only([*bound, *_mounts_under(*bound)])
     for path in MASKED_FILES:
         try:
             syscalls.mount("/dev/null", path, None, syscalls.MS_BIND)
@@ -99,8 +119,17 @@ def restrict_kernel_files() -> None:
             continue
 
 
-def _mounts_under(top: str) -> list[str]:
-    """Mount points below `top` in this mount namespace, each once, parents first."""
+def _remount_read_only(mount_points: list[str]) -> None:
+    for mount_point in mount_points:
+        syscalls.mount(mount_point, mount_point, None,
+                       syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY | _RO_FLAGS)  # fmt: skip
+
+
+def _mounts_under(*tops: str) -> list[str]:
+    """Mount points below any of `tops` in this mount namespace, each once, parents first (one read)."""
+    if not tops:
+        return []
+    prefixes = tuple(top + "/" for top in tops)
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f]
-    return list(dict.fromkeys(point for point in points if point.startswith(top + "/")))
+    return list(dict.fromkeys(point for point in points if point.startswith(prefixes)))

@@ -17,9 +17,10 @@ import struct
 import time
 
 from ..wire import vfs
-from ..wire._records import Record
 from ..wire.frames import RemoteProtocolError
+from .fuse_actions import Action, Pending
 from .fuse_cache import MetaCache
+from .fuse_dirs import DIRENT, FH, LOCAL_FH, GuestDirs, dirents  # noqa: F401 - DIRENT: the tests use fuse.DIRENT
 from .fuse_out import (  # noqa: F401 - re-exported: the daemon and the tests use them as fuse.*
     ATTR,
     ATTR_OUT,
@@ -88,7 +89,6 @@ INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
 OPEN_OUT = struct.Struct("<QII")
 WRITE_OUT = struct.Struct("<II")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
-DIRENT = struct.Struct("<QQII")
 FORGET_IN = struct.Struct("<Q")
 BATCH_FORGET_IN = struct.Struct("<II")
 FORGET_ONE = struct.Struct("<QQ")
@@ -116,41 +116,6 @@ _WIRE_WRITE = vfs.Write._fixed  # then the data
 _WIRE_CREATE = struct.Struct(vfs.Create._fixed.format + "H")  # then the name
 _SETATTR_IN_SIGNED = struct.Struct("<IIQQQqqqIIIIIIII")  # SETATTR_IN with the times signed (before 1970)
 _WIRE_CREATED_SIZE = WIRE_ENTRY.size + vfs._OPENED.size
-
-
-class Pending(Record):
-    """What the reply to a forwarded request needs: the FUSE request, and its limits."""
-
-    __slots__ = ("unique", "op", "size", "plus", "key", "source", "node", "gen", "changes")
-    unique: int
-    op: int
-    size: int
-    plus: int
-    key: tuple[int, bytes] | None  # the (parent, name) a LOOKUP or an op making a name is about
-    source: int  # a LINK's existing inode (the kernel's node id), whose cached attributes go stale
-    node: int  # the host node a GETATTR or SETATTR is about
-    gen: int  # the cache generation it was sent at (or its change began at)
-    changes: tuple[int, ...]  # the nodes it changes (see MetaCache.begin)
-    _defaults = {"size": 0, "plus": 0, "key": None, "source": 0, "node": 0, "gen": 0, "changes": ()}
-
-
-class Action(Record):
-    """What to do with one FUSE request: write `reply` to /dev/fuse, send `args` to the host, send `notices`.
-
-    Notices (FORGET, and RELEASE/RELEASEDIR answered here at once) go with request id 0 and get no reply.
-    """
-
-    __slots__ = ("reply", "args", "pending", "uid", "gid", "pid", "notices", "wire")
-    reply: bytes | None
-    args: vfs.Args | None
-    pending: Pending | None
-    uid: int
-    gid: int
-    pid: int
-    notices: tuple[vfs.Forget | vfs.Release | vfs.Releasedir, ...]
-    wire: tuple[int, bytes | tuple[bytes, memoryview]] | None  # instead of `args`: the wire op and its
-    # encoded payload (a WRITE's: its fixed fields and a view of the data, joined once into the frame)
-    _defaults = {"args": None, "pending": None, "uid": 0, "gid": 0, "pid": 0, "notices": (), "wire": None}
 
 
 def _name(raw: bytes) -> bytes | int:
@@ -194,6 +159,7 @@ class MountTranslator:
         self.root = root
         self.features = features  # the host's HELLO features
         self.cache = MetaCache(clock)
+        self.dirs = GuestDirs()
         self.max_io = max_io
         self.negative_valid_ns = negative_valid_ns
         self.initialized = False
@@ -212,6 +178,11 @@ class MountTranslator:
         """The host says `name` in `parent` (a host node id) changed: forget a remembered ENOENT for it."""
         self._absent.pop((parent, name), None)
         self.cache.drop_name(parent, name)
+
+    def drop_node(self, node: int) -> None:
+        """The host says `node` changed: forget its attributes and any leave to open it here."""
+        self.cache.drop_node(node)
+        self.dirs.drop(node)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -254,6 +225,10 @@ class MountTranslator:
             except struct.error:
                 return Action(error(unique, errno.EINVAL))
             return Action(out(unique, GETXATTR_OUT.pack(0, 0) if size == 0 else b""))
+        if op in (READDIR, READDIRPLUS, RELEASEDIR) and len(body) >= FH.size and FH.unpack_from(body)[0] & LOCAL_FH:
+            return self._local_dir(op, unique, body, uid, gid, pid)
+        if op == OPENDIR and (local := self.dirs.open(self._node(nodeid))) is not None:
+            return Action(out(unique, OPEN_OUT.pack(*local, 0)))
         if op in (RELEASE, RELEASEDIR):
             # The kernel ignores a release's result, so it is answered here and the host gets a
             # notice: no reply frame to wait for, decode and relay.
@@ -263,8 +238,9 @@ class MountTranslator:
                 return Action(error(unique, errno.EINVAL))
             node = self._node(nodeid)
             return Action(out(unique), notices=((vfs.Release if op == RELEASE else vfs.Releasedir)(node, fh),))
+        node = self._node(nodeid)
         try:
-            built = self._build(op, self._node(nodeid), body)
+            built = self._build(op, node, body)
         except struct.error:
             return Action(error(unique, errno.EINVAL))
         if isinstance(built, int):
@@ -278,7 +254,29 @@ class MountTranslator:
         source = LINK_IN.unpack_from(body)[0] if op == LINK else 0
         changes = self._changes(args)
         gen = self.cache.begin(changes) if changes else self.cache.stamp()
-        return Action(None, args, Pending(unique, op, size, plus, key, source, 0, gen, changes), uid, gid, pid)
+        return Action(None, args, Pending(unique, op, size, plus, key, source, node, gen, changes), uid, gid, pid)
+
+    def _local_dir(self, op: int, unique: int, body: memoryview, uid: int, gid: int, pid: int) -> Action:
+        """READDIR[PLUS] or RELEASEDIR on a handle opened here (fuse_dirs)."""
+        fh = FH.unpack_from(body)[0]
+        if op == RELEASEDIR:
+            host = self.dirs.release(fh)
+            return Action(out(unique), notices=() if host is None else (vfs.Releasedir(*host),))
+        held = self.dirs.host(fh)
+        try:
+            _, offset, size, _, _, _, _ = READ_IN.unpack_from(body)
+        except struct.error:
+            return Action(error(unique, errno.EINVAL))
+        if held is None:
+            return Action(error(unique, errno.EBADF))
+        node, host_fh = held
+        size, plus = min(size, self.max_io), int(op == READDIRPLUS)
+        if host_fh:
+            args: vfs.Args = vfs.Readdir(node, host_fh, offset, size, plus)
+        else:  # the first read that misses the kernel's cache: the host opens its handle for it
+            args = vfs.OpendirRead(node, offset, size, plus)
+        pending = Pending(unique, op, size, plus, None, 0, node, 0, (), 0 if host_fh else fh)
+        return Action(None, args, pending, uid, gid, pid)
 
     def _changes(self, args: vfs.Args) -> tuple[int, ...]:
         """The nodes whose cached attributes `args` makes stale; names it removes are dropped here."""
@@ -379,6 +377,8 @@ class MountTranslator:
             items = list(FORGET_ONE.iter_unpack(body[BATCH_FORGET_IN.size : end]))
         # The root is never forgotten; lookups answered from the cache are not the host's to give back.
         items = [(node, n) for node, n in items if node not in (0, ROOT_ID)]
+        for node, _ in items:
+            self.dirs.drop(node)
         items = [(node, n) for node, n in ((node, self.cache.forget(node, n)) for node, n in items) if n]
         chunks = [items[i : i + vfs.MAX_FORGETS] for i in range(0, len(items), vfs.MAX_FORGETS)]
         return tuple(vfs.Forget(tuple(chunk)) for chunk in chunks)
@@ -484,8 +484,10 @@ class MountTranslator:
             return None
         return inval_inode_notice(pending.source)
 
-    def complete(self, pending: Pending, status: int, payload: bytes) -> tuple[list[bytes], vfs.Forget | None]:
-        """The /dev/fuse reply (as buffers for one writev) and any lookups to give back to the host."""
+    def complete(
+        self, pending: Pending, status: int, payload: bytes
+    ) -> tuple[list[bytes], vfs.Forget | vfs.Releasedir | None]:
+        """The /dev/fuse reply (as buffers for one writev), and lookups or a handle to give back to the host."""
         unique, op = pending.unique, pending.op
         alone = self.cache.end(pending.changes, pending.gen) if pending.changes else False
         if status < 0:
@@ -495,6 +497,8 @@ class MountTranslator:
                         self._absent.clear()
                     self._absent[pending.key] = self._clock() + self.negative_valid_ns
                 return [out(unique, pack_entry(None, self.negative_valid_ns))], None
+            if pending.fh:  # an OPENDIR_READ refused (e.g. the directory is gone): ask the host from now on
+                self.dirs.drop(pending.node)
             return [error(unique, -status)], None
         if op in _PARENT_REPLIES and len(payload) == _WITH_PARENT_SIZE[op == CREATE]:
             # FEATURE_PARENT_ATTR: the directory's attributes after the change, for the cache.
@@ -513,6 +517,14 @@ class MountTranslator:
             body = fast_attr_reply(payload)
             self.cache.store_attr(pending.node, body, pending.gen, alone)
             return [out(unique, body)], None
+        if pending.fh:
+            opened = vfs.decode_result(vfs.Op.OPENDIR_READ, payload)
+            assert isinstance(opened, vfs.DirOpened)
+            self.dirs.learned(pending.node, opened.fh, opened.flags)
+            body, forget = dirents(unique, pending.size, pending.plus, opened.entries)
+            if not self.dirs.opened(pending.fh, opened.fh):  # closed meanwhile (an interrupted read)
+                return [body], vfs.Releasedir(pending.node, opened.fh)
+            return [body], forget
         if op == CREATE and len(payload) == _WIRE_CREATED_SIZE:
             fh, flags = vfs._OPENED.unpack_from(payload, WIRE_ENTRY.size)
             opened = OPEN_OUT.pack(fh, flags & vfs.OPEN_FLAGS_ALL, 0)
@@ -527,7 +539,10 @@ class MountTranslator:
             sec, nsec = split_ns(result.attr_valid_ns)
             return [out(unique, ATTR_OUT.pack(sec, nsec, 0) + pack_attr(result.attr))], None
         if isinstance(result, vfs.Opened):
-            return [out(unique, OPEN_OUT.pack(result.fh, result.flags & vfs.OPEN_FLAGS_ALL, 0))], None
+            flags = result.flags & vfs.OPEN_FLAGS_ALL
+            if op == OPENDIR:
+                flags = self.dirs.learned(pending.node, result.fh, result.flags)
+            return [out(unique, OPEN_OUT.pack(result.fh, flags, 0))], None
         if isinstance(result, vfs.Created):
             body = pack_entry(result.entry) + OPEN_OUT.pack(result.fh, result.flags & vfs.OPEN_FLAGS_ALL, 0)
             return [out(unique, body)], None
@@ -540,37 +555,13 @@ class MountTranslator:
             body = STATFS_OUT.pack(r.blocks, r.bfree, r.bavail, r.files, r.ffree, r.bsize, r.namelen, r.frsize, 0)
             return [out(unique, body)], None
         if isinstance(result, tuple):
-            return self._dirents(pending, result)
+            body, forget = dirents(unique, pending.size, pending.plus, result)
+            return [body], forget
         if isinstance(result, bytes):
             if op == READ and len(result) > pending.size:
                 raise RemoteProtocolError(f"host returned {len(result)} bytes for a {pending.size}-byte READ")
             return [OUT_HEADER.pack(OUT_HEADER.size + len(result), 0, unique), result], None
         return [out(unique)], None
-
-    def _dirents(self, pending: Pending, entries: tuple) -> tuple[list[bytes], vfs.Forget | None]:
-        parts: list[bytes] = []
-        used = 0
-        unused: list[tuple[int, int]] = []
-        full = False
-        for item in entries:
-            entry = item.entry
-            if item.name in (b".", b"..") or not pending.plus:
-                if entry is not None:
-                    unused.append((entry.node, 1))
-                entry = None
-            size = vfs.dirent_size(len(item.name), bool(pending.plus))
-            if full or used + size > pending.size:
-                full = True
-                if entry is not None:
-                    unused.append((entry.node, 1))
-                continue
-            pad = size - (ENTRY_SIZE if pending.plus else 0) - DIRENT.size - len(item.name)
-            dirent = DIRENT.pack(item.ino, item.offset, len(item.name), item.type) + item.name + bytes(pad)
-            parts.append(pack_entry(entry) + dirent if pending.plus else dirent)
-            used += size
-        body = b"".join(parts)
-        forget = vfs.Forget(tuple(unused[: vfs.MAX_FORGETS])) if unused else None
-        return [out(pending.unique, body)], forget
 
 
 def _made_name(args: vfs.Args) -> tuple[int, bytes]:

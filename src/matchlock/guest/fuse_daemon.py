@@ -24,7 +24,7 @@ import time
 
 from ..wire import vfs
 from ..wire.frames import RemoteProtocolError
-from . import fuse, syscalls
+from . import fuse, fuse_overlay, syscalls
 
 READY = b"ok"
 READY_TIMEOUT = 60.0
@@ -43,25 +43,28 @@ class Stats:
     """Per-request timings, logged to the console every few seconds (when the host's HELLO asks for it).
 
     For each forwarded request: `request` is from reading it off /dev/fuse to its frame being ready
-    to send, `wait` from then until its reply was read (the port write, the channel both ways and
-    the host), `reply` from then until the reply was written to /dev/fuse (which may include the
-    woken caller's own run on the one vCPU).
+    to send, `send` the port write, `wait` from then until its reply was read (the channel both ways
+    and the host), `reply` from then until the reply is ready for /dev/fuse, `write` writing it there
+    (which may include the woken caller's own run on the one vCPU).
     """
 
     INTERVAL_NS = 5_000_000_000
 
     def __init__(self) -> None:
-        self.sent: dict[int, tuple[int, int]] = {}
-        self.count = self.request_ns = self.wait_ns = self.reply_ns = 0
+        self.sent: dict[int, list[int]] = {}  # id -> [read, framed, sent]
+        self.count = self.request_ns = self.send_ns = self.wait_ns = self.reply_ns = self.write_ns = 0
         self.batches = 0
         self._logged = time.perf_counter_ns()
 
-    def done(self, request_id: int, got: int) -> None:
-        read, sent = self.sent.pop(request_id, (got, got))
+    def done(self, request_id: int, got: int, ready: int) -> None:
+        read, framed, sent = self.sent.pop(request_id, None) or (got, got, got)
+        sent = sent or framed  # the reply came before the sender noted the end of its write
         self.count += 1
-        self.request_ns += sent - read
+        self.request_ns += framed - read
+        self.send_ns += sent - framed
         self.wait_ns += got - sent
-        self.reply_ns += time.perf_counter_ns() - got
+        self.reply_ns += ready - got
+        self.write_ns += time.perf_counter_ns() - ready
 
     def maybe_log(self) -> None:
         now = time.perf_counter_ns()
@@ -71,10 +74,12 @@ class Stats:
         n = self.count
         log(
             f"stats at {time.monotonic():.0f} s: {n} requests in {self.batches} port reads; per request: "
-            f"request {self.request_ns / n / 1e3:.0f} us, wait {self.wait_ns / n / 1e3:.0f} us, "
-            f"reply {self.reply_ns / n / 1e3:.0f} us"
+            f"request {self.request_ns / n / 1e3:.0f} us, send {self.send_ns / n / 1e3:.0f} us, "
+            f"wait {self.wait_ns / n / 1e3:.0f} us, reply {self.reply_ns / n / 1e3:.0f} us, "
+            f"write {self.write_ns / n / 1e3:.0f} us"
         )
-        self.count = self.request_ns = self.wait_ns = self.reply_ns = self.batches = 0
+        self.count = self.request_ns = self.send_ns = self.wait_ns = self.reply_ns = self.write_ns = 0
+        self.batches = 0
 
 
 class Channel:
@@ -127,9 +132,12 @@ class Channel:
         else:
             assert action.args is not None
             frame = vfs.encode_request(request_id, action.uid, action.gid, action.pid, action.args)
-        if self.stats is not None:  # before the send, so the reply never finds it missing
-            self.stats.sent[request_id] = (started, time.perf_counter_ns())
+        if self.stats is None:
+            self.send(frame)
+            return
+        times = self.stats.sent[request_id] = [started, time.perf_counter_ns(), 0]  # before the reply can come
         self.send(frame)
+        times[2] = time.perf_counter_ns()
 
     def notify(self, notice: vfs.Args) -> None:
         """A request that gets no reply (id 0): FORGET, RELEASE, RELEASEDIR."""
@@ -241,7 +249,7 @@ class Notices:
             mount.translator.drop_absent(node, name)
             notice = fuse.inval_entry_notice(nodeid, name)
         else:
-            mount.translator.cache.drop_node(node)
+            mount.translator.drop_node(node)
             notice = fuse.inval_inode_notice(nodeid)
         mount.notify_kernel(notice)
 
@@ -301,11 +309,12 @@ def serve_replies(channel: Channel, notices: Notices | None = None) -> None:
                 raise RemoteProtocolError(f"reply to unknown request {reply.id}")
             mount, pending = entry
             buffers, forget = mount.translator.complete(pending, reply.status, reply.payload)
+            ready = time.perf_counter_ns() if stats is not None else 0
             mount.write(buffers)
+            if stats is not None:
+                stats.done(reply.id, got, ready)
             if (after := mount.translator.after_reply(pending, reply.status)) is not None:
                 mount.notify_kernel(after)
-            if stats is not None:
-                stats.done(reply.id, got)
             if forget is not None:
                 channel.notify(forget)
         if stats is not None:
@@ -395,12 +404,16 @@ def serve(port: str, ready_fd: int) -> None:
         # One at a time and parents first, each served before the next is made: a mount point
         # inside an earlier mount is created through it.
         for info, mode in roots:
-            served = mount(info, mode, max_io, channel.features)
+            lower = fuse_overlay.hidden_lower(info)  # `info`, unless the guest overlays it itself
+            if lower is not info:  # the overlay's mount point, made before there is a lower to detach
+                _make_mount_point(info.path, True)
+            served = mount(lower, mode, max_io, channel.features)
             _spawn(serve_mount, channel, served)
             notices.mounts.append(served)
             if not served.initialized.wait(READY_TIMEOUT):
                 raise RuntimeError(f"the kernel never sent FUSE INIT for {info.path}")
-            _raise_readahead(info.path, max_io)
+            _raise_readahead(lower.path, max_io)
+            fuse_overlay.cover(info, lower)
     except Exception as exc:  # noqa: BLE001 - init shows it as FATAL
         os.write(ready_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
         return

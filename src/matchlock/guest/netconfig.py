@@ -50,3 +50,12 @@ def configure_interface(name: str, address: str, prefix: int, gateway: str, mtu:
         fcntl.ioctl(sock.fileno(), SIOCADDRT, route)
     finally:
         sock.close()
+
+
+def clear_address(name: str) -> None:
+    """Remove the interface's IPv4 address, and with it every route through it."""
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        fcntl.ioctl(sock.fileno(), SIOCSIFADDR, _ifreq_addr(name.encode(), "0.0.0.0"))
+    finally:
+        sock.close()

@@ -22,8 +22,6 @@ descriptor (`-netdev tap,fd=N`), so it holds no capability anywhere.
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import os
 import shutil
 import socket
@@ -34,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..api.errors import SetupError
-from ..util.aio import finish_in_thread
 
 CLONE_NEWNET = 0x40000000
 TAP = "tap0"
@@ -54,14 +51,15 @@ class ProxyPorts:
 
 PORTS = ProxyPorts()
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 
+def _setns(fd: int) -> None:
+    import ctypes  # only tests join a namespace: `run` never pays for loading libc
 
-def _check(result: int, what: str) -> None:
-    if result != 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
         errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+        raise OSError(errno, f"setns: {os.strerror(errno)}")
 
 
 def _in_thread(function):
@@ -136,6 +134,7 @@ class SandboxNamespace:
         self.tap_fd: int | None = None
         self.inode: int | None = None
         self._sockets: dict[int, socket.socket] = {}
+        self._helper: tuple[socket.socket, subprocess.Popen[bytes]] | None = None  # spawned, not yet collected
 
     def helper_argv(self, channel: int) -> list[str]:
         """The helper's command line: user + net namespaces by `unshare`, then TAP, addresses, ruleset, ports."""
@@ -150,19 +149,31 @@ class SandboxNamespace:
         return [unshare, *owner, "--", sys.executable, "-I", "-S", str(HELPER),
                 str(channel), TAP, ip_batch, ruleset(), ports, str(PORTS.dns)]  # fmt: skip
 
-    def create(self) -> None:
+    def spawn_helper(self) -> None:
+        """Start the helper without waiting for it; `create()` collects what it made. Idempotent."""
+        if self._helper is not None or self.fd is not None:
+            return
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                self.helper_argv(child.fileno()),
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self._helper = (parent, proc)
+
+    def create(self) -> None:
+        self.spawn_helper()
+        assert self._helper is not None
+        (parent, proc), self._helper = self._helper, None
         with parent:
-            try:
-                proc = subprocess.Popen(
-                    self.helper_argv(child.fileno()),
-                    pass_fds=(child.fileno(),),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                )
-            finally:
-                child.close()
             try:
                 message, fds, _, _ = socket.recv_fds(parent, 4096, len(HELPER_FDS) + 1)
             finally:
@@ -176,6 +187,10 @@ class SandboxNamespace:
 
         A cancelled caller still waits for the helper, then releases what it made: nothing leaks.
         """
+        import asyncio  # here: `run` starts the helper before it has imported asyncio (start_early)
+
+        from ..util.aio import finish_in_thread
+
         try:
             await finish_in_thread(self.create)
         except asyncio.CancelledError:
@@ -199,10 +214,11 @@ class SandboxNamespace:
 
     def run_inside(self, function):
         """Call `function` on a thread that has joined the network namespace (needs root: tests)."""
-        assert self.fd is not None
+        fd = self.fd
+        assert fd is not None
 
         def joined():
-            _check(_libc.setns(self.fd, CLONE_NEWNET), "setns")
+            _setns(fd)
             return function()
 
         return _in_thread(joined)
@@ -225,6 +241,11 @@ class SandboxNamespace:
 
         Synchronous, as releasing a descriptor is: the boot-template builder calls it from a
         plain callback. `aclose()` is the same for async owners."""
+        if self._helper is not None:  # spawned, never collected: it dies, and what it made with it
+            (parent, proc), self._helper = self._helper, None
+            parent.close()
+            proc.kill()
+            proc.communicate()
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
@@ -235,7 +256,46 @@ class SandboxNamespace:
                 setattr(self, name, None)
 
     async def aclose(self) -> None:
+        """`close()`, with the TAP's descriptor closed on a thread of its own: closing the last one
+        unregisters the device, which waits out an RCU grace period (~20 ms here) that the owner's
+        remaining cleanup and exit need not wait for (a QEMU still running holds a copy of its own)."""
+        tap, self.tap_fd = self.tap_fd, None
         self.close()
+        if tap is not None:
+            threading.Thread(target=os.close, args=(tap,), name="tap close").start()
+
+
+# `run` spawns its sandbox's helper as soon as its flags are parsed, so the helper works beside the
+# imports that come before the boot instead of after them, on the way to QEMU's start (take_early).
+_early: SandboxNamespace | None = None
+
+
+def start_early(mtu: int) -> None:
+    """Spawn the helper of the namespace the next sandbox of this process takes; one at a time."""
+    global _early
+    discard_early()
+    namespace = SandboxNamespace(mtu)
+    namespace.spawn_helper()
+    _early = namespace
+
+
+def take_early(mtu: int) -> SandboxNamespace:
+    """The namespace `start_early` began, if its MTU is this one (else it is discarded); or a new one."""
+    global _early
+    namespace, _early = _early, None
+    if namespace is not None and namespace.mtu == mtu:
+        return namespace
+    if namespace is not None:
+        namespace.close()
+    return SandboxNamespace(mtu)
+
+
+def discard_early() -> None:
+    """Release a namespace `start_early` began that no sandbox took (the command failed first)."""
+    global _early
+    namespace, _early = _early, None
+    if namespace is not None:
+        namespace.close()
 
 
 def namespace_alive(inode: int) -> bool:

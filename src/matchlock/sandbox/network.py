@@ -1,8 +1,8 @@
 """Wire a sandbox's network together: namespace, policy, proxy, and what the guest is told.
 
-The namespace helper is a process of its own and the proxy's modules (TLS, HTTP/2, DNS) take
-a large part of a start to import, so `Sandbox.create` runs `create_namespace()` and
-`load_proxy()` side by side, then `start_proxy()`; `start()` does the same one after another.
+The namespace helper is a process of its own (`run` starts it first thing, net/namespace.py
+start_early) and QEMU needs its TAP, so `Sandbox.create` runs `create_namespace()`, then QEMU beside
+`start_proxy()`, whose imports go on a thread so the loop keeps serving QEMU; `start()` does both in turn.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class SandboxNetwork:
     def __init__(self, config: NetworkConfig, emit: Callable[[NetworkEvent], None]) -> None:
         self.config = config
         self.policy = NetworkPolicy(config, emit, rules=_interception_rules(config))
-        self.namespace = ns.SandboxNamespace(config.mtu)
+        self.namespace = ns.take_early(config.mtu)  # the one `run` began, if any
         self.proxy: NetworkProxy | None = None
 
     async def start(self) -> None:
@@ -58,13 +58,9 @@ class SandboxNetwork:
     async def create_namespace(self) -> None:
         await self.namespace.acreate()
 
-    @staticmethod
-    async def load_proxy() -> None:
-        """Import the proxy on a thread, while the loop waits for the namespace helper."""
-        await asyncio.to_thread(_import_proxy)
-
     async def start_proxy(self) -> None:
         """The proxy (and with interception its CA) on the namespace's listeners; create_namespace() first."""
+        await asyncio.to_thread(_import_proxy)  # TLS, HTTP/2, DNS: while the loop serves QEMU's restore
         from ..net.proxy import NetworkProxy
 
         # The proxy reads $MATCHLOCK_UPSTREAM_CA_FILE (stand-in servers in tests) once, and only when it intercepts.

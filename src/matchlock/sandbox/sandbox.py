@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # imported lazily at run time: sandboxes without them never l
 
 BOOT_TIMEOUT_ENV = "MATCHLOCK_BOOT_TIMEOUT"
 BOOT_TIMEOUT_SECONDS: float | None = None  # set to override $MATCHLOCK_BOOT_TIMEOUT (tests)
+PROXY_START_TASK = "sandbox proxy start"  # runs beside QEMU's start (tests/unit/fork_owner_imports.py waits for it)
 
 
 def boot_timeout() -> float:
@@ -134,6 +135,7 @@ class Sandbox:
         self.vfs: SandboxVFS | None = None  # host files served to the guest (config.vfs has mounts)
         self.disk_holds = contextlib.ExitStack()  # the extra disks' locks, released after QEMU exits
         self.paused = False  # vCPUs stopped by `pause` (sandbox/snapshots.py)
+        self._proxy_started: asyncio.Task[None] | None = None  # the network's proxy, starting beside QEMU
 
     @property
     def directory(self) -> Path:
@@ -232,12 +234,23 @@ class Sandbox:
             )
             tracker.move(phases.CREATED)
             tracker.move(phases.STARTING)
-            if restore is not None and restore.full:
-                await sandbox._start_machine(restore.machine_spec(spec), wake=restore.wake_record())
-            else:
-                # Templates are booted with a fixed disk set; extra disks boot cold (measured: see tests/vm/test_disks_attach.py).
-                # Sandboxes with mounts restore one and hot-plug the VFS port (_serve_vfs).
-                await sandbox._boot(spec, use_template=custom_runtime is None and not extra)
+            try:
+                # The proxy starts beside QEMU's restore: the guest's first connections wait in the
+                # listeners' backlogs, and its CA (with interception) is needed only for the handshake.
+                async with asyncio.TaskGroup() as booting:
+                    if sandbox.network is not None:
+                        sandbox._proxy_started = booting.create_task(
+                            sandbox.network.start_proxy(), name=PROXY_START_TASK
+                        )
+                    if restore is not None and restore.full:
+                        await sandbox._start_machine(restore.machine_spec(spec), wake=restore.wake_record())
+                    else:
+                        # Templates are booted with a fixed disk set; extra disks boot cold (measured: see
+                        # tests/vm/test_disks_attach.py). Sandboxes with mounts restore one and hot-plug
+                        # the VFS port (_serve_vfs).
+                        await sandbox._boot(spec, use_template=custom_runtime is None and not extra)
+            except BaseExceptionGroup as group:
+                raise group.exceptions[0] from None  # a VMError or SetupError stays one
             tracker.move(phases.RUNNING)
         except BaseException as exc:
             failed = phases.START_FAILED if tracker.phase == phases.STARTING else phases.CREATE_FAILED
@@ -254,17 +267,9 @@ class Sandbox:
 
         network = self.network = SandboxNetwork(self.config.network, self._emit_event)
         self.tracker.resources(network="private namespace held by the owner")
-        try:
-            # The proxy's imports (on a thread) while the namespace helper runs: measured better than
-            # starting the proxy beside QEMU's restore, where it competes with the guest for the 2 cores.
-            async with asyncio.TaskGroup() as starting:
-                starting.create_task(network.create_namespace())
-                starting.create_task(network.load_proxy())
-        except BaseExceptionGroup as group:
-            raise group.exceptions[0] from None
-        await network.start_proxy()
-        self.tracker.resources(netns_inode=self.network.namespace.inode)
-        return self.network.machine_network()
+        await network.create_namespace()  # its helper may have started long before (`run`: start_early)
+        self.tracker.resources(netns_inode=network.namespace.inode)
+        return network.machine_network()
 
     def _append_log(self, line: str) -> None:
         """Add a line to vm.log; a log we cannot write never stops the sandbox."""
@@ -359,6 +364,9 @@ class Sandbox:
         channel = self.channel = GuestChannel(sock)
         await channel.start()
         trace.mark("boot: woken, channel started")
+        if self._proxy_started is not None:
+            await self._proxy_started  # the guest config carries the proxy's CA
+            trace.mark("boot: proxy serving")
         timeout = boot_timeout()
 
         async def fail_on_exit() -> None:

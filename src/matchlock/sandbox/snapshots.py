@@ -241,6 +241,7 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
             _wake(sandbox)  # queued behind the stop when paused: the guest reads it on `resume`
             sandbox.paused = was_paused
             trace.mark("snapshot: guest resumed")
+    checkpoint.release_saved_pages(machine)
 
 
 async def _save_disks(sandbox: Sandbox, directory: Path) -> None:

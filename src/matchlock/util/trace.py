@@ -52,3 +52,27 @@ def guest_phases(hello: dict, ready_ms: int | None) -> None:
         mark("  guest side: no timing stamps")
         return
     mark(f"  guest side: init to HELLO {said_hello - woke} ms, HELLO to ready {ready - said_hello} ms")
+
+
+MAX_GUEST_STAMPS = 64
+
+
+def guest_stamps(stamps: object) -> None:
+    """The guest's own timeline (its `stamps`: [label, uptime ms] pairs), relative to its first stamp.
+
+    Lines start `[timing]   guest`, so they never parse as the host's marks. The guest is not trusted:
+    anything but a short list of short printable labels and numbers is reported, not printed.
+    """
+    if not ENABLED or stamps is None:
+        return
+    if not isinstance(stamps, list) or not 0 < len(stamps) <= MAX_GUEST_STAMPS or not all(
+        isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and len(s[0]) <= 40 and s[0].isprintable()
+        and isinstance(s[1], (int, float)) and not isinstance(s[1], bool)
+        for s in stamps
+    ):  # fmt: skip
+        print("[timing]   guest: malformed timing stamps", file=sys.stderr, flush=True)
+        return
+    first = previous = float(stamps[0][1])
+    for label, at in stamps:
+        print(f"[timing]   guest {at - first:8.1f} ms (+{at - previous:6.1f}) {label}", file=sys.stderr, flush=True)
+        previous = float(at)

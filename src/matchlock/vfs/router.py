@@ -19,7 +19,7 @@ import os
 import stat
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..wire import vfs as wire
@@ -39,10 +39,11 @@ class Mount:
     path: str  # the guest path
     provider: Provider
     readonly: bool = False
+    guest_overlay: bool = False  # a read-only lower the guest overlays itself (sandbox/vfs.py)
+    parts: Path = field(init=False, repr=False)  # `path` split once: every request routes by it
 
-    @property
-    def parts(self) -> Path:
-        return tuple(self.path.strip("/").split("/"))
+    def __post_init__(self) -> None:
+        self.parts = tuple(self.path.strip("/").split("/"))
 
 
 @dataclass
@@ -70,6 +71,9 @@ class Router(NodeTable):
     ) -> None:
         self.interceptor = interceptor
         self.executor = executor
+        # The server's pool says which calls are quick enough to make on the event loop (`runs_here`):
+        # those skip the pool's future and the loop wake-up it costs (one more turn per request).
+        self._runs_here: Callable[[object, tuple], bool] | None = getattr(executor, "runs_here", None)
         self.mounts = sorted(mounts, key=lambda m: len(m.parts), reverse=True)  # longest prefix first
         self.points = {m.parts: m for m in mounts}
         self.virtual: set[Path] = set()  # strict ancestors of nested mount points
@@ -83,10 +87,14 @@ class Router(NodeTable):
         self.handles: dict[int, _Open] = {}
         self._fhs = itertools.count(1)
         self.notifier = Notifier(self)  # started by the server, once it can send
+        self.guest_opendir = False  # the guest asked for FEATURE_GUEST_OPENDIR (set by the server)
 
     def hello(self) -> tuple[wire.Mount, ...]:
         # A top caches ENOENT only as long as every mount inside it allows (a nested host_fs: 1 s).
-        return tuple(wire.Mount(top.path, node.id, top.readonly, self._negative_ns(top)) for top, node in self.roots)
+        return tuple(
+            wire.Mount(top.path, node.id, top.readonly, self._negative_ns(top), top.guest_overlay)
+            for top, node in self.roots
+        )
 
     def _negative_ns(self, top: Mount) -> int:
         return min(_ns(m.provider.negative_seconds) for m in self.mounts if m is top or _below(m.parts, top.parts))
@@ -113,6 +121,8 @@ class Router(NodeTable):
         return [p for p in (*self.points, *self.virtual) if len(p) == n + 1 and p[:n] == parts]
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._runs_here is not None and self._runs_here(fn, args):
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def _stat(self, parts: Path) -> Attr:
@@ -462,7 +472,28 @@ class Router(NodeTable):
         listing = await self._io(self._listing, parts)
         fh = self._open_handle(_Open(node, listing=listing))
         self._emit("readdir", path, None, caller, len(listing))
-        return wire.Opened(fh, wire.OPEN_CACHE_DIR | wire.OPEN_KEEP_CACHE if self._cache_flags(parts) else 0)
+        if not self._cache_flags(parts):
+            return wire.Opened(fh, 0)
+        flags = wire.OPEN_CACHE_DIR | wire.OPEN_KEEP_CACHE
+        # The guest may open this directory itself from now on: it is cached long (a private mount, or
+        # a watched one whose notices drop the guest's leave to), and no rule or event needs the host to
+        # see each open. The listing is then taken at the first READDIR that misses the guest's cache.
+        if self.guest_opendir and not self.interceptor.enabled:
+            flags |= wire.OPEN_GUEST_DIR
+        return wire.Opened(fh, flags)
+
+    async def opendir_read(self, a: wire.OpendirRead, caller: Caller) -> wire.Result:
+        if not self.guest_opendir:  # served only to a guest that offered FEATURE_GUEST_OPENDIR
+            raise FsError(errno.ENOSYS, "OPENDIR_READ without FEATURE_GUEST_OPENDIR")
+        opened = await self.opendir(wire.Opendir(a.node, 0), caller)
+        assert isinstance(opened, wire.Opened)
+        try:
+            entries = await self.readdir(wire.Readdir(a.node, opened.fh, a.offset, a.size, a.plus), caller)
+        except BaseException:
+            self.handles.pop(opened.fh, None)
+            raise
+        assert isinstance(entries, tuple)
+        return wire.DirOpened(opened.fh, opened.flags, entries)
 
     async def readdir(self, a: wire.Readdir, caller: Caller) -> wire.Result:
         opened = self._handle(a.fh)
@@ -531,5 +562,5 @@ _METHODS: dict[type, Callable[..., Any]] = {
     wire.Link: Router.link, wire.Open: Router.open, wire.Create: Router.create, wire.Read: Router.read,
     wire.Write: Router.write, wire.Flush: Router.flush, wire.Release: Router.release, wire.Fsync: Router.fsync,
     wire.Opendir: Router.opendir, wire.Readdir: Router.readdir, wire.Releasedir: Router.releasedir,
-    wire.Statfs: Router.statfs,
+    wire.Statfs: Router.statfs, wire.OpendirRead: Router.opendir_read,
 }  # fmt: skip

@@ -19,9 +19,8 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from ..wire import vfs as wire
 from ..wire.frames import LocalProtocolError, RemoteProtocolError
@@ -31,7 +30,6 @@ from .router import Router
 from .types import FsError, SetAttr
 
 log = logging.getLogger("matchlock.vfs")
-T = TypeVar("T")
 READ_SIZE = 256 * 1024
 THREADS = 8
 STATS_ENV = "MATCHLOCK_VFS_STATS"  # set: the guest daemon logs its request timings to the console
@@ -62,15 +60,10 @@ def _inline(fn: object, args: tuple) -> bool:
 class _Executor(ThreadPoolExecutor):
     """The server's own pool (one sandbox's flood cannot take another's threads); see `_inline`."""
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        if kwargs or not _inline(fn, args):
-            return super().submit(fn, *args, **kwargs)
-        done: Future[T] = Future()
-        try:
-            done.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting request, as from a thread
-            done.set_exception(exc)
-        return done
+    @staticmethod
+    def runs_here(fn: object, args: tuple) -> bool:
+        """The router calls these itself, on the event loop, instead of submitting them."""
+        return _inline(fn, args)
 
 
 A = TypeVar("A", bound=wire.Args)
@@ -98,7 +91,8 @@ class VfsServer:
         self.limits = router.limits
         self.broken: str = ""
         self.served = 0
-        self.service_seconds = 0.0  # time from decoding a request to queueing its reply, summed (benchmarks)
+        self.service_seconds = 0.0  # time from starting to serve a request to queueing its reply, summed (benchmarks)
+        self.turnaround_seconds = 0.0  # the same from reading its frame off the socket (the event loop's share too)
         self.op_counts: collections.Counter[str] = collections.Counter()  # requests by op name (benchmarks)
         self._writer: asyncio.StreamWriter | None = None
         self._pending = bytearray()
@@ -126,18 +120,19 @@ class VfsServer:
         try:
             while True:
                 data = await reader.read(READ_SIZE)
+                received = time.perf_counter()
                 if not data:
                     decoder.close()
                     return
                 for request in decoder.feed(data):
-                    await self._dispatch(request)
+                    await self._dispatch(request, received)
         except RemoteProtocolError as exc:
             self.broken = f"the guest broke the VFS protocol: {exc}"
             log.warning("%s", self.broken)
         except ConnectionError as exc:
             self.broken = f"VFS channel closed: {exc}"
 
-    async def _dispatch(self, request: wire.Request) -> None:
+    async def _dispatch(self, request: wire.Request, received: float) -> None:
         self.op_counts[wire.OP_NAMES.get(request.op, "?")] += 1
         if request.op == wire.Op.FORGET:
             assert isinstance(request.args, wire.Forget)
@@ -149,7 +144,7 @@ class VfsServer:
             return
         await self._slots.acquire()  # backpressure: at most max_inflight requests held at once
         assert self._group is not None
-        task = self._group.create_task(self._serve(request))
+        task = self._group.create_task(self._serve(request, received))
         self._requests.add(task)
         task.add_done_callback(self._requests.discard)
 
@@ -160,10 +155,11 @@ class VfsServer:
         max_io = min(hello.max_io, self.limits.max_io, wire.MAX_IO)
         stats = os.environ.get(STATS_ENV, "") not in ("", "0")
         self.features = hello.features & wire.FEATURES_ALL
+        self.router.guest_opendir = bool(self.features & wire.FEATURE_GUEST_OPENDIR)
         reply = wire.HelloReply(wire.VERSION, max_io, self.router.hello(), stats, self.features)
         self._send(wire.encode_reply(request_id, reply))
 
-    async def _serve(self, request: wire.Request) -> None:
+    async def _serve(self, request: wire.Request, received: float) -> None:
         started = time.perf_counter()
         try:
             try:
@@ -179,7 +175,9 @@ class VfsServer:
                 log.warning("VFS %s failed: %s", wire.OP_NAMES.get(request.op, request.op), type(exc).__name__)
                 frame = wire.encode_error(request.id, errno.EIO)
             self.served += 1
-            self.service_seconds += time.perf_counter() - started
+            done = time.perf_counter()
+            self.service_seconds += done - started
+            self.turnaround_seconds += done - received
             if request.id:  # id 0: a notice (RELEASE answered in the guest), no reply
                 self._send(frame)
         finally:

@@ -21,7 +21,9 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from ..api.errors import GuestProtocolError, VMError
+from ..util import trace
 from ..wire import agent as msgs
+from ..wire.boot import DEBUG_TIMING_FLAG
 from ..wire.frames import LocalProtocolError, RemoteProtocolError
 from ..wire.mux import (
     Connection,
@@ -150,7 +152,10 @@ class GuestStream:
         """The next event checked against the stream's grammar: what `replies.feed` makes of it."""
         event = await self.next_event()
         with self.channel.wire_errors:
-            return replies.feed(event)
+            reply = replies.feed(event)
+        if trace.ENABLED and isinstance(event, MessageReceived):
+            trace.guest_stamps(event.message.get("stamps"))  # the first exit status carries the guest's
+        return reply
 
     async def send(self, channel: int, data: bytes) -> None:
         """Send stdin/file bytes, waiting for window as the guest consumes."""
@@ -259,8 +264,11 @@ class GuestChannel:
         """Wait for the guest's HELLO, send the sandbox settings, wait for `ready`."""
         assert self._hello is not None and self._ready is not None
         self.guest_info = await self._hello
+        hello = config.to_wire()
+        if trace.ENABLED:
+            hello[DEBUG_TIMING_FLAG] = True
         with self.wire_errors:
-            self.conn.send_hello(config.to_wire())
+            self.conn.send_hello(hello)
         self.flush()
         self.boot_ms = await self._ready
 
@@ -357,6 +365,7 @@ class GuestChannel:
     def _on_connection_message(self, event: MessageReceived) -> None:
         reply = self._connection_replies.feed(event)
         if isinstance(reply, Ready):
+            trace.guest_stamps(event.message.get("stamps"))
             self.ready_info = {"ca_bundle": reply.ca_bundle}
             assert self._ready is not None
             self._ready.set_result(reply.boot_ms)

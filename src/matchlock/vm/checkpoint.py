@@ -1,9 +1,9 @@
 """Stop, save and copy a running machine: the QEMU half of pause, snapshots and forks.
 
 `pause`/`resume` are QMP `stop`/`cont`: the vCPUs stop, memory stays.
-`save_memory` is the migration the boot templates use (`migrate` to
-`exec:cat > file`) on a stopped machine, so memory and disks are taken at
-the same instant. Writable disks are copied while the machine is stopped
+`save_memory` is the migration the boot templates use (`migrate` to a
+descriptor QEMU writes) on a stopped machine, so memory and disks are taken
+at the same instant. Writable disks are copied while the machine is stopped
 (QEMU drained its block I/O on `stop`), and every clone gets its own copy of
 that: a reflink where the filesystem has them, else a sparse copy, which
 copies only the blocks the guest wrote (4 ms for a fresh 5 GiB upper disk on
@@ -13,9 +13,12 @@ the ext4 here; qemu-img for qcow2 overlays is not even installed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 from ..api.errors import VMError
@@ -23,6 +26,7 @@ from .machine import Machine, MachineSpec
 
 SAVE_TIMEOUT = 120.0
 SAVE_BANDWIDTH = 1 << 37  # bytes/s: no cap in practice (QEMU refuses values above about 1.8e13)
+READER_GRACE = 10.0  # seconds for QEMU to close its end of the stream once the migration completed
 RAM_FILE = "ram"  # next to a saved state: the guest RAM that the state's stream leaves out
 
 
@@ -54,64 +58,112 @@ async def save_memory(machine: Machine, path: Path, ram: Path) -> bool:
 
     The stream holds only device state and RAM goes to `ram`, sparse, which clones map copy-on-write.
     With shared RAM (a memfd: a cold-booted sandbox, or a template being built) QEMU leaves RAM out
-    (`x-ignore-shared`) and `ram` is a copy of the memfd; private RAM (a template's or a snapshot's
-    RAM file mapped copy-on-write) QEMU saves into the stream, and it is moved out afterwards.
-    Returns whether `ram` was written (else RAM stayed in the stream).
+    (`x-ignore-shared`) and `ram` is a copy of the memfd. Private RAM (a template's or a snapshot's
+    RAM file mapped copy-on-write) QEMU saves into the stream, and a thread moves it out to `ram` as
+    QEMU writes (`_save_split`). Returns whether `ram` was written (else RAM stayed in the stream).
     """
     qmp = _qmp(machine)
-    shared = ram_is_shared(machine)
     await qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     # QEMU caps migration at 128 MiB/s, for live migration over a shared link; this one goes to a file with
     # the vCPUs stopped. Uncapped, saving 57 MiB of RAM took 144 ms instead of 432 ms.
     await qmp.execute("migrate-set-parameters", **{"max-bandwidth": SAVE_BANDWIDTH})
-    partial = path.with_name(path.name + ".partial")
-    # QEMU writes the file itself (`fd:`): no shell and `cat` to start, no pipe to copy through, and
-    # "completed" means written (a `cat` could still be writing then).
-    with open(partial, "wb") as stream:
-        await qmp.send_fd("migration", stream.fileno())
-        await qmp.execute("migrate", uri="fd:migration")
-        try:
-            async with asyncio.timeout(SAVE_TIMEOUT):
-                while True:
-                    state = (await qmp.execute("query-migrate")).get("status")
-                    if state == "completed":
-                        break
-                    if state in ("failed", "cancelled"):
-                        raise VMError(f"saving the memory of {machine.spec.name} failed (migration {state})")
-                    await asyncio.sleep(0.005)
-        except TimeoutError:
-            await qmp.execute("migrate_cancel")
-            raise VMError(f"saving the memory of {machine.spec.name} took over {SAVE_TIMEOUT:g} s") from None
-    if shared:
-        copy_disk(_memfd(machine), ram)
+    shared = ram_is_shared(machine)
+    split = not shared and await _save_split(machine, path, ram)
+    if not split:
+        # Shared RAM, or a stream laid out otherwise than ramstream expects: saved (again), whole.
+        partial = path.with_name(path.name + ".partial")
+        # QEMU writes the file itself (`fd:`): "completed" means written.
+        with open(partial, "wb") as stream:
+            await _migrate(machine, stream.fileno())
+        if shared:
+            copy_disk(_memfd(machine), ram)
         partial.rename(path)
-        return True
-    from . import ramstream  # only saves need it (and ctypes): not every sandbox start
-
-    # Side by side: the page release is one system call, the split mostly Python.
-    async with asyncio.TaskGroup() as saving:
-        if machine.spec.ram_file is not None and machine.pid is not None:
-            saving.create_task(asyncio.to_thread(ramstream.release_file_pages, machine.pid, machine.spec.ram_file))
-        split = saving.create_task(asyncio.to_thread(_split_ram, partial, path, ram))
-    return split.result()
+    return shared or split
 
 
-def _split_ram(stream: Path, path: Path, ram: Path) -> bool:
-    """Private RAM went into the stream: move it to `ram`, so clones share its pages (vm/ramstream.py).
-    A stream this cannot split is kept whole; clones then load its RAM into memory of their own."""
+def release_saved_pages(machine: Machine) -> None:
+    """Start giving back the pages of the RAM file that a save faulted into QEMU (a private mapping of a
+    template's or a snapshot's RAM file: every page, up to the guest's size; ramstream.release_file_pages).
+
+    Not waited for: no file depends on it, and it takes as long as the save (a page-out of the guest's
+    whole size, then the holes' cached zero pages dropped); best started once the machine runs again,
+    so it does not delay that. A daemon thread: exiting ends it.
+    """
+    if machine.spec.ram_file is None or machine.pid is None:
+        return
     from . import ramstream
 
-    device_state = path.with_name(path.name + ".split")
+    args = (machine.pid, machine.spec.ram_file)
+    threading.Thread(target=ramstream.release_file_pages, args=args, name="release", daemon=True).start()
+
+
+async def _migrate(machine: Machine, fd: int) -> None:
+    """Migrate the machine to `fd` (QEMU gets a copy) and wait until QEMU says it is done."""
+    qmp = _qmp(machine)
+    await qmp.send_fd("migration", fd)
+    await qmp.execute("migrate", uri="fd:migration")
     try:
-        ramstream.split(stream, device_state, ram)
-    except ramstream.StreamFormatError:
-        device_state.unlink(missing_ok=True)
-        ram.unlink(missing_ok=True)
-        stream.rename(path)
-        return False
-    device_state.rename(path)
-    stream.unlink()
-    return True
+        async with asyncio.timeout(SAVE_TIMEOUT):
+            while True:
+                state = (await qmp.execute("query-migrate")).get("status")
+                if state == "completed":
+                    return
+                if state in ("failed", "cancelled"):
+                    raise VMError(f"saving the memory of {machine.spec.name} failed (migration {state})")
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        await qmp.execute("migrate_cancel")
+        raise VMError(f"saving the memory of {machine.spec.name} took over {SAVE_TIMEOUT:g} s") from None
+
+
+async def _save_split(machine: Machine, path: Path, ram: Path) -> bool:
+    """Migrate through a socket that a thread reads as QEMU writes, moving RAM to `ram` and the rest to
+    `path` (vm/ramstream.py), so the split costs no time after the save. False, with neither file
+    written, when the stream is laid out otherwise (the caller then saves it again, whole)."""
+    from . import ramstream
+
+    partial = path.with_name(path.name + ".split")
+    ours, theirs = socket.socketpair()
+    try:
+        with ours:
+            try:
+                reading = asyncio.get_running_loop().run_in_executor(None, _split_from, ours, partial, ram)
+                try:
+                    await _migrate(machine, theirs.fileno())
+                finally:
+                    theirs.close()  # QEMU has its copy: the reader sees the end when QEMU closes it
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    ours.shutdown(socket.SHUT_RDWR)  # the reader stops: no file is written once this returns
+                with contextlib.suppress(Exception):
+                    await reading
+                ram.unlink(missing_ok=True)
+                raise
+            try:
+                try:
+                    await asyncio.wait_for(asyncio.shield(reading), READER_GRACE)
+                except TimeoutError:
+                    # QEMU wrote it all ("completed") but still holds its end: end the stream here.
+                    ours.shutdown(socket.SHUT_RD)
+                    await reading
+            except ramstream.StreamFormatError:
+                ram.unlink(missing_ok=True)
+                return False
+        partial.rename(path)
+        return True
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _split_from(sock: socket.socket, device_state: Path, ram: Path) -> int:
+    from . import ramstream
+
+    try:
+        return ramstream.split_fd(sock.fileno(), device_state, ram)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # QEMU must not wait for ever on a reader that stopped
+        raise
 
 
 def _memfd(machine: Machine) -> Path:

@@ -40,3 +40,16 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The virtio-serial port of the VFS channel (wire/vfs.py), present only when the sandbox has mounts.
 # The guest's FUSE daemon finds it by name, as the agent finds its port.
 VFS_PORT_NAME = "matchlock.vfs"
+
+# The network every sandbox with one gets (net/namespace.py builds the host side from the same values,
+# and the MTU is the default unless the policy sets another). A boot template configures it before its
+# snapshot, so a restored guest configures its interface only when the host asks for something else.
+GUEST_INTERFACE = "eth0"
+GUEST_ADDRESS = "10.200.0.2"
+GUEST_PREFIX_LENGTH = 24
+GUEST_GATEWAY = "10.200.0.1"
+GUEST_MTU = 1500
+
+# A key of the host's HELLO (under MATCHLOCK_DEBUG_TIMING): the guest then sends its own timeline, a list
+# of [label, uptime ms] under `stamps`, in `ready` and in the first exit status (guest/timing.py).
+DEBUG_TIMING_FLAG = "debug_timing"

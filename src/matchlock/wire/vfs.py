@@ -16,7 +16,8 @@ errno; an error reply has no payload.
 Nodes and handles are the host's: it assigns a node id (u64, never 0 or 1) in every entry it
 returns (LOOKUP, MKNOD, MKDIR, SYMLINK, LINK, CREATE, READDIR with `plus`), counting one lookup for
 each; FORGET gives lookups back. Each mount's root node comes in the HELLO reply. File handles
-(u64, never 0) come from OPEN, CREATE and OPENDIR; fh 0 in GETATTR and SETATTR means "no handle".
+(u64, never 0) come from OPEN, CREATE, OPENDIR and OPENDIR_READ; fh 0 in GETATTR and SETATTR means
+"no handle".
 
 The host must treat the guest as hostile, so `RequestDecoder` checks every length, count, id and
 name before the host sees a request and raises RemoteProtocolError on the first violation. A
@@ -25,11 +26,11 @@ request with an op this version does not know decodes with `args=None`; answer i
 
 from __future__ import annotations
 
-import json
 import operator
 import struct
 
 from .frames import LocalProtocolError, RemoteProtocolError
+from .vfs_hello import decode_hello, decode_hello_reply, encode_hello, encode_hello_reply
 from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one name both sides import
     _DATA,
     _DIRENT,
@@ -41,6 +42,7 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     ARGS,
     ATTR_STRUCT,
     ENTRY_STRUCT,
+    FEATURE_GUEST_OPENDIR,
     FEATURE_KILLPRIV,
     FEATURE_PARENT_ATTR,
     FEATURES_ALL,
@@ -58,6 +60,7 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     OPEN_DIRECT_IO,
     OPEN_FLAG_MASK,
     OPEN_FLAGS_ALL,
+    OPEN_GUEST_DIR,
     OPEN_KEEP_CACHE,
     PARENT_STRUCT,
     RENAME_EXCHANGE,
@@ -81,6 +84,7 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     Create,
     Created,
     DirEntry,
+    DirOpened,
     Entry,
     Flush,
     Forget,
@@ -96,6 +100,7 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     Op,
     Open,
     Opendir,
+    OpendirRead,
     Opened,
     Read,
     Readdir,
@@ -180,10 +185,7 @@ def encode_request(request_id: int, uid: int, gid: int, pid: int, args: Args) ->
     if not 0 <= request_id <= MAX_ID:
         raise LocalProtocolError(f"request id {request_id} out of range")
     if isinstance(args, Hello):
-        hello = {"version": args.version, "max_io": args.max_io}
-        if args.features:
-            hello["features"] = args.features
-        parts: list[bytes | memoryview] = [json.dumps(hello).encode()]
+        parts: list[bytes | memoryview] = [encode_hello(args)]
     else:
         nfixed, get = _layout(type(args))
         values = get(args)
@@ -229,30 +231,13 @@ def _unpack_tail(kind: str, payload: bytes, pos: int) -> tuple[object, int]:
     return value, end
 
 
-def _decode_hello(payload: bytes) -> Hello:
-    if len(payload) > MAX_HELLO:
-        raise RemoteProtocolError(f"HELLO of {len(payload)} bytes exceeds {MAX_HELLO}")
-    try:
-        msg = json.loads(payload)
-    except ValueError as exc:
-        raise RemoteProtocolError(f"HELLO is not JSON: {exc}") from None
-    if not isinstance(msg, dict):
-        raise RemoteProtocolError("HELLO must be a JSON object")
-    version, max_io, features = msg.get("version"), msg.get("max_io"), msg.get("features", 0)
-    if type(version) is not int or type(max_io) is not int or not 4096 <= max_io <= MAX_IO:
-        raise RemoteProtocolError(f"HELLO needs integer version and max_io in 4096..{MAX_IO}, got {msg!r:.200}")
-    if type(features) is not int or features < 0:
-        raise RemoteProtocolError(f"HELLO features must be a non-negative integer, got {features!r:.100}")
-    return Hello(version, max_io, features)
-
-
 def decode_args(op: int, payload: bytes) -> Args | None:
     """Validate and decode one request payload (host side); None for an unknown op."""
     cls = ARGS.get(op)
     if cls is None:
         return None
     if cls is Hello:
-        return _decode_hello(payload)
+        return decode_hello(payload)
     fixed = cls._fixed
     if len(payload) < fixed.size:
         raise _short(f"{OP_NAMES[op]} fields")
@@ -272,7 +257,7 @@ def decode_args(op: int, payload: bytes) -> Args | None:
 
 
 def _check_args(args: Args) -> None:
-    if isinstance(args, (Read, Readdir)) and args.size > MAX_IO:
+    if isinstance(args, (Read, Readdir, OpendirRead)) and args.size > MAX_IO:
         raise RemoteProtocolError(f"{type(args).__name__.upper()} of {args.size} bytes exceeds MAX_IO ({MAX_IO})")
     if isinstance(args, Setattr) and args.valid & ~SET_ALL:
         raise RemoteProtocolError(f"SETATTR with unknown valid bits {args.valid & ~SET_ALL:#x}")
@@ -282,8 +267,8 @@ def _check_args(args: Args) -> None:
         raise RemoteProtocolError(f"OPENDIR with open flags {args.flags:#o} outside the mask")
     if isinstance(args, (Open, Create, Write)) and args.flags & ~(OPEN_FLAG_MASK | KILL_SUIDGID):
         raise RemoteProtocolError(f"{type(args).__name__.upper()} with open flags {args.flags:#o} outside the mask")
-    if isinstance(args, Readdir) and args.plus > 1:
-        raise RemoteProtocolError(f"READDIR plus must be 0 or 1, got {args.plus}")
+    if isinstance(args, (Readdir, OpendirRead)) and args.plus > 1:
+        raise RemoteProtocolError(f"{type(args).__name__.upper()} plus must be 0 or 1, got {args.plus}")
 
 
 class RequestDecoder:
@@ -361,18 +346,11 @@ def _pack_result(result: Result) -> bytes:
     if isinstance(result, StatfsReply):
         return _STATFS.pack(*result._values())
     if isinstance(result, HelloReply):
-        mounts = [
-            {"path": m.path, "root": m.root, "readonly": m.readonly, "negative_valid_ns": m.negative_valid_ns}
-            for m in result.mounts
-        ]
-        hello = {"version": result.version, "max_io": result.max_io, "mounts": mounts}
-        if result.stats:
-            hello["stats"] = True
-        if result.features:
-            hello["features"] = result.features
-        return json.dumps(hello).encode()
+        return encode_hello_reply(result)
     if isinstance(result, tuple):
         return _U32.pack(len(result)) + b"".join(_pack_dirent(item) for item in result)
+    if isinstance(result, DirOpened):
+        return _OPENED.pack(result.fh, result.flags) + _pack_result(result.entries)
     raise LocalProtocolError(f"cannot encode a {type(result).__name__} as a VFS reply")
 
 
@@ -410,20 +388,29 @@ class ReplyDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[Reply]:
-        self._buffer += data
-        replies = []
+        # At a frame boundary (the usual case: small replies, one per read) the frames are cut from
+        # `data` itself; only a partial frame is copied into the buffer.
         buf = self._buffer
-        while len(buf) >= REPLY_HEADER.size:
-            length, request_id, status = REPLY_HEADER.unpack_from(buf, 0)
+        if buf:
+            buf += data
+        source: bytes | bytearray = buf if buf else data
+        replies = []
+        pos, size = 0, len(source)
+        while size - pos >= REPLY_HEADER.size:
+            length, request_id, status = REPLY_HEADER.unpack_from(source, pos)
             if length > MAX_PAYLOAD:
                 raise RemoteProtocolError(f"reply of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
             if not -4096 < status <= 0 or (status and length):
                 raise RemoteProtocolError(f"reply status {status} with {length} payload bytes")
-            end = REPLY_HEADER.size + length
-            if len(buf) < end:
+            end = pos + REPLY_HEADER.size + length
+            if size < end:
                 break
-            replies.append(Reply(request_id, status, bytes(buf[REPLY_HEADER.size : end])))
-            del buf[:end]
+            replies.append(Reply(request_id, status, bytes(source[pos + REPLY_HEADER.size : end])))
+            pos = end
+        if source is buf:
+            del buf[:pos]
+        elif pos < size:
+            buf += memoryview(data)[pos:]
         return replies
 
 
@@ -459,31 +446,6 @@ def _decode_dirents(payload: bytes) -> tuple[DirEntry, ...]:
     if pos != len(payload):
         raise RemoteProtocolError(f"READDIR reply has {len(payload) - pos} stray bytes")
     return tuple(items)
-
-
-def _decode_hello_reply(payload: bytes) -> HelloReply:
-    msg = json.loads(payload)
-    mounts = msg["mounts"]
-    if not isinstance(mounts, list) or len(mounts) > MAX_MOUNTS:
-        raise ValueError(f"mounts must be a list of at most {MAX_MOUNTS}")
-    parsed = []
-    for m in mounts:
-        path, root, readonly = m["path"], m["root"], m.get("readonly", False)
-        negative = m.get("negative_valid_ns", 0)
-        if not isinstance(path, str) or not path.startswith("/") or "\x00" in path or len(path) > 4096:
-            raise ValueError(f"mount path {path!r} must be absolute")
-        if type(root) is not int or root in (0, ROOT_ALIAS) or not isinstance(readonly, bool):
-            raise ValueError(f"mount {path!r} has a bad root {root!r} or readonly {readonly!r}")
-        if type(negative) is not int or negative < 0:
-            raise ValueError(f"mount {path!r} has a bad negative_valid_ns {negative!r}")
-        parsed.append(Mount(path, root, readonly, negative))
-    version, max_io, stats = msg["version"], msg["max_io"], msg.get("stats", False)
-    features = msg.get("features", 0)
-    if type(version) is not int or type(max_io) is not int or not 4096 <= max_io <= MAX_IO:
-        raise ValueError(f"bad version {version!r} or max_io {max_io!r}")
-    if not isinstance(stats, bool) or type(features) is not int or features < 0:
-        raise ValueError(f"bad stats {stats!r} or features {features!r}")
-    return HelloReply(version, max_io, tuple(parsed), stats, features)
 
 
 def decode_result(op: int, payload: bytes) -> Result:
@@ -539,8 +501,11 @@ def _decode_result(op: int, payload: bytes) -> Result:
         return StatfsReply(*_STATFS.unpack(payload))
     if op == Op.READDIR:
         return _decode_dirents(payload)
+    if op == Op.OPENDIR_READ:
+        fh, flags = _OPENED.unpack_from(payload)
+        return DirOpened(fh, flags, _decode_dirents(payload[_OPENED.size :]))
     if op == Op.HELLO:
-        return _decode_hello_reply(payload)
+        return decode_hello_reply(payload)
     raise ValueError(f"no reply is defined for op {op}")
 
 

@@ -51,6 +51,7 @@ class Op:
     READDIR = 22
     RELEASEDIR = 23
     STATFS = 24
+    OPENDIR_READ = 25  # OPENDIR and the first READDIR in one (FEATURE_GUEST_OPENDIR)
 
 
 OP_NAMES = {value: name for name, value in vars(Op).items() if name.isupper()}
@@ -74,6 +75,11 @@ OPEN_DIRECT_IO = 1
 OPEN_KEEP_CACHE = 2
 OPEN_CACHE_DIR = 8
 OPEN_FLAGS_ALL = OPEN_DIRECT_IO | OPEN_KEEP_CACHE | OPEN_CACHE_DIR
+# Not FUSE's: an OPENDIR reply bit (FEATURE_GUEST_OPENDIR) saying the guest may answer later OPENDIRs of
+# this node itself, with these flags, until an INVAL_INODE or FORGET of it: the host enforces nothing
+# on them (no interception) and its notices keep the guest's cached listing right. The guest then
+# opens the host's handle with OPENDIR_READ when a READDIR needs it.
+OPEN_GUEST_DIR = 1 << 16
 
 # The Linux open(2) flags OPEN, CREATE, OPENDIR and WRITE may carry (the same values on every Linux
 # architecture we boot): access mode, O_CREAT, O_EXCL, O_TRUNC, O_APPEND, O_DSYNC, O_SYNC.
@@ -85,7 +91,8 @@ KILL_SUIDGID = 1 << 30
 # HELLO features, a bit mask: the guest offers them, the host's reply says which it serves.
 FEATURE_PARENT_ATTR = 1  # MKNOD, MKDIR, SYMLINK, LINK and CREATE replies end with the parent's new attributes
 FEATURE_KILLPRIV = 2  # the host honours KILL_SUIDGID and SET_KILL_SUIDGID, and drops set-id bits on chown
-FEATURES_ALL = FEATURE_PARENT_ATTR | FEATURE_KILLPRIV
+FEATURE_GUEST_OPENDIR = 4  # the host may set OPEN_GUEST_DIR, and serves OPENDIR_READ
+FEATURES_ALL = FEATURE_PARENT_ATTR | FEATURE_KILLPRIV | FEATURE_GUEST_OPENDIR
 
 # RENAME flags (renameat2): anything else is rejected by the decoder.
 RENAME_NOREPLACE = 1
@@ -308,6 +315,17 @@ class Readdir(Args):
     _op, _fixed = Op.READDIR, struct.Struct(">QQQIB")
 
 
+class OpendirRead(Args):
+    """OPENDIR, then READDIR on the new handle: the reply is a DirOpened."""
+
+    __slots__ = ("node", "offset", "size", "plus")
+    node: int
+    offset: int
+    size: int
+    plus: int
+    _op, _fixed = Op.OPENDIR_READ, struct.Struct(">QQIB")
+
+
 class Releasedir(Args):
     __slots__ = ("node", "fh")
     node: int
@@ -335,7 +353,8 @@ class Hello(Args):
 ARGS: dict[int, type[Args]] = {
     cls._op: cls
     for cls in (Hello, Lookup, Forget, Getattr, Setattr, Readlink, Symlink, Mknod, Mkdir, Unlink, Rmdir, Rename,
-                Link, Open, Create, Read, Write, Flush, Release, Fsync, Opendir, Readdir, Releasedir, Statfs)
+                Link, Open, Create, Read, Write, Flush, Release, Fsync, Opendir, Readdir, Releasedir, Statfs,
+                OpendirRead)
 }  # fmt: skip
 _NODE_FIELDS = ("node", "parent", "newparent")
 
@@ -439,6 +458,15 @@ class StatfsReply(Record):
 _STATFS = struct.Struct(">QQQQQIII")
 
 
+class DirOpened(Record):
+    """OPENDIR_READ's reply: the handle (as OPENDIR's Opened) and READDIR's entries on it."""
+
+    __slots__ = ("fh", "flags", "entries")
+    fh: int
+    flags: int
+    entries: tuple[DirEntry, ...]
+
+
 class DirEntry(Record):
     """One directory entry; `offset` is the cookie to continue after it; `entry` only for `plus`.
 
@@ -473,14 +501,17 @@ class Mount(Record):
 
     `negative_valid_ns` > 0 lets the guest cache "no such name" (a LOOKUP answered ENOENT) that
     long; give it only where the guest is the sole writer (memory, overlay) or staleness is fine.
+    `guest_overlay` (read-only mounts only): the guest mounts this as the lower of its own kernel
+    overlayfs at `path`, its writes kept on the sandbox's upper disk; absent means a plain mount.
     """
 
-    __slots__ = ("path", "root", "readonly", "negative_valid_ns")
+    __slots__ = ("path", "root", "readonly", "negative_valid_ns", "guest_overlay")
     path: str
     root: int
     readonly: bool
     negative_valid_ns: int
-    _defaults = {"readonly": False, "negative_valid_ns": 0}
+    guest_overlay: bool
+    _defaults = {"readonly": False, "negative_valid_ns": 0, "guest_overlay": False}
 
 
 class HelloReply(Record):
@@ -505,4 +536,4 @@ class Reply(Record):
     payload: bytes
 
 
-Result = Entry | AttrReply | Opened | Created | Written | StatfsReply | HelloReply | tuple | bytes | None
+Result = Entry | AttrReply | Opened | Created | DirOpened | Written | StatfsReply | HelloReply | tuple | bytes | None

@@ -1,0 +1,26 @@
+"""Guest uptime (ms) at each step of a start, from the wake to the first exec's exit status.
+
+Taken only until the host's HELLO arrives, unless it carries wire.boot.DEBUG_TIMING_FLAG (a host under
+MATCHLOCK_DEBUG_TIMING): then they go out as `stamps`, a list of [label, ms], in `ready` and in
+the first exit status, after which no more are taken, so later commands pay nothing. Labels only,
+never values. Hosts that do not know the field ignore it.
+"""
+
+from __future__ import annotations
+
+import time
+
+stamps: list[tuple[str, float]] | None = []
+
+
+def stamp(label: str) -> None:
+    if stamps is not None:
+        stamps.append((label, round(time.clock_gettime(time.CLOCK_BOOTTIME) * 1000, 1)))
+
+
+def take(last: bool = False) -> list[tuple[str, float]]:
+    """The stamps so far (cleared); `last` stops taking them."""
+    global stamps
+    taken = stamps or []
+    stamps = None if last else []
+    return taken

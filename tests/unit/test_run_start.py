@@ -1,0 +1,180 @@
+"""What `run` does before QEMU's start: its namespace helper begins before the heavy imports, and
+`--help` loads none of them (each of these costs every `run -- true` its import time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from matchlock.net import namespace as ns
+
+pytestmark = pytest.mark.timeout(60)
+
+# Loaded by the sandbox, the owner, the state store, the image store and the proxy: never before the helper starts.
+HEAVY = ("asyncio", "sqlite3", "ssl", "matchlock.sandbox.sandbox", "matchlock.cli.owner", "matchlock.state.store",
+         "matchlock.image.store", "matchlock.vm.machine", "matchlock.net.proxy", "cryptography")  # fmt: skip
+
+PROBE = """
+import json, sys
+from matchlock.net import namespace
+seen = {}
+
+def start_early(mtu):
+    seen["mtu"], seen["loaded"] = mtu, sorted(m for m in sys.modules if m.split(".")[0] in ("asyncio", "sqlite3", "ssl", "matchlock", "cryptography"))
+    raise SystemExit(0)
+
+namespace.start_early = start_early
+from matchlock.cli import main
+sys.argv = ["matchlock", *sys.argv[1:]]
+try:
+    main.main()
+except SystemExit:
+    pass
+print(json.dumps(seen))
+"""
+
+
+def _probe(tmp_path, *args: str) -> dict:
+    env = {**os.environ, "MATCHLOCK_STATE_DIR": str(tmp_path / "state"), "MATCHLOCK_CACHE_DIR": str(tmp_path / "c")}
+    env.pop("MATCHLOCK_DEBUG_TIMING", None)
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=env, timeout=50)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _heavy(loaded: list[str]) -> list[str]:
+    return [m for m in loaded if m in HEAVY or m.split(".")[0] in HEAVY]
+
+
+def test_run_starts_its_namespace_helper_before_the_heavy_imports(tmp_path):
+    seen = _probe(tmp_path, "run", "--mtu", "1400", "--", "true")
+    assert seen["mtu"] == 1400
+    assert "matchlock.cli.run" in seen["loaded"]  # the probe saw the real `run`, not an early exit
+    assert _heavy(seen["loaded"]) == []
+
+
+@pytest.mark.parametrize("flags", [("--no-network",), ("-d",), ("--from-snapshot", "snap")])
+def test_run_starts_no_early_helper_when_it_would_not_take_it(tmp_path, flags):
+    # --no-network has no namespace; `-d` hands the run to a child; a snapshot may bring its own network.
+    # (--timeout 0 then ends the run with a usage error, before anything else.)
+    assert _probe(tmp_path, "run", "--timeout", "0", *flags, "--", "true") == {}
+    assert _probe(tmp_path, "run", "--timeout", "0", "--", "true") != {}  # the probe does see an early start
+
+
+def test_run_help_loads_no_heavy_module(tmp_path):
+    env = {**os.environ, "MATCHLOCK_STATE_DIR": str(tmp_path / "state")}
+    code = "import sys\nfrom matchlock.cli import main\nsys.argv = ['matchlock', 'run', '--no-network', '--help']\n"
+    code += "try:\n    main.main()\nexcept SystemExit:\n    pass\nprint('\\n'.join(sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=50)
+    assert proc.returncode == 0 and "Usage: matchlock run" in proc.stdout, proc.stderr[-2000:]
+    assert _heavy(proc.stdout.splitlines()) == []
+
+
+def test_a_sandbox_network_takes_the_early_namespace_of_its_mtu():
+    ns.start_early(1400)
+    try:
+        early = ns._early
+        assert early is not None and early._helper is not None  # spawned, running beside the caller
+        namespace = ns.take_early(1400)
+        assert namespace is early and ns._early is None
+        namespace.create()  # collects the helper's descriptors
+        assert namespace.tap_fd is not None and namespace.inode is not None and ns.namespace_alive(namespace.inode)
+        namespace.close()
+        assert not ns.namespace_alive(namespace.inode)
+    finally:
+        ns.discard_early()
+
+
+def test_an_early_namespace_nobody_takes_is_released(monkeypatch):
+    fds_before = len(os.listdir("/proc/self/fd"))
+    ns.start_early(1400)
+    other = ns.take_early(1500)  # another MTU: the early helper is killed, a new namespace is made on demand
+    assert other.mtu == 1500 and other._helper is None and ns._early is None
+    ns.start_early(1400)
+    helper = ns._early._helper[1]  # type: ignore[union-attr]
+    ns.discard_early()  # `run` failed before its sandbox took it
+    assert helper.returncode is not None and ns._early is None
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+async def test_aclose_releases_the_tap_on_a_thread_of_its_own():
+    namespace = ns.SandboxNamespace(1500)
+    namespace.create()
+    tap, inode = namespace.tap_fd, namespace.inode
+    assert tap is not None and inode is not None
+    await namespace.aclose()  # returns without waiting for the device to be unregistered
+    assert namespace.tap_fd is None and not ns.namespace_alive(inode)
+    for thread in threading.enumerate():
+        if thread.name == "tap close":
+            thread.join(10)
+    with pytest.raises(OSError):
+        os.fstat(tap)  # closed by that thread
+
+
+@pytest.fixture
+def no_disks(monkeypatch, tmp_path):
+    """Sandbox.create with stand-in image, kernel and runtime files (the namespace and proxy are real)."""
+    import types
+
+    from matchlock.api.image import ImageConfig
+    from matchlock.image import runtime, store
+    from matchlock.sandbox import sandbox
+
+    for name in ("lower.img", "kernel", "runtime.img"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
+    image = types.SimpleNamespace(config=ImageConfig(), lower_path=tmp_path / "lower.img")
+    monkeypatch.setattr(store.ImageStore, "resolve", lambda self, name: image)
+    monkeypatch.setattr(runtime, "ensure_runtime_disk", lambda: tmp_path / "runtime.img")
+    kernel = types.SimpleNamespace(path=tmp_path / "kernel", initrd=None, cmdline=[], acpi=False)
+    monkeypatch.setattr("matchlock.kernel.resolve", lambda kernel_path=None: kernel)
+    monkeypatch.setattr(sandbox.SandboxPaths, "of", staticmethod(lambda vm_id: sandbox.SandboxPaths(tmp_path / vm_id)))
+    return sandbox
+
+
+async def test_the_proxy_starts_beside_qemu_and_a_failed_boot_still_closes_it(no_disks, monkeypatch):
+    from matchlock.api.config import SandboxConfig
+    from matchlock.api.errors import VMError
+
+    seen: dict = {}
+
+    async def boot(self, spec, *, use_template=True):
+        seen["beside"] = self._proxy_started is not None and not self._proxy_started.done()
+        await self._proxy_started
+        seen["sandbox"] = self
+        raise VMError("QEMU stand-in: stop here")
+
+    monkeypatch.setattr(no_disks.Sandbox, "_boot", boot)
+    with pytest.raises(VMError, match="stop here"):  # the boot's own error, not a group
+        await no_disks.Sandbox.create(SandboxConfig(image="stand-in"), vm_id="vm-0000beef")
+    assert seen["beside"]  # QEMU's start began while the proxy was still starting
+    network = seen["sandbox"].network
+    assert network.proxy is not None and network.namespace.fd is None  # started, then released with the sandbox
+
+
+async def test_a_proxy_that_cannot_start_fails_the_create_with_its_own_error(no_disks, monkeypatch):
+    import asyncio
+
+    from matchlock.api.config import SandboxConfig
+    from matchlock.api.errors import SetupError
+    from matchlock.sandbox.network import SandboxNetwork
+
+    booting = asyncio.Event()
+
+    async def start_proxy(self):
+        await booting.wait()
+        raise SetupError("proxy stand-in failed")
+
+    async def boot(self, spec, *, use_template=True):
+        booting.set()
+        await asyncio.Event().wait()  # QEMU restoring, until the proxy's failure cancels it
+
+    monkeypatch.setattr(SandboxNetwork, "start_proxy", start_proxy)
+    monkeypatch.setattr(no_disks.Sandbox, "_boot", boot)
+    with pytest.raises(SetupError, match="proxy stand-in failed"):
+        await no_disks.Sandbox.create(SandboxConfig(image="stand-in"), vm_id="vm-0000bee0")
