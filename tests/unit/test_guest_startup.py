@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import pytest
+from fake_guest import CONFIG, accept
 
 from matchlock.api.network import DEFAULT_MTU
 from matchlock.guest import agent, confine, init, syscalls, timing
 from matchlock.net import namespace
+from matchlock.sandbox.process import GuestProcess
 from matchlock.util import trace
 from matchlock.wire import boot
-from matchlock.wire.agent import GuestNetwork
+from matchlock.wire.agent import ExecRequest, GuestNetwork
+from matchlock.wire.mux import HelloReceived
+from matchlock.wire.replies import Ready
 
 USUAL = (boot.GUEST_INTERFACE, boot.GUEST_ADDRESS, boot.GUEST_PREFIX_LENGTH, boot.GUEST_GATEWAY, boot.GUEST_MTU)
 
@@ -145,17 +150,35 @@ def test_the_host_prints_the_guest_timeline_only_when_well_formed(monkeypatch, c
         "[timing]   guest      0.0 ms (+   0.0) woken",
         "[timing]   guest     12.5 ms (+  12.5) configured",
     ]
-    for hostile in ([["\x1b[2J", 1]], [["a", True]], [["a", 1, 2]], "stamps", [["a", 1]] * 65):
+    huge = [["a", 10**400]], [["a", float("inf")]], [["a", float("nan")]], [["a", -1]]  # float() would overflow
+    labels = [["\x1b[2J", 1]], [["\u202eb", 1]], [["", 1]], [["a" * 41, 1]]
+    for hostile in (*huge, *labels, [["a", True]], [["a", 1, 2]], "stamps", [["a", 1]] * 65, []):
         trace.guest_stamps(hostile)
         assert capsys.readouterr().err == "[timing]   guest: malformed timing stamps\n"
     trace.guest_stamps(None)  # a guest that was not asked
     assert capsys.readouterr().err == ""
 
 
-def test_the_host_asks_for_nothing_and_prints_nothing_without_the_switch(monkeypatch, capsys) -> None:
+def test_the_host_prints_nothing_without_the_switch(monkeypatch, capsys) -> None:
     monkeypatch.setattr(trace, "ENABLED", False)
     trace.guest_stamps([["woken", 100.0]])
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.timeout(60)  # a hang detector, not a performance assertion
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_the_host_asks_for_the_guest_timeline_only_under_the_switch(monkeypatch, connected, enabled) -> None:
+    monkeypatch.setattr(trace, "ENABLED", enabled)
+    channel, guest = connected
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(channel.handshake(CONFIG))
+        guest.conn.send_hello({})
+        await guest.flush()
+        event = await guest.next_event()
+        assert isinstance(event, HelloReceived)
+        assert (boot.DEBUG_TIMING_FLAG in event.info) is enabled
+        guest.conn.send_message(0, Ready(1).to_wire())
+        await guest.flush()
 
 
 def test_a_template_that_cannot_configure_the_network_leaves_it_to_the_settings(monkeypatch, net_calls) -> None:
@@ -171,3 +194,16 @@ def test_a_template_that_cannot_configure_the_network_leaves_it_to_the_settings(
     monkeypatch.setattr(agent.netconfig, "configure_interface", lambda *a: net_calls.append(("configure", *a)))
     agent._apply_network(_network())
     assert net_calls == [("configure", *USUAL)]
+
+
+@pytest.mark.timeout(60)  # a hang detector, not a performance assertion
+async def test_the_host_prints_stamps_of_an_exit_status_only(monkeypatch, booted, capsys) -> None:
+    monkeypatch.setattr(trace, "ENABLED", True)
+    channel, guest = booted
+    capsys.readouterr()
+    proc = GuestProcess(channel.open(ExecRequest("true", {}, "/").to_wire()), None, None)
+    sid, _ = await accept(guest, "exec")
+    guest.conn.send_message(sid, {"type": "started", "pid": 9, "stamps": [["not from an exit", 1]]})
+    await guest.reply_and_close(sid, {"type": "exit", "code": 0, "stamps": [["exit sent", 1]]})
+    assert (await proc.wait()).exit_code == 0
+    assert capsys.readouterr().err.splitlines() == ["[timing]   guest      0.0 ms (+   0.0) exit sent"]

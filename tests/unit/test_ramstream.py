@@ -20,6 +20,11 @@ HEADER = b"QEVM\x00\x00\x00\x03" + b"\x07\x00\x00\x00\x07microvm"  # the configu
 DEVICES = b"\x04\x00\x00\x00\x03\x06serial" + bytes(range(40)) + b"\x1f"  # a device section and EOF, verbatim
 
 
+def _split(stream: Path, device_state: Path, ram: Path) -> int:
+    with open(stream, "rb") as f:
+        return ramstream.split_fd(f.fileno(), device_state, ram)
+
+
 def _name(name: bytes) -> bytes:
     return bytes([len(name)]) + name
 
@@ -66,7 +71,7 @@ def _expected_device_state() -> bytes:
 def test_the_ram_pages_go_to_a_sparse_file_and_everything_else_stays(tmp_path):
     stream = tmp_path / "stream"
     stream.write_bytes(_stream())
-    moved = ramstream.split(stream, tmp_path / "state", tmp_path / "ram")
+    moved = _split(stream, tmp_path / "state", tmp_path / "ram")
     assert (tmp_path / "state").read_bytes() == _expected_device_state()
     ram = (tmp_path / "ram").read_bytes()
     assert len(ram) == RAM_SIZE and moved == 3 * PAGE_SIZE
@@ -83,35 +88,47 @@ def test_the_ram_pages_go_to_a_sparse_file_and_everything_else_stays(tmp_path):
         lambda s: b"",
         lambda s: s.replace(b"QEVM\x00\x00\x00\x03", b"QEVM\x00\x00\x00\x02"),
         lambda s: s.replace(_footer() + b"\x02", b"\x7e\x00\x00\x00\x09\x02"),
+        lambda s: s.replace(struct.pack(">Q", FLAG_PAGE) + _name(b"ram"), struct.pack(">Q", 0x0A) + _name(b"ram")),
     ],
-    ids=["unknown flag", "truncated", "empty", "other version", "bad footer"],
+    ids=["unknown flag", "truncated", "empty", "other version", "bad footer", "zero and page at once"],
 )
 def test_a_stream_laid_out_otherwise_is_refused(tmp_path, damage):
     stream = tmp_path / "memory.partial"
     stream.write_bytes(damage(_stream()))
     with pytest.raises(ramstream.StreamFormatError):
-        ramstream.split(stream, tmp_path / "state", tmp_path / "ram")
+        _split(stream, tmp_path / "state", tmp_path / "ram")
 
 
 class _FakeQEMU:
-    """QMP of a QEMU that migrates by writing `stream` to the descriptor it was given, in small writes."""
+    """QMP of a QEMU that migrates by writing `stream` to the descriptor it was given, in small writes,
+    and, as QEMU 7.2, refuses to migrate again after a completed migration until `cont`."""
 
     def __init__(self, stream: bytes, fail: bool = False, keep_open: bool = False) -> None:
         self.stream, self.fail, self.keep_open, self.migrations, self.fd = stream, fail, keep_open, 0, -1
         self.writer: threading.Thread | None = None
+        self.state, self.broken = "paused", False
 
     async def send_fd(self, name: str, fd: int) -> None:
         self.fd = os.dup(fd)
 
     async def execute(self, command: str, **arguments: object) -> dict:
         if command == "migrate":
+            if self.state == "postmigrate":
+                raise VMError("QMP migrate failed: Can't migrate the vm that was paused due to previous migration")
             self.migrations += 1
             self.writer = threading.Thread(target=self._write, args=(self.fd,))
             self.writer.start()
         if command == "query-migrate":
             assert self.writer is not None
-            done = not self.writer.is_alive()
-            return {"status": ("failed" if self.fail else "completed") if done else "active"}
+            if self.writer.is_alive():
+                return {"status": "active"}
+            failed = self.fail or self.broken
+            self.state = self.state if failed else "postmigrate"
+            return {"status": "failed" if failed else "completed"}
+        if command in ("cont", "stop"):
+            self.state = "running" if command == "cont" else "paused"
+        if command == "query-status":
+            return {"status": self.state}
         return {}
 
     def _write(self, fd: int) -> None:
@@ -120,7 +137,7 @@ class _FakeQEMU:
             for at in range(0, len(data), 65521):
                 os.write(fd, data[at : at + 65521])
         except BrokenPipeError:
-            pass
+            self.broken = True
         finally:
             if not self.keep_open:
                 os.close(fd)
@@ -154,6 +171,7 @@ def test_a_stream_the_split_refuses_is_read_to_its_end_and_saved_again_whole(tmp
     assert not asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram"))
     assert (tmp_path / "memory").read_bytes() == stream  # as QEMU wrote it: clones load its RAM
     assert qemu.migrations == 2 and [f.name for f in tmp_path.iterdir()] == ["memory"]
+    assert qemu.state == "postmigrate"  # stopped: saved again only after `cont` took it out of the first
 
 
 def test_a_qemu_that_keeps_its_end_open_after_completing_still_gets_its_stream_split(tmp_path, monkeypatch):
@@ -167,9 +185,23 @@ def test_a_qemu_that_keeps_its_end_open_after_completing_still_gets_its_stream_s
     assert (tmp_path / "ram").read_bytes() == b"".join(_page(p) for p in range(300))
 
 
-def test_a_failed_migration_leaves_no_file(tmp_path):
+@pytest.mark.parametrize("private", [True, False], ids=["private RAM, split", "shared RAM, saved whole"])
+def test_a_failed_migration_leaves_no_file(tmp_path, private):
     qemu = _FakeQEMU(_big_stream([(p, FLAG_PAGE, _page(p)) for p in range(2000)], 2000 * PAGE_SIZE), fail=True)
+    machine = _machine(qemu)
+    machine.spec.ram_private = private
     with pytest.raises(VMError, match="migration failed"):
+        asyncio.run(checkpoint.save_memory(machine, tmp_path / "memory", tmp_path / "ram"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("pages", [100, 4000], ids=["read whole before the write", "QEMU still writing"])
+def test_a_reader_that_cannot_write_the_ram_file_fails_the_save_by_name_and_leaves_no_file(
+    tmp_path, monkeypatch, pages
+):
+    monkeypatch.setattr(ramstream.os, "pwritev", lambda fd, parts, at: 0)  # a full disk: nothing written
+    qemu = _FakeQEMU(_big_stream([(p, FLAG_PAGE, _page(p)) for p in range(pages)], pages * PAGE_SIZE))
+    with pytest.raises(VMError, match=f"{tmp_path / 'ram'} failed: .*short write of guest RAM at offset 0"):
         asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram"))
     assert list(tmp_path.iterdir()) == []
 
@@ -252,7 +284,7 @@ def test_long_runs_of_pages_and_zero_pages_land_where_a_record_at_a_time_puts_th
         expected[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = payload if flags & FLAG_PAGE else payload * PAGE_SIZE
     stream = tmp_path / "stream"
     stream.write_bytes(_big_stream(records, len(expected)))
-    moved = ramstream.split(stream, tmp_path / "state", tmp_path / "ram")
+    moved = _split(stream, tmp_path / "state", tmp_path / "ram")
     assert (tmp_path / "ram").read_bytes() == expected
     assert (tmp_path / "state").read_bytes() == _big_stream(records, len(expected), split=True)
     data_pages = sum(1 for _, flags, payload in records if flags & FLAG_PAGE or payload != b"\x00")
@@ -281,4 +313,4 @@ def test_a_bad_record_deep_in_a_run_refuses_the_stream(tmp_path, where, damage):
         stream = stream[: at + 12]
     (tmp_path / "stream").write_bytes(stream)
     with pytest.raises(ramstream.StreamFormatError):
-        ramstream.split(tmp_path / "stream", tmp_path / "state", tmp_path / "ram")
+        _split(tmp_path / "stream", tmp_path / "state", tmp_path / "ram")

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from matchlock.net import namespace as ns
+from matchlock.sandbox import early
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,14 +22,14 @@ HEAVY = ("asyncio", "sqlite3", "ssl", "matchlock.sandbox.sandbox", "matchlock.cl
 
 PROBE = """
 import json, sys
-from matchlock.net import namespace
+from matchlock.sandbox import early
 seen = {}
 
 def start_early(mtu):
     seen["mtu"], seen["loaded"] = mtu, sorted(m for m in sys.modules if m.split(".")[0] in ("asyncio", "sqlite3", "ssl", "matchlock", "cryptography"))
     raise SystemExit(0)
 
-namespace.start_early = start_early
+early.start_early = start_early
 from matchlock.cli import main
 sys.argv = ["matchlock", *sys.argv[1:]]
 try:
@@ -76,30 +77,51 @@ def test_run_help_loads_no_heavy_module(tmp_path):
 
 
 def test_a_sandbox_network_takes_the_early_namespace_of_its_mtu():
-    ns.start_early(1400)
+    early.start_early(1400)
     try:
-        early = ns._early
-        assert early is not None and early._helper is not None  # spawned, running beside the caller
-        namespace = ns.take_early(1400)
-        assert namespace is early and ns._early is None
+        began = early._early
+        assert began is not None and began._helper is not None  # spawned, running beside the caller
+        namespace = early.take_early(1400)
+        assert namespace is began and early._early is None
         namespace.create()  # collects the helper's descriptors
         assert namespace.tap_fd is not None and namespace.inode is not None and ns.namespace_alive(namespace.inode)
         namespace.close()
         assert not ns.namespace_alive(namespace.inode)
     finally:
-        ns.discard_early()
+        early.discard_early()
 
 
 def test_an_early_namespace_nobody_takes_is_released(monkeypatch):
     fds_before = len(os.listdir("/proc/self/fd"))
-    ns.start_early(1400)
-    other = ns.take_early(1500)  # another MTU: the early helper is killed, a new namespace is made on demand
-    assert other.mtu == 1500 and other._helper is None and ns._early is None
-    ns.start_early(1400)
-    helper = ns._early._helper[1]  # type: ignore[union-attr]
-    ns.discard_early()  # `run` failed before its sandbox took it
-    assert helper.returncode is not None and ns._early is None
+    early.start_early(1400)
+    first = early._early._helper[1]  # type: ignore[union-attr]
+    other = early.take_early(1500)  # another MTU: the early helper is killed, a new namespace is made on demand
+    assert other.mtu == 1500 and other._helper is None and early._early is None
+    assert first.returncode is not None  # killed and reaped: no zombie
+    early.start_early(1400)
+    helper = early._early._helper[1]  # type: ignore[union-attr]
+    early.discard_early()  # `run` failed before its sandbox took it
+    assert helper.returncode is not None and early._early is None
     assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_a_run_that_fails_after_its_flags_releases_the_early_helper(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from matchlock.cli.run import run
+
+    monkeypatch.setenv("MATCHLOCK_STATE_DIR", str(tmp_path / "state"))
+    spawned = []
+    real = early.start_early
+
+    def start_early(mtu):
+        real(mtu)
+        spawned.append(early._early._helper[1])  # type: ignore[union-attr]
+
+    monkeypatch.setattr(early, "start_early", start_early)
+    result = CliRunner().invoke(run, ["--timeout", "0", "--", "true"])  # a usage error after the early start
+    assert "invalid --timeout 0" in str(result.exception) + result.output
+    assert len(spawned) == 1 and spawned[0].returncode is not None and early._early is None
 
 
 async def test_aclose_releases_the_tap_on_a_thread_of_its_own():

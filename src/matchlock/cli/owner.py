@@ -70,7 +70,7 @@ def _return_freed_memory() -> None:
     idles for the sandbox's life. Trimming it measured about 1 MiB of a `run -d` owner's 27 MiB PSS
     (benchmarks/bench_density.py). musl and others have no malloc_trim: nothing to give back there.
     """
-    import ctypes  # not for a foreground `run -- true`, which never idles
+    import ctypes  # only a detached owner: a foreground `run` would start its command later for it
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
@@ -227,6 +227,7 @@ async def _serve(
                 background = await _start_in_background(sandbox, spec, tasks)
             _signal_ready(sandbox.id, sandbox.paths.console_log)
             announced.append(sandbox.id)
+            _return_freed_memory()  # from here on a detached owner mostly waits
         else:
             _print_hints(sandbox.id)
             announced.append(sandbox.id)
@@ -234,7 +235,6 @@ async def _serve(
                 attached = tasks.create_task(
                     attach(sandbox, spec, interactive=options.interactive, pty=options.pty, handle_signals=False)
                 )
-        _return_freed_memory()  # from here on the owner mostly waits
         await stop.wait()
         if died:
             return 1

@@ -474,7 +474,7 @@ def release_from_cgroup(pid: int) -> None:
 
 
 # What the interface holds now: (interface, address, prefix, gateway, mtu), or None.
-_network: tuple | None = None
+_network: tuple[str, str, int, str, int] | None = None
 
 
 def prepare_network() -> None:

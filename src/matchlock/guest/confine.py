@@ -1,7 +1,8 @@
 """What an unprivileged command sees of /dev and /proc, as container runtimes do.
 
 Applied by each command's namespace init in its private mount namespace (so
-one syscall each, nothing shared changes), unless the sandbox is privileged:
+one syscall each, nothing shared changes), unless the sandbox is privileged;
+only the read-only copy of /sys that it binds is made once, by init at boot:
 - /dev becomes a small tmpfs with the harmless character devices, the
   terminal devices and the shared-memory mounts: no disks (runtime, image,
   upper), no agent port, no console, no memory devices; device nodes that

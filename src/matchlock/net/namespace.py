@@ -187,7 +187,7 @@ class SandboxNamespace:
 
         A cancelled caller still waits for the helper, then releases what it made: nothing leaks.
         """
-        import asyncio  # here: `run` starts the helper before it has imported asyncio (start_early)
+        import asyncio  # here: `run` starts the helper before it has imported asyncio (sandbox/early.py)
 
         from ..util.aio import finish_in_thread
 
@@ -260,42 +260,11 @@ class SandboxNamespace:
         unregisters the device, which waits out an RCU grace period (~20 ms here) that the owner's
         remaining cleanup and exit need not wait for (a QEMU still running holds a copy of its own)."""
         tap, self.tap_fd = self.tap_fd, None
-        self.close()
-        if tap is not None:
-            threading.Thread(target=os.close, args=(tap,), name="tap close").start()
-
-
-# `run` spawns its sandbox's helper as soon as its flags are parsed, so the helper works beside the
-# imports that come before the boot instead of after them, on the way to QEMU's start (take_early).
-_early: SandboxNamespace | None = None
-
-
-def start_early(mtu: int) -> None:
-    """Spawn the helper of the namespace the next sandbox of this process takes; one at a time."""
-    global _early
-    discard_early()
-    namespace = SandboxNamespace(mtu)
-    namespace.spawn_helper()
-    _early = namespace
-
-
-def take_early(mtu: int) -> SandboxNamespace:
-    """The namespace `start_early` began, if its MTU is this one (else it is discarded); or a new one."""
-    global _early
-    namespace, _early = _early, None
-    if namespace is not None and namespace.mtu == mtu:
-        return namespace
-    if namespace is not None:
-        namespace.close()
-    return SandboxNamespace(mtu)
-
-
-def discard_early() -> None:
-    """Release a namespace `start_early` began that no sandbox took (the command failed first)."""
-    global _early
-    namespace, _early = _early, None
-    if namespace is not None:
-        namespace.close()
+        try:
+            self.close()
+        finally:  # a failing close() still lets the TAP go
+            if tap is not None:
+                threading.Thread(target=os.close, args=(tap,), name="tap close").start()
 
 
 def namespace_alive(inode: int) -> bool:

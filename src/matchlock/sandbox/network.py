@@ -1,6 +1,6 @@
 """Wire a sandbox's network together: namespace, policy, proxy, and what the guest is told.
 
-The namespace helper is a process of its own (`run` starts it first thing, net/namespace.py
+The namespace helper is a process of its own (`run` starts it first thing, sandbox/early.py
 start_early) and QEMU needs its TAP, so `Sandbox.create` runs `create_namespace()`, then QEMU beside
 `start_proxy()`, whose imports go on a thread so the loop keeps serving QEMU; `start()` does both in turn.
 """
@@ -18,6 +18,7 @@ from ..policy.engine import NetworkPolicy
 from ..vm.machine import MachineNetwork
 from ..wire.agent import GuestNetwork
 from ..wire.boot import CA_PATH
+from .early import take_early
 
 if TYPE_CHECKING:
     from ..net.proxy import NetworkProxy
@@ -48,7 +49,7 @@ class SandboxNetwork:
     def __init__(self, config: NetworkConfig, emit: Callable[[NetworkEvent], None]) -> None:
         self.config = config
         self.policy = NetworkPolicy(config, emit, rules=_interception_rules(config))
-        self.namespace = ns.take_early(config.mtu)  # the one `run` began, if any
+        self.namespace = take_early(config.mtu)  # the one `run` began, if any
         self.proxy: NetworkProxy | None = None
 
     async def start(self) -> None:

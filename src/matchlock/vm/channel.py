@@ -36,7 +36,7 @@ from ..wire.mux import (
     StreamReset,
     WindowOpened,
 )
-from ..wire.replies import ConnectionReplies, Ready, Replies
+from ..wire.replies import ConnectionReplies, Exited, Ready, Replies
 
 T = TypeVar("T")
 
@@ -153,8 +153,9 @@ class GuestStream:
         event = await self.next_event()
         with self.channel.wire_errors:
             reply = replies.feed(event)
-        if trace.ENABLED and isinstance(event, MessageReceived):
-            trace.guest_stamps(event.message.get("stamps"))  # the first exit status carries the guest's
+        if trace.ENABLED and isinstance(reply, Exited):
+            # Only an exit status carries them (the first one): other replies cannot flood stderr.
+            trace.guest_stamps(event.message.get("stamps"))
         return reply
 
     async def send(self, channel: int, data: bytes) -> None:

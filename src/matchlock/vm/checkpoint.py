@@ -71,13 +71,25 @@ async def save_memory(machine: Machine, path: Path, ram: Path) -> bool:
     split = not shared and await _save_split(machine, path, ram)
     if not split:
         # Shared RAM, or a stream laid out otherwise than ramstream expects: saved (again), whole.
+        if not shared and await status(machine) == "postmigrate":
+            # QEMU refuses to migrate again after a completed migration ("paused due to previous
+            # migration") until `cont` takes its disks back; the guest is parked, so an instant of
+            # vCPU time changes nothing the disk copy after this would miss.
+            await resume(machine)
+            await pause(machine)
         partial = path.with_name(path.name + ".partial")
-        # QEMU writes the file itself (`fd:`): "completed" means written.
-        with open(partial, "wb") as stream:
-            await _migrate(machine, stream.fileno())
-        if shared:
-            copy_disk(_memfd(machine), ram)
-        partial.rename(path)
+        try:
+            # QEMU writes the file itself (`fd:`): "completed" means written.
+            with open(partial, "wb") as stream:
+                await _migrate(machine, stream.fileno())
+            if shared:
+                copy_disk(_memfd(machine), ram)
+            partial.rename(path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            if shared:
+                ram.unlink(missing_ok=True)
+            raise
     return shared or split
 
 
@@ -119,40 +131,49 @@ async def _migrate(machine: Machine, fd: int) -> None:
 async def _save_split(machine: Machine, path: Path, ram: Path) -> bool:
     """Migrate through a socket that a thread reads as QEMU writes, moving RAM to `ram` and the rest to
     `path` (vm/ramstream.py), so the split costs no time after the save. False, with neither file
-    written, when the stream is laid out otherwise (the caller then saves it again, whole)."""
+    written, when the stream is laid out otherwise (the caller then saves it again, whole); on any
+    failure neither file is left either."""
     from . import ramstream
 
     partial = path.with_name(path.name + ".split")
     ours, theirs = socket.socketpair()
+    saved = False
     try:
         with ours:
+            reading = asyncio.get_running_loop().run_in_executor(None, _split_from, ours, partial, ram)
             try:
-                reading = asyncio.get_running_loop().run_in_executor(None, _split_from, ours, partial, ram)
                 try:
                     await _migrate(machine, theirs.fileno())
                 finally:
                     theirs.close()  # QEMU has its copy: the reader sees the end when QEMU closes it
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    ours.shutdown(socket.SHUT_RDWR)  # the reader stops: no file is written once this returns
-                with contextlib.suppress(Exception):
-                    await reading
-                ram.unlink(missing_ok=True)
-                raise
-            try:
                 try:
                     await asyncio.wait_for(asyncio.shield(reading), READER_GRACE)
                 except TimeoutError:
                     # QEMU wrote it all ("completed") but still holds its end: end the stream here.
                     ours.shutdown(socket.SHUT_RD)
                     await reading
-            except ramstream.StreamFormatError:
-                ram.unlink(missing_ok=True)
-                return False
+            except BaseException as error:
+                # On every way out (a failed or cancelled save too) the reader has stopped before `ours`
+                # closes: a thread still reading it could write files after they were removed.
+                with contextlib.suppress(OSError):
+                    ours.shutdown(socket.SHUT_RDWR)
+                try:
+                    await reading
+                except VMError as cause:
+                    if isinstance(error, VMError) and cause is not error:  # QEMU failed as the reader stopped first
+                        raise cause from error
+                except ramstream.StreamFormatError:
+                    pass  # the stream cut short by the shutdown, or laid out otherwise (`error` itself)
+                raise
         partial.rename(path)
+        saved = True
         return True
+    except ramstream.StreamFormatError:
+        return False
     finally:
         partial.unlink(missing_ok=True)
+        if not saved:
+            ram.unlink(missing_ok=True)
 
 
 def _split_from(sock: socket.socket, device_state: Path, ram: Path) -> int:
@@ -160,9 +181,11 @@ def _split_from(sock: socket.socket, device_state: Path, ram: Path) -> int:
 
     try:
         return ramstream.split_fd(sock.fileno(), device_state, ram)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)  # QEMU must not wait for ever on a reader that stopped
+        if isinstance(error, OSError):
+            raise VMError(f"writing the saved memory to {device_state} and {ram} failed: {error}") from error
         raise
 
 

@@ -7,7 +7,7 @@ stream is split: the pages of the guest RAM block go to a sparse file (zero page
 the rest, the same bytes QEMU writes for shared RAM, to the device state. A clone then restores it
 like a snapshot of shared RAM: RAM mapped from the file, device state from the stream, and its
 pages shared with every other clone until written. The split reads the stream once, in order, so it
-runs on a socket while QEMU writes (vm/checkpoint.py) as well as on a saved file.
+runs on a socket while QEMU writes (vm/checkpoint.py).
 
 The stream is QEMU's own (never the guest's), but its format is parsed strictly: anything this
 module does not know (a flag, a section, a second RAM section) raises `StreamFormatError`, and the
@@ -113,16 +113,11 @@ def _find_ram_start(data: bytes) -> int:
     return found - 5
 
 
-def split(stream: Path, device_state: Path, ram: Path, block: bytes = RAM_SECTION) -> int:
-    """Write `stream` without the pages of RAM block `block` to `device_state`, and those pages to `ram`
-    (sparse, the block's size). Returns the bytes of page data moved."""
-    with open(stream, "rb") as f:
-        return split_fd(f.fileno(), device_state, ram, block)
-
-
 def split_fd(fd: int, device_state: Path, ram: Path, block: bytes = RAM_SECTION) -> int:
-    """`split` of the stream read from `fd` (a socket QEMU writes to, say) up to its end. On a
-    `StreamFormatError` the rest is still read, so that the writer can finish."""
+    """Write the stream read from `fd` (a socket QEMU writes to, or a saved file) up to its end without
+    the pages of RAM block `block` to `device_state`, and those pages to `ram` (sparse, the block's
+    size). Returns the bytes of page data moved. On a `StreamFormatError` the rest is still read, so
+    that the writer can finish."""
     source = _Input(fd)
     try:
         return _split(source, device_state, ram, block)
@@ -218,7 +213,7 @@ class _Splitter:
             if flags == FLAG_EOS:
                 source.pos = pos
                 return
-            if flags & ~(FLAG_ZERO | FLAG_PAGE | FLAG_CONTINUE) or (flags & FLAG_ZERO) == (flags & FLAG_PAGE):
+            if flags & ~(FLAG_ZERO | FLAG_PAGE | FLAG_CONTINUE) or bool(flags & FLAG_ZERO) == bool(flags & FLAG_PAGE):
                 raise StreamFormatError(f"page record flags {flags:#x} at byte {record}")
             if not flags & FLAG_CONTINUE:
                 length = data[pos] if pos < size else 0
@@ -299,7 +294,8 @@ class _Splitter:
         self.moved += len(payloads) * PAGE_SIZE
 
     def _write_page(self, page: bytes, offset: int) -> None:
-        os.pwrite(self.fd, page, offset)
+        if os.pwrite(self.fd, page, offset) != PAGE_SIZE:
+            raise OSError(errno.ENOSPC, f"short write of guest RAM at offset {offset}")
         self.written[offset // PAGE_SIZE] = 1
         self.moved += PAGE_SIZE
 
@@ -361,6 +357,14 @@ def _drop_cached_holes(ram_file: Path) -> None:
 def _page_out(pid: int, target: str) -> bool:
     if _swap_in_use():
         return False
+    pidfd = os.pidfd_open(pid)  # before the maps: a pid reused meanwhile cannot get another's ranges advised
+    try:
+        return _advise(pidfd, pid, target)
+    finally:
+        os.close(pidfd)
+
+
+def _advise(pidfd: int, pid: int, target: str) -> bool:
     ranges = []
     with open(f"/proc/{pid}/maps") as maps:
         for line in maps:
@@ -371,12 +375,8 @@ def _page_out(pid: int, target: str) -> bool:
     if not ranges:
         return False
     vector = (_IOVec * len(ranges))(*ranges)
-    pidfd = os.pidfd_open(pid)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(SYS_PROCESS_MADVISE, pidfd, vector, len(ranges), MADV_PAGEOUT, 0) >= 0
-    finally:
-        os.close(pidfd)
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.syscall(SYS_PROCESS_MADVISE, pidfd, vector, len(ranges), MADV_PAGEOUT, 0) >= 0)
 
 
 def _swap_in_use() -> bool:
