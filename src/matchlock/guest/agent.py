@@ -46,7 +46,6 @@ from ..wire.mux import (
 from ..wire.replies import Fatal, Ready, Result
 from . import checkpoint, disks, netconfig, syscalls, timing
 from .handlers import ExecHandler, PortForwardHandler, ReadFileHandler, StreamHandler, WriteFileHandler, list_files
-from .timing import stamp
 
 AGENT_VERSION = "1"
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -344,7 +343,7 @@ class Agent:
     # --- boot configuration from the host's HELLO --------------------------------
 
     def _configure(self, info: dict) -> None:
-        stamp("host HELLO received")
+        timing.stamp("host HELLO received")
         try:
             config = msgs.GuestConfig.parse(info)
             if config.vfs and self.start_vfs is not None:
@@ -366,19 +365,15 @@ class Agent:
             sys.exit(1)
         ready = Ready(_uptime_ms(), ca_bundle).to_wire()
         if info.get(DEBUG_TIMING_FLAG) is True:
-            stamp("configured")
+            timing.stamp("configured")
             ready["stamps"] = timing.take()
         else:
             timing.take(last=True)  # nobody reads them
         self.conn.send_message(0, ready)
 
 
-def uptime() -> float:
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
 def _uptime_ms() -> int:
-    return int(uptime() * 1000)
+    return int(timing.uptime() * 1000)
 
 
 def _write_etc(path: str, content: str) -> None:

@@ -88,12 +88,12 @@ def prepare_read_only_sys(staging: str) -> None:
     _remount_read_only([staging, *_mounts_under(staging)])
 
 
-def take_read_only_sys(staging: str) -> None:
+def take_read_only_sys() -> None:
     """Cover /sys with the read-only copy (call before /run/matchlock, which holds it, goes).
 
     A recursive bind, not a move: bind mounts keep the read-only flag of what they copy, and a new mount
     is listed last in the mount table, as the top one at its path should be."""
-    syscalls.mount(staging, "/sys", None, syscalls.MS_BIND | syscalls.MS_REC)
+    syscalls.mount(READ_ONLY_SYS, "/sys", None, syscalls.MS_BIND | syscalls.MS_REC)
 
 
 def restrict_kernel_files() -> None:

@@ -225,8 +225,9 @@ class MountTranslator:
             except struct.error:
                 return Action(error(unique, errno.EINVAL))
             return Action(out(unique, GETXATTR_OUT.pack(0, 0) if size == 0 else b""))
-        if op in (READDIR, READDIRPLUS, RELEASEDIR) and len(body) >= FH.size and FH.unpack_from(body)[0] & LOCAL_FH:
-            return self._local_dir(op, unique, body, uid, gid, pid)
+        if op in (READDIR, READDIRPLUS, RELEASEDIR) and len(body) >= FH.size:
+            if (fh := FH.unpack_from(body)[0]) & LOCAL_FH:
+                return self._local_dir(op, unique, fh, body, uid, gid, pid)
         if op == OPENDIR and (local := self.dirs.open(self._node(nodeid))) is not None:
             return Action(out(unique, OPEN_OUT.pack(*local, 0)))
         if op in (RELEASE, RELEASEDIR):
@@ -256,9 +257,8 @@ class MountTranslator:
         gen = self.cache.begin(changes) if changes else self.cache.stamp()
         return Action(None, args, Pending(unique, op, size, plus, key, source, node, gen, changes), uid, gid, pid)
 
-    def _local_dir(self, op: int, unique: int, body: memoryview, uid: int, gid: int, pid: int) -> Action:
-        """READDIR[PLUS] or RELEASEDIR on a handle opened here (fuse_dirs)."""
-        fh = FH.unpack_from(body)[0]
+    def _local_dir(self, op: int, unique: int, fh: int, body: memoryview, uid: int, gid: int, pid: int) -> Action:
+        """READDIR[PLUS] or RELEASEDIR on our handle `fh` (fuse_dirs)."""
         if op == RELEASEDIR:
             host = self.dirs.release(fh)
             return Action(out(unique), notices=() if host is None else (vfs.Releasedir(*host),))
@@ -275,8 +275,7 @@ class MountTranslator:
             args: vfs.Args = vfs.Readdir(node, host_fh, offset, size, plus)
         else:  # the first read that misses the kernel's cache: the host opens its handle for it
             args = vfs.OpendirRead(node, offset, size, plus)
-        pending = Pending(unique, op, size, plus, None, 0, node, 0, (), 0 if host_fh else fh)
-        return Action(None, args, pending, uid, gid, pid)
+        return Action(None, args, Pending(unique, op, size, plus, node=node, fh=0 if host_fh else fh), uid, gid, pid)
 
     def _changes(self, args: vfs.Args) -> tuple[int, ...]:
         """The nodes whose cached attributes `args` makes stale; names it removes are dropped here."""
@@ -539,9 +538,10 @@ class MountTranslator:
             sec, nsec = split_ns(result.attr_valid_ns)
             return [out(unique, ATTR_OUT.pack(sec, nsec, 0) + pack_attr(result.attr))], None
         if isinstance(result, vfs.Opened):
-            flags = result.flags & vfs.OPEN_FLAGS_ALL
             if op == OPENDIR:
                 flags = self.dirs.learned(pending.node, result.fh, result.flags)
+            else:
+                flags = result.flags & vfs.OPEN_FLAGS_ALL
             return [out(unique, OPEN_OUT.pack(result.fh, flags, 0))], None
         if isinstance(result, vfs.Created):
             body = pack_entry(result.entry) + OPEN_OUT.pack(result.fh, result.flags & vfs.OPEN_FLAGS_ALL, 0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 
 from ..wire import vfs
@@ -69,6 +68,9 @@ def _mount_overlay(info: vfs.Mount, lower: vfs.Mount) -> None:
             "or -v HOST:GUEST:host_fs"
         )
     layers = f"{UPPER_DISK}/{LAYERS}/{info.root}"
+    # Imported here: shutil (with zlib, bz2, lzma) is dear under emulation and every daemon imports this module.
+    import shutil
+
     # A disk booted before (a restarted sandbox) may hold an earlier run's writes: an overlay starts empty.
     shutil.rmtree(layers, ignore_errors=True)
     os.makedirs(f"{layers}/work", mode=0o700)

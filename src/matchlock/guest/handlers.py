@@ -20,7 +20,6 @@ from ..wire.mux import DATA_CHUNK, STDERR, STDIN, STDOUT
 from ..wire.replies import Exited, OpError, Result, Started
 from . import timing
 from .process import Spawned, set_window_size, spawn
-from .timing import stamp
 
 _ERROR_PIPE_LIMIT = 8192
 
@@ -70,7 +69,7 @@ class ExecHandler(StreamHandler):
     def __init__(self, agent, stream: int, request: msgs.ExecRequest) -> None:
         super().__init__(agent, stream)
         self.request = request
-        stamp("exec request")
+        timing.stamp("exec request")
         self.proc: Spawned = spawn(request, privileged=agent.privileged, hidden_devices=agent.hidden_devices)
         self.exit_code: int | None = None
         self.error = b""
@@ -79,7 +78,7 @@ class ExecHandler(StreamHandler):
         self.open_outputs: dict[int, int] = {STDOUT: self.proc.stdout}
         if self.proc.stderr is not None:
             self.open_outputs[STDERR] = self.proc.stderr
-        stamp("exec forked")
+        timing.stamp("exec forked")
         self.kill_timer = None
         self.started = False  # `started` waits for the exec itself: the user and directory are settled then
         agent.processes[self.proc.pid] = self
@@ -136,7 +135,7 @@ class ExecHandler(StreamHandler):
             os.close(self.proc.error_pipe)
             self.proc.error_pipe = -1
             if not self.error:
-                stamp("exec started")
+                timing.stamp("exec started")
                 self.started = True
                 self.conn.send_message(self.stream, Started(self.proc.pid).to_wire())
                 self._watch_outputs()
@@ -217,7 +216,7 @@ class ExecHandler(StreamHandler):
     # --- completion ---------------------------------------------------------
 
     def on_exit(self, code: int) -> None:
-        stamp("exit reaped")
+        timing.stamp("exit reaped")
         self.exit_code = code
         if self.kill_timer is not None:
             self.kill_timer.cancel()
@@ -230,11 +229,12 @@ class ExecHandler(StreamHandler):
             self.agent.unwatch_write(self.proc.stdin)
             os.close(self.proc.stdin)
             self.proc.stdin = None
-        if self.started and timing.stamps is not None:
-            stamp("exit sent")
-            self.finish_wire({**Exited(self.exit_code).to_wire(), "stamps": timing.take(last=True)})
-        elif self.started:
-            self.finish(Exited(self.exit_code))
+        if self.started:
+            reply = Exited(self.exit_code).to_wire()
+            if timing.stamps is not None:  # the first exit status since a HELLO that asked for them
+                timing.stamp("exit sent")
+                reply["stamps"] = timing.take(last=True)
+            self.finish_wire(reply)
         else:
             self.fail(self.error.decode("utf-8", "replace"))  # the reason the child reported
 

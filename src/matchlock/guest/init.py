@@ -46,7 +46,7 @@ from ..wire.boot import (
     WAKE_SIZE,
 )
 from . import agent, confine, syscalls, timing
-from .agent import Agent, uptime
+from .agent import Agent
 from .confine import DEV_STAGING
 
 RUNTIME_MOUNT = "/run/matchlock/rt"
@@ -224,7 +224,7 @@ def mount_system() -> None:
 
 
 def main() -> None:
-    started = uptime()
+    started = timing.uptime()
     os.environ.clear()
     os.environ.update({"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "linux"})
     try:
@@ -240,7 +240,7 @@ def main() -> None:
                 from . import fuse_daemon  # noqa: F401
 
                 wait_for_wake(fd)
-                started = uptime()
+                started = timing.uptime()
                 timing.stamp("woken")
         guest.boot_started = started
         os.set_blocking(fd, False)

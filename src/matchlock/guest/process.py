@@ -184,7 +184,7 @@ def _namespace_init(request: ExecRequest, child_fds, error_w: int, privileged: b
                 pass
     else:
         confine.build_dev()  # assembled under /run/matchlock, so before that goes
-        confine.take_read_only_sys(confine.READ_ONLY_SYS)
+        confine.take_read_only_sys()
     for path in HIDDEN_MOUNTS:
         try:
             syscalls.umount(path, syscalls.MNT_DETACH)

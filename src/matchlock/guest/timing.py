@@ -13,9 +13,14 @@ import time
 stamps: list[tuple[str, float]] | None = []
 
 
+def uptime() -> float:
+    """Seconds since the kernel started: the clock of the times in HELLO, `ready` and the stamps."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def stamp(label: str) -> None:
     if stamps is not None:
-        stamps.append((label, round(time.clock_gettime(time.CLOCK_BOOTTIME) * 1000, 1)))
+        stamps.append((label, round(uptime() * 1000, 1)))
 
 
 def take(last: bool = False) -> list[tuple[str, float]]:

@@ -26,11 +26,10 @@ def start_early(mtu: int) -> None:
 def take_early(mtu: int) -> SandboxNamespace:
     """The namespace `start_early` began, if its MTU is this one (else it is discarded); or a new one."""
     global _early
-    namespace, _early = _early, None
-    if namespace is not None and namespace.mtu == mtu:
+    if _early is not None and _early.mtu == mtu:
+        namespace, _early = _early, None
         return namespace
-    if namespace is not None:
-        namespace.close()
+    discard_early()
     return SandboxNamespace(mtu)
 
 

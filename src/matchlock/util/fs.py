@@ -56,12 +56,32 @@ def staging_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files under `root` ending in one of `suffixes`, sorted; bytecode caches are not even listed."""
+    found = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [name for name in subdirs if name != "__pycache__"]
+        found += [path for name in names if (path := Path(directory, name)).suffix in suffixes and path.is_file()]
+    return sorted(found)
+
+
 def directory_digest_input(root: Path, suffixes: tuple[str, ...] = (".py",)) -> bytes:
     """Stable bytes describing the files under `root` (paths and contents), for cache keys."""
     parts = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes):
+    for path in _files(root, suffixes):
         parts.append(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return b"".join(parts)
+
+
+def directory_stat_input(root: Path, suffixes: tuple[str, ...] = (".py",)) -> tuple[bytes, int]:
+    """The files `directory_digest_input` reads, described by their stat alone (no file is read), and the
+    newest change time among them (ns). A file's content cannot change without its ctime changing."""
+    parts, newest = [], 0
+    for path in _files(root, suffixes):
+        st = path.stat()
+        parts.append(f"{path}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\0".encode())
+        newest = max(newest, st.st_ctime_ns)
+    return b"".join(parts), newest
 
 
 def memfd_holding(name: str, data: bytes) -> int:

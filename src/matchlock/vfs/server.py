@@ -60,10 +60,7 @@ def _inline(fn: object, args: tuple) -> bool:
 class _Executor(ThreadPoolExecutor):
     """The server's own pool (one sandbox's flood cannot take another's threads); see `_inline`."""
 
-    @staticmethod
-    def runs_here(fn: object, args: tuple) -> bool:
-        """The router calls these itself, on the event loop, instead of submitting them."""
-        return _inline(fn, args)
+    runs_here = staticmethod(_inline)  # the router makes these calls itself, on the event loop
 
 
 A = TypeVar("A", bound=wire.Args)

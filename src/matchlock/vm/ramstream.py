@@ -93,7 +93,7 @@ class _Input:
         return int(struct.unpack(">I", self.take(4))[0])
 
     def be64(self) -> int:
-        return int(struct.unpack(">Q", self.take(8))[0])
+        return int(unpack_be64(self.take(8))[0])
 
     def name(self) -> bytes:
         return self.take(self.u8())

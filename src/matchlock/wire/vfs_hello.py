@@ -35,13 +35,12 @@ def decode_hello(payload: bytes) -> Hello:
 
 
 def encode_hello_reply(result: HelloReply) -> bytes:
-    mounts: list[dict] = [
+    mounts = [
         {"path": m.path, "root": m.root, "readonly": m.readonly, "negative_valid_ns": m.negative_valid_ns}
+        # only when set, so an older guest's HELLO reply looks as before
+        | ({"guest_overlay": True} if m.guest_overlay else {})
         for m in result.mounts
     ]
-    for record, m in zip(mounts, result.mounts):
-        if m.guest_overlay:  # only when set, so an older guest's HELLO reply looks as before
-            record["guest_overlay"] = True
     hello = {"version": result.version, "max_io": result.max_io, "mounts": mounts}
     if result.stats:
         hello["stats"] = True
