@@ -3,9 +3,13 @@
 Interleaved, per round:
 1. `python -c pass`: the interpreter's own start, below which no Python CLI can go;
 2. raw QEMU restoring the same boot template (same argv, template files, RAM and a TAP), from the
-   spawn to the restored guest running: the floor of any template start under TCG;
+   spawn to the restored guest running, and on to the guest's first byte once woken (its HELLO):
+   the floor of any template start under TCG;
 3. `matchlock run -- true`, with MATCHLOCK_DEBUG_TIMING set to the spawn instant, so its
-   per-phase timeline (src/matchlock/util/trace.py) starts when the interpreter does.
+   per-phase timeline (src/matchlock/util/trace.py) starts when the interpreter does, with the guest's
+   own stamps (`guest: ...`, ms since its previous stamp).
+Then, once, the floor of the exec itself: `true` in an already-running sandbox, in process (the first
+exec, one after an idle second, and back-to-back ones).
 
 Prints medians, the ratios, and the median of every phase of the timeline.
 Usage: .venv/bin/python benchmarks/bench_run_latency.py [--runs N]   (hold /tmp/matchlock-vm.lock)
@@ -27,13 +31,16 @@ import time
 from pathlib import Path
 
 from benchstate import private_state_dir
+from timing import median_ms, timed_async
 
 import matchlock
+from matchlock.api.config import SandboxConfig
 from matchlock.api.image import DEFAULT_IMAGE
 from matchlock.image.runtime import ensure_runtime_disk
 from matchlock.image.store import ImageStore
 from matchlock.kernel import resolve
 from matchlock.net.namespace import GUEST_MAC, SandboxNamespace
+from matchlock.sandbox.sandbox import ExecSpec, Sandbox
 from matchlock.sandbox.upper import make_upper_disk
 from matchlock.util.trace import ENV as TIMING_ENV
 from matchlock.vm import checkpoint, snapshot
@@ -43,6 +50,7 @@ from matchlock.wire import boot
 
 MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
 _MARK = re.compile(r"^\[timing\]\s+([\d.]+) ms \(\+\s*([\d.]+)\) (.+)$")
+_GUEST_MARK = re.compile(r"^\[timing\]\s+guest\s+[\d.]+ ms \(\+\s*([\d.]+)\) (.+)$")
 
 
 def python_pass_seconds() -> float:
@@ -63,6 +71,7 @@ def run_true() -> tuple[float, list[tuple[str, float]]]:
         raise RuntimeError(f"matchlock run failed ({proc.returncode}): {proc.stderr[-800:]}")
     phases = [(m[3], float(m[2])) for line in proc.stderr.splitlines() if (m := _MARK.match(line))]
     phases.append(("process exit", elapsed * 1000 - (float(_last_total(proc.stderr)) if phases else 0.0)))
+    phases += [("guest: " + m[2], float(m[1])) for line in proc.stderr.splitlines() if (m := _GUEST_MARK.match(line))]
     return elapsed, phases
 
 
@@ -89,8 +98,8 @@ def _spec(work: Path, tap_fd: int) -> MachineSpec:
     )  # fmt: skip
 
 
-async def raw_restore_seconds(work: Path) -> float:
-    """Spawn QEMU on the template and wait until the restored guest runs."""
+async def raw_restore_seconds(work: Path) -> tuple[float, float]:
+    """Spawn QEMU on the template; seconds until the restored guest runs, and until its first byte once woken."""
     namespace = SandboxNamespace(1500)
     namespace.create()
     try:
@@ -102,12 +111,32 @@ async def raw_restore_seconds(work: Path) -> float:
         machine = Machine(checkpoint.template_restore(waking, state))
         try:
             await machine.start()  # returns once QEMU reports the guest running
-            elapsed = time.perf_counter() - started
+            running = time.perf_counter() - started
+            await machine.wake(os.urandom(boot.WAKE_SIZE))
+            assert machine.agent_socket is not None
+            if not await asyncio.get_running_loop().sock_recv(machine.agent_socket, 1):
+                raise RuntimeError("the restored guest closed its port before its HELLO")
+            first_byte = time.perf_counter() - started
         finally:
             await machine.kill()
-        return elapsed
+        return running, first_byte
     finally:
         await namespace.aclose()
+
+
+async def exec_floor(runs: int) -> tuple[float, list[float], list[float]]:
+    """Seconds of `true` in one running sandbox, in process: its first exec, execs after an idle second
+    (the guest forks the next namespace init when idle), and back-to-back execs."""
+    box = await Sandbox.create(SandboxConfig(image=DEFAULT_IMAGE))
+    try:
+        first = (await timed_async(1, lambda: box.exec(ExecSpec("true"))))[0]
+        idle = []
+        for _ in range(runs):
+            await asyncio.sleep(1.0)
+            idle += await timed_async(1, lambda: box.exec(ExecSpec("true")))
+        return first, idle, await timed_async(runs, lambda: box.exec(ExecSpec("true")))
+    finally:
+        await box.aclose()
 
 
 def main() -> None:
@@ -121,19 +150,27 @@ def main() -> None:
     with private_state_dir(), tempfile.TemporaryDirectory(prefix="matchlock-bench-") as tmp:
         work = Path(tmp)
         run_true()  # builds the template and warms the caches; not counted
-        interpreter, raw, ours, timelines = [], [], [], []
+        interpreter, raw, first_bytes, ours, timelines = [], [], [], [], []
         for _ in range(runs):
             interpreter.append(python_pass_seconds())
-            raw.append(asyncio.run(raw_restore_seconds(work)))
+            running, first_byte = asyncio.run(raw_restore_seconds(work))
+            raw.append(running)
+            first_bytes.append(first_byte)
             elapsed, phases = run_true()
             ours.append(elapsed)
             timelines.append(phases)
-    floor, qemu, total = (statistics.median(x) for x in (interpreter, raw, ours))
+        first_exec, idle_execs, busy_execs = asyncio.run(exec_floor(runs))
+    floor, qemu, hello, total = (statistics.median(x) for x in (interpreter, raw, first_bytes, ours))
     print(f"run -- true from a boot template (median of {runs}, interleaved; target <= 0.6 s)")
     print(f"  python -c pass                          : {floor * 1000:7.1f} ms")
     print(f"  raw QEMU restore of the template        : {qemu * 1000:7.1f} ms")
+    print(f"  raw restore to the guest's first byte   : {hello * 1000:7.1f} ms")
     print(f"  matchlock run -- true                   : {total * 1000:7.1f} ms  {[round(x, 3) for x in ours]}")
-    print(f"  = {total / qemu:.2f}x raw restore, {total / (qemu + floor):.2f}x (raw restore + interpreter)")
+    print(f"  = {total / qemu:.2f}x raw restore, {total / (hello + floor):.2f}x (first byte + interpreter)")
+    print("exec `true` in a running sandbox, in process (the floor of the exec):")
+    print(f"  first exec                              : {first_exec * 1000:7.1f} ms")
+    print(f"  after an idle second (median)           : {median_ms(idle_execs):7.1f} ms")
+    print(f"  back to back (median)                   : {median_ms(busy_execs):7.1f} ms")
     print("per phase (median ms since the previous mark; marks in the order of the first run):")
     for label, _ in timelines[0]:
         values = [dict(t).get(label) for t in timelines]

@@ -42,6 +42,7 @@ class FakeGuest:
         self.reader, self.writer = await asyncio.open_connection(sock=sock)
 
     async def send_raw(self, data: bytes) -> None:
+        assert self.writer is not None, "attach() first"
         self.writer.write(data)
         await self.writer.drain()
 
@@ -55,6 +56,7 @@ class FakeGuest:
         await self.send_raw(self.conn.data_to_send())
 
     async def _fill(self) -> None:
+        assert self.reader is not None, "attach() first"
         data = await self.reader.read(1 << 20)
         if not data:
             raise EOFError("the host closed the channel")

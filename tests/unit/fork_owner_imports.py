@@ -67,7 +67,7 @@ def main() -> None:
             module.OWNER_MODULES = tuple(m for m in module.OWNER_MODULES if m != drop)
             module.preload.__defaults__ = (module.OWNER_MODULES,)
 
-        def start(args, count):
+        def start(args, count, caller_fds=()):
             seen["args"], seen["preloaded"] = args, set(sys.modules)
             raise Reached
 

@@ -3,6 +3,7 @@ readiness and errors, the secret file read once, and `fork`'s refusals and outpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -42,6 +43,36 @@ def test_each_owner_reports_its_id_and_gets_the_arguments_in_memory(monkeypatch)
     assert [owner.vm_id for owner in owners] == [f"vm-{owner.pid:08x}" for owner in owners]
     for owner in owners:
         os.waitpid(owner.pid, 0)
+
+
+def test_an_owner_holds_none_of_the_descriptors_its_caller_left_open(monkeypatch):
+    # A `flock LOCK matchlock fork ...` caller: a long-lived owner holding the lock's descriptor kept
+    # the lock for the clone's whole life.
+    held_r, held_w = os.pipe()
+    os.set_inheritable(held_w, True)
+    try:
+        caller_fds = launcher.caller_descriptors()
+        assert held_w in caller_fds and held_r in caller_fds
+
+        def behaviour(argv: list[str]) -> None:
+            for fd in (held_r, held_w):
+                try:
+                    os.fstat(fd)
+                except OSError:
+                    continue
+                raise SystemExit(f"descriptor {fd} of the caller is still open in the owner")
+            _ready("vm-00000001")
+
+        _fake_owner(monkeypatch, behaviour)
+        [owner] = launcher.wait(launcher.start(["run", "x"], 1, caller_fds))
+        assert (owner.error, owner.vm_id) == ("", "vm-00000001")
+        os.waitpid(owner.pid, 0)
+        os.close(held_w)
+        assert os.read(held_r, 1) == b""  # no process holds the write end any more
+    finally:
+        for fd in (held_r, held_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def test_an_owner_that_fails_before_it_is_ready_reports_its_error_and_code(monkeypatch):
@@ -108,7 +139,7 @@ def test_fork_prints_the_ids_one_per_line_or_as_json_and_removes_its_snapshot(mo
     monkeypatch.setattr(snapshot_cli, "_remove_snapshot", removed.append)
     monkeypatch.setattr(snapshot_cli, "_has_network", lambda name: len(made) == 1)
 
-    def start(args: list[str], count: int) -> list[launcher.Owner]:
+    def start(args: list[str], count: int, caller_fds: tuple[int, ...] = ()) -> list[launcher.Owner]:
         assert args[:4] == ["run", "--from-snapshot", made[-1], "-d"]
         assert ("--no-network" in args) == (len(made) == 2)  # a full restore needs the source's devices
         return [launcher.Owner(0, -1, -1, vm_id=f"vm-0000000{i}") for i in range(count)]
@@ -130,7 +161,7 @@ def test_fork_reports_the_clones_that_failed_and_still_prints_the_others(monkeyp
     monkeypatch.setattr(snapshot_cli, "_remove_snapshot", lambda name: None)
     monkeypatch.setattr(snapshot_cli, "_has_network", lambda name: True)
     owners = [launcher.Owner(0, -1, -1, vm_id="vm-00000001"), launcher.Owner(0, -1, -1, error="Error: no room")]
-    monkeypatch.setattr(launcher, "start", lambda args, count: owners)
+    monkeypatch.setattr(launcher, "start", lambda args, count, caller_fds=(): owners)
     monkeypatch.setattr(launcher, "wait", lambda found: found)
     result = CliRunner().invoke(snapshot_cli.fork, ["vm-src", "-n", "2", "--json"])
     assert result.exit_code != 0

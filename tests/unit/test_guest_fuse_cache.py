@@ -28,7 +28,8 @@ class Clock:
         return self.now
 
 
-def translator(clock: Clock, features: int = vfs.FEATURES_ALL) -> fuse.MountTranslator:
+def translator(clock: Clock, features: int = vfs.FEATURES_ALL & ~vfs.FEATURE_LOOKUP_DIR) -> fuse.MountTranslator:
+    # LOOKUP_DIR (a directory's listing for a LOOKUP): tests/unit/test_fuse_prefetch.py
     return fuse.MountTranslator(ROOT, negative_valid_ns=SECOND, clock=clock, features=features)
 
 

@@ -16,7 +16,7 @@ from matchlock.util import trace
 from matchlock.wire import boot
 from matchlock.wire.agent import ExecRequest, GuestNetwork
 from matchlock.wire.mux import HelloReceived
-from matchlock.wire.replies import Ready
+from matchlock.wire.replies import Exited, Ready
 
 USUAL = (boot.GUEST_INTERFACE, boot.GUEST_ADDRESS, boot.GUEST_PREFIX_LENGTH, boot.GUEST_GATEWAY, boot.GUEST_MTU)
 
@@ -144,7 +144,7 @@ def test_stamps_are_taken_until_the_last_take(monkeypatch: pytest.MonkeyPatch) -
 
 def test_the_host_prints_the_guest_timeline_only_when_well_formed(monkeypatch, capsys) -> None:
     monkeypatch.setattr(trace, "ENABLED", True)
-    trace.guest_stamps([["woken", 100.0], ["configured", 112.5]])
+    trace.guest_stamps(Exited.parse({"code": 0, "stamps": [["woken", 100], ["configured", 112.5]]}).stamps)
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
         "[timing]   guest      0.0 ms (+   0.0) woken",
@@ -153,9 +153,10 @@ def test_the_host_prints_the_guest_timeline_only_when_well_formed(monkeypatch, c
     huge = [["a", 10**400]], [["a", float("inf")]], [["a", float("nan")]], [["a", -1]]  # float() would overflow
     labels = [["\x1b[2J", 1]], [["\u202eb", 1]], [["", 1]], [["a" * 41, 1]]
     for hostile in (*huge, *labels, [["a", True]], [["a", 1, 2]], "stamps", [["a", 1]] * 65, []):
-        trace.guest_stamps(hostile)
-        assert capsys.readouterr().err == "[timing]   guest: malformed timing stamps\n"
-    trace.guest_stamps(None)  # a guest that was not asked
+        for record in (Exited, Ready):  # a malformed reply breaks the stream, as any field of the wrong type
+            with pytest.raises(ValueError, match="'stamps'"):
+                record.parse({"code": 0, "boot_ms": 1, "stamps": hostile})
+    trace.guest_stamps(Ready.parse({"boot_ms": 1}).stamps)  # a guest that was not asked
     assert capsys.readouterr().err == ""
 
 

@@ -42,6 +42,7 @@ REQUESTS = [
     vfs.Releasedir(node=2, fh=4),
     vfs.Statfs(node=2),
     vfs.OpendirRead(node=2, offset=0, size=4096, plus=1),
+    vfs.LookupDir(parent=2, name=b"src"),
 ]
 
 

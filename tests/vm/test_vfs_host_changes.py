@@ -4,10 +4,16 @@ The guest caches everything first (names, attributes, pages, a listing and a mis
 host then creates, modifies, renames and deletes, and the guest polls (a bounded number of tries)
 until it sees each change. The mounts are cached for `notify.LONG` throughout, far longer than
 the polls run, so only the host's notices can make the guest see them.
+
+Where a test counts requests or notices, it first waits (bounded) until the host has told every
+change it made (`Notifier.settled`), and a LOOKUP of a name never seen (`SYNC`) then comes back
+behind those notices, so the guest has read them: no late notice can land inside the count.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 
 import pytest
@@ -19,6 +25,7 @@ pytestmark = [pytest.mark.vm]
 
 # 50 tries 0.1 s apart, inside one exec: a change is normally seen on the first try.
 SEEN = "for i in $(seq 50); do {test} && exit 0; sleep 0.1; done; echo never: {test}; exit 1"
+_SYNCS = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +36,8 @@ def host_dirs(tmp_path_factory):
     (root / "rw" / "old.txt").write_text("old\n")
     (root / "rw" / "gone.txt").write_text("bye\n")
     (root / "rw" / "dir" / "inner").mkdir(parents=True)
+    (root / "rw" / "listed").mkdir()  # made before the watch: no notice about it can come late
+    (root / "rw" / "listed" / "a").write_text("a\n")
     (root / "ro").mkdir()
     (root / "ro" / "conf").write_text("a = 1\n")
     (root / "single.conf").write_text("single-1\n")
@@ -62,6 +71,21 @@ def _notifier(box) -> notify.Notifier:
     return box.vfs.router.notifier
 
 
+def settle(box, loop_thread) -> None:
+    """Until every host change so far is told to the guest (or explained as its own)."""
+
+    async def settled() -> None:
+        async with asyncio.timeout(60):
+            await _notifier(box).settled()
+
+    loop_thread.run(settled())
+
+
+def sync(directory: str) -> str:
+    """A command whose LOOKUP reaches the host, so its reply comes after every notice already sent."""
+    return f"[ -e {directory}/.sync-{next(_SYNCS)} ] || true"
+
+
 def test_every_mount_is_watched_and_cached_long(box):
     providers = [m.provider for m in box.vfs.router.mounts]
     assert [p.cache_seconds for p in providers] == [notify.LONG] * 3
@@ -73,7 +97,7 @@ def test_the_guest_sees_host_creates_modifies_renames_and_deletes(box, loop_thre
     cached = sh(
         box, loop_thread, "cat /work/sub/keep.txt; ls /work; ls /work/dir; [ ! -e /work/new.txt ] && echo absent"
     )
-    assert cached.split() == ["version-1", "dir", "gone.txt", "old.txt", "sub", "inner", "absent"]
+    assert cached.split() == ["version-1", "dir", "gone.txt", "listed", "old.txt", "sub", "inner", "absent"]
     sent = _notifier(box).sent
 
     (host / "new.txt").write_text("fresh\n")  # a name the guest looked up and found missing
@@ -111,19 +135,19 @@ def test_read_only_and_single_file_mounts_see_host_changes(box, loop_thread, hos
 
 
 def test_the_guests_own_writes_cost_no_notices(box, loop_thread):
+    settle(box, loop_thread)  # the earlier tests' host changes are not counted here
     sent = _notifier(box).sent
     out = sh(box, loop_thread, "cd /work && mkdir own && for i in 1 2 3 4 5 6 7 8; do echo $i > own/f$i; done; "
              "mv own/f1 own/g1 && rm own/f2 && chmod 600 own/f3 && cat own/f8 && ls own | wc -l")  # fmt: skip
     assert out.split() == ["8", "7"]
+    settle(box, loop_thread)  # and every event of the guest's own ops is counted
     assert _notifier(box).sent - sent < 8  # unsuppressed, each file costs three (an op racing its own event: one)
 
 
 def test_directories_opened_in_the_guest_still_see_host_changes(box, loop_thread, host_dirs):
     host = host_dirs / "rw" / "listed"
-    host.mkdir()
-    (host / "a").write_text("a\n")
     ops = box.vfs.server.op_counts
-    sh(box, loop_thread, SEEN.format(test="ls /work/listed | grep -qx a"))  # the host's OPENDIR gives leave
+    assert sh(box, loop_thread, "ls /work/listed").split() == ["a"]  # the host's OPENDIR gives leave
     opened = (ops["OPENDIR"], ops["RELEASEDIR"])
     assert sh(box, loop_thread, "ls /work/listed; ls /work/listed").split() == ["a", "a"]
     assert (ops["OPENDIR"], ops["RELEASEDIR"]) == opened  # opened in the guest, listed from the kernel's cache
@@ -132,8 +156,10 @@ def test_directories_opened_in_the_guest_still_see_host_changes(box, loop_thread
     sh(box, loop_thread, SEEN.format(test='[ "$(ls /work/listed | tr "\\n" " ")" = "a b " ]'))
 
     # The guest's own change drops the kernel's cached listing but not the leave: the next listing is
-    # read through a handle the guest opened, the host's opened with that first read.
-    sh(box, loop_thread, "ls /work/listed > /dev/null")
+    # read through a handle the guest opened, the host's opened with that first read. (Every notice
+    # about b has reached the guest before the leave is taken again.)
+    settle(box, loop_thread)
+    sh(box, loop_thread, f"{sync('/work/listed')}; ls /work/listed > /dev/null")
     reads = ops["OPENDIR_READ"]
     assert sh(box, loop_thread, "touch /work/listed/c && ls /work/listed").split() == ["a", "b", "c"]
     assert ops["OPENDIR_READ"] > reads

@@ -105,6 +105,19 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
+def caller_descriptors() -> tuple[int, ...]:
+    """The descriptors above stderr open now: call it first thing, when they can only be the caller's."""
+    listed = [int(name) for name in os.listdir("/proc/self/fd") if int(name) > 2]
+    open_now = []
+    for fd in listed:  # the listing's own descriptor is in `listed` but closed by now
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        open_now.append(fd)
+    return tuple(open_now)
+
+
 def _owner_process(args: list[str], ready_w: int, errors_w: int, inherited: list[int]) -> NoReturn:
     """The child: a session of its own, no terminal, errors to the parent until ready; then `run`."""
     code = 1
@@ -112,7 +125,11 @@ def _owner_process(args: list[str], ready_w: int, errors_w: int, inherited: list
         gc.enable()  # the inherited objects are frozen: its passes see only the owner's own
         os.setsid()  # Ctrl-C at the `fork` command is not for the clones
         for fd in inherited:
-            os.close(fd)  # the other owners' pipes: their parent alone must hold them
+            # The other owners' pipes (their parent alone must hold them) and whatever the caller of
+            # `fork` left open: a long-lived owner holding, say, a lock or a pipe's write end would
+            # keep it from the caller for the clone's whole life.
+            with contextlib.suppress(OSError):
+                os.close(fd)
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
@@ -141,8 +158,10 @@ def _owner_process(args: list[str], ready_w: int, errors_w: int, inherited: list
         os._exit(code)
 
 
-def start(args: list[str], count: int) -> list[Owner]:
-    """Fork `count` owners of `matchlock <args>` (a `run -d`); call with no other thread running."""
+def start(args: list[str], count: int, caller_fds: tuple[int, ...] = ()) -> list[Owner]:
+    """Fork `count` owners of `matchlock <args>` (a `run -d`); call with no other thread running.
+
+    `caller_fds` (from `caller_descriptors`) are closed in each owner."""
     sys.stdout.flush()
     sys.stderr.flush()
     owners: list[Owner] = []
@@ -152,6 +171,7 @@ def start(args: list[str], count: int) -> list[Owner]:
             ready_r, ready_w = os.pipe()
             errors_r, errors_w = os.pipe()
             inherited = [fd for owner in owners for fd in (owner.ready, owner.errors)] + [ready_r, errors_r]
+            inherited += caller_fds
             pid = os.fork()
             if pid == 0:
                 _owner_process(args, ready_w, errors_w, inherited)

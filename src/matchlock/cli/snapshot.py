@@ -114,6 +114,7 @@ def fork(vm_id: str, count: int, secret: tuple[str, ...], secret_file: str | Non
     from ..sandbox.relay_client import control
     from . import launcher
 
+    caller_fds = launcher.caller_descriptors()  # before this process opens anything of its own
     if not 1 <= count <= MAX_FORKS:
         raise UsageError(f"invalid -n {count}: fork makes 1 to {MAX_FORKS} clones at a time")
     copy = launcher.SecretCopy(secret_file) if secret_file else None
@@ -128,7 +129,7 @@ def fork(vm_id: str, count: int, secret: tuple[str, ...], secret_file: str | Non
             args = ["run", "--from-snapshot", name, "-d", *_secret_args(secret, copy.path if copy else None)]
             if not _has_network(name):
                 args.append("--no-network")  # a full restore needs the source's devices
-            owners = launcher.wait(launcher.start(args, count))
+            owners = launcher.wait(launcher.start(args, count, caller_fds))
         finally:
             _remove_snapshot(name)  # each clone has its own upper disk; QEMU keeps the other files open
     finally:

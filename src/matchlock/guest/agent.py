@@ -23,7 +23,6 @@ import time
 from ..wire import agent as msgs
 from ..wire.boot import (
     CA_PATH,
-    DEBUG_TIMING_FLAG,
     GUEST_ADDRESS,
     GUEST_GATEWAY,
     GUEST_INTERFACE,
@@ -363,13 +362,13 @@ class Agent:
             self.conn.send_message(0, Fatal(message).to_wire())
             self.flush_blocking()
             sys.exit(1)
-        ready = Ready(_uptime_ms(), ca_bundle).to_wire()
-        if info.get(DEBUG_TIMING_FLAG) is True:
+        stamps = None
+        if config.debug_timing:
             timing.stamp("configured")
-            ready["stamps"] = timing.take()
+            stamps = tuple(timing.take())
         else:
             timing.take(last=True)  # nobody reads them
-        self.conn.send_message(0, ready)
+        self.conn.send_message(0, Ready(_uptime_ms(), ca_bundle, stamps).to_wire())
 
 
 def _uptime_ms() -> int:

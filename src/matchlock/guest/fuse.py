@@ -18,6 +18,7 @@ import time
 
 from ..wire import vfs
 from ..wire.frames import RemoteProtocolError
+from . import fuse_prefetch
 from .fuse_actions import Action, Pending
 from .fuse_cache import MetaCache
 from .fuse_dirs import DIRENT, FH, LOCAL_FH, GuestDirs, dirents  # noqa: F401 - DIRENT: the tests use fuse.DIRENT
@@ -310,14 +311,19 @@ class MountTranslator:
                 if left > 0:
                     return Action(out(unique, pack_entry(None, left)))
                 del self._absent[key]
+        # Lookups held for listings whose entries left the cache go back with the next LOOKUP (fuse_prefetch).
+        forgets = () if not self.cache.owing or (held := self.cache.take_forget()) is None else (held,)
         hit = self.cache.lookup(parent, name)
         if hit is not None:
-            return Action(out(unique, hit))
+            return Action(out(unique, hit), notices=forgets)
         if self.negative_valid_ns and (left := self.cache.absent(parent, name)):
-            return Action(out(unique, pack_entry(None, min(left, self.negative_valid_ns))))
+            return Action(out(unique, pack_entry(None, min(left, self.negative_valid_ns))), notices=forgets)
         payload = _WIRE_LOOKUP.pack(parent, len(name)) + name
-        pending = Pending(unique, LOOKUP, 0, 0, key, 0, 0, self.cache.stamp())
-        return Action(None, None, pending, uid, gid, pid, (), (vfs.Op.LOOKUP, payload))
+        # LOOKUP_DIR has the same fields; plus=1 marks its reply for `complete` (fuse_prefetch).
+        plus = self.features & vfs.FEATURE_LOOKUP_DIR and self.negative_valid_ns and self.cache.want_listing(parent)
+        pending = Pending(unique, LOOKUP, 0, int(bool(plus)), key, 0, 0, self.cache.stamp())
+        wire = (vfs.Op.LOOKUP_DIR if plus else vfs.Op.LOOKUP, payload)
+        return Action(None, None, pending, uid, gid, pid, forgets, wire)
 
     # `tar x` sends CREATE, WRITE and three SETATTRs per file: straight to wire bytes, as LOOKUP.
 
@@ -488,6 +494,8 @@ class MountTranslator:
     ) -> tuple[list[bytes], vfs.Forget | vfs.Releasedir | None]:
         """The /dev/fuse reply (as buffers for one writev), and lookups or a handle to give back to the host."""
         unique, op = pending.unique, pending.op
+        if op == LOOKUP and pending.plus:  # sent as LOOKUP_DIR
+            return fuse_prefetch.listed(self, pending, status, payload)
         alone = self.cache.end(pending.changes, pending.gen) if pending.changes else False
         if status < 0:
             if status == -errno.ENOENT and op == LOOKUP and self.negative_valid_ns:
@@ -519,7 +527,7 @@ class MountTranslator:
         if pending.fh:
             opened = vfs.decode_result(vfs.Op.OPENDIR_READ, payload)
             assert isinstance(opened, vfs.DirOpened)
-            self.dirs.learned(pending.node, opened.fh, opened.flags)
+            self.dirs.learned(pending.node, opened.fh, opened.flags, pending.fh)
             body, forget = dirents(unique, pending.size, pending.plus, opened.entries)
             if not self.dirs.opened(pending.fh, opened.fh):  # closed meanwhile (an interrupted read)
                 return [body], vfs.Releasedir(pending.node, opened.fh)

@@ -17,18 +17,29 @@ have released is never handed out again from here.
 A directory this guest made is empty, and every name that appears in it afterwards is made through
 this daemon: for as long as the mount lets the guest cache an ENOENT, a LOOKUP of any other name in
 it is answered ENOENT here (`tar x` unlinks each name before it creates it).
+
+A directory's listing (LOOKUP_DIR, fuse_prefetch) fills the cache with every entry and makes the
+directory complete the same way. The host counted a lookup for each of those nodes that no kernel
+holds (`_held`, at most one per node): the kernel's first LOOKUP answered here takes it over, and
+an entry that leaves the cache before that (a change, a notice, a FORGET, the cache emptied) gives
+it back to the host with FORGET (`take_forget`), so the host's count is the kernel's plus ours.
+A host notice marks what it names as changed, so a listing sent before it is not kept.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
+from ..wire import vfs
 from .fuse_out import ATTR_OUT, ENTRY_OUT, NS
 
 MAX_CACHED = 65536  # nodes or names; past it the cache is emptied at once
 MAX_COMPLETE = 4096  # directories whose every name is known here
 MAX_COMPLETE_NAMES = 16384  # names one of them may hold before it is no longer tracked
+MAX_HELD = 16384  # nodes held for listings alone; past it they are all given back at once
+Listed = tuple[bytes, int, int, int, bytes]  # name, node, entry and attribute validity (ns), fuse_entry_out
 
 
 class MetaCache:
@@ -44,6 +55,11 @@ class MetaCache:
         self._busy: dict[int, int] = {}  # node -> changes in flight
         self._extra: dict[int, int] = {}  # node -> lookups answered here, owed against FORGETs
         self._complete: dict[int, tuple[int, set[bytes]]] = {}  # directory -> (until, names it may hold)
+        self._held: dict[int, int] = {}  # node -> 1: the host counted a lookup for our entry alone
+        self._held_in: dict[int, list[int]] = {}  # directory -> nodes listed in it and held then
+        self._give: dict[int, int] = {}  # node -> lookups to give back to the host
+        self._listing: set[int] = set()  # directories whose LOOKUP_DIR is in flight
+        self._unlisted: dict[int, int] = {}  # directory -> until when not to ask again (the host gave no listing)
 
     # ---- answering ------------------------------------------------------------------------------
 
@@ -58,7 +74,8 @@ class MetaCache:
             now = self._clock()
             if attr is None or entry_expires <= now or attr[0] <= now:
                 return None
-            self._extra[node] = self._extra.get(node, 0) + 1
+            if not self._held.pop(node, 0):  # else the kernel takes over the lookup held for a listing
+                self._extra[node] = self._extra.get(node, 0) + 1
         el, al = entry_expires - now, attr[0] - now
         return ENTRY_OUT.pack(node, 0, el // NS, al // NS, el % NS, al % NS) + attr[1]
 
@@ -148,13 +165,35 @@ class MetaCache:
                 return
             if len(self._entries) >= MAX_CACHED:
                 self._reset()
-            old = self._names.get(node)
-            if old is not None and old != (parent, name):
-                self._entries.pop(old, None)
-            self._entries[(parent, name)] = (node, now + entry_ns)
-            self._names[node] = (parent, name)
+            self._put(parent, name, node, now + entry_ns)
             if attr_ns and self._fresh(node, gen):
                 self._attrs[node] = (now + attr_ns, entry[ENTRY_OUT.size :])
+
+    def _put(self, parent: int, name: bytes, node: int, expires: int) -> None:
+        old = self._names.get(node)
+        if old is not None and old != (parent, name):
+            self._entries.pop(old, None)
+        was = self._entries.get((parent, name))
+        if was is not None and was[0] != node and self._names.get(was[0]) == (parent, name):
+            self._unname(was[0])
+        self._entries[(parent, name)] = (node, expires)
+        self._names[node] = (parent, name)
+
+    def _unname(self, node: int) -> None:
+        """`node`'s entry left the cache: a lookup held for it goes back to the host, and so do those
+        held for its own listing (nothing can reach them but through it)."""
+        self._names.pop(node, None)
+        self._attrs.pop(node, None)
+        if self._held.pop(node, 0):
+            self._give[node] = self._give.get(node, 0) + 1
+        self._release_listed(node)
+
+    def _release_listed(self, parent: int) -> None:
+        for node in self._held_in.pop(parent, ()):
+            key = self._names.get(node)
+            if node in self._held and key is not None and key[0] == parent:
+                self._entries.pop(key, None)
+                self._unname(node)
 
     def store_attr(self, node: int, attr_out: bytes, gen: int, trusted: bool = False) -> None:
         """A fuse_attr_out for `node`, asked at `gen` (`trusted`: the reply to its own change, alone)."""
@@ -175,18 +214,26 @@ class MetaCache:
     def drop_name(self, parent: int, name: bytes) -> bool:
         """`name` in `parent` changed (on the host, or is being removed or renamed here). False: the
         cache did not know which node the name is, so that node's attributes may still be held."""
-        self._complete.pop(parent, None)  # only said for a host-side change or a removal: both are rare
         with self._lock:
+            self._mark(parent)  # a listing of `parent` sent before this is not kept
+            self._complete.pop(parent, None)  # only said for a host-side change or a removal: both are rare
             hit = self._entries.pop((parent, name), None)
             if hit is not None:
-                self._names.pop(hit[0], None)
-                self._attrs.pop(hit[0], None)
+                self._unname(hit[0])
             return hit is not None or not self._attrs
 
     def drop_node(self, node: int) -> None:
-        self._complete.pop(node, None)
+        self._unlisted.pop(node, None)
         with self._lock:
+            self._mark(node)
+            self._complete.pop(node, None)
             self._attrs.pop(node, None)
+
+    def _mark(self, node: int) -> None:
+        self._gen += 1
+        self._changed[node] = self._gen
+        if len(self._changed) > MAX_CACHED:
+            self._reset()
 
     def drop_all(self) -> None:
         """Forget every entry and attribute, and every reply still in flight (not the lookup counts)."""
@@ -194,6 +241,10 @@ class MetaCache:
             self._reset()
 
     def _reset(self) -> None:
+        for node in self._held:
+            self._give[node] = self._give.get(node, 0) + 1
+        self._held.clear()
+        self._held_in.clear()
         self._entries.clear()
         self._names.clear()
         self._attrs.clear()
@@ -202,13 +253,17 @@ class MetaCache:
         self._floor = self._gen
 
     def forget(self, node: int, count: int) -> int:
-        """The kernel gives back `count` lookups of `node`: how many of them the host gave."""
+        """The kernel gives back `count` lookups of `node`: how many to give back to the host (with any
+        held for a listing, as the node's entry leaves the cache)."""
         self._complete.pop(node, None)
+        self._unlisted.pop(node, None)
         with self._lock:
             self._attrs.pop(node, None)
             key = self._names.pop(node, None)
             if key is not None:
                 self._entries.pop(key, None)
+            count += self._held.pop(node, 0)
+            self._release_listed(node)  # the kernel holds none of them: its next LOOKUP there lists again
             extra = self._extra.get(node, 0)
             if not extra:
                 return count
@@ -218,3 +273,86 @@ class MetaCache:
             else:
                 del self._extra[node]
             return count - taken
+
+    # ---- listings (fuse_prefetch) ---------------------------------------------------------------
+
+    def want_listing(self, parent: int) -> bool:
+        """A LOOKUP in `parent` missed: True if its listing should be asked for (now in flight)."""
+        if parent in self._listing:
+            return False
+        now = self._clock()
+        if self._unlisted.get(parent, 0) > now:
+            return False
+        known = self._complete.get(parent)
+        if known is not None and known[0] > now:
+            return False  # complete, yet the name is not here (its attributes dropped): a plain LOOKUP
+        self._listing.add(parent)
+        return True
+
+    def listing_done(self, parent: int, retry_ns: int) -> None:
+        """The LOOKUP_DIR of `parent` got its reply; `retry_ns` > 0: the host gave no listing (a mount
+        not cached long, a directory too big), so plain LOOKUPs go there that long."""
+        self._listing.discard(parent)
+        if retry_ns:
+            if len(self._unlisted) >= MAX_COMPLETE:
+                self._unlisted.clear()
+            self._unlisted[parent] = self._clock() + retry_ns
+
+    def store_listing(
+        self, parent: int, name: bytes, names: set[bytes], items: list[Listed], gen: int, complete_ns: int
+    ) -> tuple[bool, bytes | None]:
+        """`parent`'s listing (every name in it; the entries with a node, fuse_prefetch.decode) asked at
+        `gen` for a LOOKUP of `name`: (fresh, the fuse_entry_out to answer it with, None if `name` is not
+        listed). Not fresh (`parent` changed since): nothing is kept and the answer may not be cached.
+        Every other listed node is kept, or given back."""
+        now = self._clock()
+        answer = None
+        with self._lock:
+            if len(self._held) + len(items) > MAX_HELD:
+                for node in list(self._held):
+                    key = self._names.get(node)
+                    if key is not None:
+                        self._entries.pop(key, None)
+                    self._unname(node)
+            if len(self._entries) + len(items) >= MAX_CACHED:
+                self._reset()
+            fresh = self._fresh(parent, gen)
+            for item_name, node, entry_ns, attr_ns, entry in items:
+                if item_name == name:
+                    if not fresh:  # the kernel takes it, but must ask again next time
+                        entry = (
+                            ENTRY_OUT.pack(node, ENTRY_OUT.unpack_from(entry)[1], 0, 0, 0, 0) + entry[ENTRY_OUT.size :]
+                        )
+                    answer = entry
+                    if fresh and entry_ns and attr_ns and self._fresh(node, gen):
+                        self._put(parent, name, node, now + entry_ns)
+                        self._attrs[node] = (now + attr_ns, entry[ENTRY_OUT.size :])
+                    continue
+                if not fresh or node in self._held or not entry_ns or not attr_ns or not self._fresh(node, gen):
+                    self._give[node] = self._give.get(node, 0) + 1
+                    continue
+                self._put(parent, item_name, node, now + entry_ns)
+                self._attrs[node] = (now + attr_ns, entry[ENTRY_OUT.size :])
+                self._held[node] = 1
+            # Those held for this directory's listings, once each (a later one keeps what is still held).
+            held = [n for n in (*self._held_in.get(parent, ()), *(item[1] for item in items)) if n in self._held
+                    and self._names.get(n, (0,))[0] == parent]  # fmt: skip
+            if held:
+                self._held_in[parent] = list(dict.fromkeys(held))
+            if fresh and complete_ns and len(self._complete) < MAX_COMPLETE:
+                self._complete[parent] = (now + complete_ns, names)
+        return fresh, answer
+
+    @property
+    def owing(self) -> bool:
+        return bool(self._give)
+
+    def take_forget(self) -> vfs.Forget | None:
+        """A FORGET for lookups held for listings whose entries left the cache (at most MAX_FORGETS of them)."""
+        with self._lock:
+            if not self._give:
+                return None
+            items = tuple(itertools.islice(self._give.items(), vfs.MAX_FORGETS))
+            for node, _ in items:
+                del self._give[node]
+        return vfs.Forget(items)

@@ -226,7 +226,12 @@ class Notices:
         self._ready = threading.Condition()
 
     def put(self, payload: bytes) -> None:
+        """A notice read off the port (the reply thread): leaves to open its node here end now, before
+        the replies behind it are handled (fuse_dirs); the kernel is told on the notices' thread."""
         notice = vfs.decode_notice(payload)
+        if notice[0] == vfs.INVAL_INODE:
+            for mount in self.mounts:
+                mount.translator.dirs.noticed(notice[1])
         with self._ready:
             self._queue.append(notice)
             self._ready.notify()

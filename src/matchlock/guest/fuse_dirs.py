@@ -10,7 +10,11 @@ kernel's cache (OPENDIR_READ: the open and the read in one round trip), and rele
 
 The leave ends with any INVAL_INODE notice or FORGET of the node, or an OPENDIR_READ the host refused,
 so a directory the host changed or removed, or a mount whose watch stopped (the host then invalidates
-every node), goes back to the host.
+every node), goes back to the host. A notice ends it as it arrives (the reply thread, in port order),
+and a leave in an OPENDIR_READ reply counts only if no notice for the node arrived since the
+directory was opened here: the host decides the leave before it reads the entries' attributes, so a
+watch that stops meanwhile sends its notices ahead of that reply. (A host OPENDIR's leave is decided
+as its reply is queued, so port order alone keeps it right.)
 """
 
 from __future__ import annotations
@@ -38,14 +42,18 @@ class GuestDirs:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._flags: dict[int, int] = {}
-        self._open: dict[int, list[int]] = {}  # our fh -> [node, the host's fh or 0]
+        self._open: dict[int, list[int]] = {}  # our fh -> [node, the host's fh or 0, notices seen at open]
         self._next = 0
+        self._seen = 0  # host notices arrived so far (counted by the reply thread)
+        self._noticed: dict[int, int] = {}  # node -> the count at its last notice
+        self._floor = 0  # opens before this count may have missed a notice `_noticed` no longer holds
 
-    def learned(self, node: int, fh: int, flags: int) -> int:
-        """The host opened `node` as `fh` with `flags`: the FOPEN flags for the kernel."""
+    def learned(self, node: int, fh: int, flags: int, ours: int = 0) -> int:
+        """The host opened `node` as `fh` with `flags` (for our handle `ours`: an OPENDIR_READ): the
+        FOPEN flags for the kernel."""
         if fh & LOCAL_FH:
             raise RemoteProtocolError(f"host directory handle {fh:#x} has the guest's own bit")
-        if flags & vfs.OPEN_GUEST_DIR:
+        if flags & vfs.OPEN_GUEST_DIR and (not ours or self._unnoticed(node, ours)):
             if len(self._flags) >= MAX_NODES:
                 self._flags.clear()
             self._flags[node] = flags & vfs.OPEN_FLAGS_ALL
@@ -53,18 +61,36 @@ class GuestDirs:
             self._flags.pop(node, None)
         return flags & vfs.OPEN_FLAGS_ALL
 
+    def _unnoticed(self, node: int, ours: int) -> bool:
+        """No notice for `node` arrived since our handle `ours` was opened (False if it is released)."""
+        with self._lock:
+            held = self._open.get(ours)
+        return held is not None and held[2] >= self._floor and self._noticed.get(node, 0) <= held[2]
+
     def drop(self, node: int) -> None:
         self._flags.pop(node, None)
 
+    def noticed(self, node: int) -> None:
+        """A host notice about `node` arrived (the reply thread, before any reply after it)."""
+        self._seen += 1
+        # Only a directory with leave (or one noted before) can have a handle of ours open.
+        if self._flags.pop(node, None) is None and node not in self._noticed:
+            return
+        if len(self._noticed) >= MAX_NODES:
+            self._noticed.clear()
+            self._floor = self._seen
+        self._noticed[node] = self._seen
+
     def open(self, node: int) -> tuple[int, int] | None:
         """Our (fh, FOPEN flags) for `node`; None: ask the host."""
+        seen = self._seen  # before the leave is read: a notice in between then refuses the read's leave
         flags = self._flags.get(node)
         if flags is None or len(self._open) >= MAX_OPEN:
             return None
         with self._lock:
             self._next = (self._next + 1) % LOCAL_FH or 1
             fh = LOCAL_FH | self._next
-            self._open[fh] = [node, 0]
+            self._open[fh] = [node, 0, seen]
         return fh, flags
 
     def host(self, fh: int) -> tuple[int, int] | None:

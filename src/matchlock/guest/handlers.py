@@ -19,7 +19,7 @@ from ..wire import agent as msgs
 from ..wire.mux import DATA_CHUNK, STDERR, STDIN, STDOUT
 from ..wire.replies import Exited, OpError, Result, Started
 from . import timing
-from .process import Spawned, set_window_size, spawn
+from .process import Spawned, set_window_size, spawn, take_child_stamps
 
 _ERROR_PIPE_LIMIT = 8192
 
@@ -52,13 +52,9 @@ class StreamHandler:
 
     def finish(self, reply: Exited | Result | OpError) -> None:
         """Send the stream's last reply and close it."""
-        self.finish_wire(reply.to_wire())
-
-    def finish_wire(self, reply: dict) -> None:
-        """finish() for a reply already in wire form (one with extra fields)."""
         if not self.done:
             self.done = True
-            self.conn.send_message(self.stream, reply)
+            self.conn.send_message(self.stream, reply.to_wire())
             self.conn.close_stream(self.stream)
 
     def fail(self, message: str, err: int | None = None) -> None:
@@ -131,6 +127,7 @@ class ExecHandler(StreamHandler):
             self.error += data
             return
         if not data:  # the pipe closes on exec (close-on-exec), or with the child that failed to get there
+            timing.add(take_child_stamps(self.proc))
             self.agent.unwatch_read(self.proc.error_pipe)
             os.close(self.proc.error_pipe)
             self.proc.error_pipe = -1
@@ -230,11 +227,11 @@ class ExecHandler(StreamHandler):
             os.close(self.proc.stdin)
             self.proc.stdin = None
         if self.started:
-            reply = Exited(self.exit_code).to_wire()
+            stamps = None
             if timing.stamps is not None:  # the first exit status since a HELLO that asked for them
                 timing.stamp("exit sent")
-                reply["stamps"] = timing.take(last=True)
-            self.finish_wire(reply)
+                stamps = tuple(timing.take(last=True))
+            self.finish(Exited(self.exit_code, None, stamps))
         else:
             self.fail(self.error.decode("utf-8", "replace"))  # the reason the child reported
 

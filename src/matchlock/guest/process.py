@@ -18,6 +18,9 @@ group: the command gets SIGTERM, while the namespace init (which, as PID 1
 seen from an ancestor namespace, only receives SIGKILL) keeps reaping; the
 final SIGKILL takes it down and with it everything inside. Two forks per
 exec: forks of the Python agent are the main cost of an exec under emulation.
+(A namespace init forked ahead of time, in the boot template or when idle,
+was measured no faster: every later write of the agent to a page it shares
+with that child is a copy, and the first byte after a restore came later.)
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from __future__ import annotations
 import _signal
 import errno
 import fcntl
+import gc
 import os
 import struct
 import termios
 
 from ..wire.agent import ExecRequest, TerminalSize
-from . import confine, seccomp, syscalls
+from . import confine, seccomp, syscalls, timing
 from .users import resolve_user
 
 HIDDEN_MOUNTS = ("/run/matchlock",)
@@ -71,8 +75,11 @@ def set_window_size(fd: int, size: TerminalSize) -> None:
 class Spawned:
     """The agent's handle on a running command: pid, pgid and its pipe ends."""
 
-    def __init__(self, pid: int, stdin: int | None, stdout: int, stderr: int | None, pty: bool, error_pipe: int):
+    def __init__(
+        self, pid: int, stdin: int | None, stdout: int, stderr: int | None, pty: bool, error_pipe: int, stamps_pipe: int
+    ) -> None:
         self.pid = pid
+        self.stamps_pipe = stamps_pipe  # the children's timing stamps (-1: not asked for)
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
@@ -94,6 +101,7 @@ class Spawned:
 
 
 _own_pid_namespace: int | None = None
+_stamps_w = -1  # in a child: where its timing stamps go before the exec (-1: nowhere)
 
 
 def _restore_pid_namespace() -> None:
@@ -123,6 +131,10 @@ def spawn(request: ExecRequest, *, privileged: bool, hidden_devices: tuple[str, 
         parent_fds = (in_w, out_r, err_r)
         to_close_in_parent = [in_r, out_w, err_w]
     error_r, error_w = os.pipe2(os.O_CLOEXEC)
+    to_close_in_parent.insert(0, error_w)
+    stamps_r, stamps_w = os.pipe2(os.O_CLOEXEC) if timing.stamps is not None else (-1, -1)
+    if stamps_w >= 0:
+        to_close_in_parent.append(stamps_w)
     if _own_pid_namespace is None:
         _restore_pid_namespace()  # opens the handle while /proc is the agent's
     syscalls.unshare(syscalls.CLONE_NEWPID)
@@ -134,22 +146,60 @@ def spawn(request: ExecRequest, *, privileged: bool, hidden_devices: tuple[str, 
     if pid == 0:
         try:
             # Drop everything inherited from the agent (the port, other
-            # commands' pipes) so this command cannot hold them open.
+            # commands' pipes) so this command cannot hold them open. No
+            # garbage collection either: a pass would write to every object
+            # shared with the agent (each page a copy) in a child that lives
+            # only until its exec.
+            gc.disable()
             _signal.set_wakeup_fd(-1)
             _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
-            _close_all_except({0, 1, 2, error_w, *child_fds})
+            _close_all_except({0, 1, 2, error_w, stamps_w, *child_fds} - {-1})
+            _child_stamps(stamps_w)
             _namespace_init(request, child_fds, error_w, privileged, hidden_devices)
         except BaseException as exc:  # noqa: BLE001 - must never return into the agent
             _report(error_w, f"namespace init: {exc}")
         finally:
             os._exit(EXEC_FAILED)
     _restore_pid_namespace()
-    for fd in to_close_in_parent + [error_w]:
+    for fd in to_close_in_parent:
         os.close(fd)
     stdin, stdout, stderr = parent_fds
-    for fd in {fd for fd in parent_fds if fd is not None}:
+    for fd in {fd for fd in parent_fds if fd is not None} | ({stamps_r} - {-1}):
         os.set_blocking(fd, False)
-    return Spawned(pid, stdin, stdout, stderr, request.tty is not None, error_r)
+    return Spawned(pid, stdin, stdout, stderr, request.tty is not None, error_r, stamps_r)
+
+
+def _child_stamps(fd: int) -> None:
+    """In a fresh child: stamp its steps if the agent passed a pipe for them (its first exec, traced)."""
+    global _stamps_w
+    _stamps_w = fd
+    timing.stamps = [] if fd >= 0 else None
+
+
+def _send_stamps() -> None:
+    if _stamps_w >= 0 and timing.stamps:
+        lines = "".join(f"{label}\t{at}\n" for label, at in timing.stamps)
+        _report(_stamps_w, lines)
+
+
+def take_child_stamps(proc: Spawned) -> list[tuple[str, float]]:
+    """The stamps the command's children wrote before its exec (the pipe is closed for good by then)."""
+    if proc.stamps_pipe < 0:
+        return []
+    try:
+        data = os.read(proc.stamps_pipe, 4096)
+    except BlockingIOError:
+        data = b""
+    os.close(proc.stamps_pipe)
+    proc.stamps_pipe = -1
+    stamps = []
+    for line in data.decode("ascii", "replace").splitlines():
+        label, _, at = line.partition("\t")
+        try:
+            stamps.append((label, float(at)))
+        except ValueError:
+            continue
+    return stamps
 
 
 def _close_all_except(keep: set[int]) -> None:
@@ -193,6 +243,7 @@ def _namespace_init(request: ExecRequest, child_fds, error_w: int, privileged: b
     syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
     if not privileged:
         confine.restrict_kernel_files()
+    timing.stamp("ns init: mounts done")
     command_pid = os.fork()
     if command_pid == 0:
         try:
@@ -202,7 +253,7 @@ def _namespace_init(request: ExecRequest, child_fds, error_w: int, privileged: b
         finally:
             os._exit(EXEC_FAILED)
     os.close(error_w)
-    for fd in set(child_fds):
+    for fd in {*child_fds, _stamps_w} - {-1}:
         os.close(fd)
     # As PID 1 we inherit every orphan in the namespace: reap until the
     # command itself is done, then exit, which ends the whole namespace.
@@ -231,6 +282,7 @@ def _drop_bounding_capabilities() -> None:
 
 
 def _exec_command(request: ExecRequest, child_fds, error_w: int, privileged: bool) -> None:
+    timing.stamp("command: forked")
     stdin, stdout, stderr = child_fds
     if request.tty:
         os.setsid()
@@ -238,10 +290,11 @@ def _exec_command(request: ExecRequest, child_fds, error_w: int, privileged: boo
     os.dup2(stdin, 0)
     os.dup2(stdout, 1)
     os.dup2(stderr, 2)
-    _close_all_except({0, 1, 2, error_w})
+    _close_all_except({0, 1, 2, error_w, _stamps_w} - {-1})
 
     env = dict(request.env)
     user = resolve_user(request.user) if request.user else resolve_user("0")
+    timing.stamp("command: user resolved")
     if user.home and "HOME" not in env:
         env["HOME"] = user.home
     if request.tty and "TERM" not in env:
@@ -258,6 +311,7 @@ def _exec_command(request: ExecRequest, child_fds, error_w: int, privileged: boo
         syscalls.capset(kept, kept, 0)
         syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
         syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+        timing.stamp("command: capabilities dropped")
         _SECCOMP_FILTER.install()
     try:
         os.chdir(request.cwd)
@@ -272,6 +326,8 @@ def _exec_command(request: ExecRequest, child_fds, error_w: int, privileged: boo
             except (OSError, ValueError):
                 pass
     _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+    timing.stamp("command: execve")
+    _send_stamps()
     try:
         os.execve("/bin/sh", ["sh", "-c", request.command], env)
     except OSError as exc:

@@ -23,6 +23,13 @@ def stamp(label: str) -> None:
         stamps.append((label, round(uptime() * 1000, 1)))
 
 
+def add(others: list[tuple[str, float]]) -> None:
+    """Another process's stamps (an exec's children), in time order among ours."""
+    if stamps is not None and others:
+        stamps.extend(others)
+        stamps.sort(key=lambda entry: entry[1])
+
+
 def take(last: bool = False) -> list[tuple[str, float]]:
     """The stamps so far (cleared); `last` stops taking them."""
     global stamps

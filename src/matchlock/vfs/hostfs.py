@@ -77,7 +77,10 @@ class HostFSProvider(Provider):
 
     @property
     def negative_seconds(self) -> float:
-        # Always the unwatched lifetime: a watch that fails cannot name the ENOENTs the guest cached.
+        # Always the unwatched lifetime, though a healthy watch tells every host create in a directory
+        # the guest holds: a watch that fails cannot name the ENOENTs the guest cached (the router
+        # indexes found names only), and the guest takes this lifetime once, at HELLO, so ENOENTs
+        # after the failure would still be cached long. Longer needs a lifetime per ENOENT reply.
         return type(self).cache_seconds
 
     def close(self) -> None:

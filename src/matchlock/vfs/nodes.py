@@ -2,6 +2,14 @@
 
 A rename moves a whole subtree at once; the guest gives ids back with FORGET, and the table is
 bounded (`Limits.max_nodes`). It changes only on the event loop.
+
+So a host file with two names is two guest inodes. Each reports the host's st_ino (`stat -c %i`,
+`find -samefile` and tar's link detection agree) and its true nlink; a `linked` node's attributes and
+pages are never cached across opens (`Router._attr_validity`). What still differs from one inode:
+POSIX and flock locks taken through one name do not exclude the other, and MAP_SHARED maps of the
+two names are two page caches. One node per (st_dev, st_ino) would need the provider interface,
+which is by path, to resolve a node through any of its names and to check the opened file's
+identity on every call (the host reuses inode numbers), in hostfs, overlay and memory alike.
 """
 
 from __future__ import annotations

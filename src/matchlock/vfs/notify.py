@@ -130,6 +130,18 @@ class Notifier:
             _close(w)
         self.watched.clear()
 
+    async def settled(self) -> None:
+        """Until every host change made so far is told to the guest or explained (tests and benchmarks:
+        after it, such a change sends no more notices). The caller bounds the wait."""
+        while True:
+            watched = list(self.watched.values())
+            for w in watched:
+                self._readable(w)  # events the loop has not read yet
+            quiet = self._flush_at is None and not any(w.tree.changes for w in watched)
+            if quiet and (self.walked or not self.candidates):
+                return
+            await asyncio.sleep(DELAY)
+
     # --- the guest's own ops --------------------------------------------------------------------------
 
     def own(self, m: Mount, rel: Path, attr: Attr | None = None, *, gone: bool = False) -> None:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from ..wire import vfs as wire
 from .intercept import Interceptor
+from .lookup_dir import lookup_dir
 from .nodes import Node, NodeTable
 from .notify import Notifier
 from .provider import Path, Provider
@@ -50,7 +51,8 @@ class Mount:
 class _Open:
     node: Node
     handle: Handle | None = None
-    listing: list[DirEntry] | None = None
+    directory: bool = False
+    listing: list[DirEntry] | None = None  # a directory's, taken at its first READDIR at offset 0
 
 
 def wire_attr(attr: Attr) -> wire.Attr:
@@ -88,6 +90,7 @@ class Router(NodeTable):
         self._fhs = itertools.count(1)
         self.notifier = Notifier(self)  # started by the server, once it can send
         self.guest_opendir = False  # the guest asked for FEATURE_GUEST_OPENDIR (set by the server)
+        self.lookup_dir = False  # the server granted FEATURE_LOOKUP_DIR (lookup_dir.py)
 
     def hello(self) -> tuple[wire.Mount, ...]:
         # A top caches ENOENT only as long as every mount inside it allows (a nested host_fs: 1 s).
@@ -146,10 +149,10 @@ class Router(NodeTable):
             return Attr(ino=_SYNTHETIC_INO ^ hash(parts) & (2**62 - 1), mode=stat.S_IFDIR | 0o755, nlink=2)
         return m.provider.getattr(rel)
 
-    def _listing(self, parts: Path) -> list[DirEntry]:
+    def _listing(self, parts: Path, limit: int = 0) -> list[DirEntry]:
         m, rel = self.route(parts)
         try:
-            entries = m.provider.listdir(rel, self.limits.max_dir_entries)
+            entries = m.provider.listdir(rel, min(limit or self.limits.max_dir_entries, self.limits.max_dir_entries))
         except FsError as exc:
             if parts not in self.virtual or exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                 raise
@@ -469,9 +472,11 @@ class Router(NodeTable):
         node = self._node(a.node)
         parts = self._parts(node)
         path = self._check("readdir", parts)
-        listing = await self._io(self._listing, parts)
-        fh = self._open_handle(_Open(node, listing=listing))
-        self._emit("readdir", path, None, caller, len(listing))
+        # No listing yet: the guest kernel takes its cached listing's mtime baseline at the first READDIR,
+        # and a listing taken here would miss a host change (and its notice) landing in between.
+        if not stat.S_ISDIR((await self._stat(parts)).mode):
+            raise FsError(errno.ENOTDIR, f"{path} is not a directory")
+        fh = self._open_handle(_Open(node, directory=True))
         if not self._cache_flags(parts):
             return wire.Opened(fh, 0)
         flags = wire.OPEN_CACHE_DIR | wire.OPEN_KEEP_CACHE
@@ -497,9 +502,14 @@ class Router(NodeTable):
 
     async def readdir(self, a: wire.Readdir, caller: Caller) -> wire.Result:
         opened = self._handle(a.fh)
-        if opened.listing is None:
+        if not opened.directory:
             raise FsError(errno.ENOTDIR)
         node = opened.node
+        if a.offset == 0 or opened.listing is None:  # a first read, or one after a rewinddir: list afresh
+            parts = self._parts(node)
+            path = self._check("readdir", parts)
+            opened.listing = await self._io(self._listing, parts)
+            self._emit("readdir", path, None, caller, len(opened.listing))
         # Never ino 0: glibc's readdir skips such entries as deleted.
         names = [DirEntry(".", stat.S_IFDIR, 1), DirEntry("..", stat.S_IFDIR, 1), *opened.listing]
         if a.offset >= len(names):
@@ -562,5 +572,5 @@ _METHODS: dict[type, Callable[..., Any]] = {
     wire.Link: Router.link, wire.Open: Router.open, wire.Create: Router.create, wire.Read: Router.read,
     wire.Write: Router.write, wire.Flush: Router.flush, wire.Release: Router.release, wire.Fsync: Router.fsync,
     wire.Opendir: Router.opendir, wire.Readdir: Router.readdir, wire.Releasedir: Router.releasedir,
-    wire.Statfs: Router.statfs, wire.OpendirRead: Router.opendir_read,
+    wire.Statfs: Router.statfs, wire.OpendirRead: Router.opendir_read, wire.LookupDir: lookup_dir,
 }  # fmt: skip

@@ -152,7 +152,10 @@ class VfsServer:
         max_io = min(hello.max_io, self.limits.max_io, wire.MAX_IO)
         stats = os.environ.get(STATS_ENV, "") not in ("", "0")
         self.features = hello.features & wire.FEATURES_ALL
+        if self.router.interceptor.enabled:  # rules and events must see every LOOKUP
+            self.features &= ~wire.FEATURE_LOOKUP_DIR
         self.router.guest_opendir = bool(self.features & wire.FEATURE_GUEST_OPENDIR)
+        self.router.lookup_dir = bool(self.features & wire.FEATURE_LOOKUP_DIR)
         reply = wire.HelloReply(wire.VERSION, max_io, self.router.hello(), stats, self.features)
         self._send(wire.encode_reply(request_id, reply))
 

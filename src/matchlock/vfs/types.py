@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -130,13 +130,6 @@ class Handle:
 
     def close(self) -> None:
         return None
-
-
-@dataclass
-class DirHandle:
-    """A directory listing taken at OPENDIR; READDIR pages through it by offset."""
-
-    entries: list[DirEntry] = field(default_factory=list)
 
 
 def check_name(name: str) -> str:

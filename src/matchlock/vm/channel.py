@@ -155,7 +155,7 @@ class GuestStream:
             reply = replies.feed(event)
         if trace.ENABLED and isinstance(reply, Exited):
             # Only an exit status carries them (the first one): other replies cannot flood stderr.
-            trace.guest_stamps(event.message.get("stamps"))
+            trace.guest_stamps(reply.stamps)
         return reply
 
     async def send(self, channel: int, data: bytes) -> None:
@@ -366,7 +366,7 @@ class GuestChannel:
     def _on_connection_message(self, event: MessageReceived) -> None:
         reply = self._connection_replies.feed(event)
         if isinstance(reply, Ready):
-            trace.guest_stamps(event.message.get("stamps"))
+            trace.guest_stamps(reply.stamps)
             self.ready_info = {"ca_bundle": reply.ca_bundle}
             assert self._ready is not None
             self._ready.set_result(reply.boot_ms)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ._records import Record
-from .boot import EXTRA_DISK_SERIAL_PREFIX, MAX_EXTRA_DISKS
+from .boot import DEBUG_TIMING_FLAG, EXTRA_DISK_SERIAL_PREFIX, MAX_EXTRA_DISKS
 
 # Host -> guest: stream requests
 OP_EXEC = "exec"
@@ -343,7 +343,7 @@ class GuestConfig(Record):
 
     __slots__ = (
         "hostname", "time_ns", "privileged", "cpus", "dns_servers", "extra_hosts", "network", "ca_certificate",
-        "disks", "vfs",
+        "disks", "vfs", "debug_timing",
     )  # fmt: skip
     hostname: str
     time_ns: int
@@ -355,8 +355,9 @@ class GuestConfig(Record):
     ca_certificate: str
     disks: tuple[GuestDisk, ...]
     vfs: bool  # the host serves mounts on the VFS port: the guest starts its FUSE daemon before it is ready
+    debug_timing: bool  # MATCHLOCK_DEBUG_TIMING: `ready` and the first exit status carry the guest's stamps
     _defaults = {"privileged": False, "cpus": 1.0, "dns_servers": (), "extra_hosts": (), "network": None,
-                 "ca_certificate": "", "disks": (), "vfs": False}  # fmt: skip
+                 "ca_certificate": "", "disks": (), "vfs": False, "debug_timing": False}  # fmt: skip
 
     @classmethod
     def parse(cls, msg: dict) -> GuestConfig:
@@ -364,7 +365,8 @@ class GuestConfig(Record):
         if not hostname or any(c.isspace() for c in hostname):
             raise ValueError(f"invalid hostname {hostname!r}")
         privileged, vfs = msg.get("privileged", False), msg.get("vfs", False)
-        for name, flag in (("privileged", privileged), ("vfs", vfs)):
+        debug_timing = msg.get(DEBUG_TIMING_FLAG, False)
+        for name, flag in (("privileged", privileged), ("vfs", vfs), (DEBUG_TIMING_FLAG, debug_timing)):
             if not isinstance(flag, bool):
                 raise ValueError(f"'{name}' must be a boolean")
         dns = msg.get("dns_servers", [])
@@ -399,6 +401,7 @@ class GuestConfig(Record):
             ca_certificate=ca,
             disks=parsed,
             vfs=vfs,
+            debug_timing=debug_timing,
         )
 
     def to_wire(self) -> dict:
@@ -413,4 +416,5 @@ class GuestConfig(Record):
             "ca_certificate": self.ca_certificate,
             "disks": [d.to_wire() for d in self.disks],
             "vfs": self.vfs,
+            **({DEBUG_TIMING_FLAG: True} if self.debug_timing else {}),  # hosts that do not trace never send it
         }

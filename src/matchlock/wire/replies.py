@@ -34,11 +34,48 @@ EVENT_FATAL = "fatal"
 
 MAX_ERROR_TEXT = 4096
 MAX_FATAL_TEXT = 2000
+MAX_STAMPS = 64
+MAX_STAMP_LABEL = 40
+# A guest uptime in ms (decades). A bound rather than math.isfinite, which raises on an int of hundreds of
+# digits (the wire's JSON allows those, and 1e999, which is infinity).
+_MAX_STAMP_MS = 1e12
+Stamps = tuple[tuple[str, float], ...]
 
 
 def _text(msg: dict, key: str, limit: int) -> str:
     # Error texts are cut, not refused: a long (but well-typed) message is still the guest's answer.
     return _str(msg, key, max_len=1 << 20)[:limit]
+
+
+def _stamp_ok(stamp: object) -> bool:
+    if not isinstance(stamp, list) or len(stamp) != 2:
+        return False
+    label, at = stamp
+    return (
+        isinstance(label, str) and 0 < len(label) <= MAX_STAMP_LABEL and label.isascii() and label.isprintable()
+        and isinstance(at, (int, float)) and not isinstance(at, bool) and 0 <= at <= _MAX_STAMP_MS
+    )  # fmt: skip
+
+
+def _stamps(msg: dict) -> Stamps | None:
+    """The optional `stamps` of `ready` and `exit`: the guest's timeline under MATCHLOCK_DEBUG_TIMING, as
+    [label, uptime ms] pairs with short printable ASCII labels (they reach the host's terminal)."""
+    value = msg.get("stamps")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_STAMPS:
+        raise ValueError(f"'stamps' must be a list of 1 to {MAX_STAMPS} [label, ms] pairs")
+    for index, stamp in enumerate(value):
+        if not _stamp_ok(stamp):  # never repr'd: it may be an int of thousands of digits
+            raise ValueError(f"'stamps' entry {index} is not a [label of 1 to {MAX_STAMP_LABEL} printable "
+                             f"ASCII characters, 0 to {_MAX_STAMP_MS:.0f} ms] pair")  # fmt: skip
+    return tuple((label, float(at)) for label, at in value)
+
+
+def _stamps_to_wire(reply: dict, stamps: Stamps | None) -> dict:
+    if stamps is not None:
+        reply["stamps"] = [[label, at] for label, at in stamps]
+    return reply
 
 
 class Started(Record):
@@ -63,25 +100,28 @@ class Started(Record):
 
 
 class Exited(Record):
-    """code: 0..255; signal: the terminating signal or None."""
+    """code: 0..255; signal: the terminating signal or None; stamps: the guest's timeline, on the first exit
+    status after a HELLO with `debug_timing` only."""
 
-    __slots__ = ("code", "signal")
+    __slots__ = ("code", "signal", "stamps")
     code: int
     signal: int | None
-    _defaults = {"signal": None}
+    stamps: Stamps | None
+    _defaults = {"signal": None, "stamps": None}
 
     @classmethod
     def parse(cls, msg: dict) -> Exited:
         return cls(
             _int(msg, "code", lo=0, hi=255),
             _int(msg, "signal", lo=1, hi=64) if msg.get("signal") is not None else None,
+            _stamps(msg),
         )
 
     def to_wire(self) -> dict:
         reply: dict = {"type": REPLY_EXIT, "code": self.code}
         if self.signal is not None:
             reply["signal"] = self.signal
-        return reply
+        return _stamps_to_wire(reply, self.stamps)
 
 
 class Result(Record):
@@ -127,20 +167,21 @@ class OpError(Record):
 class Ready(Record):
     """Stream 0: the guest applied the host's settings. ca_bundle: the system bundle the CA joined, or ""."""
 
-    __slots__ = ("boot_ms", "ca_bundle")
+    __slots__ = ("boot_ms", "ca_bundle", "stamps")
     boot_ms: int
     ca_bundle: str
-    _defaults = {"ca_bundle": ""}
+    stamps: Stamps | None  # the guest's timeline from its wake, after a HELLO with `debug_timing` only
+    _defaults = {"ca_bundle": "", "stamps": None}
 
     @classmethod
     def parse(cls, msg: dict) -> Ready:
         bundle = _str(msg, "ca_bundle", default="")
         if bundle and not bundle.startswith("/"):
             raise ValueError(f"'ca_bundle' must be an absolute path or empty, got {bundle[:100]!r}")
-        return cls(_int(msg, "boot_ms"), bundle)
+        return cls(_int(msg, "boot_ms"), bundle, _stamps(msg))
 
     def to_wire(self) -> dict:
-        return {"type": EVENT_READY, "boot_ms": self.boot_ms, "ca_bundle": self.ca_bundle}
+        return _stamps_to_wire({"type": EVENT_READY, "boot_ms": self.boot_ms, "ca_bundle": self.ca_bundle}, self.stamps)
 
 
 class Fatal(Record):

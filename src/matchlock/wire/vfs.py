@@ -44,6 +44,7 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     ENTRY_STRUCT,
     FEATURE_GUEST_OPENDIR,
     FEATURE_KILLPRIV,
+    FEATURE_LOOKUP_DIR,
     FEATURE_PARENT_ATTR,
     FEATURES_ALL,
     KILL_SUIDGID,
@@ -51,6 +52,7 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     MAX_HELLO,
     MAX_ID,
     MAX_IO,
+    MAX_LISTED,
     MAX_MOUNTS,
     MAX_NAME,
     MAX_PAYLOAD,
@@ -93,7 +95,9 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     Hello,
     HelloReply,
     Link,
+    Listed,
     Lookup,
+    LookupDir,
     Mkdir,
     Mknod,
     Mount,
@@ -133,6 +137,7 @@ REPLY_HEADER = struct.Struct(">IIi")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _FORGET = struct.Struct(">QQ")
+_NOT_LISTED, _LISTED = b"\x00", b"\x01"  # LOOKUP_DIR's reply: an entry, or a listing
 
 
 # Which reply each op gets.
@@ -351,6 +356,12 @@ def _pack_result(result: Result) -> bytes:
         return _U32.pack(len(result)) + b"".join(_pack_dirent(item) for item in result)
     if isinstance(result, DirOpened):
         return _OPENED.pack(result.fh, result.flags) + _pack_result(result.entries)
+    if isinstance(result, Listed):
+        if result.entry is not None:
+            return _NOT_LISTED + _pack_entry(result.entry)
+        if len(result.entries) > MAX_LISTED:
+            raise LocalProtocolError(f"LOOKUP_DIR listing of {len(result.entries)} entries exceeds {MAX_LISTED}")
+        return _LISTED + _pack_result(result.entries)
     raise LocalProtocolError(f"cannot encode a {type(result).__name__} as a VFS reply")
 
 
@@ -504,6 +515,17 @@ def _decode_result(op: int, payload: bytes) -> Result:
     if op == Op.OPENDIR_READ:
         fh, flags = _OPENED.unpack_from(payload)
         return DirOpened(fh, flags, _decode_dirents(payload[_OPENED.size :]))
+    if op == Op.LOOKUP_DIR:
+        kind = payload[:1]
+        if kind == _NOT_LISTED:
+            _exact(payload, 1 + _ENTRY_SIZE, op)
+            return Listed(_unpack_entry(payload, 1), ())
+        if kind != _LISTED:
+            raise ValueError(f"LOOKUP_DIR reply kind {kind!r} (must be 0: an entry, or 1: a listing)")
+        entries = _decode_dirents(payload[1:])
+        if len(entries) > MAX_LISTED or any(item.name in (b".", b"..") for item in entries):
+            raise ValueError(f"LOOKUP_DIR listing of {len(entries)} entries (at most {MAX_LISTED}, no '.' or '..')")
+        return Listed(None, entries)
     if op == Op.HELLO:
         return decode_hello_reply(payload)
     raise ValueError(f"no reply is defined for op {op}")

@@ -52,6 +52,7 @@ class Op:
     RELEASEDIR = 23
     STATFS = 24
     OPENDIR_READ = 25  # OPENDIR and the first READDIR in one (FEATURE_GUEST_OPENDIR)
+    LOOKUP_DIR = 26  # LOOKUP, answered with the directory's whole listing where the host allows (FEATURE_LOOKUP_DIR)
 
 
 OP_NAMES = {value: name for name, value in vars(Op).items() if name.isupper()}
@@ -92,7 +93,12 @@ KILL_SUIDGID = 1 << 30
 FEATURE_PARENT_ATTR = 1  # MKNOD, MKDIR, SYMLINK, LINK and CREATE replies end with the parent's new attributes
 FEATURE_KILLPRIV = 2  # the host honours KILL_SUIDGID and SET_KILL_SUIDGID, and drops set-id bits on chown
 FEATURE_GUEST_OPENDIR = 4  # the host may set OPEN_GUEST_DIR, and serves OPENDIR_READ
-FEATURES_ALL = FEATURE_PARENT_ATTR | FEATURE_KILLPRIV | FEATURE_GUEST_OPENDIR
+# The host serves LOOKUP_DIR: only without interception (every LOOKUP must reach rules and events).
+FEATURE_LOOKUP_DIR = 8
+FEATURES_ALL = FEATURE_PARENT_ATTR | FEATURE_KILLPRIV | FEATURE_GUEST_OPENDIR | FEATURE_LOOKUP_DIR
+# The most entries a LOOKUP_DIR listing holds (about 400 KiB at most, well inside MAX_PAYLOAD): a
+# bigger directory is answered as LOOKUP, so one name never costs the host a huge listing.
+MAX_LISTED = 1024
 
 # RENAME flags (renameat2): anything else is rejected by the decoder.
 RENAME_NOREPLACE = 1
@@ -326,6 +332,15 @@ class OpendirRead(Args):
     _op, _fixed = Op.OPENDIR_READ, struct.Struct(">QQIB")
 
 
+class LookupDir(Args):
+    """LOOKUP `name` in `parent`; the reply is a Listed: the entry alone, or `parent`'s whole listing."""
+
+    __slots__ = ("parent", "name")
+    parent: int
+    name: bytes
+    _op, _fixed, _tail = Op.LOOKUP_DIR, struct.Struct(">Q"), (_NAME,)
+
+
 class Releasedir(Args):
     __slots__ = ("node", "fh")
     node: int
@@ -354,7 +369,7 @@ ARGS: dict[int, type[Args]] = {
     cls._op: cls
     for cls in (Hello, Lookup, Forget, Getattr, Setattr, Readlink, Symlink, Mknod, Mkdir, Unlink, Rmdir, Rename,
                 Link, Open, Create, Read, Write, Flush, Release, Fsync, Opendir, Readdir, Releasedir, Statfs,
-                OpendirRead)
+                OpendirRead, LookupDir)
 }  # fmt: skip
 _NODE_FIELDS = ("node", "parent", "newparent")
 
@@ -467,6 +482,16 @@ class DirOpened(Record):
     entries: tuple[DirEntry, ...]
 
 
+class Listed(Record):
+    """LOOKUP_DIR's reply: `entry` (as LOOKUP's; entries empty) where the host gives no listing, else None and
+    every entry of the directory but '.' and '..', each with its node (one lookup each, as READDIR's `plus`)
+    unless it went away while listed. An ENOENT without a listing is an error reply, as LOOKUP's."""
+
+    __slots__ = ("entry", "entries")
+    entry: Entry | None
+    entries: tuple[DirEntry, ...]
+
+
 class DirEntry(Record):
     """One directory entry; `offset` is the cookie to continue after it; `entry` only for `plus`.
 
@@ -536,4 +561,5 @@ class Reply(Record):
     payload: bytes
 
 
-Result = Entry | AttrReply | Opened | Created | DirOpened | Written | StatfsReply | HelloReply | tuple | bytes | None
+Result = (Entry | AttrReply | Opened | Created | DirOpened | Listed | Written | StatfsReply | HelloReply | tuple | bytes
+          | None)  # fmt: skip
