@@ -9,7 +9,7 @@ Interleaved, per round:
    per-phase timeline (src/matchlock/util/trace.py) starts when the interpreter does, with the guest's
    own stamps (`guest: ...`, ms since its previous stamp).
 Then, once, the floor of the exec itself: `true` in an already-running sandbox, in process (the first
-exec, one after an idle second, and back-to-back ones).
+exec, and back-to-back ones).
 
 Prints medians, the ratios, and the median of every phase of the timeline.
 Usage: .venv/bin/python benchmarks/bench_run_latency.py [--runs N]   (hold /tmp/matchlock-vm.lock)
@@ -124,17 +124,12 @@ async def raw_restore_seconds(work: Path) -> tuple[float, float]:
         await namespace.aclose()
 
 
-async def exec_floor(runs: int) -> tuple[float, list[float], list[float]]:
-    """Seconds of `true` in one running sandbox, in process: its first exec, execs after an idle second
-    (the guest forks the next namespace init when idle), and back-to-back execs."""
+async def exec_floor(runs: int) -> tuple[float, list[float]]:
+    """Seconds of `true` in one running sandbox, in process: its first exec, and back-to-back execs."""
     box = await Sandbox.create(SandboxConfig(image=DEFAULT_IMAGE))
     try:
         first = (await timed_async(1, lambda: box.exec(ExecSpec("true"))))[0]
-        idle = []
-        for _ in range(runs):
-            await asyncio.sleep(1.0)
-            idle += await timed_async(1, lambda: box.exec(ExecSpec("true")))
-        return first, idle, await timed_async(runs, lambda: box.exec(ExecSpec("true")))
+        return first, await timed_async(runs, lambda: box.exec(ExecSpec("true")))
     finally:
         await box.aclose()
 
@@ -159,7 +154,7 @@ def main() -> None:
             elapsed, phases = run_true()
             ours.append(elapsed)
             timelines.append(phases)
-        first_exec, idle_execs, busy_execs = asyncio.run(exec_floor(runs))
+        first_exec, busy_execs = asyncio.run(exec_floor(runs))
     floor, qemu, hello, total = (statistics.median(x) for x in (interpreter, raw, first_bytes, ours))
     print(f"run -- true from a boot template (median of {runs}, interleaved; target <= 0.6 s)")
     print(f"  python -c pass                          : {floor * 1000:7.1f} ms")
@@ -169,7 +164,6 @@ def main() -> None:
     print(f"  = {total / qemu:.2f}x raw restore, {total / (hello + floor):.2f}x (first byte + interpreter)")
     print("exec `true` in a running sandbox, in process (the floor of the exec):")
     print(f"  first exec                              : {first_exec * 1000:7.1f} ms")
-    print(f"  after an idle second (median)           : {median_ms(idle_execs):7.1f} ms")
     print(f"  back to back (median)                   : {median_ms(busy_execs):7.1f} ms")
     print("per phase (median ms since the previous mark; marks in the order of the first run):")
     for label, _ in timelines[0]:

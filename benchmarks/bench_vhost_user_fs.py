@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,29 +33,9 @@ from support.git_image import git_image  # noqa: E402
 PROTO = Path(__file__).resolve().parent / "vhost_user_fs_proto.py"
 
 
-@contextlib.contextmanager
-def proto(source: Path, socket_path: Path) -> Iterator[subprocess.Popen]:
-    log = open(socket_path.with_suffix(".log"), "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [sys.executable, str(PROTO), "--socket", str(socket_path), "--source", str(source)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while not socket_path.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise bv.BenchError(f"the prototype did not start: {bv._tail(socket_path.with_suffix('.log'))}")
-            time.sleep(0.02)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
+def proto(source: Path, socket_path: Path) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    argv = [sys.executable, str(PROTO), "--socket", str(socket_path), "--source", str(source)]
+    return bv.serving(argv, socket_path, "the prototype", 20)
 
 
 # Timed in the guest: bench_virtiofs's marker-to-exit times came out near zero for every target in this
@@ -103,25 +82,15 @@ async def measure(
     """Workload by workload, every target in turn; the scripts are bench_vfs's. Also the prototype's requests per step."""
     seconds: dict[str, dict[str, float]] = {target.name: {} for target in targets}
     requests: dict[str, int] = {}
-    steps = {
-        "write": lambda where: (bench_vfs.BULK_WRITE_SCRIPT, f"{where}/big", str(mib)),
-        "read": lambda where: (bench_vfs.BULK_READ_SCRIPT, f"{where}/big"),
-        "untar": lambda where: (bench_vfs.UNTAR_SCRIPT, f"{where}/untar", "/root/tree.tar"),
-        "find_stat": lambda where: (bench_vfs.FIND_STAT_SCRIPT, f"{where}/untar/tree"),
-        "git_setup": lambda where: (bench_vfs.GIT_SETUP_SCRIPT, f"{where}/untar/tree"),
-        "git_status": lambda where: (bench_vfs.GIT_STATUS_SCRIPT, f"{where}/untar/tree"),
-    }
-    for step, make in steps.items():
+    for step in bv.WORKLOADS:
         for target in targets:
             before = await requests_served(server, log) if target.name == "proto" else 0
-            seconds[target.name][step] = await timed(box, target, *make(target.guest_dir))
+            seconds[target.name][step] = await timed(box, target, *bv.workload(step, target.guest_dir, mib))
             if target.name == "proto":
                 requests[step] = await requests_served(server, log) - before
             print(f"  {step:<10} {target.name:<10} {seconds[target.name][step]:7.3f} s", file=sys.stderr, flush=True)
-            if step == "untar" and target.host_dir is not None:
-                count = bv.host_file_count(target.host_dir / "untar" / "tree")
-                if count < files:
-                    raise bv.BenchError(f"{target.name}: the host sees {count} files after the untar, not {files}")
+            if step == "untar":
+                bv.check_untar(target, files)
     return seconds, requests
 
 
@@ -152,11 +121,9 @@ async def run(mib: int, files: int, image: str) -> tuple[dict[str, dict[str, flo
         targets = [
             bv.Target("ext4", "/root/bench", None),
             bv.Target("today", "/workspace/h/ours", share / "ours"),
-            bv.Target("virtiofsd", "/mnt/auto/auto", share / "auto",
-                      mount="mkdir -p /mnt/auto && busybox mount -t virtiofs auto /mnt/auto && "),
-            bv.Target("proto", "/mnt/proto/proto", share / "proto",
-                      mount="mkdir -p /mnt/proto && busybox mount -t virtiofs proto /mnt/proto && "),
-        ]  # fmt: skip
+            bv.virtiofs_target("virtiofsd", "auto", share),
+            bv.virtiofs_target("proto", "proto", share),
+        ]
         for target in targets:
             if target.host_dir is not None:
                 target.host_dir.mkdir(parents=True)

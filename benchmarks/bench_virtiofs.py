@@ -76,6 +76,12 @@ class Target:
     mount: str = ""  # a command that mounts the share in the exec's own mount namespace
 
 
+def virtiofs_target(name: str, tag: str, share: Path) -> Target:
+    """The virtio-fs device `tag`, serving `share`/`tag`, mounted at /mnt/`tag` in each exec."""
+    return Target(name, f"/mnt/{tag}/{tag}", share / tag,
+                  mount=f"mkdir -p /mnt/{tag} && busybox mount -t virtiofs {tag} /mnt/{tag} && ")  # fmt: skip
+
+
 # --------------------------------------------------------------------------- the kernel
 
 
@@ -122,21 +128,17 @@ def virtiofs_kernel(work: Path) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def virtiofsd(source: Path, socket_path: Path, cache: str) -> Iterator[subprocess.Popen]:
-    """One virtiofsd serving `source` on `socket_path`; stopped (and reaped) on exit."""
-    log = open(socket_path.with_suffix(".log"), "wb")  # noqa: SIM115 - closed below, after the process
-    process = subprocess.Popen(
-        [str(VIRTIOFSD), f"--socket-path={socket_path}", "-o", f"source={source}", "-o", f"cache={cache}"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+def serving(argv: list[str], socket_path: Path, what: str, start_seconds: float) -> Iterator[subprocess.Popen]:
+    """A vhost-user back end (`argv`) up once `socket_path` exists, logging to <socket>.log; stopped and
+    reaped on exit. `what` names it in the error if it does not come up within `start_seconds`."""
+    log_path = socket_path.with_suffix(".log")
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below, after the process
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + start_seconds
         while not socket_path.exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(
-                    f"{VIRTIOFSD} -o cache={cache} did not start (exit {process.poll()}): "
-                    f"{socket_path.with_suffix('.log').read_text(errors='replace').strip()[-800:]}"
-                )
+                raise BenchError(f"{what} did not start (exit {process.poll()}): {_tail(log_path)}")
             time.sleep(0.02)
         yield process
     finally:
@@ -148,6 +150,12 @@ def virtiofsd(source: Path, socket_path: Path, cache: str) -> Iterator[subproces
                 process.kill()
                 process.wait()
         log.close()
+
+
+def virtiofsd(source: Path, socket_path: Path, cache: str) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    """One virtiofsd serving `source` on `socket_path`."""
+    argv = [str(VIRTIOFSD), f"--socket-path={socket_path}", "-o", f"source={source}", "-o", f"cache={cache}"]
+    return serving(argv, socket_path, f"{VIRTIOFSD} -o cache={cache}", 10)
 
 
 def virtiofs_qemu_args(shares: dict[str, Path]) -> tuple[str, ...]:
@@ -261,23 +269,34 @@ def host_file_count(directory: Path) -> int:
 async def measure(box, targets: list[Target], mib: int, files: int) -> dict[str, dict[str, float]]:
     """Workload by workload, every target in turn (so a change in the host's load touches all alike)."""
     seconds: dict[str, dict[str, float]] = {target.name: {} for target in targets}
-    steps = {
-        "write": lambda where: (bench_vfs.BULK_WRITE_SCRIPT, f"{where}/big", str(mib)),
-        "read": lambda where: (bench_vfs.BULK_READ_SCRIPT, f"{where}/big"),  # and removes it
-        "untar": lambda where: (bench_vfs.UNTAR_SCRIPT, f"{where}/untar", "/root/tree.tar"),
-        "find_stat": lambda where: (bench_vfs.FIND_STAT_SCRIPT, f"{where}/untar/tree"),
-        "git_setup": lambda where: (bench_vfs.GIT_SETUP_SCRIPT, f"{where}/untar/tree"),
-        "git_status": lambda where: (bench_vfs.GIT_STATUS_SCRIPT, f"{where}/untar/tree"),
-    }
-    for step, make in steps.items():
+    for step in WORKLOADS:
         for target in targets:
-            seconds[target.name][step] = await timed(box, target, *make(target.guest_dir))
+            seconds[target.name][step] = await timed(box, target, *workload(step, target.guest_dir, mib))
             print(f"  {step:<10} {target.name:<16} {seconds[target.name][step]:7.2f} s", file=sys.stderr, flush=True)
-            if step == "untar" and target.host_dir is not None:
-                count = host_file_count(target.host_dir / "untar" / "tree")
-                if count < files:
-                    raise BenchError(f"{target.name}: the host sees {count} files after the untar, not {files}")
+            if step == "untar":
+                check_untar(target, files)
     return seconds
+
+
+def workload(step: str, where: str, mib: int) -> tuple[str, ...]:
+    """bench_vfs's script for one of WORKLOADS and its arguments, working in the guest's `where`."""
+    tree = f"{where}/untar/tree"
+    return {
+        "write": (bench_vfs.BULK_WRITE_SCRIPT, f"{where}/big", str(mib)),
+        "read": (bench_vfs.BULK_READ_SCRIPT, f"{where}/big"),  # and removes it
+        "untar": (bench_vfs.UNTAR_SCRIPT, f"{where}/untar", "/root/tree.tar"),
+        "find_stat": (bench_vfs.FIND_STAT_SCRIPT, tree),
+        "git_setup": (bench_vfs.GIT_SETUP_SCRIPT, tree),
+        "git_status": (bench_vfs.GIT_STATUS_SCRIPT, tree),
+    }[step]
+
+
+def check_untar(target: Target, files: int) -> None:
+    """After the untar, a shared target's host directory must hold every file the guest wrote."""
+    if target.host_dir is not None:
+        count = host_file_count(target.host_dir / "untar" / "tree")
+        if count < files:
+            raise BenchError(f"{target.name}: the host sees {count} files after the untar, not {files}")
 
 
 async def run(mib: int, files: int, caches: list[str], image: str) -> tuple[dict[str, dict[str, float]], list[str]]:
@@ -295,12 +314,8 @@ async def run(mib: int, files: int, caches: list[str], image: str) -> tuple[dict
         targets = [
             Target("ext4", "/root/bench", None),
             Target("ours", "/workspace/h/ours", share / "ours"),
-            *(
-                Target(f"virtiofs {cache}", f"/mnt/{cache}/{cache}", share / cache,
-                       mount=f"mkdir -p /mnt/{cache} && busybox mount -t virtiofs {cache} /mnt/{cache} && ")
-                for cache in caches
-            ),
-        ]  # fmt: skip
+            *(virtiofs_target(f"virtiofs {cache}", cache, share) for cache in caches),
+        ]
         for target in targets:
             if target.host_dir is not None:
                 target.host_dir.mkdir(parents=True)

@@ -65,7 +65,6 @@ DESC = struct.Struct("<QIHH")
 DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
 U16, USED_ELEM = struct.Struct("<H"), struct.Struct("<II")
 AVAIL_NO_INTERRUPT = 1
-HIPRIO = 0
 
 
 class Hostile(Exception):

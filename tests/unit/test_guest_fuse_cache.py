@@ -146,6 +146,39 @@ def test_a_host_change_notice_drops_the_cached_name():
     assert tr.handle(request(fuse.LOOKUP, b"d\0")).pending is not None
 
 
+def test_an_expired_enoent_the_reply_thread_drops_meanwhile_is_no_error():
+    clock = Clock()
+    tr = translator(clock)
+    lookup = tr.handle(request(fuse.LOOKUP, b"gone\0"))
+    assert lookup.pending is not None
+    tr.complete(lookup.pending, -errno.ENOENT, b"")  # remembered for a second
+    clock.now += SECOND
+
+    class Racing(dict):
+        def get(self, key, default=None):  # a notice for the name lands between the read and the drop
+            found = super().get(key, default)
+            tr.drop_absent(ROOT, b"gone")
+            return found
+
+    tr._absent = Racing(tr._absent)
+    assert tr.handle(request(fuse.LOOKUP, b"gone\0")).pending is not None
+
+
+def test_an_enoent_asked_before_a_notice_for_its_directory_is_not_cached():
+    tr = translator(Clock())
+    lookup = tr.handle(request(fuse.LOOKUP, b"new\0"))
+    assert lookup.pending is not None
+    tr.drop_absent(ROOT, b"new")  # the reply thread applies the notice ahead of the reply behind it
+    buffers, _ = tr.complete(lookup.pending, -errno.ENOENT, b"")
+    assert b"".join(buffers) == fuse.error(9, errno.ENOENT)  # no negative entry for the kernel to keep
+    assert tr.handle(request(fuse.LOOKUP, b"new\0")).pending is not None
+    # Unchanged, the same ENOENT is remembered.
+    again = tr.handle(request(fuse.LOOKUP, b"new\0"))
+    assert again.pending is not None
+    tr.complete(again.pending, -errno.ENOENT, b"")
+    assert tr.handle(request(fuse.LOOKUP, b"new\0")).pending is None
+
+
 def test_killpriv_v2_only_when_the_host_drops_set_id_bits_itself():
     offered = fuse.ASYNC_READ | fuse.HANDLE_KILLPRIV_V2
     init = fuse.INIT_IN.pack(7, 38, 0, offered) + bytes(48)

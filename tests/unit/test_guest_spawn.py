@@ -13,6 +13,7 @@ import pytest
 
 from matchlock.guest import process, timing
 from matchlock.wire.agent import ExecRequest
+from matchlock.wire.replies import MAX_STAMPS, Exited
 
 
 def _read_all(fd: int) -> bytes:
@@ -78,3 +79,25 @@ def test_the_agent_merges_its_childrens_stamps_in_time_order(monkeypatch) -> Non
     assert [label for label, _ in timing.take(last=True)] == ["exec request", "command: forked", "exec forked"]
     timing.add([("late", 9.0)])  # after the last take: nobody reads them
     assert timing.stamps is None
+
+
+def test_the_stamps_stay_within_the_hosts_bound_however_many_execs_add_theirs(monkeypatch) -> None:
+    monkeypatch.setattr(timing, "stamps", [])
+    for n in range(MAX_STAMPS):  # execs started before the first exit status: each stamps and adds
+        timing.stamp("exec request")
+        timing.add([("command: forked", float(n))])
+    timing.stamp("exit sent")
+    taken = tuple(timing.take(last=True))
+    assert len(taken) == MAX_STAMPS
+    assert Exited.parse(Exited(0, None, taken).to_wire()).stamps == taken  # the host takes it
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("traced", [False, True])
+def test_the_command_holds_only_its_standard_descriptors(monkeypatch, traced: bool) -> None:
+    # Not the error pipe, nor (traced) the stamps pipe: the user's command could keep them open.
+    monkeypatch.setattr(timing, "stamps", [] if traced else None)
+    proc = process.spawn(ExecRequest(command="ls /proc/$$/fd; exit 0"), privileged=True)
+    assert (proc.stamps_pipe >= 0) is traced
+    assert _finish(proc)[:2] == (0, b"0\n1\n2\n")
+    process.take_child_stamps(proc)

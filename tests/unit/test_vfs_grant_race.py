@@ -7,11 +7,23 @@ keep a leave the notice already ended, whichever thread applies the notice first
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 
 import pytest
-from test_guest_fuse_dirs import CACHED, DIR, ENTRIES, ROOT, local_fh, opendir, opened_by_host, readdir, reply
+from test_guest_fuse_dirs import (
+    CACHED,
+    DIR,
+    ENTRIES,
+    ROOT,
+    local_fh,
+    opendir,
+    opened_by_host,
+    readdir,
+    reply,
+    request,
+)
 
 from matchlock.guest import fuse, fuse_daemon, fuse_dirs
 from matchlock.wire import vfs
@@ -85,4 +97,41 @@ def test_an_open_older_than_the_forgotten_notices_is_refused_its_leave(monkeypat
     tr.dirs.noticed(DIR + 2)  # the third directory noted forgets which the first was
     opened_by_host(tr)
     reply(tr, read, vfs.DirOpened(31, GRANT, ENTRIES))
+    assert opendir(tr).args == vfs.Opendir(DIR, 0)
+
+
+def test_a_listing_the_notice_overtook_is_not_kept_before_the_notices_thread_runs():
+    # The reply thread applies a notice as it reads it: the listing behind it (decided before the
+    # directory changed) is neither kept nor a leave to open the directory, whatever the notices'
+    # thread (not started here) has done by then.
+    kernel, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with kernel, daemon_end:
+        info = vfs.Mount("/m", ROOT, False, 10**9)
+        mount = fuse_daemon.Mount(info, daemon_end.fileno(), vfs.MAX_IO, vfs.FEATURES_ALL)
+        notices = fuse_daemon.Notices()
+        notices.mounts.append(mount)
+        tr = mount.translator
+        first = tr.handle(request(fuse.LOOKUP, b"a\0", fuse.ROOT_ID))
+        assert first.wire is not None and first.wire[0] == vfs.Op.LOOKUP_DIR
+        notices.put(notice(ROOT))
+        attr = ENTRIES[1].entry.attr
+        listed = tuple(
+            vfs.DirEntry(3 + i, 8, 8, name, vfs.Entry(200 + i, 0, 10**12, 10**12, attr))
+            for i, name in enumerate((b"a", b"b"))
+        )
+        _, given = reply(tr, first, vfs.Listed(None, listed))
+        assert given == vfs.Forget(((201, 1),))  # "b" goes back to the host at once
+        assert tr.dirs.open(ROOT) is None
+        assert tr.handle(request(fuse.LOOKUP, b"b\0", fuse.ROOT_ID)).pending is not None  # not from the listing
+
+
+def test_a_refused_read_leaves_later_notices_refusing_the_other_reads_leave():
+    tr = fuse.MountTranslator(ROOT)
+    opened_by_host(tr)
+    first = readdir(tr, local_fh(opendir(tr)))
+    second = readdir(tr, local_fh(opendir(tr)))
+    assert second.pending is not None
+    tr.complete(second.pending, -errno.ENOENT, b"")  # the leave ends: the next open asks the host
+    tr.drop_node(DIR)  # a notice after both opens, before the first read's reply
+    reply(tr, first, vfs.DirOpened(31, GRANT, ENTRIES))
     assert opendir(tr).args == vfs.Opendir(DIR, 0)

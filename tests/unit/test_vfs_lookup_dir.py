@@ -119,3 +119,36 @@ def test_a_bad_lookup_dir_request_is_refused_with_its_reason() -> None:
     node_zero = frame[: wire.REQUEST_HEADER.size] + bytes(8) + frame[wire.REQUEST_HEADER.size + 8 :]
     with pytest.raises(RemoteProtocolError, match="LOOKUP_DIR names node 0"):
         wire.RequestDecoder().feed(node_zero)
+
+
+async def test_nested_mount_points_past_max_listed_give_a_lookups_answer(monkeypatch) -> None:
+    from vfs_kit import Guest
+
+    monkeypatch.setattr(wire, "MAX_LISTED", 2)
+    guest = Guest([Mount("/m", MemoryProvider()), Mount("/m/sub", MemoryProvider())])
+    guest.router.lookup_dir = True
+    try:
+        await guest.write("/m/a", b"x")
+        await guest.write("/m/b", b"x")  # two files and the mount point: one more than MAX_LISTED
+        root = guest.roots["/m"]
+        before = {n: node.nlookup for n, node in guest.router.nodes.items()}
+        got = await guest.call(wire.LookupDir(root, b"a"))
+        assert isinstance(got, wire.Listed) and got.entry is not None and got.entries == ()
+        wire.encode_reply(1, got)  # a listing it could not send would have counted a lookup per entry
+        after = {n: node.nlookup for n, node in guest.router.nodes.items()}
+        assert after == {**before, got.entry.node: before[got.entry.node] + 1}
+    finally:
+        guest.close()
+
+
+async def test_a_directory_that_cannot_be_listed_still_answers_as_lookup(monkeypatch) -> None:
+    from matchlock.vfs.types import FsError
+
+    def unreadable(self: MemoryProvider, path: tuple[str, ...], limit: int) -> list:
+        raise FsError(errno.EACCES, "searchable, not readable")  # a host directory of mode 0o311
+
+    async with _serving(MemoryProvider()) as (guest, router, root, _):
+        await _files(guest, root, b"a")
+        monkeypatch.setattr(MemoryProvider, "listdir", unreadable)
+        got = await _listed(guest, root, b"a")
+        assert got.entry is not None and got.entries == () and router.nodes[got.entry.node].nlookup == 1

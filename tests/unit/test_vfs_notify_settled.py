@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from test_vfs_watch import _watched
+from vfs_kit import Guest
 
+from matchlock.vfs.hostfs import HostFSProvider
+from matchlock.vfs.notify import OFF_ENV
+from matchlock.vfs.router import Mount
 from matchlock.wire import vfs as wire
 
 
@@ -26,5 +31,17 @@ async def test_settled_returns_once_the_host_changes_are_told(tmp_path: Path) ->
         async with asyncio.timeout(10):
             await guest.router.notifier.settled()
         assert len(sent.notices) == told
+    finally:
+        guest.close()
+
+
+async def test_settled_returns_at_once_when_watching_is_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(OFF_ENV, "1")  # a host_fs mount, never walked: nothing will ever be told
+    guest = Guest([Mount("/data", HostFSProvider(str(tmp_path)))])
+    try:
+        guest.router.notifier.start(lambda frame: None)
+        async with asyncio.timeout(10):
+            await guest.router.notifier.settled()
+        assert guest.router.notifier.sent == 0
     finally:
         guest.close()

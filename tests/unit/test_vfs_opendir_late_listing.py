@@ -13,6 +13,7 @@ from vfs_kit import Guest
 
 from matchlock.api.vfs import VFSInterceptionConfig
 from matchlock.vfs.hostfs import HostFSProvider
+from matchlock.vfs.memory import MemoryProvider
 from matchlock.vfs.router import Mount
 from matchlock.wire import vfs as wire
 
@@ -58,3 +59,15 @@ async def test_opendir_still_refuses_what_is_not_a_directory(tmp_path: Path) -> 
         assert await guest.errno_of(wire.Readdir(gone, opened.fh, 0, 4096, 0)) == errno.ENOTDIR
     finally:
         guest.close()
+
+
+async def test_with_interception_no_listing_is_cached_in_the_guest() -> None:
+    # The event comes with the listing at READDIR: a listing the guest kernel kept would fire none.
+    for interception, cached in ((VFSInterceptionConfig(emit_events=True), False), (None, True)):
+        guest = Guest([Mount("/m", MemoryProvider())], interception)
+        try:
+            opened = await guest.call(wire.Opendir(await guest.node("/m"), 0))
+            assert isinstance(opened, wire.Opened)
+            assert bool(opened.flags & wire.OPEN_CACHE_DIR) is cached, interception
+        finally:
+            guest.close()

@@ -166,9 +166,10 @@ async def test_the_guest_may_open_directories_itself_only_when_asked_and_nothing
         assert await _opendir_flags(guest, root) == cached | wire.OPEN_GUEST_DIR
     async with _serving(wire.FEATURES_ALL & ~wire.FEATURE_GUEST_OPENDIR) as (guest, root):
         assert await _opendir_flags(guest, root) == cached
-    # With interception (even events only) every open must reach the host, to fire its rules and events.
+    # With interception (even events only) every listing must reach the host's READDIR, to fire its rules
+    # and events: the guest neither opens the directory itself nor keeps the listing.
     async with _serving(wire.FEATURES_ALL, VFSInterceptionConfig(emit_events=True)) as (guest, root):
-        assert await _opendir_flags(guest, root) == cached
+        assert await _opendir_flags(guest, root) == 0
 
 
 async def test_opendir_read_opens_and_reads_in_one_and_its_handle_is_an_ordinary_one() -> None:

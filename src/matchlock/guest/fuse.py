@@ -181,9 +181,10 @@ class MountTranslator:
         self.cache.drop_name(parent, name)
 
     def drop_node(self, node: int) -> None:
-        """The host says `node` changed: forget its attributes and any leave to open it here."""
+        """The host says `node` changed: forget its attributes and any leave to open it here (called in
+        port order by the reply thread, so a reply behind the notice is not kept: fuse_daemon.Notices)."""
         self.cache.drop_node(node)
-        self.dirs.drop(node)
+        self.dirs.noticed(node)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -310,7 +311,7 @@ class MountTranslator:
                 left = expires - self._clock()
                 if left > 0:
                     return Action(out(unique, pack_entry(None, left)))
-                del self._absent[key]
+                self._absent.pop(key, None)  # not `del`: the reply thread may have dropped it meanwhile
         # Lookups held for listings whose entries left the cache go back with the next LOOKUP (fuse_prefetch).
         forgets = () if not self.cache.owing or (held := self.cache.take_forget()) is None else (held,)
         hit = self.cache.lookup(parent, name)
@@ -498,14 +499,16 @@ class MountTranslator:
             return fuse_prefetch.listed(self, pending, status, payload)
         alone = self.cache.end(pending.changes, pending.gen) if pending.changes else False
         if status < 0:
+            key = pending.key  # an ENOENT is cached only if its directory did not change since it was asked
             if status == -errno.ENOENT and op == LOOKUP and self.negative_valid_ns:
-                if pending.key is not None:
-                    if len(self._absent) >= MAX_ABSENT:
-                        self._absent.clear()
-                    self._absent[pending.key] = self._clock() + self.negative_valid_ns
-                return [out(unique, pack_entry(None, self.negative_valid_ns))], None
+                if key is None or self.cache.fresh(key[0], pending.gen):
+                    if key is not None:
+                        if len(self._absent) >= MAX_ABSENT:
+                            self._absent.clear()
+                        self._absent[key] = self._clock() + self.negative_valid_ns
+                    return [out(unique, pack_entry(None, self.negative_valid_ns))], None
             if pending.fh:  # an OPENDIR_READ refused (e.g. the directory is gone): ask the host from now on
-                self.dirs.drop(pending.node)
+                self.dirs.noticed(pending.node)  # as a notice: a later one still refuses reads opened before it
             return [error(unique, -status)], None
         if op in _PARENT_REPLIES and len(payload) == _WITH_PARENT_SIZE[op == CREATE]:
             # FEATURE_PARENT_ATTR: the directory's attributes after the change, for the cache.

@@ -39,7 +39,7 @@ MAX_CACHED = 65536  # nodes or names; past it the cache is emptied at once
 MAX_COMPLETE = 4096  # directories whose every name is known here
 MAX_COMPLETE_NAMES = 16384  # names one of them may hold before it is no longer tracked
 MAX_HELD = 16384  # nodes held for listings alone; past it they are all given back at once
-Listed = tuple[bytes, int, int, int, bytes]  # name, node, entry and attribute validity (ns), fuse_entry_out
+ListedEntry = tuple[bytes, int, int, int, bytes]  # name, node, entry and attribute validity (ns), fuse_entry_out
 
 
 class MetaCache:
@@ -146,6 +146,11 @@ class MetaCache:
                     self._busy[node] = busy - 1
                 self._changed[node] = self._gen
             return alone
+
+    def fresh(self, node: int, gen: int) -> bool:
+        """No change to `node` was in flight or began since `gen`: a reply to a request sent then may be kept."""
+        with self._lock:
+            return self._fresh(node, gen)
 
     def _fresh(self, node: int, gen: int) -> bool:
         return gen >= self._floor and node not in self._busy and self._changed.get(node, 0) <= gen
@@ -299,7 +304,7 @@ class MetaCache:
             self._unlisted[parent] = self._clock() + retry_ns
 
     def store_listing(
-        self, parent: int, name: bytes, names: set[bytes], items: list[Listed], gen: int, complete_ns: int
+        self, parent: int, name: bytes, names: set[bytes], items: list[ListedEntry], gen: int, complete_ns: int
     ) -> tuple[bool, bytes | None]:
         """`parent`'s listing (every name in it; the entries with a node, fuse_prefetch.decode) asked at
         `gen` for a LOOKUP of `name`: (fresh, the fuse_entry_out to answer it with, None if `name` is not

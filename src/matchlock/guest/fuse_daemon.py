@@ -226,12 +226,15 @@ class Notices:
         self._ready = threading.Condition()
 
     def put(self, payload: bytes) -> None:
-        """A notice read off the port (the reply thread): leaves to open its node here end now, before
-        the replies behind it are handled (fuse_dirs); the kernel is told on the notices' thread."""
-        notice = vfs.decode_notice(payload)
-        if notice[0] == vfs.INVAL_INODE:
-            for mount in self.mounts:
-                mount.translator.dirs.noticed(notice[1])
+        """A notice read off the port (the reply thread): the translators drop what it names now, before
+        the replies behind it are handled (a listing or a leave to open a directory the host decided
+        before it is not kept: fuse_cache, fuse_dirs); the kernel is told on the notices' thread."""
+        notice = kind, node, name = vfs.decode_notice(payload)
+        for mount in self.mounts:
+            if kind == vfs.INVAL_ENTRY:
+                mount.translator.drop_absent(node, name)
+            else:
+                mount.translator.drop_node(node)
         with self._ready:
             self._queue.append(notice)
             self._ready.notify()
@@ -251,10 +254,8 @@ class Notices:
     def _write(mount: Mount, kind: int, node: int, name: bytes) -> None:
         nodeid = fuse.ROOT_ID if node == mount.info.root else node
         if kind == vfs.INVAL_ENTRY:
-            mount.translator.drop_absent(node, name)
             notice = fuse.inval_entry_notice(nodeid, name)
         else:
-            mount.translator.drop_node(node)
             notice = fuse.inval_inode_notice(nodeid)
         mount.notify_kernel(notice)
 

@@ -71,7 +71,8 @@ class GuestDirs:
         self._flags.pop(node, None)
 
     def noticed(self, node: int) -> None:
-        """A host notice about `node` arrived (the reply thread, before any reply after it)."""
+        """A host notice about `node` arrived, or a read of it was refused (the reply thread, before any
+        reply after it): the leave ends, and reads opened before this may not renew it."""
         self._seen += 1
         # Only a directory with leave (or one noted before) can have a handle of ours open.
         if self._flags.pop(node, None) is None and node not in self._noticed:

@@ -20,13 +20,13 @@ import struct
 
 from ..wire import vfs
 from ..wire.frames import RemoteProtocolError
-from .fuse_out import WIRE_ENTRY, error, fast_entry, out
+from .fuse_out import WIRE_ENTRY, fast_entry, out
 
 TYPE_CHECKING = False  # not `typing`'s: the guest pays for every import under emulation
 if TYPE_CHECKING:
     from .fuse import MountTranslator
     from .fuse_actions import Pending
-    from .fuse_cache import Listed
+    from .fuse_cache import ListedEntry
 
 
 def listed(
@@ -50,12 +50,10 @@ def listed(
     forget = t.cache.take_forget()  # more than one FORGET's worth: the rest go with later LOOKUPs
     if answer is not None:
         return [out(pending.unique, answer)], forget
-    if not fresh:  # changed meanwhile: an ENOENT the kernel does not cache
-        return [error(pending.unique, errno.ENOENT)], forget
-    return t.complete(pending, -errno.ENOENT, b"")[0], forget
+    return t.complete(pending, -errno.ENOENT, b"")[0], forget  # not fresh: an ENOENT the kernel does not cache
 
 
-def decode(payload: bytes) -> tuple[set[bytes], list[Listed]]:
+def decode(payload: bytes) -> tuple[set[bytes], list[ListedEntry]]:
     """A LOOKUP_DIR listing straight to FUSE bytes, as `wire.vfs.decode_result` checks it (its records
     cost several times as much under emulation): every name, and the entries with a node."""
     try:
@@ -63,7 +61,7 @@ def decode(payload: bytes) -> tuple[set[bytes], list[Listed]]:
         if count > vfs.MAX_LISTED:
             raise ValueError(f"{count} entries, more than {vfs.MAX_LISTED}")
         names: set[bytes] = set()
-        items: list[Listed] = []
+        items: list[ListedEntry] = []
         pos = 1 + _COUNT.size
         for _ in range(count):
             _, _, _, length, has_entry = _DIRENT.unpack_from(payload, pos)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+from ..wire.replies import MAX_STAMPS
+
 stamps: list[tuple[str, float]] | None = []
 
 
@@ -19,7 +21,9 @@ def uptime() -> float:
 
 
 def stamp(label: str) -> None:
-    if stamps is not None:
+    # At most the host's bound, the earliest kept: execs started before the first exit status each add
+    # theirs, and a longer list would make the host refuse that exit status.
+    if stamps is not None and len(stamps) < MAX_STAMPS:
         stamps.append((label, round(uptime() * 1000, 1)))
 
 
@@ -28,6 +32,7 @@ def add(others: list[tuple[str, float]]) -> None:
     if stamps is not None and others:
         stamps.extend(others)
         stamps.sort(key=lambda entry: entry[1])
+        del stamps[MAX_STAMPS:]
 
 
 def take(last: bool = False) -> list[tuple[str, float]]:

@@ -15,9 +15,9 @@ Bounds: one request slot as any request, at most MAX_LISTED host stats, nodes wi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-import stat
 from typing import TYPE_CHECKING
 
 from ..wire import vfs as wire
@@ -35,33 +35,30 @@ async def lookup_dir(router: Router, a: wire.LookupDir, caller: Caller) -> wire.
     parts = router._parts(parent)
     listing = None
     if router._cache_flags(parts) and not router.interceptor.enabled:
-        try:
+        # Any failure to list (too big, not a directory, searchable but unreadable): LOOKUP answers instead.
+        with contextlib.suppress(FsError):
             listing = await router._io(router._listing, parts, wire.MAX_LISTED)
-        except FsError as exc:
-            if exc.errno not in (errno.EOVERFLOW, errno.ENOTDIR):
-                raise
-    if listing is None:
-        entry = await router.lookup(wire.Lookup(a.parent, a.name), caller)
-        assert isinstance(entry, wire.Entry)
-        return wire.Listed(entry, ())
+    if listing is None or len(listing) > wire.MAX_LISTED:  # nested mount points come on top of the provider's
+        return await _looked_up(router, a, caller)
     attrs = await router._io(router._attrs, [parts + (e.name,) for e in listing])
     out: list[wire.DirEntry] = []
     made: list[tuple[int, int]] = []
     try:
         for cookie, e in enumerate(listing, 3):  # after '.' and '..', as READDIR counts
-            name = os.fsencode(e.name)
-            attr = attrs.get(e.name)
-            if attr is None:  # gone since the listing: an entry without a node
-                out.append(wire.DirEntry(cookie, e.ino or 1, stat.S_IFMT(e.mode) >> 12, name))
-                continue
-            found = router._entry(parent, e.name, parts + (e.name,), attr)
-            made.append((found.node, 1))
-            out.append(wire.DirEntry(cookie, attr.ino or 1, stat.S_IFMT(attr.mode) >> 12, name, found))
+            item = router._plus_entry(parent, parts, cookie, e, attrs.get(e.name))
+            if item.entry is not None:
+                made.append((item.entry.node, 1))
+            out.append(item)
     except FsError as exc:  # the node table is full: no listing, and nothing of it kept
         router.forget(tuple(made))
         if exc.errno != errno.ENFILE:
             raise
-        entry = await router.lookup(wire.Lookup(a.parent, a.name), caller)
-        assert isinstance(entry, wire.Entry)
-        return wire.Listed(entry, ())
+        return await _looked_up(router, a, caller)
     return wire.Listed(None, tuple(out))
+
+
+async def _looked_up(router: Router, a: wire.LookupDir, caller: Caller) -> wire.Listed:
+    """No listing: exactly LOOKUP's answer."""
+    entry = await router.lookup(wire.Lookup(a.parent, a.name), caller)
+    assert isinstance(entry, wire.Entry)
+    return wire.Listed(entry, ())

@@ -91,6 +91,7 @@ class Notifier:
     def start(self, send: Callable[[bytes], None], writer: asyncio.StreamWriter | None = None) -> None:
         """Watch every host_fs mount (the walk runs in the router's threads); `send` queues frames for the guest."""
         if not self.candidates or os.environ.get(OFF_ENV, "") not in ("", "0"):
+            self.walked = True  # nothing to walk (and nothing will be told): `settled` must not wait for it
             return
         self._send, self._writer = send, writer
         trees = []

@@ -477,7 +477,9 @@ class Router(NodeTable):
         if not stat.S_ISDIR((await self._stat(parts)).mode):
             raise FsError(errno.ENOTDIR, f"{path} is not a directory")
         fh = self._open_handle(_Open(node, directory=True))
-        if not self._cache_flags(parts):
+        if not self._cache_flags(parts) or self.interceptor.enabled:
+            # With interception the guest kernel keeps no listing: each one reaches READDIR here, where
+            # its rule and its event run (the listing is taken there, not at this open).
             return wire.Opened(fh, 0)
         flags = wire.OPEN_CACHE_DIR | wire.OPEN_KEEP_CACHE
         # The guest may open this directory itself from now on: it is cached long (a private mount, or
@@ -533,13 +535,22 @@ class Router(NodeTable):
             if e.name in (".", ".."):
                 out.append(wire.DirEntry(cookie, 1, stat.S_IFDIR >> 12, os.fsencode(e.name)))
                 continue
-            attr = attrs.get(e.name)
-            if attr is None:  # gone since the listing: an entry without a node
-                out.append(wire.DirEntry(cookie, e.ino or 1, stat.S_IFMT(e.mode) >> 12, os.fsencode(e.name)))
-                continue
-            found = self._entry(node, e.name, parts + (e.name,), attr)
-            out.append(wire.DirEntry(cookie, attr.ino or 1, stat.S_IFMT(attr.mode) >> 12, os.fsencode(e.name), found))
+            try:
+                out.append(self._plus_entry(node, parts, cookie, e, attrs.get(e.name)))
+            except FsError as exc:  # the node table is full: this entry without a node, as the kernel allows
+                if exc.errno != errno.ENFILE:
+                    raise
+                out.append(self._plus_entry(node, parts, cookie, e, None))
         return tuple(out)
+
+    def _plus_entry(self, parent: Node, parts: Path, cookie: int, e: DirEntry, attr: Attr | None) -> wire.DirEntry:
+        """A listed entry of `parent` with its node (one lookup); without one if it went away since the listing
+        (`attr` None). Raises ENFILE, having counted nothing, when the node table is full."""
+        name = os.fsencode(e.name)
+        if attr is None:
+            return wire.DirEntry(cookie, e.ino or 1, stat.S_IFMT(e.mode) >> 12, name)
+        found = self._entry(parent, e.name, parts + (e.name,), attr)
+        return wire.DirEntry(cookie, attr.ino or 1, stat.S_IFMT(attr.mode) >> 12, name, found)
 
     def _attrs(self, paths: list[Path]) -> dict[str, Attr]:
         out = {}

@@ -153,8 +153,10 @@ class GuestStream:
         event = await self.next_event()
         with self.channel.wire_errors:
             reply = replies.feed(event)
-        if trace.ENABLED and isinstance(reply, Exited):
-            # Only an exit status carries them (the first one): other replies cannot flood stderr.
+        if trace.ENABLED and isinstance(reply, Exited) and reply.stamps and self.channel.exit_stamps_due:
+            # The guest's first exit status carries them; any later ones are not printed, so a guest that
+            # sends stamps with every exit status cannot flood stderr.
+            self.channel.exit_stamps_due = False
             trace.guest_stamps(reply.stamps)
         return reply
 
@@ -245,6 +247,7 @@ class GuestChannel:
         self.boot_ms: int | None = None
         self._flush_scheduled = False
         self.held = False  # set while the guest is parked (sandbox/snapshots.py)
+        self.exit_stamps_due = True  # under MATCHLOCK_DEBUG_TIMING: until an exit status's stamps are printed
 
     async def start(self) -> None:
         self._reader, self._writer = await asyncio.open_connection(sock=self._sock, limit=READ_SIZE)

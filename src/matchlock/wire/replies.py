@@ -73,7 +73,7 @@ def _stamps(msg: dict) -> Stamps | None:
 
 
 def _stamps_to_wire(reply: dict, stamps: Stamps | None) -> dict:
-    if stamps is not None:
+    if stamps:  # never an empty list, which the host refuses
         reply["stamps"] = [[label, at] for label, at in stamps]
     return reply
 
