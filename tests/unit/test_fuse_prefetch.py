@@ -129,10 +129,12 @@ def test_an_emptied_cache_gives_every_held_lookup_back():
 def test_past_the_cap_held_entries_go_back_all_at_once():
     tr = translator(Clock())
     tr.cache._held = dict.fromkeys(range(1000, 1000 + MAX_HELD), 1)
+    tr.cache._held_in = {77: list(range(1000, 1000 + MAX_HELD))}  # a directory's listing held them
     reply(tr, tr.handle(lookup(b"a")), listing(b"a", b"b"))
     given = tr.cache.take_forget()
     assert given is not None and len(given.items) == vfs.MAX_FORGETS  # the rest with later LOOKUPs
     assert tr.cache._held == {201: 1}
+    assert tr.cache._held_in == {ROOT: [201]}  # no record of the nodes given back is kept
 
 
 def test_a_host_notice_during_the_listing_keeps_it_out_of_the_cache():

@@ -319,6 +319,7 @@ class MetaCache:
                     if key is not None:
                         self._entries.pop(key, None)
                     self._unname(node)
+                self._held_in.clear()  # it records held nodes only, and none is held now
             if len(self._entries) + len(items) >= MAX_CACHED:
                 self._reset()
             fresh = self._fresh(parent, gen)
