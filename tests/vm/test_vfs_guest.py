@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+from vfs_support import sh
 
 from matchlock.sandbox.sandbox import ExecSpec
 
@@ -39,12 +40,6 @@ def box(vm_prerequisites, loop_thread, module_state_dir, host_dirs):
     sandbox = loop_thread.run(Sandbox.create(config))
     yield sandbox
     loop_thread.run(sandbox.aclose())
-
-
-def sh(box, loop_thread, command: str, **kwargs) -> str:
-    result = loop_thread.run(box.exec(ExecSpec(command, **kwargs)))
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result.stdout.decode()
 
 
 POSIX_SCRIPT = r"""

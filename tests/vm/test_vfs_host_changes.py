@@ -17,8 +17,8 @@ import itertools
 import os
 
 import pytest
+from vfs_support import sh
 
-from matchlock.sandbox.sandbox import ExecSpec
 from matchlock.vfs import notify
 
 pytestmark = [pytest.mark.vm]
@@ -59,12 +59,6 @@ def box(vm_prerequisites, loop_thread, module_state_dir, host_dirs):
     sandbox = loop_thread.run(Sandbox.create(config))
     yield sandbox
     loop_thread.run(sandbox.aclose())
-
-
-def sh(box, loop_thread, command: str) -> str:
-    result = loop_thread.run(box.exec(ExecSpec(command)))
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result.stdout.decode()
 
 
 def _notifier(box) -> notify.Notifier:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from matchlock.sandbox.sandbox import ExecSpec
+from vfs_support import sh
 
 pytestmark = [pytest.mark.vm]
 
@@ -50,12 +49,6 @@ def box(vm_prerequisites, loop_thread, module_state_dir, host_dir):
     loop_thread.run(watched())
     yield sandbox
     loop_thread.run(sandbox.aclose())
-
-
-def sh(box, loop_thread, command: str) -> str:
-    result = loop_thread.run(box.exec(ExecSpec(command)))
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result.stdout.decode()
 
 
 PATHS = " ".join(f"/work/d{d}/sub/f{f}" for d in range(DIRS) for f in range(FILES))
