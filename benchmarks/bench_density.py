@@ -3,7 +3,7 @@
 For each setting (old: matchlock's defaults; new: a candidate, by default a TCG translation buffer capped
 at --tb-size MiB through $MATCHLOCK_TCG_BUFFER_MB, or the environment given by --candidate), in one run:
 (a) one idle sandbox from the boot template (`matchlock run -d`): PSS of QEMU, of the owner process and
-    of any helper process (the owner's other children);
+    of any helper process (the owner's other children); before its first exec, and after the timed ones;
 (b) `matchlock fork ID -n N` of that sandbox: PSS of every process, and the PSS the N idle clones added
     (the sum over all processes after, less before, divided by N);
 and, as the floor, bare `qemu-system-x86_64` booting the same kernel into a busybox that only sleeps.
@@ -14,9 +14,12 @@ The binary's and libraries' PSS falls as more QEMUs run on the machine (anyone's
 Guest RAM in a memfd can hold pages that no process maps (filled from the template but not yet
 touched): PSS misses them, so they are printed apart ("memfd unmapped").
 Also timed: `run -- true` from the template and `exec -- true` (a small buffer is refilled more often).
+With --ksm, only the old setting runs, and each measurement is repeated with the host's KSM on (QEMU marks
+guest RAM mergeable): merged pages, ksmd's CPU, and `exec -- true` meanwhile. KSM is host-wide, so it is
+on only for those measurements, then unmerged and set back (needs root).
 
 Usage: .venv/bin/python benchmarks/bench_density.py [--forks N] [--runs N] [--tb-size MiB] [--settle S]
-       [--candidate NAME=VALUE ...]  (e.g. --candidate MALLOC_ARENA_MAX=1; it replaces the --tb-size candidate)
+       [--candidate NAME=VALUE ...] [--ksm]  (e.g. --candidate MALLOC_ARENA_MAX=1; it replaces the --tb-size candidate)
 (at most 1 + N VMs at once; the machine has 2 cores: keep N <= 4).
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import shutil
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench_vm import _busybox_root, _raw_spec
@@ -41,6 +46,7 @@ from timing import median_ms, smaps_rollup, timed
 from matchlock.vm.machine import TCG_BUFFER_ENV, build_argv
 
 MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
+KSM = Path("/sys/kernel/mm/ksm")
 CATEGORIES = ("guest RAM written", "guest RAM read", "TCG code buffer", "heap", "anon other", "binary+libs", "other")
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 
@@ -186,18 +192,77 @@ def _measure(vm_ids: list[str]) -> tuple[int, int]:
     return total, hidden
 
 
-def bench_setting(label: str, env: dict[str, str], forks: int, runs: int, settle: float) -> dict[str, float]:
+def _ksm(name: str) -> int:
+    return int((KSM / name).read_text())
+
+
+def _ksmd_cpu_s() -> float:
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "ksmd":
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    raise RuntimeError("no ksmd thread: the host kernel has no KSM")
+
+
+@contextlib.contextmanager
+def ksm_on(pages_to_scan: int = 1000) -> Iterator[None]:
+    """Host-wide KSM for one measurement; after it, every page unmerged (run=2) and the old settings back."""
+    saved = {name: _ksm(name) for name in ("run", "pages_to_scan", "use_zero_pages")}
+    try:
+        (KSM / "use_zero_pages").write_text("1")  # zero pages merge with the kernel's zero page, unshared
+        (KSM / "pages_to_scan").write_text(str(pages_to_scan))
+        (KSM / "run").write_text("1")
+        yield
+    finally:
+        (KSM / "run").write_text("2")  # returns when all is unmerged
+        for name, value in saved.items():
+            (KSM / name).write_text(str(value))
+
+
+def ksm_settle(scans: int = 3, timeout: float = 60.0) -> None:
+    """Wait for `scans` full KSM scans (a page merges on the scan after the one that saw it unchanged)."""
+    first, cpu, started = _ksm("full_scans"), _ksmd_cpu_s(), time.monotonic()
+    while _ksm("full_scans") < first + scans and time.monotonic() < started + timeout:
+        time.sleep(0.2)
+    wall, spent = time.monotonic() - started, _ksmd_cpu_s() - cpu
+    print(
+        f"    KSM: {_ksm('full_scans') - first} full scans in {wall:.1f} s, ksmd CPU {spent:.2f} s "
+        f"({100 * spent / wall:.0f}% of a core); pages_sharing {_ksm('pages_sharing')}, "
+        f"pages_shared {_ksm('pages_shared')}, zero pages {_ksm('ksm_zero_pages')}"
+    )
+
+
+def _measure_ksm(vm_ids: list[str], runs: int, env: dict[str, str]) -> tuple[int, float]:
+    """The same sandboxes again with KSM on: their PSS sum (KiB) and `exec -- true` (ms) meanwhile."""
+    with ksm_on():
+        ksm_settle()
+        total, _ = _measure(vm_ids)
+        exec_ms = _timed(runs, "exec", vm_ids[0], "--", "true", env=env)
+        print(f"    with KSM: total PSS {_mib(total)} MiB, exec -- true {exec_ms:.0f} ms")
+        return total, exec_ms
+
+
+def bench_setting(
+    label: str, env: dict[str, str], forks: int, runs: int, settle: float, ksm: bool = False
+) -> dict[str, float]:
     _matchlock("run", "--", "true", env=env)  # builds this setting's template (its key covers QEMU's argv)
     run_ms = _timed(runs, "run", "--", "true", env=env)
     vm_id = _matchlock("run", "-d", env=env).strip()
     clones: list[str] = []
     try:
+        time.sleep(settle)
+        print(f"{label}: (a0) the sandbox before its first exec (what the wake and handshake wrote)")
+        _measure([vm_id])
         exec_ms = _timed(runs, "exec", vm_id, "--", "true", env=env)
         print(f"{label}: run -- true {run_ms:.0f} ms, exec -- true {exec_ms:.0f} ms (medians of {runs})")
         time.sleep(settle)
         print(" (a) one idle sandbox from the template")
         one, one_hidden = _measure([vm_id])
         print(f"    total PSS {_mib(one)} MiB (+ {_mib(one_hidden).strip()} MiB in no process's mappings)")
+        extra: dict[str, float] = {}
+        if ksm:
+            extra["one ksm"], extra["exec ksm"] = _measure_ksm([vm_id], runs, env)
         clones = _matchlock("fork", vm_id, "-n", str(forks), env=env).split()
         time.sleep(settle)
         print(f" (b) {forks} idle forks of it")
@@ -206,7 +271,10 @@ def bench_setting(label: str, env: dict[str, str], forks: int, runs: int, settle
         print(
             f"    total PSS {_mib(every)} MiB (+ {_mib(every_hidden).strip()} unmapped); added per fork {_mib(added)} MiB"
         )
-        return {"run": run_ms, "exec": exec_ms, "one": one, "one+unmapped": one + one_hidden, "added": added}
+        if ksm:
+            every_ksm, _ = _measure_ksm([vm_id, *clones], runs, env)
+            extra["added ksm"] = (every_ksm - extra["one ksm"]) / forks
+        return {"run": run_ms, "exec": exec_ms, "one": one, "one+unmapped": one + one_hidden, "added": added, **extra}
     finally:
         for vm in [*clones, vm_id]:
             subprocess.run([MATCHLOCK, "kill", vm], capture_output=True, timeout=60)
@@ -231,7 +299,9 @@ def bench_bare(work: Path, settle: float, settings: dict[str, dict[str, str]]) -
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        proc = subprocess.Popen(argv, pass_fds=(agent_guest.fileno(), qmp_guest.fileno()), stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(  # the setting's environment is QEMU's too (e.g. glibc tunables)
+            argv, pass_fds=(agent_guest.fileno(), qmp_guest.fileno()), stderr=subprocess.DEVNULL, env={**saved, **env}
+        )
         try:
             time.sleep(settle + 2)  # boot, then idle
             _print_qemu(label, proc.pid)
@@ -251,20 +321,31 @@ def main() -> None:
     parser.add_argument(
         "--candidate", action="append", default=[], metavar="NAME=VALUE", help="the new setting's environment"
     )
+    parser.add_argument("--ksm", action="store_true", help="old setting only, each measurement again with KSM on")
     args = parser.parse_args()
     candidate = dict(item.split("=", 1) for item in args.candidate if "=" in item)
     if len(candidate) != len(args.candidate):
         sys.exit(f"--candidate takes NAME=VALUE, got {args.candidate}; fix: e.g. --candidate MALLOC_ARENA_MAX=1")
     if not shutil.which("mkfs.erofs"):
         sys.exit("mkfs.erofs is needed for the bare baseline; fix: apt-get install erofs-utils")
-    settings = {"old": {}, "new": candidate or {TCG_BUFFER_ENV: str(args.tb_size)}}
-    print(f"new = {settings['new']}")
+    settings: dict[str, dict[str, str]] = {"old": {}}
+    if not args.ksm:
+        settings["new"] = candidate or {TCG_BUFFER_ENV: str(args.tb_size)}
+        print(f"new = {settings['new']}")
     with private_state_dir(), tempfile.TemporaryDirectory(prefix="bench-density-") as work:
         results = {
-            label: bench_setting(label, env, args.forks, args.runs, args.settle) for label, env in settings.items()
+            label: bench_setting(label, env, args.forks, args.runs, args.settle, args.ksm)
+            for label, env in settings.items()
         }
         bench_bare(Path(work), args.settle, settings)
-    old, new = results["old"], results["new"]
+    old = results["old"]
+    if args.ksm:
+        print("summary (targets: one sandbox <= 80 MiB total PSS; each fork adds <= 30 MiB)")
+        for key, text in (("one", "one idle sandbox, total PSS MiB"), ("added", "PSS added per fork, MiB")):
+            print(f"  {text:34s} KSM off {_mib(old[key])}  on {_mib(old[key + ' ksm'])}")
+        print(f"  {'exec -- true, ms':34s} KSM off {old['exec']:6.0f}  on {old['exec ksm']:6.0f}")
+        return
+    new = results["new"]
     print("summary (targets: one sandbox <= 80 MiB total PSS; each fork adds <= 30 MiB)")
     for key, text in (
         ("one", "one idle sandbox, total PSS MiB"),

@@ -2,7 +2,8 @@
 virtiofsd (cache=auto), today's host_fs path (guest FUSE daemon + virtio-serial) and the guest's ext4.
 
 One VM (the Debian cloud kernel + virtiofs.ko, cold boot, as bench_virtiofs.py does), the workload
-scripts of bench_vfs.py, every target in turn per workload. Times are taken in the guest around each workload (see GUEST_TIMED).
+scripts of bench_vfs.py, every target in turn per workload. Times are taken in the guest around each
+workload (bench_virtiofs.timed).
 Also prints the vhost-user-fs migration probe: QMP `migrate` to a file with the device attached.
 
 Usage: .venv/bin/python benchmarks/bench_vhost_user_fs.py [--files 1000] [--mib 32]  (hold /tmp/matchlock-vm.lock)
@@ -14,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -36,27 +36,6 @@ PROTO = Path(__file__).resolve().parent / "vhost_user_fs_proto.py"
 def proto(source: Path, socket_path: Path) -> contextlib.AbstractContextManager[subprocess.Popen]:
     argv = [sys.executable, str(PROTO), "--socket", str(socket_path), "--source", str(source)]
     return bv.serving(argv, socket_path, "the prototype", 20)
-
-
-# Timed in the guest: bench_virtiofs's marker-to-exit times came out near zero for every target in this
-# tree (the marker seems to reach the host with the exit). /proc/uptime (10 ms steps) if date lacks %N.
-NOW = 'now() { n=$(date +%s%N 2>/dev/null); case "$n" in *N*|"") read u _ < /proc/uptime; echo "${u%.*}${u#*.}0000000";; *) echo "$n";; esac; }'
-GUEST_TIMED = NOW + '; t0=$(now); sh -c "$0" sh "$@"; rc=$?; t1=$(now); echo "@elapsed-ns $((t1 - t0))"; exit $rc'
-
-
-async def timed(box, target: bv.Target, script: str, *args: str) -> float:
-    from matchlock.sandbox.sandbox import ExecSpec
-
-    command = f"{target.mount}sh -c {shlex.quote(GUEST_TIMED)} {shlex.quote(script)} {shlex.join(args)}"
-    result = await bv._within(box.exec(ExecSpec(command)), command)
-    out = result.stdout.decode(errors="replace")
-    found = [line.split()[1] for line in out.splitlines() if line.startswith("@elapsed-ns ")]
-    if result.exit_code != 0 or not found:
-        raise bv.BenchError(
-            f"{target.name}: `{command[:160]}...` failed (exit {result.exit_code}): "
-            f"{(result.stderr.decode(errors='replace') or out).strip()[-600:]}"
-        )
-    return int(found[-1]) / 1e9
 
 
 async def requests_served(process: subprocess.Popen, log: Path) -> int:
@@ -85,7 +64,7 @@ async def measure(
     for step in bv.WORKLOADS:
         for target in targets:
             before = await requests_served(server, log) if target.name == "proto" else 0
-            seconds[target.name][step] = await timed(box, target, *bv.workload(step, target.guest_dir, mib))
+            seconds[target.name][step] = await bv.timed(box, target, *bv.workload(step, target.guest_dir, mib))
             if target.name == "proto":
                 requests[step] = await requests_served(server, log) - before
             print(f"  {step:<10} {target.name:<10} {seconds[target.name][step]:7.3f} s", file=sys.stderr, flush=True)
@@ -139,9 +118,9 @@ async def run(mib: int, files: int, image: str) -> tuple[dict[str, dict[str, flo
             box = await bv._sandbox_class(bv.virtiofs_qemu_args(sockets)).create(config)
             try:
                 await box.write_file("/root/tree.tar", tarball.read_bytes())
-                await timed(box, targets[0], 'mkdir -p "$1"', targets[0].guest_dir)
+                await bv.timed(box, targets[0], 'mkdir -p "$1"', targets[0].guest_dir)
                 for target in targets:
-                    await timed(box, target, 'test -d "$1"', target.guest_dir)
+                    await bv.timed(box, target, 'test -d "$1"', target.guest_dir, timeout=60)
                 seconds, requests = await measure(
                     box, targets, mib, files, server, sockets["proto"].with_suffix(".log")
                 )

@@ -31,6 +31,7 @@ if ((test_mode)); then
     linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc libc6-dev
     # registry tests and benchmarks: a real registry on loopback, a pusher, htpasswd, curl as the baseline
     docker-registry skopeo apache2-utils curl ca-certificates
+    cpio # the fallback initramfs is checked against GNU cpio (tests/unit/test_kernel_initramfs.py)
   )
 fi
 missing=()

@@ -165,7 +165,7 @@ async def test_the_proxy_starts_beside_qemu_and_a_failed_boot_still_closes_it(no
 
     seen: dict = {}
 
-    async def boot(self, spec, *, use_template=True):
+    async def boot(self, spec, *, use_template=True, rooted=False):
         seen["beside"] = self._proxy_started is not None and not self._proxy_started.done()
         await self._proxy_started
         seen["sandbox"] = self
@@ -192,7 +192,7 @@ async def test_a_proxy_that_cannot_start_fails_the_create_with_its_own_error(no_
         await booting.wait()
         raise SetupError("proxy stand-in failed")
 
-    async def boot(self, spec, *, use_template=True):
+    async def boot(self, spec, *, use_template=True, rooted=False):
         booting.set()
         await asyncio.Event().wait()  # QEMU restoring, until the proxy's failure cancels it
 

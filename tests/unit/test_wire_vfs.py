@@ -43,6 +43,7 @@ REQUESTS = [
     vfs.Statfs(node=2),
     vfs.OpendirRead(node=2, offset=0, size=4096, plus=1),
     vfs.LookupDir(parent=2, name=b"src"),
+    vfs.Parked(token=7),
 ]
 
 
@@ -52,15 +53,17 @@ def test_every_op_has_a_request_record():
 
 @pytest.mark.parametrize("args", REQUESTS, ids=lambda a: type(a).__name__)
 def test_request_round_trip(args):
-    frame = vfs.encode_request(0 if isinstance(args, vfs.Forget) else 77, 1000, 100, 4321, args)
-    assert frame[4:9] == (struct.pack(">I", 0 if isinstance(args, vfs.Forget) else 77) + bytes([type(args)._op]))
+    request_id = 0 if isinstance(args, (vfs.Forget, vfs.Parked)) else 77  # id 0 only: no reply
+    frame = vfs.encode_request(request_id, 1000, 100, 4321, args)
+    assert frame[4:9] == (struct.pack(">I", request_id) + bytes([type(args)._op]))
     (request,) = vfs.RequestDecoder().feed(frame)
     assert request.args == args
     assert (request.op, request.uid, request.gid, request.pid) == (type(args)._op, 1000, 100, 4321)
 
 
 def test_requests_split_at_every_byte_come_out_whole_and_in_order():
-    stream = b"".join(vfs.encode_request(i + 1, 0, 0, i, args) for i, args in enumerate(REQUESTS))
+    ids = [0 if isinstance(args, vfs.Parked) else i + 1 for i, args in enumerate(REQUESTS)]
+    stream = b"".join(vfs.encode_request(ids[i], 0, 0, i, args) for i, args in enumerate(REQUESTS))
     decoder = vfs.RequestDecoder()
     out = []
     for i in range(len(stream)):

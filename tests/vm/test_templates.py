@@ -52,3 +52,19 @@ def test_templates_can_be_disabled(cli):
     result = cli("run", "--no-network", "--", "echo", "cold", env={"MATCHLOCK_NO_TEMPLATES": "1"})
     assert result.stdout == "cold\n", result
     assert not list(templates_dir().glob("*/state"))
+
+
+def test_clones_of_a_rooted_template_each_start_from_its_clean_upper_disk(cli):
+    first = cli(
+        "run", "--no-network", "--", "sh", "-c", "echo one > /etc/clone-marker && grep ' / overlay' /proc/mounts"
+    )
+    assert first.returncode == 0 and "overlay" in first.stdout, first
+    # The image's template, saved with its root mounted, keeps the upper disk its clones copy.
+    rooted = [s for s in templates_dir().glob("*/state") if (s.parent / "upper").is_file()]
+    assert rooted, "a run of a store image should have left a rooted template"
+    second = cli(
+        "run", "--no-network", "--", "sh", "-c", "test ! -e /etc/clone-marker && echo clean > /etc/clone-marker"
+    )
+    assert second.returncode == 0, second  # the first clone's write stayed on its own copy
+    shown = cli("image", "templates")
+    assert "root of" in shown.stdout, shown

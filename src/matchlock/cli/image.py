@@ -98,7 +98,7 @@ def gc() -> None:
 @image.command("templates")
 @click.option("--clear", is_flag=True, help="Remove every boot template (they are rebuilt on demand).")
 def templates(clear: bool) -> None:
-    """List the boot templates (snapshots of a booted guest, one per machine shape), or clear them."""
+    """List the boot templates (snapshots of a booted guest, one per machine shape and one per image run on it), or clear them."""
     cache = TemplateCache()
     if clear:
         _report_removed_templates(cache.clear())

@@ -5,7 +5,10 @@
 snapshot followed by N detached `run --from-snapshot` owners, forked side by
 side from this process (cli/launcher.py: no Python start-up each); the
 snapshot is removed once they are up (each clone holds its own copy of the
-upper disk and QEMU keeps the other files open). Secret values are never in
+upper disk and its mounts' private content, and QEMU keeps the other files
+open). A sandbox's directory mounts come along: host_fs ones stay the shared
+host directory, memory and overlay ones are copied per clone (docs/architecture.md,
+"Pause, snapshots and forks"). Secret values are never in
 a snapshot: pass the source's secrets to `fork` again with
 `--secret`/`--secret-file`, as to `run --from-snapshot`.
 """
@@ -45,7 +48,7 @@ def snapshot() -> None:
 @click.argument("vm_id")
 @click.option("--name", default="", help="Snapshot name (default: <VM ID>-<time>).")
 @click.option("--mode", default="full", show_default=True,
-              help="full: memory and disks (processes keep running on restore); filesystem: disks only.")  # fmt: skip
+              help="full: memory, disks and mounts (processes keep running on restore); filesystem: disks and mounts.")  # fmt: skip
 def create(vm_id: str, name: str, mode: str) -> None:
     """Snapshot a running sandbox; it keeps running."""
     from ..sandbox.relay_client import control

@@ -275,6 +275,8 @@ class MountTranslator:
         size, plus = min(size, self.max_io), int(op == READDIRPLUS)
         if host_fh:
             args: vfs.Args = vfs.Readdir(node, host_fh, offset, size, plus)
+        elif self.dirs.granted(node) and (page := self.cache.listed_dir(node, offset, size, plus)) is not None:
+            return Action(out(unique, page))  # from the directory's LOOKUP_DIR listing, still fresh
         else:  # the first read that misses the kernel's cache: the host opens its handle for it
             args = vfs.OpendirRead(node, offset, size, plus)
         return Action(None, args, Pending(unique, op, size, plus, node=node, fh=0 if host_fh else fh), uid, gid, pid)
@@ -573,6 +575,14 @@ class MountTranslator:
                 raise RemoteProtocolError(f"host returned {len(result)} bytes for a {pending.size}-byte READ")
             return [OUT_HEADER.pack(OUT_HEADER.size + len(result), 0, unique), result], None
         return [out(unique)], None
+
+    def reset_for_new_host(self) -> list[vfs.Forget]:
+        """A restored clone's new host took over (fuse_daemon, at the wake): drop every answer kept from
+        the old one; the FORGETs give the lookups held for listings back to the new host."""
+        self._absent.clear()
+        self.cache.drop_host()
+        self.dirs.drop_all()  # the leaves to open directories here
+        return list(iter(self.cache.take_forget, None))
 
 
 def _made_name(args: vfs.Args) -> tuple[int, bytes]:

@@ -24,6 +24,12 @@ holds (`_held`, at most one per node): the kernel's first LOOKUP answered here t
 an entry that leaves the cache before that (a change, a notice, a FORGET, the cache emptied) gives
 it back to the host with FORGET (`take_forget`), so the host's count is the kernel's plus ours.
 A host notice marks what it names as changed, so a listing sent before it is not kept.
+
+The listing also answers the directory's READDIR[PLUS] (`listed_dir`) while it is as fresh as its
+ENOENTs: no change to the directory began since it was asked (any made here, any host notice), and
+within the mount's negative lifetime. READDIRPLUS entries are the cache's own (fresh, else without a
+node) and each hands the kernel one lookup, counted as a LOOKUP answered here is (the held one taken
+over, else owed against the next FORGET), so the host's count is never below the kernel's.
 """
 
 from __future__ import annotations
@@ -33,13 +39,18 @@ import threading
 import time
 
 from ..wire import vfs
-from .fuse_out import ATTR_OUT, ENTRY_OUT, NS
+from .fuse_dirs import DIRENT
+from .fuse_out import ATTR_OUT, ENTRY_OUT, ENTRY_SIZE, NS
 
 MAX_CACHED = 65536  # nodes or names; past it the cache is emptied at once
 MAX_COMPLETE = 4096  # directories whose every name is known here
 MAX_COMPLETE_NAMES = 16384  # names one of them may hold before it is no longer tracked
 MAX_HELD = 16384  # nodes held for listings alone; past it they are all given back at once
+MAX_LISTED_ROWS = 65536  # entries of listings kept for READDIR; past it they are all dropped at once
 ListedEntry = tuple[bytes, int, int, int, bytes]  # name, node, entry and attribute validity (ns), fuse_entry_out
+ListedRow = tuple[bytes, int, int]  # name, ino, type: one entry of a listing, in the host's READDIR order
+_DOTS: tuple[ListedRow, ...] = ((b".", 1, 4), (b"..", 1, 4))  # as the host lists them (DT_DIR, never ino 0)
+_NO_ENTRY = bytes(ENTRY_SIZE)  # a READDIRPLUS entry without a node: the kernel makes no dentry of it
 
 
 class MetaCache:
@@ -60,6 +71,8 @@ class MetaCache:
         self._give: dict[int, int] = {}  # node -> lookups to give back to the host
         self._listing: set[int] = set()  # directories whose LOOKUP_DIR is in flight
         self._unlisted: dict[int, int] = {}  # directory -> until when not to ask again (the host gave no listing)
+        self._dirs: dict[int, tuple[int, int, list[ListedRow]]] = {}  # directory -> (gen asked at, until, rows)
+        self._rows = 0  # rows held in _dirs
 
     # ---- answering ------------------------------------------------------------------------------
 
@@ -74,10 +87,55 @@ class MetaCache:
             now = self._clock()
             if attr is None or entry_expires <= now or attr[0] <= now:
                 return None
-            if not self._held.pop(node, 0):  # else the kernel takes over the lookup held for a listing
-                self._extra[node] = self._extra.get(node, 0) + 1
+            self._count(node)
         el, al = entry_expires - now, attr[0] - now
         return ENTRY_OUT.pack(node, 0, el // NS, al // NS, el % NS, al % NS) + attr[1]
+
+    def _count(self, node: int) -> None:
+        """The kernel takes one more lookup of `node` from here."""
+        if not self._held.pop(node, 0):  # else the kernel takes over the lookup held for a listing
+            self._extra[node] = self._extra.get(node, 0) + 1
+
+    def listed_dir(self, parent: int, offset: int, size: int, plus: int) -> bytes | None:
+        """The READDIR[PLUS] reply body at `offset` (at most `size` bytes) from `parent`'s fresh listing,
+        counting a lookup for each entry with a node; None: ask the host."""
+        now = self._clock()
+        parts: list[bytes] = []
+        with self._lock:
+            held = self._dirs.get(parent)
+            if held is None:
+                return None
+            gen, until, rows = held
+            if until <= now or not self._fresh(parent, gen):
+                self._drop_dir(parent)
+                return None
+            used = 0
+            for index in range(offset, len(rows) + 2):
+                name, ino, kind = _DOTS[index] if index < 2 else rows[index - 2]
+                length = vfs.dirent_size(len(name), bool(plus))
+                if used + length > size:
+                    break
+                used += length
+                dirent = DIRENT.pack(ino, index + 1, len(name), kind) + name
+                if plus:
+                    parts.append(_NO_ENTRY if index < 2 else self._plus_entry(parent, name, now))
+                parts.append(dirent + bytes(-len(dirent) % 8))
+        return b"".join(parts)
+
+    def _plus_entry(self, parent: int, name: bytes, now: int) -> bytes:
+        """`name`'s fuse_entry_out for a READDIRPLUS reply, counting its lookup (none if not fresh here)."""
+        hit = self._entries.get((parent, name))
+        attr = None if hit is None else self._attrs.get(hit[0])
+        if hit is None or attr is None or hit[1] <= now or attr[0] <= now:
+            return _NO_ENTRY
+        node, el, al = hit[0], hit[1] - now, attr[0] - now
+        self._count(node)
+        return ENTRY_OUT.pack(node, 0, el // NS, al // NS, el % NS, al % NS) + attr[1]
+
+    def _drop_dir(self, parent: int) -> None:
+        held = self._dirs.pop(parent, None)
+        if held is not None:
+            self._rows -= len(held[2])
 
     def getattr(self, node: int) -> bytes | None:
         """The fuse_attr_out for `node`; None: ask the host."""
@@ -222,6 +280,7 @@ class MetaCache:
         with self._lock:
             self._mark(parent)  # a listing of `parent` sent before this is not kept
             self._complete.pop(parent, None)  # only said for a host-side change or a removal: both are rare
+            self._drop_dir(parent)
             hit = self._entries.pop((parent, name), None)
             if hit is not None:
                 self._unname(hit[0])
@@ -232,6 +291,7 @@ class MetaCache:
         with self._lock:
             self._mark(node)
             self._complete.pop(node, None)
+            self._drop_dir(node)
             self._attrs.pop(node, None)
 
     def _mark(self, node: int) -> None:
@@ -245,11 +305,20 @@ class MetaCache:
         with self._lock:
             self._reset()
 
+    def drop_host(self) -> None:
+        """A new host took over (a restored clone): forget everything, the listings' completeness too,
+        which drop_all keeps because it follows the guest's own ops."""
+        self.drop_all()
+        self._complete.clear()
+        self._unlisted.clear()
+
     def _reset(self) -> None:
         for node in self._held:
             self._give[node] = self._give.get(node, 0) + 1
         self._held.clear()
         self._held_in.clear()
+        self._dirs.clear()
+        self._rows = 0
         self._entries.clear()
         self._names.clear()
         self._attrs.clear()
@@ -268,6 +337,7 @@ class MetaCache:
             if key is not None:
                 self._entries.pop(key, None)
             count += self._held.pop(node, 0)
+            self._drop_dir(node)
             self._release_listed(node)  # the kernel holds none of them: its next LOOKUP there lists again
             extra = self._extra.get(node, 0)
             if not extra:
@@ -304,12 +374,19 @@ class MetaCache:
             self._unlisted[parent] = self._clock() + retry_ns
 
     def store_listing(
-        self, parent: int, name: bytes, names: set[bytes], items: list[ListedEntry], gen: int, complete_ns: int
+        self,
+        parent: int,
+        name: bytes,
+        names: set[bytes],
+        items: list[ListedEntry],
+        gen: int,
+        complete_ns: int,
+        rows: list[ListedRow] | None = None,
     ) -> tuple[bool, bytes | None]:
-        """`parent`'s listing (every name in it; the entries with a node, fuse_prefetch.decode) asked at
-        `gen` for a LOOKUP of `name`: (fresh, the fuse_entry_out to answer it with, None if `name` is not
-        listed). Not fresh (`parent` changed since): nothing is kept and the answer may not be cached.
-        Every other listed node is kept, or given back."""
+        """`parent`'s listing (every name in it; the entries with a node; the rows for READDIR,
+        fuse_prefetch.decode) asked at `gen` for a LOOKUP of `name`: (fresh, the fuse_entry_out to answer
+        it with, None if `name` is not listed). Not fresh (`parent` changed since): nothing is kept and
+        the answer may not be cached. Every other listed node is kept, or given back."""
         now = self._clock()
         answer = None
         with self._lock:
@@ -347,6 +424,13 @@ class MetaCache:
                 self._held_in[parent] = list(dict.fromkeys(held))
             if fresh and complete_ns and len(self._complete) < MAX_COMPLETE:
                 self._complete[parent] = (now + complete_ns, names)
+            if fresh and complete_ns and rows is not None:
+                self._drop_dir(parent)
+                if self._rows + len(rows) > MAX_LISTED_ROWS or len(self._dirs) >= MAX_COMPLETE:
+                    self._dirs.clear()
+                    self._rows = 0
+                self._dirs[parent] = (gen, now + complete_ns, rows)
+                self._rows += len(rows)
         return fresh, answer
 
     @property

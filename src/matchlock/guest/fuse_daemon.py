@@ -10,6 +10,11 @@ exist. A failure before ready is reported to init, which stops the boot with FAT
 Threads, no global lock around a round trip: one per mount reads /dev/fuse and forwards each
 request at once; one reads the host's replies and writes each to /dev/fuse as it arrives. The only
 lock serialises writes to the port, one frame at a time.
+
+For a snapshot the host parks the channel (docs/wire.md, "Parking the channel"): after its PARK
+notice no mount thread forwards anything (each waits at `Channel.forward` with what it read), the
+reply thread handles replies until none is pending, sends PARKED and then accepts only the wake
+record. A wake for a new host (a restored clone) first empties every translator's caches.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import threading
 import time
 
 from ..wire import vfs
+from ..wire.checkpoint import decode_wake
 from ..wire.frames import RemoteProtocolError
 from . import fuse, fuse_overlay, syscalls
 
@@ -32,6 +38,7 @@ READY_TIMEOUT = 60.0
 FUSE_BUFFER = vfs.MAX_IO + 64 * 1024
 PORT_BUFFER = 256 * 1024
 HELLO_ID = 1
+_PARK_KIND = bytes((vfs.PARK,))  # a notice payload's first byte
 FUSE_DEVICE = "/dev/fuse"
 
 
@@ -101,6 +108,11 @@ class Channel:
         self._writable.register(fd, select.POLLOUT)
         self.stats: Stats | None = None
         self.features = 0  # the HELLO features the host serves
+        # Mount threads forward under `_gate`, so PARKED goes out with none of theirs half sent.
+        self._gate = threading.Lock()
+        self._woken = threading.Condition(self._gate)
+        self.parking = 0  # the token of the host's PARK being answered; 0: not parking
+        self.parked = False  # PARKED sent: only the wake record may come now
 
     def _new_id(self, entry: tuple[Mount, fuse.Pending] | None) -> int:
         with self._id_lock:
@@ -168,6 +180,51 @@ class Channel:
             if not count:
                 raise EOFError("the host closed the VFS port")
             replies += self.decoder.feed(self._view[:count].tobytes())
+
+    def forward(self, mount: Mount, action: fuse.Action, started: int) -> None:
+        """A mount thread's action (`act`); what it sends the host waits while the channel is parked.
+        Not for the reply thread, which must go on reading replies while parking."""
+        if not action.notices and action.pending is None:
+            act(self, mount, action, started)
+            return
+        with self._gate:
+            while self.parking:
+                self._woken.wait()
+            act(self, mount, action, started)
+
+    def park_frame(self, reply: vfs.Reply, mounts: list[Mount]) -> None:
+        """The reply thread got the host's PARK notice or a wake record (`WAKE_STATUS`)."""
+        if reply.status != vfs.WAKE_STATUS:
+            _, token, _ = vfs.decode_notice(reply.payload)
+            if self.parking:
+                raise RemoteProtocolError("a PARK while the channel is parked")
+            with self._gate:
+                self.parking = token
+            return
+        if not self.parking:
+            raise RemoteProtocolError("a wake record while the channel is not parked")
+        try:
+            new_host, _, _ = decode_wake(reply.payload)
+        except ValueError as exc:
+            raise RemoteProtocolError(str(exc)) from None
+        if new_host:  # a restored clone: nothing this daemon cached from the old host holds
+            for served in mounts:
+                for forget in served.translator.reset_for_new_host():
+                    self.notify(forget)  # lookups held for listings, given back to the new host
+        with self._gate:
+            self.parking, self.parked = 0, False
+            self._woken.notify_all()
+
+    def settle_park(self) -> None:
+        """After each batch of replies while parking: once none is pending, PARKED (a host that gave
+        up on the park may wake the channel before)."""
+        if self.parked:
+            return
+        with self._gate:  # no mount thread is forwarding, and none will until the wake
+            if self.pending:
+                return
+            self.parked = True
+        self.notify(vfs.Parked(self.parking))
 
     def call(self, args: vfs.Args) -> object:
         """One synchronous request, before the reply thread runs (HELLO and the root GETATTRs)."""
@@ -286,18 +343,23 @@ def serve_mount(channel: Channel, mount: Mount) -> None:
         stats, started = channel.stats, 0
         if stats is not None:
             started = time.perf_counter_ns()
-        action = mount.translator.handle(view[:count])
-        if action.reply is not None:
-            mount.write([action.reply])
-            if mount.translator.initialized and not mount.initialized.is_set():
-                mount.initialized.set()
-        for notice in action.notices:
-            channel.notify(notice)
-        if action.pending is not None:
-            channel.request(mount, action, started)
+        channel.forward(mount, mount.translator.handle(view[:count]), started)
+
+
+def act(channel: Channel, mount: Mount, action: fuse.Action, started: int = 0) -> None:
+    """Do what the translator said: the reply to the kernel, the notices, the request to the host."""
+    if action.reply is not None:
+        mount.write([action.reply])
+        if mount.translator.initialized and not mount.initialized.is_set():
+            mount.initialized.set()
+    for notice in action.notices:
+        channel.notify(notice)
+    if action.pending is not None:
+        channel.request(mount, action, started)
 
 
 def serve_replies(channel: Channel, notices: Notices | None = None) -> None:
+    mounts = notices.mounts if notices is not None else []
     while True:
         replies = channel.read()
         stats = channel.stats
@@ -307,7 +369,11 @@ def serve_replies(channel: Channel, notices: Notices | None = None) -> None:
             stats.batches += 1
         for reply in replies:
             if reply.id == vfs.NOTICE_ID:
-                if notices is not None:
+                if reply.status or reply.payload[:1] == _PARK_KIND:
+                    channel.park_frame(reply, mounts)
+                elif channel.parking:  # the host holds its notices from PARK to the wake
+                    raise RemoteProtocolError("a host notice while the channel is parked")
+                elif notices is not None:
                     notices.put(reply.payload)
                 continue
             entry = channel.pending.pop(reply.id, None)
@@ -323,6 +389,8 @@ def serve_replies(channel: Channel, notices: Notices | None = None) -> None:
                 mount.notify_kernel(after)
             if forget is not None:
                 channel.notify(forget)
+        if channel.parking:
+            channel.settle_park()
         if stats is not None:
             stats.maybe_log()
 

@@ -8,6 +8,10 @@ needs to see the open), later OPENDIRs of that node are answered here with the s
 handle of our own (LOCAL_FH set). The host's handle is opened only when a READDIR misses the
 kernel's cache (OPENDIR_READ: the open and the read in one round trip), and released with ours.
 
+While the leave stands, a READDIR[PLUS] on our handle before the host's is opened is answered from
+the directory's LOOKUP_DIR listing if the cache holds it fresh (MetaCache.listed_dir), with no
+round trip at all.
+
 The leave ends with any INVAL_INODE notice or FORGET of the node, or an OPENDIR_READ the host refused,
 so a directory the host changed or removed, or a mount whose watch stopped (the host then invalidates
 every node), goes back to the host. A notice ends it as it arrives (the reply thread, in port order),
@@ -69,6 +73,13 @@ class GuestDirs:
 
     def drop(self, node: int) -> None:
         self._flags.pop(node, None)
+
+    def drop_all(self) -> None:
+        self._flags.clear()
+
+    def granted(self, node: int) -> bool:
+        """The leave to open `node` here stands (so may its READDIRs be answered from a listing)."""
+        return node in self._flags
 
     def noticed(self, node: int) -> None:
         """A host notice about `node` arrived, or a read of it was refused (the reply thread, before any

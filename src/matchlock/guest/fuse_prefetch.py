@@ -10,7 +10,9 @@ and the names (MetaCache.store_listing), so later LOOKUPs there are answered her
 ENOENT for the mount's negative lifetime (the ENOENTs a LOOKUP would have cached: host notices drop
 the directory sooner). Other LOOKUPs in the directory while its listing is in flight go as plain
 LOOKUPs. The host lists only where it would grant OPEN_GUEST_DIR, so a listing also lets the guest
-open the directory itself (fuse_dirs), as a host OPENDIR with that flag would.
+open the directory itself (fuse_dirs), as a host OPENDIR with that flag would, and answer its
+READDIR[PLUS] from the listing while it is fresh (MetaCache.listed_dir): a cold `git status` then
+sends one request per directory.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ TYPE_CHECKING = False  # not `typing`'s: the guest pays for every import under e
 if TYPE_CHECKING:
     from .fuse import MountTranslator
     from .fuse_actions import Pending
-    from .fuse_cache import ListedEntry
+    from .fuse_cache import ListedEntry, ListedRow
 
 
 def listed(
@@ -42,8 +44,8 @@ def listed(
         if status == 0:
             vfs.decode_result(vfs.Op.LOOKUP_DIR, payload)  # checked as a whole
         return t.complete(pending, status, payload[1:])
-    names, items = decode(payload)
-    fresh, answer = t.cache.store_listing(parent, name, names, items, pending.gen, t.negative_valid_ns)
+    names, items, rows = decode(payload)
+    fresh, answer = t.cache.store_listing(parent, name, names, items, pending.gen, t.negative_valid_ns, rows)
     if fresh and t.features & vfs.FEATURE_GUEST_OPENDIR:
         # The host lists only where it would let the guest open the directory itself (OPEN_GUEST_DIR).
         t.dirs.learned(parent, 0, vfs.OPEN_GUEST_DIR | vfs.OPEN_CACHE_DIR | vfs.OPEN_KEEP_CACHE)
@@ -53,23 +55,28 @@ def listed(
     return t.complete(pending, -errno.ENOENT, b"")[0], forget  # not fresh: an ENOENT the kernel does not cache
 
 
-def decode(payload: bytes) -> tuple[set[bytes], list[ListedEntry]]:
+def decode(payload: bytes) -> tuple[set[bytes], list[ListedEntry], list[ListedRow]]:
     """A LOOKUP_DIR listing straight to FUSE bytes, as `wire.vfs.decode_result` checks it (its records
-    cost several times as much under emulation): every name, and the entries with a node."""
+    cost several times as much under emulation): every name, the entries with a node, and every
+    (name, ino, type) in the host's order (READDIR's: cookies 3, 4, ... after '.' and '..')."""
     try:
         (count,) = _COUNT.unpack_from(payload, 1)
         if count > vfs.MAX_LISTED:
             raise ValueError(f"{count} entries, more than {vfs.MAX_LISTED}")
         names: set[bytes] = set()
         items: list[ListedEntry] = []
+        rows: list[ListedRow] = []
         pos = 1 + _COUNT.size
-        for _ in range(count):
-            _, _, _, length, has_entry = _DIRENT.unpack_from(payload, pos)
+        for index in range(count):
+            cookie, ino, kind, length, has_entry = _DIRENT.unpack_from(payload, pos)
             pos += _DIRENT.size
             item = vfs.check_name(payload[pos : pos + length])  # no '.' or '..'
             if len(item) != length:
                 raise ValueError("a name runs past the end")
+            if cookie != index + 3 or item in names:  # READDIRs answered from it resume at these cookies
+                raise ValueError(f"entry {index} has cookie {cookie} or a repeated name")
             names.add(item)
+            rows.append((item, ino, kind))
             pos += length
             if has_entry:
                 wire = payload[pos : pos + WIRE_ENTRY.size]
@@ -80,7 +87,7 @@ def decode(payload: bytes) -> tuple[set[bytes], list[ListedEntry]]:
             raise ValueError(f"{len(payload) - pos} stray bytes")
     except (struct.error, ValueError) as exc:
         raise RemoteProtocolError(f"malformed LOOKUP_DIR reply: {exc}") from None
-    return names, items
+    return names, items, rows
 
 
 _COUNT = struct.Struct(">I")

@@ -211,10 +211,10 @@ def parse_create(params: JSONObject) -> CreateParams:
     return CreateParams(config, kernel_path, kernel_image, fields.boolean("launch_entrypoint"), restore)
 
 
-# What a restore cannot take, as `run --from-snapshot`: the machine comes from the snapshot, and
-# volumes and host directories are shared state a clone cannot own.
+# What a restore cannot take, as `run --from-snapshot`: the machine and its mounts come from the
+# snapshot, and volumes are shared state a clone cannot own.
 _NOT_WITH_RESTORE = {
-    "vfs": "snapshots cover only sandboxes without directory mounts",
+    "vfs": "a restore brings back the snapshot's own directory mounts",
     "extra_disks": "snapshots cover only sandboxes without disks",
 }
 

@@ -172,6 +172,9 @@ class Sandbox:
 
         config.validate()
         boot_timeout()  # a bad $MATCHLOCK_BOOT_TIMEOUT fails now, not after the disks are made
+        # A store image gets a template with its root mounted; `build`'s per-step images would each
+        # make one, at a cold boot apiece.
+        rooted = image is None and restore is None and runtime_disk is None
         image = image or ImageStore().resolve(config.image)
         kernel = resolve_kernel(kernel_path=kernel_path)
         custom_runtime = runtime_disk
@@ -210,6 +213,8 @@ class Sandbox:
 
                 sandbox.vfs = SandboxVFS(config.vfs, sandbox.directory, sandbox._emit_file_event)
                 tracker.resources(vfs_mounts=sorted(config.vfs.mounts))
+                if restore is not None:  # the snapshot's mounts (Restore.prepare), with their saved content
+                    await finish_in_thread(restore.restore_vfs, sandbox.vfs)
             if extra:
                 tracker.resources(extra_disks=[str(disk.path) for disk in extra])
             spec = MachineSpec(
@@ -248,7 +253,7 @@ class Sandbox:
                         # Templates are booted with a fixed disk set; extra disks boot cold (measured: see
                         # tests/vm/test_disks_attach.py). Sandboxes with mounts restore one and hot-plug
                         # the VFS port (_serve_vfs).
-                        await sandbox._boot(spec, use_template=custom_runtime is None and not extra)
+                        await sandbox._boot(spec, use_template=custom_runtime is None and not extra, rooted=rooted)
             except BaseExceptionGroup as group:
                 raise group.exceptions[0] from None  # a VMError or SetupError stays one
             tracker.move(phases.RUNNING)
@@ -303,15 +308,23 @@ class Sandbox:
             vfs=self.vfs is not None,
         )
 
-    async def _boot(self, spec: MachineSpec, *, use_template: bool = True) -> None:
-        """Start from a boot template when possible (much faster), else boot cold."""
+    async def _boot(self, spec: MachineSpec, *, use_template: bool = True, rooted: bool = False) -> None:
+        """Start from a boot template when possible (much faster), else boot cold.
+
+        `rooted`: from the image's own template, its root mounted, whose upper disk this one copies.
+        """
         if use_template and snapshot.enabled():
             shape = dataclasses.replace(spec, vfs_port=False)  # templates have no VFS port: it is hot-plugged
             try:
-                state = await snapshot.TemplateCache().ensure(shape, self._template_namespace)
+                cache = snapshot.TemplateCache()
+                state = await (cache.ensure_rooted if rooted else cache.ensure)(shape, self._template_namespace)
+                if rooted:
+                    checkpoint.copy_disk(snapshot.template_upper(state), self.paths.upper_disk)
                 trace.mark("boot: template found")
             except Exception as exc:  # noqa: BLE001 - a template is an optimisation, never a requirement
                 self._note(f"boot template unavailable ({exc}); booting cold")
+                if rooted:  # a copy that failed halfway
+                    make_upper_disk(self.paths.upper_disk, self.config.resources.disk_size_mb)
             else:
                 try:
                     waking = dataclasses.replace(shape, kernel_args=tuple(spec.kernel_args) + (boot.TEMPLATE_FLAG,))

@@ -10,6 +10,9 @@ image disks: a later rebuild must not change them under the clone), then
 lets the source continue. A filesystem snapshot syncs the guest and copies
 its upper disk while the vCPUs are stopped. Neither writes a secret value or
 the CA key: they are in this process only; the guest holds placeholders.
+With directory mounts both also park the VFS channel and save the router's
+state (sandbox/vfs.py; a full one with the node table); a restore takes the
+snapshot's own mounts and fills a fresh router from it before its server starts.
 
 A restore (`Restore`) gives the new sandbox its own VM id, namespace, proxy
 and a private copy of the upper disk; its policy starts from the source's
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING
 from ..api.config import SandboxConfig, public_config
 from ..api.errors import MatchlockError, SetupError, UsageError, VMError
 from ..api.network import HostMapping, NetworkConfig
+from ..api.vfs import MountConfig, VFSConfig, VFSHookRule, VFSInterceptionConfig
 from ..image.reference import try_parse as try_parse_reference
 from ..state import snapshots as records
 from ..state.snapshots import RestoreMismatch
@@ -49,11 +53,13 @@ from . import files
 if TYPE_CHECKING:
     from ..state.store import StateStore
     from .sandbox import Sandbox
+    from .vfs import SandboxVFS
 
 MEMORY_FILE = "memory"
 PARK_TIMEOUT = 30.0
 RAM_FILE = checkpoint.RAM_FILE  # guest RAM, mapped copy-on-write by clones (absent when RAM is in MEMORY_FILE)
 UPPER_FILE = "upper.img"
+VFS_STATE = "vfs/state.json"  # the mounts' saved state (vfs/snapshot.py), written last
 LINKED = {"kernel": "kernel", "initrd": "initrd", "runtime": "runtime.img", "lower": "lower.img"}
 
 
@@ -118,16 +124,11 @@ def _open_copy(path: Path, pid: int | None) -> Path:
 async def create(sandbox: Sandbox, store: StateStore, name: str, mode: str) -> records.SnapshotRecord:
     """Snapshot `sandbox` as `name`; on any failure nothing of it is left (and `ls` never shows it)."""
     machine = _machine(sandbox)
-    if sandbox.config.extra_disks or sandbox.vfs is not None:
-        # Volumes and host directories are shared state a clone cannot own.
-        what, why = (
-            ("directory mounts (-v)", "a clone's mounts would have no VFS server behind them")
-            if sandbox.vfs is not None
-            else ("extra disks (--disk)", "a disk is shared state that a clone cannot own")
-        )
+    if sandbox.config.extra_disks:
         raise UsageError(
-            f"sandbox {sandbox.id} has {what}, so it cannot be snapshotted or forked: {why}; "
-            "fix: snapshot a sandbox started without them, and copy files in with `write_file` or stdin"
+            f"sandbox {sandbox.id} has extra disks (--disk), so it cannot be snapshotted or forked: a disk is "
+            "shared state that a clone cannot own; fix: snapshot a sandbox started without them, and copy "
+            "files in with `write_file`, stdin or a directory mount (-v)"
         )
     name = name or default_name(sandbox.id)
     directory = records.begin(store, name, sandbox.id, mode)
@@ -225,20 +226,33 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
         await checkpoint.resume(machine)  # the agent must run to park
         sandbox.paused = False
     trace.mark("snapshot: parking the guest")
+    # The agent first: while it parks, the VFS still serves, so an agent handler blocked on a FUSE
+    # op (a write_file into a mount) finishes. Parked the other way round it would wait for ever.
     await _park(sandbox)
     trace.mark("snapshot: guest parked")
+    vfs_parked = False
     try:
+        if sandbox.vfs is not None:
+            await sandbox.vfs.park(PARK_TIMEOUT)  # wakes the channel itself when it fails
+            vfs_parked = True
+            trace.mark("snapshot: VFS channel parked")
         await checkpoint.pause(machine)
         await checkpoint.save_memory(machine, directory / MEMORY_FILE, directory / RAM_FILE)
         trace.mark("snapshot: memory saved")
         checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
         trace.mark("snapshot: upper disk copied")
+        if sandbox.vfs is not None:
+            await asyncio.to_thread(sandbox.vfs.save, directory, with_nodes=True)
+            trace.mark("snapshot: VFS state saved")
     finally:
         try:
             if not was_paused:
                 await checkpoint.resume(machine)
         finally:
             _wake(sandbox)  # queued behind the stop when paused: the guest reads it on `resume`
+            if vfs_parked:
+                assert sandbox.vfs is not None
+                sandbox.vfs.wake()
             sandbox.paused = was_paused
             trace.mark("snapshot: guest resumed")
     checkpoint.release_saved_pages(machine)
@@ -249,12 +263,30 @@ async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
         from .sandbox import ExecSpec
 
         await sandbox.exec(ExecSpec("sync"))  # the guest's page cache onto the upper disk first
-    restart = await _stopped(sandbox)
+    vfs = sandbox.vfs
+    parked = False
     try:
-        checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
+        if vfs is not None:
+            # The mounts' content as the disk has it: no request changes it while it is copied.
+            if sandbox.paused:
+                raise UsageError(
+                    f"sandbox {sandbox.id} is paused and has directory mounts, whose server cannot be parked "
+                    f"so; fix: matchlock resume {sandbox.id}, then snapshot it"
+                )
+            await vfs.park(PARK_TIMEOUT)
+            parked = True
+        restart = await _stopped(sandbox)
+        try:
+            checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
+            if vfs is not None:
+                await asyncio.to_thread(vfs.save, directory, with_nodes=False)
+        finally:
+            if restart:
+                await checkpoint.resume(_machine(sandbox))
     finally:
-        if restart:
-            await checkpoint.resume(_machine(sandbox))
+        if parked:
+            assert vfs is not None
+            vfs.wake()
 
 
 # --- restore ---------------------------------------------------------------------------
@@ -307,6 +339,8 @@ class Restore:
         record = records.require(store, records.validate_name(name))
         directory = records.snapshot_dir(store, name)
         needed = [UPPER_FILE] + ([MEMORY_FILE] if record.mode == "full" else [])
+        if record.meta.get("config", {}).get("vfs"):
+            needed.append(VFS_STATE)
         missing = [f for f in needed if not (directory / f).exists()]
         if missing:
             raise SetupError(f"snapshot {name!r} is damaged: {', '.join(missing)} missing; fix: snapshot rm {name}")
@@ -336,11 +370,31 @@ class Restore:
             cpus=meta["cpus"], memory_mb=meta["memory_mb"], disk_size_mb=meta["disk_size_mb"],
         )  # fmt: skip
         network = dataclasses.replace(_inherit_network(config.network, meta), secrets=secrets)
-        prepared = dataclasses.replace(config, image=meta["image"], resources=shape, network=network)
-        if prepared.extra_disks or prepared.vfs.active:
-            raise UsageError("--disk and directory mounts cannot be combined with --from-snapshot")
+        vfs = self.saved_vfs()
+        # The snapshot's own mounts again are fine: `run` prepares in the CLI, then in the owner.
+        if config.extra_disks or (config.vfs.active and config.vfs != vfs):
+            raise UsageError(
+                "--disk and directory mounts (-v, --workspace) cannot be combined with --from-snapshot: "
+                f"a restore brings back snapshot {self.name!r}'s own mounts; fix: drop them"
+            )
+        prepared = dataclasses.replace(config, image=meta["image"], resources=shape, network=network, vfs=vfs)
         prepared.validate()
         return prepared
+
+    def saved_vfs(self) -> VFSConfig:
+        """The snapshot's directory mounts, as its source had them; each shared host path must still be there."""
+        saved = self.meta.get("config", {}).get("vfs")
+        if saved is None:
+            return VFSConfig()
+        vfs = _vfs_config(saved, self.name)
+        for guest, mount in sorted(vfs.mounts.items()):
+            if mount.host_path and not os.path.lexists(mount.host_path):
+                raise SetupError(
+                    f"snapshot {self.name!r}: its {mount.type} mount {guest} needs the host path "
+                    f"{mount.host_path}, which is gone; fix: recreate {mount.host_path} (a restore serves the "
+                    f"host directory itself, not a copy), or remove the snapshot: matchlock snapshot rm {self.name}"
+                )
+        return vfs
 
     def _check(self, config: SandboxConfig, image: str, resources: Mapping[str, float]) -> None:
         meta, name = self.meta, self.name
@@ -391,6 +445,10 @@ class Restore:
                 rpc="give the same network.interception again",
             )  # fmt: skip
 
+    def restore_vfs(self, vfs: SandboxVFS) -> None:
+        """The private mounts' content (a full restore: the node table and open handles too) into `vfs`."""
+        vfs.restore(self.directory, self.full)
+
     def make_upper(self, target: Path) -> None:
         checkpoint.copy_disk(self.directory / UPPER_FILE, target)
 
@@ -426,3 +484,42 @@ class Restore:
     @staticmethod
     def wake_record() -> bytes:
         return encode_wake(new_host=True, time_ns=time.time_ns(), seed=os.urandom(boot.WAKE_SIZE))
+
+
+def _vfs_config(saved: object, name: str) -> VFSConfig:
+    """The VFS config a snapshot recorded (`VFSConfig.to_json`), checked: the meta is read as untrusted."""
+
+    def bad(what: str) -> SetupError:
+        return SetupError(f"snapshot {name!r} is damaged: its vfs config {what}; fix: snapshot rm {name}")
+
+    if not isinstance(saved, dict) or not isinstance(saved.get("mounts"), dict):
+        raise bad("has no mounts")
+    mounts = {}
+    for guest, m in saved["mounts"].items():
+        if not isinstance(guest, str) or not isinstance(m, dict) or not isinstance(m.get("type"), str):
+            raise bad("has a bad mount")
+        ids = {k: m.get(k) for k in ("owner_uid", "owner_gid")}
+        if not isinstance(m.get("host_path", ""), str) or not all(v is None or type(v) is int for v in ids.values()):
+            raise bad(f"has a bad mount {guest[:200]!r}")
+        mounts[guest] = MountConfig(m["type"], m.get("host_path", ""), m.get("readonly") is True, **ids)
+    interception = None
+    icpt = saved.get("interception")
+    if icpt is not None:
+        rules = icpt.get("rules") if isinstance(icpt, dict) else None
+        if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+            raise bad("has bad interception rules")
+        try:
+            interception = VFSInterceptionConfig(
+                icpt.get("emit_events") is True,
+                tuple(
+                    VFSHookRule(str(r["name"]), str(r["phase"]), tuple(map(str, r["ops"])), str(r["path"]),
+                                str(r["action"]))
+                    for r in rules
+                ),
+            )  # fmt: skip
+        except (KeyError, TypeError):
+            raise bad("has bad interception rules") from None
+    workspace = saved.get("workspace", "")
+    if not isinstance(workspace, str):
+        raise bad("has a bad workspace")
+    return VFSConfig(workspace=workspace, mounts=mounts, interception=interception)

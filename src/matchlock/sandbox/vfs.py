@@ -9,6 +9,9 @@ see every op and nested mounts route as before.
 Everything that can fail on the host (a host path gone, an overlay's private directory) fails here,
 before QEMU starts. The server starts with QEMU, before the guest's agent waits for its mounts. The boot
 templates have no VFS port: a sandbox restored from one has it hot-plugged (`Machine.add_vfs_port`).
+
+For a snapshot (sandbox/snapshots.py) the channel is parked and the router saved; a clone builds its
+router from the snapshot's VFS config and restores that state into it before its server starts.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from ..api.errors import UsageError
+from ..api.errors import SetupError, UsageError, VMError
 from ..api.events import FileEvent
 from ..api.globs import path_matches
 from ..api.vfs import MountConfig, VFSConfig, under
@@ -38,6 +41,8 @@ class SandboxVFS:
         self._config, self._directory, self._emit = config, directory, emit
         self.router = self._router()
         self.server: VfsServer | None = None
+        self.restored = False  # the router holds a full snapshot's node table: the guest is its clone
+        self._saved: tuple[Path, bool] | None = None  # the snapshot restored from (directory, with_nodes)
 
     def _router(self) -> Router:
         mounts: list[Mount] = []
@@ -83,8 +88,38 @@ class SandboxVFS:
             # may have changed what the providers hold (an overlay's copy), so the next one gets a fresh set.
             await self.server.aclose()
             self.router = self._router()
-        self.server = VfsServer(sock, self.router)
+            if self._saved is not None:  # a filesystem restore's content, into the fresh set too
+                self.restore(*self._saved)
+        self.server = VfsServer(sock, self.router, restored=self.restored)
         await self.server.start()
+
+    # --- snapshots (sandbox/snapshots.py) ---------------------------------------------------------------
+
+    async def park(self, timeout: float) -> None:
+        """Quiesce the channel: nothing in flight, the router's state final, until `wake`."""
+        if self.server is None:
+            raise VMError("the sandbox's VFS server is not serving, so it cannot be snapshotted")
+        await self.server.park(timeout)
+
+    def wake(self) -> None:
+        assert self.server is not None
+        self.server.wake()
+
+    def save(self, directory: Path, *, with_nodes: bool) -> None:
+        """The private mounts' content (and `with_nodes`, the node table and open handles) under `directory`."""
+        from ..vfs import snapshot
+
+        snapshot.save(self.router, directory, with_nodes=with_nodes)
+
+    def restore(self, directory: Path, with_nodes: bool) -> None:
+        """Fill the freshly built router from a snapshot's `save`, before the server starts."""
+        from ..vfs import snapshot
+
+        try:
+            snapshot.restore(self.router, directory, with_nodes=with_nodes)
+        except snapshot.VfsStateError as exc:
+            raise SetupError(str(exc)) from None
+        self.restored, self._saved = with_nodes, (directory, with_nodes)
 
     async def aclose(self) -> None:
         if self.server is not None:

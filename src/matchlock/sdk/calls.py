@@ -240,8 +240,9 @@ def fork_plan(parent: CreateOptions | None, count: int) -> tuple[str, CreateOpti
 
     A clone is created from the snapshot with the parent's own create options (network policy, secrets,
     env), minus what belongs to the parent alone: its port forwards, its machine size (the snapshot's
-    is kept) and its entrypoint launch (a full snapshot's processes are running already). Changes made
-    at runtime (`allow_list_add`) are not carried over.
+    is kept), its entrypoint launch (a full snapshot's processes are running already) and its directory
+    mounts (the restore brings back the snapshot's own). Changes made at runtime (`allow_list_add`) are
+    not carried over.
     """
     if parent is None:
         raise MatchlockError("fork needs a created sandbox: call create() first")
@@ -257,6 +258,9 @@ def fork_plan(parent: CreateOptions | None, count: int) -> tuple[str, CreateOpti
         port_forwards=[],
         port_forward_addresses=[],
         launch_entrypoint=False,
+        mounts={},
+        vfs_interception=None,
+        workspace="",
     )
     return name, clone
 

@@ -14,6 +14,7 @@ placeholders, which the guest already knows.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,10 @@ def begin(store: StateStore, name: str, source_vm: str, mode: str) -> Path:
 def complete(store: StateStore, name: str, meta: dict) -> SnapshotRecord:
     """Mark `name` ready; its size counts only its own files (hard links to kernels and images are shared)."""
     directory = snapshot_dir(store, name)
+    # Hard links to kernels and images are shared; the saved VFS state (vfs/) is all the snapshot's own.
     size = sum(st.st_blocks * 512 for st in (entry.lstat() for entry in directory.iterdir()) if st.st_nlink == 1)
+    for root, _, names in os.walk(directory / "vfs"):
+        size += sum(os.lstat(os.path.join(root, n)).st_blocks * 512 for n in names)
     with store._transaction():
         store.conn.execute(
             "UPDATE snapshots SET status = ?, size = ?, meta_json = ? WHERE name = ?",

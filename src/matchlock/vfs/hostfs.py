@@ -67,6 +67,7 @@ class HostFSProvider(Provider):
         ino_base: int = 0,
     ) -> None:
         self.dir = HostDir(host_path)
+        self.host_path = host_path  # for a snapshot's fingerprint of its mounts (vfs/snapshot.py)
         self.readonly = readonly
         self.owner_uid = owner_uid
         self.owner_gid = owner_gid

@@ -16,6 +16,12 @@ from .types import NOW, Attr, Caller, DirEntry, FsError, Handle, Limits, SetAttr
 _inos = itertools.count(2)
 
 
+def reserve_inos(highest: int) -> None:
+    """Make new inodes' numbers start past `highest` (a restored tree keeps the numbers it was saved with)."""
+    global _inos
+    _inos = itertools.count(max(next(_inos), highest + 1))
+
+
 @dataclass
 class _Inode:
     mode: int

@@ -272,16 +272,21 @@ class Notifier:
             self._stop(w, reason)
 
     def _invalidate_all(self) -> None:
-        """Every name and node the guest holds (bounded by Limits.max_nodes): what it cached long is unknown."""
-        frames: dict[bytes, None] = {}
-        for parent_id, name in self.router.index:
-            try:
-                frames[wire.encode_notice(wire.INVAL_ENTRY, parent_id, os.fsencode(name))] = None
-            except LocalProtocolError:
-                continue
-        for node_id in self.router.nodes:
-            frames[wire.encode_notice(wire.INVAL_INODE, node_id)] = None
-        self._emit(frames)
+        """What the guest cached long is unknown now: drop everything it holds."""
+        self._emit(dict.fromkeys(invalidate_all(self.router)))
+
+
+def invalidate_all(router: Router) -> list[bytes]:
+    """Notice frames for every name and node the guest holds (bounded by Limits.max_nodes): its kernel
+    and daemon drop all they cache of them. Also what a restored clone's new server sends first."""
+    frames = []
+    for parent_id, name in router.index:
+        try:
+            frames.append(wire.encode_notice(wire.INVAL_ENTRY, parent_id, os.fsencode(name)))
+        except LocalProtocolError:
+            continue
+    frames.extend(wire.encode_notice(wire.INVAL_INODE, node_id) for node_id in router.nodes)
+    return frames
 
 
 def _looks_now(provider: Provider, rel: Path) -> Signature:

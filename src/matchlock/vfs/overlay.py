@@ -40,6 +40,7 @@ class OverlayProvider(Provider):
 
     def __init__(self, lower: str, upper: str, *, ino_base: int = 0) -> None:
         self.lower = HostDir(lower)
+        self.lower_path = lower  # for a snapshot's fingerprint of its mounts (vfs/snapshot.py)
         if self.lower.single:
             self.lower.close()
             raise FsError(errno.ENOTDIR, f"overlay lower {lower} is not a directory")

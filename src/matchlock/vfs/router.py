@@ -53,6 +53,7 @@ class _Open:
     handle: Handle | None = None
     directory: bool = False
     listing: list[DirEntry] | None = None  # a directory's, taken at its first READDIR at offset 0
+    flags: int = 0  # the guest's open flags, for a restore to reopen the file with (vfs/snapshot.py)
 
 
 def wire_attr(attr: Attr) -> wire.Attr:
@@ -399,7 +400,7 @@ class Router(NodeTable):
         handle = await self._io(m.provider.open, rel, a.flags)
         if wants_write(a.flags):
             self.notifier.wrote(node, handle)  # O_TRUNC
-        fh = self._open_handle(_Open(node, handle))
+        fh = self._open_handle(_Open(node, handle, flags=a.flags))
         self._emit("open", path, None, caller)
         return wire.Opened(fh, self._cache_flags(parts, node))
 
@@ -413,7 +414,7 @@ class Router(NodeTable):
             raise self._synthetic_parent(exc, parts) from None
         self.notifier.own(m, rel, attr)
         entry = self._entry(parent, text, parts, attr)
-        fh = self._open_handle(_Open(self.nodes[entry.node], handle))
+        fh = self._open_handle(_Open(self.nodes[entry.node], handle, flags=a.flags))
         self._emit("create", path, attr, caller)
         return wire.Created(entry, fh, self._cache_flags(parts))
 

@@ -6,6 +6,10 @@ at most one frame (about 1 MiB). Blocking filesystem calls run in this server's 
 one sandbox's flood cannot take the threads of another. Replies produced in one event-loop turn go
 out in one write. A frame that breaks the protocol ends the server (the guest's mounts then fail
 with ENOTCONN); the sandbox goes on.
+
+For a snapshot the channel is parked (`park`: no request or reply in flight, the router's state
+final, nothing written until the wake) and woken (`wake`), or taken over by a restored clone's new
+server (`restored=True`); docs/wire.md, "Parking the channel".
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from ..api.errors import VMError
 from ..wire import vfs as wire
+from ..wire.boot import WAKE_SIZE
+from ..wire.checkpoint import encode_wake
 from ..wire.frames import LocalProtocolError, RemoteProtocolError
 from .hostfs import HostFile, HostFSProvider
 from .memory import MemoryProvider
+from .notify import MAX_BACKLOG, invalidate_all
 from .router import Router
 from .types import FsError, SetAttr
 
@@ -81,10 +89,18 @@ def _setid_to_drop(mode: int) -> int:
     return bits
 
 
+def _wake_record(new_host: bool) -> bytes:
+    # The agent's port carries the clock and the RNG seed; the VFS daemon reads neither.
+    return encode_wake(new_host=new_host, time_ns=time.time_ns(), seed=bytes(WAKE_SIZE))
+
+
 class VfsServer:
-    def __init__(self, sock: socket.socket, router: Router) -> None:
+    def __init__(self, sock: socket.socket, router: Router, *, restored: bool = False) -> None:
+        """`restored`: the guest behind `sock` is a clone restored from a snapshot taken while the
+        channel was parked; `router` holds that snapshot's node table (vfs.snapshot)."""
         self.sock = sock
         self.router = router
+        self.restored = restored
         self.limits = router.limits
         self.broken: str = ""
         self.served = 0
@@ -101,6 +117,10 @@ class VfsServer:
         self._requests: set[asyncio.Task] = set()
         self._closed = False
         self.features = 0  # the HELLO features this guest asked for and we serve
+        self._tokens = 0  # the last PARK token sent (a late PARKED for it, after a timeout, is ignored)
+        self._parked: asyncio.Future[None] | None = None  # PARKED for the park under way
+        self._held: bytearray | None = None  # host notices held from PARK to the wake; None: not parked
+        self._held_over = False  # too many held: the wake invalidates everything instead
 
     @staticmethod
     def executor() -> ThreadPoolExecutor:
@@ -108,9 +128,79 @@ class VfsServer:
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=self.sock, limit=READ_SIZE)
+        if self.restored:
+            # The guest said HELLO before the snapshot and asked for every feature it knows; the
+            # same config grants the same. Its kernel and daemon then drop all they cache of nodes
+            # and names this host holds: the host side may have changed since the snapshot.
+            self._grant(wire.FEATURES_ALL)
+            self._send(b"".join([_wake_record(True), *invalidate_all(self.router)]))
         self._group = await self._tasks.enter_async_context(asyncio.TaskGroup())
         self._read_task = self._group.create_task(self._read_loop(reader))
-        self.router.notifier.start(self._send, self._writer)
+        self.router.notifier.start(self._notice, self._writer)
+
+    async def park(self, timeout: float) -> None:
+        """Quiesce the channel for a snapshot: send PARK, serve until the guest's PARKED, then wait for
+        every request handler still running, so the router's state is final and nothing is in flight.
+        Until `wake` the host writes nothing more to the port (host notices are held).
+
+        A guest that does not park within `timeout` seconds: the channel is woken again (so a late
+        park does not hang the guest) and VMError is raised; the server goes on serving."""
+        if self._held is not None:
+            raise VMError("the VFS channel is parked already")
+        if self._writer is None or self._read_task is None or self._read_task.done() or self._closed:
+            raise VMError(f"the VFS channel cannot be parked: {self.broken or 'it is not serving'}")
+        deadline = asyncio.get_running_loop().time() + timeout
+        self._tokens += 1
+        self._parked = asyncio.get_running_loop().create_future()
+        self._held, self._held_over = bytearray(), False
+        self._send(wire.encode_notice(wire.PARK, self._tokens))
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.wait([self._parked, self._read_task], return_when=asyncio.FIRST_COMPLETED)
+                if not self._parked.done():
+                    raise VMError(f"the VFS channel ended while parking: {self.broken or 'closed'}")
+                while self._requests:  # RELEASE notices and replies still being served
+                    await asyncio.wait(set(self._requests))
+                self._flush()
+                await self._writer.drain()
+        except TimeoutError:
+            self._parked = None
+            self.wake()
+            raise VMError(f"the guest's VFS daemon did not park within {timeout:g} s") from None
+        except BaseException:
+            self._parked = None
+            self.wake()
+            raise
+        self._parked = None
+
+    def wake(self) -> None:
+        """The same guest goes on after a park (the snapshot is saved): wake it, then send the host
+        notices held meanwhile. Call on the server's event loop."""
+        held, over = self._held, self._held_over
+        if held is None:
+            raise VMError("the VFS channel is not parked")
+        self._held, self._held_over = None, False
+        self._send(b"".join([_wake_record(False), *(invalidate_all(self.router) if over else [held])]))
+
+    def _notice(self, frames: bytes) -> None:
+        """Host-change notices (vfs.notify): held while parked, bounded (past it: invalidate all at the wake)."""
+        if self._held is None:
+            self._send(frames)
+        elif not self._held_over:
+            if len(self._held) + len(frames) > MAX_BACKLOG:
+                self._held_over = True
+                self._held.clear()
+            else:
+                self._held += frames
+
+    def _on_parked(self, token: int) -> None:
+        if token > self._tokens:
+            raise RemoteProtocolError(f"PARKED with token {token}, never sent")
+        if self._parked is None or token != self._tokens:
+            log.info("VFS: a late PARKED (token %d) ignored", token)  # the park timed out
+            return
+        if not self._parked.done():
+            self._parked.set_result(None)
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         decoder = wire.RequestDecoder()
@@ -131,6 +221,10 @@ class VfsServer:
 
     async def _dispatch(self, request: wire.Request, received: float) -> None:
         self.op_counts[wire.OP_NAMES.get(request.op, "?")] += 1
+        if request.op == wire.Op.PARKED:
+            assert isinstance(request.args, wire.Parked)
+            self._on_parked(request.args.token)
+            return
         if request.op == wire.Op.FORGET:
             assert isinstance(request.args, wire.Forget)
             self.router.forget(request.args.items)
@@ -151,13 +245,16 @@ class VfsServer:
             return
         max_io = min(hello.max_io, self.limits.max_io, wire.MAX_IO)
         stats = os.environ.get(STATS_ENV, "") not in ("", "0")
-        self.features = hello.features & wire.FEATURES_ALL
+        self._grant(hello.features)
+        reply = wire.HelloReply(wire.VERSION, max_io, self.router.hello(), stats, self.features)
+        self._send(wire.encode_reply(request_id, reply))
+
+    def _grant(self, asked: int) -> None:
+        self.features = asked & wire.FEATURES_ALL
         if self.router.interceptor.enabled:  # rules and events must see every LOOKUP
             self.features &= ~wire.FEATURE_LOOKUP_DIR
         self.router.guest_opendir = bool(self.features & wire.FEATURE_GUEST_OPENDIR)
         self.router.lookup_dir = bool(self.features & wire.FEATURE_LOOKUP_DIR)
-        reply = wire.HelloReply(wire.VERSION, max_io, self.router.hello(), stats, self.features)
-        self._send(wire.encode_reply(request_id, reply))
 
     async def _serve(self, request: wire.Request, received: float) -> None:
         started = time.perf_counter()

@@ -27,6 +27,9 @@ MAX_EXTRA_DISKS = 8
 # snapshotted, and how many random bytes the host sends to wake a restored
 # guest (they reseed its RNG).
 TEMPLATE_FLAG = "matchlock.template=1"
+# With it, init also assembles the image's root before the snapshot: a template per image, whose
+# clones start from a copy of the template's upper disk (vm/snapshot.py).
+TEMPLATE_ROOTED_FLAG = "matchlock.rooted=1"
 TEMPLATE_READY = b"T"
 WAKE_SIZE = 64
 

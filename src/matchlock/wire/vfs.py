@@ -29,6 +29,7 @@ from __future__ import annotations
 import operator
 import struct
 
+from .checkpoint import WAKE_MAGIC, WAKE_RECORD_SIZE
 from .frames import LocalProtocolError, RemoteProtocolError
 from .vfs_hello import decode_hello, decode_hello_reply, encode_hello, encode_hello_reply
 from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one name both sides import
@@ -106,6 +107,7 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     Opendir,
     OpendirRead,
     Opened,
+    Parked,
     Read,
     Readdir,
     Readlink,
@@ -144,7 +146,7 @@ _NOT_LISTED, _LISTED = b"\x00", b"\x01"  # LOOKUP_DIR's reply: an entry, or a li
 _ENTRY_OPS = (Op.LOOKUP, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK)
 _ATTR_OPS = (Op.GETATTR, Op.SETATTR)
 PARENT_OPS = frozenset((Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.CREATE))  # FEATURE_PARENT_ATTR
-NOTICE_OPS = frozenset((Op.FORGET, Op.RELEASE, Op.RELEASEDIR))  # may come with id 0: no reply
+NOTICE_OPS = frozenset((Op.FORGET, Op.RELEASE, Op.RELEASEDIR, Op.PARKED))  # may come with id 0: no reply
 _EMPTY_OPS = (Op.UNLINK, Op.RMDIR, Op.RENAME, Op.FLUSH, Op.RELEASE, Op.FSYNC, Op.RELEASEDIR)
 
 
@@ -274,6 +276,8 @@ def _check_args(args: Args) -> None:
         raise RemoteProtocolError(f"{type(args).__name__.upper()} with open flags {args.flags:#o} outside the mask")
     if isinstance(args, (Readdir, OpendirRead)) and args.plus > 1:
         raise RemoteProtocolError(f"{type(args).__name__.upper()} plus must be 0 or 1, got {args.plus}")
+    if isinstance(args, Parked) and not args.token:
+        raise RemoteProtocolError("PARKED with token 0, which the host never sends")
 
 
 class RequestDecoder:
@@ -298,8 +302,10 @@ class RequestDecoder:
             del buf[:end]
             if request_id == 0 and op not in NOTICE_OPS:
                 raise RemoteProtocolError(
-                    f"request id 0 on {OP_NAMES.get(op, op)} (only FORGET and RELEASE* may use it)"
+                    f"request id 0 on {OP_NAMES.get(op, op)} (only FORGET, RELEASE* and PARKED may use it)"
                 )
+            if op == Op.PARKED and request_id:
+                raise RemoteProtocolError(f"PARKED with request id {request_id} (it gets no reply: id 0)")
             requests.append(Request(request_id, op, uid, gid, pid, decode_args(op, payload)))
         return requests
 
@@ -388,7 +394,12 @@ def encode_error(request_id: int, error: int) -> bytes:
 
 
 class ReplyDecoder:
-    """Guest side: bytes from the host in, Reply frames out."""
+    """Guest side: bytes from the host in, Reply frames out.
+
+    A wake record (wire.checkpoint) at a frame boundary comes out in port order as
+    `Reply(NOTICE_ID, WAKE_STATUS, record)`: no reply header can start with WAKE_MAGIC (its length
+    would exceed MAX_PAYLOAD), so it is told apart without knowing whether the channel is parked.
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -410,7 +421,14 @@ class ReplyDecoder:
         while size - pos >= REPLY_HEADER.size:
             length, request_id, status = REPLY_HEADER.unpack_from(source, pos)
             if length > MAX_PAYLOAD:
-                raise RemoteProtocolError(f"reply of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+                if source[pos : pos + len(WAKE_MAGIC)] != WAKE_MAGIC:
+                    raise RemoteProtocolError(f"reply of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+                end = pos + WAKE_RECORD_SIZE
+                if size < end:
+                    break
+                replies.append(Reply(NOTICE_ID, WAKE_STATUS, bytes(source[pos:end])))
+                pos = end
+                continue
             if not -4096 < status <= 0 or (status and length):
                 raise RemoteProtocolError(f"reply status {status} with {length} payload bytes")
             end = pos + REPLY_HEADER.size + length
@@ -533,17 +551,21 @@ def _decode_result(op: int, payload: bytes) -> Result:
 
 # ---- host notices --------------------------------------------------------------------------------
 # A frame from the host with id 0 is a notice, never a reply (no request the host answers has id 0):
-# a watched host_fs directory changed under the guest, so its kernel drops what it caches there.
+# a watched host_fs directory changed under the guest, so its kernel drops what it caches there;
+# or PARK, which asks the guest to quiesce the channel (docs/wire.md, "Parking the channel").
 #     notice payload: kind u8 | node u64 | name length u16 | name (INVAL_ENTRY only)
 NOTICE_ID = 0
 INVAL_INODE = 1  # the node's attributes and cached pages (a directory's: its cached listing)
 INVAL_ENTRY = 2  # the name in directory `node`, positive or negative
+PARK = 3  # `node` is a nonzero token the guest's PARKED echoes; no name
+WAKE_STATUS = 1  # ReplyDecoder: the status of a wake record (no real reply has a positive status)
 _NOTICE = struct.Struct(">BQH")
 
 
 def encode_notice(kind: int, node: int, name: bytes = b"") -> bytes:
     """One notice frame (host side)."""
-    if kind not in (INVAL_INODE, INVAL_ENTRY) or not 0 < node < 1 << 64 or node == ROOT_ALIAS:
+    bad_node = node == ROOT_ALIAS and kind != PARK
+    if kind not in (INVAL_INODE, INVAL_ENTRY, PARK) or not 0 < node < 1 << 64 or bad_node:
         raise LocalProtocolError(f"notice kind {kind} for node {node}")
     if kind == INVAL_ENTRY:
         try:
@@ -551,7 +573,7 @@ def encode_notice(kind: int, node: int, name: bytes = b"") -> bytes:
         except ValueError as exc:
             raise LocalProtocolError(str(exc)) from None
     elif name:
-        raise LocalProtocolError("an INVAL_INODE notice carries no name")
+        raise LocalProtocolError("only an INVAL_ENTRY notice carries a name")
     payload = _NOTICE.pack(kind, node, len(name)) + name
     return REPLY_HEADER.pack(len(payload), NOTICE_ID, 0) + payload
 
@@ -562,7 +584,8 @@ def decode_notice(payload: bytes) -> tuple[int, int, bytes]:
         raise _short("notice")
     kind, node, length = _NOTICE.unpack_from(payload)
     name = payload[_NOTICE.size :]
-    if len(name) != length or kind not in (INVAL_INODE, INVAL_ENTRY) or node in (0, ROOT_ALIAS):
+    bad_node = node == 0 or node == ROOT_ALIAS and kind != PARK
+    if len(name) != length or kind not in (INVAL_INODE, INVAL_ENTRY, PARK) or bad_node:
         raise RemoteProtocolError(f"bad notice: kind {kind}, node {node}, {len(name)} of {length} name bytes")
     if kind == INVAL_ENTRY:
         try:
@@ -570,5 +593,5 @@ def decode_notice(payload: bytes) -> tuple[int, int, bytes]:
         except ValueError as exc:
             raise RemoteProtocolError(f"bad notice name: {exc}") from None
     elif name:
-        raise RemoteProtocolError("an INVAL_INODE notice with a name")
+        raise RemoteProtocolError(f"a notice of kind {kind} with a name")
     return kind, node, name

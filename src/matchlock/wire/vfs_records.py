@@ -53,6 +53,7 @@ class Op:
     STATFS = 24
     OPENDIR_READ = 25  # OPENDIR and the first READDIR in one (FEATURE_GUEST_OPENDIR)
     LOOKUP_DIR = 26  # LOOKUP, answered with the directory's whole listing where the host allows (FEATURE_LOOKUP_DIR)
+    PARKED = 27  # no reply: the guest answers a PARK notice and sends nothing more until the wake
 
 
 OP_NAMES = {value: name for name, value in vars(Op).items() if name.isupper()}
@@ -149,6 +150,14 @@ class Forget(Args):
     __slots__ = ("items",)
     items: tuple[tuple[int, int], ...]
     _op, _tail = Op.FORGET, (_FORGETS,)
+
+
+class Parked(Args):
+    """The guest's answer to the host's PARK notice `token` (wire.vfs: parking the channel)."""
+
+    __slots__ = ("token",)
+    token: int
+    _op, _fixed = Op.PARKED, struct.Struct(">Q")
 
 
 class Getattr(Args):
@@ -369,7 +378,7 @@ ARGS: dict[int, type[Args]] = {
     cls._op: cls
     for cls in (Hello, Lookup, Forget, Getattr, Setattr, Readlink, Symlink, Mknod, Mkdir, Unlink, Rmdir, Rename,
                 Link, Open, Create, Read, Write, Flush, Release, Fsync, Opendir, Readdir, Releasedir, Statfs,
-                OpendirRead, LookupDir)
+                OpendirRead, LookupDir, Parked)
 }  # fmt: skip
 _NODE_FIELDS = ("node", "parent", "newparent")
 

@@ -1,0 +1,213 @@
+"""A restore of a snapshot with directory mounts: the snapshot's own mounts come back (sandbox/snapshots.py);
+the VM side is tests/vm/test_snapshot_mounts.py."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from matchlock.api.config import SandboxConfig, public_config
+from matchlock.api.errors import MatchlockError, SetupError, UsageError, VMError
+from matchlock.api.network import NetworkConfig
+from matchlock.api.vfs import MountConfig, VFSConfig, VFSHookRule, VFSInterceptionConfig
+from matchlock.sandbox.snapshots import Restore
+from matchlock.state.store import StateStore
+
+
+def _source_vfs(tmp_path) -> VFSConfig:
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "lower").mkdir()
+    mounts = {
+        "/workspace": MountConfig("memory"),
+        "/workspace/shared": MountConfig("host_fs", str(tmp_path / "shared"), owner_uid=1000, owner_gid=1000),
+        "/lower": MountConfig("overlay", str(tmp_path / "lower"), readonly=True),
+    }
+    rules = (VFSHookRule("no-secrets", "before", ("write",), "/workspace/secret*", "block"),)
+    return VFSConfig("/workspace", mounts, VFSInterceptionConfig(emit_events=True, rules=rules))
+
+
+def _restore(tmp_path, vfs: VFSConfig | dict, mode: str = "filesystem") -> Restore:
+    saved = public_config(SandboxConfig(image="snap/image:1", vfs=vfs)) if isinstance(vfs, VFSConfig) else {"vfs": vfs}
+    meta = {"mode": mode, "image": "snap/image:1", "cpus": 1.0, "memory_mb": 256, "disk_size_mb": 256,
+            "network": False, "secrets": {}, "config": saved}  # fmt: skip
+    return Restore("s1", tmp_path, meta)
+
+
+def _bare() -> SandboxConfig:
+    return SandboxConfig(image="x", network=NetworkConfig(no_network=True))
+
+
+def test_a_restore_brings_back_the_snapshots_own_mounts(tmp_path):
+    vfs = _source_vfs(tmp_path)
+    prepared = _restore(tmp_path, vfs).prepare(_bare())
+    assert prepared.vfs.mounts == vfs.mounts
+    assert prepared.vfs.workspace == "/workspace"
+    assert prepared.vfs.interception == vfs.interception
+    assert not _restore(tmp_path, VFSConfig()).prepare(_bare()).vfs.active  # none before, none after
+
+
+def test_new_mounts_with_a_restore_are_refused_saying_the_snapshots_come_back(tmp_path):
+    given = SandboxConfig(
+        image="x", network=NetworkConfig(no_network=True), vfs=VFSConfig(mounts={"/m": MountConfig("memory")})
+    )
+    with pytest.raises(UsageError, match=r"with --from-snapshot: a restore brings back snapshot 's1'.s own mounts"):
+        _restore(tmp_path, _source_vfs(tmp_path)).prepare(given)
+
+
+def test_a_shared_host_path_that_is_gone_fails_naming_the_mount_and_the_fix(tmp_path):
+    restore = _restore(tmp_path, _source_vfs(tmp_path), mode="full")
+    (tmp_path / "shared").rmdir()
+    with pytest.raises(SetupError) as failed:
+        restore.prepare(SandboxConfig(image="x", network=NetworkConfig(no_network=True)))
+    message = str(failed.value)
+    assert "host_fs mount /workspace/shared" in message and str(tmp_path / "shared") in message
+    assert "fix: recreate" in message and "matchlock snapshot rm s1" in message
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        "mounts",
+        {"mounts": []},
+        {"mounts": {"/m": "memory"}},
+        {"mounts": {"/m": {"type": "host_fs", "host_path": 7}}},
+        {"mounts": {"/m": {"type": "host_fs", "host_path": "/tmp", "owner_uid": "0"}}},
+        {"mounts": {"/m": {"type": "memory"}}, "interception": {"rules": [{"name": "r"}]}},
+        {"mounts": {"/m": {"type": "memory"}}, "workspace": 5},
+    ],
+)
+def test_a_damaged_saved_vfs_config_is_refused(tmp_path, saved):
+    with pytest.raises(SetupError, match="is damaged: its vfs config"):
+        _restore(tmp_path, saved).prepare(_bare())
+
+
+def test_a_saved_mount_of_an_unknown_type_fails_validation(tmp_path):
+    with pytest.raises(UsageError, match="type 'disk' is not one of"):
+        _restore(tmp_path, {"mounts": {"/m": {"type": "disk"}}}).prepare(_bare())
+
+
+# --- create: the order of the parks and the cleanup on failure ---------------------------------------------
+
+
+class _FakeVFS:
+    def __init__(self, log: list[str], fail: str = "") -> None:
+        self.log, self.fail = log, fail
+
+    async def park(self, timeout: float) -> None:
+        self.log.append("vfs park")
+        if self.fail == "park":
+            raise VMError("the guest's VFS daemon did not park within 30 s")
+
+    def wake(self) -> None:
+        self.log.append("vfs wake")
+
+    def save(self, directory, *, with_nodes: bool) -> None:
+        self.log.append(f"vfs save nodes={with_nodes}")
+        if self.fail == "save":
+            raise SetupError("disk full")
+        (directory / "vfs").mkdir()
+
+
+def _sandbox(tmp_path, log: list[str], fail: str = ""):
+    from matchlock.vm.machine import Disk, MachineSpec
+    from matchlock.wire import boot
+
+    disks = tuple(Disk(tmp_path / f"{s}.img", s) for s in (boot.RUNTIME_DISK_SERIAL, boot.LOWER_DISK_SERIAL))
+    spec = MachineSpec("vm-1", tmp_path / "kernel", (), (*disks, Disk(tmp_path / "u.img", boot.UPPER_DISK_SERIAL)),
+                       tmp_path / "c.log", None)  # fmt: skip
+    for path in ("kernel", f"{boot.RUNTIME_DISK_SERIAL}.img", f"{boot.LOWER_DISK_SERIAL}.img"):
+        (tmp_path / path).write_text("x")
+    return SimpleNamespace(
+        id="vm-1", config=SandboxConfig(image="img", vfs=VFSConfig(mounts={"/m": MountConfig("memory")})),
+        machine=SimpleNamespace(running=True, spec=spec, pid=None), closed=False, paused=False,
+        vfs=_FakeVFS(log, fail), network=None, paths=SimpleNamespace(upper_disk=tmp_path / "u.img"),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def fakes(monkeypatch, tmp_path):
+    from matchlock.sandbox import snapshots
+    from matchlock.vm import checkpoint
+
+    log: list[str] = []
+
+    async def step(name: str, *_: object) -> None:
+        log.append(name)
+
+    async def park(sandbox) -> None:
+        log.append("agent park")
+
+    monkeypatch.setattr(snapshots, "_park", park)
+    monkeypatch.setattr(snapshots, "_wake", lambda sandbox: log.append("agent wake"))
+    monkeypatch.setattr(checkpoint, "pause", lambda m: step("stop"))
+    monkeypatch.setattr(checkpoint, "resume", lambda m: step("cont"))
+    monkeypatch.setattr(checkpoint, "save_memory", lambda m, path, ram: step("save memory"))
+    monkeypatch.setattr(checkpoint, "copy_disk", lambda source, target: log.append("copy upper"))
+    monkeypatch.setattr(checkpoint, "release_saved_pages", lambda m: None)
+    return log
+
+
+def test_a_full_snapshot_parks_the_agent_before_the_vfs_and_wakes_both(fakes, tmp_path):
+    from matchlock.sandbox import snapshots
+
+    store = StateStore(tmp_path / "state")
+    try:
+        record = asyncio.run(snapshots.create(_sandbox(tmp_path, fakes), store, "s1", "full"))
+        assert record.name == "s1"
+    finally:
+        store.close()
+    assert fakes == ["agent park", "vfs park", "stop", "save memory", "copy upper", "vfs save nodes=True",
+                     "cont", "agent wake", "vfs wake"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fail", "woken"), [("park", ["agent wake"]), ("save", ["agent wake", "vfs wake"])])
+def test_a_failed_vfs_park_or_save_wakes_the_guest_and_leaves_no_snapshot(fakes, tmp_path, fail, woken):
+    from matchlock.sandbox import snapshots
+    from matchlock.state import snapshots as records
+
+    store = StateStore(tmp_path / "state")
+    try:
+        with pytest.raises(MatchlockError):
+            asyncio.run(snapshots.create(_sandbox(tmp_path, fakes, fail), store, "s1", "full"))
+        assert records.get(store, "s1") is None and not records.snapshot_dir(store, "s1").exists()
+    finally:
+        store.close()
+    assert [step for step in fakes if "wake" in step] == woken
+
+
+def test_a_filesystem_snapshot_saves_the_mounts_content_without_nodes(fakes, tmp_path):
+    from matchlock.sandbox import snapshots
+
+    sandbox = _sandbox(tmp_path, fakes)
+    sandbox.paused = True  # no exec of `sync` in the fake; a paused sandbox with mounts is refused
+    store = StateStore(tmp_path / "state")
+    try:
+        with pytest.raises(UsageError, match="is paused and has directory mounts"):
+            asyncio.run(snapshots.create(sandbox, store, "s1", "filesystem"))
+
+        async def synced(spec) -> None:
+            fakes.append("sync")
+
+        sandbox.paused, sandbox.exec = False, synced
+        asyncio.run(snapshots.create(sandbox, store, "s1", "filesystem"))
+    finally:
+        store.close()
+    assert fakes == ["sync", "vfs park", "stop", "copy upper", "vfs save nodes=False", "cont", "vfs wake"]
+
+
+def test_sdk_fork_clones_leave_the_mounts_to_the_snapshot(tmp_path):
+    from matchlock.sdk import calls
+    from matchlock.sdk.builder import Sandbox as Box
+
+    parent = Box("alpine").with_workspace("/workspace").mount_memory("/workspace").options()
+    _, clone = calls.fork_plan(parent, 1)
+    assert (clone.mounts, clone.workspace, clone.vfs_interception) == ({}, "", None)  # RPC create refuses them
+    assert list(parent.mounts) == ["/workspace"]  # the parent's own options are untouched
+
+
+def test_preparing_twice_keeps_the_mounts(tmp_path):
+    restore = _restore(tmp_path, _source_vfs(tmp_path))
+    once = restore.prepare(_bare())
+    assert restore.prepare(once).vfs == once.vfs  # `run` prepares in the CLI, then again in the owner
