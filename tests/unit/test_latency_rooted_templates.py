@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 from pathlib import Path
+
+import pytest
 
 from matchlock.vm import checkpoint, snapshot
 from matchlock.vm.accel import AccelChoice
@@ -118,3 +121,103 @@ def test_a_rooted_build_keeps_the_disk_it_booted_with_and_leaves_the_sandboxs_bl
     assert blank.read_bytes()[:5] == b"blank"  # the sandbox copies the template's upper over it
     assert sorted(p.name for p in state.parent.iterdir()) == ["console.log", "inputs.json", "ram", "state", "upper"]
     assert "root of" in TemplateCache(tmp_path / "templates").templates()[0].shape
+
+
+def test_a_rooted_template_without_its_upper_is_built_again(tmp_path, monkeypatch):
+    """A removal cut short (state and RAM left, upper gone) must not make every clone boot cold."""
+    monkeypatch.setattr(snapshot, "Machine", _WritingMachine)
+    monkeypatch.setattr(checkpoint, "save_memory", _save_memory)
+    monkeypatch.setattr(TemplateCache, "prune", lambda self: [])
+    spec = _spec(tmp_path, _file(tmp_path / "lower.erofs", b"image"), _file(tmp_path / "u.img", b"", 1 << 20))
+    cache = TemplateCache(tmp_path / "templates")
+    state = asyncio.run(cache.ensure_rooted(spec))
+    template_upper(state).unlink()
+    builds = len(_WritingMachine.booted)
+    assert asyncio.run(cache.ensure_rooted(spec)) == state
+    assert len(_WritingMachine.booted) == builds + 1
+    assert template_upper(state).read_bytes()[:12] == b"mounted root"
+
+
+def test_a_failed_rooted_restore_boots_cold_on_a_fresh_blank_upper(tmp_path, monkeypatch):
+    from matchlock.api.errors import VMError
+    from matchlock.sandbox import sandbox as sandbox_module
+    from matchlock.sandbox.sandbox import Sandbox, SandboxPaths
+
+    state = tmp_path / "templates" / "k" / "state"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"QEVM")
+    _file(state.with_name(checkpoint.RAM_FILE), b"", size=1 << 20)
+    _file(template_upper(state), b"template upper")
+
+    async def ensure_rooted(self, spec, network_wrapper=None):
+        return state
+
+    monkeypatch.setattr(TemplateCache, "ensure_rooted", ensure_rooted)
+    monkeypatch.setattr(TemplateCache, "wants_rooted", lambda self, spec: True)  # started before
+    monkeypatch.delenv(snapshot.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(checkpoint, "template_restore", lambda spec, state: spec)
+    monkeypatch.setattr(sandbox_module, "make_upper_disk", lambda path, size: path.write_bytes(b"blank"))
+    box = Sandbox.__new__(Sandbox)
+    box.paths = SandboxPaths(tmp_path / "vm")
+    box.paths.console_log.parent.mkdir(parents=True)
+    box.machine, box.channel = None, None
+    box.config = type("Config", (), {"resources": type("R", (), {"disk_size_mb": 1})()})()
+    uppers: list[bytes] = []
+
+    async def start_machine(spec, *, wake: bool) -> None:
+        uppers.append(box.paths.upper_disk.read_bytes())
+        if wake:  # the clone ran a while, writing to its copy, then failed
+            box.paths.upper_disk.write_bytes(b"written by the failed clone")
+            raise VMError("sandbox x failed to start: the guest was not ready")
+
+    box._start_machine = start_machine  # type: ignore[method-assign]
+    spec = _spec(tmp_path, _file(tmp_path / "lower.erofs", b"image"), box.paths.upper_disk)
+    asyncio.run(box._boot(spec, rooted=True))
+    assert uppers == [b"template upper", b"blank"]  # the restore had the copy; the cold boot a blank
+
+
+def test_a_failed_upper_copy_leaves_no_namespace_and_no_partial_disk(tmp_path, monkeypatch):
+    from matchlock.api.errors import VMError
+    from matchlock.vm.machine import MachineNetwork
+
+    monkeypatch.setattr(TemplateCache, "prune", lambda self: [])
+    namespaces: list[str] = []
+
+    def network_wrapper():
+        namespaces.append("open")
+        return 99, lambda: namespaces.remove("open")
+
+    def copy_disk(source: Path, target: Path) -> None:
+        target.write_bytes(b"half")
+        raise VMError("copying failed: No space left on device")
+
+    monkeypatch.setattr(checkpoint, "copy_disk", copy_disk)
+    spec = _spec(tmp_path, _file(tmp_path / "lower.erofs", b"image"), _file(tmp_path / "u.img", b"", 1 << 20))
+    spec = dataclasses.replace(spec, network=MachineNetwork("52:54:00:00:00:01", -1))
+    cache = TemplateCache(tmp_path / "templates")
+    with pytest.raises(VMError, match="No space"):
+        asyncio.run(cache.ensure_rooted(spec, network_wrapper))
+    assert namespaces == []
+    assert not list((tmp_path / "templates").glob("*/upper.partial-*"))
+
+
+def test_an_image_gets_its_rooted_template_only_from_its_second_start(tmp_path):
+    cache = TemplateCache(tmp_path / "templates")
+    spec = _spec(tmp_path, _file(tmp_path / "lower.erofs", b"image"), _file(tmp_path / "u.img", b"", 1 << 20))
+    other = _spec(tmp_path, _file(tmp_path / "other.erofs", b"other"), _file(tmp_path / "v.img", b"", 1 << 20))
+    assert not cache.wants_rooted(spec)  # run once: the plain template, no rooted build
+    assert cache.wants_rooted(spec)
+    assert not cache.wants_rooted(other)  # noted per image
+
+
+def test_the_notes_of_images_started_once_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot, "KEEP_WANTED", 2)
+    cache = TemplateCache(tmp_path / "templates")
+    for i in range(4):
+        spec = _spec(tmp_path, _file(tmp_path / f"l{i}.erofs", b"%d" % i), _file(tmp_path / "u.img", b"", 1 << 20))
+        cache.wants_rooted(spec)
+        newest = max(cache.root.glob("*.wanted"), key=lambda p: p.stat().st_mtime_ns)
+        os.utime(newest, (i + 1, i + 1))  # distinct ages, oldest first
+    kept = sorted(cache.root.glob("*.wanted"), key=lambda p: p.stat().st_mtime)[-2:]
+    cache.prune()
+    assert sorted(cache.root.glob("*.wanted")) == sorted(kept)

@@ -200,3 +200,30 @@ async def test_a_proxy_that_cannot_start_fails_the_create_with_its_own_error(no_
     monkeypatch.setattr(no_disks.Sandbox, "_boot", boot)
     with pytest.raises(SetupError, match="proxy stand-in failed"):
         await no_disks.Sandbox.create(SandboxConfig(image="stand-in"), vm_id="vm-0000bee0")
+
+
+async def test_only_a_store_image_boots_from_a_rooted_template(no_disks, monkeypatch):
+    """`build`'s per-step images (image=) and snapshot restores (restore=) use the plain template."""
+    import types
+
+    from matchlock.api.config import SandboxConfig
+    from matchlock.api.errors import VMError
+    from matchlock.api.image import ImageConfig
+
+    seen: list[tuple[bool, bool]] = []
+
+    async def boot(self, spec, *, use_template=True, rooted=False):
+        seen.append((use_template, rooted))
+        raise VMError("QEMU stand-in: stop here")
+
+    monkeypatch.setattr(no_disks.Sandbox, "_boot", boot)
+    step_image = types.SimpleNamespace(config=ImageConfig(), lower_path=no_disks.SandboxPaths.of("x").root / "step")
+    restore = types.SimpleNamespace(full=False, make_upper=lambda path: path.write_bytes(b""))
+    for vm_id, extra in (
+        ("vm-000000a1", {}),
+        ("vm-000000a2", {"image": step_image}),
+        ("vm-000000a3", {"restore": restore}),
+    ):
+        with pytest.raises(VMError, match="stop here"):
+            await no_disks.Sandbox.create(SandboxConfig(image="stand-in"), vm_id=vm_id, **extra)
+    assert seen == [(True, True), (True, False), (True, False)]

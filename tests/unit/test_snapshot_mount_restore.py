@@ -177,6 +177,61 @@ def test_a_failed_vfs_park_or_save_wakes_the_guest_and_leaves_no_snapshot(fakes,
     assert [step for step in fakes if "wake" in step] == woken
 
 
+def test_an_agent_wake_that_fails_still_wakes_the_vfs(fakes, tmp_path, monkeypatch):
+    from matchlock.sandbox import snapshots
+
+    def broken(sandbox) -> None:
+        fakes.append("agent wake")
+        raise ConnectionResetError("the agent's channel closed")
+
+    monkeypatch.setattr(snapshots, "_wake", broken)
+    store = StateStore(tmp_path / "state")
+    try:
+        with pytest.raises(ConnectionResetError):
+            asyncio.run(snapshots.create(_sandbox(tmp_path, fakes), store, "s1", "full"))
+    finally:
+        store.close()
+    assert fakes[-2:] == ["agent wake", "vfs wake"]
+
+
+@pytest.mark.parametrize("mode", ["full", "filesystem"])
+def test_a_cancelled_snapshot_wakes_the_vfs_only_once_its_save_has_ended(fakes, tmp_path, mode):
+    import threading
+
+    from matchlock.sandbox import snapshots
+
+    sandbox = _sandbox(tmp_path, fakes)
+    started, release = threading.Event(), threading.Event()
+
+    def save(directory, *, with_nodes: bool) -> None:
+        started.set()
+        release.wait(30)  # reading the router: a wake meanwhile would let the guest change it
+        fakes.append("vfs save ended")
+
+    async def synced(spec) -> None:
+        fakes.append("sync")
+
+    sandbox.vfs.save, sandbox.exec = save, synced
+
+    async def main() -> None:
+        task = asyncio.ensure_future(snapshots.create(sandbox, store, "s1", mode))
+        await asyncio.to_thread(started.wait, 30)
+        task.cancel()
+        for _ in range(20):  # the cancelled create's cleanup runs in these turns, unless it waits for the save
+            await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    store = StateStore(tmp_path / "state")
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        store.close()
+    assert fakes.index("vfs save ended") < fakes.index("vfs wake")
+
+
 def test_a_filesystem_snapshot_saves_the_mounts_content_without_nodes(fakes, tmp_path):
     from matchlock.sandbox import snapshots
 

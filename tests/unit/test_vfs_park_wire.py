@@ -151,3 +151,23 @@ async def test_a_late_parked_after_a_timeout_is_ignored() -> None:
     finally:
         await server.aclose()
         peer.sock.close()
+
+
+async def test_requests_a_guest_sends_after_its_parked_wait_unanswered_until_the_wake() -> None:
+    server, peer = await _server()
+    try:
+        parking = asyncio.create_task(server.park(10))
+        while not peer.replies:  # the PARK notice
+            data = await asyncio.get_running_loop().sock_recv(peer.sock, 1 << 16)
+            for reply in peer.decoder.feed(data):
+                peer.replies[reply.id] = reply
+        await asyncio.get_running_loop().sock_sendall(peer.sock, _parked(1))
+        await parking
+        await peer.send(7, wire.Mkdir(2, 0o755, b"made-while-parked"))  # a hostile guest, after PARKED
+        await asyncio.sleep(0.2)  # time the server would need to serve it; nothing may happen
+        assert server.router.find(("m", "made-while-parked")) is None and 7 not in peer.replies
+        server.wake()
+        assert (await peer.reply(7)).status == 0
+    finally:
+        await server.aclose()
+        peer.sock.close()

@@ -193,6 +193,24 @@ async def test_a_handle_whose_file_is_gone_on_the_host_answers_estale(dirs: dict
         fresh.close()
 
 
+async def test_a_handle_whose_host_file_was_replaced_never_reaches_the_new_file(dirs: dict[str, Path]) -> None:
+    guest, fresh = build(dirs), build(dirs)
+    try:
+        node = await guest.node("/h/host.txt")
+        opened = await guest.call(wire.Open(node, os.O_RDWR))
+        assert isinstance(opened, wire.Opened)
+        snapshot.save(guest.router, dirs["root"] / "snap", with_nodes=True)
+        (dirs["root"] / "new.txt").write_text("another file\n")  # an editor's save: a new inode at the path
+        os.replace(dirs["root"] / "new.txt", dirs["shared"] / "host.txt")
+        snapshot.restore(fresh.router, dirs["root"] / "snap", with_nodes=True)
+        assert isinstance(fresh.router.handles[opened.fh].handle, snapshot.Gone)
+        assert await fresh.errno_of(wire.Write(node, opened.fh, 0, os.O_RDWR, b"x")) == errno.ESTALE
+        assert (dirs["shared"] / "host.txt").read_text() == "another file\n"
+    finally:
+        guest.close()
+        fresh.close()
+
+
 async def test_a_reopened_handle_keeps_its_flags_but_never_truncates_again(dirs: dict[str, Path]) -> None:
     guest, fresh = build(dirs), build(dirs)
     try:

@@ -104,6 +104,12 @@ def _loop(nodes: dict[str, Any]) -> None:
     d[1] = f[0]  # d's parent is its own child
 
 
+def _root_id_below(nodes: dict[str, Any]) -> None:
+    root = next(r for r in nodes["table"] if r[1] is None)
+    nodes["table"].remove(root)
+    _row(nodes, "f")[0] = root[0]  # the root row gone, its id on a file: every check but the root's passes
+
+
 TAMPERED_STATE: dict[str, Callable[[dict[str, Any]], None]] = {
     "version": lambda s: s.update(version=2),
     "a parent loop": _edit_nodes(_loop),
@@ -116,8 +122,11 @@ TAMPERED_STATE: dict[str, Callable[[dict[str, Any]], None]] = {
     "two nodes with one name": _edit_nodes(lambda n: n["table"].append([999_999, *_row(n, "f")[1:]])),
     "a boolean id": _edit_nodes(lambda n: _row(n, "f").__setitem__(0, True)),
     "a root that is no root": _edit_nodes(lambda n: _row(n, "f").__setitem__(1, None)),
+    "a root's id on a node below it": _edit_nodes(_root_id_below),
     "a handle on a huge fh": _edit_nodes(lambda n: n["handles"][0].__setitem__(0, 1 << 64)),
-    "too many handles": _edit_nodes(lambda n: n["handles"].extend([[k, None, 0, False, True] for k in range(9, 30)])),
+    "too many handles": _edit_nodes(
+        lambda n: n["handles"].extend([[k, None, 0, False, True, None] for k in range(9, 30)])
+    ),
     "a negative next id": _edit_nodes(lambda n: n.update(next_id=-1)),
     "a mount list that is no list": lambda s: s.update(mounts={"/m": 1}),
 }
@@ -179,6 +188,14 @@ async def test_a_saved_overlay_upper_with_a_socket_or_a_symlinked_root_is_refuse
     upper.rename(where / "real-upper")
     upper.symlink_to(where / "real-upper")
     refused(boxes, where, "overlay mount /o", "no directory")
+
+
+@pytest.mark.parametrize("link", ["vfs", "vfs/mount-1", "vfs/mount-2"])
+async def test_a_symlinked_state_or_mount_directory_is_never_followed(boxes: Sandboxes, link: str) -> None:
+    where = await saved(boxes)
+    (where / link).rename(boxes.root / "moved")
+    (where / link).symlink_to(boxes.root / "moved")  # its content intact: only the symlink is refused
+    refused(boxes, where, link.split("/")[-1], "no directory", "fix:")
 
 
 async def test_a_tampered_overlay_index_or_a_partial_save_is_refused(boxes: Sandboxes) -> None:

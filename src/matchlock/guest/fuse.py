@@ -397,22 +397,9 @@ class MountTranslator:
             return error(unique, errno.EPROTO)
         self.initialized = True
         pages = self.max_io // PAGE
-        return out(
-            unique,
-            INIT_OUT.pack(
-                KERNEL_MAJOR,
-                KERNEL_MINOR,
-                max_readahead,
-                flags & (WANTED | (HANDLE_KILLPRIV_V2 if self.features & vfs.FEATURE_KILLPRIV else 0)),
-                MAX_BACKGROUND,
-                CONGESTION_THRESHOLD,
-                self.max_io,
-                1,
-                pages,
-                0,
-                0,
-            ),  # fmt: skip
-        )
+        wanted = WANTED | (HANDLE_KILLPRIV_V2 if self.features & vfs.FEATURE_KILLPRIV else 0)
+        return out(unique, INIT_OUT.pack(KERNEL_MAJOR, KERNEL_MINOR, max_readahead, flags & wanted, MAX_BACKGROUND,
+                                         CONGESTION_THRESHOLD, self.max_io, 1, pages, 0, 0))  # fmt: skip
 
     def _build(self, op: int, node: int, body: memoryview) -> tuple[vfs.Args, int, int] | int:  # noqa: C901, PLR0911, PLR0912 - one branch per opcode
         """The host request for `op`, with the read size and plus flag its reply needs, or an errno."""

@@ -271,7 +271,8 @@ class Mount:
 
 
 class Notices:
-    """Host notices (a host_fs directory changed), written to /dev/fuse by their own thread.
+    """Host notices (a host_fs directory changed), and the translators' own after a reply, written to
+    /dev/fuse by their own thread.
 
     Not by the reply thread: a notify write waits for the inode and page locks that an in-flight
     request holds, and that request ends only when the reply thread writes its reply.
@@ -280,6 +281,7 @@ class Notices:
     def __init__(self) -> None:
         self.mounts: list[Mount] = []
         self._queue: list[tuple[int, int, bytes]] = []
+        self._own: list[tuple[Mount, bytes]] = []  # the translators' own (after_reply), one mount each
         self._ready = threading.Condition()
 
     def put(self, payload: bytes) -> None:
@@ -296,12 +298,21 @@ class Notices:
             self._queue.append(notice)
             self._ready.notify()
 
+    def kernel(self, mount: Mount, notice: bytes) -> None:
+        """A notice of the translator's own after a reply (the reply thread), for this thread to write."""
+        with self._ready:
+            self._own.append((mount, notice))
+            self._ready.notify()
+
     def serve(self) -> None:
         while True:
             with self._ready:
-                while not self._queue:
+                while not self._queue and not self._own:
                     self._ready.wait()
                 batch, self._queue = self._queue, []
+                own, self._own = self._own, []
+            for mount, notice in own:
+                mount.notify_kernel(notice)
             for kind, node, name in dict.fromkeys(batch):  # a notice repeated in one batch: once
                 for mount in self.mounts:
                     if mount.initialized.is_set():
@@ -386,7 +397,10 @@ def serve_replies(channel: Channel, notices: Notices | None = None) -> None:
             if stats is not None:
                 stats.done(reply.id, got, ready)
             if (after := mount.translator.after_reply(pending, reply.status)) is not None:
-                mount.notify_kernel(after)
+                if notices is None:
+                    mount.notify_kernel(after)
+                else:  # not here: it may wait for a page lock held by a READ whose reply is behind this one
+                    notices.kernel(mount, after)
             if forget is not None:
                 channel.notify(forget)
         if channel.parking:

@@ -317,6 +317,7 @@ class Sandbox:
             shape = dataclasses.replace(spec, vfs_port=False)  # templates have no VFS port: it is hot-plugged
             try:
                 cache = snapshot.TemplateCache()
+                rooted = rooted and cache.wants_rooted(shape)
                 state = await (cache.ensure_rooted if rooted else cache.ensure)(shape, self._template_namespace)
                 if rooted:
                     checkpoint.copy_disk(snapshot.template_upper(state), self.paths.upper_disk)
@@ -338,6 +339,8 @@ class Sandbox:
                     stderr = failed.stderr_text() if failed is not None else ""
                     if snapshot.restore_proves_state_bad(state, exited, stderr):
                         state.unlink(missing_ok=True)
+                    if rooted:  # the cold boot's root starts blank, not from what the failed clone wrote
+                        make_upper_disk(self.paths.upper_disk, self.config.resources.disk_size_mb)
         await self._start_machine(spec, wake=False)
 
     def _template_namespace(self):

@@ -43,6 +43,7 @@ from ..image.reference import try_parse as try_parse_reference
 from ..state import snapshots as records
 from ..state.snapshots import RestoreMismatch
 from ..util import trace
+from ..util.aio import finish_in_thread
 from ..vm import checkpoint
 from ..vm.machine import Disk, MachineSpec
 from ..wire import agent as msgs
@@ -241,20 +242,23 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
         trace.mark("snapshot: memory saved")
         checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
         trace.mark("snapshot: upper disk copied")
-        if sandbox.vfs is not None:
-            await asyncio.to_thread(sandbox.vfs.save, directory, with_nodes=True)
+        if (vfs := sandbox.vfs) is not None:
+            # Cancelled, the save still ends before the wake: it reads the router, which the wake lets change.
+            await finish_in_thread(lambda: vfs.save(directory, with_nodes=True))
             trace.mark("snapshot: VFS state saved")
     finally:
         try:
             if not was_paused:
                 await checkpoint.resume(machine)
         finally:
-            _wake(sandbox)  # queued behind the stop when paused: the guest reads it on `resume`
-            if vfs_parked:
-                assert sandbox.vfs is not None
-                sandbox.vfs.wake()
-            sandbox.paused = was_paused
-            trace.mark("snapshot: guest resumed")
+            try:
+                _wake(sandbox)  # queued behind the stop when paused: the guest reads it on `resume`
+            finally:  # a channel left parked would hang every mount of the sandbox
+                if vfs_parked:
+                    assert sandbox.vfs is not None
+                    sandbox.vfs.wake()
+                sandbox.paused = was_paused
+                trace.mark("snapshot: guest resumed")
     checkpoint.release_saved_pages(machine)
 
 
@@ -279,7 +283,7 @@ async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
         try:
             checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
             if vfs is not None:
-                await asyncio.to_thread(vfs.save, directory, with_nodes=False)
+                await finish_in_thread(lambda: vfs.save(directory, with_nodes=False))
         finally:
             if restart:
                 await checkpoint.resume(_machine(sandbox))

@@ -120,6 +120,10 @@ class VfsServer:
         self._tokens = 0  # the last PARK token sent (a late PARKED for it, after a timeout, is ignored)
         self._parked: asyncio.Future[None] | None = None  # PARKED for the park under way
         self._held: bytearray | None = None  # host notices held from PARK to the wake; None: not parked
+        # Cleared from an accepted PARKED to the wake: a hostile guest's requests after its PARKED wait
+        # unread, so they can neither change the router while it is saved nor get replies during the save.
+        self._reading = asyncio.Event()
+        self._reading.set()
         self._held_over = False  # too many held: the wake invalidates everything instead
 
     @staticmethod
@@ -181,6 +185,7 @@ class VfsServer:
             raise VMError("the VFS channel is not parked")
         self._held, self._held_over = None, False
         self._send(b"".join([_wake_record(False), *(invalidate_all(self.router) if over else [held])]))
+        self._reading.set()
 
     def _notice(self, frames: bytes) -> None:
         """Host-change notices (vfs.notify): held while parked, bounded (past it: invalidate all at the wake)."""
@@ -200,6 +205,7 @@ class VfsServer:
             log.info("VFS: a late PARKED (token %d) ignored", token)  # the park timed out
             return
         if not self._parked.done():
+            self._reading.clear()
             self._parked.set_result(None)
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
@@ -212,6 +218,7 @@ class VfsServer:
                     decoder.close()
                     return
                 for request in decoder.feed(data):
+                    await self._reading.wait()
                     await self._dispatch(request, received)
         except RemoteProtocolError as exc:
             self.broken = f"the guest broke the VFS protocol: {exc}"

@@ -11,9 +11,9 @@ writes are on the sandbox's upper disk, which the snapshot copies.
 
 With nodes (full snapshots and forks, whose guest kernel still holds node ids and file handles), the
 node table and the open handles come too. A handle is reopened by its path with its open flags minus
-O_CREAT/O_TRUNC/O_EXCL; one that cannot be (unlinked while open, gone on the host) answers ESTALE to
-every use. Directory handles list afresh at their next READDIR. Both id counters continue past the
-saved ones.
+O_CREAT/O_TRUNC/O_EXCL, and kept only if it shows the inode number it had at the save; one that cannot
+be (unlinked while open, gone or replaced on the host) answers ESTALE to every use, never another file.
+Directory handles list afresh at their next READDIR. Both id counters continue past the saved ones.
 
 The snapshot is host data but is read as untrusted: JSON shapes, names, ids, counts and sizes are
 checked, a saved tree is walked without following a symlink, and anything off is refused with
@@ -37,7 +37,7 @@ from .memory import MemoryProvider, _Inode, reserve_inos
 from .nodes import DETACHED, NEVER_FORGOTTEN, Node
 from .overlay import OverlayProvider
 from .router import Mount, Router, _Open
-from .types import MAX_DEPTH, PATH_MAX, Attr, FsError, Handle, check_name, wants_write
+from .types import MAX_DEPTH, PATH_MAX, FsError, Handle, check_name, wants_write
 
 VERSION = 1
 MAX_STATE_BYTES = 64 << 20  # state.json: 200,000 nodes take ~10 MB
@@ -56,20 +56,10 @@ class VfsStateError(MatchlockError):
 class Gone(Handle):
     """A restored handle whose file could not be reopened: every use fails, none reaches another file."""
 
-    def read(self, offset: int, size: int) -> bytes:
+    def _stale(self, *args: Any, **kwargs: Any) -> Any:
         raise FsError(errno.ESTALE, "a handle whose file was gone at restore")
 
-    def write(self, offset: int, data: bytes) -> int:
-        raise FsError(errno.ESTALE, "a handle whose file was gone at restore")
-
-    def fsync(self, datasync: bool) -> None:
-        raise FsError(errno.ESTALE, "a handle whose file was gone at restore")
-
-    def fstat(self) -> Attr:
-        raise FsError(errno.ESTALE, "a handle whose file was gone at restore")
-
-    def truncate(self, size: int) -> None:
-        raise FsError(errno.ESTALE, "a handle whose file was gone at restore")
+    read = write = fsync = fstat = truncate = _stale
 
 
 # --- entry points --------------------------------------------------------------------------------------------
@@ -97,7 +87,7 @@ def save(router: Router, directory: Path, *, with_nodes: bool) -> None:
 def restore(router: Router, directory: Path, *, with_nodes: bool) -> None:
     """Fill a freshly built router (built from the same VFSConfig by sandbox/vfs.py) from a saved state:
     providers' content first, then (with_nodes) the node table and open handles, before the server starts."""
-    vfs = directory / "vfs"
+    vfs = _real_dir(directory / "vfs")
     state = _load_json(vfs / "state.json", MAX_STATE_BYTES)
     if not isinstance(state, dict) or state.get("version") != VERSION:
         raise VfsStateError(f"{vfs / 'state.json'}: not a version {VERSION} VFS state; fix: take the snapshot again")
@@ -111,9 +101,9 @@ def restore(router: Router, directory: Path, *, with_nodes: bool) -> None:
     table = _node_table(router, nodes) if with_nodes and isinstance(nodes, dict) else None  # checked first
     for index, m in enumerate(mounts):
         if isinstance(m.provider, MemoryProvider):
-            _restore_memory(m.provider, vfs / f"mount-{index}", m.path)
+            _restore_memory(m.provider, _real_dir(vfs / f"mount-{index}"), m.path)
         elif isinstance(m.provider, OverlayProvider):
-            _restore_overlay(m.provider, vfs / f"mount-{index}", m.path)
+            _restore_overlay(m.provider, _real_dir(vfs / f"mount-{index}"), m.path)
     if table is not None and isinstance(nodes, dict):
         _install(router, nodes, *table)
 
@@ -186,8 +176,14 @@ def _nodes_state(router: Router) -> dict[str, Any]:
     handles = []
     for fh, opened in router.handles.items():
         held = router.nodes.get(opened.node.id) is opened.node
-        gone = not opened.directory and (opened.handle is None or isinstance(opened.handle, Gone))
-        handles.append([fh, opened.node.id if held else None, opened.flags, opened.directory, gone])
+        ino = None  # what a file handle shows: its reopen must show the same, else it reached another file
+        if not opened.directory and opened.handle is not None and not isinstance(opened.handle, Gone):
+            try:
+                ino = opened.handle.fstat().ino
+            except FsError:
+                pass
+        gone = not opened.directory and ino is None
+        handles.append([fh, opened.node.id if held else None, opened.flags, opened.directory, gone, ino])
     return {
         "next_id": next_id, "next_fh": next_fh, "table": table, "handles": handles,
         "guest_opendir": router.guest_opendir, "lookup_dir": router.lookup_dir,
@@ -214,6 +210,8 @@ def _node_table(router: Router, saved: dict[str, Any]) -> tuple[dict[int, Node],
                 raise _bad(f"root node {node_id} ({name!r}) is not a root of these mounts")
             nodes[node_id] = root
             continue
+        if node_id in roots:  # else the guest's mount root would be a node somewhere below it
+            raise _bad(f"node {node_id}, a mount root here, has a parent")
         node = Node(node_id, None, _name(name, "a node name"))
         node.nlookup = _int(nlookup, -NEVER_FORGOTTEN + 1, NEVER_FORGOTTEN, "a node's lookup count")
         if not isinstance(linked, bool):
@@ -271,8 +269,8 @@ def _restore_handles(router: Router, saved: dict[str, Any]) -> None:
     rows = _list(saved.get("handles"), router.limits.max_handles, "handle list")
     top = 0
     for row in rows:
-        if not isinstance(row, list) or len(row) != 5:
-            raise _bad("a handle row is not [fh, node, flags, directory, gone]")
+        if not isinstance(row, list) or len(row) != 6:
+            raise _bad("a handle row is not [fh, node, flags, directory, gone, ino]")
         fh = _int(row[0], 1, _I64, "a handle number")
         if fh in router.handles:
             raise _bad(f"handle {fh} twice")
@@ -281,25 +279,33 @@ def _restore_handles(router: Router, saved: dict[str, Any]) -> None:
         directory, gone = row[3], row[4]
         if not isinstance(directory, bool) or not isinstance(gone, bool):
             raise _bad("a handle's directory or gone flag")
+        ino = None if directory or gone else _int(row[5], 0, 1 << 64, "a handle's inode number")
         held = node if node is not None else Node(0, DETACHED, "")  # its node was forgotten: it has no path
         if directory:
             router.handles[fh] = _Open(held, directory=True, flags=flags)
         else:
-            handle = Gone() if gone or node is None else _reopen(router, node, flags)
+            handle = Gone() if ino is None or node is None else _reopen(router, node, flags, ino)
             router.handles[fh] = _Open(held, handle, flags=flags)
         top = max(top, fh)
     router._fhs = itertools.count(max(_int(saved.get("next_fh"), 1, _I64, "next_fh"), top + 1))
 
 
-def _reopen(router: Router, node: Node, flags: int) -> Handle:
+def _reopen(router: Router, node: Node, flags: int, ino: int) -> Handle:
     try:
         parts = router._parts(node)
         m, rel = router.route(parts)
         if parts in router.virtual or (wants_write(flags) and m.readonly):
             return Gone()
-        return m.provider.open(rel, flags & ~_REOPEN_DROP)
+        handle = m.provider.open(rel, flags & ~_REOPEN_DROP)
     except FsError:
         return Gone()
+    try:  # a host_fs file replaced on the host since the save (or a tampered path) is another inode
+        if handle.fstat().ino == ino:
+            return handle
+    except FsError:
+        pass
+    handle.close()
+    return Gone()
 
 
 # --- memory mounts -------------------------------------------------------------------------------------------
@@ -560,6 +566,16 @@ def _list(value: Any, most: int, what: str) -> list[Any]:
     if not isinstance(value, list) or len(value) > most:
         raise _bad(f"the {what} is not a list of at most {most}")
     return value
+
+
+def _real_dir(path: Path) -> Path:
+    """`path`, a directory itself: a symlink there would take the restore's reads to any host directory."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            return path
+    except OSError:
+        pass
+    raise _bad(f"{path} is missing or no directory (a symlink is never followed)")
 
 
 def _open_regular(path: Path) -> int:

@@ -24,8 +24,11 @@ overlay, pivot_root: ~0.2 s of every start under emulation) before the save.
 Its key adds the lower disk's identity and the upper's size; the template
 keeps the upper disk it booted with (`UPPER_FILE`, synced by the guest and
 flushed by QEMU's stop before the save), and each clone's upper disk starts
-as a copy of it. The root holds only the public image and two empty
-directories, so the rules above hold: no secrets, fresh randomness per clone.
+as a copy of it. Before the save the guest wrote only the overlay's
+directories, /etc (copied up) with empty /etc/hostname and /etc/hosts, and
+mount points, all from the public image, so the rules above hold: no secrets
+and no sandbox's data (each sandbox's upper is its own copy), fresh
+randomness per clone.
 
 Each template is about 50 MB and every new --memory/--cpus pair makes one,
 so the cache is bounded (KEEP_TEMPLATES by count, MAX_TEMPLATE_BYTES in
@@ -36,6 +39,7 @@ gc` show and clear it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -63,6 +67,8 @@ KEEP_TEMPLATES = 6
 MAX_TEMPLATE_BYTES = 400 * 1024 * 1024
 INPUTS_FILE = "inputs.json"  # what the template was built from, to tell when it went stale
 DISABLE_ENV = "MATCHLOCK_NO_TEMPLATES"
+WANTED_SUFFIX = ".wanted"  # an image started once: its next start builds its rooted template
+KEEP_WANTED = 64
 UPPER_FILE = "upper"  # a rooted template's upper disk, copied by each of its clones
 
 
@@ -187,9 +193,18 @@ class Template:
     shape: str  # e.g. "512 MB, 1 CPU, network"
 
 
-def _complete(state: Path) -> bool:
-    """Whether the template is whole (files are renamed into place upper first, state last)."""
-    return state.exists() and state.with_name(checkpoint.RAM_FILE).exists()
+def _complete(state: Path, rooted: bool = False) -> bool:
+    """Whether the template is whole (files are renamed into place upper first, state last; a removal
+    cut short may leave a rooted one without its upper, which every clone would then boot cold for)."""
+    whole = state.exists() and state.with_name(checkpoint.RAM_FILE).exists()
+    return whole and (not rooted or template_upper(state).exists())
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _disk_usage(directory: Path) -> int:
@@ -219,15 +234,31 @@ class TemplateCache:
         base = rooted_template_spec(spec, self.root) if rooted else template_spec(spec, self.root)
         key = template_key(base)
         state = self.root / key / "state"
-        if _complete(state):
+        if _complete(state, rooted):
             os.utime(state)
             return state
         with file_lock(self._lock_path(key)):
-            if _complete(state):
+            if _complete(state, rooted):
                 return state
             await self._build(base, state, network_wrapper)
         self.prune()
         return state
+
+    def wants_rooted(self, spec: MachineSpec) -> bool:
+        """Whether a start of the spec's image should come from its rooted template: it is built, or the
+        image was started before. A first start takes the plain template and only notes the image
+        (`<key>.wanted`), so an image run once (a `matchlock build` result, a one-off pull) never pays
+        a rooted build: a cold boot plus a save, slower than the plain restore it replaces."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        key = template_key(rooted_template_spec(spec, self.root))
+        if _complete(self.root / key / "state", rooted=True):
+            return True
+        wanted = self.root / f"{key}{WANTED_SUFFIX}"
+        if wanted.exists():
+            return True
+        with contextlib.suppress(OSError):  # a read-only cache: the plain template still serves
+            wanted.touch()
+        return False
 
     async def ensure_rooted(self, spec: MachineSpec, network_wrapper=None) -> Path:
         """`ensure` of the template of the spec's image with its root mounted (see `ensure`)."""
@@ -246,19 +277,23 @@ class TemplateCache:
         (state.parent / INPUTS_FILE).write_text(json.dumps(inputs))
         spec = dataclasses.replace(spec, console_log=state.parent / "console.log")
         spec.console_log.write_text("")
-        cleanup = None
-        if spec.network is not None and network_wrapper is not None:
-            tap_fd, cleanup = network_wrapper()
-            spec = dataclasses.replace(spec, network=dataclasses.replace(spec.network, tap_fd=tap_fd))
         # Per build: a lock file that a cleanup removed must not let two builds share one file.
         partial = state.with_name(f"state.partial-{os.getpid()}")
         ram_partial = state.with_name(f"{checkpoint.RAM_FILE}.partial-{os.getpid()}")
         upper_partial = state.with_name(f"{UPPER_FILE}.partial-{os.getpid()}")
-        if _rooted(spec):
+        if _rooted(spec):  # before the namespace, which a failed copy would otherwise leave behind
             blank = next(d for d in spec.disks if d.serial == UPPER_DISK_SERIAL)
-            checkpoint.copy_disk(blank.path, upper_partial)
+            try:
+                checkpoint.copy_disk(blank.path, upper_partial)
+            except BaseException:
+                upper_partial.unlink(missing_ok=True)  # a copy cut short (a full disk)
+                raise
             disks = tuple(dataclasses.replace(d, path=upper_partial) if d is blank else d for d in spec.disks)
             spec = dataclasses.replace(spec, disks=disks)
+        cleanup = None
+        if spec.network is not None and network_wrapper is not None:
+            tap_fd, cleanup = network_wrapper()
+            spec = dataclasses.replace(spec, network=dataclasses.replace(spec.network, tap_fd=tap_fd))
         machine = Machine(spec)
         try:
             sock = await machine.start()
@@ -320,7 +355,14 @@ class TemplateCache:
             elif self._remove(template):
                 removed.append(template)
         self._remove_orphan_locks()
+        self._trim_wanted()
         return removed
+
+    def _trim_wanted(self) -> None:
+        """Keep the newest KEEP_WANTED notes of images started once (see `wants_rooted`)."""
+        notes = sorted(self.root.glob(f"*{WANTED_SUFFIX}"), key=_mtime, reverse=True)
+        for note in notes[KEEP_WANTED:]:
+            note.unlink(missing_ok=True)
 
     def clear(self) -> list[Template]:
         """Remove every template not in use by a build (restoring sandboxes keep their open copy)."""
