@@ -184,10 +184,8 @@ def _nodes_state(router: Router) -> dict[str, Any]:
                 pass
         gone = not opened.directory and ino is None
         handles.append([fh, opened.node.id if held else None, opened.flags, opened.directory, gone, ino])
-    return {
-        "next_id": next_id, "next_fh": next_fh, "table": table, "handles": handles,
-        "guest_opendir": router.guest_opendir, "lookup_dir": router.lookup_dir,
-    }  # fmt: skip
+    # The features a guest was granted are not saved: the restored server grants them again (VfsServer).
+    return {"next_id": next_id, "next_fh": next_fh, "table": table, "handles": handles}
 
 
 def _node_table(router: Router, saved: dict[str, Any]) -> tuple[dict[int, Node], dict[tuple[int, str], Node]]:
@@ -235,9 +233,6 @@ def _node_table(router: Router, saved: dict[str, Any]) -> tuple[dict[int, Node],
     _check_acyclic(nodes)
     _int(saved.get("next_id"), 2, _I64, "next_id")
     _list(saved.get("handles"), router.limits.max_handles, "handle list")
-    for flag in ("guest_opendir", "lookup_dir"):
-        if not isinstance(saved.get(flag), bool):
-            raise _bad(f"{flag} is not a boolean")
     return nodes, index
 
 
@@ -247,7 +242,6 @@ def _install(router: Router, saved: dict[str, Any], nodes: dict[int, Node], inde
         node.parent.children += 1
     router.nodes, router.index = nodes, index
     router._ids = itertools.count(max(saved["next_id"], max(nodes) + 1))
-    router.guest_opendir, router.lookup_dir = saved["guest_opendir"], saved["lookup_dir"]
     _restore_handles(router, saved)
 
 
