@@ -6,7 +6,7 @@ import os
 import stat
 
 import pytest
-from vfs_support import sh
+from vfs_support import SEEN, sh
 
 from matchlock.sandbox.sandbox import ExecSpec
 
@@ -104,9 +104,9 @@ def test_owner_mode_and_mtime_agree_on_both_sides(box, loop_thread, host_dirs):
     assert (uid, gid, mode, int(mtime)) == ("1234", "567", "604", int(st.st_mtime))
     (host_dirs / "rw" / "from-host").write_bytes(b"host bytes")
     os.utime(host_dirs / "rw" / "from-host", ns=(1, 1_234_567_890_123_456_789))
-    assert sh(box, loop_thread, "cat /work/from-host; stat -c ' %y' /work/from-host").startswith(
-        "host bytes 2009-02-13 23:31:30.123456789"
-    )
+    shown = "\"$(cat /work/from-host; stat -c ' %y' /work/from-host)\""
+    seen = f"[ {shown} = 'host bytes 2009-02-13 23:31:30.123456789 +0000' ]"
+    sh(box, loop_thread, SEEN.format(test=seen))
 
 
 def test_read_only_mount_refuses_every_write(box, loop_thread, host_dirs):

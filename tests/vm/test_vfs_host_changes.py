@@ -17,14 +17,12 @@ import itertools
 import os
 
 import pytest
-from vfs_support import sh
+from vfs_support import SEEN, sh
 
 from matchlock.vfs import notify
 
 pytestmark = [pytest.mark.vm]
 
-# 50 tries 0.1 s apart, inside one exec: a change is normally seen on the first try.
-SEEN = "for i in $(seq 50); do {test} && exit 0; sleep 0.1; done; echo never: {test}; exit 1"
 _SYNCS = itertools.count()
 
 

@@ -201,18 +201,43 @@ def runtime_disk_path() -> Path:
     return runtime_dir() / f"runtime-{key}.erofs"
 
 
+KEPT_DISKS = 4  # checkouts of different guest code share the cache; each keeps its disk this long
+
+
 def ensure_runtime_disk() -> Path:
     disk = runtime_disk_path()
-    if disk.exists():
-        return disk
-    with file_lock(runtime_dir() / ".disk.lock"):
-        if disk.exists():
-            return disk
-        build_disk(disk)
-        for stale in runtime_dir().glob("runtime-*.erofs"):
-            if stale != disk:
-                stale.unlink(missing_ok=True)
+    if not disk.exists():
+        with file_lock(runtime_dir() / ".disk.lock"):
+            if not disk.exists():
+                build_disk(disk)
+                _drop_least_recently_used(keep=disk)
+    _mark_used(disk)
     return disk
+
+
+def _used_stamp(disk: Path) -> Path:
+    # Not the disk's own mtime: boot templates are keyed by their input files' size and mtime.
+    return disk.with_name(disk.name + ".used")
+
+
+def _mark_used(disk: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache still boots; only the eviction order suffers
+        _used_stamp(disk).touch()
+
+
+def _last_used(disk: Path) -> float:
+    for path in (_used_stamp(disk), disk):
+        with contextlib.suppress(OSError):
+            return path.stat().st_mtime
+    return 0.0
+
+
+def _drop_least_recently_used(keep: Path) -> None:
+    """All but the `KEPT_DISKS` most recently used disks (`keep` among them), so the cache stays bounded."""
+    others = sorted((d for d in runtime_dir().glob("runtime-*.erofs") if d != keep), key=_last_used, reverse=True)
+    for stale in others[KEPT_DISKS - 1 :]:
+        stale.unlink(missing_ok=True)
+        _used_stamp(stale).unlink(missing_ok=True)
 
 
 def build_disk(disk: Path, init_script: str = INIT_SCRIPT) -> None:
