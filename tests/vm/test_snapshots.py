@@ -169,9 +169,17 @@ def test_fork_gives_independent_clones(source, tmp_path):
         _kill(*clones)
 
 
-def test_an_owner_killed_during_a_snapshot_leaves_nothing_ls_shows_and_gc_removes_it(module_state_dir):
-    vm = _ok("run", "-d", "--no-network", "--disk-size", "256").strip()
+@pytest.mark.parametrize("mounted", [False, True], ids=["no-mounts", "with-a-mount"])
+def test_an_owner_killed_during_a_snapshot_leaves_nothing_ls_shows_and_gc_removes_it(
+    module_state_dir, tmp_path, mounted
+):
+    # With a mount the snapshot also saves the VFS state (and parks its channel): that must not leak either.
+    volumes = ["-v", f"{tmp_path}:/work"] if mounted else []
+    (tmp_path / "host.txt").write_text("host\n")
+    vm = _ok("run", "-d", "--no-network", "--disk-size", "256", *volumes).strip()
     try:
+        if mounted:
+            assert _sh(vm, "cat /work/host.txt && echo guest > /work/guest.txt") == "host\n"
         _sh(vm, "dd if=/dev/urandom of=/dev/shm/fill bs=1M count=160 2>/dev/null")  # a slow save
         pid = json.loads(_ok("get", vm))["pid"]
         creating = subprocess.Popen([MATCHLOCK, "snapshot", "create", vm, "--name", "doomed"],
@@ -186,5 +194,7 @@ def test_an_owner_killed_during_a_snapshot_leaves_nothing_ls_shows_and_gc_remove
         assert "doomed" not in _ok("snapshot", "ls")
         assert "snapshot doomed: removed" in _ok("gc")
         assert not directory.exists()
+        if mounted:  # a -v mount is an overlay: neither the guest's write nor the killed snapshot touched the host
+            assert sorted(os.listdir(tmp_path)) == ["host.txt"]
     finally:
         _kill(vm)
