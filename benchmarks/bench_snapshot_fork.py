@@ -114,11 +114,34 @@ def _cli_fork_runs(runs: int, forks: int, no_network: bool) -> tuple[list[float]
     return fresh_samples, fork_samples
 
 
+def fork_steps(source: str, name: str, forks: int) -> tuple[list, tuple[float, ...]]:
+    """`matchlock fork source -n forks` (cli/snapshot.py) step by step in this process, then every clone's
+    first exec: the owners, and the instants started, preloaded, saved, owners up, first execs done.
+    Call with no other thread running: the owners are forked from this process."""
+    from matchlock.cli import launcher
+    from matchlock.cli.snapshot import _has_network, _remove_snapshot
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:  # as `fork`: the owners' modules load while the source saves
+        saving = pool.submit(relay_client.control, source, "snapshot", name=name, mode="full")
+        launcher.preload()
+        preloaded = time.perf_counter()
+        saving.result()
+    saved = time.perf_counter()
+    args = ["run", "--from-snapshot", name, "-d", *([] if _has_network(name) else ["--no-network"])]
+    owners = launcher.wait(launcher.start(args, forks))
+    up = time.perf_counter()
+    _remove_snapshot(name)
+    assert all(owner.vm_id for owner in owners), [owner.error for owner in owners]
+    with ThreadPoolExecutor(forks) as pool:
+        list(pool.map(_relay_exec, [owner.vm_id for owner in owners]))
+    return owners, (started, preloaded, saved, up, time.perf_counter())
+
+
 def fork_timeline(runs: int, forks: int, no_network: bool) -> None:
     """Where `matchlock fork SRC -n forks` goes: its steps (cli/snapshot.py) one by one, timed. Run in a
     process of its own (`--timeline`): the owners are forked from it, which needs no other thread."""
     from matchlock.cli import launcher
-    from matchlock.cli.snapshot import _has_network, _remove_snapshot
 
     ready: dict[int, float] = {}
     wait_ready = launcher._wait_ready
@@ -132,25 +155,12 @@ def fork_timeline(runs: int, forks: int, no_network: bool) -> None:
     phases: dict[str, list[float]] = {"snapshot": [], "first owner up": [], "last owner up": [], "first execs": []}
     try:
         for run in range(runs):
-            name = f"bench-timeline-{run}"
-            started = time.perf_counter()
-            with ThreadPoolExecutor(1) as pool:  # as `fork`: the owners' modules load while the source saves
-                saving = pool.submit(relay_client.control, source, "snapshot", name=name, mode="full")
-                launcher.preload()
-                saving.result()
-            saved = time.perf_counter()
-            args = ["run", "--from-snapshot", name, "-d", *([] if _has_network(name) else ["--no-network"])]
-            owners = launcher.wait(launcher.start(args, forks))
-            up = time.perf_counter()
-            _remove_snapshot(name)
+            owners, (started, _, saved, up, done) = fork_steps(source, f"bench-timeline-{run}", forks)
             ids = [owner.vm_id for owner in owners]
-            assert all(ids), [owner.error for owner in owners]
-            with ThreadPoolExecutor(forks) as pool:
-                list(pool.map(_relay_exec, ids))
             phases["snapshot"].append(saved - started)
             phases["first owner up"].append(min(ready[o.pid] for o in owners) - saved)
             phases["last owner up"].append(up - saved)
-            phases["first execs"].append(time.perf_counter() - up)
+            phases["first execs"].append(done - up)
             for vm_id in ids:
                 _cli("rm", "-f", vm_id)
     finally:
