@@ -14,6 +14,7 @@ from matchlock.api.globs import path_matches
 from matchlock.api.vfs import VFSHookRule, VFSInterceptionConfig
 from matchlock.vfs.hostfs import HostFSProvider
 from matchlock.vfs.memory import MemoryProvider
+from matchlock.vfs.overlay import OverlayProvider
 from matchlock.vfs.router import Mount
 from matchlock.vfs.types import Limits
 from matchlock.wire import vfs as wire
@@ -272,5 +273,44 @@ async def test_a_hard_linked_file_is_never_cached(host: Path, provider: str) -> 
         await guest.unlink("/w/hard")
         reply = await guest.call(wire.Getattr(plain, 0))
         assert isinstance(reply, wire.AttrReply) and reply.attr.nlink == 1 and reply.attr_valid_ns > 0
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("provider", ["memory", "host_fs"])
+async def test_a_hard_linked_fifo_is_never_cached_either(host: Path, provider: str) -> None:
+    # pjdfstest link/00.t: after a chmod through one name of a FIFO, the other name showed the old mode
+    # and nlink, because only regular files were treated as linked.
+    guest = Guest([Mount("/w", MemoryProvider() if provider == "memory" else HostFSProvider(str(host)))])
+    try:
+        parent = await guest.node("/w")
+        made = await guest.call(wire.Mknod(parent, stat.S_IFIFO | 0o644, 0, b"fifo"))
+        assert isinstance(made, wire.Entry) and made.attr_valid_ns > 0  # one name: cached
+        entry = await guest.call(wire.Link(made.node, parent, b"again"))
+        assert isinstance(entry, wire.Entry) and entry.attr.nlink == 2 and entry.attr_valid_ns == 0
+        reply = await guest.call(wire.Getattr(made.node, 0))
+        assert isinstance(reply, wire.AttrReply) and reply.attr.nlink == 2 and reply.attr_valid_ns == 0
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("provider", ["host_fs", "overlay"])
+async def test_new_files_keep_the_guests_mode_whatever_the_hosts_umask(host: Path, tmp_path: Path, provider: str):
+    # pjdfstest open/02.t: the guest kernel applies the guest's umask; the host's 022 stripped g+w again.
+    previous = os.umask(0o022)
+    try:
+        made = HostFSProvider(str(host)) if provider == "host_fs" else OverlayProvider(str(host), str(tmp_path / "up"))
+    finally:
+        os.umask(previous)
+    guest = Guest([Mount("/w", made)])
+    try:
+        parent = await guest.node("/w")
+        created = await guest.call(wire.Create(parent, os.O_RDWR, 0o620, b"file"))
+        assert isinstance(created, wire.Created) and stat.S_IMODE(created.entry.attr.mode) == 0o620
+        await guest.mkdir("/w/dir", 0o777)
+        fifo = await guest.call(wire.Mknod(parent, stat.S_IFIFO | 0o662, 0, b"fifo"))
+        assert isinstance(fifo, wire.Entry)
+        modes = {name: stat.S_IMODE((await guest.stat(f"/w/{name}")).mode) for name in ("file", "dir", "fifo")}
+        assert modes == {"file": 0o620, "dir": 0o777, "fifo": 0o662}
     finally:
         guest.close()

@@ -171,8 +171,9 @@ class Router(NodeTable):
 
     def _attr_validity(self, node: Node, parts: Path, attr: Attr) -> int:
         """Attributes are cached, except a hard-linked file's: nodes are names here, so the guest kernel
-        holds one inode per name, and a write through one name must not leave the other's size stale."""
-        node.linked = stat.S_ISREG(attr.mode) and attr.nlink > 1
+        holds one inode per name, and a write (or chmod, chown, link) through one name must not leave the
+        other's size, mode, owner or nlink stale. Any non-directory can have names: FIFOs, sockets, devices."""
+        node.linked = not stat.S_ISDIR(attr.mode) and attr.nlink > 1
         return 0 if node.linked else self._validity(parts)
 
     def _entry(self, parent: Node, name: str, parts: Path, attr: Attr) -> wire.Entry:
