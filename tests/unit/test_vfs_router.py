@@ -314,3 +314,22 @@ async def test_new_files_keep_the_guests_mode_whatever_the_hosts_umask(host: Pat
         assert modes == {"file": 0o620, "dir": 0o777, "fifo": 0o662}
     finally:
         guest.close()
+
+
+@pytest.mark.parametrize("provider", ["memory", "host_fs"])
+async def test_fstat_of_an_unlinked_open_file_answers_from_its_handle(host: Path, provider: str) -> None:
+    # pjdfstest unlink/14.t: open, unlink, fstat. The kernel's GETATTR for fstat carries no fh, and the
+    # name is gone, so the router answered ENOENT; an open handle on the node answers instead (nlink 0).
+    guest = Guest([Mount("/w", MemoryProvider() if provider == "memory" else HostFSProvider(str(host)))])
+    try:
+        await guest.write("/w/f", b"Hello")
+        node = await guest.node("/w/f")
+        opened = await guest.call(wire.Open(node, os.O_RDONLY))
+        assert isinstance(opened, wire.Opened)
+        await guest.unlink("/w/f")
+        reply = await guest.call(wire.Getattr(node, 0))
+        assert isinstance(reply, wire.AttrReply) and (reply.attr.nlink, reply.attr.size) == (0, 5)
+        await guest.call(wire.Release(node, opened.fh))
+        assert await guest.errno_of(wire.Getattr(node, 0)) == errno.ENOENT  # closed: nothing answers
+    finally:
+        guest.close()

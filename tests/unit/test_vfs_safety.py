@@ -127,6 +127,10 @@ async def test_memory_mount_is_bounded(tmp_path: Path) -> None:
         with pytest.raises(FsError) as caught:
             await guest.write("/m/b", b"x" * (1 << 20))
         assert caught.value.errno == errno.ENOSPC
+        # Larger than the whole mount could ever hold: the file's maximum size (pjdfstest ftruncate/12.t).
+        with pytest.raises(FsError) as caught:
+            await guest.truncate("/m/a", (1 << 20) + 1)
+        assert caught.value.errno == errno.EFBIG
     finally:
         guest.close()
 

@@ -153,6 +153,8 @@ class MemoryProvider(Provider):
     # --- writes ----------------------------------------------------------------------------------------------
 
     def _resize(self, node: _Inode, size: int) -> None:
+        if size > self.limits.memory_bytes:  # no file here can be larger than the whole mount
+            raise FsError(errno.EFBIG, f"a memory mount holds at most {self.limits.memory_bytes} bytes")
         grow = size - len(node.data)
         if grow > 0 and self.bytes_used + grow > self.limits.memory_bytes:
             raise FsError(errno.ENOSPC, f"memory mount is full ({self.limits.memory_bytes} bytes)")
