@@ -249,16 +249,25 @@ def test_a_private_mount_caches_enoent_long(host: Path) -> None:
         guest.close()
 
 
+def _one_mount(host: Path, provider: str) -> Guest:
+    return Guest([Mount("/w", MemoryProvider() if provider == "memory" else HostFSProvider(str(host)))])
+
+
+async def _written_and_opened(guest: Guest, path: str, data: bytes) -> tuple[int, wire.Opened]:
+    await guest.write(path, data)
+    node = await guest.node(path)
+    opened = await guest.call(wire.Open(node, os.O_RDONLY))
+    assert isinstance(opened, wire.Opened)
+    return node, opened
+
+
 @pytest.mark.parametrize("provider", ["memory", "host_fs"])
 async def test_a_hard_linked_file_is_never_cached(host: Path, provider: str) -> None:
     # Nodes are names, so the guest kernel holds one inode per name of a hard-linked file: neither
     # may cache attributes or pages, or a write through one name leaves the other's size stale.
-    guest = Guest([Mount("/w", MemoryProvider() if provider == "memory" else HostFSProvider(str(host)))])
+    guest = _one_mount(host, provider)
     try:
-        await guest.write("/w/plain", b"y\n")
-        plain = await guest.node("/w/plain")
-        opened = await guest.call(wire.Open(plain, os.O_RDONLY))
-        assert isinstance(opened, wire.Opened)
+        plain, opened = await _written_and_opened(guest, "/w/plain", b"y\n")
         single_flags = opened.flags
         parent, _ = await guest.parent("/w/hard")
         entry = await guest.call(wire.Link(plain, parent, b"hard"))
@@ -281,7 +290,7 @@ async def test_a_hard_linked_file_is_never_cached(host: Path, provider: str) -> 
 async def test_a_hard_linked_fifo_is_never_cached_either(host: Path, provider: str) -> None:
     # pjdfstest link/00.t: after a chmod through one name of a FIFO, the other name showed the old mode
     # and nlink, because only regular files were treated as linked.
-    guest = Guest([Mount("/w", MemoryProvider() if provider == "memory" else HostFSProvider(str(host)))])
+    guest = _one_mount(host, provider)
     try:
         parent = await guest.node("/w")
         made = await guest.call(wire.Mknod(parent, stat.S_IFIFO | 0o644, 0, b"fifo"))
@@ -320,12 +329,9 @@ async def test_new_files_keep_the_guests_mode_whatever_the_hosts_umask(host: Pat
 async def test_fstat_of_an_unlinked_open_file_answers_from_its_handle(host: Path, provider: str) -> None:
     # pjdfstest unlink/14.t: open, unlink, fstat. The kernel's GETATTR for fstat carries no fh, and the
     # name is gone, so the router answered ENOENT; an open handle on the node answers instead (nlink 0).
-    guest = Guest([Mount("/w", MemoryProvider() if provider == "memory" else HostFSProvider(str(host)))])
+    guest = _one_mount(host, provider)
     try:
-        await guest.write("/w/f", b"Hello")
-        node = await guest.node("/w/f")
-        opened = await guest.call(wire.Open(node, os.O_RDONLY))
-        assert isinstance(opened, wire.Opened)
+        node, opened = await _written_and_opened(guest, "/w/f", b"Hello")
         await guest.unlink("/w/f")
         reply = await guest.call(wire.Getattr(node, 0))
         assert isinstance(reply, wire.AttrReply) and (reply.attr.nlink, reply.attr.size) == (0, 5)
