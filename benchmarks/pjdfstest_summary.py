@@ -5,6 +5,8 @@ Each log line is "FILE: TAP-LINE". Every "not ok" gets one category, tried in th
 - `device node refused`: `mknod NAME b|c` expected to succeed, got EPERM;
 - `cascade of <category>`: the assertion names a file (or a directory above it) whose latest create
   in the same test file failed (so its ENOENT, or the wrong stat, follows from that failure alone);
+- `probable cascade of <category>`: in a file with a failed create, an expectation of "ENOENT" as
+  an inode or among other fields: a value the suite captured from a file that was never made;
 - otherwise `SYSCALL: expected E, got R` (numbers in either side normalised to N; stat calls also
   name the fields they read, `lstat uid,gid`).
 
@@ -91,7 +93,8 @@ def _norm(value: str) -> str:
     return re.sub(r"\d+", "N", value) if not re.fullmatch(r"E[A-Z]+|0", value) else value
 
 
-def _classify(args: list[str], expected: str, got: str, failed_creates: dict[str, str]) -> str:
+def _classify(args: list[str], expected: str, got: str, failed_creates: dict[str, str], first: str) -> str:
+    """`first`: the category of the file's first failed create so far ("" if none)."""
     name, rest = _syscall(args)
     if name == "mknod" and len(rest) > 1 and rest[1] in ("b", "c") and got == "EPERM" and expected == "0":
         return "device node refused (mknod b/c: EPERM)"
@@ -100,6 +103,10 @@ def _classify(args: list[str], expected: str, got: str, failed_creates: dict[str
         for path in (*_prefixes(arg), *(() if arg == created else (arg,))):
             if path in failed_creates:
                 return f"cascade of: {failed_creates[path]}"
+    if first and (expected.startswith("ENOENT,") or (expected == "ENOENT" and rest[-1:] == ["inode"])):
+        # The suite captured a value (`inode=$(pjdfstest lstat ...)`) from a file it never made, and
+        # expects that "ENOENT" back from a file that does exist: follows from an earlier failure.
+        return f"probable cascade of: {first} (a value captured from it)"
     if name in STATS and rest:  # which fields it read: "stat uid,gid"
         name = f"{name} {rest[-1]}"
     return f"{name}: expected {_norm(expected)}, got {_norm(got)}"
@@ -108,6 +115,7 @@ def _classify(args: list[str], expected: str, got: str, failed_creates: dict[str
 def parse(path: Path) -> Log:
     log = Log(path)
     failed_creates: dict[str, dict[str, str]] = defaultdict(dict)  # file -> path -> category of the failure
+    first_failed: dict[str, str] = {}  # file -> category of its first failed create
     for raw in path.read_text(errors="replace").splitlines():
         if m := FILE_DONE.match(raw):
             log.files.add(m["file"])
@@ -138,9 +146,10 @@ def parse(path: Path) -> Log:
         failure = Failure(file, int(bad["n"]), tap)
         if tried := TRIED.match(rest):
             args = tried["args"].split()
-            failure.category = _classify(args, tried["expected"], tried["got"], creates)
+            failure.category = _classify(args, tried["expected"], tried["got"], creates, first_failed.get(file, ""))
             if tried["expected"] == "0" and (made := _created(args)):
                 creates[made] = failure.category.removeprefix("cascade of: ")
+                first_failed.setdefault(file, creates[made])
         else:
             failure.category = f"check without a syscall ({rest.strip() or 'test_check'})"
         log.failures.append(failure)
