@@ -16,6 +16,7 @@ how many of its assertions fail there too (same file, same assertion number): th
 Each log's failures, one a line with their category, are written beside it as LOG.failures.tsv.
 
 Usage: python benchmarks/pjdfstest_summary.py OUT/pjd-root.log OUT/pjd-memory.log ...
+       python benchmarks/pjdfstest_summary.py --compare BEFORE.log AFTER.log   # what a fix removed
 """
 
 from __future__ import annotations
@@ -182,7 +183,24 @@ def print_summary(paths: list[Path]) -> None:
                 out.write(f"{f.file}\t{f.n}\t{f.category}\t{also}\t{f.text}\n")
 
 
+def compare(before: Path, after: Path) -> None:
+    """Which failures of `before` are gone in `after` (same file and assertion number), by category, and
+    which are new: after a fix, this shows what it removed (a cascade's whole tail goes with its cause)."""
+    old, new = parse(before), parse(after)
+    old_keys, new_keys = {(f.file, f.n) for f in old.failures}, {(f.file, f.n) for f in new.failures}
+    gone = Counter(f.category for f in old.failures if (f.file, f.n) not in new_keys)
+    added = Counter(f.category for f in new.failures if (f.file, f.n) not in old_keys)
+    print(f"{before.name} -> {after.name}: {len(old.failures)} -> {len(new.failures)} not ok; "
+          f"{sum(gone.values())} gone, {sum(added.values())} new")  # fmt: skip
+    for label, counts in (("gone", gone), ("new", added)):
+        for category, count in counts.most_common():
+            print(f"  {label} {count:5d}  {category}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    print_summary([Path(p) for p in sys.argv[1:]])
+    if sys.argv[1] == "--compare" and len(sys.argv) == 4:
+        compare(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        print_summary([Path(p) for p in sys.argv[1:]])
