@@ -65,3 +65,26 @@ async def test_node_count_is_bounded() -> None:
         assert caught.value.errno == errno.ENOSPC
     finally:
         guest.close()
+
+
+async def test_mknod_makes_device_nodes_fifos_and_sockets_as_metadata() -> None:
+    guest = Guest([Mount("/m", MemoryProvider())], uid=1000, gid=1000)
+    try:
+        root = await guest.node("/m")
+        kinds = {b"blk": stat.S_IFBLK, b"chr": stat.S_IFCHR, b"fifo": stat.S_IFIFO, b"sock": stat.S_IFSOCK}
+        for name, kind in kinds.items():
+            entry = await guest.call(wire.Mknod(root, kind | 0o640, os.makedev(1, 2), name))
+            assert isinstance(entry, wire.Entry), name
+            assert (stat.S_IFMT(entry.attr.mode), stat.S_IMODE(entry.attr.mode)) == (kind, 0o640)
+        for name in ("blk", "chr"):  # the number is kept only on devices, and stat sees it
+            attr = await guest.stat(f"/m/{name}")
+            assert (os.major(attr.rdev), os.minor(attr.rdev), attr.uid, attr.gid) == (1, 2, 1000, 1000)
+        assert (await guest.stat("/m/fifo")).rdev == 0
+        # Nothing stands behind a device node: opening one through the host is refused.
+        assert await guest.errno_of(wire.Open(await guest.node("/m/chr"), os.O_RDONLY)) == errno.EACCES
+        for kind in (stat.S_IFDIR, stat.S_IFLNK, 0o170000):  # directories and links have calls of their own
+            assert await guest.errno_of(wire.Mknod(root, kind | 0o755, 0, b"bad")) == errno.EINVAL
+        await guest.unlink("/m/blk")
+        assert sorted(await guest.listdir("/m")) == ["chr", "fifo", "sock"]
+    finally:
+        guest.close()

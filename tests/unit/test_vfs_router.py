@@ -14,6 +14,7 @@ from matchlock.api.globs import path_matches
 from matchlock.api.vfs import VFSHookRule, VFSInterceptionConfig
 from matchlock.vfs.hostfs import HostFSProvider
 from matchlock.vfs.memory import MemoryProvider
+from matchlock.vfs.overlay import OverlayProvider
 from matchlock.vfs.router import Mount
 from matchlock.vfs.types import Limits
 from matchlock.wire import vfs as wire
@@ -248,16 +249,25 @@ def test_a_private_mount_caches_enoent_long(host: Path) -> None:
         guest.close()
 
 
+def _one_mount(host: Path, provider: str) -> Guest:
+    return Guest([Mount("/w", MemoryProvider() if provider == "memory" else HostFSProvider(str(host)))])
+
+
+async def _written_and_opened(guest: Guest, path: str, data: bytes) -> tuple[int, wire.Opened]:
+    await guest.write(path, data)
+    node = await guest.node(path)
+    opened = await guest.call(wire.Open(node, os.O_RDONLY))
+    assert isinstance(opened, wire.Opened)
+    return node, opened
+
+
 @pytest.mark.parametrize("provider", ["memory", "host_fs"])
 async def test_a_hard_linked_file_is_never_cached(host: Path, provider: str) -> None:
     # Nodes are names, so the guest kernel holds one inode per name of a hard-linked file: neither
     # may cache attributes or pages, or a write through one name leaves the other's size stale.
-    guest = Guest([Mount("/w", MemoryProvider() if provider == "memory" else HostFSProvider(str(host)))])
+    guest = _one_mount(host, provider)
     try:
-        await guest.write("/w/plain", b"y\n")
-        plain = await guest.node("/w/plain")
-        opened = await guest.call(wire.Open(plain, os.O_RDONLY))
-        assert isinstance(opened, wire.Opened)
+        plain, opened = await _written_and_opened(guest, "/w/plain", b"y\n")
         single_flags = opened.flags
         parent, _ = await guest.parent("/w/hard")
         entry = await guest.call(wire.Link(plain, parent, b"hard"))
@@ -272,5 +282,60 @@ async def test_a_hard_linked_file_is_never_cached(host: Path, provider: str) -> 
         await guest.unlink("/w/hard")
         reply = await guest.call(wire.Getattr(plain, 0))
         assert isinstance(reply, wire.AttrReply) and reply.attr.nlink == 1 and reply.attr_valid_ns > 0
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("provider", ["memory", "host_fs"])
+async def test_a_hard_linked_fifo_is_never_cached_either(host: Path, provider: str) -> None:
+    # pjdfstest link/00.t: after a chmod through one name of a FIFO, the other name showed the old mode
+    # and nlink, because only regular files were treated as linked.
+    guest = _one_mount(host, provider)
+    try:
+        parent = await guest.node("/w")
+        made = await guest.call(wire.Mknod(parent, stat.S_IFIFO | 0o644, 0, b"fifo"))
+        assert isinstance(made, wire.Entry) and made.attr_valid_ns > 0  # one name: cached
+        entry = await guest.call(wire.Link(made.node, parent, b"again"))
+        assert isinstance(entry, wire.Entry) and entry.attr.nlink == 2 and entry.attr_valid_ns == 0
+        reply = await guest.call(wire.Getattr(made.node, 0))
+        assert isinstance(reply, wire.AttrReply) and reply.attr.nlink == 2 and reply.attr_valid_ns == 0
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("provider", ["host_fs", "overlay"])
+async def test_new_files_keep_the_guests_mode_whatever_the_hosts_umask(host: Path, tmp_path: Path, provider: str):
+    # pjdfstest open/02.t: the guest kernel applies the guest's umask; the host's 022 stripped g+w again.
+    previous = os.umask(0o022)
+    try:
+        made = HostFSProvider(str(host)) if provider == "host_fs" else OverlayProvider(str(host), str(tmp_path / "up"))
+    finally:
+        os.umask(previous)
+    guest = Guest([Mount("/w", made)])
+    try:
+        parent = await guest.node("/w")
+        created = await guest.call(wire.Create(parent, os.O_RDWR, 0o620, b"file"))
+        assert isinstance(created, wire.Created) and stat.S_IMODE(created.entry.attr.mode) == 0o620
+        await guest.mkdir("/w/dir", 0o777)
+        fifo = await guest.call(wire.Mknod(parent, stat.S_IFIFO | 0o662, 0, b"fifo"))
+        assert isinstance(fifo, wire.Entry)
+        modes = {name: stat.S_IMODE((await guest.stat(f"/w/{name}")).mode) for name in ("file", "dir", "fifo")}
+        assert modes == {"file": 0o620, "dir": 0o777, "fifo": 0o662}
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("provider", ["memory", "host_fs"])
+async def test_fstat_of_an_unlinked_open_file_answers_from_its_handle(host: Path, provider: str) -> None:
+    # pjdfstest unlink/14.t: open, unlink, fstat. The kernel's GETATTR for fstat carries no fh, and the
+    # name is gone, so the router answered ENOENT; an open handle on the node answers instead (nlink 0).
+    guest = _one_mount(host, provider)
+    try:
+        node, opened = await _written_and_opened(guest, "/w/f", b"Hello")
+        await guest.unlink("/w/f")
+        reply = await guest.call(wire.Getattr(node, 0))
+        assert isinstance(reply, wire.AttrReply) and (reply.attr.nlink, reply.attr.size) == (0, 5)
+        await guest.call(wire.Release(node, opened.fh))
+        assert await guest.errno_of(wire.Getattr(node, 0)) == errno.ENOENT  # closed: nothing answers
     finally:
         guest.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,10 @@ async def test_devices_and_fifos_on_the_host_are_never_opened(tmp_path: Path) ->
         mknod = wire.Mknod(parent, 0o20644, os.makedev(1, 3), b"mem")  # a character device
         assert await guest.errno_of(mknod) == errno.EPERM
         assert not (root / "mem").exists()
+        # A socket node is allowed: an inert inode (the guest's socket stays in the guest kernel).
+        sock = await guest.call(wire.Mknod(parent, stat.S_IFSOCK | 0o755, 0, b"sock"))
+        assert isinstance(sock, wire.Entry) and stat.S_ISSOCK(os.lstat(root / "sock").st_mode)
+        assert await guest.errno_of(wire.Open(await guest.node("/w/sock"), os.O_RDONLY)) == errno.ENXIO  # as open(2)
     finally:
         guest.close()
 
@@ -122,5 +127,30 @@ async def test_memory_mount_is_bounded(tmp_path: Path) -> None:
         with pytest.raises(FsError) as caught:
             await guest.write("/m/b", b"x" * (1 << 20))
         assert caught.value.errno == errno.ENOSPC
+        # Larger than the whole mount could ever hold: the file's maximum size (pjdfstest ftruncate/12.t).
+        with pytest.raises(FsError) as caught:
+            await guest.truncate("/m/a", (1 << 20) + 1)
+        assert caught.value.errno == errno.EFBIG
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("kind", ["host_fs", "overlay"])
+async def test_a_path_longer_than_path_max_still_resolves(tmp_path: Path, resolution, kind: str) -> None:
+    # pjdfstest mkdir/03.t: the guest walks to a directory whose path from the mount root is over
+    # PATH_MAX; openat2 refuses that in one string, so the host opens it a name at a time.
+    root = tmp_path / "share"
+    root.mkdir()
+    made = HostFSProvider(str(root)) if kind == "host_fs" else OverlayProvider(str(root), str(tmp_path / "up"))
+    guest = Guest([Mount("/w", made)])
+    try:
+        names = [f"{i:02d}" + "d" * 200 for i in range(22)]  # 22 * 203 bytes: past 4096
+        for depth in range(1, len(names) + 1):
+            await guest.mkdir("/w/" + "/".join(names[:depth]))
+        deepest = "/w/" + "/".join(names)
+        await guest.write(deepest + "/f", b"deep")
+        assert await guest.read(deepest + "/f") == b"deep"
+        await guest.unlink(deepest + "/f")
+        await guest.rmdir(deepest)
     finally:
         guest.close()

@@ -53,7 +53,7 @@ def memory_tree(provider: MemoryProvider) -> dict[str, tuple]:
     while pending:
         path, inode = pending.pop()
         out["/".join(path)] = (inode.mode, inode.uid, inode.gid, inode.ino, inode.nlink, inode.atime_ns,
-                               inode.mtime_ns, inode.ctime_ns, bytes(inode.data), inode.target)  # fmt: skip
+                               inode.mtime_ns, inode.ctime_ns, bytes(inode.data), inode.target, inode.rdev)  # fmt: skip
         pending += [(path + (name,), child) for name, child in inode.children.items()]
     return out
 
@@ -70,6 +70,7 @@ async def test_a_memory_tree_round_trips_with_modes_owners_times_links_and_data(
         await guest.write("/m/empty", b"")
         await guest.symlink("/m/dir/ln", "../empty")
         await guest.call(wire.Link(await guest.node("/m/dir/f.bin"), await guest.node("/m"), b"hard"))
+        await guest.call(wire.Mknod(await guest.node("/m"), stat.S_IFCHR | 0o600, os.makedev(4, 5), b"tty"))
         await guest.call(wire.Setattr(await guest.node("/m/dir/f.bin"), wire.SET_UID | wire.SET_GID | wire.SET_MTIME,
                                       0, 0, 0, 123_456_789_012, 0, 1000, 1001))  # fmt: skip
         memory = provider(guest, "/m")
@@ -81,8 +82,9 @@ async def test_a_memory_tree_round_trips_with_modes_owners_times_links_and_data(
         assert isinstance(restored, MemoryProvider)
         assert memory_tree(restored) == saved
         assert restored.root.children["hard"] is restored.root.children["dir"].children["f.bin"]  # one inode
-        assert (memory.nodes, memory.bytes_used) == (5, 10240)
-        assert (restored.nodes, restored.bytes_used) == (5, 10240)  # the limits count what was saved
+        assert (memory.nodes, memory.bytes_used) == (6, 10240)
+        assert (restored.nodes, restored.bytes_used) == (6, 10240)  # the limits count what was saved
+        assert (await fresh.stat("/m/tty")).rdev == os.makedev(4, 5)
         assert await fresh.read("/m/hard") == bytes(range(256)) * 40
         assert (await fresh.stat("/m/dir/f.bin")).mtime_ns == 123_456_789_012
         await fresh.write("/m/new", b"x")  # a new inode never takes a saved inode number

@@ -162,7 +162,9 @@ async def test_a_tampered_memory_mount_is_refused(boxes: Sandboxes) -> None:
         "more data than its limit": lambda rows: rows[-1].__setitem__(8, (512 << 20) + 1),
         "data past the end": lambda rows: rows[-1].__setitem__(7, 1 << 20),
         "an unreachable inode": lambda rows: rows.append([0o100644, 0, 0, 999, 0, 0, 0, 0, 0, "", []]),
-        "a device node": lambda rows: rows[-1].__setitem__(0, 0o20644),
+        "an inode of no known type": lambda rows: rows[-1].__setitem__(0, 0o170644),
+        "a device number on a file": lambda rows: rows[-1].__setitem__(11, 5),
+        "a row too long": lambda rows: rows[-1].append(0),
         "a bad child name": lambda rows: rows[0][10][0].__setitem__(0, "../x"),
     }
     for name, change in cases.items():

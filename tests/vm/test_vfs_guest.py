@@ -70,6 +70,17 @@ touch -d '2001-02-03 04:05:06' synced
 stat -c %y synced
 rm synced link
 mkfifo fifo && [ -p fifo ] && rm fifo
+# pjdfstest's findings: the guest's umask alone decides new modes (the host's 022 used to strip g+w too),
+(umask 0; : > f666; mkdir d777; mkfifo p666)
+[ "$(stat -c %a f666 d777 p666 | tr '\n' ' ')" = "666 777 666 " ]
+# a chmod through one name of a hard-linked FIFO shows through the other at once,
+ln p666 p-again && chmod 600 p-again
+[ "$(stat -c %a.%h p666)" = 600.2 ]
+# and fstat of an open file after its unlink answers (nlink 0), not ENOENT.
+exec 3< f666
+rm -r f666 d777 p666 p-again
+[ "$(stat -L -c %h /proc/self/fd/3)" = 0 ]
+exec 3<&-
 ls -a
 """
 

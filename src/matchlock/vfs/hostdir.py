@@ -18,7 +18,7 @@ import stat
 import time
 from collections.abc import Iterator
 
-from .types import MAX_DEPTH, NOW, Attr, DirEntry, FsError
+from .types import MAX_DEPTH, NOW, PATH_MAX, Attr, DirEntry, FsError
 
 Path = tuple[str, ...]
 
@@ -76,6 +76,15 @@ def translated() -> Iterator[None]:
         raise fs_errors(exc) from None
 
 
+def _process_umask() -> int:
+    """This process's umask, read without setting it (os.umask would race the pool's other threads)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o7777  # unknown: every create sets its mode again
+
+
 class HostDir:
     """A host directory (or a single file: `single`) opened once; paths below it resolve beneath it."""
 
@@ -84,6 +93,9 @@ class HostDir:
             fd = os.open(root, os.O_PATH | os.O_CLOEXEC)
         self.root_fd = fd
         self.single = not stat.S_ISDIR(os.fstat(fd).st_mode)
+        # The guest's kernel already applied the guest's umask to every mode it sends: ours must not
+        # strip more (a guest `open(..., 0620)` made 0600), so creates set their mode again when it would.
+        self.umask = _process_umask()
 
     def close(self) -> None:
         if self.root_fd >= 0:
@@ -102,10 +114,13 @@ class HostDir:
         if not path:
             return os.dup(self.root_fd)
         global _openat2_works
+        joined = os.fsencode("/".join(path))
         with translated():
-            if _openat2_works:
+            # A path the guest reached by walking may be longer than PATH_MAX, which openat2 refuses in
+            # one string (ENAMETOOLONG): the walk below opens it a name at a time.
+            if _openat2_works and len(joined) < PATH_MAX:
                 try:
-                    return _openat2(self.root_fd, os.fsencode("/".join(path)), flags)
+                    return _openat2(self.root_fd, joined, flags)
                 except OSError as exc:
                     if exc.errno not in (errno.ENOSYS, errno.EPERM):  # no openat2, or a seccomp filter against it
                         raise
@@ -189,6 +204,8 @@ class HostDir:
             base = flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
             if create_mode is not None:
                 fd = os.open(name, base | os.O_CREAT | os.O_EXCL, create_mode, dir_fd=dirfd)
+                if create_mode & self.umask:
+                    os.fchmod(fd, create_mode)
             else:
                 fd = os.open(name, base, dir_fd=dirfd)
             try:
@@ -209,10 +226,14 @@ class HostDir:
     def mkdir(self, path: Path, mode: int) -> None:
         with self.parent(path) as (fd, name):
             os.mkdir(name, mode, dir_fd=fd)
+        if mode & self.umask:
+            self.chmod(path, mode)
 
     def mknod(self, path: Path, mode: int) -> None:
         with self.parent(path) as (fd, name):
             os.mknod(name, mode, 0, dir_fd=fd)
+        if stat.S_IMODE(mode) & self.umask:
+            self.chmod(path, mode)
 
     def symlink(self, path: Path, target: str) -> None:
         with self.parent(path) as (fd, name):

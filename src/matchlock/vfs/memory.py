@@ -14,6 +14,8 @@ from .provider import Path, Provider
 from .types import NOW, Attr, Caller, DirEntry, FsError, Handle, Limits, SetAttr, StatFs, wants_write
 
 _inos = itertools.count(2)
+# What mknod may make: every kind but directories and symlinks (they have calls of their own).
+MKNOD_KINDS = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFBLK, stat.S_IFCHR)
 
 
 def reserve_inos(highest: int) -> None:
@@ -35,6 +37,7 @@ class _Inode:
     data: bytearray = field(default_factory=bytearray)
     children: dict[str, _Inode] = field(default_factory=dict)
     target: str = ""
+    rdev: int = 0  # a device node's number: metadata only (the guest mounts it nodev)
 
     def __post_init__(self) -> None:
         self.mtime_ns = self.ctime_ns = self.atime_ns
@@ -47,6 +50,7 @@ class _Inode:
             nlink=2 + sum(c.is_dir for c in self.children.values()) if self.is_dir else self.nlink,
             uid=self.uid,
             gid=self.gid,
+            rdev=self.rdev,
             size=size,
             blocks=(size + 511) // 512,
             atime_ns=self.atime_ns,
@@ -149,6 +153,8 @@ class MemoryProvider(Provider):
     # --- writes ----------------------------------------------------------------------------------------------
 
     def _resize(self, node: _Inode, size: int) -> None:
+        if size > self.limits.memory_bytes:  # no file here can be larger than the whole mount
+            raise FsError(errno.EFBIG, f"a memory mount holds at most {self.limits.memory_bytes} bytes")
         grow = size - len(node.data)
         if grow > 0 and self.bytes_used + grow > self.limits.memory_bytes:
             raise FsError(errno.ENOSPC, f"memory mount is full ({self.limits.memory_bytes} bytes)")
@@ -190,10 +196,15 @@ class MemoryProvider(Provider):
             return self._add(path, _Inode(stat.S_IFDIR | stat.S_IMODE(mode), caller.uid, caller.gid)).attr()
 
     def mknod(self, path: Path, mode: int, rdev: int, caller: Caller) -> Attr:
-        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
-            raise FsError(errno.EPERM, "device nodes")
+        # Device nodes are only names with a number here: nothing on the host stands behind them, and the
+        # guest mounts FUSE nodev, so opening one never reaches a device.
+        kind = stat.S_IFMT(mode)
+        if kind not in MKNOD_KINDS:
+            raise FsError(errno.EINVAL, f"mknod of type {kind:o}")
+        device = rdev & 0xFFFFFFFF if kind in (stat.S_IFBLK, stat.S_IFCHR) else 0  # FUSE carries 32 bits
         with self.lock:
-            return self._add(path, _Inode(mode, caller.uid, caller.gid)).attr()
+            node = _Inode(kind | stat.S_IMODE(mode), caller.uid, caller.gid, rdev=device)
+            return self._add(path, node).attr()
 
     def symlink(self, path: Path, target: str, caller: Caller) -> Attr:
         with self.lock:

@@ -33,7 +33,7 @@ class Node:
         self.nlookup = 0
         self.children = 0
         self.root = root  # the guest path of a top-level mount root (parent None)
-        self.linked = False  # last seen as a regular file with more than one name (see Router._attr_validity)
+        self.linked = False  # last seen as a non-directory with more than one name (see Router._attr_validity)
 
 
 DETACHED = Node(0, None, "")  # the parent of an unlinked node: its path is gone

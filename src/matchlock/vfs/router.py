@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from ..wire import vfs as wire
 from .intercept import Interceptor
 from .lookup_dir import lookup_dir
-from .nodes import Node, NodeTable
+from .nodes import DETACHED, Node, NodeTable
 from .notify import Notifier
 from .provider import Path, Provider
 from .types import NOW as TIME_NOW
@@ -171,8 +171,9 @@ class Router(NodeTable):
 
     def _attr_validity(self, node: Node, parts: Path, attr: Attr) -> int:
         """Attributes are cached, except a hard-linked file's: nodes are names here, so the guest kernel
-        holds one inode per name, and a write through one name must not leave the other's size stale."""
-        node.linked = stat.S_ISREG(attr.mode) and attr.nlink > 1
+        holds one inode per name, and a write (or chmod, chown, link) through one name must not leave the
+        other's size, mode, owner or nlink stale. Any non-directory can have names: FIFOs, sockets, devices."""
+        node.linked = not stat.S_ISDIR(attr.mode) and attr.nlink > 1
         return 0 if node.linked else self._validity(parts)
 
     def _entry(self, parent: Node, name: str, parts: Path, attr: Attr) -> wire.Entry:
@@ -260,6 +261,10 @@ class Router(NodeTable):
     async def getattr(self, a: wire.Getattr, caller: Caller) -> wire.Result:
         node = self._node(a.node)
         opened = self.handles.get(a.fh) if a.fh else None
+        if opened is None and node.parent is DETACHED:
+            # fstat(2) of an unlinked open file: the kernel sends no fh with GETATTR (only reads and
+            # writes carry one), so any handle open on the node answers (pjdfstest unlink/14.t).
+            opened = next((o for o in self.handles.values() if o.node is node and o.handle is not None), None)
         if opened is not None and opened.handle is not None:
             # An open file keeps its attributes even once unlinked.
             attr = await self._io(opened.handle.fstat)

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..api.errors import MatchlockError
 from .hostfs import HostFSProvider
-from .memory import MemoryProvider, _Inode, reserve_inos
+from .memory import MKNOD_KINDS, MemoryProvider, _Inode, reserve_inos
 from .nodes import DETACHED, NEVER_FORGOTTEN, Node
 from .overlay import OverlayProvider
 from .router import Mount, Router, _Open
@@ -46,7 +46,7 @@ MAX_SET = 1 << 20  # whiteouts, opaque directories, kept inode numbers of one ov
 MAX_UPPER_ENTRIES = 1 << 22  # entries of a saved overlay upper
 _I64 = 1 << 63
 _REOPEN_DROP = os.O_CREAT | os.O_TRUNC | os.O_EXCL
-_KINDS = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)  # what a memory mount holds
+_KINDS = (stat.S_IFDIR, stat.S_IFLNK, *MKNOD_KINDS)  # what a memory mount holds
 
 
 class VfsStateError(MatchlockError):
@@ -305,7 +305,7 @@ def _reopen(router: Router, node: Node, flags: int, ino: int) -> Handle:
 # --- memory mounts -------------------------------------------------------------------------------------------
 
 # A row per inode, the root first: [mode, uid, gid, ino, atime_ns, mtime_ns, ctime_ns, data offset, size,
-# symlink target, [[name, row], ...]].
+# symlink target, [[name, row], ...], rdev]. A state saved before device nodes has no rdev (11 fields).
 
 
 def _save_memory(provider: MemoryProvider, where: Path) -> None:
@@ -326,7 +326,7 @@ def _save_memory(provider: MemoryProvider, where: Path) -> None:
                         order.append(child)
                     children.append([name, seen[id(child)]])
                 rows.append([inode.mode, inode.uid, inode.gid, inode.ino, inode.atime_ns, inode.mtime_ns,
-                             inode.ctime_ns, offset, len(inode.data), inode.target, children])  # fmt: skip
+                             inode.ctime_ns, offset, len(inode.data), inode.target, children, inode.rdev])  # fmt: skip
                 offset += len(inode.data)
                 buffered.append(bytes(inode.data))
                 if sum(map(len, buffered)) > 1 << 23 or len(buffered) > 4096:
@@ -355,7 +355,7 @@ def _restore_memory(provider: MemoryProvider, where: Path, mount: str) -> None:
     spans: list[tuple[int, int]] = []
     total = 0
     for row in rows:
-        if not isinstance(row, list) or len(row) != 11:
+        if not isinstance(row, list) or len(row) not in (11, 12):
             raise _bad(f"memory mount {mount}: an inode row of the wrong shape")
         mode = _int(row[0], 0, 1 << 32, "a mode")
         if stat.S_IFMT(mode) not in _KINDS:
@@ -368,6 +368,9 @@ def _restore_memory(provider: MemoryProvider, where: Path, mount: str) -> None:
         inode = _Inode(mode, _int(row[1], 0, 1 << 32, "a uid"), _int(row[2], 0, 1 << 32, "a gid"),
                        ino=_int(row[3], 1, 1 << 62, "an inode number"), target=target)  # fmt: skip
         inode.atime_ns, inode.mtime_ns, inode.ctime_ns = (_int(t, -_I64, _I64, "a time") for t in row[4:7])
+        inode.rdev = _int(row[11], 0, 1 << 32, "a device number") if len(row) == 12 else 0
+        if inode.rdev and not (stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+            raise _bad(f"memory mount {mount}: a device number on an inode that is no device")
         size = _int(row[8], 0, limits.memory_bytes + 1, "a file size")
         if size and not stat.S_ISREG(mode):
             raise _bad(f"memory mount {mount}: data on an inode that is no file")
