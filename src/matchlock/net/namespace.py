@@ -257,8 +257,8 @@ class SandboxNamespace:
 
     async def aclose(self) -> None:
         """`close()`, with the TAP's descriptor closed on a thread of its own: closing the last one
-        unregisters the device, which waits out an RCU grace period (~20 ms here) that the owner's
-        remaining cleanup and exit need not wait for (a QEMU still running holds a copy of its own)."""
+        detaches the (persistent, nshelper.py) device, which waits out an RCU grace period that the
+        owner's remaining cleanup need not wait for (a QEMU still running holds a copy of its own)."""
         tap, self.tap_fd = self.tap_fd, None
         try:
             self.close()
