@@ -21,7 +21,7 @@ lower), overlay_host (the host-side overlay provider; an allow rule on the mount
 root (the guest's root filesystem: overlayfs with the ext4 upper disk).
 
 Usage (as root; each run of the whole suite takes ~10 min under TCG):
-  MATCHLOCK_STATE_DIR=/tmp/state-x /work/team/vm .venv/bin/python benchmarks/pjdfstest_run.py \\
+  MATCHLOCK_STATE_DIR=/tmp/state-x .venv/bin/python benchmarks/pjdfstest_run.py \\
       --source /tmp/pjdfstest-src --targets root,host_fs,memory --out /tmp/pjd-out [--privileged]
   .venv/bin/python benchmarks/pjdfstest_summary.py OUT/pjd-root.log OUT/pjd-memory.log ...   # again
 """
