@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,62 @@ def test_ensure_prunes_after_a_build(tmp_path, monkeypatch):
     monkeypatch.setattr(TemplateCache, "_build", build)
     asyncio.run(TemplateCache(tmp_path).ensure(object()))  # type: ignore[arg-type]
     assert len(keys(tmp_path)) == snapshot.KEEP_TEMPLATES and "new" in keys(tmp_path)
+
+
+def _in_a_thread(coroutine_factory) -> object:
+    """Run the coroutine's loop in a daemon thread: a loop blocked for good fails the test, not the run."""
+    results: list[object] = []
+    worker = threading.Thread(target=lambda: results.append(asyncio.run(coroutine_factory())), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the event loop is blocked: a build waited on a lock its own process holds"
+    return results[0]
+
+
+def test_concurrent_creates_in_one_process_build_a_missing_template_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot, "template_spec", lambda spec, root: spec)
+    monkeypatch.setattr(snapshot, "template_key", lambda spec: "shared")
+    builds = []
+
+    async def build(self, spec, state, network_wrapper):
+        builds.append(state)
+        await asyncio.sleep(0.05)  # a real build awaits QEMU: the other creates run meanwhile
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.with_name(checkpoint.RAM_FILE).write_bytes(b"ram")
+        state.write_bytes(STATE)
+
+    monkeypatch.setattr(TemplateCache, "_build", build)
+
+    async def four_creates():
+        cache = TemplateCache(tmp_path)
+        return await asyncio.gather(*(cache.ensure(object()) for _ in range(4)))  # type: ignore[arg-type]
+
+    states = _in_a_thread(four_creates)
+    assert states == [tmp_path / "shared" / "state"] * 4 and len(builds) == 1
+
+
+def test_a_create_waits_for_another_process_building_without_stopping_its_loop(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot, "template_spec", lambda spec, root: spec)
+    monkeypatch.setattr(snapshot, "template_key", lambda spec: "theirs")
+
+    async def build(self, spec, state, network_wrapper):
+        raise AssertionError("the other process built it")
+
+    monkeypatch.setattr(TemplateCache, "_build", build)
+    state = tmp_path / "theirs" / "state"
+
+    async def wait_for_theirs():
+        with file_lock(tmp_path / "theirs.lock"):  # another open file: to flock, another process
+            waiting = asyncio.create_task(TemplateCache(tmp_path).ensure(object()))  # type: ignore[arg-type]
+            for _ in range(5):  # the loop still runs while ensure waits
+                await asyncio.sleep(0.02)
+            assert not waiting.done()
+            state.parent.mkdir(parents=True)
+            state.with_name(checkpoint.RAM_FILE).write_bytes(b"ram")
+            state.write_bytes(STATE)
+        return await waiting
+
+    assert _in_a_thread(wait_for_theirs) == state
 
 
 # --- the commands ----------------------------------------------------------------------

@@ -48,7 +48,7 @@ import shutil
 from pathlib import Path
 
 from ..api.paths import cache_dir
-from ..util.fs import file_lock, try_file_lock
+from ..util.fs import try_file_lock
 from ..wire.boot import (
     LOWER_DISK_SERIAL,
     RUNTIME_DISK_SERIAL,
@@ -158,6 +158,19 @@ def template_key(spec: MachineSpec) -> str:
 
 
 # What QEMU prints when a saved state cannot be loaded (QEMU 7.x wording).
+LOCK_POLL_SECONDS = 0.05
+_build_locks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+
+
+def _build_lock(key: str) -> asyncio.Lock:
+    """This process's lock on building template `key` (an asyncio.Lock belongs to one event loop)."""
+    loop = asyncio.get_running_loop()
+    held = _build_locks.get(key)
+    if held is None or held[0] is not loop:
+        held = _build_locks[key] = (loop, asyncio.Lock())
+    return held[1]
+
+
 _LOAD_ERRORS = ("load of migration failed", "not a migration stream", "unknown savevm section", "unknown ramblock")
 _MIGRATION_MAGIC = b"QEVM"
 
@@ -237,10 +250,17 @@ class TemplateCache:
         if _complete(state, rooted):
             os.utime(state)
             return state
-        with file_lock(self._lock_path(key)):
-            if _complete(state, rooted):
-                return state
-            await self._build(base, state, network_wrapper)
+        # One build per key: other processes wait on the file lock, this process's other creates on an
+        # asyncio lock. A blocking flock here would stop the event loop, and with it the build that holds
+        # the lock when that build is in this same process (concurrent creates hung for good so).
+        async with _build_lock(key):
+            while not _complete(state, rooted):
+                with try_file_lock(self._lock_path(key)) as locked:
+                    if locked:
+                        if not _complete(state, rooted):
+                            await self._build(base, state, network_wrapper)
+                        break
+                await asyncio.sleep(LOCK_POLL_SECONDS)  # another process builds it
         self.prune()
         return state
 
