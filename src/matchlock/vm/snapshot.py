@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 from ..api.paths import cache_dir
@@ -157,20 +158,19 @@ def template_key(spec: MachineSpec) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
-# What QEMU prints when a saved state cannot be loaded (QEMU 7.x wording).
-LOCK_POLL_SECONDS = 0.05
-_build_locks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+LOCK_POLL_SECONDS = 0.05  # how often a create polls the build lock another process holds
+# This process's build locks, per event loop (an asyncio.Lock belongs to one) and template key; a closed
+# loop's go with it.
+_build_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _build_lock(key: str) -> asyncio.Lock:
-    """This process's lock on building template `key` (an asyncio.Lock belongs to one event loop)."""
-    loop = asyncio.get_running_loop()
-    held = _build_locks.get(key)
-    if held is None or held[0] is not loop:
-        held = _build_locks[key] = (loop, asyncio.Lock())
-    return held[1]
+    return _build_locks.setdefault(asyncio.get_running_loop(), {}).setdefault(key, asyncio.Lock())
 
 
+# What QEMU prints when a saved state cannot be loaded (QEMU 7.x wording).
 _LOAD_ERRORS = ("load of migration failed", "not a migration stream", "unknown savevm section", "unknown ramblock")
 _MIGRATION_MAGIC = b"QEVM"
 
