@@ -13,6 +13,7 @@ import pytest
 
 from matchlock.api.errors import VMError
 from matchlock.vm import checkpoint, ramstream
+from matchlock.vm.checkpoint import SavedRam
 from matchlock.vm.ramstream import FLAG_CONTINUE, FLAG_EOS, FLAG_MEM_SIZE, FLAG_PAGE, FLAG_ZERO, PAGE_SIZE
 
 RAM_SIZE, BIOS_SIZE = 16 * PAGE_SIZE, 2 * PAGE_SIZE
@@ -151,7 +152,7 @@ def _machine(qemu: _FakeQEMU):
 def test_private_ram_is_split_while_qemu_writes(tmp_path):
     records = [(p, FLAG_PAGE, _page(p)) if p % 3 else (p, FLAG_ZERO, b"\x00") for p in range(3000)]
     qemu = _FakeQEMU(_big_stream(records, 4000 * PAGE_SIZE))
-    assert asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram"))
+    assert asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram")) is SavedRam.SPLIT
     assert (tmp_path / "memory").read_bytes() == _big_stream(records, 4000 * PAGE_SIZE, split=True)
     ram = (tmp_path / "ram").read_bytes()
     assert all(
@@ -168,7 +169,9 @@ def test_a_stream_the_split_refuses_is_read_to_its_end_and_saved_again_whole(tmp
     monkeypatch.setattr(checkpoint, "SAVE_TIMEOUT", 10.0)  # a reader that stopped would leave QEMU stuck
     stream = damage(_big_stream([(p, FLAG_PAGE, _page(p)) for p in range(2000)], 2000 * PAGE_SIZE))
     qemu = _FakeQEMU(stream)
-    assert not asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram"))
+    assert (
+        asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram")) is SavedRam.IN_STREAM
+    )
     assert (tmp_path / "memory").read_bytes() == stream  # as QEMU wrote it: clones load its RAM
     assert qemu.migrations == 2 and [f.name for f in tmp_path.iterdir()] == ["memory"]
     assert qemu.state == "postmigrate"  # stopped: saved again only after `cont` took it out of the first
@@ -179,7 +182,9 @@ def test_a_qemu_that_keeps_its_end_open_after_completing_still_gets_its_stream_s
     records = [(p, FLAG_PAGE, _page(p)) for p in range(300)]
     qemu = _FakeQEMU(_big_stream(records, 300 * PAGE_SIZE), keep_open=True)
     try:
-        assert asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram"))
+        assert (
+            asyncio.run(checkpoint.save_memory(_machine(qemu), tmp_path / "memory", tmp_path / "ram")) is SavedRam.SPLIT
+        )
     finally:
         os.close(qemu.fd)
     assert (tmp_path / "ram").read_bytes() == b"".join(_page(p) for p in range(300))
@@ -314,3 +319,18 @@ def test_a_bad_record_deep_in_a_run_refuses_the_stream(tmp_path, where, damage):
     (tmp_path / "stream").write_bytes(stream)
     with pytest.raises(ramstream.StreamFormatError):
         _split(tmp_path / "stream", tmp_path / "state", tmp_path / "ram")
+
+
+def test_ram_sections_are_a_split_stream_up_to_its_devices(tmp_path):
+    stream = tmp_path / "stream"
+    stream.write_bytes(_stream())
+    _split(stream, tmp_path / "state", tmp_path / "ram")
+    expected = _expected_device_state()
+    assert ramstream.ram_sections(tmp_path / "state") == expected[: len(expected) - len(DEVICES)]
+
+
+def test_ram_sections_refuse_a_stream_holding_the_ram_itself(tmp_path):
+    stream = tmp_path / "stream"
+    stream.write_bytes(_stream())  # as QEMU wrote it: the guest RAM's pages are in it
+    with pytest.raises(ramstream.StreamFormatError, match="a page of block b'ram'"):
+        ramstream.ram_sections(stream)

@@ -143,7 +143,12 @@ def fakes(monkeypatch, tmp_path):
     monkeypatch.setattr(snapshots, "_wake", lambda sandbox: log.append("agent wake"))
     monkeypatch.setattr(checkpoint, "pause", lambda m: step("stop"))
     monkeypatch.setattr(checkpoint, "resume", lambda m: step("cont"))
-    monkeypatch.setattr(checkpoint, "save_memory", lambda m, path, ram: step("save memory"))
+
+    async def save_memory(machine, path, ram) -> checkpoint.SavedRam:
+        log.append("save memory")
+        return checkpoint.SavedRam.COPIED
+
+    monkeypatch.setattr(checkpoint, "save_memory", save_memory)
     monkeypatch.setattr(checkpoint, "copy_disk", lambda source, target: log.append("copy upper"))
     monkeypatch.setattr(checkpoint, "release_saved_pages", lambda m: None)
     return log

@@ -238,8 +238,8 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
             vfs_parked = True
             trace.mark("snapshot: VFS channel parked")
         await checkpoint.pause(machine)
-        await checkpoint.save_memory(machine, directory / MEMORY_FILE, directory / RAM_FILE)
-        trace.mark("snapshot: memory saved")
+        saved = await checkpoint.save_memory(machine, directory / MEMORY_FILE, directory / RAM_FILE)
+        trace.mark(f"snapshot: memory saved ({saved.value})")
         checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
         trace.mark("snapshot: upper disk copied")
         if (vfs := sandbox.vfs) is not None:
@@ -259,7 +259,8 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
                     sandbox.vfs.wake()
                 sandbox.paused = was_paused
                 trace.mark("snapshot: guest resumed")
-    checkpoint.release_saved_pages(machine)
+    if saved is checkpoint.SavedRam.SPLIT:
+        checkpoint.release_saved_pages(machine)
 
 
 async def _save_disks(sandbox: Sandbox, directory: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from ..api.errors import VMError
 from .machine import Machine, MachineSpec
+from .qmp import QMPError
 
 SAVE_TIMEOUT = 120.0
 SAVE_BANDWIDTH = 1 << 37  # bytes/s: no cap in practice (QEMU refuses values above about 1.8e13)
@@ -53,14 +55,23 @@ def ram_is_shared(machine: Machine) -> bool:
     return machine.spec.ram_file is None and not machine.spec.ram_private
 
 
-async def save_memory(machine: Machine, path: Path, ram: Path) -> bool:
+class SavedRam(enum.Enum):
+    """Where `save_memory` put the guest RAM."""
+
+    SHARED = "copied from the shared memfd"
+    COPIED = "the mapped file plus the pages QEMU wrote"  # nothing faulted into QEMU
+    SPLIT = "streamed, then moved out of the stream"  # QEMU faulted in every page: release_saved_pages
+    IN_STREAM = "left in the stream"  # clones load it from the stream (no RAM file)
+
+
+async def save_memory(machine: Machine, path: Path, ram: Path) -> SavedRam:
     """Save the stopped machine to `path`; the machine stays stopped and can continue.
 
     The stream holds only device state and RAM goes to `ram`, sparse, which clones map copy-on-write.
     With shared RAM (a memfd: a cold-booted sandbox, or a template being built) QEMU leaves RAM out
     (`x-ignore-shared`) and `ram` is a copy of the memfd. Private RAM (a template's or a snapshot's
-    RAM file mapped copy-on-write) QEMU saves into the stream, and a thread moves it out to `ram` as
-    QEMU writes (`_save_split`). Returns whether `ram` was written (else RAM stayed in the stream).
+    RAM file mapped copy-on-write) is copied from the mapping (`_save_mapped`); where it cannot be,
+    QEMU saves it into the stream and a thread moves it out to `ram` as QEMU writes (`_save_split`).
     """
     qmp = _qmp(machine)
     await qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
@@ -68,34 +79,96 @@ async def save_memory(machine: Machine, path: Path, ram: Path) -> bool:
     # the vCPUs stopped. Uncapped, saving 57 MiB of RAM took 144 ms instead of 432 ms.
     await qmp.execute("migrate-set-parameters", **{"max-bandwidth": SAVE_BANDWIDTH})
     shared = ram_is_shared(machine)
-    split = not shared and await _save_split(machine, path, ram)
-    if not split:
-        # Shared RAM, or a stream laid out otherwise than ramstream expects: saved (again), whole.
-        if not shared and await status(machine) == "postmigrate":
-            # QEMU refuses to migrate again after a completed migration ("paused due to previous
-            # migration") until `cont` takes its disks back; the guest is parked, so an instant of
-            # vCPU time changes nothing the disk copy after this would miss.
-            await resume(machine)
-            await pause(machine)
-        partial = path.with_name(path.name + ".partial")
+    if not shared and await _save_mapped(machine, path, ram):
+        return SavedRam.COPIED
+    if not shared and await _save_split(machine, path, ram):
+        return SavedRam.SPLIT
+    # Shared RAM, or a stream laid out otherwise than ramstream expects: saved (again), whole.
+    if not shared and await status(machine) == "postmigrate":
+        # QEMU refuses to migrate again after a completed migration ("paused due to previous
+        # migration") until `cont` takes its disks back; the guest is parked, so an instant of
+        # vCPU time changes nothing the disk copy after this would miss.
+        await resume(machine)
+        await pause(machine)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        # QEMU writes the file itself (`fd:`): "completed" means written.
+        with open(partial, "wb") as stream:
+            await _migrate(machine, stream.fileno())
+        if shared:
+            copy_disk(_memfd(machine), ram)
+        partial.rename(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        if shared:
+            ram.unlink(missing_ok=True)
+        raise
+    return SavedRam.SHARED if shared else SavedRam.IN_STREAM
+
+
+async def _save_mapped(machine: Machine, path: Path, ram: Path) -> bool:
+    """Save a machine whose RAM is its RAM file mapped copy-on-write without QEMU streaming that RAM
+    (vm/ramcopy.py): `ram` is the file plus the pages QEMU's process wrote, and `path` the ram sections
+    of the stream the machine was restored from with the device sections QEMU saves alone behind them.
+    False, with neither file left, where that cannot be done (the caller then streams RAM)."""
+    from . import ramcopy, ramstream
+
+    spec = machine.spec
+    if spec.ram_file is None or spec.incoming is None or machine.pid is None:
+        return False
+    size = spec.memory_mb << 20
+    try:
+        prefix = ramstream.ram_sections(spec.incoming)
+        base = ramcopy.find_mapping(machine.pid, spec.ram_file, size)
+        own = ramcopy.own_pages(machine.pid, base, size // ramcopy.PAGE_SIZE)
+    except (OSError, ramcopy.MappingNotFound, ramstream.StreamFormatError) as error:
+        _note(machine, f"the RAM is streamed: it cannot be copied from the mapping ({error})")
+        return False
+    partial, ram_partial = path.with_name(path.name + ".partial"), ram.with_name(ram.name + ".partial")
+    try:
         try:
-            # QEMU writes the file itself (`fd:`): "completed" means written.
-            with open(partial, "wb") as stream:
-                await _migrate(machine, stream.fileno())
-            if shared:
-                copy_disk(_memfd(machine), ram)
-            partial.rename(path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            if shared:
-                ram.unlink(missing_ok=True)
-            raise
-    return shared or split
+            devices = await _save_devices(machine, partial)
+        except QMPError as error:  # a QEMU without the command: RAM is streamed
+            _note(machine, f"the RAM is streamed: {error}")
+            return False
+        if devices[:8] != prefix[:8] or not devices.endswith(b"\x00"):  # header, then QEMU_VM_EOF
+            _note(machine, "the RAM is streamed: the saved device state is laid out otherwise")
+            return False
+        await asyncio.to_thread(ramcopy.write_ram, machine.pid, base, spec.ram_file, ram_partial, own)
+        partial.write_bytes(prefix + devices[8:])
+        ram_partial.rename(ram)
+        partial.rename(path)
+        return True
+    except OSError as error:
+        raise VMError(f"saving the memory of {spec.name} to {path.parent} failed: {error}") from error
+    finally:
+        partial.unlink(missing_ok=True)
+        ram_partial.unlink(missing_ok=True)
+
+
+async def _save_devices(machine: Machine, scratch: Path) -> bytes:
+    """Every section of QEMU's state but RAM (QMP `xen-save-devices-state`, which any QEMU build has),
+    written by QEMU into `scratch` through an fd set; the VM stays stopped (`live=false`: the disks
+    stay QEMU's)."""
+    qmp = _qmp(machine)
+    with open(scratch, "wb") as out:  # write-only: QEMU opens the fd set's copy as O_WRONLY
+        fdset = await qmp.add_fd(out.fileno())
+    try:
+        await qmp.execute("xen-save-devices-state", filename=f"/dev/fdset/{fdset}", live=False)
+    finally:
+        await qmp.execute("remove-fd", **{"fdset-id": fdset})
+    return scratch.read_bytes()
+
+
+def _note(machine: Machine, message: str) -> None:
+    """A line in the machine's vm.log (beside its console): why a save took the slow way."""
+    with contextlib.suppress(OSError), open(machine.spec.console_log, "a") as log:
+        log.write(f"[matchlock] {message}\n")
 
 
 def release_saved_pages(machine: Machine) -> None:
-    """Start giving back the pages of the RAM file that a save faulted into QEMU (a private mapping of a
-    template's or a snapshot's RAM file: every page, up to the guest's size; ramstream.release_file_pages).
+    """Start giving back the pages of the RAM file that a `SPLIT` save faulted into QEMU (a private mapping
+    of a template's or a snapshot's RAM file: every page, up to the guest's size; ramstream.release_file_pages).
 
     Not waited for: no file depends on it, and it takes as long as the save (a page-out of the guest's
     whole size, then the holes' cached zero pages dropped); best started once the machine runs again,

@@ -57,6 +57,11 @@ class QMPClient:
         """`getfd`: give QEMU a copy of `fd` (SCM_RIGHTS on this socket), known as `name` to later commands."""
         await self._call("getfd", {"fdname": name}, fd=fd)
 
+    async def add_fd(self, fd: int) -> int:
+        """`add-fd`: give QEMU a copy of `fd` in a new fd set; returns its id (a file name for QEMU is
+        `/dev/fdset/ID`, which QEMU opens as a copy of `fd` when the access modes match)."""
+        return int((await self._call("add-fd", {}, fd=fd))["fdset-id"])
+
     async def _call(self, command: str, arguments: dict, *, fd: int | None = None) -> dict:
         if self._writer is None or self._writer.is_closing():
             raise QMPError("QMP is not connected")

@@ -129,7 +129,49 @@ def split_fd(fd: int, device_state: Path, ram: Path, block: bytes = RAM_SECTION)
         source.close()
 
 
-def _split(source: _Input, device_state: Path, ram: Path, block: bytes) -> int:
+def ram_sections(stream: Path, block: bytes = RAM_SECTION) -> bytes:
+    """The start of a saved stream that leaves RAM block `block` out (a boot template's or a snapshot's):
+    its header, configuration and ram sections, up to its first device section. They are what QEMU
+    writes before the devices for RAM it leaves out, so device sections saved alone (QMP
+    `xen-save-devices-state`, vm/checkpoint.py) behind them make a stream a clone restores."""
+    with open(stream, "rb") as file:
+        source = _Input(file.fileno())
+        try:
+            section, sizes = _block_list(source, block)
+            while source.ahead(1) and source.buf[source.pos] in (SECTION_PART, SECTION_END):
+                source.u8()
+                if source.be32() != section:
+                    raise StreamFormatError("a section other than ram between the ram sections")
+                _skip_records(source, sizes, block)
+                _footer(source, section)
+            if source.base:
+                raise StreamFormatError(f"the ram sections of {stream} end past byte {len(source.buf)}")
+            return bytes(source.buf[: source.pos])
+        finally:
+            source.close()
+
+
+def _skip_records(source: _Input, sizes: dict[bytes, int], block: bytes) -> None:
+    """Read a ram section's records up to its EOS, strictly; none may be a page of `block`."""
+    current = b""
+    while True:
+        record = source.at
+        header = source.be64()
+        flags, offset = header & _FLAGS, header & ~_FLAGS
+        if flags == FLAG_EOS:
+            return
+        if flags & ~(FLAG_ZERO | FLAG_PAGE | FLAG_CONTINUE) or bool(flags & FLAG_ZERO) == bool(flags & FLAG_PAGE):
+            raise StreamFormatError(f"page record flags {flags:#x} at byte {record}")
+        if not flags & FLAG_CONTINUE:
+            current = source.name()
+        if current == block or current not in sizes or offset + PAGE_SIZE > sizes[current]:
+            raise StreamFormatError(f"a page of block {current!r} at byte {record}")
+        source.take(1 if flags & FLAG_ZERO else PAGE_SIZE)
+
+
+def _block_list(source: _Input, block: bytes) -> tuple[int, dict[bytes, int]]:
+    """Read the stream up to the end of the ram section's START (its block list): its section id and
+    every block's size; block `block` must be among them."""
     if source.fill() < 8:
         raise StreamFormatError("the stream is empty")
     source.pos = _find_ram_start(bytes(source.buf[: min(source.end, 4096)])) + 1
@@ -149,6 +191,11 @@ def _split(source: _Input, device_state: Path, ram: Path, block: bytes) -> int:
     _footer(source, section)
     if source.base:
         raise StreamFormatError(f"the ram section's block list ends at byte {source.at}, past the first read")
+    return section, sizes
+
+
+def _split(source: _Input, device_state: Path, ram: Path, block: bytes) -> int:
+    section, sizes = _block_list(source, block)
     with open(device_state, "wb") as out, open(ram, "wb") as pages:
         pages.truncate(sizes[block])
         out.write(source.buf[: source.pos])
