@@ -4,11 +4,13 @@ the VM side is tests/vm/test_snapshot_mounts.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 
 from matchlock.api.config import SandboxConfig, public_config
+from matchlock.api.disks import DiskMount
 from matchlock.api.errors import MatchlockError, SetupError, UsageError, VMError
 from matchlock.api.network import NetworkConfig
 from matchlock.api.vfs import MountConfig, VFSConfig, VFSHookRule, VFSInterceptionConfig
@@ -86,6 +88,47 @@ def test_a_damaged_saved_vfs_config_is_refused(tmp_path, saved):
 def test_a_saved_mount_of_an_unknown_type_fails_validation(tmp_path):
     with pytest.raises(UsageError, match="type 'disk' is not one of"):
         _restore(tmp_path, {"mounts": {"/m": {"type": "disk"}}}).prepare(_bare())
+
+
+def _with_disks(tmp_path, disks: object) -> Restore:
+    restore = _restore(tmp_path, VFSConfig())
+    restore.meta["extra_disks"] = disks
+    return restore
+
+
+def test_a_restore_brings_back_the_disks_on_copies_of_its_own(tmp_path):
+    saved = [{"host_path": "/var/volumes/v.ext4", "guest_mount": "/data", "readonly": False, "owner_uid": 1000}]
+    restore = _with_disks(tmp_path, saved)
+    prepared = restore.prepare(_bare())
+    (disk,) = prepared.extra_disks
+    assert (disk.host_path, disk.guest_mount, disk.readonly, disk.owner_uid) == (
+        str(tmp_path / "disk0.ext4"), "/data", False, 1000)  # fmt: skip
+    assert restore.prepare(prepared).extra_disks == prepared.extra_disks  # the owner prepares it again
+    (tmp_path / "disk0.ext4").write_bytes(b"saved image")
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    restore.make_disks(clone)
+    (private,) = restore.private_disks(clone)
+    assert private.host_path == str(clone / "disk0.ext4") and (clone / "disk0.ext4").read_bytes() == b"saved image"
+    given = dataclasses.replace(_bare(), extra_disks=(DiskMount("@other", "/data"),))
+    with pytest.raises(UsageError, match="own mounts and disks; fix: drop them"):
+        restore.prepare(given)
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        "disks",
+        [None],
+        [{"guest_mount": "/data"}],
+        [{"guest_mount": 5, "readonly": True}],
+        [{"guest_mount": "/data", "readonly": True, "owner_uid": "0"}],
+        [{"guest_mount": "/", "readonly": True}],
+    ],
+)
+def test_damaged_saved_disks_are_refused(tmp_path, saved):
+    with pytest.raises(SetupError, match="is damaged: its extra disks"):
+        _with_disks(tmp_path, saved).prepare(_bare())
 
 
 # --- create: the order of the parks and the cleanup on failure ---------------------------------------------

@@ -147,3 +147,39 @@ def test_bad_images_and_too_many_disks_fail_before_boot(cli, state_dir, tmp_path
     missing = cli("run", "--disk", "@surely-no-such-volume:/d", "--", "true")
     assert "named volume not found: 'surely-no-such-volume'" in missing.stderr, missing
     assert list((state_dir / "vms").iterdir()) == []  # nothing left behind by the failed starts
+
+
+def test_forks_and_snapshots_copy_the_disk_and_never_write_the_volume(cli, volume):
+    name, image = volume
+    started = cli("run", "-d", "--no-network", "--disk", f"@{name}:/data")
+    assert started.returncode == 0, started
+    vm, made = started.stdout.strip(), []
+
+    def sh(target: str, script: str) -> str:
+        result = cli("exec", target, "--", "sh", "-c", script)
+        assert result.returncode == 0, result
+        return result.stdout
+
+    try:
+        sh(vm, "echo source > /data/f")
+        forked = cli("fork", vm, "-n", "1", "--json")
+        assert forked.returncode == 0, forked
+        made += json.loads(forked.stdout)
+        assert sh(made[0], "cat /data/f; echo fork > /data/f; cat /data/f") == "source\nfork\n"  # memory and disk came
+        assert sh(vm, "cat /data/f") == "source\n"  # the fork wrote its own copy
+        cli("rm", "-f", made.pop())
+        snapshot = f"disks-{secrets.token_hex(3)}"
+        assert cli("snapshot", "create", vm, "--name", snapshot, "--mode", "filesystem").returncode == 0
+        refused = cli("run", "-d", "--from-snapshot", snapshot, "--disk", f"@{name}:/data")
+        assert refused.returncode != 0 and "cannot be combined with --from-snapshot" in refused.stderr, refused
+        restored = cli("run", "-d", "--from-snapshot", snapshot)
+        assert restored.returncode == 0, restored
+        made.append(restored.stdout.strip())
+        assert sh(made[0], "cat /data/f; grep -c ' /data ext4 rw' /proc/mounts") == "source\n1\n"  # booted on the copy
+        sh(made[0], "echo restored > /data/f && sync")
+        assert cli("snapshot", "rm", snapshot).returncode == 0
+    finally:
+        for each in (*made, vm):
+            cli("rm", "-f", each)
+    assert _debugfs_cat(image, "/f") == b"source\n"  # only the source ever wrote the volume
+    assert _fsck(image).returncode == 0

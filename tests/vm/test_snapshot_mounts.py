@@ -140,9 +140,12 @@ def test_a_filesystem_snapshot_restore_brings_the_memory_files_back(parent, dirs
     assert refused.returncode != 0 and "brings back snapshot 'mounts-fs''s own mounts" in refused.stderr, refused
     clone = _cli("run", "--from-snapshot", "mounts-fs", "--no-network", "-d").strip()
     try:
-        script = "cat /workspace/kept /workspace/ov/parent.txt; ls /gov"
-        # A cold boot: a guest-local overlay starts empty, as at every boot (docs/architecture.md).
-        assert _cli("exec", clone, "--", "sh", "-c", script) == "in memory\nparent\nlower.txt\n"
+        script = "cat /workspace/kept /workspace/ov/parent.txt /gov/parent.txt; ls /gov"
+        # A cold boot on the copied upper disk: the guest-local overlay's layers are on it.
+        shown = _cli("exec", clone, "--", "sh", "-c", script)
+        assert shown == "in memory\nparent\nparent\nlower.txt\nparent.txt\n"
+        assert _cli("exec", clone, "--", "sh", "-c", "echo clone > /gov/clone.txt && cat /gov/clone.txt") == "clone\n"
+        assert not (dirs["gov"] / "parent.txt").exists() and not (dirs["gov"] / "clone.txt").exists()
         (dirs["shared"] / "host.txt").write_text("live\n")
         assert _cli("exec", clone, "--", "cat", "/workspace/shared/host.txt") == "live\n"
     finally:

@@ -3,9 +3,10 @@
 For a HELLO mount marked `guest_overlay`, the daemon mounts the FUSE filesystem at a hidden path
 (`hidden_lower`) under /run/matchlock, a 0700 tmpfs every workload's mount namespace detaches. Once
 the kernel has INIT-ed it, `cover` mounts overlayfs at the guest path with its upper and work
-directories on the sandbox's upper ext4 disk, beside (not inside) the root overlay's `upper`, then
-detaches the hidden lower: overlayfs keeps private clones of its layers, so no path reaches the raw
-lower or the upper directory afterwards. Writes never leave the guest; reads of unchanged files
+directories on the sandbox's upper ext4 disk, beside (not inside) the root overlay's `upper` (so a
+filesystem snapshot's restore, which boots on a copy of that disk, finds them), then detaches the
+hidden lower: overlayfs keeps private clones of its layers, so no path reaches the raw lower or the
+upper directory afterwards. Writes never leave the guest; reads of unchanged files
 still go to the host. The host is never asked to write: its mount is read-only.
 
 Options: `redirect_dir=on` so renaming a directory from the lower works (the host-side overlay
@@ -71,17 +72,19 @@ def _mount_overlay(info: vfs.Mount, lower: vfs.Mount) -> None:
     # Imported here: shutil (with zlib, bz2, lzma) is dear under emulation and every daemon imports this module.
     import shutil
 
-    # A disk booted before (a restarted sandbox) may hold an earlier run's writes: an overlay starts empty.
-    shutil.rmtree(layers, ignore_errors=True)
-    os.makedirs(f"{layers}/work", mode=0o700)
-    upper = f"{layers}/upper"
-    os.mkdir(upper)
-    # The overlay's root directory is the upper's: give it the lower root's owner, mode and times.
-    root = os.stat(lower.path)
-    os.chown(upper, root.st_uid, root.st_gid)
-    os.chmod(upper, stat.S_IMODE(root.st_mode))
-    os.utime(upper, ns=(root.st_atime_ns, root.st_mtime_ns))
-    data = f"lowerdir={lower.path},upperdir={upper},workdir={layers}/work,{OPTIONS}"
+    upper, work = f"{layers}/upper", f"{layers}/work"
+    # Only a filesystem snapshot's restore boots on a disk that held this mount's layers (a copy of its
+    # source's upper disk): the overlay comes back with its writes, as a host-side overlay does.
+    if not (_is_dir(upper) and _is_dir(work)):
+        shutil.rmtree(layers, ignore_errors=True)
+        os.makedirs(work, mode=0o700)
+        os.mkdir(upper)
+        # The overlay's root directory is the upper's: give it the lower root's owner, mode and times.
+        root = os.stat(lower.path)
+        os.chown(upper, root.st_uid, root.st_gid)
+        os.chmod(upper, stat.S_IMODE(root.st_mode))
+        os.utime(upper, ns=(root.st_atime_ns, root.st_mtime_ns))
+    data = f"lowerdir={lower.path},upperdir={upper},workdir={work},{OPTIONS}"
     try:
         syscalls.mount("overlay", info.path, "overlay", syscalls.MS_NOSUID | syscalls.MS_NODEV, data)
     except OSError as exc:
@@ -89,3 +92,10 @@ def _mount_overlay(info: vfs.Mount, lower: vfs.Mount) -> None:
             f"mount {info.path}: overlayfs over the host's directory failed ({exc}); "
             "fix: use -v HOST:GUEST:host_fs, or see the guest console (dmesg) for the kernel's reason"
         ) from None
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False

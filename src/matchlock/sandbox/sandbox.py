@@ -207,7 +207,11 @@ class Sandbox:
                 raise group.exceptions[0] from None  # a SetupError stays one
             machine_network = network.result()
             trace.mark("create: upper disk and network ready")
-            extra = await disks.attach(config.extra_disks, f"sandbox {vm_id} (pid {os.getpid()})", sandbox.disk_holds)
+            mounts = config.extra_disks
+            if restore is not None and mounts:  # private copies of the snapshot's images
+                await finish_in_thread(restore.make_disks, directory)
+                mounts = restore.private_disks(directory)
+            extra = await disks.attach(mounts, f"sandbox {vm_id} (pid {os.getpid()})", sandbox.disk_holds)
             if config.vfs.active:
                 from .vfs import SandboxVFS  # sandboxes without mounts never load the VFS
 

@@ -4,18 +4,18 @@ These run in the sandbox's owner (the relay and the RPC server call them),
 the only process that holds its QEMU, proxy, CA key and secrets.
 
 A full snapshot parks the guest agent (wire/checkpoint.py), stops the vCPUs,
-saves memory with QEMU migration, copies the upper disk, hard-links the
+saves memory (vm/checkpoint.py), copies the upper disk and every --disk image, hard-links the
 read-only files the saved memory depends on (kernel, initrd, runtime and
 image disks: a later rebuild must not change them under the clone), then
 lets the source continue. A filesystem snapshot syncs the guest and copies
-its upper disk while the vCPUs are stopped. Neither writes a secret value or
+its disks while the vCPUs are stopped. Neither writes a secret value or
 the CA key: they are in this process only; the guest holds placeholders.
 With directory mounts both also park the VFS channel and save the router's
 state (sandbox/vfs.py; a full one with the node table); a restore takes the
 snapshot's own mounts and fills a fresh router from it before its server starts.
 
 A restore (`Restore`) gives the new sandbox its own VM id, namespace, proxy
-and a private copy of the upper disk; its policy starts from the source's
+and private copies of the disks (never the source's volume); its policy starts from the source's
 allow-list at snapshot time (the restore's --allow-host adds to it). A full restore starts QEMU with
 `-incoming` and wakes the parked agent as a new host: the agent reseeds its
 RNG, sets its clock, and takes the new sandbox's settings, a new CA
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..api.config import SandboxConfig, public_config
+from ..api.disks import DiskMount
 from ..api.errors import MatchlockError, SetupError, UsageError, VMError
 from ..api.network import HostMapping, NetworkConfig
 from ..api.vfs import MountConfig, VFSConfig, VFSHookRule, VFSInterceptionConfig
@@ -125,12 +126,6 @@ def _open_copy(path: Path, pid: int | None) -> Path:
 async def create(sandbox: Sandbox, store: StateStore, name: str, mode: str) -> records.SnapshotRecord:
     """Snapshot `sandbox` as `name`; on any failure nothing of it is left (and `ls` never shows it)."""
     machine = _machine(sandbox)
-    if sandbox.config.extra_disks:
-        raise UsageError(
-            f"sandbox {sandbox.id} has extra disks (--disk), so it cannot be snapshotted or forked: a disk is "
-            "shared state that a clone cannot own; fix: snapshot a sandbox started without them, and copy "
-            "files in with `write_file`, stdin or a directory mount (-v)"
-        )
     name = name or default_name(sandbox.id)
     directory = records.begin(store, name, sandbox.id, mode)
     try:
@@ -177,7 +172,29 @@ def _describe(sandbox: Sandbox, spec: MachineSpec, mode: str) -> dict:
             "lower": str(disks[boot.LOWER_DISK_SERIAL]),
         },
         "upper": str(disks[boot.UPPER_DISK_SERIAL]),
+        # Each --disk is copied beside the upper disk (`_copy_disks`): a clone gets a copy of that, never
+        # the source's image (a volume stays the source's, written by it alone).
+        "extra_disks": [
+            {**disk.to_json(), "host_path": str(disks[_extra_serial(index)])}
+            for index, disk in enumerate(sandbox.config.extra_disks)
+        ],
     }
+
+
+def _extra_serial(index: int) -> str:
+    return f"{boot.EXTRA_DISK_SERIAL_PREFIX}{index}"
+
+
+def _extra_file(index: int) -> str:
+    return f"{_extra_serial(index)}.ext4"
+
+
+def _copy_disks(sandbox: Sandbox, directory: Path) -> None:
+    """The upper disk and every --disk image, with the vCPUs stopped (QEMU flushed its block I/O then)."""
+    checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
+    extra = {disk.serial: disk.path for disk in _machine(sandbox).spec.disks}
+    for index in range(len(sandbox.config.extra_disks)):
+        checkpoint.copy_disk(extra[_extra_serial(index)], directory / _extra_file(index))
 
 
 async def _park(sandbox: Sandbox) -> None:
@@ -240,8 +257,8 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
         await checkpoint.pause(machine)
         saved = await checkpoint.save_memory(machine, directory / MEMORY_FILE, directory / RAM_FILE)
         trace.mark(f"snapshot: memory saved ({saved.value})")
-        checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
-        trace.mark("snapshot: upper disk copied")
+        _copy_disks(sandbox, directory)
+        trace.mark("snapshot: disks copied")
         if (vfs := sandbox.vfs) is not None:
             # Cancelled, the save still ends before the wake: it reads the router, which the wake lets change.
             await finish_in_thread(lambda: vfs.save(directory, with_nodes=True))
@@ -282,7 +299,7 @@ async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
             parked = True
         restart = await _stopped(sandbox)
         try:
-            checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
+            _copy_disks(sandbox, directory)
             if vfs is not None:
                 await finish_in_thread(lambda: vfs.save(directory, with_nodes=False))
         finally:
@@ -344,6 +361,7 @@ class Restore:
         record = records.require(store, records.validate_name(name))
         directory = records.snapshot_dir(store, name)
         needed = [UPPER_FILE] + ([MEMORY_FILE] if record.mode == "full" else [])
+        needed += [_extra_file(index) for index in range(len(_saved_disks(record.meta, name)))]
         if record.meta.get("config", {}).get("vfs"):
             needed.append(VFS_STATE)
         missing = [f for f in needed if not (directory / f).exists()]
@@ -376,13 +394,16 @@ class Restore:
         )  # fmt: skip
         network = dataclasses.replace(_inherit_network(config.network, meta), secrets=secrets)
         vfs = self.saved_vfs()
+        disks = self.saved_disks()
         # The snapshot's own mounts again are fine: `run` prepares in the CLI, then in the owner.
-        if config.extra_disks or (config.vfs.active and config.vfs != vfs):
+        if (config.extra_disks and config.extra_disks != disks) or (config.vfs.active and config.vfs != vfs):
             raise UsageError(
                 "--disk and directory mounts (-v, --workspace) cannot be combined with --from-snapshot: "
-                f"a restore brings back snapshot {self.name!r}'s own mounts; fix: drop them"
+                f"a restore brings back snapshot {self.name!r}'s own mounts and disks; fix: drop them"
             )
-        prepared = dataclasses.replace(config, image=meta["image"], resources=shape, network=network, vfs=vfs)
+        prepared = dataclasses.replace(
+            config, image=meta["image"], resources=shape, network=network, vfs=vfs, extra_disks=disks
+        )
         prepared.validate()
         return prepared
 
@@ -400,6 +421,25 @@ class Restore:
                     f"host directory itself, not a copy), or remove the snapshot: matchlock snapshot rm {self.name}"
                 )
         return vfs
+
+    def saved_disks(self) -> tuple[DiskMount, ...]:
+        """The source's --disk mounts, each on the snapshot's copy of its image (`make_disks` copies it again)."""
+        return tuple(
+            dataclasses.replace(disk, host_path=str(self.directory / _extra_file(index)))
+            for index, disk in enumerate(_saved_disks(self.meta, self.name))
+        )
+
+    def private_disks(self, directory: Path) -> tuple[DiskMount, ...]:
+        """`saved_disks` on the new sandbox's own copies in its `directory` (`make_disks`)."""
+        return tuple(
+            dataclasses.replace(disk, host_path=str(directory / _extra_file(index)))
+            for index, disk in enumerate(self.saved_disks())
+        )
+
+    def make_disks(self, directory: Path) -> None:
+        """Copy every saved --disk image into the new sandbox's `directory`: a clone writes only its own."""
+        for saved, private in zip(self.saved_disks(), self.private_disks(directory), strict=True):
+            checkpoint.copy_disk(Path(saved.host_path), Path(private.host_path))
 
     def _check(self, config: SandboxConfig, image: str, resources: Mapping[str, float]) -> None:
         meta, name = self.meta, self.name
@@ -482,6 +522,7 @@ class Restore:
                 Disk(linked["runtime"], boot.RUNTIME_DISK_SERIAL, readonly=True),
                 Disk(linked["lower"], boot.LOWER_DISK_SERIAL, readonly=True),
                 Disk(upper, boot.UPPER_DISK_SERIAL, ephemeral=True),
+                *(d for d in spec.disks if d.serial.startswith(boot.EXTRA_DISK_SERIAL_PREFIX)),  # private_disks
             ),
             incoming=self.directory / MEMORY_FILE,
         )
@@ -489,6 +530,28 @@ class Restore:
     @staticmethod
     def wake_record() -> bytes:
         return encode_wake(new_host=True, time_ns=time.time_ns(), seed=os.urandom(boot.WAKE_SIZE))
+
+
+def _saved_disks(meta: dict, name: str) -> tuple[DiskMount, ...]:
+    """The --disk mounts a snapshot recorded, checked (the meta is read as untrusted); paths are not used."""
+    bad = SetupError(f"snapshot {name!r} is damaged: its extra disks are unreadable; fix: snapshot rm {name}")
+    saved = meta.get("extra_disks", [])
+    if not isinstance(saved, list):
+        raise bad
+    disks = []
+    for entry in saved:
+        if not isinstance(entry, dict) or not isinstance(entry.get("readonly"), bool):
+            raise bad
+        ids = {k: entry.get(k) for k in ("owner_uid", "owner_gid")}
+        if not isinstance(entry.get("guest_mount"), str) or not all(v is None or type(v) is int for v in ids.values()):
+            raise bad
+        disk = DiskMount("/", entry["guest_mount"], entry["readonly"], **ids)
+        try:
+            disk.validate()
+        except UsageError:
+            raise bad from None
+        disks.append(disk)
+    return tuple(disks)
 
 
 def _vfs_config(saved: object, name: str) -> VFSConfig:
