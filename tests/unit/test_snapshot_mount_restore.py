@@ -284,20 +284,22 @@ def test_a_filesystem_snapshot_saves_the_mounts_content_without_nodes(fakes, tmp
     from matchlock.sandbox import snapshots
 
     sandbox = _sandbox(tmp_path, fakes)
-    sandbox.paused = True  # no exec of `sync` in the fake; a paused sandbox with mounts is refused
+
+    async def synced(spec) -> None:
+        fakes.append("sync")
+
+    sandbox.exec = synced
     store = StateStore(tmp_path / "state")
     try:
-        with pytest.raises(UsageError, match="is paused and has directory mounts"):
-            asyncio.run(snapshots.create(sandbox, store, "s1", "filesystem"))
-
-        async def synced(spec) -> None:
-            fakes.append("sync")
-
-        sandbox.paused, sandbox.exec = False, synced
         asyncio.run(snapshots.create(sandbox, store, "s1", "filesystem"))
+        assert fakes == ["sync", "vfs park", "stop", "copy upper", "vfs save nodes=False", "cont", "vfs wake"]
+        fakes.clear()
+        sandbox.paused = True  # the daemon must run to park: resumed for that, then stopped and left so
+        asyncio.run(snapshots.create(sandbox, store, "s2", "filesystem"))
     finally:
         store.close()
-    assert fakes == ["sync", "vfs park", "stop", "copy upper", "vfs save nodes=False", "cont", "vfs wake"]
+    assert fakes == ["cont", "sync", "vfs park", "stop", "copy upper", "vfs save nodes=False", "vfs wake"]
+    assert sandbox.paused
 
 
 def test_sdk_fork_clones_leave_the_mounts_to_the_snapshot(tmp_path):

@@ -176,6 +176,23 @@ def test_a_full_restore_needs_its_host_fs_path_and_brings_the_memory_mount_back(
     _cli("snapshot", "rm", "mounts-gone", "mounts-fs")
 
 
+def test_a_paused_sandbox_with_mounts_takes_a_filesystem_snapshot_and_stays_paused(parent):
+    _cli("pause", parent.vm_id)
+    try:
+        _cli("snapshot", "create", parent.vm_id, "--name", "mounts-paused", "--mode", "filesystem")
+        shown = next(vm for vm in json.loads(_cli("list", "--json")) if vm["id"] == parent.vm_id)
+        assert shown.get("paused") is True, shown  # the FUSE daemon ran to park, then the guest stopped again
+    finally:
+        _cli("resume", parent.vm_id)
+    _writing(parent)  # its mounts woke with the guest
+    clone = _cli("run", "--from-snapshot", "mounts-paused", "--no-network", "-d").strip()
+    try:
+        assert _cli("exec", clone, "--", "cat", "/workspace/kept", "/gov/parent.txt") == "in memory\nparent\n"
+    finally:
+        run_matchlock("rm", "-f", clone)
+        _cli("snapshot", "rm", "mounts-paused")
+
+
 def test_cli_fork_of_a_run_with_volumes_serves_the_clone_its_mounts(dirs):
     started = _cli("run", "--no-network", "-d", "-v", f"{dirs['shared']}:/mnt:host_fs", "-v", f"{dirs['gov']}:/ov")
     vm = started.strip()

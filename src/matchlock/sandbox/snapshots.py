@@ -281,6 +281,19 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
 
 
 async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
+    was_paused = sandbox.paused
+    if was_paused and sandbox.vfs is not None:
+        # The FUSE daemon must run to park, as the agent must for a full snapshot: the guest runs for
+        # the sync and the park, is stopped for the copy, and stays paused after.
+        await checkpoint.resume(_machine(sandbox))
+        sandbox.paused = False
+    try:
+        await _sync_and_copy(sandbox, directory, keep_stopped=was_paused)
+    finally:
+        sandbox.paused = was_paused
+
+
+async def _sync_and_copy(sandbox: Sandbox, directory: Path, *, keep_stopped: bool) -> None:
     if not sandbox.paused:
         from .sandbox import ExecSpec
 
@@ -290,14 +303,9 @@ async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
     try:
         if vfs is not None:
             # The mounts' content as the disk has it: no request changes it while it is copied.
-            if sandbox.paused:
-                raise UsageError(
-                    f"sandbox {sandbox.id} is paused and has directory mounts, whose server cannot be parked "
-                    f"so; fix: matchlock resume {sandbox.id}, then snapshot it"
-                )
             await vfs.park(PARK_TIMEOUT)
             parked = True
-        restart = await _stopped(sandbox)
+        restart = await _stopped(sandbox) and not keep_stopped
         try:
             _copy_disks(sandbox, directory)
             if vfs is not None:
@@ -308,7 +316,7 @@ async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
     finally:
         if parked:
             assert vfs is not None
-            vfs.wake()
+            vfs.wake()  # queued while stopped: the daemon reads it on `resume`
 
 
 # --- restore ---------------------------------------------------------------------------
