@@ -10,12 +10,13 @@ tests/vm/test_sdk_async.py::test_a_fork_that_fails_midway_leaves_no_clone.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
 from sdk_fake_server import FakeBinary
 
-from matchlock import AsyncClient, Client, Config, MatchlockError, Sandbox
+from matchlock import AsyncClient, Client, Config, MatchlockError, Sandbox, VFSHookRule, VFSInterceptionConfig
 
 LOST = "not running|closed unexpectedly"  # how a clone whose server died fails, depending on when it died
 
@@ -69,3 +70,33 @@ async def test_async_fork_discards_the_clone_made_when_another_fails(fake, confi
             await parent.fork(2)
         _cleaned_up(fake)
         assert (await parent.exec("echo still here")).stdout == "still here\n"
+
+
+def _stamping_box() -> Sandbox:
+    rule = VFSHookRule(name="stamp", phase="before", ops=["write"], path="/w/*", mutate_hook=lambda r: b"stamped")
+    return Sandbox("alpine").with_vfs_interception(VFSInterceptionConfig(rules=[rule]))
+
+
+def _written(fake: FakeBinary) -> list[bytes]:
+    return [base64.b64decode(e["params"]["content"]) for e in fake.entries("write_file")]
+
+
+def test_sync_forks_run_the_parents_sdk_vfs_hooks_and_carry_them_on(fake):
+    with Client(Config(binary_path=str(fake.path))) as parent:
+        parent.create(_stamping_box().options())
+        (clone,) = parent.fork(1)
+        clone.write_file("/w/a", b"original")
+        (grandchild,) = clone.fork(1)
+        grandchild.write_file("/w/b", b"original")
+        for each in (clone, grandchild):
+            each.close()
+    assert _written(fake) == [b"stamped", b"stamped"]
+
+
+async def test_async_forks_run_the_parents_sdk_vfs_hooks(fake):
+    async with AsyncClient(Config(binary_path=str(fake.path))) as parent:
+        await parent.create(_stamping_box().options())
+        (clone,) = await parent.fork(1)
+        await clone.write_file("/w/a", b"original")
+        await clone.close()
+    assert _written(fake) == [b"stamped"]

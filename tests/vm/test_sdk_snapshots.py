@@ -7,12 +7,13 @@ The parent runs a counter as its entrypoint, so "a process that keeps running" i
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 from sdk_support import IMAGE, MATCHLOCK
 
-from matchlock import Client, Config, RPCError, Sandbox
+from matchlock import Client, Config, MatchlockError, RPCError, Sandbox, VFSHookRule, VFSInterceptionConfig
 from support.cli import run_matchlock
 from support.rpcwire import RpcProcess, b64
 
@@ -154,3 +155,41 @@ def test_fork_gives_clients_whose_writes_are_isolated(parent):
         _counting(parent)  # the parent kept running
     finally:
         _done(*clones)
+
+
+def test_a_forks_client_runs_the_parents_sdk_vfs_hooks(module_state_dir):
+    seen, lock = [], threading.Lock()
+
+    def after(event) -> None:
+        with lock:
+            seen.append((event.op, event.path))
+
+    rules = [
+        VFSHookRule(name="audit", phase="after", ops=["write"], path="/workspace/*", hook=after),
+        VFSHookRule(
+            name="stamp", phase="before", ops=["write"], path="/workspace/*.txt", mutate_hook=lambda r: b"mutated"
+        ),
+        VFSHookRule(name="no-keys", phase="before", ops=["write"], path="*.key", action_hook=lambda r: "block"),
+    ]
+    box = _box().with_memory(256).with_disk_size(256).with_workspace("/workspace").mount_memory("/workspace")
+    parent = _client()
+    clones: list[Client] = []
+    try:
+        parent.create(box.with_vfs_interception(VFSInterceptionConfig(rules=rules)).options())
+        clones = parent.fork(1)
+        (clone,) = clones
+        clone.write_file("/workspace/a.txt", b"original")
+        assert clone.read_file("/workspace/a.txt") == b"mutated"  # the parent's mutate hook, in the clone
+        with pytest.raises(MatchlockError, match="vfs action hook blocked"):
+            clone.write_file("/workspace/id.key", b"k")
+        clone.exec("echo guest > /workspace/g")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with lock:
+                if ("write", "/workspace/g") in seen:
+                    break
+            time.sleep(0.1)
+        with lock:
+            assert ("write", "/workspace/g") in seen, seen  # the clone's events reach the parent's after-hook
+    finally:
+        _done(*clones, parent)

@@ -405,6 +405,7 @@ class AsyncClient(ClientBase):
             if not isinstance(exc, Exception):
                 raise  # cancelled: this clone is gone, the group closes the others
             return exc
+        clone._adopt_vfs_hooks(self)
         return clone
 
     async def _discard(self) -> None:

@@ -136,6 +136,13 @@ class ClientBase(ABC):
         self._vfs.set(plan.vfs.local)
         return calls.port_forward(plan.opts.port_forward_addresses, plan.opts.port_forwards)
 
+    def _adopt_vfs_hooks(self, parent: ClientBase) -> None:
+        """A fork's clone runs its parent's SDK-side VFS hooks (action, mutate and after hooks): its
+        server brought back the parent's wire rules and events, and a fork of it carries them on."""
+        self._vfs.set(parent._vfs.current())
+        if self._create_opts is not None and parent._create_opts is not None:
+            self._create_opts.vfs_interception = parent._create_opts.vfs_interception
+
     # --- file calls, through the local VFS hooks ---------------------------------------------------
 
     def _write_file_call(self, path: str, content: bytes | str, mode: int) -> Call[None]:

@@ -241,7 +241,8 @@ def fork_plan(parent: CreateOptions | None, count: int) -> tuple[str, CreateOpti
     A clone is created from the snapshot with the parent's own create options (network policy, secrets,
     env), minus what belongs to the parent alone: its port forwards, its machine size (the snapshot's
     is kept), its entrypoint launch (a full snapshot's processes are running already) and its directory
-    mounts (the restore brings back the snapshot's own). Changes made at runtime (`allow_list_add`) are
+    mounts and VFS rules (the restore brings back the snapshot's own; the clone's client adopts the
+    SDK-side hooks, `_adopt_vfs_hooks`). Changes made at runtime (`allow_list_add`) are
     not carried over.
     """
     if parent is None:

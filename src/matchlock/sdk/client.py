@@ -306,6 +306,7 @@ class Client(ClientBase):
         except Exception as exc:  # noqa: BLE001 - reported by fork() once every clone has settled
             clone._discard()
             return exc
+        clone._adopt_vfs_hooks(self)
         return clone
 
     def _discard(self) -> None:

@@ -163,6 +163,10 @@ class LocalVFSHooks:
         with self._lock:
             self._hooks = list(hooks)
 
+    def current(self) -> list[LocalVFSHook]:
+        with self._lock:
+            return list(self._hooks)
+
     def of_kind(self, *kinds: str) -> list[LocalVFSHook]:
         with self._lock:
             return [hook for hook in self._hooks if hook.kind in kinds]
