@@ -259,6 +259,24 @@ def test_published_port_forwards_to_the_guest(detached):
     assert echo_round_trip(port, payload) == payload
 
 
+def test_the_user_snapshots_the_sandbox_from_its_memory_mapping_and_restores_it(users, detached, inet):
+    owner, _ = users
+    vm_id, _ = detached
+    made = owner.matchlock("snapshot", "create", vm_id, "--name", "user-snap")
+    assert made.returncode == 0, made
+    (log,) = owner.home.glob(f"**/vms/{vm_id}/logs/vm.log")
+    assert "RAM is streamed" not in log.read_text(errors="replace")  # copied from QEMU's mapping, as for root
+    restored = owner.matchlock("run", "-d", "--from-snapshot", "user-snap", wrap=inet.wrap)
+    assert restored.returncode == 0, restored
+    clone = restored.stdout.strip()
+    try:
+        shown = owner.matchlock("exec", clone, "--", "echo", "restored")
+        assert shown.returncode == 0 and shown.stdout == "restored\n", shown
+    finally:
+        owner.matchlock("rm", "-f", clone)
+        owner.matchlock("snapshot", "rm", "user-snap")
+
+
 def test_another_user_cannot_list_exec_kill_or_read_the_sandbox(users, detached):
     owner, other = users
     vm_id, _ = detached

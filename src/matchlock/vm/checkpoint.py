@@ -121,6 +121,7 @@ async def _save_mapped(machine: Machine, path: Path, ram: Path) -> bool:
         prefix = ramstream.ram_sections(spec.incoming)
         base = ramcopy.find_mapping(machine.pid, spec.ram_file, size)
         own = ramcopy.own_pages(machine.pid, base, size // ramcopy.PAGE_SIZE)
+        ramcopy.check_readable(machine.pid)  # before QEMU saves anything: a refusal later could not fall back
     except (OSError, ramcopy.MappingNotFound, ramstream.StreamFormatError) as error:
         _note(machine, f"the RAM is streamed: it cannot be copied from the mapping ({error})")
         return False

@@ -59,6 +59,11 @@ def find_mapping(pid: int, ram_file: Path, size: int) -> int:
     return base
 
 
+def check_readable(pid: int) -> None:
+    """Raise OSError unless this process may read `pid`'s memory (ptrace access, checked at open)."""
+    os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY))
+
+
 def own_pages(pid: int, base: int, pages: int) -> bytes:
     """One byte per page from `base` on: 1 where `pid` holds its own copy of the page (it was written)."""
     want = pages * 8
