@@ -116,6 +116,7 @@ _WIRE_SETATTR = vfs.Setattr._fixed
 _WIRE_WRITE = vfs.Write._fixed  # then the data
 _WIRE_CREATE = struct.Struct(vfs.Create._fixed.format + "H")  # then the name
 _SETATTR_IN_SIGNED = struct.Struct("<IIQQQqqqIIIIIIII")  # SETATTR_IN with the times signed (before 1970)
+_NOT_CHECKED = vfs.SET_ALL & ~(vfs.SET_MODE | vfs.SET_UID | vfs.SET_GID)  # a SETATTR with these goes to the host
 _WIRE_CREATED_SIZE = WIRE_ENTRY.size + vfs._OPENED.size
 
 
@@ -156,6 +157,7 @@ class MountTranslator:
         negative_valid_ns: int = 0,
         clock=time.monotonic_ns,
         features: int = 0,
+        wall=time.time_ns,
     ) -> None:
         self.root = root
         self.features = features  # the host's HELLO features
@@ -165,6 +167,7 @@ class MountTranslator:
         self.negative_valid_ns = negative_valid_ns
         self.initialized = False
         self._clock = clock
+        self._wall = wall  # the ctime of a SETATTR answered here
         # (parent, name) -> when the host's ENOENT for it stops being valid. The kernel keeps the
         # same as a negative dentry, but looks again anyway for O_EXCL creates and for the target
         # of mkdir, rename and link (LOOKUP_EXCL): `tar x` would pay two round trips per new file.
@@ -339,6 +342,12 @@ class MountTranslator:
                                          atime * NS + atimens, mtime * NS + mtimens, mode, owner, group)  # fmt: skip
         except struct.error:  # short, or a time past the wire's range
             return Action(error(unique, errno.EINVAL))
+        if self.features & vfs.FEATURE_SETATTR_NOTICE and valid & vfs.SET_ALL and not valid & _NOT_CHECKED:
+            # tar's fchown and fchmod to what the file has: answered here, and the host still makes the
+            # change (its ctime) from the notice, sent before the caller goes on (fuse_cache.unchanged_by).
+            hit = self.cache.unchanged_by(node, valid, mode, owner, group, self._wall())
+            if hit is not None:
+                return Action(out(unique, hit), None, None, uid, gid, pid, (), (vfs.Op.SETATTR, payload))
         changes = (node,)
         pending = Pending(unique, SETATTR, 0, 0, None, 0, node, self.cache.begin(changes), changes)
         return Action(None, None, pending, uid, gid, pid, (), (vfs.Op.SETATTR, payload))

@@ -154,6 +154,13 @@ class Channel:
         self.send(frame)
         times[2] = time.perf_counter_ns()
 
+    def notify_wire(self, action: fuse.Action) -> None:
+        """A request the translator answered itself (`action.wire` without `pending`): id 0, no reply."""
+        assert action.wire is not None
+        op, payload = action.wire
+        assert isinstance(payload, bytes)
+        self.send(vfs.REQUEST_HEADER.pack(len(payload), 0, op, action.uid, action.gid, action.pid) + payload)
+
     def notify(self, notice: vfs.Args) -> None:
         """A request that gets no reply (id 0): FORGET, RELEASE, RELEASEDIR."""
         if isinstance(notice, (vfs.Release, vfs.Releasedir)):  # one per close: packed directly
@@ -187,7 +194,7 @@ class Channel:
     def forward(self, mount: Mount, action: fuse.Action, started: int) -> None:
         """A mount thread's action (`act`); what it sends the host waits while the channel is parked.
         Not for the reply thread, which must go on reading replies while parking."""
-        if not action.notices and action.pending is None:
+        if not action.notices and action.pending is None and action.wire is None:
             act(self, mount, action, started)
             return
         # Announce, then look: the reply thread sets `parking` before it looks at `_forwarding`, so
@@ -375,6 +382,8 @@ def serve_mount(channel: Channel, mount: Mount) -> None:
 
 def act(channel: Channel, mount: Mount, action: fuse.Action, started: int = 0) -> None:
     """Do what the translator said: the reply to the kernel, the notices, the request to the host."""
+    if action.wire is not None and action.pending is None:
+        channel.notify_wire(action)  # answered here: on the port before the caller can go on
     if action.reply is not None:
         mount.write([action.reply])
         if mount.translator.initialized and not mount.initialized.is_set():
