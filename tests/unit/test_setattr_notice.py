@@ -76,12 +76,13 @@ def test_tars_chown_and_chmod_to_what_the_file_has_are_answered_here_with_a_new_
     clock = Clock()
     tr = translator(clock)
     created(tr)
-    action = tr.handle(setattr_request(61, OWNER | fuse.FATTR_FH, uid=0, gid=0))
+    # As the kernel sends a chown of a non-directory with FUSE_HANDLE_KILLPRIV_V2: set-id bits to kill.
+    action = tr.handle(setattr_request(61, OWNER | vfs.SET_KILL_SUIDGID | fuse.FATTR_FH, uid=0, gid=0))
     attr = answered_here(action)
     assert (attr[5], attr[8]) == divmod(WALL, SECOND)  # ctime, ctimensec
     assert attr[9] == stat.S_IFREG | 0o644 and attr[2] == 1  # the rest as the host left it
     sent = vfs.decode_args(vfs.Op.SETATTR, action.wire[1])
-    assert (sent.node, sent.valid, sent.fh, sent.uid, sent.gid) == (61, OWNER, 4, 0, 0)
+    assert (sent.node, sent.valid, sent.fh, sent.uid, sent.gid) == (61, OWNER | vfs.SET_KILL_SUIDGID, 4, 0, 0)
     # The cache holds the new ctime, and the chmod after the chown is answered here too.
     answered_here(tr.handle(setattr_request(61, vfs.SET_MODE, mode=stat.S_IFREG | 0o644)))
     hit = tr.handle(request(fuse.GETATTR, fuse.GETATTR_IN.pack(0, 0, 0), nodeid=61))
@@ -98,7 +99,7 @@ def test_tars_chown_and_chmod_to_what_the_file_has_are_answered_here_with_a_new_
         (FILE, vfs.SET_GID, 0, 0, 5),
         (FILE, vfs.SET_MODE | vfs.SET_SIZE, 0o644, 0, 0),  # a truncate
         (FILE, OWNER | vfs.SET_MTIME, 0, 0, 0),  # times change what the guest sees
-        (file_with_mode(stat.S_IFREG | 0o4755), OWNER, 0, 0, 0),  # the host drops setuid
+        (file_with_mode(stat.S_IFREG | 0o4755), OWNER | vfs.SET_KILL_SUIDGID, 0, 0, 0),  # the host drops it
         (file_with_mode(stat.S_IFDIR | 0o755), vfs.SET_MODE, 0o755, 0, 0),  # maybe synthesized
     ],
 )

@@ -116,7 +116,9 @@ _WIRE_SETATTR = vfs.Setattr._fixed
 _WIRE_WRITE = vfs.Write._fixed  # then the data
 _WIRE_CREATE = struct.Struct(vfs.Create._fixed.format + "H")  # then the name
 _SETATTR_IN_SIGNED = struct.Struct("<IIQQQqqqIIIIIIII")  # SETATTR_IN with the times signed (before 1970)
-_NOT_CHECKED = vfs.SET_ALL & ~(vfs.SET_MODE | vfs.SET_UID | vfs.SET_GID)  # a SETATTR with these goes to the host
+# A SETATTR with any of these goes to the host. KILL_SUIDGID comes with every chown of a non-directory
+# (FUSE_HANDLE_KILLPRIV_V2): one answered here has no set-id bit to kill.
+_NOT_CHECKED = vfs.SET_ALL & ~(vfs.SET_MODE | vfs.SET_UID | vfs.SET_GID | vfs.SET_KILL_SUIDGID)
 _WIRE_CREATED_SIZE = WIRE_ENTRY.size + vfs._OPENED.size
 
 

@@ -150,7 +150,7 @@ class MetaCache:
 
     def unchanged_by(self, node: int, valid: int, mode: int, uid: int, gid: int, ctime_ns: int) -> bytes | None:
         """The fuse_attr_out to answer a SETATTR of `node` with here, if it changes nothing but ctime: a
-        chown or chmod (`valid`: SET_MODE, SET_UID, SET_GID only) to what `node` has, whose attributes are
+        chown or chmod (`valid`: SET_MODE, SET_UID, SET_GID, SET_KILL_SUIDGID only) to what `node` has, whose attributes are
         fresh, with no change to it in flight, not a directory (a synthesized one refuses any) and with no
         set-id bit a chown would drop. The cached ctime becomes `ctime_ns`. None: ask the host."""
         with self._lock:
