@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 
 import pytest
 from vfs_peer import Peer, serving
@@ -124,25 +125,52 @@ def test_only_fresh_attributes_with_no_change_in_flight_and_only_with_the_featur
     assert plain.handle(setattr_request(61, OWNER)).pending is not None
 
 
-def test_the_daemon_sends_the_notice_as_the_callers_before_it_answers_the_kernel(monkeypatch):
+@pytest.fixture
+def port():
     guest, host = socket.socketpair()
-    guest.setblocking(False)
-    channel = fuse_daemon.Channel(guest.fileno())
-    mount = fuse_daemon.Mount(vfs.Mount("/m", ROOT, False), -1, vfs.MAX_IO, vfs.FEATURES_ALL)
-    done: list[str] = []
-    monkeypatch.setattr(mount, "write", lambda buffers: done.append("reply to the kernel"))
+    guest.setblocking(False)  # as the daemon opens the port
+    host.settimeout(5)
+    yield fuse_daemon.Channel(guest.fileno()), host
+    host.close()
+    guest.close()
+
+
+def _mount_with_cached_file(fd: int = -1) -> fuse_daemon.Mount:
+    mount = fuse_daemon.Mount(vfs.Mount("/m", ROOT, False), fd, vfs.MAX_IO, vfs.FEATURES_ALL)
     cache = mount.translator.cache
     cache.store_attr(61, fuse.ATTR_OUT.pack(1, 0, 0) + fuse.pack_attr(FILE), cache.stamp())
-    action = mount.translator.handle(setattr_request(61, OWNER))
-    real_send = channel.send
-    monkeypatch.setattr(channel, "send", lambda frame: (done.append("notice"), real_send(frame)))
-    channel.forward(mount, action, 0)
-    assert done == ["notice", "reply to the kernel"]
-    (sent,) = vfs.RequestDecoder().feed(host.recv(1 << 16))
-    assert (sent.id, sent.op, sent.uid, sent.gid, sent.pid) == (0, vfs.Op.SETATTR, 1000, 1001, 77)
-    assert not channel.pending  # no reply is waited for
-    guest.close()
-    host.close()
+    return mount
+
+
+def test_the_notice_goes_as_the_callers_after_the_reply_and_before_any_later_frame(port, monkeypatch):
+    channel, host = port
+    mount = _mount_with_cached_file()
+    replies: list[list[bytes]] = []
+    monkeypatch.setattr(mount, "write", replies.append)
+    channel.forward(mount, mount.translator.handle(setattr_request(61, OWNER)), 0)
+    assert len(replies) == 1 and not channel.pending  # answered; no reply is waited for
+    # The notice waits for the next frame, and goes before it in the same write.
+    channel.notify(vfs.Forget(((61, 1),)))
+    data = host.recv(1 << 16)
+    notice, forget = vfs.RequestDecoder().feed(data)
+    assert (notice.id, notice.op, notice.uid, notice.gid, notice.pid) == (0, vfs.Op.SETATTR, 1000, 1001, 77)
+    assert forget.op == vfs.Op.FORGET
+
+
+def test_a_mount_thread_sends_what_waits_before_it_waits_for_the_kernel(port):
+    channel, host = port
+    kernel, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.settimeout(5)
+    mount = _mount_with_cached_file(daemon_end.fileno())
+    thread = threading.Thread(target=fuse_daemon.serve_mount, args=(channel, mount), daemon=True)
+    thread.start()
+    kernel.send(setattr_request(61, OWNER))
+    assert fuse.OUT_HEADER.unpack_from(kernel.recv(4096))[1] == 0  # answered here
+    (notice,) = vfs.RequestDecoder().feed(host.recv(1 << 16))  # then sent, with nothing behind it
+    assert (notice.id, notice.op) == (0, vfs.Op.SETATTR)
+    kernel.close()  # the mount thread reads the end and returns
+    thread.join(5)
+    daemon_end.close()
 
 
 # ---- the host ----------------------------------------------------------------------------------------

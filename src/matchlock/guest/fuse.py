@@ -116,9 +116,6 @@ _WIRE_SETATTR = vfs.Setattr._fixed
 _WIRE_WRITE = vfs.Write._fixed  # then the data
 _WIRE_CREATE = struct.Struct(vfs.Create._fixed.format + "H")  # then the name
 _SETATTR_IN_SIGNED = struct.Struct("<IIQQQqqqIIIIIIII")  # SETATTR_IN with the times signed (before 1970)
-# A SETATTR with any of these goes to the host. KILL_SUIDGID comes with every chown of a non-directory
-# (FUSE_HANDLE_KILLPRIV_V2): one answered here has no set-id bit to kill.
-_NOT_CHECKED = vfs.SET_ALL & ~(vfs.SET_MODE | vfs.SET_UID | vfs.SET_GID | vfs.SET_KILL_SUIDGID)
 _WIRE_CREATED_SIZE = WIRE_ENTRY.size + vfs._OPENED.size
 
 
@@ -344,11 +341,9 @@ class MountTranslator:
                                          atime * NS + atimens, mtime * NS + mtimens, mode, owner, group)  # fmt: skip
         except struct.error:  # short, or a time past the wire's range
             return Action(error(unique, errno.EINVAL))
-        if self.features & vfs.FEATURE_SETATTR_NOTICE and valid & vfs.SET_ALL and not valid & _NOT_CHECKED:
-            # tar's fchown and fchmod to what the file has: answered here, and the host still makes the
-            # change (its ctime) from the notice, sent before the caller goes on (fuse_cache.unchanged_by).
-            hit = self.cache.unchanged_by(node, valid, mode, owner, group, self._wall())
-            if hit is not None:
+        if self.features & vfs.FEATURE_SETATTR_NOTICE:  # tar's fchown and fchmod (fuse_cache.unchanged_by)
+            hit = self.cache.unchanged_by(node, valid & vfs.SET_ALL, mode, owner, group, self._wall())
+            if hit is not None:  # the host still makes the change (its ctime): a notice, before the reply
                 return Action(out(unique, hit), None, None, uid, gid, pid, (), (vfs.Op.SETATTR, payload))
         changes = (node,)
         pending = Pending(unique, SETATTR, 0, 0, None, 0, node, self.cache.begin(changes), changes)

@@ -51,6 +51,9 @@ ListedEntry = tuple[bytes, int, int, int, bytes]  # name, node, entry and attrib
 ListedRow = tuple[bytes, int, int]  # name, ino, type: one entry of a listing, in the host's READDIR order
 _DOTS: tuple[ListedRow, ...] = ((b".", 1, 4), (b"..", 1, 4))  # as the host lists them (DT_DIR, never ino 0)
 _S_IFMT, _S_IFDIR, _SETID = 0o170000, 0o040000, 0o6000  # stat's, without importing it
+# The SETATTR bits `unchanged_by` may answer. KILL_SUIDGID comes with every chown of a non-directory
+# (FUSE_HANDLE_KILLPRIV_V2): one answered here has no set-id bit to kill.
+_CHECKABLE = vfs.SET_MODE | vfs.SET_UID | vfs.SET_GID | vfs.SET_KILL_SUIDGID
 _NO_ENTRY = bytes(ENTRY_SIZE)  # a READDIRPLUS entry without a node: the kernel makes no dentry of it
 
 
@@ -153,6 +156,8 @@ class MetaCache:
         chown or chmod (`valid`: SET_MODE, SET_UID, SET_GID, SET_KILL_SUIDGID only) to what `node` has, whose attributes are
         fresh, with no change to it in flight, not a directory (a synthesized one refuses any) and with no
         set-id bit a chown would drop. The cached ctime becomes `ctime_ns`. None: ask the host."""
+        if not valid or valid & ~_CHECKABLE:
+            return None
         with self._lock:
             held = self._attrs.get(node)
             if held is None or node in self._busy:
