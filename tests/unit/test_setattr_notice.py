@@ -51,7 +51,7 @@ def setattr_request(nodeid: int, valid: int, mode: int = 0, uid: int = 0, gid: i
 
 
 def translator(clock: Clock, features: int = vfs.FEATURES_ALL & ~vfs.FEATURE_LOOKUP_DIR) -> fuse.MountTranslator:
-    return fuse.MountTranslator(ROOT, negative_valid_ns=SECOND, clock=clock, features=features, wall=lambda: WALL)
+    return fuse.MountTranslator(ROOT, negative_valid_ns=SECOND, clock=clock, features=features)
 
 
 def complete(tr: fuse.MountTranslator, action: fuse.Action, result: vfs.Result) -> bytes:
@@ -73,7 +73,8 @@ def answered_here(action: fuse.Action) -> tuple[int, ...]:
     return fuse.ATTR.unpack_from(action.reply, fuse.OUT_HEADER.size + fuse.ATTR_OUT.size)
 
 
-def test_tars_chown_and_chmod_to_what_the_file_has_are_answered_here_with_a_new_ctime():
+def test_tars_chown_and_chmod_to_what_the_file_has_are_answered_here_with_a_new_ctime(monkeypatch):
+    monkeypatch.setattr(fuse.time, "time_ns", lambda: WALL)
     clock = Clock()
     tr = translator(clock)
     created(tr)
@@ -123,6 +124,22 @@ def test_only_fresh_attributes_with_no_change_in_flight_and_only_with_the_featur
     plain = translator(clock, vfs.FEATURES_ALL & ~vfs.FEATURE_SETATTR_NOTICE & ~vfs.FEATURE_LOOKUP_DIR)
     created(plain)
     assert plain.handle(setattr_request(61, OWNER)).pending is not None
+
+
+def test_after_a_write_that_returned_the_files_attributes_its_chown_is_answered_here():
+    """busybox tar: CREATE, WRITE, close, then lchown and chmod by path (FEATURE_WRITE_ATTR)."""
+    tr = translator(Clock())
+    created(tr)
+    write = tr.handle(request(fuse.WRITE, fuse.WRITE_IN.pack(1, 0, 1, 0, 0, 0o1, 0) + b"x", nodeid=61))
+    grown = vfs.AttrReply(SECOND, vfs.Attr(**{**{k: getattr(FILE, k) for k in FILE.__slots__}, "size": 6}))
+    (reply,) = vfs.ReplyDecoder().feed(vfs.encode_reply(5, vfs.Written(1), grown))
+    buffers, _ = tr.complete(write.pending, reply.status, reply.payload)
+    assert b"".join(buffers)[fuse.OUT_HEADER.size :] == fuse.WRITE_OUT.pack(1, 0)
+    answered_here(tr.handle(setattr_request(61, OWNER | vfs.SET_KILL_SUIDGID)))
+    # Without the attributes (an older host), the write leaves none cached.
+    write = tr.handle(request(fuse.WRITE, fuse.WRITE_IN.pack(1, 0, 1, 0, 0, 0o1, 0) + b"x", nodeid=61))
+    complete(tr, write, vfs.Written(1))
+    assert tr.handle(setattr_request(61, OWNER | vfs.SET_KILL_SUIDGID)).pending is not None
 
 
 @pytest.fixture
@@ -200,6 +217,19 @@ async def test_the_host_makes_the_change_in_order_and_sends_no_reply() -> None:
         now = await _attr(guest, node)
         assert now.ctime_ns > attr.ctime_ns and stat.S_IMODE(now.mode) == 0o600
         assert 0 not in guest.replies and server.op_counts["SETATTR_NOTICE"] == 1 and not server.broken
+
+
+async def test_a_write_reply_carries_the_files_new_attributes_only_when_asked() -> None:
+    for features, suffix in ((vfs.FEATURES_ALL, True), (vfs.FEATURES_ALL & ~vfs.FEATURE_WRITE_ATTR, False)):
+        async with serving([Mount("/m", MemoryProvider())], features) as (guest, _, hello):
+            body, _ = vfs.split_parent(vfs.Op.CREATE, await guest.ok(vfs.Create(hello.mounts[0].root, 2, 0o644, b"f")))
+            made = vfs.decode_result(vfs.Op.CREATE, body)
+            assert isinstance(made, vfs.Created)
+            payload = await guest.ok(vfs.Write(made.entry.node, made.fh, 0, 2, b"hello"))
+            assert len(payload) == (4 + vfs.PARENT_STRUCT.size if suffix else 4)
+            if suffix:
+                valid, *fields = vfs.PARENT_STRUCT.unpack_from(payload, 4)
+                assert valid > 0 and fields[1] == 5  # size
 
 
 async def test_a_failure_or_another_outcome_drops_the_guests_attributes(tmp_path, caplog) -> None:

@@ -330,6 +330,9 @@ class VfsServer:
             # mkdir -p revalidations that follow from its cache instead of a round trip each.
             node = args.newparent if isinstance(args, wire.Link) else getattr(args, "parent", 0)
             parent = await self._attr_or_none(request, node, 0)
+        elif self.features & wire.FEATURE_WRITE_ATTR and isinstance(args, wire.Write):
+            # The file's new size and times: tar's chown and chmod after it are then answered in the guest.
+            parent = await self._attr_or_none(request, args.node, args.fh)
         if not request.id and isinstance(args, wire.Setattr) and isinstance(result, wire.AttrReply):
             self._check_outcome(args, result.attr)
         return wire.encode_reply(request.id, result, parent)

@@ -48,6 +48,7 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     FEATURE_LOOKUP_DIR,
     FEATURE_PARENT_ATTR,
     FEATURE_SETATTR_NOTICE,
+    FEATURE_WRITE_ATTR,
     FEATURES_ALL,
     KILL_SUIDGID,
     MAX_FORGETS,
@@ -376,12 +377,13 @@ def _pack_result(result: Result) -> bytes:
 def encode_reply(request_id: int, result: Result, parent: AttrReply | None = None) -> bytes:
     """A success reply (host side): the record the op calls for, bytes for READ/READLINK, None if empty.
 
-    `parent`: the parent directory's attributes after an op that made a name (FEATURE_PARENT_ATTR).
+    `parent`: the parent directory's attributes after an op that made a name (FEATURE_PARENT_ATTR), or
+    the file's after a WRITE (FEATURE_WRITE_ATTR).
     """
     payload = _pack_result(result)
     if parent is not None:
-        if not isinstance(result, (Entry, Created)):
-            raise LocalProtocolError(f"parent attributes after a {type(result).__name__}, not an entry")
+        if not isinstance(result, (Entry, Created, Written)):
+            raise LocalProtocolError(f"attributes after a {type(result).__name__}, not an entry or a write")
         payload += PARENT_STRUCT.pack(parent.attr_valid_ns, *parent.attr._values())
     if len(payload) > MAX_PAYLOAD:
         raise LocalProtocolError(f"reply payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")

@@ -100,8 +100,9 @@ FEATURE_LOOKUP_DIR = 8
 # fresh cache holds) itself, and send it with id 0 (no reply); the host serves those in order, and a
 # failure or another outcome becomes an INVAL_INODE notice. Never served with VFS interception.
 FEATURE_SETATTR_NOTICE = 16
+FEATURE_WRITE_ATTR = 32  # WRITE replies end with the file's new attributes (an AttrReply, as PARENT_ATTR's)
 FEATURES_ALL = (FEATURE_PARENT_ATTR | FEATURE_KILLPRIV | FEATURE_GUEST_OPENDIR | FEATURE_LOOKUP_DIR
-                | FEATURE_SETATTR_NOTICE)  # fmt: skip
+                | FEATURE_SETATTR_NOTICE | FEATURE_WRITE_ATTR)  # fmt: skip
 # The most entries a LOOKUP_DIR listing holds (about 400 KiB at most, well inside MAX_PAYLOAD): a
 # bigger directory is answered as LOOKUP, so one name never costs the host a huge listing.
 MAX_LISTED = 1024
