@@ -30,6 +30,9 @@ ENOENTs: no change to the directory began since it was asked (any made here, any
 within the mount's negative lifetime. READDIRPLUS entries are the cache's own (fresh, else without a
 node) and each hands the kernel one lookup, counted as a LOOKUP answered here is (the held one taken
 over, else owed against the next FORGET), so the host's count is never below the kernel's.
+
+A chown or chmod to the owner and mode a node's fresh attributes hold changes nothing but its ctime
+(`unchanged_by`): it is answered here and the host gets it as a notice (FEATURE_SETATTR_NOTICE).
 """
 
 from __future__ import annotations

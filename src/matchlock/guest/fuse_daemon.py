@@ -9,7 +9,9 @@ exist. A failure before ready is reported to init, which stops the boot with FAT
 
 Threads, no global lock around a round trip: one per mount reads /dev/fuse and forwards each
 request at once; one reads the host's replies and writes each to /dev/fuse as it arrives. The only
-lock serialises writes to the port, one frame at a time.
+lock serialises writes to the port, one frame at a time. The mount threads' notices (no reply: RELEASE,
+FORGET, SETATTRs answered here) wait for the next frame and go in one write with it; a mount thread
+sends what waits before it waits for its kernel, so a notice never waits for long.
 
 For a snapshot the host parks the channel (docs/wire.md, "Parking the channel"): after its PARK
 notice no mount thread forwards anything (each waits at `Channel.forward` with what it read), the
