@@ -18,6 +18,7 @@ from matchlock.guest import fuse, fuse_daemon
 from matchlock.vfs.hostfs import HostFSProvider
 from matchlock.vfs.memory import MemoryProvider
 from matchlock.vfs.router import Mount
+from matchlock.vfs.server import MAX_CHECK_LOGS
 from matchlock.wire import vfs
 from matchlock.wire.frames import RemoteProtocolError
 
@@ -242,6 +243,11 @@ async def test_a_failure_or_another_outcome_drops_the_guests_attributes(tmp_path
         await guest.send(0, vfs.Setattr(node, vfs.SET_MODE, 0, 0, 0, 0, 0o4644, 0, 0))
         assert vfs.decode_notice((await guest.reply(0)).payload) == (vfs.INVAL_INODE, node, b"")
         assert "mode 644, not 4644" in caplog.text and not server.broken
+        # A guest sending failing ones by the thousand gets each notice, and the host's log a bounded few.
+        for _ in range(30):
+            await guest.send(0, vfs.Setattr(999, OWNER, 0, 0, 0, 0, 0, 0, 0))
+            assert vfs.decode_notice((await guest.reply(0)).payload)[1] == 999
+        assert server.check_failures == 32 and caplog.text.count("came out otherwise") == MAX_CHECK_LOGS
 
 
 async def test_a_notice_setattr_is_refused_unless_the_host_granted_it() -> None:
