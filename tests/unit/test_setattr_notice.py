@@ -17,6 +17,7 @@ from matchlock.api.vfs import VFSInterceptionConfig
 from matchlock.guest import fuse, fuse_daemon
 from matchlock.vfs.hostfs import HostFSProvider
 from matchlock.vfs.memory import MemoryProvider
+from matchlock.vfs.overlay import OverlayProvider
 from matchlock.vfs.router import Mount
 from matchlock.vfs.server import MAX_CHECK_LOGS
 from matchlock.wire import vfs
@@ -280,6 +281,13 @@ async def test_a_notice_setattr_is_refused_unless_the_host_granted_it() -> None:
 async def test_granted_only_where_the_guest_kernel_knows_every_refusal(mounts, interception, granted) -> None:
     async with serving(mounts, interception=interception) as (_, _, hello):
         assert bool(hello.features & vfs.FEATURE_SETATTR_NOTICE) == granted
+
+
+async def test_not_granted_with_a_host_side_overlay(tmp_path) -> None:
+    (tmp_path / "lower").mkdir()
+    overlay = OverlayProvider(str(tmp_path / "lower"), str(tmp_path / "private" / "upper"))
+    async with serving([Mount("/m", MemoryProvider()), Mount("/o", overlay)]) as (_, _, hello):
+        assert not hello.features & vfs.FEATURE_SETATTR_NOTICE  # its copy-ups would stall the read loop
 
 
 def test_the_wire_takes_a_setattr_with_id_0():

@@ -273,6 +273,9 @@ class VfsServer:
             self.features &= ~(wire.FEATURE_LOOKUP_DIR | wire.FEATURE_SETATTR_NOTICE)
         if self.router.mixed_readonly():  # the guest could not tell which of its nodes answer EROFS
             self.features &= ~wire.FEATURE_SETATTR_NOTICE
+        if not all(isinstance(m.provider, (HostFSProvider, MemoryProvider)) for m in self.router.mounts):
+            # A notice is served in the read loop: an overlay's copy-up there would stall every request.
+            self.features &= ~wire.FEATURE_SETATTR_NOTICE
         self.router.guest_opendir = bool(self.features & wire.FEATURE_GUEST_OPENDIR)
         self.router.lookup_dir = bool(self.features & wire.FEATURE_LOOKUP_DIR)
 
