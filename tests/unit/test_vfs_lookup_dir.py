@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import socket
 from collections.abc import AsyncIterator
 
-from vfs_peer import Peer
+from vfs_peer import Peer, serving
 
 from matchlock.api.vfs import VFSInterceptionConfig
 from matchlock.vfs.hostfs import HostFSProvider
-from matchlock.vfs.intercept import Interceptor
 from matchlock.vfs.memory import MemoryProvider
 from matchlock.vfs.notify import OFF_ENV
 from matchlock.vfs.provider import Provider
 from matchlock.vfs.router import Mount, Router
-from matchlock.vfs.server import VfsServer
 from matchlock.vfs.types import Limits
 from matchlock.wire import vfs as wire
 
@@ -29,20 +26,8 @@ async def _serving(
     limits: Limits | None = None,
 ) -> AsyncIterator[tuple[Peer, Router, int, int]]:
     """A served mount of `provider` after a HELLO: the guest's end, the router, the root, the features served."""
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    events: list = []
-    router = Router([Mount("/m", provider)], Interceptor(interception, events.append), VfsServer.executor(), limits)
-    server = VfsServer(theirs, router)
-    await server.start()
-    guest = Peer(ours)
-    try:
-        hello = wire.decode_result(wire.Op.HELLO, await guest.ok(wire.Hello(wire.VERSION, 1 << 20, features)))
-        assert isinstance(hello, wire.HelloReply)
-        yield guest, router, hello.mounts[0].root, hello.features
-    finally:
-        await server.aclose()
-        ours.close()
+    async with serving([Mount("/m", provider)], features, interception, limits) as (guest, server, hello):
+        yield guest, server.router, hello.mounts[0].root, hello.features
 
 
 async def _files(guest: Peer, root: int, *names: bytes) -> None:

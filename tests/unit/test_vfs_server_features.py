@@ -36,7 +36,8 @@ async def _serving(
     guest = Peer(ours)
     try:
         hello = wire.decode_result(wire.Op.HELLO, await guest.ok(wire.Hello(wire.VERSION, 1 << 20, features)))
-        served = features & ~wire.FEATURE_LOOKUP_DIR if interception is not None else features  # rules see LOOKUPs
+        refused = wire.FEATURE_LOOKUP_DIR | wire.FEATURE_SETATTR_NOTICE  # rules see every LOOKUP and SETATTR
+        served = features & ~refused if interception is not None else features
         assert isinstance(hello, wire.HelloReply) and hello.features == served
         yield guest, hello.mounts[0].root
     finally:

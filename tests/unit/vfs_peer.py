@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
+from collections.abc import AsyncIterator
 
+from matchlock.api.vfs import VFSInterceptionConfig
+from matchlock.vfs.intercept import Interceptor
+from matchlock.vfs.router import Mount, Router
+from matchlock.vfs.server import VfsServer
+from matchlock.vfs.types import Limits
 from matchlock.wire import vfs as wire
 
 
@@ -37,3 +44,26 @@ class Peer:
         reply = await self.call(args, uid)
         assert reply.status == 0, (args, reply.status)
         return reply.payload
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    mounts: list[Mount],
+    features: int = wire.FEATURES_ALL,
+    interception: VFSInterceptionConfig | None = None,
+    limits: Limits | None = None,
+) -> AsyncIterator[tuple[Peer, VfsServer, wire.HelloReply]]:
+    """A server of `mounts` after the guest's HELLO offering `features`: the guest's end, the server, its HELLO reply."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    router = Router(mounts, Interceptor(interception, lambda _: None), VfsServer.executor(), limits)
+    server = VfsServer(theirs, router)
+    await server.start()
+    guest = Peer(ours)
+    try:
+        hello = wire.decode_result(wire.Op.HELLO, await guest.ok(wire.Hello(wire.VERSION, 1 << 20, features)))
+        assert isinstance(hello, wire.HelloReply)
+        yield guest, server, hello
+    finally:
+        await server.aclose()
+        ours.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pytest
 from vfs_support import SEEN, sh
@@ -118,6 +119,22 @@ def test_owner_mode_and_mtime_agree_on_both_sides(box, loop_thread, host_dirs):
     shown = "\"$(cat /work/from-host; stat -c ' %y' /work/from-host)\""
     seen = f"[ {shown} = 'host bytes 2009-02-13 23:31:30.123456789 +0000' ]"
     sh(box, loop_thread, SEEN.format(test=seen))
+
+
+def test_a_chown_or_chmod_that_changes_nothing_still_moves_the_ctime_on_both_sides(box, loop_thread, host_dirs):
+    # The guest's daemon answers them from its cache and sends them to the host as notices (SETATTR_NOTICE).
+    sh(box, loop_thread, "cd /work && echo data > same && chown 0:0 same && chmod 640 same")
+    path = host_dirs / "rw" / "same"
+    before = os.stat(path).st_ctime_ns
+    time.sleep(1.1)  # the guest's stat shows whole seconds
+    out = sh(box, loop_thread, "cd /work && chown 0:0 same && chmod 640 same && stat -c '%u %g %a %Z' same")
+    uid, gid, mode, ctime = out.split()
+    assert (uid, gid, mode) == ("0", "0", "640") and int(ctime) > before // 1_000_000_000
+    deadline = time.monotonic() + 5
+    while os.stat(path).st_ctime_ns == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = os.stat(path)
+    assert st.st_ctime_ns > before and (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o640)
 
 
 def test_read_only_mount_refuses_every_write(box, loop_thread, host_dirs):

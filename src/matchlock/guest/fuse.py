@@ -339,6 +339,10 @@ class MountTranslator:
                                          atime * NS + atimens, mtime * NS + mtimens, mode, owner, group)  # fmt: skip
         except struct.error:  # short, or a time past the wire's range
             return Action(error(unique, errno.EINVAL))
+        if self.features & vfs.FEATURE_SETATTR_NOTICE:  # tar's fchown and fchmod (fuse_cache.unchanged_by)
+            hit = self.cache.unchanged_by(node, valid & vfs.SET_ALL, mode, owner, group, time.time_ns())
+            if hit is not None:  # the host still makes the change (its ctime): a notice, before the reply
+                return Action(out(unique, hit), None, None, uid, gid, pid, (), (vfs.Op.SETATTR, payload))
         changes = (node,)
         pending = Pending(unique, SETATTR, 0, 0, None, 0, node, self.cache.begin(changes), changes)
         return Action(None, None, pending, uid, gid, pid, (), (vfs.Op.SETATTR, payload))
@@ -354,7 +358,7 @@ class MountTranslator:
         if start + size > len(data) or size > self.max_io:
             return Action(error(unique, errno.EINVAL))
         changes = (node,)
-        pending = Pending(unique, WRITE, size, 0, None, 0, 0, self.cache.begin(changes), changes)
+        pending = Pending(unique, WRITE, size, 0, None, 0, node, self.cache.begin(changes), changes)
         # A view of the FUSE buffer: the data is copied once, into the request frame.
         wire = (vfs.Op.WRITE, (fixed, memoryview(data)[start : start + size]))
         return Action(None, None, pending, uid, gid, pid, (), wire)
@@ -505,6 +509,9 @@ class MountTranslator:
             if pending.key is not None:
                 self.cache.store_attr(pending.key[0], fast_attr_reply(payload[cut:]), pending.gen, alone)
             payload = payload[:cut]
+        elif op == WRITE and len(payload) == _WRITTEN_WITH_ATTR:  # FEATURE_WRITE_ATTR: the file's new attributes
+            self.cache.store_attr(pending.node, fast_attr_reply(payload[4:]), pending.gen, alone)
+            payload = payload[:4]
         if op in _ENTRY_REPLIES and len(payload) == WIRE_ENTRY.size:
             body = fast_entry(payload)
             if pending.key is not None:
@@ -587,6 +594,7 @@ _ENTRY_REPLIES = frozenset((LOOKUP, MKNOD, MKDIR, SYMLINK, LINK))
 _ATTR_REPLIES = frozenset((GETATTR, SETATTR))
 _PARENT_REPLIES = frozenset((MKNOD, MKDIR, SYMLINK, LINK, CREATE))
 _WITH_PARENT_SIZE = (WIRE_ENTRY.size + vfs.PARENT_STRUCT.size, _WIRE_CREATED_SIZE + vfs.PARENT_STRUCT.size)
+_WRITTEN_WITH_ATTR = 4 + vfs.PARENT_STRUCT.size  # Written (u32 size), then an AttrReply
 _WIRE_OP = {
     LOOKUP: vfs.Op.LOOKUP, GETATTR: vfs.Op.GETATTR, SETATTR: vfs.Op.SETATTR, READLINK: vfs.Op.READLINK,
     SYMLINK: vfs.Op.SYMLINK, MKNOD: vfs.Op.MKNOD, MKDIR: vfs.Op.MKDIR, UNLINK: vfs.Op.UNLINK, RMDIR: vfs.Op.RMDIR,

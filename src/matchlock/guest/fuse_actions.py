@@ -60,7 +60,8 @@ class Action:
         pid: int = 0,
         notices: tuple[vfs.Forget | vfs.Release | vfs.Releasedir, ...] = (),
         # Instead of `args`: the wire op and its encoded payload (a WRITE's: its fixed fields and a
-        # view of the data, joined once into the frame).
+        # view of the data, joined once into the frame). Without `pending`: a request answered here
+        # (`reply`), sent first with id 0 and no reply (FEATURE_SETATTR_NOTICE).
         wire: tuple[int, bytes | tuple[bytes, memoryview]] | None = None,
     ) -> None:
         self.reply = reply

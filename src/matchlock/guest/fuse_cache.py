@@ -30,6 +30,9 @@ ENOENTs: no change to the directory began since it was asked (any made here, any
 within the mount's negative lifetime. READDIRPLUS entries are the cache's own (fresh, else without a
 node) and each hands the kernel one lookup, counted as a LOOKUP answered here is (the held one taken
 over, else owed against the next FORGET), so the host's count is never below the kernel's.
+
+A chown or chmod to the owner and mode a node's fresh attributes hold changes nothing but its ctime
+(`unchanged_by`): it is answered here and the host gets it as a notice (FEATURE_SETATTR_NOTICE).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import time
 
 from ..wire import vfs
 from .fuse_dirs import DIRENT
-from .fuse_out import ATTR_OUT, ENTRY_OUT, ENTRY_SIZE, NS
+from .fuse_out import ATTR, ATTR_OUT, ENTRY_OUT, ENTRY_SIZE, NS
 
 MAX_CACHED = 65536  # nodes or names; past it the cache is emptied at once
 MAX_COMPLETE = 4096  # directories whose every name is known here
@@ -50,6 +53,10 @@ MAX_LISTED_ROWS = 65536  # entries of listings kept for READDIR; past it they ar
 ListedEntry = tuple[bytes, int, int, int, bytes]  # name, node, entry and attribute validity (ns), fuse_entry_out
 ListedRow = tuple[bytes, int, int]  # name, ino, type: one entry of a listing, in the host's READDIR order
 _DOTS: tuple[ListedRow, ...] = ((b".", 1, 4), (b"..", 1, 4))  # as the host lists them (DT_DIR, never ino 0)
+_S_IFMT, _S_IFDIR, _SETID = 0o170000, 0o040000, 0o6000  # stat's, without importing it
+# The SETATTR bits `unchanged_by` may answer. KILL_SUIDGID comes with every chown of a non-directory
+# (FUSE_HANDLE_KILLPRIV_V2): one answered here has no set-id bit to kill.
+_CHECKABLE = vfs.SET_MODE | vfs.SET_UID | vfs.SET_GID | vfs.SET_KILL_SUIDGID
 _NO_ENTRY = bytes(ENTRY_SIZE)  # a READDIRPLUS entry without a node: the kernel makes no dentry of it
 
 
@@ -146,6 +153,34 @@ class MetaCache:
         if left <= 0:
             return None
         return ATTR_OUT.pack(left // NS, left % NS, 0) + attr[1]
+
+    def unchanged_by(self, node: int, valid: int, mode: int, uid: int, gid: int, ctime_ns: int) -> bytes | None:
+        """The fuse_attr_out to answer a SETATTR of `node` with here, if it changes nothing but ctime: a
+        chown or chmod (`valid`: SET_MODE, SET_UID, SET_GID, SET_KILL_SUIDGID only) to what `node` has, whose attributes are
+        fresh, with no change to it in flight, not a directory (a synthesized one refuses any) and with no
+        set-id bit a chown would drop. The cached ctime becomes `ctime_ns`. None: ask the host."""
+        if not valid or valid & ~_CHECKABLE:
+            return None
+        with self._lock:
+            held = self._attrs.get(node)
+            if held is None or node in self._busy:
+                return None
+            left = held[0] - self._clock()
+            if left <= 0:
+                return None
+            fields = list(ATTR.unpack(held[1]))
+            now_mode, now_uid, now_gid = fields[9], fields[11], fields[12]
+            if now_mode & _S_IFMT == _S_IFDIR or now_mode & _SETID:
+                return None
+            if valid & vfs.SET_MODE and mode & 0o7777 != now_mode & 0o7777:
+                return None
+            if valid & vfs.SET_UID and uid != now_uid or valid & vfs.SET_GID and gid != now_gid:
+                return None
+            fields[5], fields[8] = divmod(ctime_ns, NS)
+            attr = ATTR.pack(*fields)
+            self._attrs[node] = (held[0], attr)
+            self._mark(node)  # a reply asked before this is not kept (it has the old ctime)
+        return ATTR_OUT.pack(left // NS, left % NS, 0) + attr
 
     def absent(self, parent: int, name: bytes) -> int:
         """How long more `name` is known not to exist in `parent` (ns); 0: ask the host."""

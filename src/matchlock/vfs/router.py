@@ -100,6 +100,10 @@ class Router(NodeTable):
             for top, node in self.roots
         )
 
+    def mixed_readonly(self) -> bool:
+        """A nested mount is read-only inside a writable one, or the reverse (the guest kernel cannot tell)."""
+        return any(m.readonly != top.readonly for m in self.mounts for top in self.tops if _below(m.parts, top.parts))
+
     def _negative_ns(self, top: Mount) -> int:
         return min(_ns(m.provider.negative_seconds) for m in self.mounts if m is top or _below(m.parts, top.parts))
 

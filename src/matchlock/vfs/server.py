@@ -40,6 +40,7 @@ from .types import FsError, SetAttr
 log = logging.getLogger("matchlock.vfs")
 READ_SIZE = 256 * 1024
 THREADS = 8
+MAX_CHECK_LOGS = 20  # SETATTR notices that came out otherwise, logged one by one
 STATS_ENV = "MATCHLOCK_VFS_STATS"  # set: the guest daemon logs its request timings to the console
 
 
@@ -104,6 +105,8 @@ class VfsServer:
         self.limits = router.limits
         self.broken: str = ""
         self.served = 0
+        self.check_failures = 0  # SETATTR notices that failed or came out otherwise (FEATURE_SETATTR_NOTICE)
+        self.notices = 0  # of those served, the ones with id 0 (no reply: RELEASE*, SETATTR notices; benchmarks)
         self.service_seconds = 0.0  # time from starting to serve a request to queueing its reply, summed (benchmarks)
         self.turnaround_seconds = 0.0  # the same from reading its frame off the socket (the event loop's share too)
         self.op_counts: collections.Counter[str] = collections.Counter()  # requests by op name (benchmarks)
@@ -227,7 +230,8 @@ class VfsServer:
             self.broken = f"VFS channel closed: {exc}"
 
     async def _dispatch(self, request: wire.Request, received: float) -> None:
-        self.op_counts[wire.OP_NAMES.get(request.op, "?")] += 1
+        checked = request.op == wire.Op.SETATTR and not request.id
+        self.op_counts["SETATTR_NOTICE" if checked else wire.OP_NAMES.get(request.op, "?")] += 1
         if request.op == wire.Op.PARKED:
             assert isinstance(request.args, wire.Parked)
             self._on_parked(request.args.token)
@@ -240,7 +244,14 @@ class VfsServer:
             assert isinstance(request.args, wire.Hello)
             self._hello(request.id, request.args)
             return
+        if checked and not self.features & wire.FEATURE_SETATTR_NOTICE:
+            raise RemoteProtocolError("a SETATTR with id 0 without FEATURE_SETATTR_NOTICE")
         await self._slots.acquire()  # backpressure: at most max_inflight requests held at once
+        if checked:
+            # The guest already answered it: served before anything read after it, so a later change
+            # to the node (which its kernel may send at once) cannot run first.
+            await self._serve(request, received)
+            return
         assert self._group is not None
         task = self._group.create_task(self._serve(request, received))
         self._requests.add(task)
@@ -258,8 +269,13 @@ class VfsServer:
 
     def _grant(self, asked: int) -> None:
         self.features = asked & wire.FEATURES_ALL
-        if self.router.interceptor.enabled:  # rules and events must see every LOOKUP
-            self.features &= ~wire.FEATURE_LOOKUP_DIR
+        if self.router.interceptor.enabled:  # rules and events must see every LOOKUP, and refuse SETATTRs
+            self.features &= ~(wire.FEATURE_LOOKUP_DIR | wire.FEATURE_SETATTR_NOTICE)
+        if self.router.mixed_readonly():  # the guest could not tell which of its nodes answer EROFS
+            self.features &= ~wire.FEATURE_SETATTR_NOTICE
+        if not all(isinstance(m.provider, (HostFSProvider, MemoryProvider)) for m in self.router.mounts):
+            # A notice is served in the read loop: an overlay's copy-up there would stall every request.
+            self.features &= ~wire.FEATURE_SETATTR_NOTICE
         self.router.guest_opendir = bool(self.features & wire.FEATURE_GUEST_OPENDIR)
         self.router.lookup_dir = bool(self.features & wire.FEATURE_LOOKUP_DIR)
 
@@ -284,8 +300,34 @@ class VfsServer:
             self.turnaround_seconds += done - received
             if request.id:  # id 0: a notice (RELEASE answered in the guest), no reply
                 self._send(frame)
+            else:
+                self.notices += 1
+                if isinstance(request.args, wire.Setattr) and (status := wire.REPLY_HEADER.unpack_from(frame)[2]):
+                    self._check_outcome(request.args, None, -status)
         finally:
             self._slots.release()
+
+    def _check_outcome(self, args: wire.Setattr, attr: wire.Attr | None, error: int = 0) -> None:
+        """A SETATTR the guest answered itself (FEATURE_SETATTR_NOTICE) failed with `error`, or left
+        `attr` other than it asked: the guest's cached attributes of the node go (INVAL_INODE)."""
+        problem = os.strerror(error) if error else ""
+        if attr is not None:
+            if args.valid & wire.SET_MODE and stat.S_IMODE(attr.mode) != stat.S_IMODE(args.mode):
+                problem = f"mode {stat.S_IMODE(attr.mode):o}, not {stat.S_IMODE(args.mode):o}"
+            elif (
+                args.valid & wire.SET_UID and attr.uid != args.uid or args.valid & wire.SET_GID and attr.gid != args.gid
+            ):
+                problem = f"owner {attr.uid}:{attr.gid}, not {args.uid}:{args.gid}"
+        if not problem:
+            return
+        self.check_failures += 1
+        if self.check_failures <= MAX_CHECK_LOGS:  # a hostile guest must not flood the host's log
+            log.warning("VFS: a SETATTR the guest answered itself came out otherwise here (%s): its attributes "
+                        "of node %d are dropped%s", problem, args.node,
+                        "; further ones are not logged" if self.check_failures == MAX_CHECK_LOGS else "")  # fmt: skip
+        transport = self._writer.transport if self._writer is not None else None
+        if transport is None or transport.get_write_buffer_size() <= MAX_BACKLOG:  # else the guest is not reading
+            self._notice(wire.encode_notice(wire.INVAL_INODE, args.node))
 
     async def _answer(self, request: wire.Request) -> bytes:
         args = request.args
@@ -299,6 +341,11 @@ class VfsServer:
             # mkdir -p revalidations that follow from its cache instead of a round trip each.
             node = args.newparent if isinstance(args, wire.Link) else getattr(args, "parent", 0)
             parent = await self._attr_or_none(request, node, 0)
+        elif self.features & wire.FEATURE_WRITE_ATTR and isinstance(args, wire.Write):
+            # The file's new size and times: tar's chown and chmod after it are then answered in the guest.
+            parent = await self._attr_or_none(request, args.node, args.fh)
+        if not request.id and isinstance(args, wire.Setattr) and isinstance(result, wire.AttrReply):
+            self._check_outcome(args, result.attr)
         return wire.encode_reply(request.id, result, parent)
 
     async def _attr_or_none(self, request: wire.Request, node: int, fh: int) -> wire.AttrReply | None:

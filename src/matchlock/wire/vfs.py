@@ -1,8 +1,8 @@
 """The VFS channel: file requests from the guest's FUSE daemon to the host (sans-IO, stdlib only).
 
 It runs on its own virtio-serial port (`VFS_PORT_NAME`), so file traffic never queues behind exec
-streams. The guest sends requests, the host answers each one (except FORGET, and RELEASE or
-RELEASEDIR sent with id 0); many requests are in flight at once and replies may come in any order,
+streams. The guest sends requests, the host answers each one (except FORGET, and RELEASE,
+RELEASEDIR or SETATTR sent with id 0); many requests are in flight at once and replies may come in any order,
 matched by request id.
 
     request: length u32 | id u32 | op u8  | uid u32 | gid u32 | pid u32 | payload
@@ -47,6 +47,8 @@ from .vfs_records import (  # noqa: F401 - re-exported: `wire.vfs` is the one na
     FEATURE_KILLPRIV,
     FEATURE_LOOKUP_DIR,
     FEATURE_PARENT_ATTR,
+    FEATURE_SETATTR_NOTICE,
+    FEATURE_WRITE_ATTR,
     FEATURES_ALL,
     KILL_SUIDGID,
     MAX_FORGETS,
@@ -146,7 +148,8 @@ _NOT_LISTED, _LISTED = b"\x00", b"\x01"  # LOOKUP_DIR's reply: an entry, or a li
 _ENTRY_OPS = (Op.LOOKUP, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK)
 _ATTR_OPS = (Op.GETATTR, Op.SETATTR)
 PARENT_OPS = frozenset((Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.CREATE))  # FEATURE_PARENT_ATTR
-NOTICE_OPS = frozenset((Op.FORGET, Op.RELEASE, Op.RELEASEDIR, Op.PARKED))  # may come with id 0: no reply
+# May come with id 0: no reply (SETATTR only with FEATURE_SETATTR_NOTICE, which the host checks).
+NOTICE_OPS = frozenset((Op.FORGET, Op.RELEASE, Op.RELEASEDIR, Op.PARKED, Op.SETATTR))
 _EMPTY_OPS = (Op.UNLINK, Op.RMDIR, Op.RENAME, Op.FLUSH, Op.RELEASE, Op.FSYNC, Op.RELEASEDIR)
 
 
@@ -302,7 +305,7 @@ class RequestDecoder:
             del buf[:end]
             if request_id == 0 and op not in NOTICE_OPS:
                 raise RemoteProtocolError(
-                    f"request id 0 on {OP_NAMES.get(op, op)} (only FORGET, RELEASE* and PARKED may use it)"
+                    f"request id 0 on {OP_NAMES.get(op, op)} (only FORGET, RELEASE*, PARKED and SETATTR may use it)"
                 )
             if op == Op.PARKED and request_id:
                 raise RemoteProtocolError(f"PARKED with request id {request_id} (it gets no reply: id 0)")
@@ -374,12 +377,13 @@ def _pack_result(result: Result) -> bytes:
 def encode_reply(request_id: int, result: Result, parent: AttrReply | None = None) -> bytes:
     """A success reply (host side): the record the op calls for, bytes for READ/READLINK, None if empty.
 
-    `parent`: the parent directory's attributes after an op that made a name (FEATURE_PARENT_ATTR).
+    `parent`: the parent directory's attributes after an op that made a name (FEATURE_PARENT_ATTR), or
+    the file's after a WRITE (FEATURE_WRITE_ATTR).
     """
     payload = _pack_result(result)
     if parent is not None:
-        if not isinstance(result, (Entry, Created)):
-            raise LocalProtocolError(f"parent attributes after a {type(result).__name__}, not an entry")
+        if not isinstance(result, (Entry, Created, Written)):
+            raise LocalProtocolError(f"attributes after a {type(result).__name__}, not an entry or a write")
         payload += PARENT_STRUCT.pack(parent.attr_valid_ns, *parent.attr._values())
     if len(payload) > MAX_PAYLOAD:
         raise LocalProtocolError(f"reply payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")

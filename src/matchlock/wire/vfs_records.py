@@ -96,7 +96,13 @@ FEATURE_KILLPRIV = 2  # the host honours KILL_SUIDGID and SET_KILL_SUIDGID, and 
 FEATURE_GUEST_OPENDIR = 4  # the host may set OPEN_GUEST_DIR, and serves OPENDIR_READ
 # The host serves LOOKUP_DIR: only without interception (every LOOKUP must reach rules and events).
 FEATURE_LOOKUP_DIR = 8
-FEATURES_ALL = FEATURE_PARENT_ATTR | FEATURE_KILLPRIV | FEATURE_GUEST_OPENDIR | FEATURE_LOOKUP_DIR
+# The guest may answer a SETATTR that changes nothing it can see but ctime (a chown or chmod to what its
+# fresh cache holds) itself, and send it with id 0 (no reply); the host serves those in order, and a
+# failure or another outcome becomes an INVAL_INODE notice. Never served with VFS interception.
+FEATURE_SETATTR_NOTICE = 16
+FEATURE_WRITE_ATTR = 32  # WRITE replies end with the file's new attributes (an AttrReply, as PARENT_ATTR's)
+FEATURES_ALL = (FEATURE_PARENT_ATTR | FEATURE_KILLPRIV | FEATURE_GUEST_OPENDIR | FEATURE_LOOKUP_DIR
+                | FEATURE_SETATTR_NOTICE | FEATURE_WRITE_ATTR)  # fmt: skip
 # The most entries a LOOKUP_DIR listing holds (about 400 KiB at most, well inside MAX_PAYLOAD): a
 # bigger directory is answered as LOOKUP, so one name never costs the host a huge listing.
 MAX_LISTED = 1024
