@@ -95,6 +95,15 @@ def test_tars_chown_and_chmod_to_what_the_file_has_are_answered_here_with_a_new_
     )
 
 
+def test_a_guest_clock_behind_the_hosts_ctime_never_moves_the_ctime_back(monkeypatch):
+    host_ctime = WALL + 300_000_000  # the host stamped it after the guest's "now": its clock is ahead
+    monkeypatch.setattr(fuse.time, "time_ns", lambda: WALL)
+    tr = translator(Clock())
+    created(tr, vfs.Attr(**{**{k: getattr(FILE, k) for k in FILE.__slots__}, "ctime_ns": host_ctime}))
+    attr = answered_here(tr.handle(setattr_request(61, vfs.SET_MODE, mode=stat.S_IFREG | 0o644)))
+    assert attr[5] * SECOND + attr[8] == host_ctime + 1
+
+
 @pytest.mark.parametrize(
     "attr, valid, mode, uid, gid",
     [

@@ -176,7 +176,8 @@ class MetaCache:
                 return None
             if valid & vfs.SET_UID and uid != now_uid or valid & vfs.SET_GID and gid != now_gid:
                 return None
-            fields[5], fields[8] = divmod(ctime_ns, NS)
+            # Never back: the cached ctime may be the host's, and the guest's clock may lag it a little.
+            fields[5], fields[8] = divmod(max(ctime_ns, fields[5] * NS + fields[8] + 1), NS)
             attr = ATTR.pack(*fields)
             self._attrs[node] = (held[0], attr)
             self._mark(node)  # a reply asked before this is not kept (it has the old ctime)
