@@ -298,8 +298,29 @@ def test_a_filesystem_snapshot_saves_the_mounts_content_without_nodes(fakes, tmp
         asyncio.run(snapshots.create(sandbox, store, "s2", "filesystem"))
     finally:
         store.close()
-    assert fakes == ["cont", "sync", "vfs park", "stop", "copy upper", "vfs save nodes=False", "vfs wake"]
+    # The `stop` after the wake is a no-op (stopped already); it stops a guest whose sync or park failed.
+    assert fakes == ["cont", "sync", "vfs park", "stop", "copy upper", "vfs save nodes=False", "vfs wake", "stop"]
     assert sandbox.paused
+
+
+def test_a_paused_sandbox_whose_sync_fails_is_stopped_again_and_left_no_snapshot(fakes, tmp_path):
+    from matchlock.sandbox import snapshots
+
+    sandbox = _sandbox(tmp_path, fakes)
+
+    async def failing(spec) -> None:
+        fakes.append("sync")
+        raise VMError("the guest did not answer")
+
+    sandbox.exec, sandbox.paused = failing, True
+    store = StateStore(tmp_path / "state")
+    try:
+        with pytest.raises(VMError, match="did not answer"):
+            asyncio.run(snapshots.create(sandbox, store, "s1", "filesystem"))
+        assert store.conn.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0] == 0
+    finally:
+        store.close()
+    assert fakes == ["cont", "sync", "stop"] and sandbox.paused
 
 
 def test_sdk_fork_clones_leave_the_mounts_to_the_snapshot(tmp_path):

@@ -39,14 +39,19 @@ async def attach(disks: tuple[DiskMount, ...], holder: str, holds: contextlib.Ex
             holds.enter_context(hold_raw_image(path, readonly=disk.readonly))
         # Under the lock, so nobody changes the image between the check and the boot.
         await asyncio.to_thread(check_image, path)
-        attached.append(Disk(path, f"{boot.EXTRA_DISK_SERIAL_PREFIX}{index}", readonly=disk.readonly))
+        attached.append(Disk(path, serial(index), readonly=disk.readonly))
     return tuple(attached)
+
+
+def serial(index: int) -> str:
+    """The serial of extra disk `index`, as QEMU and the guest name it."""
+    return f"{boot.EXTRA_DISK_SERIAL_PREFIX}{index}"
 
 
 def guest_disks(disks: tuple[DiskMount, ...]) -> tuple[GuestDisk, ...]:
     return tuple(
         GuestDisk(
-            f"{boot.EXTRA_DISK_SERIAL_PREFIX}{index}",
+            serial(index),
             disk.guest_mount,
             disk.readonly,
             -1 if disk.owner_uid is None else disk.owner_uid,

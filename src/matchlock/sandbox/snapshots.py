@@ -4,8 +4,8 @@ These run in the sandbox's owner (the relay and the RPC server call them),
 the only process that holds its QEMU, proxy, CA key and secrets.
 
 A full snapshot parks the guest agent (wire/checkpoint.py), stops the vCPUs,
-saves memory (vm/checkpoint.py), copies the upper disk and every --disk image, hard-links the
-read-only files the saved memory depends on (kernel, initrd, runtime and
+saves memory (vm/checkpoint.py), copies the upper disk and every --disk image,
+hard-links the read-only files the saved memory depends on (kernel, initrd, runtime and
 image disks: a later rebuild must not change them under the clone), then
 lets the source continue. A filesystem snapshot syncs the guest and copies
 its disks while the vCPUs are stopped. Neither writes a secret value or
@@ -15,8 +15,8 @@ state (sandbox/vfs.py; a full one with the node table); a restore takes the
 snapshot's own mounts and fills a fresh router from it before its server starts.
 
 A restore (`Restore`) gives the new sandbox its own VM id, namespace, proxy
-and private copies of the disks (never the source's volume); its policy starts from the source's
-allow-list at snapshot time (the restore's --allow-host adds to it). A full restore starts QEMU with
+and private copies of the disks (never the source's volume); its policy
+starts from the source's allow-list at snapshot time (the restore's --allow-host adds to it). A full restore starts QEMU with
 `-incoming` and wakes the parked agent as a new host: the agent reseeds its
 RNG, sets its clock, and takes the new sandbox's settings, a new CA
 included, in a fresh handshake before anything else runs.
@@ -50,7 +50,7 @@ from ..vm.machine import Disk, MachineSpec
 from ..wire import agent as msgs
 from ..wire import boot
 from ..wire.checkpoint import encode_wake
-from . import files
+from . import disks, files
 
 if TYPE_CHECKING:
     from ..state.store import StateStore
@@ -145,7 +145,7 @@ async def create(sandbox: Sandbox, store: StateStore, name: str, mode: str) -> r
 
 
 def _describe(sandbox: Sandbox, spec: MachineSpec, mode: str) -> dict:
-    disks = {disk.serial: disk.path for disk in spec.disks}
+    paths = {disk.serial: disk.path for disk in spec.disks}
     network = sandbox.network
     placeholders = network.policy.guest_environment() if network is not None else {}
     return {
@@ -168,25 +168,21 @@ def _describe(sandbox: Sandbox, spec: MachineSpec, mode: str) -> dict:
         "files": {
             "kernel": str(spec.kernel),
             "initrd": str(spec.initrd) if spec.initrd else "",
-            "runtime": str(disks[boot.RUNTIME_DISK_SERIAL]),
-            "lower": str(disks[boot.LOWER_DISK_SERIAL]),
+            "runtime": str(paths[boot.RUNTIME_DISK_SERIAL]),
+            "lower": str(paths[boot.LOWER_DISK_SERIAL]),
         },
-        "upper": str(disks[boot.UPPER_DISK_SERIAL]),
+        "upper": str(paths[boot.UPPER_DISK_SERIAL]),
         # Each --disk is copied beside the upper disk (`_copy_disks`): a clone gets a copy of that, never
         # the source's image (a volume stays the source's, written by it alone).
         "extra_disks": [
-            {**disk.to_json(), "host_path": str(disks[_extra_serial(index)])}
+            {**disk.to_json(), "host_path": str(paths[disks.serial(index)])}
             for index, disk in enumerate(sandbox.config.extra_disks)
         ],
     }
 
 
-def _extra_serial(index: int) -> str:
-    return f"{boot.EXTRA_DISK_SERIAL_PREFIX}{index}"
-
-
 def _extra_file(index: int) -> str:
-    return f"{_extra_serial(index)}.ext4"
+    return f"{disks.serial(index)}.ext4"
 
 
 def _copy_disks(sandbox: Sandbox, directory: Path) -> None:
@@ -194,7 +190,7 @@ def _copy_disks(sandbox: Sandbox, directory: Path) -> None:
     checkpoint.copy_disk(sandbox.paths.upper_disk, directory / UPPER_FILE)
     extra = {disk.serial: disk.path for disk in _machine(sandbox).spec.disks}
     for index in range(len(sandbox.config.extra_disks)):
-        checkpoint.copy_disk(extra[_extra_serial(index)], directory / _extra_file(index))
+        checkpoint.copy_disk(extra[disks.serial(index)], directory / _extra_file(index))
 
 
 async def _park(sandbox: Sandbox) -> None:
@@ -282,7 +278,8 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
 
 async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
     was_paused = sandbox.paused
-    if was_paused and sandbox.vfs is not None:
+    resumed = was_paused and sandbox.vfs is not None
+    if resumed:
         # The FUSE daemon must run to park, as the agent must for a full snapshot: the guest runs for
         # the sync and the park, is stopped for the copy, and stays paused after.
         await checkpoint.resume(_machine(sandbox))
@@ -290,6 +287,8 @@ async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
     try:
         await _sync_and_copy(sandbox, directory, keep_stopped=was_paused)
     finally:
+        if resumed:
+            await checkpoint.pause(_machine(sandbox))  # stopped already, unless the sync or the park failed
         sandbox.paused = was_paused
 
 

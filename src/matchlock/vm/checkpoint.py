@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 
 from ..api.errors import VMError
+from ..util.aio import finish_in_thread
 from .machine import Machine, MachineSpec
 from .qmp import QMPError
 
@@ -135,7 +136,8 @@ async def _save_mapped(machine: Machine, path: Path, ram: Path) -> bool:
         if devices[:8] != prefix[:8] or not devices.endswith(b"\x00"):  # header, then QEMU_VM_EOF
             _note(machine, "the RAM is streamed: the saved device state is laid out otherwise")
             return False
-        await asyncio.to_thread(ramcopy.write_ram, machine.pid, base, spec.ram_file, ram_partial, own)
+        # Cancelled, the copy still ends before the partial files are removed (no file written after).
+        await finish_in_thread(ramcopy.write_ram, machine.pid, base, spec.ram_file, ram_partial, own)
         partial.write_bytes(prefix + devices[8:])
         ram_partial.rename(ram)
         partial.rename(path)
