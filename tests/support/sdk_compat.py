@@ -1,4 +1,4 @@
-"""The published Python SDK in a throwaway venv, for tests/vm/test_sdk_compat.py.
+"""The published Python SDK in a throwaway venv, for tests/vm/test_sdk_compat.py and tests/vm/test_vfs.py.
 
 The venv is cached per version under ~/.cache/matchlock/sdk-compat/<version>/venv. The test session runs
 in a network namespace with only loopback, where PyPI is unreachable, so tests/conftest.py calls
@@ -16,7 +16,8 @@ from pathlib import Path
 
 PUBLISHED_VERSION = "0.2.17"
 ERROR_ENV = "MATCHLOCK_SDK_COMPAT_ERROR"
-TEST_FILE = "tests/vm/test_sdk_compat.py"
+# The tests that run the published SDK: selecting either prefetches it.
+TEST_FILES = ("tests/vm/test_sdk_compat.py", "tests/vm/test_vfs.py")
 
 
 def venv_dir(version: str = PUBLISHED_VERSION) -> Path:
@@ -64,12 +65,14 @@ def ensure(version: str = PUBLISHED_VERSION) -> Path:
 
 
 def wanted(argv: list[str]) -> bool:
-    """Does this pytest command line select the compat test (a full run, or a path that covers it)?"""
+    """Does this pytest command line select a test of TEST_FILES (a full run, or a path that covers one)?"""
     paths = [arg.split("::")[0].rstrip("/") for arg in argv if not arg.startswith("-")]
     paths = [path for path in paths if os.path.exists(path)]
     if not paths:
         return True
-    return any(TEST_FILE == path or TEST_FILE.startswith(path + "/") or path in ("tests", ".") for path in paths)
+    return any(
+        file == path or file.startswith(path + "/") or path in ("tests", ".") for path in paths for file in TEST_FILES
+    )
 
 
 def prefetch(argv: list[str]) -> None:
