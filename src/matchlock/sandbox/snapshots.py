@@ -431,22 +431,19 @@ class Restore:
 
     def saved_disks(self) -> tuple[DiskMount, ...]:
         """The source's --disk mounts, each on the snapshot's copy of its image (`make_disks` copies it again)."""
-        return tuple(
-            dataclasses.replace(disk, host_path=str(self.directory / _extra_file(index)))
-            for index, disk in enumerate(_saved_disks(self.meta, self.name))
-        )
+        return self.private_disks(self.directory)
 
     def private_disks(self, directory: Path) -> tuple[DiskMount, ...]:
-        """`saved_disks` on the new sandbox's own copies in its `directory` (`make_disks`)."""
+        """The source's --disk mounts, each on its image's copy in `directory` (`make_disks`)."""
         return tuple(
             dataclasses.replace(disk, host_path=str(directory / _extra_file(index)))
-            for index, disk in enumerate(self.saved_disks())
+            for index, disk in enumerate(_saved_disks(self.meta, self.name))
         )
 
     def make_disks(self, directory: Path) -> None:
         """Copy every saved --disk image into the new sandbox's `directory`: a clone writes only its own."""
-        for saved, private in zip(self.saved_disks(), self.private_disks(directory), strict=True):
-            checkpoint.copy_disk(Path(saved.host_path), Path(private.host_path))
+        for index in range(len(_saved_disks(self.meta, self.name))):
+            checkpoint.copy_disk(self.directory / _extra_file(index), directory / _extra_file(index))
 
     def _check(self, config: SandboxConfig, image: str, resources: Mapping[str, float]) -> None:
         meta, name = self.meta, self.name

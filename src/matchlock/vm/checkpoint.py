@@ -74,14 +74,15 @@ async def save_memory(machine: Machine, path: Path, ram: Path) -> SavedRam:
     RAM file mapped copy-on-write) is copied from the mapping (`_save_mapped`); where it cannot be,
     QEMU saves it into the stream and a thread moves it out to `ram` as QEMU writes (`_save_split`).
     """
+    shared = ram_is_shared(machine)
+    if not shared and await _save_mapped(machine, path, ram):
+        return SavedRam.COPIED
+    # Only a migration needs these (the copy from the mapping migrates nothing).
     qmp = _qmp(machine)
     await qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     # QEMU caps migration at 128 MiB/s, for live migration over a shared link; this one goes to a file with
     # the vCPUs stopped. Uncapped, saving 57 MiB of RAM took 144 ms instead of 432 ms.
     await qmp.execute("migrate-set-parameters", **{"max-bandwidth": SAVE_BANDWIDTH})
-    shared = ram_is_shared(machine)
-    if not shared and await _save_mapped(machine, path, ram):
-        return SavedRam.COPIED
     if not shared and await _save_split(machine, path, ram):
         return SavedRam.SPLIT
     # Shared RAM, or a stream laid out otherwise than ramstream expects: saved (again), whole.

@@ -19,7 +19,8 @@ import errno
 import os
 from pathlib import Path
 
-PAGE_SIZE = 4096
+from .ramstream import PAGE_SIZE, data_extents
+
 CHUNK = 1 << 20  # bytes of written pages moved per read
 # The top byte of a little-endian pagemap entry: bit 63 present, 62 swapped, 61 a file page (or shared).
 _PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20
@@ -108,24 +109,6 @@ def runs(marks: bytes) -> list[tuple[int, int]]:
         found.append((at, end - at))
         at = marks.find(1, end)
     return found
-
-
-def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """(start, end) of each run of data below `size` in the file `fd` (SEEK_DATA/SEEK_HOLE)."""
-    extents, offset = [], 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as error:
-            if error.errno == errno.ENXIO:  # holes to the end
-                break
-            raise
-        if start >= size:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        extents.append((start, end))
-        offset = end
-    return extents
 
 
 def _copy_range(src: int, dst: int, start: int, end: int) -> None:

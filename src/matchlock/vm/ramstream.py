@@ -390,15 +390,30 @@ def _drop_cached_holes(ram_file: Path) -> None:
     """The zero-filled pages that reading the file's holes left in the page cache (readahead adds
     more than were mapped): no mapping holds them now, and the file's data pages are left alone."""
     with open(ram_file, "rb") as f:
-        fd, end, offset = f.fileno(), os.fstat(f.fileno()).st_size, 0
-        while offset < end:
-            hole = os.lseek(fd, offset, os.SEEK_HOLE)
-            try:
-                offset = os.lseek(fd, hole, os.SEEK_DATA)
-            except OSError:  # ENXIO: a hole up to the end
-                offset = end
-            if offset > hole:
-                os.posix_fadvise(fd, hole, offset - hole, os.POSIX_FADV_DONTNEED)
+        fd, end = f.fileno(), os.fstat(f.fileno()).st_size
+        hole = 0
+        for start, stop in [*data_extents(fd, end), (end, end)]:
+            if start > hole:
+                os.posix_fadvise(fd, hole, start - hole, os.POSIX_FADV_DONTNEED)
+            hole = stop
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of data below `size` in the file `fd` (SEEK_DATA/SEEK_HOLE)."""
+    extents, offset = [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # holes to the end
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end))
+        offset = end
+    return extents
 
 
 def _page_out(pid: int, target: str) -> bool:
