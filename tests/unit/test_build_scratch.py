@@ -133,13 +133,22 @@ def test_target_builds_only_what_it_needs(project, cache_dir, state_dir, tmp_pat
     [
         ("FROM scratch\nCOPY missing /x\n", "'missing' not found in the build context"),
         ("FROM scratch\nCOPY ../x /x\n", "outside the build context"),
-        ("FROM scratch\nCOPY --from=nope /a /b\n", "COPY --from=nope: no earlier stage"),
+        # neither a stage nor an image: the local store misses, and a loopback registry that refuses
+        (
+            "FROM scratch\nCOPY --from=127.0.0.1:9/nope:1 /a /b\n",
+            "COPY --from=127.0.0.1:9/nope:1: '127.0.0.1:9/nope:1' is neither an earlier stage",
+        ),
+        (
+            "FROM scratch AS a\nCOPY --from=b /a /b\nFROM scratch AS b\nCOPY --from=a /b /c\n",
+            "COPY --from=b: stage 'b' is not an earlier stage",
+        ),
         ("FROM scratch\nADD https://example.com/x /x\n", "ADD from a URL is not supported"),
         ("FROM scratch\nCOPY --chown=nobody app /app\n", "unknown user 'nobody'"),
         ("FROM scratch\nCOPY --chmod=9 app /app\n", "invalid --chmod"),
     ],
 )
-def test_bad_steps_are_refused_and_leave_no_image(project, cache_dir, state_dir, dockerfile, message):
+def test_bad_steps_are_refused_and_leave_no_image(project, cache_dir, state_dir, monkeypatch, dockerfile, message):
+    monkeypatch.setenv("MATCHLOCK_PULL_RETRIES", "1")  # a refused connection is not worth retrying here
     (project / "Dockerfile").write_text(dockerfile)
     with pytest.raises(UsageError, match=message):
         build(project, "demo/bad:1")

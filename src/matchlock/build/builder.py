@@ -3,8 +3,10 @@
 Each stage is a list of layer tars plus an OCI config. FROM starts it from
 scratch, an earlier stage, or an image (local or pulled; its filesystem is
 read back from its erofs disk as one base layer). RUN boots a sandbox from
-the layers so far (run_step.py); COPY, ADD and WORKDIR write layers on the
-host; the rest edits the config.
+the layers so far (run_step.py), with its --mount specs served as VFS mounts
+(mounts.py); COPY, ADD and WORKDIR write layers on the host; the rest edits
+the config. COPY --from= and RUN --mount from= read an earlier stage, or an
+image found as FROM finds one (BuildKit's implicit stage).
 
 Cache, as BuildKit keys it: every step's key is sha256 of the previous key,
 the instruction, the environment and build args in scope, and for COPY/ADD
@@ -18,6 +20,7 @@ removed on every exit, Ctrl-C included.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -25,6 +28,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
@@ -34,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..api.config import Resources
-from ..api.errors import UsageError
+from ..api.errors import MatchlockError, UsageError
 from ..api.network import NetworkConfig
 from ..api.paths import cache_dir
 from ..image import layers as image_layers
@@ -42,7 +46,7 @@ from ..image.archive import host_arch
 from ..image.export import LAYER_MEDIA_TYPE, flatten_lower
 from ..image.store import ImageInfo, ImageStore, LayerRecord
 from . import dockerfile as df
-from . import steps
+from . import mounts, steps
 from .context import BuildContext
 from .lexer import process_word, process_words
 from .run_step import RunRequest, StepFailed, run_step
@@ -113,6 +117,7 @@ class Builder:
         self.file = df.read(path, str(path))
         self.context = BuildContext(context)
         self.stages: dict[int, StageState] = {}
+        self.images: dict[str, tuple[Tree, str]] = {}  # COPY --from / RUN --mount from= an image: read once
         self.consumed: set[str] = set()
         self.step = 0
         self.total = 0
@@ -136,6 +141,8 @@ class Builder:
         finally:
             for state in self.stages.values():
                 state.tree.close()
+            for tree, _ in self.images.values():
+                tree.close()
             shutil.rmtree(self.work, ignore_errors=True)
 
     def _target(self) -> df.Stage:
@@ -156,6 +163,7 @@ class Builder:
                 continue
             needed.add(stage.index)
             refs = [stage.base] + [i.flags["from"] for i in stage.instructions if "from" in i.flags]
+            refs += [ref for i in stage.instructions for m in i.mounts if (ref := mounts.from_value(m))]
             for ref in refs:
                 dep = self.file.stage(process_word(ref, self._global_args(), self.file.escape))
                 if dep is not None and dep.index < stage.index:
@@ -215,17 +223,46 @@ class Builder:
                 shell=list(done.shell),
                 history=list(done.history),
             )
-        from ..image import progress
-        from ..image.pull import resolve_or_pull
-
-        with progress.for_stderr() as bars:
-            info = resolve_or_pull(ref, progress=bars)
+        info = self._resolve_image(ref)
         diff_id, tar_path = self._flat_base(info)
         tree = Tree()
         tree.apply(tar_path)
         config = dict(ImageStore().meta(info).get("config") or {})
         history = [{"created_by": f"FROM {ref} (flattened)"}]
         return StageState([(diff_id, tar_path)], config, tree, _h("image", diff_id, config), history=history)
+
+    def _resolve_image(self, ref: str) -> ImageInfo:
+        """An image as FROM finds it: the local store first, else a pull."""
+        from ..image import progress
+        from ..image.pull import resolve_or_pull
+
+        with progress.for_stderr() as bars:
+            return resolve_or_pull(ref, progress=bars)
+
+    def _source(self, ref: str, where: str, label: str) -> tuple[Tree, str]:
+        """What COPY --from= and RUN --mount from= read: an earlier stage, else an image (BuildKit's implicit
+        `FROM <image>` stage), read once per build. (tree, cache key part)."""
+        stage = self.file.stage(ref)
+        if stage is not None:
+            if stage.index not in self.stages:
+                raise UsageError(f"{where}: {label}: stage {ref!r} is not an earlier stage; fix: move it above")
+            done = self.stages[stage.index]
+            return done.tree, _h("stage", done.key)
+        if ref not in self.images:
+            try:
+                info = self._resolve_image(ref)
+                diff_id, tar_path = self._flat_base(info)
+            except MatchlockError as exc:
+                stages = ", ".join(s.name for s in self.file.stages if s.name) or "none named"
+                raise UsageError(
+                    f"{where}: {label}: {ref!r} is neither an earlier stage (stages: {stages}) nor an image found "
+                    f"locally or pulled: {' '.join(str(exc).split())}; fix: name an earlier stage, or an image "
+                    f"that `matchlock image ls` shows or a registry serves (e.g. matchlock pull {ref})"
+                ) from None
+            tree = Tree()
+            tree.apply(tar_path)
+            self.images[ref] = (tree, _h("image", info.digest, diff_id))
+        return self.images[ref]
 
     def _flat_base(self, info: ImageInfo) -> tuple[str, Path]:
         """The image's filesystem as one layer tar, cached by its (content-named) lower disk."""
@@ -349,8 +386,12 @@ class Builder:
         scope = self._scope(state)
         extra: list[object] = [sorted(scope.items()), state.config.get("WorkingDir"), state.config.get("User")]
         prepare: Callable[[], LayerWriter] | None = None
+        planned: list[mounts.Planned] = []
         if inst.cmd == "RUN":
             extra.append(bool(self.options.network.allowed_hosts or self.options.network.secrets))
+            planned = self._plan_mounts(state, inst, where)
+            if planned:
+                extra.append([[p.spec.key(), p.guest, p.digest] for p in planned])
         else:
             digest, prepare = self._copy(state, inst, where)
             extra.append(digest)
@@ -366,12 +407,43 @@ class Builder:
         if prepare is not None:
             layer = prepare().write(self.layers_dir)
         else:
-            layer = await self._run(state, inst, scope)
+            layer = await self._run(state, inst, scope, planned)
         self._remember(key, layer)
         self._commit(state, layer)
         self.say(f"[{header.split(']', 1)[0][1:]}] DONE {time.monotonic() - started:.1f}s")
 
-    async def _run(self, state: StageState, inst: df.Instruction, scope: dict[str, str]) -> tuple[str, Path]:
+    def _plan_mounts(self, state: StageState, inst: df.Instruction, where: str) -> list[mounts.Planned]:
+        """RUN --mount specs, checked, with their sources found and digested (before the cache lookup)."""
+        workdir = state.config.get("WorkingDir") or "/"
+        specs = mounts.parse_all([self._word(state, m) for m in inst.mounts], workdir, where)
+        planned: list[mounts.Planned] = []
+        guests: set[str] = set()
+        for spec in specs:
+            shown = f"{where}: RUN --mount target={spec.target}"
+            guest = "/" + "/".join(state.tree.resolve(spec.target))  # mounted where the stage's symlinks lead
+            mounts.check_target(guest, shown)
+            if guest in guests:
+                raise UsageError(f"{shown}: another --mount of this RUN lands at {guest}; fix: use other targets")
+            guests.add(guest)
+            if spec.type != "bind":
+                planned.append(mounts.Planned(spec, guest))
+            elif spec.source_from:
+                label = f"RUN --mount from={spec.source_from}"
+                tree, key = self._source(spec.source_from, where, label)
+                parts = tree.resolve(spec.source)
+                if parts and tree.get(parts) is None:
+                    raise UsageError(f"{where}: {label}: source /{spec.source} not found there")
+                planned.append(mounts.Planned(spec, guest, tree=tree, tree_parts=parts, digest=_h(key, parts)))
+            else:
+                source = self.context.locate(spec.source, f"{where}: RUN --mount source")
+                digest = self.context.digest([source])
+                planned.append(mounts.Planned(spec, guest, context=source, digest=digest))
+            _check_mount_point(state.tree, planned[-1], shown)
+        return planned
+
+    async def _run(
+        self, state: StageState, inst: df.Instruction, scope: dict[str, str], planned: list[mounts.Planned]
+    ) -> tuple[str, Path]:
         if inst.json:
             command = shlex.join(inst.args)
         elif state.shell == DEFAULT_SHELL:
@@ -383,12 +455,22 @@ class Builder:
             lower = image_layers.build_lower(
                 [tarfile.open(p, "r:") for _, p in state.layers], [d for d, _ in state.layers], step_dir, step_dir
             )
-            request = RunRequest(
-                command=command, env=scope, workdir=state.config.get("WorkingDir") or "/",
-                user=state.config.get("User") or "", network=self.options.network,
-                resources=self.options.resources, label=f"build {self.options.tag} step {self.step}",
-            )  # fmt: skip
-            return await run_step(request, lower, state.tree, step_dir / "capture.tar", self.layers_dir, self.output)
+            with contextlib.ExitStack() as locks:  # cache mounts stay locked while the step runs
+                served = {
+                    p.guest: await mounts.serve(
+                        p, self.context, self.root / "mounts", step_dir / f"mount-{index}", locks, self.say
+                    )
+                    for index, p in enumerate(planned)
+                }
+                request = RunRequest(
+                    command=command, env=scope, workdir=state.config.get("WorkingDir") or "/",
+                    user=state.config.get("User") or "", network=self.options.network,
+                    resources=self.options.resources, label=f"build {self.options.tag} step {self.step}",
+                    mounts=served,
+                )  # fmt: skip
+                return await run_step(
+                    request, lower, state.tree, step_dir / "capture.tar", self.layers_dir, self.output
+                )
         finally:
             shutil.rmtree(step_dir, ignore_errors=True)
 
@@ -407,17 +489,12 @@ class Builder:
         source_ref = inst.flags.get("from")
         if source_ref:
             ref = self._word(state, source_ref)
-            stage = self.file.stage(ref)
-            if stage is None or stage.index not in self.stages:
-                raise UsageError(
-                    f"{where}: COPY --from={ref}: no earlier stage of that name (images are not supported)"
-                )
-            source = self.stages[stage.index]
-            digest = _h("stage", source.key, sources)
+            source_tree, source_key = self._source(ref, where, f"COPY --from={ref}")
+            digest = _h(source_key, sources)
 
             def from_stage() -> LayerWriter:
                 writer = LayerWriter()
-                steps.copy_tree(writer, state.tree, source.tree, sources, plan, own, self.epoch, where)
+                steps.copy_tree(writer, state.tree, source_tree, sources, plan, own, self.epoch, where)
                 return writer
 
             return digest, from_stage
@@ -477,6 +554,25 @@ class Builder:
             finally:
                 for tar in tars:
                     tar.close()
+
+
+def _check_mount_point(tree: Tree, planned: mounts.Planned, shown: str) -> None:
+    """A directory mounts on a directory (or a new path), a file on a file, as the guest's daemon insists."""
+    existing = tree.get(tree.resolve(planned.guest))
+    if existing is None:
+        return
+    if planned.context is not None:
+        is_dir = stat.S_ISDIR(planned.context.st.st_mode)
+    elif planned.tree is not None:
+        source = planned.tree.get(planned.tree_parts) if planned.tree_parts else None
+        is_dir = source is None or source.isdir()
+    else:
+        is_dir = True  # cache and tmpfs
+    if existing.isdir() != is_dir:
+        kind, other = ("a file", "a directory") if is_dir else ("a directory", "a file")
+        raise UsageError(
+            f"{shown}: {planned.guest} is {kind} in the image but the mount is {other}; fix: mount elsewhere"
+        )
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

@@ -48,6 +48,7 @@ class BuildContext:
         self.root = root.resolve()
         self.rules = IgnoreRules.load(self.root)
         self.files: dict[str, os.stat_result] = {}  # every included path (dirs too), by relative path
+        self.excluded: list[str] = []  # the paths .dockerignore left out (a RUN bind mount must not show them)
         self._walk()
 
     def _walk(self) -> None:
@@ -68,6 +69,7 @@ class BuildContext:
                     if not ignored or self.rules.may_contain_included(rel):
                         pending.append(rel)
                 if ignored:
+                    self.excluded.append(rel)
                     continue
                 self.files[rel] = st
                 if stat.S_ISREG(st.st_mode):
@@ -78,7 +80,7 @@ class BuildContext:
                             f"fix: exclude large files in .dockerignore, or raise {MAX_ENV}"
                         )
 
-    def _inside(self, relative: str, shown: str) -> str:
+    def _inside(self, relative: str, shown: str, what: str = "COPY source") -> str:
         """Follow symlinks in the components of `relative`, refusing any that leave the context."""
         out: list[str] = []
         pending = [p for p in relative.split("/") if p and p != "."]
@@ -87,7 +89,7 @@ class BuildContext:
             part = pending.pop(0)
             if part == "..":
                 if not out:
-                    raise UsageError(f"COPY source {shown!r} is outside the build context")
+                    raise UsageError(f"{what} {shown!r} is outside the build context")
                 out.pop()
                 continue
             candidate = "/".join(out + [part])
@@ -97,8 +99,7 @@ class BuildContext:
                 target = os.readlink(self.root / candidate)
                 if target.startswith("/") or hops > 40:
                     raise UsageError(
-                        f"COPY source {shown!r} goes through symlink {candidate} -> {target}, "
-                        "which leaves the build context"
+                        f"{what} {shown!r} goes through symlink {candidate} -> {target}, which leaves the build context"
                     )
                 pending = [p for p in target.split("/") if p and p != "."] + pending
                 continue
@@ -123,6 +124,21 @@ class BuildContext:
             why = " (excluded by .dockerignore)" if (self.root / real).exists() else ""
             raise UsageError(f"COPY source {pattern!r} not found in the build context {self.root}{why}")
         return [Source(real, self.root / real, self.files[real])]
+
+    def locate(self, relative: str, what: str) -> Source:
+        """One context path, no wildcards ("" is the root): a RUN bind mount's source."""
+        real = self._inside(relative, relative or ".", what)
+        if not real:
+            return Source("", self.root, os.lstat(self.root))
+        if real not in self.files:
+            why = " (excluded by .dockerignore)" if (self.root / real).exists() else ""
+            raise UsageError(f"{what} {relative!r} not found in the build context {self.root}{why}")
+        return Source(real, self.root / real, self.files[real])
+
+    def filtered_below(self, source: Source) -> bool:
+        """Whether .dockerignore left out anything at or below `source`."""
+        prefix = source.relative + "/" if source.relative else ""
+        return any(rel == source.relative or rel.startswith(prefix) for rel in self.excluded)
 
     def walk(self, source: Source) -> list[Source]:
         """A source and, for a directory, every included path under it, sorted."""

@@ -4,7 +4,9 @@ The guest is hostile, so its tar is checked entry by entry: relative names
 without `..`, known entry types, no duplicates, hardlinks only to earlier
 entries, a bounded size (the caller stops reading past its limit) and count.
 Paths the runtime manages (/proc, /sys, /dev, /run, /tmp, and the /etc files
-the agent writes) are neither captured nor deleted. Unchanged entries are
+the agent writes) are neither captured nor deleted, and neither is anything at or
+below a RUN --mount target (`hidden`: the mount is not part of the layer, and
+what the image had there stays as it was). Unchanged entries are
 recognised by type, mode, owner, size, mtime and link target, so only what
 the step touched lands in the layer; deletions become whiteouts, and a
 directory whose old children are all gone becomes opaque.
@@ -12,6 +14,7 @@ directory whose old children are all gone becomes opaque.
 
 from __future__ import annotations
 
+import shlex
 import tarfile
 from pathlib import Path
 
@@ -34,16 +37,47 @@ CAPTURE_SCRIPT = (
 )
 
 
-def excluded(parts: tuple[str, ...]) -> bool:
-    return not parts or parts[0] in EXCLUDED_TOP or parts in EXCLUDED_FILES
+Hidden = tuple[tuple[str, ...], ...]  # mount targets, as path parts
 
 
-def read_guest_tar(spool: Path) -> tuple[tarfile.TarFile | None, dict[tuple[str, ...], tarfile.TarInfo]]:
-    """Open and validate the guest's tar; (None, {}) for an empty stream (an empty root)."""
+def capture_script(hidden: Hidden = ()) -> str:
+    """CAPTURE_SCRIPT, leaving the mount targets out in the guest too (so their files never cross the channel).
+
+    The directories on the way to a target are archived without their contents (`tar --no-recursion`, a
+    first archive the host reads on into the second one); their other entries are archived whole."""
+    inside = sorted({t for t in hidden if t and t[0] not in EXCLUDED_TOP})
+    if not inside:
+        return CAPTURE_SCRIPT
+    ways = sorted({t[:i] for t in inside for i in range(1, len(t))} - set(inside))
+    skip = sorted(EXCLUDED_TOP) + [shlex.quote("/".join(p)) for p in sorted(set(inside) | set(ways))]
+    globs = " ".join(
+        ["* .[!.]* ..?*"] + [f"{shlex.quote('/'.join(w))}/{g}" for w in ways for g in ("*", ".[!.]*", "..?*")]
+    )
+    script = (
+        f'cd / && set -- && for f in {globs}; do case "$f" in {"|".join(skip)}) continue;; esac; '
+        'if [ -e "$f" ] || [ -L "$f" ]; then set -- "$@" "$f"; fi; done; '
+    )
+    if ways:
+        script += f"tar -c --no-recursion -f - {' '.join(shlex.quote('/'.join(w)) for w in ways)} || exit; "
+    return script + 'if [ $# -gt 0 ]; then exec tar -c -f - "$@"; fi'
+
+
+def excluded(parts: tuple[str, ...], hidden: Hidden = ()) -> bool:
+    if not parts or parts[0] in EXCLUDED_TOP or parts in EXCLUDED_FILES:
+        return True
+    return any(parts[: len(target)] == target for target in hidden)
+
+
+def read_guest_tar(
+    spool: Path, hidden: Hidden = ()
+) -> tuple[tarfile.TarFile | None, dict[tuple[str, ...], tarfile.TarInfo]]:
+    """Open and validate the guest's tar; (None, {}) for an empty stream (an empty root).
+
+    With mounts the capture may be two archives end to end (capture_script), read as one."""
     if spool.stat().st_size == 0:
         return None, {}
     try:
-        tar = tarfile.open(spool, "r:")
+        tar = tarfile.open(spool, "r:", ignore_zeros=bool(hidden))
         entries: dict[tuple[str, ...], tarfile.TarInfo] = {}
         for count, member in enumerate(tar, 1):
             if count > MAX_ENTRIES:
@@ -53,7 +87,7 @@ def read_guest_tar(spool: Path) -> tuple[tarfile.TarFile | None, dict[tuple[str,
             if "\0" in name or name.startswith("/") or any(p in ("..", "") for p in raw):
                 raise ImageError(f"the guest sent an invalid path {name!r}")
             parts = split(name)
-            if not parts or excluded(parts):
+            if not parts or excluded(parts, hidden):
                 continue
             if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isdev()):
                 raise ImageError(f"the guest sent {name!r} of unsupported type {member.type!r}")
@@ -92,7 +126,9 @@ def _same(old: tarfile.TarInfo | None, new: tarfile.TarInfo) -> bool:
     return True  # directories: mtime changes whenever an entry does, so it is no signal
 
 
-def diff_layer(tree: Tree, tar: tarfile.TarFile | None, guest: dict[tuple[str, ...], tarfile.TarInfo]) -> LayerWriter:
+def diff_layer(
+    tree: Tree, tar: tarfile.TarFile | None, guest: dict[tuple[str, ...], tarfile.TarInfo], hidden: Hidden = ()
+) -> LayerWriter:
     writer = LayerWriter()
     changed: set[tuple[str, ...]] = set()
     for parts, member in guest.items():
@@ -113,12 +149,12 @@ def diff_layer(tree: Tree, tar: tarfile.TarFile | None, guest: dict[tuple[str, .
             writer.add(parts, regular, _opener(tar, target))
         else:
             writer.add(parts, member, _opener(tar, member) if member.isreg() else None)
-    _deletions(tree, guest, writer)
+    _deletions(tree, guest, writer, hidden)
     return writer
 
 
-def _deletions(tree: Tree, guest: dict[tuple[str, ...], tarfile.TarInfo], writer: LayerWriter) -> None:
-    gone = [p for p in tree.entries if not excluded(p) and p not in guest]
+def _deletions(tree: Tree, guest: dict[tuple[str, ...], tarfile.TarInfo], writer: LayerWriter, hidden: Hidden) -> None:
+    gone = [p for p in tree.entries if not excluded(p, hidden) and p not in guest]
     gone_set = set(gone)
     opaque: set[tuple[str, ...]] = set()
     for parts in sorted(gone):
@@ -127,17 +163,20 @@ def _deletions(tree: Tree, guest: dict[tuple[str, ...], tarfile.TarInfo], writer
         if not all(a in guest and guest[a].isdir() for a in parent_chain(parts)):
             continue  # an ancestor that is no longer a directory replaced the whole subtree
         parent = parts[:-1]
-        if parent and parent not in opaque and _all_children_gone(tree, guest, parent):
+        if parent and parent not in opaque and _all_children_gone(tree, guest, parent, hidden):
             opaque.add(parent)
             writer.opaque(parent)
             continue
         writer.whiteout(parts)
 
 
-def _all_children_gone(tree: Tree, guest: dict[tuple[str, ...], tarfile.TarInfo], parent: tuple[str, ...]) -> bool:
+def _all_children_gone(
+    tree: Tree, guest: dict[tuple[str, ...], tarfile.TarInfo], parent: tuple[str, ...], hidden: Hidden
+) -> bool:
     n = len(parent) + 1
     children = [k for k, _ in tree.children(parent) if len(k) == n]
-    return len(children) > 1 and not any(child in guest for child in children)
+    # An entry never captured (a mount target, the agent's /etc files) is not gone: opacity would hide it.
+    return len(children) > 1 and not any(child in guest or excluded(child, hidden) for child in children)
 
 
 def _opener(tar: tarfile.TarFile | None, member: tarfile.TarInfo) -> Opener:

@@ -18,9 +18,11 @@ import dockerfile as _parser
 from ..api.errors import UsageError
 
 # Flags each instruction accepts (BuildKit's names); anything else is refused, not ignored.
+# Flags an instruction may repeat: kept in order in `Instruction.mounts`, not in `flags`.
+REPEATED = frozenset({"mount"})
 FLAGS: dict[str, frozenset[str]] = {
     "FROM": frozenset({"platform"}),
-    "RUN": frozenset(),
+    "RUN": frozenset({"mount"}),
     "COPY": frozenset({"from", "chown", "chmod", "link"}),
     "ADD": frozenset({"chown", "chmod", "link"}),
     "HEALTHCHECK": frozenset({"interval", "timeout", "start-period", "start-interval", "retries"}),
@@ -42,12 +44,13 @@ class Instruction:
     line: int
     original: str  # the instruction's text, continuations joined (cache keys, progress lines)
     heredocs: tuple[tuple[str, str], ...] = ()  # (name, content)
+    mounts: tuple[str, ...] = ()  # RUN --mount values, unexpanded, in order (build/mounts.py reads them)
 
     @property
     def text(self) -> str:
         """After the keyword and flags: the shell-form body (heredocs included, for `sh -c`)."""
         body = self.original.split(None, 1)[1] if " " in self.original.strip() else ""
-        for _ in self.flags:
+        for _ in range(len(self.flags) + len(self.mounts)):
             body = body.split(None, 1)[1] if " " in body else ""
         return body.strip() if not self.heredocs else body
 
@@ -107,9 +110,11 @@ def _error_line(text: str, message: str) -> int:
     return len(lines)
 
 
-def _flags(command, where: str) -> dict[str, str]:
+def _flags(command, where: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(the single flags by name, the values of the repeatable --mount in order)."""
     allowed = FLAGS.get(command.cmd.upper(), frozenset())
     flags: dict[str, str] = {}
+    repeated: list[str] = []
     for raw in command.flags:
         name, sep, value = raw[2:].partition("=")
         if not raw.startswith("--") or name not in allowed:
@@ -117,8 +122,11 @@ def _flags(command, where: str) -> dict[str, str]:
             raise UsageError(f"{where}: unsupported flag {raw.split('=')[0]!r} for {command.cmd.upper()}{hint}")
         if not sep and name != "link":
             raise UsageError(f"{where}: flag --{name} needs a value (--{name}=VALUE)")
-        flags[name] = value
-    return flags
+        if name in REPEATED:
+            repeated.append(value)
+        else:
+            flags[name] = value
+    return flags, tuple(repeated)
 
 
 def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
@@ -135,7 +143,7 @@ def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
         where = f"{path}:{command.start_line}"
         if cmd not in INSTRUCTIONS:
             raise UsageError(f"{where}: unknown instruction {command.cmd}")
-        flags = _flags(command, where)
+        flags, repeated = _flags(command, where)
         inst = Instruction(
             cmd=cmd,
             args=tuple(command.value),
@@ -144,6 +152,7 @@ def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
             line=command.start_line,
             original=command.original,
             heredocs=tuple((h.name, h.content) for h in command.heredocs),
+            mounts=repeated,
         )
         _check_arity(inst, where)
         if cmd == "FROM":
@@ -198,5 +207,8 @@ def read(path: Path, shown: str) -> Dockerfile:
 
 
 def canonical(inst: Instruction) -> str:
-    """Stable text for cache keys: keyword, sorted flags, arguments."""
-    return json.dumps([inst.cmd, sorted(inst.flags.items()), inst.json, list(inst.args), list(inst.heredocs)])
+    """Stable text for cache keys: keyword, sorted flags, arguments (and RUN's --mount specs, in order)."""
+    parts = [inst.cmd, sorted(inst.flags.items()), inst.json, list(inst.args), list(inst.heredocs)]
+    if inst.mounts:  # only then, so the keys of steps without mounts stay what they were
+        parts.append(list(inst.mounts))
+    return json.dumps(parts)
