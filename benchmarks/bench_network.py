@@ -57,8 +57,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "vm"))
 sys.path.insert(0, str(REPO / "tests"))  # support/, which netclient.py uses
+from benchstate import isolate  # noqa: E402
 
-ISOLATED = "MATCHLOCK_BENCH_ISOLATED"
 SERVER = "192.0.2.10"
 NAME = "api.test"
 CLIENT_TIMEOUT = 300
@@ -253,18 +253,6 @@ def guest_latency(inet, requests: int) -> float | None:
 # --- orchestration ------------------------------------------------------------------------------------------
 
 
-def isolate() -> None:
-    """Re-run this benchmark in fresh network and mount namespaces (nothing reaches the real network)."""
-    if os.environ.get(ISOLATED) == "1":
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        return
-    if os.geteuid() != 0:
-        sys.exit("bench_network.py makes network namespaces: run it as root")
-    os.environ[ISOLATED] = "1"
-    os.execvp("unshare", ["unshare", "--net", "--mount", "--propagation", "private", "--",
-                          sys.executable, *sys.argv])  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300, help="latency samples per path")
@@ -279,7 +267,7 @@ def main() -> None:
     repeats = max(1, min(args.repeats, 10))
     connections = max(20, min(args.connections, 5000))
     threads = max(1, min(args.threads, 16))
-    isolate()
+    isolate("bench_network.py", private_mounts=True)
 
     from netfixtures import StandInInternet
 

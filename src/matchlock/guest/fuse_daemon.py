@@ -167,6 +167,10 @@ class Channel:
         self.send(frame)
         times[2] = time.perf_counter_ns()
 
+    @property
+    def has_deferred(self) -> bool:
+        return bool(self._deferred)
+
     def flush(self) -> None:
         if self._deferred:
             self.send(b"")
@@ -383,7 +387,7 @@ def serve_mount(channel: Channel, mount: Mount) -> None:
     queued = select.poll()
     queued.register(mount.fd, select.POLLIN)
     while True:
-        if channel._deferred and not queued.poll(0):
+        if channel.has_deferred and not queued.poll(0):
             channel.flush()  # this thread may wait now: notices never wait with it
         try:
             count = os.readv(mount.fd, [buffer])
