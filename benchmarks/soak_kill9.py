@@ -39,7 +39,13 @@ from benchstate import isolate, private_state_dir
 MATCHLOCK = str(Path(sys.executable).parent / "matchlock")
 SECRET = "API_KEY=soak-" + "9c2e41f07b3d@api.example.com"
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
-OPERATIONS = ("pause", "snapshot-full", "snapshot-filesystem", "fork", "restore")
+OPERATIONS = ("pause", "snapshot-full", "snapshot-filesystem", "fork", "restore", "rpc")
+# `rpc`: a `matchlock rpc` session (what the SDKs start) creating a sandbox and running a command in it;
+# its owner is the rpc process itself ("cli"), and "new-owner" finds none to kill.
+RPC_REQUESTS = (
+    {"jsonrpc": "2.0", "id": 1, "method": "create", "params": {"image": "matchlock/busybox:builtin"}},
+    {"jsonrpc": "2.0", "id": 2, "method": "exec", "params": {"command": "sleep 5"}},
+)
 VICTIMS = ("cli", "source-owner", "new-owner", "qemu")
 HANG_SECONDS = 120
 
@@ -133,6 +139,8 @@ class Soak:
             return ["snapshot", "create", self.source, "--name", name, "--mode", operation.split("-", 1)[1]]
         if operation == "fork":
             return ["fork", self.source, "-n", "2", "--secret", SECRET]
+        if operation == "rpc":
+            return ["rpc"]
         name = self.rng.choice(self.snapshots)
         return ["run", "-d", "--from-snapshot", name, "--secret", SECRET]
 
@@ -157,7 +165,11 @@ class Soak:
         before_count = self.count(self.source)
         before = set(processes_of(self.state))
         cli = subprocess.Popen([MATCHLOCK, *self.command(operation)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True)  # fmt: skip
+        assert cli.stdin is not None
+        if operation == "rpc":
+            cli.stdin.write("".join(json.dumps(request) + "\n" for request in RPC_REQUESTS))
+            cli.stdin.flush()  # and stdin stays open: its end would close the session
         time.sleep(delay)
         victim, pid = self.victim_pid(victim, cli, before)
         killed = "nothing (not there)"
@@ -179,6 +191,17 @@ class Soak:
             self.snapshots.append(f"soak-{self.round}")
         self.check(before_count)
 
+    def settled_exec(self, vm: str) -> subprocess.CompletedProcess | None:
+        """`exec` once the sandbox is neither starting nor stopping (up to a minute); None if it went."""
+        deadline = time.monotonic() + 60
+        while True:
+            answer = ml("exec", vm, "--", "cat", "/root/upper-file", "/work/guest", timeout=60)
+            if "still starting or stopping" not in answer.stderr or time.monotonic() > deadline:
+                return answer
+            time.sleep(0.5)
+            if vm not in {v["id"] for v in sandboxes() if v["status"] == "running"}:
+                return None
+
     def check(self, before_count: int) -> None:
         gc = ml("gc")
         if gc.returncode:
@@ -195,10 +218,12 @@ class Soak:
                 if resumed.returncode:
                     self.finding(f"resume {vm['id']} failed: {resumed.stderr.strip()[-300:]}")
             try:
-                answer = ml("exec", vm["id"], "--", "cat", "/root/upper-file", "/work/guest", timeout=60)
+                answer = self.settled_exec(vm["id"])
             except subprocess.TimeoutExpired:
                 self.finding(f"exec in {vm['id']} hung")
                 continue
+            if answer is None:
+                continue  # it was still starting and then went: an abandoned start (its caller was killed)
             if answer.returncode or answer.stdout != "upper\nguest\n":
                 self.finding(f"{vm['id']} is running but exec gave {answer.returncode}: {answer.stderr.strip()[-300:]}")
         listed = sandboxes()

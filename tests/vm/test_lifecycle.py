@@ -287,3 +287,41 @@ def test_detached_timeout_is_enforced(cli, detached):
     vm = detached("--timeout", "20", "--", "sleep", "600")
     _wait_status(cli, vm, "stopped", timeout=90)
     assert "--timeout reached" in cli("log", vm).stdout
+
+
+def _cold_detached_start() -> subprocess.Popen:
+    """`run -d` booting without a template (several seconds), once the owner has recorded its sandbox."""
+    env = {**os.environ, "MATCHLOCK_NO_TEMPLATES": "1"}
+    caller = subprocess.Popen([MATCHLOCK, "run", "-d", "--no-network", "--", "sleep", "600"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not subprocess.run([MATCHLOCK, "list", "-q"], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline and caller.poll() is None, caller.communicate()
+        time.sleep(0.05)
+    return caller
+
+
+def test_a_detached_start_whose_caller_or_owner_dies_leaves_no_sandbox_and_says_why(cli, state_dir):
+    # The caller killed before it could print the VM ID: no one can ever name the sandbox, so its owner
+    # stops the start and removes it, instead of booting a VM for nobody.
+    caller = _cold_detached_start()
+    (vm,) = cli("list", "-q").stdout.split()
+    owner = json.loads(cli("get", vm).stdout)["pid"]
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 60
+    while (os.path.exists(f"/proc/{owner}") or cli("list", "-q").stdout.strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{owner}"), "the abandoned owner is still running"
+    assert cli("list", "-q").stdout == "", "the abandoned sandbox was kept"
+    assert not (state_dir / "vms" / vm).exists()
+    assert subprocess.run(["pgrep", "-f", f"qemu-system.*{vm}"], capture_output=True).stdout == b""
+    # The owner killed: the caller says so and exits as a shell would (128 + SIGKILL), then gc cleans up.
+    caller = _cold_detached_start()
+    (vm,) = cli("list", "-q").stdout.split()
+    os.kill(json.loads(cli("get", vm).stdout)["pid"], signal.SIGKILL)
+    _, error = caller.communicate(timeout=60)
+    assert caller.returncode == 128 + signal.SIGKILL, error
+    assert "Error: the detached sandbox was killed by SIGKILL before it was ready" in error
+    assert cli("gc").returncode == 0
+    assert cli("prune").stdout.splitlines() == [f"Pruned {vm}", "Pruned 1 VMs"]

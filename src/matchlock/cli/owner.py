@@ -53,14 +53,48 @@ def _print_hints(vm_id: str) -> None:
     sys.stderr.flush()
 
 
-def _signal_ready(vm_id: str, console_log) -> None:
-    """Tell the `run -d` parent we are up, then stop writing to its pipe."""
-    fd = int(os.environ.pop(READY_FD_ENV))
-    os.write(fd, f"{vm_id}\n".encode())
-    os.close(fd)
-    log = os.open(console_log, os.O_WRONLY | os.O_APPEND)
-    os.dup2(log, 2)
-    os.close(log)
+class ReadyPipe:
+    """The pipe a detached owner announces its VM ID on (`run -d`, `fork`), watched until then.
+
+    If whoever waits on it dies first (SIGKILL, Ctrl-C), no one will ever learn the VM ID: the start is
+    cancelled at once, so the sandbox is closed and removed instead of booting for nobody. The write
+    end of a pipe polls as an error once the read end is gone.
+    """
+
+    def __init__(self) -> None:
+        self.fd = int(os.environ.pop(READY_FD_ENV))
+        self.abandoned = False
+        self._watched = False
+
+    def watch(self, task: asyncio.Task) -> None:
+        def reader_gone() -> None:
+            self._unwatch()
+            self.abandoned = True
+            task.cancel()
+
+        asyncio.get_running_loop().add_reader(self.fd, reader_gone)
+        self._watched = True
+
+    def _unwatch(self) -> None:
+        if self._watched:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            self._watched = False
+
+    def announce(self, vm_id: str, console_log) -> None:
+        """Tell the parent we are up, then stop writing to its pipes (stderr goes to the console log)."""
+        self._unwatch()
+        try:
+            os.write(self.fd, f"{vm_id}\n".encode())
+        finally:
+            os.close(self.fd)
+        log = os.open(console_log, os.O_WRONLY | os.O_APPEND)
+        os.dup2(log, 2)
+        os.close(log)
+
+    def close(self) -> None:
+        self._unwatch()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def _return_freed_memory() -> None:
@@ -114,14 +148,28 @@ async def _run_in_background(process: GuestProcess, log: BinaryIO) -> None:
         log.write(f"[matchlock] command exited with code {result.exit_code}\n".encode())
 
 
+ABANDONED_EXIT_CODE = 1
+
+
 async def own_sandbox(config: SandboxConfig, options: RunOptions) -> int:
+    ready = ReadyPipe() if options.detached else None
     store = StateStore()
     trace.mark("owner: state store open")
     try:
-        return await _own(store, config, options)
+        if ready is not None:
+            task = asyncio.current_task()
+            assert task is not None
+            ready.watch(task)
+        return await _own(store, config, options, ready)
+    except asyncio.CancelledError:
+        if ready is None or not ready.abandoned:
+            raise
+        return ABANDONED_EXIT_CODE  # the sandbox is closed and removed; there is no one left to tell
     except BaseExceptionGroup as group:
         raise _sole_error(group) from None
     finally:
+        if ready is not None:
+            ready.close()
         store.close()
 
 
@@ -133,7 +181,7 @@ def _sole_error(group: BaseExceptionGroup) -> BaseException:
     return error
 
 
-async def _own(store: StateStore, config: SandboxConfig, options: RunOptions) -> int:
+async def _own(store: StateStore, config: SandboxConfig, options: RunOptions, ready: ReadyPipe | None) -> int:
     # --timeout covers the whole run, boot included.
     deadline = asyncio.get_running_loop().time() + options.timeout if options.timeout else None
     restore = None
@@ -155,7 +203,7 @@ async def _own(store: StateStore, config: SandboxConfig, options: RunOptions) ->
             try:
                 await relay.start()
                 trace.mark("owner: exec relay serving")
-                return await _serve(sandbox, options, tasks, deadline, died, announced)
+                return await _serve(sandbox, options, tasks, deadline, died, announced, ready)
             finally:
                 await relay.aclose()
     finally:
@@ -183,6 +231,7 @@ async def _serve(
     deadline: float | None,
     died: list[str],
     announced: list[str],
+    ready: ReadyPipe | None,
 ) -> int:
     """Forward ports and run the command; with --rm=false, keep serving until SIGINT/SIGTERM/SIGHUP,
     the --timeout, or the death of the VM."""
@@ -222,10 +271,10 @@ async def _serve(
             stop.set()
 
         timer = loop.call_at(deadline, time_out) if deadline is not None else None
-        if options.detached:
+        if ready is not None:
             if options.command:
                 background = await _start_in_background(sandbox, spec, tasks)
-            _signal_ready(sandbox.id, sandbox.paths.console_log)
+            ready.announce(sandbox.id, sandbox.paths.console_log)
             announced.append(sandbox.id)
             _return_freed_memory()  # from here on a detached owner mostly waits
         else:

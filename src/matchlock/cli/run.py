@@ -249,6 +249,7 @@ def start_detached(args: list[str] | None = None) -> int:
     /proc, and `-e` and `--secret` values must not be.
     """
     import json
+    import signal
     import subprocess
     import threading
 
@@ -281,5 +282,12 @@ def start_detached(args: list[str] | None = None) -> int:
     code = child.wait()
     drain.join(5)
     error = b"".join(errors).decode(errors="replace").strip()
+    if code < 0:  # killed by a signal: say which, and exit as a shell reports it (128 + the signal)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        click.echo(error or f"Error: the detached sandbox was killed by {name} before it was ready", err=True)
+        return 128 - code
     click.echo(error or f"Error: the detached sandbox exited with code {code} before it was ready", err=True)
     return code or 1
