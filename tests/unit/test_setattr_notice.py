@@ -1,5 +1,5 @@
-"""SETATTRs that change nothing but ctime (tar's fchown and fchmod), answered in the guest and sent to the
-host as notices (FEATURE_SETATTR_NOTICE): when the translator may, what the daemon sends, what the host does."""
+"""SETATTRs whose outcome the guest knows (tar's fchown and fchmod to what the file has, its futimens to
+given times), answered in the guest and sent to the host as notices (FEATURE_SETATTR_NOTICE): when the translator may, what the daemon sends, what the host does."""
 
 from __future__ import annotations
 
@@ -47,8 +47,14 @@ def request(op: int, body: bytes = b"", nodeid: int = fuse.ROOT_ID) -> bytes:
     return fuse.IN_HEADER.pack(fuse.IN_HEADER.size + len(body), op, 9, nodeid, 1000, 1001, 77, 0, 0) + body
 
 
-def setattr_request(nodeid: int, valid: int, mode: int = 0, uid: int = 0, gid: int = 0, size: int = 0) -> bytes:
-    body = fuse.SETATTR_IN.pack(valid, 0, 4, size, 0, 0, 0, 0, 0, 0, 0, mode, 0, uid, gid, 0)
+def setattr_request(
+    nodeid: int, valid: int, mode: int = 0, uid: int = 0, gid: int = 0, size: int = 0, times: tuple = (0, 0, 0, 0)
+) -> bytes:
+    """`times`: atime and mtime seconds, then their nanoseconds (the kernel's order)."""
+    atime, mtime, atimens, mtimens = times
+    body = fuse._SETATTR_IN_SIGNED.pack(
+        valid, 0, 4, size, 0, atime, mtime, 0, atimens, mtimens, 0, mode, 0, uid, gid, 0
+    )
     return request(fuse.SETATTR, body, nodeid)
 
 
@@ -95,6 +101,28 @@ def test_tars_chown_and_chmod_to_what_the_file_has_are_answered_here_with_a_new_
     )
 
 
+def test_times_set_to_given_values_are_answered_here_with_them_and_a_new_ctime(monkeypatch):
+    monkeypatch.setattr(fuse.time, "time_ns", lambda: WALL)
+    tr = translator(Clock())
+    created(tr)
+    # GNU tar's futimens of each file it extracts: the archive's times, with nanoseconds.
+    action = tr.handle(
+        setattr_request(61, vfs.SET_ATIME | vfs.SET_MTIME | fuse.FATTR_FH, times=(1_600_000_000, 1_500_000_000, 7, 9))
+    )
+    attr = answered_here(action)
+    assert (attr[3], attr[6], attr[4], attr[7]) == (1_600_000_000, 7, 1_500_000_000, 9)  # atime, mtime
+    assert (attr[5], attr[8]) == divmod(WALL, SECOND) and attr[1] == FILE.size
+    sent = vfs.decode_args(vfs.Op.SETATTR, action.wire[1])
+    assert (sent.valid, sent.atime_ns, sent.mtime_ns) == (
+        vfs.SET_ATIME | vfs.SET_MTIME,
+        1_600_000_000 * SECOND + 7,
+        1_500_000_000 * SECOND + 9,
+    )
+    # Only the mtime (UTIME_OMIT for atime): the atime stays; a time before 1970 is kept as it is.
+    attr = answered_here(tr.handle(setattr_request(61, vfs.SET_MTIME, times=(5, -1, 0, 500_000_000))))
+    assert (attr[3], attr[6]) == (1_600_000_000, 7) and attr[4] * SECOND + attr[7] == -SECOND // 2
+
+
 def test_a_guest_clock_behind_the_hosts_ctime_never_moves_the_ctime_back(monkeypatch):
     host_ctime = WALL + 300_000_000  # the host stamped it after the guest's "now": its clock is ahead
     monkeypatch.setattr(fuse.time, "time_ns", lambda: WALL)
@@ -111,7 +139,8 @@ def test_a_guest_clock_behind_the_hosts_ctime_never_moves_the_ctime_back(monkeyp
         (FILE, vfs.SET_UID, 0, 1000, 0),  # a real chown
         (FILE, vfs.SET_GID, 0, 0, 5),
         (FILE, vfs.SET_MODE | vfs.SET_SIZE, 0o644, 0, 0),  # a truncate
-        (FILE, OWNER | vfs.SET_MTIME, 0, 0, 0),  # times change what the guest sees
+        (FILE, OWNER | vfs.SET_MTIME_NOW, 0, 0, 0),  # "now" is the host's clock
+        (FILE, vfs.SET_ATIME | vfs.SET_MTIME | vfs.SET_MODE, 0o600, 0, 0),  # times with a real chmod
         (file_with_mode(stat.S_IFREG | 0o4755), OWNER | vfs.SET_KILL_SUIDGID, 0, 0, 0),  # the host drops it
         (file_with_mode(stat.S_IFDIR | 0o755), vfs.SET_MODE, 0o755, 0, 0),  # maybe synthesized
     ],
@@ -258,6 +287,26 @@ async def test_a_failure_or_another_outcome_drops_the_guests_attributes(tmp_path
             await guest.send(0, vfs.Setattr(999, OWNER, 0, 0, 0, 0, 0, 0, 0))
             assert vfs.decode_notice((await guest.reply(0)).payload)[1] == 999
         assert server.check_failures == 32 and caplog.text.count("came out otherwise") == MAX_CHECK_LOGS
+
+
+class WholeSecondsProvider(MemoryProvider):
+    """A host filesystem with coarse timestamps (FAT keeps 2 s, some network filesystems 1 s)."""
+
+    def setattr(self, path, changes, handle):
+        attr = super().setattr(path, changes, handle)
+        attr.mtime_ns -= attr.mtime_ns % SECOND
+        return attr
+
+
+async def test_times_kept_otherwise_than_asked_drop_the_guests_attributes(caplog) -> None:
+    caplog.set_level(logging.WARNING, "matchlock.vfs")
+    async with serving([Mount("/m", WholeSecondsProvider())]) as (guest, server, hello):
+        node, _ = await _file(guest, hello.mounts[0].root)
+        await guest.send(0, vfs.Setattr(node, vfs.SET_MTIME, 0, 0, 0, 5 * SECOND, 0, 0, 0))  # kept as asked
+        await guest.send(0, vfs.Setattr(node, vfs.SET_MTIME, 0, 0, 0, 7 * SECOND + 5, 0, 0, 0))
+        assert vfs.decode_notice((await guest.reply(0)).payload) == (vfs.INVAL_INODE, node, b"")
+        assert f"mtime {7 * SECOND} ns, not {7 * SECOND + 5}" in caplog.text
+        assert server.check_failures == 1 and not server.broken
 
 
 async def test_a_notice_setattr_is_refused_unless_the_host_granted_it() -> None:

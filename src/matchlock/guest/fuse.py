@@ -339,8 +339,9 @@ class MountTranslator:
                                          atime * NS + atimens, mtime * NS + mtimens, mode, owner, group)  # fmt: skip
         except struct.error:  # short, or a time past the wire's range
             return Action(error(unique, errno.EINVAL))
-        if self.features & vfs.FEATURE_SETATTR_NOTICE:  # tar's fchown and fchmod (fuse_cache.unchanged_by)
-            hit = self.cache.unchanged_by(node, valid & vfs.SET_ALL, mode, owner, group, time.time_ns())
+        if self.features & vfs.FEATURE_SETATTR_NOTICE:  # tar's futimens, fchown and fchmod (fuse_cache)
+            hit = self.cache.predict_setattr(node, valid & vfs.SET_ALL, mode, owner, group, time.time_ns(),
+                                             atime * NS + atimens, mtime * NS + mtimens)  # fmt: skip
             if hit is not None:  # the host still makes the change (its ctime): a notice, before the reply
                 return Action(out(unique, hit), None, None, uid, gid, pid, (), (vfs.Op.SETATTR, payload))
         changes = (node,)

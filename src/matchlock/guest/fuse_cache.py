@@ -31,8 +31,9 @@ within the mount's negative lifetime. READDIRPLUS entries are the cache's own (f
 node) and each hands the kernel one lookup, counted as a LOOKUP answered here is (the held one taken
 over, else owed against the next FORGET), so the host's count is never below the kernel's.
 
-A chown or chmod to the owner and mode a node's fresh attributes hold changes nothing but its ctime
-(`unchanged_by`): it is answered here and the host gets it as a notice (FEATURE_SETATTR_NOTICE).
+A chown or chmod to the owner and mode a node's fresh attributes hold changes nothing but its ctime,
+and setting explicit times changes nothing but those and ctime (`predict_setattr`): it is answered
+here and the host gets it as a notice (FEATURE_SETATTR_NOTICE).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ ListedEntry = tuple[bytes, int, int, int, bytes]  # name, node, entry and attrib
 ListedRow = tuple[bytes, int, int]  # name, ino, type: one entry of a listing, in the host's READDIR order
 _DOTS: tuple[ListedRow, ...] = ((b".", 1, 4), (b"..", 1, 4))  # as the host lists them (DT_DIR, never ino 0)
 _S_IFMT, _S_IFDIR, _SETID = 0o170000, 0o040000, 0o6000  # stat's, without importing it
-# The SETATTR bits `unchanged_by` may answer. KILL_SUIDGID comes with every chown of a non-directory
-# (FUSE_HANDLE_KILLPRIV_V2): one answered here has no set-id bit to kill.
-_CHECKABLE = vfs.SET_MODE | vfs.SET_UID | vfs.SET_GID | vfs.SET_KILL_SUIDGID
+# The SETATTR bits `predict_setattr` may answer. KILL_SUIDGID comes with every chown of a non-directory
+# (FUSE_HANDLE_KILLPRIV_V2): one answered here has no set-id bit to kill. Times only as given values
+# (utimensat, tar's futimens): "now" is the host's clock.
+_CHECKABLE = vfs.SET_MODE | vfs.SET_UID | vfs.SET_GID | vfs.SET_KILL_SUIDGID | vfs.SET_ATIME | vfs.SET_MTIME
 _NO_ENTRY = bytes(ENTRY_SIZE)  # a READDIRPLUS entry without a node: the kernel makes no dentry of it
 
 
@@ -154,11 +156,15 @@ class MetaCache:
             return None
         return ATTR_OUT.pack(left // NS, left % NS, 0) + attr[1]
 
-    def unchanged_by(self, node: int, valid: int, mode: int, uid: int, gid: int, ctime_ns: int) -> bytes | None:
-        """The fuse_attr_out to answer a SETATTR of `node` with here, if it changes nothing but ctime: a
-        chown or chmod (`valid`: SET_MODE, SET_UID, SET_GID, SET_KILL_SUIDGID only) to what `node` has, whose attributes are
-        fresh, with no change to it in flight, not a directory (a synthesized one refuses any) and with no
-        set-id bit a chown would drop. The cached ctime becomes `ctime_ns`. None: ask the host."""
+    def predict_setattr(
+        self, node: int, valid: int, mode: int, uid: int, gid: int, ctime_ns: int, atime_ns: int = 0, mtime_ns: int = 0
+    ) -> bytes | None:
+        """The fuse_attr_out to answer a SETATTR of `node` with here, if its outcome is certain: a chown or
+        chmod to what `node` has, and times set to given values (`valid`: SET_MODE, SET_UID, SET_GID,
+        SET_KILL_SUIDGID, SET_ATIME, SET_MTIME only; the guest kernel checked the caller may), of a node
+        whose attributes are fresh, with no change to it in flight, not a directory (a synthesized one
+        refuses any) and with no set-id bit a chown would drop. The cached ctime becomes `ctime_ns`, the
+        times the given ones. None: ask the host."""
         if not valid or valid & ~_CHECKABLE:
             return None
         with self._lock:
@@ -176,6 +182,10 @@ class MetaCache:
                 return None
             if valid & vfs.SET_UID and uid != now_uid or valid & vfs.SET_GID and gid != now_gid:
                 return None
+            if valid & vfs.SET_ATIME:
+                fields[3], fields[6] = divmod(atime_ns, NS)
+            if valid & vfs.SET_MTIME:
+                fields[4], fields[7] = divmod(mtime_ns, NS)
             # Never back: the cached ctime may be the host's, and the guest's clock may lag it a little.
             fields[5], fields[8] = divmod(max(ctime_ns, fields[5] * NS + fields[8] + 1), NS)
             attr = ATTR.pack(*fields)

@@ -309,7 +309,8 @@ class VfsServer:
 
     def _check_outcome(self, args: wire.Setattr, attr: wire.Attr | None, error: int = 0) -> None:
         """A SETATTR the guest answered itself (FEATURE_SETATTR_NOTICE) failed with `error`, or left
-        `attr` other than it asked: the guest's cached attributes of the node go (INVAL_INODE)."""
+        `attr` other than it asked (mode, owner or times): the guest's cached attributes of the node go
+        (INVAL_INODE)."""
         problem = os.strerror(error) if error else ""
         if attr is not None:
             if args.valid & wire.SET_MODE and stat.S_IMODE(attr.mode) != stat.S_IMODE(args.mode):
@@ -318,6 +319,10 @@ class VfsServer:
                 args.valid & wire.SET_UID and attr.uid != args.uid or args.valid & wire.SET_GID and attr.gid != args.gid
             ):
                 problem = f"owner {attr.uid}:{attr.gid}, not {args.uid}:{args.gid}"
+            elif args.valid & wire.SET_ATIME and attr.atime_ns != args.atime_ns:
+                problem = f"atime {attr.atime_ns} ns, not {args.atime_ns}"  # e.g. a coarser host filesystem
+            elif args.valid & wire.SET_MTIME and attr.mtime_ns != args.mtime_ns:
+                problem = f"mtime {attr.mtime_ns} ns, not {args.mtime_ns}"
         if not problem:
             return
         self.check_failures += 1
