@@ -12,6 +12,7 @@ import pytest
 from matchlock.api.config import SandboxConfig
 from matchlock.api.errors import NotFoundError, UsageError
 from matchlock.api.network import NetworkConfig, SecretConfig
+from matchlock.api.paths import SandboxPaths
 from matchlock.guest import checkpoint as guest_checkpoint
 from matchlock.sandbox import relay_protocol as rp
 from matchlock.sandbox.snapshots import Restore
@@ -258,6 +259,94 @@ def test_sandboxes_share_their_ram_and_clones_map_the_snapshots_copy_on_write(tm
         (tmp_path / name).touch()
     meta = {"mode": "full", "kernel_args": [], "acpi": False, "tsc_khz": None, "cpus": 1.0, "memory_mb": 384,
             "files": {"kernel": "/k", "initrd": "", "runtime": "/r", "lower": "/l"}}  # fmt: skip
-    clone = " ".join(build_argv(Restore("s1", tmp_path, meta).machine_spec(spec), 3, 4))
+    own = SandboxPaths(tmp_path / "vm-2")
+    own.root.mkdir()
+    clone = " ".join(build_argv(Restore("s1", tmp_path, meta).machine_spec(spec, own), 3, 4))
     assert f"memory-backend-file,id=ram,size=384M,mem-path={tmp_path / 'ram'},share=off" in clone
     assert "-incoming defer" in clone  # the machine sets x-ignore-shared, then loads the device state
+    # The clone boots its own link to the kernel, which outlives the snapshot (fork removes its own at once).
+    assert f"-kernel {own.restored_boot_file('kernel')}" in clone
+    assert own.restored_boot_file("kernel").samefile(tmp_path / "kernel")
+
+
+def _ready_snapshot(state_dir, name: str = "s1", **meta) -> None:
+    """A complete full snapshot record with the files `Restore.load` looks for (nothing can boot from it)."""
+    from matchlock.sandbox.snapshots import MEMORY_FILE, UPPER_FILE
+
+    store = StateStore(state_dir)
+    try:
+        store.register("vm-00000001", image="img", config={})
+        directory = records.begin(store, name, "vm-00000001", "full")
+        (directory / UPPER_FILE).write_bytes(b"")
+        (directory / MEMORY_FILE).write_bytes(b"")
+        base = {"mode": "full", "image": "snap/image:1", "cpus": 1.0, "memory_mb": 384, "disk_size_mb": 256,
+                "network": False, "secrets": {}}  # fmt: skip
+        records.complete(store, name, {**base, **meta})
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--memory", "1024"], ["--memory is 1024", "taken with 384", "omit --memory"]),
+        (["--cpus", "2"], ["--cpus is 2", "omit --cpus"]),
+        (["--disk-size", "1024"], ["--disk-size is 1024", "omit --disk-size"]),
+        (["--image", "alpine:3.19"], ["--image 'alpine:3.19' is not the image of snapshot 's1'", "omit --image"]),
+    ],
+)
+def test_run_from_snapshot_refuses_machine_flags_it_would_ignore(cli, state_dir, flags, needles):
+    # These used to be dropped in silence: the restore booted the snapshot's machine.
+    _ready_snapshot(state_dir)
+    result = cli("run", "--from-snapshot", "s1", "--no-network", *flags, "--", "true")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    for needle in needles:
+        assert needle in result.stderr, result
+
+
+def test_an_empty_from_snapshot_or_snapshot_name_is_refused(cli, state_dir):
+    # `--from-snapshot ''` used to boot a fresh sandbox from the default image, `--name ''` to take the default.
+    restore = cli("run", "--from-snapshot", "", "--no-network", "--", "true")
+    assert restore.returncode == 2 and "invalid snapshot name ''" in restore.stderr, restore
+    create = cli("snapshot", "create", "vm-00000000", "--name", "")
+    assert create.returncode == 2 and "invalid snapshot name ''" in create.stderr, create
+
+
+def test_snapshot_rm_checks_every_name_before_removing_any(cli, state_dir):
+    _ready_snapshot(state_dir, "keep")
+    typo = cli("snapshot", "rm", "keep", "kepe")
+    assert typo.returncode == 1 and "snapshot 'kepe' not found" in typo.stderr and typo.stdout == "", typo
+    assert "keep" in cli("snapshot", "ls").stdout  # nothing was removed
+    twice = cli("snapshot", "rm", "keep", "keep")
+    assert twice.returncode == 0 and twice.stdout.split() == ["keep"], twice
+    again = cli("snapshot", "rm", "keep")
+    assert again.returncode == 1 and "snapshot 'keep' not found" in again.stderr, again
+
+
+def test_a_duplicate_snapshot_name_is_a_usage_error_before_the_sandbox_is_asked(cli, state_dir):
+    _ready_snapshot(state_dir, "taken")
+    clash = cli("snapshot", "create", "vm-00000000", "--name", "taken")
+    assert clash.returncode == 2 and "a snapshot named 'taken' already exists" in clash.stderr, clash
+
+
+def test_fork_checks_the_sources_secrets_before_taking_a_snapshot(cli, state_dir):
+    # It used to snapshot the source, start every clone, and have each refuse, naming a generated snapshot.
+    store = StateStore(state_dir)
+    try:
+        store.register(
+            "vm-0000000a", image="img", config={"network": {"secrets": {"API_KEY": {"hosts": ["a.example"]}}}}
+        )
+    finally:
+        store.close()
+    lacking = cli("fork", "vm-0000000a")
+    assert lacking.returncode == 2, lacking
+    assert "--secret API_KEY is missing: vm-0000000a uses secret(s) API_KEY" in lacking.stderr, lacking
+    assert "fork-" not in lacking.stderr, lacking
+    malformed = cli("fork", "vm-0000000a", "--secret", "API_KEY")
+    assert malformed.returncode == 2 and "API_KEY" in malformed.stderr and "Traceback" not in malformed.stderr, (
+        malformed
+    )
+    secret_file = state_dir.parent / "secrets.json"
+    secret_file.write_text('{"OTHER": {"value": "v", "hosts": ["a.example"]}}')
+    wrong = cli("fork", "vm-0000000a", "--secret-file", str(secret_file))
+    assert wrong.returncode == 2 and "--secret API_KEY is missing" in wrong.stderr, wrong

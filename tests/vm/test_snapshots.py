@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from matchlock import Client, Config, MatchlockError, Sandbox
+from matchlock import Client, Config, MatchlockError, RPCError, Sandbox
 from support.cli import MATCHLOCK, run_matchlock
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("vm_prerequisites")]
@@ -129,6 +129,9 @@ def test_the_sdk_pauses_resumes_and_snapshots(module_state_dir):
         client.pause()
         with pytest.raises(MatchlockError, match="is paused"):
             client.exec("true")
+        with pytest.raises(RPCError, match="already paused") as twice:  # the sandbox's state, not a bad param
+            client.pause()
+        assert twice.value.code == RPCError.VM_FAILED
         client.resume()
         assert client.exec("echo back").stdout == "back\n"
         record = client.snapshot("sdk1", mode="filesystem")
@@ -165,6 +168,12 @@ def test_fork_gives_independent_clones(source, tmp_path):
         assert "fork-" not in _ok("snapshot", "ls")  # the fork's own snapshot is gone once they are up
         _ok("pause", first)  # a paused sandbox still stops cleanly
         _ok("kill", first)
+        # The snapshot `second` came from is gone (above), yet it forks in turn: it keeps its own links to
+        # the kernel and initrd, which QEMU does not hold open (a fork of a fork used to fail, naming them).
+        grandchild = _ok("fork", second, "--secret", SECRET).strip()
+        clones.append(grandchild)
+        _wait_count_above(grandchild, _count(grandchild))
+        assert _sh(grandchild, "cat /root/upper-file") == "kept\n"
     finally:
         _kill(*clones)
 

@@ -133,6 +133,11 @@ class SandboxPaths(NamedTuple):
         """The writable layer over the image (ext4, discarded with the sandbox)."""
         return self.root / "upper.ext4"
 
+    def restored_boot_file(self, name: str) -> Path:
+        """A full restore's own hard link to its snapshot's `kernel` or `initrd`, which QEMU reads only at
+        start: a snapshot of the sandbox links it again after the snapshot it came from is removed."""
+        return self.root / f"restored-{name}"
+
 
 def match_vm_id(ref: str, ids) -> str | None:
     """The one ID in `ids` that is `ref` or starts with it (with or without `vm-`); None if none does.

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 import click
+from click.core import ParameterSource
 
 from ..api.config import (
     DEFAULT_CPUS,
@@ -174,8 +175,9 @@ def _run(*, image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_
         network_intercept=network_intercept, no_network=no_network, mtu=mtu, disk=disk, volume=volume,
         workspace=workspace,
     )  # fmt: skip
-    if from_snapshot:
-        config = _restore_config(from_snapshot, config)  # a missing secret fails here, before anything starts
+    if from_snapshot or _given("from_snapshot"):  # `--from-snapshot ''` is a bad name, not "no snapshot"
+        # A missing secret, or a flag the snapshot cannot take, fails here, before anything starts.
+        config = _restore_config(from_snapshot, config, **_given_for_restore(image, cpus, memory, disk_size))
         image = config.image
     use_pty = interactive and tty
     if use_pty and not (sys.stdin.isatty() and sys.stdout.isatty()):
@@ -220,13 +222,30 @@ def _run(*, image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_
     os._exit(code)
 
 
-def _restore_config(name: str, config: SandboxConfig) -> SandboxConfig:
+def _given(param: str) -> bool:
+    """Whether the option was on the command line (or in its environment variable), not its default."""
+    return click.get_current_context().get_parameter_source(param) not in (ParameterSource.DEFAULT, None)
+
+
+def _given_for_restore(image: str, cpus: float, memory: int, disk_size: int) -> dict:
+    """The --image and machine flags given on the command line (not defaults): a restore checks them
+    against the snapshot's, so that none is silently ignored."""
+    given = _given
+    resources = {key: float(value) for key, param, value in
+                 (("cpus", "cpus", cpus), ("memory_mb", "memory", memory), ("disk_size_mb", "disk_size", disk_size))
+                 if given(param)}  # fmt: skip
+    return {"image": image if given("image") else "", "resources": resources}
+
+
+def _restore_config(
+    name: str, config: SandboxConfig, *, image: str = "", resources: dict | None = None
+) -> SandboxConfig:
     from ..sandbox.snapshots import Restore
     from ..state.store import StateStore
 
     store = StateStore()
     try:
-        return Restore.load(store, name).prepare(config)
+        return Restore.load(store, name).prepare(config, image=image, resources=resources)
     finally:
         store.close()
 

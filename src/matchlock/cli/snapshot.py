@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..api.errors import MatchlockError, UsageError
+from ..api.errors import MatchlockError, NotFoundError, UsageError
 from ..state import snapshots as records
 
 if TYPE_CHECKING:
@@ -46,17 +46,20 @@ def snapshot() -> None:
 
 @snapshot.command()
 @click.argument("vm_id")
-@click.option("--name", default="", help="Snapshot name (default: <VM ID>-<time>).")
+@click.option("--name", default=None, help="Snapshot name (default: <VM ID>-<time>).")
 @click.option("--mode", default="full", show_default=True,
               help="full: memory, disks and mounts (processes keep running on restore); filesystem: disks and mounts.")  # fmt: skip
-def create(vm_id: str, name: str, mode: str) -> None:
+def create(vm_id: str, name: str | None, mode: str) -> None:
     """Snapshot a running sandbox; it keeps running."""
     from ..sandbox.relay_client import control
 
     records.validate_mode(mode)
-    if name:
-        records.validate_name(name)
-    result = control(vm_id, "snapshot", name=name, mode=mode)
+    if name is not None:
+        records.validate_name(name)  # `--name ''` is a bad name, not the default one
+        with _store() as store:
+            if records.get(store, name) is not None:  # the owner checks again; this one exits 2, as a bad name
+                raise records.name_taken(name)
+    result = control(vm_id, "snapshot", name=name or "", mode=mode)
     click.echo(result.get("name", name))
 
 
@@ -79,10 +82,15 @@ def list_snapshots(as_json: bool) -> None:
 @snapshot.command("rm")
 @click.argument("names", nargs=-1, required=True)
 def remove(names: tuple[str, ...]) -> None:
-    """Remove snapshots (sandboxes restored from them keep running)."""
+    """Remove snapshots (sandboxes restored from them keep running).
+
+    Every name is checked first, so a typo among them removes nothing (as the RPC's snapshot_remove)."""
+    unique = list(dict.fromkeys(names))
     with _store() as store:
-        for name in names:
-            records.remove(store, records.validate_name(name))
+        for name in unique:
+            records.require(store, records.validate_name(name))
+        for name in unique:
+            records.remove(store, name)
             click.echo(name)
 
 
@@ -101,9 +109,30 @@ def _remove_snapshot(name: str) -> None:
         records.remove(store, name)
 
 
+def _check_fork_secrets(vm_id: str, secret: tuple[str, ...], secret_path: str | None) -> None:
+    """Every secret of the source must be given again (the clones' restores would each refuse it, after
+    the snapshot): parse the flags now, as `run` will, and compare their names with the source's."""
+    import os
+
+    from ..api.secrets import parse_secrets
+
+    given = parse_secrets(secret, (), secret_path, os.environ)
+    with _store() as store:
+        try:
+            vm = store.require(vm_id)
+        except NotFoundError:
+            return  # asking its owner says so
+    missing = sorted(set(vm.config.get("network", {}).get("secrets", {})) - set(given))
+    if missing:
+        raise UsageError(
+            f"--secret {missing[0]} is missing: {vm.id} uses secret(s) {', '.join(missing)}, which its clones "
+            f"need again; fix: pass --secret {missing[0]}=VALUE@HOSTS (values are never stored in a snapshot)"
+        )
+
+
 @click.command()
 @click.argument("vm_id")
-@click.option("-n", "count", type=int, default=1, show_default=True, help="How many clones.")
+@click.option("-n", "count", type=int, default=1, show_default=True, help=f"How many clones (1 to {MAX_FORKS}).")
 @click.option("--secret", multiple=True, metavar="NAME=VALUE@HOSTS", help="The source's secrets, again (repeatable).")
 @click.option("--secret-file", default=None, metavar="FILE",
               help="The source's secrets as JSON, as for `run` (read once: a pipe or /proc/PID/fd/N works).")  # fmt: skip
@@ -122,6 +151,7 @@ def fork(vm_id: str, count: int, secret: tuple[str, ...], secret_file: str | Non
         raise UsageError(f"invalid -n {count}: fork makes 1 to {MAX_FORKS} clones at a time")
     copy = launcher.SecretCopy(secret_file) if secret_file else None
     try:
+        _check_fork_secrets(vm_id, secret, copy.path if copy else None)  # before a snapshot is taken
         name = f"fork-{secrets.token_hex(4)}"
         # The source's owner saves the snapshot while this process loads what the clones' owners need.
         with ThreadPoolExecutor(1) as pool:

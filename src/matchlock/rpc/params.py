@@ -215,7 +215,7 @@ def parse_create(params: JSONObject) -> CreateParams:
 # snapshot, and volumes are shared state a clone cannot own.
 _NOT_WITH_RESTORE = {
     "vfs": "a restore brings back the snapshot's own directory mounts",
-    "extra_disks": "snapshots cover only sandboxes without disks",
+    "extra_disks": "a restore brings back its own copies of the snapshot's disks",
 }
 
 

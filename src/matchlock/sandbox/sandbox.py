@@ -252,7 +252,7 @@ class Sandbox:
                             sandbox.network.start_proxy(), name=PROXY_START_TASK
                         )
                     if restore is not None and restore.full:
-                        await sandbox._start_machine(restore.machine_spec(spec), wake=restore.wake_record())
+                        await sandbox._start_machine(restore.machine_spec(spec, paths), wake=restore.wake_record())
                     else:
                         # Templates are booted with a fixed disk set; extra disks boot cold (measured: see
                         # tests/vm/test_disks_attach.py). Sandboxes with mounts restore one and hot-plug

@@ -53,6 +53,7 @@ from ..wire.checkpoint import encode_wake
 from . import disks, files
 
 if TYPE_CHECKING:
+    from ..api.paths import SandboxPaths
     from ..state.store import StateStore
     from .sandbox import Sandbox
     from .vfs import SandboxVFS
@@ -81,7 +82,8 @@ async def pause(sandbox: Sandbox) -> None:
     """Stop the vCPUs; memory, disks, network and open connections stay. Exec waits for `resume`."""
     machine = _machine(sandbox)
     if sandbox.paused:
-        raise UsageError(f"sandbox {sandbox.id} is already paused; fix: matchlock resume {sandbox.id}")
+        # The sandbox's state, not a parameter: RPC -32000 (VMError), not -32602 "invalid params".
+        raise VMError(f"sandbox {sandbox.id} is already paused; fix: matchlock resume {sandbox.id}")
     await checkpoint.pause(machine)
     _mark(sandbox, True)
 
@@ -89,7 +91,7 @@ async def pause(sandbox: Sandbox) -> None:
 async def resume(sandbox: Sandbox) -> None:
     machine = _machine(sandbox)
     if not sandbox.paused:
-        raise UsageError(f"sandbox {sandbox.id} is not paused")
+        raise VMError(f"sandbox {sandbox.id} is not paused; fix: nothing to resume (see `matchlock list`)")
     await checkpoint.resume(machine)
     _mark(sandbox, False)
 
@@ -381,9 +383,8 @@ class Restore:
     ) -> SandboxConfig:
         """`config` (from the restore's settings) with the snapshot's image and machine shape.
 
-        `image` and `resources` are what the caller set explicitly (RPC `create`); each must be the
-        snapshot's. The CLI's flags always have values, so `run --from-snapshot` passes neither and takes
-        the snapshot's. Every secret the snapshot's policy names must be given again. A setting the
+        `image` and `resources` are what the caller set explicitly (RPC `create`, or the flags given to
+        `run --from-snapshot`); each must be the snapshot's. Left out, the snapshot's are taken. Every secret the snapshot's policy names must be given again. A setting the
         snapshot cannot take raises `RestoreMismatch`, which each front end words in its own terms.
         """
         self._check(config, image, resources or {})
@@ -501,13 +502,22 @@ class Restore:
     def make_upper(self, target: Path) -> None:
         checkpoint.copy_disk(self.directory / UPPER_FILE, target)
 
-    def machine_spec(self, spec: MachineSpec) -> MachineSpec:
+    def machine_spec(self, spec: MachineSpec, paths: SandboxPaths) -> MachineSpec:
         """For a full restore: the snapshot's own machine (same devices and files), with this sandbox's
-        upper disk, console and network, loading the saved memory."""
+        upper disk, console and network, loading the saved memory.
+
+        QEMU keeps its disks open but not the kernel and initrd: the sandbox (`paths`) gets its own links
+        to those, so it can be snapshotted and forked after this snapshot is removed (as `fork` does once
+        its clones are up)."""
         if not self.full:
             return spec
         meta = self.meta
         linked = {key: self.directory / f for key, f in LINKED.items() if meta["files"].get(key)}
+        for key in ("kernel", "initrd"):
+            if key in linked:
+                own = paths.restored_boot_file(LINKED[key])
+                _link(linked[key], own, None)
+                linked[key] = own
         upper = next(d.path for d in spec.disks if d.serial == boot.UPPER_DISK_SERIAL)
         ram = self.directory / RAM_FILE
         return dataclasses.replace(

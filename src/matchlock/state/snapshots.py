@@ -112,15 +112,17 @@ def snapshot_dir(store: StateStore, name: str) -> Path:
     return snapshots_dir(store) / validate_name(name)
 
 
+def name_taken(name: str) -> UsageError:
+    return UsageError(f"a snapshot named {name!r} already exists; fix: pick another --name or `snapshot rm {name}`")
+
+
 def begin(store: StateStore, name: str, source_vm: str, mode: str) -> Path:
     """Claim `name` (a clash is an error naming it) and return its empty directory."""
     validate_name(name)
     validate_mode(mode)
     with store._transaction():
         if store.conn.execute("SELECT 1 FROM snapshots WHERE name = ?", (name,)).fetchone():
-            raise UsageError(
-                f"a snapshot named {name!r} already exists; fix: pick another --name or `snapshot rm {name}`"
-            )
+            raise name_taken(name)
         store.conn.execute(
             "INSERT INTO snapshots (name, source_vm, mode, status, created_at) VALUES (?, ?, ?, ?, ?)",
             (name, source_vm, mode, CREATING, utc_now()),
