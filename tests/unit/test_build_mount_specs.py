@@ -54,9 +54,12 @@ def test_cache_bind_and_tmpfs_specs_with_their_defaults():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("type=secret,id=tok,target=/run/secrets/tok", "type=secret is not supported"),
+        ("type=secret", "a secret mount needs id=NAME (or target=PATH"),
+        ("type=secret,id=t,size=1", "key 'size' is not accepted for type=secret; accepted: type, id, target, requ"),
+        ("type=secret,id=t,required=maybe", "required='maybe' is not a boolean"),
+        ("type=secret,id=t,mode=8", "mode='8' is not an octal mode"),
         ("type=ssh", "type=ssh is not supported"),
-        ("type=volume,target=/x", "unknown type='volume'; accepted types: bind, cache, tmpfs"),
+        ("type=volume,target=/x", "unknown type='volume'; accepted types: bind, cache, tmpfs, secret"),
         ("type=cache,target=/x,bogus=1", "key 'bogus' is not accepted for type=cache; accepted: type, target, id"),
         ("type=cache,target=/x,from=base", "key 'from' is not accepted for type=cache (seeding a cache"),
         ("type=tmpfs,target=/x,rw", "key 'rw' is not accepted for type=tmpfs"),
@@ -137,6 +140,23 @@ def test_a_steps_layer_holds_nothing_at_or_below_a_mount_target(tmp_path):
     # The apk directory is the only other child of var/cache, yet var/cache is not made opaque: the image's
     # var/cache/apk/index stays, the removed file is a whiteout.
     assert names == ["var/cache/.wh.other", "work", "work/out"]
+
+
+def test_directories_made_only_on_the_way_to_a_mount_point_are_left_out(tmp_path):
+    tree = Tree()
+    tree.apply(write_tar(tmp_path / "base.tar", [_member("etc", tarfile.DIRTYPE), _member("srv", tarfile.DIRTYPE)]))
+    guest_tar = write_tar(tmp_path / "guest.tar", [
+        _member("etc", tarfile.DIRTYPE), _member("etc/app", tarfile.DIRTYPE),  # stubs of etc/app/conf/token
+        _member("etc/app/conf", tarfile.DIRTYPE),
+        _member("srv", tarfile.DIRTYPE), _member("srv/used", tarfile.DIRTYPE),  # the step also wrote in it
+        _member("srv/used/out", data=b"x"), _member("opt", tarfile.DIRTYPE),  # a stub of opt/c
+    ])  # fmt: skip
+    hidden = (("etc", "app", "conf", "token"), ("srv", "used", "m"), ("opt", "c"))
+    tar, entries = diff.read_guest_tar(guest_tar, hidden)
+    _, layer = diff.diff_layer(tree, tar, entries, hidden).write(tmp_path / "layers")
+    tar.close()
+    with tarfile.open(layer) as out:
+        assert out.getnames() == ["srv", "srv/used", "srv/used/out"]
 
 
 def test_two_archives_end_to_end_read_as_one_capture(tmp_path):
@@ -280,7 +300,7 @@ def test_mount_errors_are_found_before_any_vm_boots(tmp_path, cache_dir, state_d
     monkeypatch.setenv("MATCHLOCK_PULL_RETRIES", "1")
     root = _context(tmp_path)
     for line, message in [
-        ("RUN --mount=type=secret,id=x true", "Dockerfile:4: RUN --mount=type=secret,id=x: type=secret"),
+        ("RUN --mount=type=secret,id=x,required true", "Dockerfile:4: RUN --mount=type=secret,id=x is required but"),
         ("RUN --mount=type=bind,source=nope,target=/x true", "Dockerfile:4: RUN --mount source 'nope' not found"),
         (  # neither a stage nor an image: the store misses, and a loopback registry that refuses
             "RUN --mount=type=bind,from=127.0.0.1:9/no:1,target=/x true",

@@ -4,17 +4,23 @@ Two builds. The first RUN step mounts a cache, the build context (read-only, and
 read-write with its writes dropped), a tmpfs and an earlier stage's files at once; the second build (FROM the first image) mounts the
 same cache under another target and finds what the first left in it, and copies
 from the first image by its tag. None of the mounted files may be in either image.
+A third build mounts a secret given by `--secret id=token,env=VAR`: its step reads
+it, writes only its digest into the image, and the value is on no host disk after.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import subprocess
+import tarfile
 import uuid
 
 import pytest
 
-from matchlock.api.paths import cache_dir
+from matchlock.api.paths import cache_dir, state_dir
 from matchlock.build.mounts import cache_name
+from matchlock.image.store import ImageStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("vm_prerequisites")]
 
@@ -41,7 +47,7 @@ COPY --from={first} --chown=7:7 /work/seen /copied
 
 PROBE = (
     "cat /work/before /work/after /copied; stat -c %u /copied; ls -A /work; "
-    "for d in /var/cache/demo /elsewhere /scratch /tools /rw; do [ -e $d ] && echo $d: $(ls -A $d); done; ls -A /var/cache"
+    "for d in /var/cache/demo /elsewhere /scratch /tools /rw; do [ -e $d ] && echo $d: $(ls -A $d); done; [ -e /var/cache ] || echo no-var-cache"
 )
 
 
@@ -87,4 +93,55 @@ def test_cache_bind_and_tmpfs_mounts_stay_out_of_the_image_and_copy_from_an_imag
         "after",  # /work holds neither the context's files nor the ctx mount point
         "before",
         "seen",
+        "no-var-cache",  # the directory made on the way to the cache's mount point is left out too
     ], result  # and no mount point holds anything (nor exists: the layers leave the targets out)
+
+
+SECRET = """\
+FROM matchlock/busybox:builtin
+WORKDIR /work
+RUN --mount=type=secret,id=token,required --mount=type=secret,id=token,target=/etc/app/token,mode=0444 \\
+    --mount=type=secret,id=absent \\
+    sha256sum < /run/secrets/token > /digest && cmp /run/secrets/token /etc/app/token && \\
+    stat -c '%a %u %s' /run/secrets/token /etc/app/token && \\
+    if echo x > /run/secrets/token; then echo writable; else echo read-only; fi 2>/dev/null && \\
+    if [ -e /run/secrets/absent ]; then echo absent-is-there; else echo absent-is-absent; fi
+"""
+
+
+def test_a_secret_mount_is_read_by_the_step_and_left_nowhere_on_disk(cli, tmp_path):
+    value = f"value-{uuid.uuid4().hex}"
+    tag = f"test/secret-{uuid.uuid4().hex[:8]}:1"
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(SECRET)
+    try:
+        args = ["build", "-t", tag, "--secret", "id=token,env=BUILD_TOKEN", str(context)]
+        built = cli(*args, "--no-cache", timeout=600, env={"BUILD_TOKEN": value})  # runs, cached or not
+        assert built.returncode == 0, built
+        size = len(value)
+        assert f"\n400 0 {size}\n444 0 {size}\nread-only\nabsent-is-absent\n" in built.stderr, built.stderr
+        assert value not in built.stderr + built.stdout
+        again = cli(*args, timeout=600, env={"BUILD_TOKEN": "another value"})  # as BuildKit: a new value is no new key
+        assert again.returncode == 0 and again.stderr.splitlines()[-1].endswith("... CACHED"), again
+        assert again.stdout.splitlines()[1] == built.stdout.splitlines()[1]  # the same digest
+
+        probe = "cat /digest; ls -A /work"
+        result = cli("run", "--no-network", "--image", tag, "-u", "0", "--", "sh", "-c", probe)
+        assert result.returncode == 0, result
+        assert result.stdout == f"{hashlib.sha256(value.encode()).hexdigest()}  -\n", result
+
+        store = ImageStore()
+        info = store.resolve(tag)
+        layers = []
+        for record in store.layer_records(info):
+            with tarfile.open(store.layer_path(record.digest)) as layer:
+                layers.append(layer.getnames())
+        assert layers[-1] == ["digest"], layers[-1]  # the RUN's layer: no mount point, nor /etc/app made for one
+        assert not [n for names in layers for n in names if "token" in n or n.startswith("run/")]
+
+        searched = [str(state_dir()), str(cache_dir() / "build"), str(info.lower_path)]
+        found = subprocess.run(["grep", "-r", "-l", "-F", "-e", value, *searched], capture_output=True, text=True)
+        assert found.returncode == 1 and found.stdout == "", found  # 1: searched everything, found nothing
+    finally:
+        cli("image", "rm", tag)

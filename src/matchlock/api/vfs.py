@@ -27,12 +27,25 @@ MAX_ID = 2**32 - 2  # 2^32-1 is (uid_t)-1
 
 
 @dataclass(frozen=True)
+class MemoryFile:
+    """A memory mount that is one file holding `data` (`matchlock build`'s secret mounts): in-process only.
+
+    It never reaches JSON (`MountConfig.to_json` leaves it out) nor a repr, so its bytes stay in memory."""
+
+    data: bytes = field(repr=False)
+    mode: int = 0o400
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass(frozen=True)
 class MountConfig:
     type: str
     host_path: str = ""
     readonly: bool = False
     owner_uid: int | None = None
     owner_gid: int | None = None
+    file: MemoryFile | None = field(default=None, repr=False, compare=False)  # memory: one file, not a directory
 
     def validate(self, guest: str) -> None:
         label = f"vfs mount {guest}"
@@ -41,6 +54,8 @@ class MountConfig:
         if self.type == "memory":
             if self.host_path:
                 raise UsageError(f"{label}: a memory mount takes no host_path (got {self.host_path!r})")
+        elif self.file is not None:
+            raise UsageError(f"{label}: only a memory mount can be one in-memory file")
         else:
             if not self.host_path:
                 raise UsageError(f"{label}: type {self.type} needs host_path; fix: give the host directory")

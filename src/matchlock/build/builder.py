@@ -50,6 +50,7 @@ from . import mounts, steps
 from .context import BuildContext
 from .lexer import process_word, process_words
 from .run_step import RunRequest, StepFailed, run_step
+from .secrets import BuildSecret
 from .tree import LayerWriter, Tree, clamp_epoch
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
@@ -66,6 +67,7 @@ class BuildOptions:
     platform: str = ""
     network: NetworkConfig = field(default_factory=lambda: NetworkConfig(no_network=True))
     resources: Resources = field(default_factory=Resources)
+    secrets: dict[str, BuildSecret] = field(default_factory=dict)  # --secret id=...: RUN --mount=type=secret
 
 
 @dataclass
@@ -425,7 +427,18 @@ class Builder:
             if guest in guests:
                 raise UsageError(f"{shown}: another --mount of this RUN lands at {guest}; fix: use other targets")
             guests.add(guest)
-            if spec.type != "bind":
+            if spec.type == "secret":
+                secret = self.options.secrets.get(spec.id)
+                if secret is None and spec.required:
+                    raise UsageError(
+                        f"{where}: RUN --mount=type=secret,id={spec.id} is required but the build was not given it; "
+                        f"fix: matchlock build --secret id={spec.id},src=PATH (or env=VAR)"
+                    )
+                # The cache key holds whether it was given, never its value: a new value reuses the cached step.
+                planned.append(mounts.Planned(spec, guest, digest="given" if secret else "absent", secret=secret))
+                if secret is None:
+                    continue  # not mounted: the step sees no file there
+            elif spec.type != "bind":
                 planned.append(mounts.Planned(spec, guest))
             elif spec.source_from:
                 label = f"RUN --mount from={spec.source_from}"
@@ -461,6 +474,7 @@ class Builder:
                         p, self.context, self.root / "mounts", step_dir / f"mount-{index}", locks, self.say
                     )
                     for index, p in enumerate(planned)
+                    if p.spec.type != "secret" or p.secret is not None
                 }
                 request = RunRequest(
                     command=command, env=scope, workdir=state.config.get("WorkingDir") or "/",
@@ -567,7 +581,7 @@ def _check_mount_point(tree: Tree, planned: mounts.Planned, shown: str) -> None:
         source = planned.tree.get(planned.tree_parts) if planned.tree_parts else None
         is_dir = source is None or source.isdir()
     else:
-        is_dir = True  # cache and tmpfs
+        is_dir = planned.spec.type != "secret"  # cache and tmpfs are directories, a secret one file
     if existing.isdir() != is_dir:
         kind, other = ("a file", "a directory") if is_dir else ("a directory", "a file")
         raise UsageError(

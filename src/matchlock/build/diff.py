@@ -6,7 +6,8 @@ entries, a bounded size (the caller stops reading past its limit) and count.
 Paths the runtime manages (/proc, /sys, /dev, /run, /tmp, and the /etc files
 the agent writes) are neither captured nor deleted, and neither is anything at or
 below a RUN --mount target (`hidden`: the mount is not part of the layer, and
-what the image had there stays as it was). Unchanged entries are
+what the image had there stays as it was; the directories the guest made on the way to
+a target, still holding nothing else, are left out too). Unchanged entries are
 recognised by type, mode, owner, size, mtime and link target, so only what
 the step touched lands in the layer; deletions become whiteouts, and a
 directory whose old children are all gone becomes opaque.
@@ -130,6 +131,7 @@ def diff_layer(
     tree: Tree, tar: tarfile.TarFile | None, guest: dict[tuple[str, ...], tarfile.TarInfo], hidden: Hidden = ()
 ) -> LayerWriter:
     writer = LayerWriter()
+    guest = _without_stubs(tree, guest, hidden)
     changed: set[tuple[str, ...]] = set()
     for parts, member in guest.items():
         new = _effective(member, guest.get)
@@ -151,6 +153,23 @@ def diff_layer(
             writer.add(parts, member, _opener(tar, member) if member.isreg() else None)
     _deletions(tree, guest, writer, hidden)
     return writer
+
+
+def _without_stubs(
+    tree: Tree, guest: dict[tuple[str, ...], tarfile.TarInfo], hidden: Hidden
+) -> dict[tuple[str, ...], tarfile.TarInfo]:
+    """Leave out the directories the guest made on the way to a mount point (BuildKit drops its mount stubs):
+    not in the tree before, and holding nothing but the way to a target."""
+    ways = {t[:i] for t in hidden for i in range(1, len(t))}
+    candidates = [w for w in ways if w not in tree.entries and w in guest and guest[w].isdir()]
+    if not candidates:
+        return guest
+    stubs: set[tuple[str, ...]] = set()
+    for way in sorted(candidates, key=len, reverse=True):  # the deepest first: a stub may hold only stubs
+        below = [p for p in guest if len(p) > len(way) and p[: len(way)] == way]
+        if all(p in stubs for p in below):
+            stubs.add(way)
+    return {p: m for p, m in guest.items() if p not in stubs} if stubs else guest
 
 
 def _deletions(tree: Tree, guest: dict[tuple[str, ...], tarfile.TarInfo], writer: LayerWriter, hidden: Hidden) -> None:

@@ -2,8 +2,8 @@
 
 A spec is BuildKit's CSV (`type=cache,target=/root/.cache,id=pip`; keys are
 case-insensitive, values may be quoted). Every key is checked against what its
-type takes; anything else (type=secret, type=ssh, an unknown key) is refused
-naming `file:line`. A relative target is under WORKDIR, as BuildKit has it.
+type takes; anything else (type=ssh, an unknown key) is refused naming
+`file:line`. A relative target is under WORKDIR, as BuildKit has it.
 
 Each mount becomes a VFS mount of the step's sandbox (sandbox/vfs.py), so the
 guest's FUSE daemon serves it and the step's layer never holds it (diff.py
@@ -21,6 +21,13 @@ leaves everything at and below a target out):
   stage's files). A context whose `.dockerignore` leaves something out below
   the source is shown as a tree of hard links (copies across filesystems) of
   the included files only.
+- secret: one read-only file (default `/run/secrets/<id>`; `mode` 0400, `uid`
+  and `gid` 0 unless given) holding the value of `matchlock build --secret
+  id=<id>` (build/secrets.py). It is a memory mount seeded in-process
+  (api/vfs.py MemoryFile): the value never lands in a host file, a layer or
+  the cache key (which holds only the id and whether it was given, so a new
+  value does not re-run a cached step, as in BuildKit). A `required` secret
+  not given fails the step before its VM boots; any other is then left out.
 - tmpfs: an empty memory mount. `size` is checked and must fit the memory
   mount's own bound (512 MiB, `Limits.memory_bytes` in vfs/types.py).
 """
@@ -43,19 +50,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..api.errors import UsageError
-from ..api.vfs import MAX_ID, MountConfig, check_guest_path
+from ..api.vfs import MAX_ID, MemoryFile, MountConfig, check_guest_path
 from .context import BuildContext, Source
+from .secrets import BuildSecret
 from .tree import Tree, split
 
-TYPES = ("bind", "cache", "tmpfs")
+TYPES = ("bind", "cache", "tmpfs", "secret")
 SHARING = ("shared", "private", "locked")
 ALIASES = {"dst": "target", "destination": "target", "src": "source", "ro": "readonly", "readwrite": "rw"}
 KEYS = {
     "bind": ("type", "target", "source", "from", "readonly", "rw"),
     "cache": ("type", "target", "id", "sharing", "mode", "uid", "gid", "readonly"),
     "tmpfs": ("type", "target", "size"),
+    "secret": ("type", "id", "target", "required", "mode", "uid", "gid"),
 }
-BOOLEAN = frozenset({"readonly", "rw"})
+BOOLEAN = frozenset({"readonly", "rw", "required"})
+SECRETS_DIR = "/run/secrets"  # a secret's default target is SECRETS_DIR/<id>
 _TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})  # Go's strconv.ParseBool, as BuildKit reads them
 _FALSE = frozenset({"0", "f", "F", "false", "FALSE", "False"})
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?", re.IGNORECASE)
@@ -76,9 +86,10 @@ class MountSpec:
     source: str = ""  # bind: normalized, relative to the context or the from= root ("" is the root)
     source_from: str = ""  # bind: an earlier stage or an image; "" is the build context
     size: int = 0  # tmpfs, bytes; 0 when not given
+    required: bool = False  # secret: a build without it fails
 
     def key(self) -> list:
-        """What of the spec goes into the step's cache key (never a cache's content)."""
+        """What of the spec goes into the step's cache key (never a cache's content, nor a secret's value)."""
         return [self.type, self.target, self.readonly, self.id, self.sharing, self.mode, self.uid, self.gid,
                 self.source, self.source_from, self.size]  # fmt: skip
 
@@ -144,11 +155,8 @@ def parse(text: str, workdir: str, where: str) -> MountSpec:
         name = name.strip().lower()
         pairs.append((ALIASES.get(name, name), given if sep else None))
     kind = next((v for k, v in pairs if k == "type"), None) or "bind"  # BuildKit's default type
-    if kind in ("secret", "ssh"):
-        raise UsageError(
-            f"{shown}: type={kind} is not supported (a RUN step gets secrets only as network placeholders: "
-            f"matchlock build --secret); accepted types: {', '.join(TYPES)}"
-        )
+    if kind == "ssh":
+        raise UsageError(f"{shown}: type=ssh is not supported; accepted types: {', '.join(TYPES)}")
     if kind not in TYPES:
         raise UsageError(f"{shown}: unknown type={kind!r}; accepted types: {', '.join(TYPES)}")
     allowed = KEYS[kind]
@@ -169,6 +177,10 @@ def parse(text: str, workdir: str, where: str) -> MountSpec:
             raise UsageError(f"{shown}: key {key!r} needs a value ({key}=VALUE)")
         values[key] = value
     raw_target = values.get("target")
+    if kind == "secret" and not raw_target:
+        if not values.get("id"):
+            raise UsageError(f"{shown}: a secret mount needs id=NAME (or target=PATH, whose basename is the id)")
+        raw_target = f"{SECRETS_DIR}/{values['id']}"
     if not raw_target:
         raise UsageError(f"{shown}: target is required (target=PATH, absolute or relative to WORKDIR {workdir})")
     target = posixpath.normpath(posixpath.join(workdir or "/", raw_target))
@@ -195,6 +207,14 @@ def parse(text: str, workdir: str, where: str) -> MountSpec:
         options["sharing"] = sharing
         if "mode" in values:
             options["mode"] = _number("mode", str(values["mode"]), shown, 8, 0o7777)
+        for key in ("uid", "gid"):
+            if key in values:
+                options[key] = _number(key, str(values[key]), shown, 10, MAX_ID)
+    elif kind == "secret":
+        options["id"] = str(values.get("id") or posixpath.basename(target))
+        options["readonly"] = True
+        options["required"] = _bool("required", values["required"], shown) if "required" in values else False
+        options["mode"] = _number("mode", str(values["mode"]), shown, 8, 0o7777) if "mode" in values else 0o400
         for key in ("uid", "gid"):
             if key in values:
                 options[key] = _number(key, str(values[key]), shown, 10, MAX_ID)
@@ -233,7 +253,8 @@ class Planned:
     tree: Tree | None = None  # bind from= a stage or an image
     tree_parts: tuple[str, ...] = ()
     context: Source | None = None  # bind from the build context
-    digest: str = ""  # what the bind reads (a cache key part)
+    digest: str = ""  # what the bind reads (a cache key part); a secret's: only whether it was given
+    secret: BuildSecret | None = None  # type=secret: the value, when the build was given it
 
 
 def cache_name(cache_id: str) -> str:
@@ -248,6 +269,10 @@ async def serve(
     spec = planned.spec
     if spec.type == "tmpfs":
         return MountConfig(type="memory")
+    if spec.type == "secret":  # one read-only file, in the sandbox's memory only: never a host file
+        assert planned.secret is not None
+        seed = MemoryFile(planned.secret.data, spec.mode, spec.uid, spec.gid)
+        return MountConfig(type="memory", readonly=True, file=seed)
     if spec.type == "cache":
         directory = await _cache_directory(spec, cache_root, stack, say)
         return MountConfig(type="host_fs", host_path=str(directory), readonly=spec.readonly)

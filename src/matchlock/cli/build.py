@@ -13,6 +13,7 @@ from ..api.config import DEFAULT_CPUS, DEFAULT_DISK_SIZE_MB, DEFAULT_MEMORY_MB, 
 from ..api.errors import UsageError
 from ..api.network import NetworkConfig, parse_host_list
 from ..api.secrets import parse_secrets
+from ..build import secrets as build_secrets
 from ..image.reference import validate_new_tag
 
 _MB = 1024 * 1024
@@ -41,8 +42,10 @@ def parse_build_args(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--platform", default="", metavar="linux/ARCH", help="Only this host's platform is supported.")
 @click.option("--allow-host", multiple=True, metavar="GLOB[,GLOB]",
               help="Hosts RUN steps may reach (default: RUN steps have no network).")  # fmt: skip
-@click.option("--secret", multiple=True, metavar="NAME=VALUE@HOSTS",
-              help="Secret the proxy adds for HOSTS; RUN steps see a placeholder. NAME@HOSTS reads $NAME.")  # fmt: skip
+@click.option("--secret", multiple=True, metavar="id=ID[,src=PATH|,env=VAR] | NAME=VALUE@HOSTS",
+              help="id=ID,src=PATH (or env=VAR; neither: $ID if set, else the file ID): a file for RUN "
+                   "--mount=type=secret,id=ID, at most 500 KiB, kept in memory. NAME=VALUE@HOSTS (NAME@HOSTS reads "
+                   "$NAME): a secret the proxy adds for HOSTS; RUN steps see a placeholder.")  # fmt: skip
 @click.option("--cpus", type=float, default=DEFAULT_CPUS, show_default=True, help="CPUs of each RUN sandbox.")
 @click.option("--memory", type=int, default=DEFAULT_MEMORY_MB, show_default=True, help="Memory (MB) of each RUN.")
 @click.option("--disk-size", type=int, default=DEFAULT_DISK_SIZE_MB, show_default=True,
@@ -56,7 +59,8 @@ def build(tag, dockerfile, build_arg, target, no_cache, platform, allow_host, se
     validate_new_tag(tag)
     if not context.is_dir():
         raise UsageError(f'build context "{context}" is not a directory')
-    secrets = parse_secrets(secret, (), None, os.environ)
+    file_secrets = build_secrets.parse_all([s for s in secret if build_secrets.is_file_secret(s)], os.environ)
+    secrets = parse_secrets([s for s in secret if not build_secrets.is_file_secret(s)], (), None, os.environ)
     hosts = parse_host_list(allow_host)
     network = NetworkConfig(no_network=not (hosts or secrets), allowed_hosts=hosts, secrets=secrets)
     network.validate()
@@ -67,7 +71,7 @@ def build(tag, dockerfile, build_arg, target, no_cache, platform, allow_host, se
     options = BuildOptions(
         context=context, tag=tag, dockerfile=Path(dockerfile) if dockerfile else None,
         build_args=parse_build_args(build_arg), target=target, no_cache=no_cache, platform=platform,
-        network=network, resources=resources,
+        network=network, resources=resources, secrets=file_secrets,
     )  # fmt: skip
 
     def say(line: str) -> None:

@@ -128,6 +128,11 @@ def _open_copy(path: Path, pid: int | None) -> Path:
 async def create(sandbox: Sandbox, store: StateStore, name: str, mode: str) -> records.SnapshotRecord:
     """Snapshot `sandbox` as `name`; on any failure nothing of it is left (and `ls` never shows it)."""
     machine = _machine(sandbox)
+    held = sorted(guest for guest, m in sandbox.config.vfs.mounts.items() if m.file is not None)
+    if held:  # a build's secret mount: its bytes must never reach a disk (the snapshot's files or saved memory)
+        raise UsageError(
+            f"sandbox {sandbox.id} holds in-memory secret files ({', '.join(held)}); it cannot be snapshotted"
+        )
     name = name or default_name(sandbox.id)
     directory = records.begin(store, name, sandbox.id, mode)
     try:

@@ -61,6 +61,9 @@ class SandboxVFS:
     def _provider(self, index: int, guest: str, mount: MountConfig, directory: Path, local: bool) -> Provider:
         ino_base = (index + 1) << 56  # keeps inode numbers of different mounts apart
         try:
+            if mount.type == "memory" and mount.file is not None:
+                seed = mount.file
+                return MemoryProvider.single_file(seed.data, seed.mode, seed.uid, seed.gid, self.limits)
             if mount.type == "memory":
                 return MemoryProvider(self.limits)
             if mount.type == "overlay" and not local:

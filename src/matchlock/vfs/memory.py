@@ -79,6 +79,16 @@ class MemoryProvider(Provider):
         self.nodes = 1
         self.lock = threading.RLock()
 
+    @classmethod
+    def single_file(cls, data: bytes, mode: int, uid: int, gid: int, limits: Limits | None = None) -> MemoryProvider:
+        """A mount that is one regular file holding `data` (its root is the file, as a host_fs of a file)."""
+        provider = cls(limits)
+        if len(data) > provider.limits.memory_bytes:
+            raise FsError(errno.EFBIG, f"a memory mount holds at most {provider.limits.memory_bytes} bytes")
+        provider.root = _Inode(stat.S_IFREG | (mode & 0o7777), uid=uid, gid=gid, data=bytearray(data))
+        provider.bytes_used = len(data)
+        return provider
+
     # --- lookup ----------------------------------------------------------------------------------------------
 
     def _get(self, path: Path) -> _Inode:
