@@ -171,3 +171,19 @@ def test_a_secret_is_served_as_one_read_only_file_from_memory(tmp_path):
     assert not (tmp_path / "sandbox").exists()
     with pytest.raises(UsageError, match="only a memory mount can be one in-memory file"):
         MountConfig(type="host_fs", host_path=str(tmp_path), file=MemoryFile(b"x")).validate("/x")
+
+
+def test_a_sandbox_holding_a_secret_file_is_never_snapshotted() -> None:
+    """Its saved memory or VFS state would put the secret's bytes on disk. (A stand-in sandbox: only the
+    refusal before anything is saved is under test; the store is never reached.)"""
+    from types import SimpleNamespace
+
+    from matchlock.sandbox import snapshots
+
+    mounts = {"/run/secrets/tok": MountConfig("memory", file=MemoryFile(b"value"))}
+    sandbox = SimpleNamespace(
+        id="vm-0123abcd", machine=SimpleNamespace(running=True), closed=False,
+        config=SimpleNamespace(vfs=VFSConfig(mounts=mounts)),
+    )  # fmt: skip
+    with pytest.raises(UsageError, match=r"holds in-memory secret files \(/run/secrets/tok\)"):
+        asyncio.run(snapshots.create(sandbox, None, "s", "full"))
