@@ -328,7 +328,7 @@ async def test_new_files_keep_the_guests_mode_whatever_the_hosts_umask(host: Pat
 @pytest.mark.parametrize("provider", ["memory", "host_fs"])
 async def test_fstat_of_an_unlinked_open_file_answers_from_its_handle(host: Path, provider: str) -> None:
     # pjdfstest unlink/14.t: open, unlink, fstat. The kernel's GETATTR for fstat carries no fh, and the
-    # name is gone, so the router answered ENOENT; an open handle on the node answers instead (nlink 0).
+    # name is gone, so the router answered ESTALE; an open handle on the node answers instead (nlink 0).
     guest = _one_mount(host, provider)
     try:
         node, opened = await _written_and_opened(guest, "/w/f", b"Hello")
@@ -336,6 +336,7 @@ async def test_fstat_of_an_unlinked_open_file_answers_from_its_handle(host: Path
         reply = await guest.call(wire.Getattr(node, 0))
         assert isinstance(reply, wire.AttrReply) and (reply.attr.nlink, reply.attr.size) == (0, 5)
         await guest.call(wire.Release(node, opened.fh))
-        assert await guest.errno_of(wire.Getattr(node, 0)) == errno.ENOENT  # closed: nothing answers
+        # Closed: nothing answers. ESTALE makes the guest kernel walk the path again (and find it gone).
+        assert await guest.errno_of(wire.Getattr(node, 0)) == errno.ESTALE
     finally:
         guest.close()

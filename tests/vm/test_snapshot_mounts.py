@@ -43,8 +43,10 @@ def _done(*clients: Client) -> None:
 
 
 def _logged(client: Client) -> tuple[int, int]:
-    log, cur = client.exec("tail -n 1 /workspace/log; cat /workspace/cur").stdout.split()
-    return int(log), int(cur)
+    result = client.exec("tail -n 1 /workspace/log; cat /workspace/cur")
+    counts = result.stdout.split()
+    assert len(counts) == 2, (client.vm_id, result)
+    return int(counts[0]), int(counts[1])
 
 
 def _writing(client: Client) -> None:

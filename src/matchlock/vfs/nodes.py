@@ -64,7 +64,9 @@ class NodeTable:
             names.append(node.name)
             node = node.parent
         if node.nlookup != NEVER_FORGOTTEN:  # detached: unlinked or renamed over
-            raise FsError(errno.ENOENT)
+            # ESTALE, not ENOENT: the guest kernel then walks the path again (LOOKUP_REVAL), so an open or
+            # stat that raced a rename over its name finds the new file, as on a local filesystem.
+            raise FsError(errno.ESTALE, "the node's name is gone (unlinked or renamed over)")
         return node.root + tuple(reversed(names))
 
     def find(self, parts: Path) -> Node | None:
