@@ -127,9 +127,10 @@ def _size(value: str, shown: str) -> int:
         raise UsageError(f"{shown}: size={value!r} is not a size; use bytes or e.g. 64m, 1g")
     scale = 1024 ** " kmgtp".index((match.group(2) or " ").lower())
     size = int(float(match.group(1)) * scale)
-    bound = MAX_TMPFS
-    if not 0 < size <= bound:
-        raise UsageError(f"{shown}: size={value!r} must be above 0 and at most {bound >> 20}m (a memory mount's bound)")
+    if not 0 < size <= MAX_TMPFS:
+        raise UsageError(
+            f"{shown}: size={value!r} must be above 0 and at most {MAX_TMPFS >> 20}m (a memory mount's bound)"
+        )
     return size
 
 
@@ -205,22 +206,23 @@ def parse(text: str, workdir: str, where: str) -> MountSpec:
         if sharing not in SHARING:
             raise UsageError(f"{shown}: sharing={sharing!r} is not one of {', '.join(SHARING)}")
         options["sharing"] = sharing
-        if "mode" in values:
-            options["mode"] = _number("mode", str(values["mode"]), shown, 8, 0o7777)
-        for key in ("uid", "gid"):
-            if key in values:
-                options[key] = _number(key, str(values[key]), shown, 10, MAX_ID)
+        options.update(_ownership(values, shown))
     elif kind == "secret":
         options["id"] = str(values.get("id") or posixpath.basename(target))
         options["readonly"] = True
         options["required"] = _bool("required", values["required"], shown) if "required" in values else False
-        options["mode"] = _number("mode", str(values["mode"]), shown, 8, 0o7777) if "mode" in values else 0o400
-        for key in ("uid", "gid"):
-            if key in values:
-                options[key] = _number(key, str(values[key]), shown, 10, MAX_ID)
+        options.update({"mode": 0o400, **_ownership(values, shown)})
     else:
         options["size"] = _size(str(values["size"]), shown) if "size" in values else 0
     return MountSpec(**options)
+
+
+def _ownership(values: dict[str, str | None], shown: str) -> dict[str, int]:
+    """The `mode`, `uid` and `gid` a cache or secret mount was given (the spec's defaults otherwise)."""
+    owned: dict[str, int] = {k: _number(k, str(values[k]), shown, 10, MAX_ID) for k in ("uid", "gid") if k in values}
+    if "mode" in values:
+        owned["mode"] = _number("mode", str(values["mode"]), shown, 8, 0o7777)
+    return owned
 
 
 def check_target(target: str, shown: str) -> None:

@@ -230,11 +230,10 @@ def _given(param: str) -> bool:
 def _given_for_restore(image: str, cpus: float, memory: int, disk_size: int) -> dict:
     """The --image and machine flags given on the command line (not defaults): a restore checks them
     against the snapshot's, so that none is silently ignored."""
-    given = _given
     resources = {key: float(value) for key, param, value in
                  (("cpus", "cpus", cpus), ("memory_mb", "memory", memory), ("disk_size_mb", "disk_size", disk_size))
-                 if given(param)}  # fmt: skip
-    return {"image": image if given("image") else "", "resources": resources}
+                 if _given(param)}  # fmt: skip
+    return {"image": image if _given("image") else "", "resources": resources}
 
 
 def _restore_config(
