@@ -117,8 +117,10 @@ async def _channel_in(box, mib: int) -> float:
     return time.perf_counter() - started
 
 
-async def run(files: int, mib: int, runs: int, mount_type: str) -> tuple[dict[str, float], list[dict[str, float]]]:
-    from matchlock.api.config import NetworkConfig, SandboxConfig
+async def run(
+    files: int, mib: int, runs: int, mount_type: str, cpus: float = 1.0
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    from matchlock.api.config import NetworkConfig, Resources, SandboxConfig
     from matchlock.api.vfs import MountConfig, VFSConfig
     from matchlock.sandbox.sandbox import Sandbox
     from support.cli import MATCHLOCK
@@ -129,7 +131,13 @@ async def run(files: int, mib: int, runs: int, mount_type: str) -> tuple[dict[st
         small_files_repo(Path(share) / "tree.tar", files)
         vfs = VFSConfig(workspace="/workspace", mounts={"/workspace/h": MountConfig(mount_type, share)})
         # Privileged: the guest may drop its page cache before cold steps.
-        config = SandboxConfig(image=image, privileged=True, network=NetworkConfig(no_network=True), vfs=vfs)
+        config = SandboxConfig(
+            image=image,
+            resources=Resources(cpus=cpus),
+            privileged=True,
+            network=NetworkConfig(no_network=True),
+            vfs=vfs,
+        )
         box = await Sandbox.create(config)
         try:
             await _timed(box, "cp /workspace/h/tree.tar /root/tree.tar")  # a local tarball for both sides
@@ -173,11 +181,14 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mount-type", default="host_fs", choices=("host_fs", "overlay"))
+    parser.add_argument("--cpus", type=float, default=1.0, help="guest vCPUs (both sides of every ratio)")
     args = parser.parse_args()
     with private_state_dir():
         started = time.perf_counter()
-        meta, bulk = asyncio.run(run(args.files, args.mib, args.runs, args.mount_type))
-    print(f"{args.mount_type} mount, {os.cpu_count()} host cores, whole run {time.perf_counter() - started:.0f} s")
+        meta, bulk = asyncio.run(run(args.files, args.mib, args.runs, args.mount_type, args.cpus))
+    print(
+        f"{args.mount_type} mount, {args.cpus:g} guest vCPUs, {os.cpu_count()} host cores, whole run {time.perf_counter() - started:.0f} s"
+    )
     for step in ("untar", "find_stat", "git_status", "git_status_cold"):
         mount, upper = meta[f"mount_{step}"], meta[f"upper_{step}"]
         print(f"metadata {step} ({args.files} files): mount {mount:.2f} s, upper {upper:.2f} s, "
