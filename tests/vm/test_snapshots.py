@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,31 @@ def test_pause_stops_the_guest_and_resume_continues_it(source):
     assert after - before < 10, (before, after)  # stood still while paused
     _wait_count_above(source, after)
     assert "paused" not in _ok("list")
+
+
+def test_a_pause_asked_for_during_a_snapshot_waits_for_it_and_holds(source, module_state_dir):
+    # The snapshot stops the vCPUs and starts them again at its end: a pause that came in meanwhile used
+    # to be undone by that, with `list` saying paused, exec running and `resume` answering "not paused".
+    from matchlock.sandbox.relay_client import control
+
+    _sh(source, "dd if=/dev/urandom of=/dev/shm/fill bs=1M count=160 2>/dev/null")  # a slower save
+    directory = Path(module_state_dir, "snapshots", "during")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            saving = pool.submit(control, source, "snapshot", name="during", mode="full")
+            while not directory.exists() and not saving.done():
+                time.sleep(0.002)
+            assert control(source, "pause") == {"id": source, "paused": True}
+            assert saving.result()["name"] == "during"
+        assert json.loads(_ok("get", source))["paused"] is True
+        refused = run_matchlock("exec", source, "--", "true")
+        assert refused.returncode == 1 and f"sandbox {source} is paused" in refused.stderr, refused
+        assert _ok("resume", source).strip() == f"Resumed {source}"
+        _wait_count_above(source, _count(source))
+    finally:
+        run_matchlock("resume", source)
+        _sh(source, "rm -f /dev/shm/fill")
+        run_matchlock("snapshot", "rm", "during")
 
 
 def test_full_snapshot_restore_keeps_processes_files_and_gets_a_new_ca(source, module_state_dir):

@@ -21,7 +21,7 @@ import signal
 from pathlib import Path
 from typing import cast
 
-from ..api.errors import MatchlockError
+from ..api.errors import MatchlockError, UsageError
 from ..wire.agent import TerminalSize
 from . import relay_protocol as rp
 from .process import GuestProcess
@@ -267,7 +267,7 @@ async def _control(sandbox: Sandbox, action: rp.ControlAction) -> bytes:
         record = await snapshots.create(sandbox, store, action.name, action.mode or "full")
         return rp.ControlReply(record.to_json()).encode()
     except MatchlockError as exc:
-        return rp.ControlReply(error=str(exc)).encode()
+        return rp.ControlReply(error=str(exc), usage=isinstance(exc, UsageError)).encode()
 
 
 def _exec_spec(action: rp.ExecAction) -> ExecSpec:

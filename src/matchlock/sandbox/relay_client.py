@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..api.errors import MatchlockError
+from ..api.errors import MatchlockError, UsageError
 from ..api.paths import find_vm_dir
 from . import relay_protocol as rp
 
@@ -123,6 +123,8 @@ def control(vm_id: str, action: str, *, name: str = "", mode: str = "") -> dict:
     if not replies:
         raise MatchlockError(f"sandbox {vm_id} closed the connection")
     reply = replies[0]
+    if isinstance(reply, rp.ControlReply) and reply.usage:
+        raise UsageError(reply.error)  # exit 2, as when the CLI finds the same problem itself
     if isinstance(reply, rp.ControlReply | rp.ExecReply) and reply.error:
         raise MatchlockError(reply.error)
     if not isinstance(reply, rp.ControlReply):

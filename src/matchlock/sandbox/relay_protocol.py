@@ -353,22 +353,25 @@ class AllowListReply(NamedTuple):
 
 
 class ControlReply(NamedTuple):
-    """What a control action did (`result`: a JSON object), or why it failed."""
+    """What a control action did (`result`: a JSON object), or why it failed; `usage` says the failure was
+    a bad request (a snapshot name that is taken, say: the CLI exits 2 for it, as for a bad flag)."""
 
     result: dict | None = None
     error: str = ""
+    usage: bool = False
 
     def encode(self) -> bytes:
-        body = {"error": self.error} if self.error else {"result": self.result or {}}
+        body = {"error": self.error, **({"usage": True} if self.usage else {})} if self.error else {}
+        body = body or {"result": self.result or {}}
         return encode(CONTROL_RESULT, json.dumps(body).encode())
 
     @classmethod
     def parse(cls, payload: bytes) -> ControlReply:
         reply = _json_object(payload, "control result")
-        error, result = reply.get("error") or "", reply.get("result") or {}
-        if not isinstance(error, str) or not isinstance(result, dict):
+        error, result, usage = reply.get("error") or "", reply.get("result") or {}, reply.get("usage", False)
+        if not isinstance(error, str) or not isinstance(result, dict) or not isinstance(usage, bool):
             raise RelayProtocolError("the control result needs a string 'error' or an object 'result'")
-        return cls(None if error else result, error)
+        return cls(None if error else result, error, usage and bool(error))
 
 
 Reply = Output | Exited | ExecReply | AllowListReply | ControlReply

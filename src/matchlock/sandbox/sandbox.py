@@ -135,6 +135,9 @@ class Sandbox:
         self.vfs: SandboxVFS | None = None  # host files served to the guest (config.vfs has mounts)
         self.disk_holds = contextlib.ExitStack()  # the extra disks' locks, released after QEMU exits
         self.paused = False  # vCPUs stopped by `pause` (sandbox/snapshots.py)
+        # Held by pause, resume and snapshot (sandbox/snapshots.py): each changes whether the vCPUs run and
+        # restores it after, so one must not run inside another (the relay and RPC serve requests at once).
+        self.control_lock = asyncio.Lock()
         self._proxy_started: asyncio.Task[None] | None = None  # the network's proxy, starting beside QEMU
 
     @property

@@ -79,25 +79,48 @@ def _mark(sandbox: Sandbox, paused: bool) -> None:
 
 
 async def pause(sandbox: Sandbox) -> None:
-    """Stop the vCPUs; memory, disks, network and open connections stay. Exec waits for `resume`."""
-    machine = _machine(sandbox)
-    if sandbox.paused:
-        # The sandbox's state, not a parameter: RPC -32000 (VMError), not -32602 "invalid params".
-        raise VMError(f"sandbox {sandbox.id} is already paused; fix: matchlock resume {sandbox.id}")
-    await checkpoint.pause(machine)
-    _mark(sandbox, True)
+    """Stop the vCPUs; memory, disks, network and open connections stay. Exec waits for `resume`.
+
+    A pause asked for while a snapshot runs waits for it (`control_lock`): the snapshot starts the vCPUs
+    again when it ends, which would silently undo a pause made meanwhile."""
+    async with sandbox.control_lock:
+        machine = _machine(sandbox)
+        if sandbox.paused:
+            # The sandbox's state, not a parameter: RPC -32000 (VMError), not -32602 "invalid params".
+            raise VMError(f"sandbox {sandbox.id} is already paused; fix: matchlock resume {sandbox.id}")
+        await checkpoint.pause(machine)
+        _mark(sandbox, True)
 
 
 async def resume(sandbox: Sandbox) -> None:
-    machine = _machine(sandbox)
-    if not sandbox.paused:
-        raise VMError(f"sandbox {sandbox.id} is not paused; fix: nothing to resume (see `matchlock list`)")
-    await checkpoint.resume(machine)
-    _mark(sandbox, False)
+    async with sandbox.control_lock:
+        machine = _machine(sandbox)
+        if not sandbox.paused:
+            raise VMError(f"sandbox {sandbox.id} is not paused; fix: nothing to resume (see `matchlock list`)")
+        await checkpoint.resume(machine)
+        _mark(sandbox, False)
 
 
 def default_name(vm_id: str) -> str:
     return f"{vm_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+DEFAULT_NAME_TRIES = 100
+
+
+def _begin(store: StateStore, name: str, vm_id: str, mode: str) -> tuple[str, Path]:
+    """Claim `name`, or without one the default name: the first of `<id>-<time>`, `<id>-<time>-2`, ...
+    that is free (a second snapshot in the same second must not fail on a name nobody chose)."""
+    if name:
+        return name, records.begin(store, name, vm_id, mode)
+    base = default_name(vm_id)
+    for attempt in range(1, DEFAULT_NAME_TRIES + 1):
+        candidate = base if attempt == 1 else f"{base}-{attempt}"
+        try:
+            return candidate, records.begin(store, candidate, vm_id, mode)
+        except records.NameTaken:
+            continue
+    raise records.name_taken(base)
 
 
 def _link(source: Path, target: Path, pid: int | None) -> None:
@@ -133,22 +156,23 @@ async def create(sandbox: Sandbox, store: StateStore, name: str, mode: str) -> r
         raise UsageError(
             f"sandbox {sandbox.id} holds in-memory secret files ({', '.join(held)}); it cannot be snapshotted"
         )
-    name = name or default_name(sandbox.id)
-    directory = records.begin(store, name, sandbox.id, mode)
-    try:
-        meta = _describe(sandbox, machine.spec, mode)
-        if mode == "full":
-            # The saved memory holds these files' pages: a rebuilt runtime or image must not replace them.
-            for key, filename in LINKED.items():
-                if meta["files"].get(key):
-                    _link(Path(meta["files"][key]), directory / filename, machine.pid)
-            await _save_full(sandbox, directory)
-        else:
-            await _save_disks(sandbox, directory)
-        return records.complete(store, name, meta)
-    except BaseException:
-        records.remove(store, name)
-        raise
+    async with sandbox.control_lock:  # one at a time, and no pause or resume in the middle of one
+        machine = _machine(sandbox)  # it may have stopped while this waited
+        name, directory = _begin(store, name, sandbox.id, mode)
+        try:
+            meta = _describe(sandbox, machine.spec, mode)
+            if mode == "full":
+                # The saved memory holds these files' pages: a rebuilt runtime or image must not replace them.
+                for key, filename in LINKED.items():
+                    if meta["files"].get(key):
+                        _link(Path(meta["files"][key]), directory / filename, machine.pid)
+                await _save_full(sandbox, directory)
+            else:
+                await _save_disks(sandbox, directory)
+            return records.complete(store, name, meta)
+        except BaseException:
+            records.remove(store, name)
+            raise
 
 
 def _describe(sandbox: Sandbox, spec: MachineSpec, mode: str) -> dict:

@@ -112,8 +112,12 @@ def snapshot_dir(store: StateStore, name: str) -> Path:
     return snapshots_dir(store) / validate_name(name)
 
 
-def name_taken(name: str) -> UsageError:
-    return UsageError(f"a snapshot named {name!r} already exists; fix: pick another --name or `snapshot rm {name}`")
+class NameTaken(UsageError):
+    """`begin` found a snapshot of that name (ready, or still being made)."""
+
+
+def name_taken(name: str) -> NameTaken:
+    return NameTaken(f"a snapshot named {name!r} already exists; fix: pick another --name or `snapshot rm {name}`")
 
 
 def begin(store: StateStore, name: str, source_vm: str, mode: str) -> Path:

@@ -96,20 +96,26 @@ class VMState:
 
     @property
     def shown_status(self) -> str:
-        return "paused" if self.paused and self.status == OWNER_RUNNING else self.status
+        """The `list` table's STATUS: `paused` for a running sandbox whose vCPUs are stopped."""
+        return "paused" if self.is_paused else self.status
+
+    @property
+    def is_paused(self) -> bool:
+        return self.paused and self.status == OWNER_RUNNING
 
     def to_json(self) -> dict:
-        out = {
+        """`get`, `inspect` and `list --json`: `status` stays the owner's (running, stopped, crashed, as the
+        contracts have it; `list --running` selects on it), and `paused`, in every object, says whether the
+        vCPUs are stopped, so every sandbox has the same keys."""
+        return {
             "id": self.id,
             "pid": self.pid,
             "status": self.status,
+            "paused": self.is_paused,
             "image": self.image,
             "created_at": self.created_at,
             "config": self.config,
         }
-        if self.paused and self.status == OWNER_RUNNING:
-            out["paused"] = True
-        return out
 
 
 class StateStore:
