@@ -601,6 +601,15 @@ class Sandbox:
 
     async def _guest_poweroff(self, timeout: float) -> None:
         assert self.channel is not None and self.machine is not None
+        if self.paused:
+            # Stopped vCPUs would never read the request: the grace would pass for nothing and the
+            # guest's unsynced writes to a --disk volume be lost. `docker stop` of a paused container
+            # unpauses it too.
+            try:
+                await checkpoint.resume(self.machine)
+                self.paused = False
+            except (VMError, ConnectionError, OSError):
+                return
         try:
             stream = self.channel.open({"op": msgs.OP_SHUTDOWN})
             async with asyncio.timeout(timeout):
