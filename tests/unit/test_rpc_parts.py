@@ -148,6 +148,32 @@ async def test_reader_returns_chunks_then_eof() -> None:
     os.close(read_fd)
 
 
+def test_the_reader_thread_ends_quietly_when_the_server_is_gone(monkeypatch) -> None:
+    # `matchlock rpc` ends (after `close`) while its reader thread still has input for it: the thread
+    # used to die with a traceback on stderr (its queued put was cancelled with the loop).
+    import threading
+
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    read_fd, write_fd = os.pipe()
+    reader: list[StdinReader] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        reader.append(StdinReader(read_fd, loop))
+        reader[0].start()
+        for _ in range(6):  # more chunks than it reads ahead; the server reads none of them
+            os.write(write_fd, b'{"jsonrpc":"2.0","method":"snapshot_list","id":1}\n')
+            for _ in range(100):  # a chunk at a time: let the thread take each before the next
+                await asyncio.sleep(0.001)
+
+    asyncio.run(main())
+    os.close(write_fd)  # a thread still in its read gets EOF
+    reader[0]._thread.join()  # it returns once it sees the loop is gone
+    os.close(read_fd)
+    assert died == []
+
+
 @pytest.mark.parametrize(
     ("params", "graceful", "error"),
     [

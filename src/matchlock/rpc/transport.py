@@ -24,32 +24,45 @@ READ_SIZE = 1024 * 1024
 HIGH_WATER = 4 * 1024 * 1024
 
 
+READ_AHEAD = 4  # chunks the thread reads before the server takes them
+LOOP_CHECK_SECONDS = 0.5  # how often a thread waiting for room looks whether the server is gone
+
+
 class StdinReader:
-    """Reads `fd` on a daemon thread; `read()` returns the next chunk, b"" at EOF or on a read error."""
+    """Reads `fd` on a daemon thread; `read()` returns the next chunk, b"" at EOF or on a read error.
+
+    The thread hands chunks over with `call_soon_threadsafe`, never a coroutine or a future: when the
+    server ends with input still unread (after `close`), there is nothing to cancel, so the thread ends
+    quietly instead of dying with a traceback (or leaving a coroutine never awaited)."""
 
     def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
         self._fd = fd
         self._loop = loop
-        # A small queue: the thread reads at most a few chunks ahead of the server.
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._room = threading.Semaphore(READ_AHEAD)  # released as the server takes chunks
         self._thread = threading.Thread(target=self._run, name="rpc-stdin", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     async def read(self) -> bytes:
-        return await self._queue.get()
+        chunk = await self._queue.get()
+        self._room.release()
+        return chunk
 
     def _run(self) -> None:
         while True:
+            while not self._room.acquire(timeout=LOOP_CHECK_SECONDS):
+                if self._loop.is_closed():
+                    return
             try:
                 chunk = os.read(self._fd, READ_SIZE)
             except OSError as exc:
                 log.warning("reading stdin failed: %s", exc)
                 chunk = b""
             try:
-                asyncio.run_coroutine_threadsafe(self._queue.put(chunk), self._loop).result()
-            except (RuntimeError, asyncio.CancelledError, TimeoutError):
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
+            except RuntimeError:
                 return  # the loop is gone: nobody is listening any more
             if not chunk:
                 return
