@@ -196,3 +196,24 @@ def test_get_and_list_json_keep_the_contract_status_and_carry_paused_for_every_s
     table = cli("list").stdout.splitlines()
     assert [line.split()[1] for line in table[1:]] == ["paused", "running"]
     assert cli("list", "--running", "-q").stdout.split() == ["vm-0000aaaa", "vm-0000bbbb"]  # a paused one runs
+
+
+def test_gc_keeps_a_snapshot_begun_while_it_looks_for_stray_directories(store, monkeypatch):
+    # `gc` (remove_abandoned) removes snapshot directories no record names. A snapshot begun (a fork's,
+    # say) between its reading the names and listing the directories used to be removed while being made.
+    from pathlib import Path
+
+    store.register("vm-live0002", image="img", config={})
+    records.begin(store, "older", "vm-live0002", "full")
+    root, original, begun = records.snapshots_dir(store), Path.iterdir, []
+
+    def iterdir(path):
+        if path == root and not begun:  # the other snapshot starts just as gc lists the directories
+            begun.append(records.begin(store, "fork-0000new", "vm-live0002", "full"))
+        return original(path)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert records.remove_abandoned(store) == []
+    monkeypatch.undo()
+    assert begun and records.snapshot_dir(store, "fork-0000new").is_dir()
+    assert sorted(r.name for r in records.partial(store)) == ["fork-0000new", "older"]

@@ -204,9 +204,12 @@ def remove_abandoned(store: StateStore) -> list[str]:
         if vm is None or not store.owner_alive(vm):
             remove(store, record.name)
             removed.append(record.name)
-    known = {row["name"] for row in store.conn.execute("SELECT name FROM snapshots")}
+    # The directories first, then the names: `begin` records a name before it makes the directory, so one
+    # begun between the two reads is known; read the other way round, it was removed while being made.
     root = snapshots_dir(store)
-    for directory in root.iterdir() if root.is_dir() else ():
+    directories = list(root.iterdir()) if root.is_dir() else []
+    known = {row["name"] for row in store.conn.execute("SELECT name FROM snapshots")}
+    for directory in directories:
         if directory.name not in known:
             shutil.rmtree(directory, ignore_errors=True)
             removed.append(directory.name)
