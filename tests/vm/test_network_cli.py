@@ -411,6 +411,30 @@ def test_two_sandboxes_with_different_secrets_do_not_cross(net_cli, net_detached
     assert query(vm_b, placeholder_a) == f"t={placeholder_a}"
 
 
+def test_a_restore_substitutes_the_secret_value_it_is_given_never_the_sources(net_cli, net_detached, state_dir):
+    old, new = "old-" + secrets.token_hex(6), "new-" + secrets.token_hex(6)
+    vm = net_detached("--secret", f"TOKEN={old}@api.test", *DNS, *ADD_HOSTS)
+    placeholder = net_cli("exec", vm, "--", "sh", "-c", 'echo "$TOKEN"').stdout.strip()
+    assert net_cli("snapshot", "create", vm, "--name", "secret-swap").returncode == 0
+    clone = net_detached("--from-snapshot", "secret-swap", "--secret", f"TOKEN={new}@api.test")
+
+    def query(target: str) -> str:
+        out = net_cli("exec", target, "--", "sh", "-c", PROBE + f'p "http://api.test/echo?t={placeholder}"').stdout
+        ((ok, detail),) = probes(out).values()
+        assert ok, out
+        return json.loads(detail)["query"]
+
+    # The clone's processes hold the source's placeholder (a full restore keeps them running).
+    assert net_cli("exec", clone, "--", "sh", "-c", 'echo "$TOKEN"').stdout.strip() == placeholder
+    assert query(clone) == f"t={new}"
+    assert query(vm) == f"t={old}"  # the source keeps its own
+    for path in state_dir.rglob("*"):  # neither value was written down (the snapshot included)
+        if path.is_file():
+            data = path.read_bytes()
+            assert old.encode() not in data and new.encode() not in data, path
+    net_cli("snapshot", "rm", "secret-swap")
+
+
 # --- streaming, HTTP/2, WebSocket through interception -----------------------------------------------
 
 
