@@ -217,3 +217,21 @@ def test_gc_keeps_a_snapshot_begun_while_it_looks_for_stray_directories(store, m
     monkeypatch.undo()
     assert begun and records.snapshot_dir(store, "fork-0000new").is_dir()
     assert sorted(r.name for r in records.partial(store)) == ["fork-0000new", "older"]
+
+
+def test_snapshot_rm_refuses_a_snapshot_that_a_restore_is_reading(store):
+    # A removal in the middle of a restore used to fail that start half way ("kernel is gone", "can't
+    # open backing store .../ram"); now the removal waits for the restore to have what it needs.
+    store.register("vm-live0003", image="img", config={})
+    directory = records.begin(store, "busy", "vm-live0003", "full")
+    (directory / "memory").write_bytes(b"state")
+    records.complete(store, "busy", {})
+    with records.reading(directory, "busy"), records.reading(directory, "busy"):  # restores share it
+        with pytest.raises(MatchlockError, match="'busy' is in use: a sandbox is being restored from it"):
+            records.remove(store, "busy")
+        assert (directory / "memory").exists() and records.require(store, "busy")
+    records.remove(store, "busy")  # once they are up, it goes (their QEMUs keep the files they opened)
+    assert not directory.exists() and records.get(store, "busy") is None
+    with pytest.raises(records.NotFoundError, match="'busy' was removed before this restore could read it"):
+        with records.reading(directory, "busy"):
+            pass

@@ -165,7 +165,7 @@ def _sandbox(tmp_path, log: list[str], fail: str = ""):
     return SimpleNamespace(
         id="vm-1", config=SandboxConfig(image="img", vfs=VFSConfig(mounts={"/m": MountConfig("memory")})),
         machine=SimpleNamespace(running=True, spec=spec, pid=None), closed=False, paused=False,
-        vfs=_FakeVFS(log, fail), network=None, paths=SimpleNamespace(upper_disk=tmp_path / "u.img"),
+        control_lock=asyncio.Lock(), vfs=_FakeVFS(log, fail), network=None, paths=SimpleNamespace(upper_disk=tmp_path / "u.img"),
     )  # fmt: skip
 
 

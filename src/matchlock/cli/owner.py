@@ -191,7 +191,9 @@ async def _own(store: StateStore, config: SandboxConfig, options: RunOptions, re
         restore = Restore.load(store, options.from_snapshot)
         config = restore.prepare(config)
     async with asyncio.timeout_at(deadline):
-        sandbox = await Sandbox.create(config, store=store, restore=restore)
+        # Until QEMU has the snapshot's files open, `snapshot rm` of it is refused (they are not half-read).
+        with restore.reading() if restore is not None else contextlib.nullcontext():
+            sandbox = await Sandbox.create(config, store=store, restore=restore)
     trace.mark("owner: sandbox ready")
     died: list[str] = []  # why the VM died under us, if it did
     announced: list[str] = []  # the user has been told the VM ID

@@ -378,7 +378,9 @@ async def _create(session: Session, request: Request) -> JSONObject:
         kernel = await _kernel(parsed)
         await asyncio.to_thread(resolve_or_pull, config.image)
         try:
-            sandbox = await Sandbox.create(config, store=session.state(), kernel_path=kernel, restore=restore)
+            # Until QEMU has the snapshot's files open, `snapshot rm` of it is refused (they are not half-read).
+            with restore.reading() if restore is not None else contextlib.nullcontext():
+                sandbox = await Sandbox.create(config, store=session.state(), kernel_path=kernel, restore=restore)
         except (MatchlockError, RpcError):
             raise
         except Exception as exc:  # noqa: BLE001 - any boot failure is a VM failure (-32000), as upstream

@@ -402,7 +402,8 @@ class Restore:
         needed += [_extra_file(index) for index in range(len(_saved_disks(record.meta, name)))]
         if record.meta.get("config", {}).get("vfs"):
             needed.append(VFS_STATE)
-        missing = [f for f in needed if not (directory / f).exists()]
+        with records.reading(directory, name):  # a removal under way is not damage
+            missing = [f for f in needed if not (directory / f).exists()]
         if missing:
             raise SetupError(f"snapshot {name!r} is damaged: {', '.join(missing)} missing; fix: snapshot rm {name}")
         return cls(name, directory, record.meta)
@@ -523,6 +524,10 @@ class Restore:
                 cli="restore it through RPC `create` (or the SDK's `fork()`) with the same `network.interception`",
                 rpc="give the same network.interception again",
             )  # fmt: skip
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Held while the restore reads the snapshot's files: `snapshot rm` refuses it meanwhile."""
+        return records.reading(self.directory, self.name)
 
     def restore_vfs(self, vfs: SandboxVFS) -> None:
         """The private mounts' content (a full restore: the node table and open handles too) into `vfs`."""

@@ -13,14 +13,17 @@ placeholders, which the guest already knows.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..api.errors import NotFoundError, UsageError
+from ..api.errors import MatchlockError, NotFoundError, UsageError
 from ..util.sqlite import Migration, utc_now
 
 if TYPE_CHECKING:
@@ -183,14 +186,55 @@ def partial(store: StateStore) -> list[SnapshotRecord]:
 
 
 def remove(store: StateStore, name: str) -> None:
-    """Forget a snapshot and delete its files (running clones keep their open copies)."""
+    """Forget a snapshot and delete its files (running clones keep their open copies).
+
+    A snapshot a sandbox is being restored from (`reading`) is refused: its files would go while they
+    are read, failing that start with a confusing error."""
     import shutil
 
     if get(store, name) is None:
         raise NotFoundError(f"snapshot {name!r} not found (see `matchlock snapshot ls`)")
-    shutil.rmtree(snapshot_dir(store, name), ignore_errors=True)
-    with store._transaction():
-        store.conn.execute("DELETE FROM snapshots WHERE name = ?", (name,))
+    directory = snapshot_dir(store, name)
+    with _locked(directory, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
+        if locked is False:
+            raise MatchlockError(
+                f"snapshot {name!r} is in use: a sandbox is being restored from it; "
+                f"fix: try again once it is up (`matchlock list`), its clone keeps running after the removal"
+            )
+        shutil.rmtree(directory, ignore_errors=True)
+        with store._transaction():
+            store.conn.execute("DELETE FROM snapshots WHERE name = ?", (name,))
+
+
+@contextlib.contextmanager
+def reading(directory: Path, name: str) -> Iterator[None]:
+    """Hold snapshot `name` (its `directory`) for a restore: `remove` refuses it until the block ends."""
+    gone = NotFoundError(
+        f"snapshot {name!r} was removed before this restore could read it (see `matchlock snapshot ls`)"
+    )
+    with _locked(directory, fcntl.LOCK_SH | fcntl.LOCK_NB) as locked:
+        if not locked or not directory.is_dir():  # a removal holds it, or is done
+            raise gone
+        yield
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, how: int) -> Iterator[bool | None]:
+    """flock `how` on the directory itself: True when taken, False when busy, None when it does not exist."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, how)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def remove_abandoned(store: StateStore) -> list[str]:
