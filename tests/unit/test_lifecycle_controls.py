@@ -219,18 +219,47 @@ def test_gc_keeps_a_snapshot_begun_while_it_looks_for_stray_directories(store, m
     assert sorted(r.name for r in records.partial(store)) == ["fork-0000new", "older"]
 
 
-def test_snapshot_rm_refuses_a_snapshot_that_a_restore_is_reading(store):
+def test_snapshot_rm_waits_for_a_restore_that_is_reading_the_snapshot(store, monkeypatch):
     # A removal in the middle of a restore used to fail that start half way ("kernel is gone", "can't
-    # open backing store .../ram"); now the removal waits for the restore to have what it needs.
+    # open backing store .../ram", "damaged"); now the removal waits until the restore has what it needs.
+    import threading
+
     store.register("vm-live0003", image="img", config={})
     directory = records.begin(store, "busy", "vm-live0003", "full")
     (directory / "memory").write_bytes(b"state")
     records.complete(store, "busy", {})
     with records.reading(directory, "busy"), records.reading(directory, "busy"):  # restores share it
-        with pytest.raises(MatchlockError, match="'busy' is in use: a sandbox is being restored from it"):
-            records.remove(store, "busy")
+        with pytest.raises(records.SnapshotInUse, match="'busy' is in use: a sandbox is still being restored"):
+            records.remove(store, "busy", wait=0)
         assert (directory / "memory").exists() and records.require(store, "busy")
-    records.remove(store, "busy")  # once they are up, it goes (their QEMUs keep the files they opened)
+    restoring, removing = threading.Event(), threading.Event()
+
+    def restore() -> None:
+        with records.reading(directory, "busy"):
+            restoring.set()
+            removing.wait()  # the removal has started waiting
+
+    import time
+
+    sleep, polls = time.sleep, []
+
+    def polled(seconds: float) -> None:  # the removal found it busy and waits: let the restore finish
+        polls.append(seconds)
+        removing.set()
+        sleep(seconds)
+
+    reader = threading.Thread(target=restore)
+    reader.start()
+    restoring.wait()
+    monkeypatch.setattr(time, "sleep", polled)
+    waiter = StateStore(store.root)  # the removal as another process: its own connection
+    try:
+        records.remove(waiter, "busy")  # returns once the restore let go
+    finally:
+        waiter.close()
+        monkeypatch.undo()
+    reader.join()
+    assert polls  # it did wait
     assert not directory.exists() and records.get(store, "busy") is None
     with pytest.raises(records.NotFoundError, match="'busy' was removed before this restore could read it"):
         with records.reading(directory, "busy"):

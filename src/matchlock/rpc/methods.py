@@ -489,8 +489,23 @@ async def snapshot_remove(session: Session, request: Request) -> JSONObject:
         except MatchlockError as exc:  # not found, or still being made
             raise RpcError(INVALID_PARAMS, f"invalid params: names: {exc}") from None
     for name in names:
-        records.remove(store, name)
+        await _remove_when_free(store, name)
     return {"removed": names}
+
+
+async def _remove_when_free(store, name: str) -> None:
+    """`records.remove`, waiting for a restore of it without blocking the loop (other requests go on)."""
+    from ..state import snapshots as records
+
+    deadline = asyncio.get_running_loop().time() + records.REMOVE_WAIT_SECONDS
+    while True:
+        try:
+            records.remove(store, name, wait=0)
+            return
+        except records.SnapshotInUse:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+        await asyncio.sleep(records.REMOVE_POLL_SECONDS)
 
 
 async def fork(session: Session, request: Request) -> JSONObject:

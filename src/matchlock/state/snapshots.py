@@ -185,25 +185,40 @@ def partial(store: StateStore) -> list[SnapshotRecord]:
     return [_record(row) for row in rows]
 
 
-def remove(store: StateStore, name: str) -> None:
+class SnapshotInUse(MatchlockError):
+    """`remove` of a snapshot that a sandbox is still being restored from (`reading`)."""
+
+
+REMOVE_WAIT_SECONDS = 30.0  # a restore holds its snapshot for about a second
+REMOVE_POLL_SECONDS = 0.05
+
+
+def remove(store: StateStore, name: str, *, wait: float = REMOVE_WAIT_SECONDS) -> None:
     """Forget a snapshot and delete its files (running clones keep their open copies).
 
-    A snapshot a sandbox is being restored from (`reading`) is refused: its files would go while they
-    are read, failing that start with a confusing error."""
+    A snapshot a sandbox is being restored from (`reading`) goes once that restore has what it needs,
+    waited for up to `wait` seconds (then SnapshotInUse): removed under it, its files would vanish while
+    they are read, failing that start half way."""
     import shutil
+    import time
 
     if get(store, name) is None:
         raise NotFoundError(f"snapshot {name!r} not found (see `matchlock snapshot ls`)")
     directory = snapshot_dir(store, name)
-    with _locked(directory, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
-        if locked is False:
-            raise MatchlockError(
-                f"snapshot {name!r} is in use: a sandbox is being restored from it; "
-                f"fix: try again once it is up (`matchlock list`), its clone keeps running after the removal"
+    deadline = time.monotonic() + wait
+    while True:
+        with _locked(directory, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
+            if locked is not False:
+                shutil.rmtree(directory, ignore_errors=True)
+                with store._transaction():
+                    store.conn.execute("DELETE FROM snapshots WHERE name = ?", (name,))
+                return
+        if time.monotonic() >= deadline:
+            raise SnapshotInUse(
+                f"snapshot {name!r} is in use: a sandbox is still being restored from it; "
+                f"fix: try again once it is up (`matchlock list`); it keeps running after the removal"
             )
-        shutil.rmtree(directory, ignore_errors=True)
-        with store._transaction():
-            store.conn.execute("DELETE FROM snapshots WHERE name = ?", (name,))
+        time.sleep(REMOVE_POLL_SECONDS)
 
 
 @contextlib.contextmanager
