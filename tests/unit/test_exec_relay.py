@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from matchlock.api.errors import MatchlockError, NotFoundError
+from matchlock.api.errors import MatchlockError, NotFoundError, UsageError
 from matchlock.api.paths import SandboxPaths
 from matchlock.sandbox import relay_client
 from matchlock.sandbox import relay_protocol as rp
@@ -191,6 +191,21 @@ def test_allow_list_failures_are_matchlock_errors(relay_socket, reply, message):
     answer(reply)
     with pytest.raises(MatchlockError, match=message):
         relay_client.change_allow_list("vm-0000test", ["a.test"], add=True)
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [(rp.ControlReply(error="a snapshot named 's1' already exists", usage=True), UsageError),
+     (rp.ControlReply(error="sandbox vm-0000test is already paused"), MatchlockError)],
+)  # fmt: skip
+def test_the_owners_refusal_of_a_bad_control_request_is_a_usage_error(relay_socket, reply, error):
+    # The owner finds a taken snapshot name when the CLI's own check raced another snapshot: exit 2 as
+    # for the CLI's check (it used to come back as a plain error, exit 1).
+    answer, _ = relay_socket
+    answer(reply.encode())
+    with pytest.raises(MatchlockError, match=reply.error) as raised:
+        relay_client.control("vm-0000test", "snapshot", name="s1", mode="full")
+    assert type(raised.value) is error and raised.value.exit_code == (2 if error is UsageError else 1)
 
 
 def test_connect_explains_a_missing_sandbox(tmp_path, monkeypatch):

@@ -8,10 +8,10 @@ import types
 
 import pytest
 
-from matchlock.api.errors import MatchlockError, UsageError, VMError
+from matchlock.api.errors import VMError
 from matchlock.api.vfs import VFSConfig
-from matchlock.sandbox import relay_client, snapshots
 from matchlock.sandbox import relay_protocol as rp
+from matchlock.sandbox import snapshots
 from matchlock.state import snapshots as records
 from matchlock.state.store import StateStore
 
@@ -137,40 +137,6 @@ def test_control_replies_say_whether_the_request_was_bad():
     assert reader.feed(rp.ControlReply(error="stopped").encode()) == [rp.ControlReply(None, "stopped", False)]
     with pytest.raises(rp.RelayProtocolError):
         rp.ControlReply.parse(b'{"error": "x", "usage": "yes"}')
-
-
-@pytest.mark.parametrize(
-    ("reply", "error"),
-    [(rp.ControlReply(error="a snapshot named 's1' already exists", usage=True), UsageError),
-     (rp.ControlReply(error="sandbox vm-0000test is already paused"), MatchlockError)],
-)  # fmt: skip
-def test_control_raises_a_usage_error_for_a_bad_request_and_exits_2(tmp_path, monkeypatch, reply, error):
-    import socket
-    import threading
-
-    from matchlock.api.paths import SandboxPaths
-
-    monkeypatch.setenv("MATCHLOCK_STATE_DIR", str(tmp_path))
-    path = SandboxPaths.of("vm-0000test").exec_socket
-    path.parent.mkdir(parents=True)
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(path))
-    listener.listen()
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(reply.encode())
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    with pytest.raises(MatchlockError, match=reply.error) as raised:
-        relay_client.control("vm-0000test", "snapshot", name="s1", mode="full")
-    thread.join()
-    listener.close()
-    assert type(raised.value) is error
-    assert raised.value.exit_code == (2 if error is UsageError else 1)
 
 
 # --- how a paused sandbox is shown ---------------------------------------------------------------

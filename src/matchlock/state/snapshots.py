@@ -14,7 +14,6 @@ placeholders, which the guest already knows.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..api.errors import MatchlockError, NotFoundError, UsageError
+from ..util.fs import try_directory_lock
 from ..util.sqlite import Migration, utc_now
 
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ def remove(store: StateStore, name: str, *, wait: float = REMOVE_WAIT_SECONDS) -
     directory = snapshot_dir(store, name)
     deadline = time.monotonic() + wait
     while True:
-        with _locked(directory, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
+        with try_directory_lock(directory) as locked:
             if locked is not False:
                 shutil.rmtree(directory, ignore_errors=True)
                 with store._transaction():
@@ -227,29 +227,10 @@ def reading(directory: Path, name: str) -> Iterator[None]:
     gone = NotFoundError(
         f"snapshot {name!r} was removed before this restore could read it (see `matchlock snapshot ls`)"
     )
-    with _locked(directory, fcntl.LOCK_SH | fcntl.LOCK_NB) as locked:
+    with try_directory_lock(directory, shared=True) as locked:
         if not locked or not directory.is_dir():  # a removal holds it, or is done
             raise gone
         yield
-
-
-@contextlib.contextmanager
-def _locked(directory: Path, how: int) -> Iterator[bool | None]:
-    """flock `how` on the directory itself: True when taken, False when busy, None when it does not exist."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield None
-        return
-    try:
-        try:
-            fcntl.flock(fd, how)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 def remove_abandoned(store: StateStore) -> list[str]:

@@ -22,7 +22,26 @@ def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
 def try_file_lock(path: Path, *, shared: bool = False, blocking: bool = False) -> Iterator[bool]:
     """Like file_lock, but yields False instead of waiting when the lock is busy."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with _flocked(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), shared, blocking) as taken:
+        yield taken
+
+
+@contextlib.contextmanager
+def try_directory_lock(path: Path, *, shared: bool = False) -> Iterator[bool | None]:
+    """flock on the directory `path` itself, never waiting: True when taken, False when busy, None when
+    there is no such directory (a lock file beside it would outlive it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None
+        return
+    with _flocked(fd, shared, blocking=False) as taken:
+        yield taken
+
+
+@contextlib.contextmanager
+def _flocked(fd: int, shared: bool, blocking: bool) -> Iterator[bool]:
+    """flock `fd`, which this closes at the end; yields whether the lock was taken."""
     try:
         flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
         try:
