@@ -303,6 +303,26 @@ def test_a_filesystem_snapshot_saves_the_mounts_content_without_nodes(fakes, tmp
     assert sandbox.paused
 
 
+def test_a_paused_sandbox_without_mounts_runs_for_the_sync_of_a_filesystem_snapshot(fakes, tmp_path):
+    # Copied while stopped without the sync, the upper disk lacked what the guest had written shortly
+    # before the pause (still in its page cache): the restore came up without those files.
+    from matchlock.sandbox import snapshots
+
+    sandbox = _sandbox(tmp_path, fakes)
+    sandbox.vfs, sandbox.config, sandbox.paused = None, SandboxConfig(image="img"), True
+
+    async def synced(spec) -> None:
+        fakes.append("sync")
+
+    sandbox.exec = synced
+    store = StateStore(tmp_path / "state")
+    try:
+        asyncio.run(snapshots.create(sandbox, store, "s1", "filesystem"))
+    finally:
+        store.close()
+    assert fakes == ["cont", "sync", "stop", "copy upper", "stop"] and sandbox.paused
+
+
 def test_a_paused_sandbox_whose_sync_fails_is_stopped_again_and_left_no_snapshot(fakes, tmp_path):
     from matchlock.sandbox import snapshots
 

@@ -309,10 +309,12 @@ async def _save_full(sandbox: Sandbox, directory: Path) -> None:
 
 async def _save_disks(sandbox: Sandbox, directory: Path) -> None:
     was_paused = sandbox.paused
-    resumed = was_paused and sandbox.vfs is not None
+    resumed = was_paused
     if resumed:
-        # The FUSE daemon must run to park, as the agent must for a full snapshot: the guest runs for
-        # the sync and the park, is stopped for the copy, and stays paused after.
+        # The guest must run to sync (writes still in its page cache are not on the upper disk yet:
+        # copied without it, the snapshot missed them) and the FUSE daemon to park, as the agent must
+        # for a full snapshot: the guest runs for the sync and the park, is stopped for the copy, and
+        # stays paused after.
         await checkpoint.resume(_machine(sandbox))
         sandbox.paused = False
     try:
