@@ -201,6 +201,13 @@ def test_create_from_an_unknown_snapshot_or_without_its_secret_fails_before_anyt
     assert server.error("fork", {"count": 2}) == {"code": -32000, "message": "VM not created"}
 
 
+def test_launching_the_entrypoint_of_a_full_restore_is_refused(server: RpcProcess) -> None:
+    # It runs on in the restored memory: launched again, the clone ran two copies of it.
+    launched = server.error("create", {"from_snapshot": "snap2", "launch_entrypoint": True})
+    assert launched["code"] == -32602, launched
+    assert "launch_entrypoint: snapshot 'snap2' is a full one, whose entrypoint is still running" in launched["message"]
+
+
 # --- fork's plumbing -----------------------------------------------------------------------------
 
 

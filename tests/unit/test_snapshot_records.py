@@ -304,6 +304,15 @@ def test_run_from_snapshot_refuses_machine_flags_it_would_ignore(cli, state_dir,
         assert needle in result.stderr, result
 
 
+def test_a_full_restore_runs_no_command_of_the_image(cli, state_dir):
+    # The image's ENTRYPOINT/CMD run on in a full snapshot's memory: composed again they started a second
+    # copy in the clone (every `fork` clone, whose `run -d` has no command, for an image with one).
+    _ready_snapshot(state_dir, image="matchlock/busybox:builtin")  # CMD ["sh"]
+    result = cli("run", "--from-snapshot", "s1", "--no-network")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    assert "command required: snapshot 's1' is a full one, whose processes run on" in result.stderr, result
+
+
 def test_an_empty_from_snapshot_or_snapshot_name_is_refused(cli, state_dir):
     # `--from-snapshot ''` used to boot a fresh sandbox from the default image, `--name ''` to take the default.
     restore = cli("run", "--from-snapshot", "", "--no-network", "--", "true")

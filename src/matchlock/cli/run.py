@@ -175,9 +175,12 @@ def _run(*, image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_
         network_intercept=network_intercept, no_network=no_network, mtu=mtu, disk=disk, volume=volume,
         workspace=workspace,
     )  # fmt: skip
+    full_restore = False
     if from_snapshot or _given("from_snapshot"):  # `--from-snapshot ''` is a bad name, not "no snapshot"
         # A missing secret, or a flag the snapshot cannot take, fails here, before anything starts.
-        config = _restore_config(from_snapshot, config, **_given_for_restore(image, cpus, memory, disk_size))
+        config, full_restore = _restore_config(
+            from_snapshot, config, **_given_for_restore(image, cpus, memory, disk_size)
+        )
         image = config.image
     use_pty = interactive and tty
     if use_pty and not (sys.stdin.isatty() and sys.stdout.isatty()):
@@ -189,13 +192,18 @@ def _run(*, image, env, env_file, workdir, user, entrypoint, cpus, memory, disk_
 
     with progress.for_stderr() as bars:
         image_config = resolve_or_pull(image, force_pull=force_pull, progress=bars).config.merged(config.image_config)
-    argv = compose_command(image_config, command)
+    # A full restore's processes (the image's entrypoint among them) run on from the snapshot's memory:
+    # its ENTRYPOINT/CMD again would be a second copy in every clone (`fork` starts them so). Only a
+    # command given after -- runs.
+    argv = compose_command(image_config, command) if command or not full_restore else []
     trace.mark("run: image resolved")
     if not argv and rm and not use_pty:
-        raise UsageError(
-            f"command required: image {image} has no ENTRYPOINT or CMD; pass one after -- "
-            "(or use --rm=false to start without a command)"
+        what = (
+            f"snapshot {from_snapshot!r} is a full one, whose processes run on and which starts no command"
+            if full_restore
+            else f"image {image} has no ENTRYPOINT or CMD"
         )
+        raise UsageError(f"command required: {what}; pass one after -- (or use --rm=false to start without a command)")
     _validate_exec(
         argv, {**image_config.env, **config.env}, workdir or image_config.working_dir, user or image_config.user
     )
@@ -238,13 +246,15 @@ def _given_for_restore(image: str, cpus: float, memory: int, disk_size: int) -> 
 
 def _restore_config(
     name: str, config: SandboxConfig, *, image: str = "", resources: dict | None = None
-) -> SandboxConfig:
+) -> tuple[SandboxConfig, bool]:
+    """The restore's config, and whether the snapshot is a full one (memory and processes)."""
     from ..sandbox.snapshots import Restore
     from ..state.store import StateStore
 
     store = StateStore()
     try:
-        return Restore.load(store, name).prepare(config, image=image, resources=resources)
+        restore = Restore.load(store, name)
+        return restore.prepare(config, image=image, resources=resources), restore.full
     finally:
         store.close()
 

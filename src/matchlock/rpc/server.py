@@ -413,6 +413,14 @@ def _restore(store: StateStore, parsed: CreateParams) -> tuple[SandboxConfig, Re
         restore = Restore.load(store, parsed.restore.name)
     except NotFoundError as exc:
         raise RpcError(INVALID_PARAMS, f"invalid params: from_snapshot: {exc}, or the snapshot_list method") from None
+    if restore.full and parsed.launch_entrypoint:
+        # Its entrypoint runs on in the restored memory: launching it again made a second copy.
+        raise RpcError(
+            INVALID_PARAMS,
+            f"invalid params: launch_entrypoint: snapshot {restore.name!r} is a full one, whose entrypoint is "
+            "still running in its memory; fix: create without launch_entrypoint (the SDK's create, not "
+            "launch), or restore a filesystem snapshot, which boots cold",
+        )
     return prepare_restore(restore, parsed.restore, parsed.config), restore
 
 
