@@ -108,7 +108,7 @@ def test_a_pause_during_a_snapshot_waits_for_it_and_is_not_undone(vcpus, store, 
 
 
 def test_snapshots_without_a_name_in_the_same_second_get_distinct_names(vcpus, store, monkeypatch):
-    monkeypatch.setattr(snapshots, "default_name", lambda vm_id: f"{vm_id}-20261203-120000")
+    monkeypatch.setattr(records, "default_name", lambda vm_id: f"{vm_id}-20261203-120000")
     monkeypatch.setattr(snapshots, "_describe", lambda sandbox, spec, mode: {"mode": mode})
 
     async def save(sandbox, directory):

@@ -101,28 +101,6 @@ async def resume(sandbox: Sandbox) -> None:
         _mark(sandbox, False)
 
 
-def default_name(vm_id: str) -> str:
-    return f"{vm_id}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-DEFAULT_NAME_TRIES = 100
-
-
-def _begin(store: StateStore, name: str, vm_id: str, mode: str) -> tuple[str, Path]:
-    """Claim `name`, or without one the default name: the first of `<id>-<time>`, `<id>-<time>-2`, ...
-    that is free (a second snapshot in the same second must not fail on a name nobody chose)."""
-    if name:
-        return name, records.begin(store, name, vm_id, mode)
-    base = default_name(vm_id)
-    for attempt in range(1, DEFAULT_NAME_TRIES + 1):
-        candidate = base if attempt == 1 else f"{base}-{attempt}"
-        try:
-            return candidate, records.begin(store, candidate, vm_id, mode)
-        except records.NameTaken:
-            continue
-    raise records.name_taken(base)
-
-
 def _link(source: Path, target: Path, pid: int | None) -> None:
     """A hard link (free, and immune to the source being replaced later), else a copy.
 
@@ -158,7 +136,7 @@ async def create(sandbox: Sandbox, store: StateStore, name: str, mode: str) -> r
         )
     async with sandbox.control_lock:  # one at a time, and no pause or resume in the middle of one
         machine = _machine(sandbox)  # it may have stopped while this waited
-        name, directory = _begin(store, name, sandbox.id, mode)
+        name, directory = records.begin_named(store, name, sandbox.id, mode)
         try:
             meta = _describe(sandbox, machine.spec, mode)
             if mode == "full":

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,28 @@ def begin(store: StateStore, name: str, source_vm: str, mode: str) -> Path:
     return directory
 
 
+def default_name(vm_id: str) -> str:
+    return f"{vm_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+DEFAULT_NAME_TRIES = 100
+
+
+def begin_named(store: StateStore, name: str, source_vm: str, mode: str) -> tuple[str, Path]:
+    """`begin` with `name`, or without one the first free of `<id>-<time>`, `<id>-<time>-2`, ... (a
+    second snapshot in the same second must not fail on a name nobody chose). Returns (name, directory)."""
+    if name:
+        return name, begin(store, name, source_vm, mode)
+    base = default_name(source_vm)
+    for attempt in range(1, DEFAULT_NAME_TRIES + 1):
+        candidate = base if attempt == 1 else f"{base}-{attempt}"
+        try:
+            return candidate, begin(store, candidate, source_vm, mode)
+        except NameTaken:
+            continue
+    raise name_taken(base)
+
+
 def complete(store: StateStore, name: str, meta: dict) -> SnapshotRecord:
     """Mark `name` ready; its size counts only its own files (hard links to kernels and images are shared)."""
     directory = snapshot_dir(store, name)
@@ -200,7 +223,6 @@ def remove(store: StateStore, name: str, *, wait: float = REMOVE_WAIT_SECONDS) -
     waited for up to `wait` seconds (then SnapshotInUse): removed under it, its files would vanish while
     they are read, failing that start half way."""
     import shutil
-    import time
 
     if get(store, name) is None:
         raise NotFoundError(f"snapshot {name!r} not found (see `matchlock snapshot ls`)")
