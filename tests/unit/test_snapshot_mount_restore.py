@@ -296,28 +296,14 @@ def test_a_filesystem_snapshot_saves_the_mounts_content_without_nodes(fakes, tmp
         fakes.clear()
         sandbox.paused = True  # the daemon must run to park: resumed for that, then stopped and left so
         asyncio.run(snapshots.create(sandbox, store, "s2", "filesystem"))
-    finally:
-        store.close()
-    # The `stop` after the wake is a no-op (stopped already); it stops a guest whose sync or park failed.
-    assert fakes == ["cont", "sync", "vfs park", "stop", "copy upper", "vfs save nodes=False", "vfs wake", "stop"]
-    assert sandbox.paused
-
-
-def test_a_paused_sandbox_without_mounts_runs_for_the_sync_of_a_filesystem_snapshot(fakes, tmp_path):
-    # Copied while stopped without the sync, the upper disk lacked what the guest had written shortly
-    # before the pause (still in its page cache): the restore came up without those files.
-    from matchlock.sandbox import snapshots
-
-    sandbox = _sandbox(tmp_path, fakes)
-    sandbox.vfs, sandbox.config, sandbox.paused = None, SandboxConfig(image="img"), True
-
-    async def synced(spec) -> None:
-        fakes.append("sync")
-
-    sandbox.exec = synced
-    store = StateStore(tmp_path / "state")
-    try:
-        asyncio.run(snapshots.create(sandbox, store, "s1", "filesystem"))
+        # The `stop` after the wake is a no-op (stopped already); it stops a guest whose sync or park failed.
+        assert fakes == ["cont", "sync", "vfs park", "stop", "copy upper", "vfs save nodes=False", "vfs wake", "stop"]
+        assert sandbox.paused
+        # Without mounts it runs for the sync too: copied while stopped without it, the upper disk lacked
+        # what the guest had written shortly before the pause (still in its page cache).
+        fakes.clear()
+        sandbox.vfs, sandbox.config = None, SandboxConfig(image="img")
+        asyncio.run(snapshots.create(sandbox, store, "s3", "filesystem"))
     finally:
         store.close()
     assert fakes == ["cont", "sync", "stop", "copy upper", "stop"] and sandbox.paused
