@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy as copy_module
 import errno
 import hashlib
 import logging
@@ -30,14 +31,17 @@ import stat
 from pathlib import Path
 
 import pytest
-from vfs_peer import serving
+from vfs_peer import Peer, serving
 
 from matchlock.api.vfs import VFSHookRule, VFSInterceptionConfig
+from matchlock.vfs import snapshot as snapshot_state
 from matchlock.vfs.hostfs import HostFSProvider
+from matchlock.vfs.intercept import Interceptor
 from matchlock.vfs.memory import MemoryProvider
 from matchlock.vfs.overlay import OverlayProvider
-from matchlock.vfs.router import Mount
-from matchlock.vfs.types import Limits
+from matchlock.vfs.router import Mount, Router
+from matchlock.vfs.server import VfsServer
+from matchlock.vfs.types import FsError, Limits
 from matchlock.wire import vfs as wire
 
 pytestmark = pytest.mark.timeout(120)  # a hang detector, not a performance assertion
@@ -102,8 +106,8 @@ def snapshot(top: Path, *, atime: bool) -> dict[str, tuple]:
 class World:
     """The host side of one session: trees in tmp_path, the mounts over them, what must not change."""
 
-    def __init__(self, base: Path, *, nested: bool, limits: Limits = LIMITS) -> None:
-        self.base, self.limits = base, limits
+    def __init__(self, base: Path, *, nested: bool, secret: bool, limits: Limits = LIMITS) -> None:
+        self.base, self.limits, self.secret = base, limits, secret
         canary = base / "canary"
         canary.mkdir()
         (canary / "secret").write_bytes(b"canary")
@@ -113,19 +117,25 @@ class World:
         old = 1_000_000_000_000_000_000  # atime before mtime: a read (relatime) would move it
         for path in (canary / "secret", base / "canary_file", canary):
             os.utime(path, ns=(old, old + 10**9))
-        self.state = base / "state"
+        self.state, self.nested = base / "state", nested
+        self.mounts = self.fresh_mounts("ov")
+        self.outside = self.outside_now()
+        self.frozen = {name: snapshot(base / name, atime=False) for name in ("ro", "lower")}
+
+    def fresh_mounts(self, upper: str) -> list[Mount]:
+        """The session's mounts, built afresh over the same host trees (an overlay upper of its own)."""
+        base, limits = self.base, self.limits
         mounts = [
             Mount("/ws", HostFSProvider(str(base / "rw"))),
             Mount("/ro", HostFSProvider(str(base / "ro"), readonly=True), readonly=True),
-            Mount("/secret", MemoryProvider.single_file(b"s3cret", 0o4755, 0, 0, limits), readonly=True),
             Mount("/scratch", MemoryProvider(limits)),
         ]
-        if nested:  # a memory mount inside host_fs (synthesized parents), and a host-side overlay
+        if self.secret:  # a sandbox holding one is never snapshotted (sandbox/snapshots.py)
+            mounts.append(Mount("/secret", MemoryProvider.single_file(b"s3cret", 0o4755, 0, 0, limits), readonly=True))
+        if self.nested:  # a memory mount inside host_fs (synthesized parents), and a host-side overlay
             mounts.append(Mount("/ws/deep/mem", MemoryProvider(limits)))
-            mounts.append(Mount("/ov", OverlayProvider(str(base / "lower"), str(self.state / "vfs" / "ov"))))
-        self.mounts = mounts
-        self.outside = self.outside_now()
-        self.frozen = {name: snapshot(base / name, atime=False) for name in ("ro", "lower")}
+            mounts.append(Mount("/ov", OverlayProvider(str(base / "lower"), str(self.state / "vfs" / upper))))
+        return mounts
 
     def outside_now(self) -> tuple:
         entries = tuple(sorted(p.name for p in self.base.iterdir()))
@@ -135,9 +145,11 @@ class World:
         assert self.outside_now() == self.outside, "something outside the mount roots changed or was read"
         for name, before in self.frozen.items():
             assert snapshot(self.base / name, atime=False) == before, f"the host tree {name} changed"
-        secret = self.mounts[2].provider
-        assert isinstance(secret, MemoryProvider)
-        assert (bytes(secret.root.data), secret.root.mode) == (b"s3cret", stat.S_IFREG | 0o4755), "read-only /secret"
+        for m in self.mounts:
+            if m.path == "/secret":
+                secret = m.provider
+                assert isinstance(secret, MemoryProvider)
+                assert (bytes(secret.root.data), secret.root.mode) == (b"s3cret", stat.S_IFREG | 0o4755), m.path
 
 
 class Model:
@@ -376,10 +388,96 @@ def nested_hello(rng: random.Random) -> bytes:
     return wire.REQUEST_HEADER.pack(len(payload), 9, wire.Op.HELLO, 0, 0, 0) + payload
 
 
+def _paths(router: Router) -> dict[int, object]:
+    out: dict[int, object] = {}
+    for node in router.nodes.values():
+        try:
+            out[node.id] = router._parts(node)
+        except FsError as exc:  # a detached node (unlinked or renamed over) that the guest still holds
+            out[node.id] = exc.errno
+    return out
+
+
+async def clone_session(world: World, router: Router, model: Model, seed: int, caplog) -> None:
+    """A full snapshot of the router the hostile guest left (its names, modes, sizes, detached nodes and
+    open handles) restores into a fresh one with the same nodes and handles; a clone guest then goes on
+    with what it held, against a server that took the channel over (`restored=True`)."""
+    where = world.state / f"snapshot-{seed}"
+    snapshot_state.save(router, where, with_nodes=True)
+    copy = Router(world.fresh_mounts(f"ov-{seed}"), Interceptor(None), VfsServer.executor(), world.limits)
+    snapshot_state.restore(copy, where, with_nodes=True)
+    assert _paths(copy) == _paths(router)
+    assert sorted(copy.handles) == sorted(router.handles)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    server = VfsServer(theirs, copy, restored=True)
+    await server.start()
+    try:
+        clone = copy_module.copy(model)
+        clone.rng = random.Random(seed + 1000)
+        clone.held, clone.fhs = collections.Counter(model.held), dict(model.fhs)
+        clone.nodes, clone.dirs, clone.forgotten = list(model.nodes), set(model.dirs), list(model.forgotten)
+        peer = Peer(ours)
+        statuses: collections.Counter = collections.Counter()
+        await batches(peer, server, clone, world, BATCHES // 5, statuses, caplog)
+        assert {op for (op, status) in statuses if status == 0} >= {wire.Op.GETATTR, wire.Op.LOOKUP}
+        await give_back(peer, server, clone, seed)
+    finally:
+        await server.aclose()
+        ours.close()
+
+
 def vfs_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     expected = ("the guest broke the VFS protocol", "VFS: a SETATTR the guest answered itself")
     return [r.getMessage() for r in caplog.records if r.name == "matchlock.vfs" and r.levelno >= logging.WARNING
             and not r.getMessage().startswith(expected)]  # fmt: skip
+
+
+async def batches(peer: Peer, server: VfsServer, model: Model, world: World, count: int,
+                  statuses: collections.Counter, caplog) -> None:  # fmt: skip
+    """`count` batches of random requests, pipelined; every reply checked and learnt from."""
+    rng, ids = model.rng, iter(range(1000, 1 << 31))
+    for _ in range(count):
+        batch = []
+        for _ in range(rng.choice([1, 2, 3, 4, 5, 6, 40])):  # 40: past max_inflight, the reader waits
+            args = model.request()
+            no_reply = isinstance(args, (wire.Forget, wire.Parked)) or (
+                isinstance(args, (wire.Release, wire.Releasedir, wire.Setattr))
+                and rng.random() < 0.3
+                and (not isinstance(args, wire.Setattr) or server.features & wire.FEATURE_SETATTR_NOTICE)
+            )
+            request_id = 0 if no_reply else next(ids)
+            if isinstance(args, wire.Parked):
+                continue  # a PARKED with no PARK sent is a protocol error: the ending frames try it
+            await peer.send(request_id, args, uid=rng.choice([0, 0, 1000]))
+            model.gone(args)
+            batch.append((request_id, args))
+        for request_id, args in batch:
+            if not request_id:
+                continue
+            async with asyncio.timeout(REPLY_WAIT):
+                reply = await peer.reply(request_id)
+            statuses[args._op, reply.status] += 1
+            assert -4096 < reply.status <= 0 and not (reply.status and reply.payload), (args, reply)
+            if reply.status == 0:
+                model.learn(args, decoded(args._op, reply.payload, server.features))
+        assert len(server.router.handles) <= world.limits.max_handles
+        assert len(server.router.nodes) <= world.limits.max_nodes
+        assert not vfs_warnings(caplog), vfs_warnings(caplog)
+
+
+async def give_back(peer: Peer, server: VfsServer, model: Model, seed: int) -> None:
+    """Every handle and lookup the guest was told about, given back: nothing may stay in the host's tables."""
+    for fh, node in sorted(model.fhs.items()):
+        await peer.call(wire.Release(node, fh))
+        await peer.call(wire.Releasedir(node, fh))
+    held = [(node, count) for node, count in sorted(model.held.items()) if count]
+    for start in range(0, len(held), wire.MAX_FORGETS):
+        await peer.send(0, wire.Forget(tuple(held[start : start + wire.MAX_FORGETS])))
+    await peer.ok(wire.Statfs(model.roots[0]))  # after the FORGETs: the server read them first
+    roots = {node.id for node in server.router.root_nodes}
+    assert set(server.router.nodes) == roots, f"seed {seed}: nodes left after every FORGET"
+    assert not server.router.handles, f"seed {seed}: handles left after every RELEASE"
 
 
 async def play(
@@ -390,45 +488,13 @@ async def play(
     statuses: collections.Counter = collections.Counter()
     async with serving(world.mounts, features, interception, limits=world.limits) as (peer, server, hello):
         model = Model(rng, hello)
-        ids = iter(range(1000, 1 << 31))
-        for _ in range(BATCHES):
-            batch = []
-            for _ in range(rng.choice([1, 2, 3, 4, 5, 6, 40])):  # 40: past max_inflight, the reader waits
-                args = model.request()
-                no_reply = isinstance(args, (wire.Forget, wire.Parked)) or (
-                    isinstance(args, (wire.Release, wire.Releasedir, wire.Setattr))
-                    and rng.random() < 0.3
-                    and (not isinstance(args, wire.Setattr) or server.features & wire.FEATURE_SETATTR_NOTICE)
-                )
-                request_id = 0 if no_reply else next(ids)
-                if isinstance(args, wire.Parked):
-                    continue  # a PARKED with no PARK sent is a protocol error: the ending frames try it
-                await peer.send(request_id, args, uid=rng.choice([0, 0, 1000]))
-                model.gone(args)
-                batch.append((request_id, args))
-            for request_id, args in batch:
-                if not request_id:
-                    continue
-                async with asyncio.timeout(REPLY_WAIT):
-                    reply = await peer.reply(request_id)
-                statuses[args._op, reply.status] += 1
-                assert -4096 < reply.status <= 0 and not (reply.status and reply.payload), (args, reply)
-                if reply.status == 0:
-                    model.learn(args, decoded(args._op, reply.payload, server.features))
-            assert len(server.router.handles) <= world.limits.max_handles
-            assert len(server.router.nodes) <= world.limits.max_nodes
-            assert not vfs_warnings(caplog), (seed, vfs_warnings(caplog))
-        # Give back everything the guest was told about: nothing may stay in the host's tables.
-        for fh, node in sorted(model.fhs.items()):
-            await peer.call(wire.Release(node, fh))
-            await peer.call(wire.Releasedir(node, fh))
-        held = [(node, count) for node, count in sorted(model.held.items()) if count]
-        for start in range(0, len(held), wire.MAX_FORGETS):
-            await peer.send(0, wire.Forget(tuple(held[start : start + wire.MAX_FORGETS])))
-        await peer.ok(wire.Statfs(model.roots[0]))  # after the FORGETs: the server read them first
-        roots = {node.id for node in server.router.root_nodes}
-        assert set(server.router.nodes) == roots, f"seed {seed}: nodes left after every FORGET"
-        assert not server.router.handles, f"seed {seed}: handles left after every RELEASE"
+        await batches(peer, server, model, world, BATCHES, statuses, caplog)
+        await peer.ok(wire.Statfs(model.roots[0]))  # every notice (id-0 RELEASE) read, then served:
+        while server._requests:
+            await asyncio.wait(set(server._requests))
+        if not world.secret:
+            await clone_session(world, server.router, model, seed, caplog)
+        await give_back(peer, server, model, seed)
         world.check()
         # And a frame that breaks the protocol ends the channel, cleanly.
         ending = rng.choice([*BAD_FRAMES, lambda rng: bad_name_frame(rng, model.roots[0]), nested_hello])
@@ -454,7 +520,7 @@ RULES = VFSInterceptionConfig(emit_events=True, rules=(
 async def test_hostile_request_sequences(tmp_path: Path, seed: int, variant: str, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="matchlock.vfs")
     nested = variant != "flat-notices"
-    world = World(tmp_path, nested=nested, limits=TIGHT if seed % 2 else LIMITS)
+    world = World(tmp_path, nested=nested, secret=variant != "nested-overlay", limits=TIGHT if seed % 2 else LIMITS)
     interception = RULES if variant == "intercepted" else None
     statuses = await play(world, seed * 3 + ["nested-overlay", "flat-notices", "intercepted"].index(variant),
                           wire.FEATURES_ALL, caplog, interception)  # fmt: skip
