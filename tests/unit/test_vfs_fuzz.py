@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 from vfs_peer import Peer, serving
 
+from matchlock.api.errors import VMError
 from matchlock.api.vfs import VFSHookRule, VFSInterceptionConfig
 from matchlock.vfs import snapshot as snapshot_state
 from matchlock.vfs.hostfs import HostFSProvider
@@ -51,6 +52,7 @@ LIMITS = Limits(max_nodes=300, max_handles=24, max_inflight=8, memory_bytes=2 <<
 TIGHT = Limits(max_nodes=30, max_handles=5, max_inflight=4, memory_bytes=64 << 10)
 SEEDS = range(5)
 BATCHES = 500  # per seed; 1-6 requests each, or 40
+PARKS = 0.01  # the chance after each batch that the host parks the channel
 REPLY_WAIT = 60.0  # seconds: only so that a hang fails with the request it hung on
 
 NAMES = [b"f1", b"d1", b"f2", b"d2", b"esc_rel", b"esc_abs", b"esc_dir", b"fifo", b"suid", b"new", b"n2",
@@ -107,18 +109,19 @@ class World:
     """The host side of one session: trees in tmp_path, the mounts over them, what must not change."""
 
     def __init__(self, base: Path, *, nested: bool, secret: bool, limits: Limits = LIMITS) -> None:
-        self.base, self.limits, self.secret = base, limits, secret
+        self.base, self.limits, self.secret, self.nested, self.state = base, limits, secret, nested, base / "state"
         canary = base / "canary"
         canary.mkdir()
         (canary / "secret").write_bytes(b"canary")
         (base / "canary_file").write_bytes(b"next to the roots")
-        for name in ("rw", "ro", "lower"):
+        for name in ("rw", "ro", "lower", "own"):
             make_tree(base / name, canary)
+        (base / "one.txt").write_bytes(b"a single shared file")
+        self.state.mkdir()
+        self.mounts = self.fresh_mounts("ov")
         old = 1_000_000_000_000_000_000  # atime before mtime: a read (relatime) would move it
         for path in (canary / "secret", base / "canary_file", canary):
             os.utime(path, ns=(old, old + 10**9))
-        self.state, self.nested = base / "state", nested
-        self.mounts = self.fresh_mounts("ov")
         self.outside = self.outside_now()
         self.frozen = {name: snapshot(base / name, atime=False) for name in ("ro", "lower")}
 
@@ -130,6 +133,9 @@ class World:
             Mount("/ro", HostFSProvider(str(base / "ro"), readonly=True), readonly=True),
             Mount("/scratch", MemoryProvider(limits)),
         ]
+        if not self.nested:  # a host_fs of one file, and one with fixed owners
+            mounts.append(Mount("/one", HostFSProvider(str(base / "one.txt"))))
+            mounts.append(Mount("/own", HostFSProvider(str(base / "own"), owner_uid=1000, owner_gid=1000)))
         if self.secret:  # a sandbox holding one is never snapshotted (sandbox/snapshots.py)
             mounts.append(Mount("/secret", MemoryProvider.single_file(b"s3cret", 0o4755, 0, 0, limits), readonly=True))
         if self.nested:  # a memory mount inside host_fs (synthesized parents), and a host-side overlay
@@ -419,9 +425,9 @@ async def clone_session(world: World, router: Router, model: Model, seed: int, c
         clone.nodes, clone.dirs, clone.forgotten = list(model.nodes), set(model.dirs), list(model.forgotten)
         peer = Peer(ours)
         statuses: collections.Counter = collections.Counter()
-        await batches(peer, server, clone, world, BATCHES // 5, statuses, caplog)
+        if await batches(peer, server, clone, world, BATCHES // 5, statuses, caplog):
+            await give_back(peer, server, clone, seed)
         assert {op for (op, status) in statuses if status == 0} >= {wire.Op.GETATTR, wire.Op.LOOKUP}
-        await give_back(peer, server, clone, seed)
     finally:
         await server.aclose()
         ours.close()
@@ -434,10 +440,11 @@ def vfs_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 async def batches(peer: Peer, server: VfsServer, model: Model, world: World, count: int,
-                  statuses: collections.Counter, caplog) -> None:  # fmt: skip
-    """`count` batches of random requests, pipelined; every reply checked and learnt from."""
+                  statuses: collections.Counter, caplog) -> bool:  # fmt: skip
+    """`count` batches of random requests, pipelined; every reply checked and learnt from. False: the
+    guest broke the channel (in a park)."""
     rng, ids = model.rng, iter(range(1000, 1 << 31))
-    for _ in range(count):
+    for step in range(count):
         batch = []
         for _ in range(rng.choice([1, 2, 3, 4, 5, 6, 40])):  # 40: past max_inflight, the reader waits
             args = model.request()
@@ -464,6 +471,44 @@ async def batches(peer: Peer, server: VfsServer, model: Model, world: World, cou
         assert len(server.router.handles) <= world.limits.max_handles
         assert len(server.router.nodes) <= world.limits.max_nodes
         assert not vfs_warnings(caplog), vfs_warnings(caplog)
+        if rng.random() < PARKS and not await park_round(peer, server, model, world, step):
+            return False
+    return True
+
+
+async def park_round(peer: Peer, server: VfsServer, model: Model, world: World, step: int) -> bool:
+    """The host parks the channel (a snapshot) while the hostile guest answers as it likes: PARKED
+    after more requests, an old or a never-sent token, or not at all. The park completes (the router then
+    saves) or raises VMError; only a never-sent token breaks the channel. False once it is broken."""
+    rng = model.rng
+    choice = rng.random()
+    park = asyncio.ensure_future(server.park(0.3 if choice < 0.2 else REPLY_WAIT))
+    while not any(wire.decode_notice(n.payload)[0] == wire.PARK for n in peer.notices if n.status == 0):
+        await peer.call(wire.Statfs(model.roots[0]))  # reading replies reads the notice too
+    token = server._tokens
+    if choice < 0.2:
+        with pytest.raises(VMError, match="did not park"):
+            await park  # the guest never answers: the host gives up (and wakes it)
+        await peer.send(0, wire.Parked(token))  # a late PARKED is ignored
+    elif choice < 0.3:
+        await peer.send(0, wire.Parked(token + rng.randint(1, 5)))  # a token never sent
+        with pytest.raises(VMError, match="ended while parking"):
+            await park
+        assert "PARKED with token" in server.broken
+        return False
+    else:
+        if choice < 0.5 and token > 1:
+            await peer.send(0, wire.Parked(rng.randrange(1, token)))  # an old one: ignored
+        await peer.call(wire.Getattr(model.node(), 0))  # still served before PARKED
+        await peer.send(0, wire.Parked(token))
+        await peer.send(1 << 30, wire.Statfs(model.roots[0]))  # read only after the wake
+        await park
+        assert not server._requests
+        snapshot_state.save(server.router, world.state / f"parked-{step}", with_nodes=not world.secret)
+        server.wake()
+        assert (await peer.reply(1 << 30)).status == 0
+    peer.notices.clear()
+    return True
 
 
 async def give_back(peer: Peer, server: VfsServer, model: Model, seed: int) -> None:
@@ -488,7 +533,9 @@ async def play(
     statuses: collections.Counter = collections.Counter()
     async with serving(world.mounts, features, interception, limits=world.limits) as (peer, server, hello):
         model = Model(rng, hello)
-        await batches(peer, server, model, world, BATCHES, statuses, caplog)
+        if not await batches(peer, server, model, world, BATCHES, statuses, caplog):
+            world.check()
+            return statuses
         await peer.ok(wire.Statfs(model.roots[0]))  # every notice (id-0 RELEASE) read, then served:
         while server._requests:
             await asyncio.wait(set(server._requests))
