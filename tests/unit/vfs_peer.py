@@ -21,6 +21,7 @@ class Peer:
         self.sock = sock
         self.decoder = wire.ReplyDecoder()
         self.replies: dict[int, wire.Reply] = {}
+        self.notices: list[wire.Reply] = []  # every frame with id 0 (notices, wake records), in port order
         self._ids = itertools.count(1)
 
     async def send(self, request_id: int, args: wire.Args, uid: int = 0) -> None:
@@ -32,6 +33,8 @@ class Peer:
             assert data, "the server closed the channel"
             for reply in self.decoder.feed(data):
                 self.replies[reply.id] = reply
+                if reply.id == wire.NOTICE_ID:
+                    self.notices.append(reply)
         return self.replies.pop(request_id)
 
     async def call(self, args: wire.Args, uid: int = 0) -> wire.Reply:

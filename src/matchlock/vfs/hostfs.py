@@ -9,9 +9,12 @@ With `owner_uid`/`owner_gid`, the guest sees every file as owned by them and may
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import threading
+from collections.abc import Iterator
 
 from .hostdir import HostDir, host_attr, translated
 from .provider import Path, Provider
@@ -19,36 +22,68 @@ from .types import OPEN_FLAGS, SETID_BITS, Attr, Caller, DirEntry, FsError, Hand
 
 
 class HostFile(Handle):
+    """An open host file. Its calls run in the server's threads while the event loop may close it (a
+    RELEASE that races a READ or WRITE of the same handle): the fd is closed only once no call is using
+    it, so a call can never reach an fd number the process has meanwhile reused for another file."""
+
     def __init__(self, fd: int, ino_base: int, present: HostFSProvider | None = None) -> None:
         self.fd = fd
         self.ino_base = ino_base
         self.present = present
+        self._lock = threading.Lock()
+        self._users = 0  # calls using `fd` right now
+        self._closing = False
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[int]:
+        with self._lock:
+            if self._closing:
+                raise FsError(errno.EBADF, "the file was released")
+            self._users += 1
+        try:
+            with translated():
+                yield self.fd
+        finally:
+            with self._lock:
+                self._users -= 1
+                fd = self._take() if self._closing and not self._users else -1
+            if fd >= 0:
+                os.close(fd)
+
+    def _take(self) -> int:
+        fd, self.fd = self.fd, -1
+        return fd
 
     def read(self, offset: int, size: int) -> bytes:
-        with translated():
-            return os.pread(self.fd, size, offset)
+        with self._using() as fd:
+            return os.pread(fd, size, offset)
 
     def write(self, offset: int, data: bytes) -> int:
-        with translated():
-            return os.pwrite(self.fd, data, offset)
+        with self._using() as fd:
+            return os.pwrite(fd, data, offset)
 
     def fsync(self, datasync: bool) -> None:
-        with translated():
-            (os.fdatasync if datasync else os.fsync)(self.fd)
+        with self._using() as fd:
+            (os.fdatasync if datasync else os.fsync)(fd)
+
+    def stat(self) -> os.stat_result:
+        with self._using() as fd:
+            return os.fstat(fd)
 
     def fstat(self) -> Attr:
-        with translated():
-            st = os.fstat(self.fd)
+        st = self.stat()
         return self.present.attr(st) if self.present is not None else host_attr(st, self.ino_base)
 
     def truncate(self, size: int) -> None:
-        with translated():
-            os.ftruncate(self.fd, size)
+        with self._using() as fd:
+            os.ftruncate(fd, size)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self._lock:
+            self._closing = True
+            fd = -1 if self._users else self._take()
+        if fd >= 0:
+            os.close(fd)
 
 
 class HostFSProvider(Provider):

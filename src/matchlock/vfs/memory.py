@@ -181,6 +181,8 @@ class MemoryProvider(Provider):
             if changes.size is not None:
                 if node.is_dir:
                     raise FsError(errno.EISDIR)
+                if not stat.S_ISREG(node.mode):  # a FIFO, socket, device or symlink has no data to size
+                    raise FsError(errno.EINVAL, "truncate of a file that is not a regular file")
                 self._resize(node, changes.size)
             if changes.mode is not None:
                 node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(changes.mode)

@@ -80,6 +80,10 @@ class NodeTable:
         return None
 
     def _remember(self, parent: Node, name: str) -> Node:
+        if self.nodes.get(parent.id) is not parent:
+            # Forgotten while the request that found `name` in it was in flight (a guest's FORGET is read
+            # at once): a node under it would be an orphan, outside the table and any snapshot of it.
+            raise FsError(errno.ESTALE, f"node {parent.id} was forgotten meanwhile")
         node = self.index.get((parent.id, name))
         if node is None:
             if len(self.nodes) >= self.limits.max_nodes:
@@ -115,7 +119,9 @@ class NodeTable:
             node = self.nodes.get(node_id)
             if node is None or node.nlookup == NEVER_FORGOTTEN:
                 continue
-            node.nlookup -= count
+            # Never below 0: a guest that gives back more than it holds (a hostile count of 2^64-1) must
+            # not leave a node a later lookup cannot revive, nor a count a snapshot restore refuses.
+            node.nlookup = max(0, node.nlookup - count)
             self._drop_if_unused(node)
 
     def _move(self, parent: Node, name: str, newparent: Node, newname: str) -> None:

@@ -101,7 +101,7 @@ class OverlayProvider(Provider):
 
     def _is_upper_file(self, handle: HostFile, path: Path) -> bool:
         """Whether `handle` is open on the upper's file at `path` (a lower one opened read-only is not)."""
-        mine, upper = os.fstat(handle.fd), self.upper.lstat(path)
+        mine, upper = handle.stat(), self.upper.lstat(path)
         return (mine.st_dev, mine.st_ino) == (upper.st_dev, upper.st_ino)
 
     def _move_kept(self, source: Path, target: Path) -> None:

@@ -262,9 +262,18 @@ class Router(NodeTable):
         self._emit("stat", path, attr, caller)
         return self._entry(parent, name, parts, attr)
 
+    def _handle_of(self, node: Node, fh: int) -> _Open | None:
+        """The open handle `fh` that GETATTR or SETATTR names, which must be open on `node` itself: the guest
+        kernel sends the fh an inode was opened with, and another node's (a file of another mount,
+        perhaps a read-only one) would stat or change that file instead of this one."""
+        opened = self.handles.get(fh) if fh else None
+        if opened is not None and opened.node is not node:
+            raise FsError(errno.EBADF, f"handle {fh} is open on another node than {node.id}")
+        return opened
+
     async def getattr(self, a: wire.Getattr, caller: Caller) -> wire.Result:
         node = self._node(a.node)
-        opened = self.handles.get(a.fh) if a.fh else None
+        opened = self._handle_of(node, a.fh)
         if opened is None and node.parent is DETACHED:
             # fstat(2) of an unlinked open file: the kernel sends no fh with GETATTR (only reads and
             # writes carry one), so any handle open on the node answers (pjdfstest unlink/14.t).
@@ -306,7 +315,7 @@ class Router(NodeTable):
             self._check(op, parts)
         if m.readonly:
             raise FsError(errno.EROFS)
-        opened = self.handles.get(a.fh) if a.fh else None
+        opened = self._handle_of(node, a.fh)
         handle = opened.handle if opened is not None else None
         attr = await self._io(m.provider.setattr, rel, changes, handle)
         self.notifier.own(m, rel, attr)
@@ -324,10 +333,16 @@ class Router(NodeTable):
         self._emit("readlink", path, None, caller, len(target))
         return target
 
+    def _room_for(self, parent: Node, name: str) -> None:
+        """ENFILE before an op makes `name` on the host when its entry could not get a node (the table is full)."""
+        if len(self.nodes) >= self.limits.max_nodes and (parent.id, name) not in self.index:
+            raise FsError(errno.ENFILE, f"the guest holds {len(self.nodes)} nodes, the limit")
+
     async def _make(self, op: str, parent_id: int, name: bytes, caller: Caller, method: str, *args: Any) -> wire.Entry:
         parent = self._node(parent_id)
         parts, m, rel, text = self._writable_child(parent, name, busy=errno.EEXIST)
         path = self._check(op, parts)
+        self._room_for(parent, text)
         try:
             attr = await self._io(getattr(m.provider, method), rel, *args)
         except FsError as exc:
@@ -353,6 +368,7 @@ class Router(NodeTable):
         if sm is not m or source in self.points:
             raise FsError(errno.EXDEV)
         path = self._check("create", parts)
+        self._room_for(parent, text)
         attr = await self._io(m.provider.link, srel, rel)
         self.notifier.own(m, rel, attr)
         self.notifier.own(m, srel, attr)  # its link count changed
@@ -417,13 +433,27 @@ class Router(NodeTable):
         parent = self._node(a.parent)
         parts, m, rel, text = self._writable_child(parent, a.name, busy=errno.EEXIST)
         path = self._check("create", parts)
+        self._room_for(parent, text)
+        if len(self.handles) >= self.limits.max_handles:  # refused before the file exists
+            raise FsError(errno.EMFILE, f"the guest holds {len(self.handles)} open files, the limit")
         try:
             handle, attr = await self._io(m.provider.create, rel, a.flags, a.mode, caller)
         except FsError as exc:
             raise self._synthetic_parent(exc, parts) from None
         self.notifier.own(m, rel, attr)
-        entry = self._entry(parent, text, parts, attr)
-        fh = self._open_handle(_Open(self.nodes[entry.node], handle, flags=a.flags))
+        # An error from here on reaches the guest instead of the entry and the handle: neither may stay,
+        # or the host keeps an open file (the node table full: ENFILE) or a lookup no FORGET gives back.
+        try:
+            entry = self._entry(parent, text, parts, attr)
+        except BaseException:
+            handle.close()
+            raise
+        node = self.nodes[entry.node]
+        try:
+            fh = self._open_handle(_Open(node, handle, flags=a.flags))  # closes the file if it fails
+        except BaseException:
+            self.forget(((node.id, 1),))
+            raise
         self._emit("create", path, attr, caller)
         return wire.Created(entry, fh, self._cache_flags(parts))
 

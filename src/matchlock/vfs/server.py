@@ -228,6 +228,9 @@ class VfsServer:
             log.warning("%s", self.broken)
         except ConnectionError as exc:
             self.broken = f"VFS channel closed: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a bug here must end this channel, not the owner's task group
+            self.broken = f"the VFS server failed: {type(exc).__name__}: {exc}"
+            log.error("%s", self.broken)
 
     async def _dispatch(self, request: wire.Request, received: float) -> None:
         checked = request.op == wire.Op.SETATTR and not request.id
@@ -330,6 +333,8 @@ class VfsServer:
             log.warning("VFS: a SETATTR the guest answered itself came out otherwise here (%s): its attributes "
                         "of node %d are dropped%s", problem, args.node,
                         "; further ones are not logged" if self.check_failures == MAX_CHECK_LOGS else "")  # fmt: skip
+        if args.node == wire.ROOT_ALIAS:
+            return  # the guest's own alias of its FUSE root, never a host node: no notice can name it
         transport = self._writer.transport if self._writer is not None else None
         if transport is None or transport.get_write_buffer_size() <= MAX_BACKLOG:  # else the guest is not reading
             self._notice(wire.encode_notice(wire.INVAL_INODE, args.node))
@@ -374,14 +379,26 @@ class VfsServer:
                 args = _with(args, valid=args.valid & ~wire.SET_KILL_SUIDGID)
         elif isinstance(args, (wire.Write, wire.Open, wire.Create)) and args.flags & wire.KILL_SUIDGID:
             # Not for CREATE: every provider's create makes a new file, which keeps the mode it was made
-            # with (as on a local filesystem: O_TRUNC of a file just created truncates nothing).
-            kill = not isinstance(args, wire.Create)
+            # with (as on a local filesystem: O_TRUNC of a file just created truncates nothing). Not for an
+            # OPEN without O_TRUNC, which changes nothing (the guest kernel sends the flag only with it).
+            kill = isinstance(args, wire.Write) or isinstance(args, wire.Open) and bool(args.flags & os.O_TRUNC)
             args = _with(args, flags=args.flags & ~wire.KILL_SUIDGID)
         if args is not request.args:
             request = wire.Request(request.id, request.op, request.uid, request.gid, request.pid, args)
         result = await self.router.handle(request)
         if not kill:
             return result
+        try:
+            return await self._kill_setid(request, args, result)
+        except Exception:  # (cancelled: the server is closing, and closes every handle itself)
+            if isinstance(result, wire.Opened) and isinstance(args, wire.Open):  # the guest never gets this handle
+                release = wire.Release(args.node, result.fh)
+                with contextlib.suppress(FsError):
+                    await self.router.handle(wire.Request(0, wire.Op.RELEASE, request.uid, request.gid, 0, release))
+            raise
+
+    async def _kill_setid(self, request: wire.Request, args: wire.Args | None, result: wire.Result) -> wire.Result:
+        """After `result` of `args`: drop the node's set-id bits with a chmod, as KILLPRIV_V2 leaves to us."""
         if isinstance(result, wire.AttrReply) and isinstance(args, wire.Setattr):
             node, fh, mode = args.node, args.fh, result.attr.mode
         elif isinstance(args, (wire.Write, wire.Open)):

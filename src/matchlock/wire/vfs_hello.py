@@ -22,7 +22,7 @@ def decode_hello(payload: bytes) -> Hello:
         raise RemoteProtocolError(f"HELLO of {len(payload)} bytes exceeds {MAX_HELLO}")
     try:
         msg = json.loads(payload)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays or objects nested thousands deep
         raise RemoteProtocolError(f"HELLO is not JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise RemoteProtocolError("HELLO must be a JSON object")
