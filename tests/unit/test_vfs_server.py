@@ -69,6 +69,9 @@ async def test_a_protocol_violation_ends_the_server(tmp_path: Path) -> None:
         async with asyncio.timeout(10):
             await server.wait()
         assert "exceeds" in server.broken
+        # It hangs up, so the guest's daemon reads EOF and its mounts fail at once (ENOTCONN).
+        async with asyncio.timeout(10):
+            assert await asyncio.get_running_loop().sock_recv(peer.sock, 4096) == b""
     finally:
         await server.aclose()
         peer.sock.close()

@@ -190,6 +190,12 @@ class Router(NodeTable):
             raise FsError(errno.EPERM, f"{op} {path} blocked by a vfs interception rule")
         return path
 
+    def _same_rules(self, parts: Path, newparts: Path) -> None:
+        """A rename or link may not move a file out from under its block rules, nor onto a name under others."""
+        old, new = "/" + "/".join(parts), "/" + "/".join(newparts)
+        if self.interceptor.differ(old, new):
+            raise FsError(errno.EXDEV, f"{old} and {new} are under different vfs interception rules")
+
     def _emit(self, op: str, path: str, attr: Attr | None, caller: Caller, size: int | None = None) -> None:
         if attr is None:
             self.interceptor.event(op, path, size or 0, 0, caller.uid, caller.gid)
@@ -368,6 +374,7 @@ class Router(NodeTable):
         if sm is not m or source in self.points:
             raise FsError(errno.EXDEV)
         path = self._check("create", parts)
+        self._same_rules(source, parts)
         self._room_for(parent, text)
         attr = await self._io(m.provider.link, srel, rel)
         self.notifier.own(m, rel, attr)
@@ -399,6 +406,7 @@ class Router(NodeTable):
             raise FsError(errno.EXDEV)
         path = self._check("rename", parts)
         self._check("rename", newparts)
+        self._same_rules(parts, newparts)
         try:
             await self._io(m.provider.rename, rel, newrel, a.flags)
         except FsError as exc:

@@ -231,6 +231,10 @@ class VfsServer:
         except Exception as exc:  # noqa: BLE001 - a bug here must end this channel, not the owner's task group
             self.broken = f"the VFS server failed: {type(exc).__name__}: {exc}"
             log.error("%s", self.broken)
+        if self.broken and self._writer is not None:
+            # Hang up: the guest's daemon reads EOF and exits, so its mounts fail at once (ENOTCONN)
+            # instead of every request in flight, and each made after, waiting forever.
+            self._writer.close()
 
     async def _dispatch(self, request: wire.Request, received: float) -> None:
         checked = request.op == wire.Op.SETATTR and not request.id
