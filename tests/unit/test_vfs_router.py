@@ -158,6 +158,25 @@ async def test_block_rule_gives_eperm_and_events_name_guest_paths(host: Path) ->
         guest.close()
 
 
+async def test_a_truncate_rule_refuses_an_open_with_o_trunc_before_the_bytes_go(host: Path) -> None:
+    # `echo x > keep.txt` truncates in the OPEN: a rule refusing truncate (and write) left the file empty.
+    rules = (VFSHookRule(phase="before", ops=("write", "truncate"), path="/w/src/main.py", action="block"),)
+    guest = Guest([Mount("/w", HostFSProvider(str(host)))], VFSInterceptionConfig(rules=rules))
+    try:
+        node = await guest.node("/w/src/main.py")
+        assert await guest.errno_of(wire.Open(node, os.O_WRONLY | os.O_TRUNC)) == errno.EPERM
+        assert await guest.errno_of(wire.Setattr(node, wire.SET_SIZE, 0, 0, 0, 0, 0, 0, 0)) == errno.EPERM
+        assert (host / "src" / "main.py").read_text() == "print(1)\n"
+        opened = await guest.call(wire.Open(node, os.O_RDONLY))  # reading is still allowed
+        assert isinstance(opened, wire.Opened)
+        await guest.call(wire.Release(node, opened.fh))
+        await guest.write("/w/other.txt", b"old")
+        await guest.write("/w/other.txt", b"new")  # elsewhere an O_TRUNC open is an open and a truncate
+        assert ("truncate", "/w/other.txt") in [(e.op, e.path) for e in guest.events]
+    finally:
+        guest.close()
+
+
 def test_globs_do_not_cross_slashes() -> None:
     assert path_matches("/workspace/*", "/workspace/a.txt")
     assert not path_matches("/workspace/*", "/workspace/a/b.txt")
