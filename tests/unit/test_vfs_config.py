@@ -71,6 +71,16 @@ def test_workspace_without_mounts_is_refused() -> None:
         VFSConfig(workspace="/workspace").validate()
 
 
+def test_a_workspace_with_no_mount_at_or_under_it_is_refused(tmp_path: Path) -> None:
+    # Mounts may be anywhere, but a workspace nothing makes left every command running in / silently.
+    with pytest.raises(UsageError, match=r"vfs workspace /ws holds no mount \(they are at /other\); fix: mount"):
+        build_vfs("/ws", [f"{tmp_path}:/other:host_fs"])
+    assert build_vfs("/ws", [f"{tmp_path}:sub", f"{tmp_path}:/other:host_fs"]).workspace == "/ws"
+    assert build_vfs("/ws", [f"{tmp_path}:/ws"]).workspace == "/ws"
+    with pytest.raises(UsageError, match="holds no mount"):
+        build_vfs("/ws", [f"{tmp_path}:/wsx"])  # a sibling with the same prefix is not under it
+
+
 def test_disks_shadowed_by_mounts_are_refused(tmp_path: Path) -> None:
     vfs = VFSConfig(
         workspace="/workspace", mounts={"/workspace": MountConfig("memory"), "/srv/h": MountConfig("memory")}

@@ -148,6 +148,12 @@ class VFSConfig:
         for guest, mount in self.mounts.items():
             check_guest_path(guest, "vfs mount point")
             mount.validate(guest)
+        if self.workspace and not any(under(guest, self.workspace) for guest in self.mounts):
+            # Nothing would make it: commands then ran in / without a word.
+            raise UsageError(
+                f"vfs workspace {self.workspace} holds no mount (they are at {', '.join(sorted(self.mounts))}); "
+                f"fix: mount something at or under it (-v HOST:{self.workspace}/NAME) or drop the workspace"
+            )
         if self.interception is not None:
             if len(self.interception.rules) > MAX_RULES:
                 raise UsageError(f"{len(self.interception.rules)} vfs interception rules; at most {MAX_RULES}")
