@@ -125,18 +125,15 @@ def test_a_host_that_leaves_while_the_guest_is_parked_is_an_error():
     os.close(read_end)
 
 
-def test_replace_ca_swaps_the_pem_in_the_bundle(tmp_path, monkeypatch):
+def test_replace_ca_swaps_the_pem_in_the_bundle(tmp_path):
+    from matchlock.guest.etcfiles import EtcFiles
+
     ca = tmp_path / "matchlock-ca.crt"
     bundle = tmp_path / "bundle.crt"
-    monkeypatch.setattr(guest_checkpoint, "CA_PATH", str(ca))
     ca.write_text("OLD-CA\n")
     bundle.write_text("SYSTEM-ROOTS\n\nOLD-CA\n")
-
-    def write_etc(path: str, text: str) -> None:
-        with open(path, "w") as f:
-            f.write(text)
-
-    assert guest_checkpoint.replace_ca("NEW-CA\n", write_etc, (str(bundle),)) == str(bundle)
+    etc = EtcFiles((), ca_paths=(str(ca), str(tmp_path / "fallback.crt")))
+    assert guest_checkpoint.replace_ca("NEW-CA\n", etc, (str(bundle),)) == str(bundle)
     assert ca.read_text() == "NEW-CA\n"
     assert bundle.read_text() == "SYSTEM-ROOTS\n\nNEW-CA\n"
 

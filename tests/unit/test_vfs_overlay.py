@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,37 @@ async def test_a_copied_up_file_keeps_its_inode_number(overlay, lower: Path) -> 
     await guest.call(wire.Link(await guest.node("/w/moved/a.py"), await guest.node("/w/moved"), b"hard.py"))
     assert (await guest.stat("/w/moved/hard.py")).ino == before
     assert (lower / "pkg" / "a.py").read_text() == "a = 1\n"
+
+
+async def test_rename_of_one_hard_link_onto_another_does_nothing(overlay, lower: Path) -> None:
+    # rename(2) of two names of one file leaves both; the overlay used to remove the source.
+    guest, _ = overlay
+    os.link(lower / "README", lower / "README.hard")
+    before = snapshot(lower)
+    await guest.rename("/w/README", "/w/README.hard")
+    assert sorted(await guest.listdir("/w")) == ["README", "README.hard", "link", "pkg"]
+    await guest.write("/w/made", b"x")
+    parent, _ = await guest.parent("/w/made")
+    await guest.call(wire.Link(await guest.node("/w/made"), parent, b"made.2"))
+    await guest.rename("/w/made.2", "/w/made")  # two names in the upper
+    assert await guest.read("/w/made.2") == b"x" and await guest.read("/w/made") == b"x"
+    assert snapshot(lower) == before
+
+
+async def test_sockets_are_made_and_copied_up_like_fifos(overlay, lower: Path) -> None:
+    # bind() of a unix socket in the workspace makes a socket node: EPERM used to fail it.
+    guest, _ = overlay
+    held = socket.socket(socket.AF_UNIX)
+    held.bind(str(lower / "lower.sock"))
+    before = snapshot(lower)
+    try:
+        parent, _ = await guest.parent("/w/pkg/app.sock")
+        entry = await guest.call(wire.Mknod(parent, stat.S_IFSOCK | 0o755, 0, b"app.sock"))
+        assert isinstance(entry, wire.Entry) and stat.S_ISSOCK(entry.attr.mode)
+        await guest.chmod("/w/lower.sock", 0o700)  # copies the lower's node up
+        assert stat.S_IMODE((await guest.stat("/w/lower.sock")).mode) == 0o700
+        await guest.rename("/w/lower.sock", "/w/pkg/moved.sock")
+        assert stat.S_ISSOCK((await guest.stat("/w/pkg/moved.sock")).mode)
+        assert snapshot(lower) == before
+    finally:
+        held.close()

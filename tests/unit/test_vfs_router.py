@@ -158,6 +158,59 @@ async def test_block_rule_gives_eperm_and_events_name_guest_paths(host: Path) ->
         guest.close()
 
 
+async def test_a_truncate_rule_refuses_an_open_with_o_trunc_before_the_bytes_go(host: Path) -> None:
+    # `echo x > keep.txt` truncates in the OPEN: a rule refusing truncate (and write) left the file empty.
+    rules = (VFSHookRule(phase="before", ops=("write", "truncate"), path="/w/src/main.py", action="block"),)
+    guest = Guest([Mount("/w", HostFSProvider(str(host)))], VFSInterceptionConfig(rules=rules))
+    try:
+        node = await guest.node("/w/src/main.py")
+        assert await guest.errno_of(wire.Open(node, os.O_WRONLY | os.O_TRUNC)) == errno.EPERM
+        assert await guest.errno_of(wire.Setattr(node, wire.SET_SIZE, 0, 0, 0, 0, 0, 0, 0)) == errno.EPERM
+        assert (host / "src" / "main.py").read_text() == "print(1)\n"
+        opened = await guest.call(wire.Open(node, os.O_RDONLY))  # reading is still allowed
+        assert isinstance(opened, wire.Opened)
+        await guest.call(wire.Release(node, opened.fh))
+        await guest.write("/w/other.txt", b"old")
+        await guest.write("/w/other.txt", b"new")  # elsewhere an O_TRUNC open is an open and a truncate
+        assert ("truncate", "/w/other.txt") in [(e.op, e.path) for e in guest.events]
+    finally:
+        guest.close()
+
+
+async def test_a_non_root_guest_user_owns_what_it_makes_on_host_fs(host: Path) -> None:
+    # Before, everything was the mount root's owner's: `-u 1000` made a file and could not append to it.
+    os.chown(host, 4321, 4322)
+    guest = Guest([Mount("/w", HostFSProvider(str(host)))])
+    try:
+        await guest.write("/w/by-root", b"r")
+        guest.uid, guest.gid = 1000, 1001
+        await guest.write("/w/by-user", b"u")
+        await guest.mkdir("/w/dir-by-user")
+        await guest.symlink("/w/link-by-user", "by-user")
+        owners = {name: (os.lstat(host / name).st_uid, os.lstat(host / name).st_gid)
+                  for name in ("by-root", "by-user", "dir-by-user", "link-by-user")}  # fmt: skip
+        if os.geteuid() == 0:
+            assert owners == {"by-root": (4321, 4322), "by-user": (1000, 1001), "dir-by-user": (1000, 1001),
+                              "link-by-user": (1000, 1001)}  # fmt: skip
+            assert (await guest.stat("/w/by-user")).uid == 1000  # what the guest kernel checks access by
+        else:  # without root nothing can be given away: all the host process's
+            assert set(owners.values()) == {(os.geteuid(), os.getegid())}
+    finally:
+        guest.close()
+
+
+async def test_fixed_owners_keep_the_mount_roots_owner_on_the_host(host: Path) -> None:
+    os.chown(host, 4321, 4322)
+    guest = Guest([Mount("/w", HostFSProvider(str(host), owner_uid=7, owner_gid=8))], uid=1000, gid=1001)
+    try:
+        await guest.write("/w/f", b"x")
+        st = os.lstat(host / "f")
+        expected = (4321, 4322) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        assert (st.st_uid, st.st_gid) == expected and (await guest.stat("/w/f")).uid == 7
+    finally:
+        guest.close()
+
+
 def test_globs_do_not_cross_slashes() -> None:
     assert path_matches("/workspace/*", "/workspace/a.txt")
     assert not path_matches("/workspace/*", "/workspace/a/b.txt")

@@ -108,10 +108,13 @@ async def test_an_overlay_upper_round_trips_with_whiteouts_opaque_dirs_and_kept_
         await guest.symlink("/o/pkg/ln", "a.py")
         await guest.call(wire.Link(await guest.node("/o/pkg/a.py"), await guest.node("/o"), b"hard"))
         await guest.chmod("/o/pkg/sub/b.py", 0o600)
+        sock = wire.Mknod(await guest.node("/o/pkg"), stat.S_IFSOCK | 0o755, 0, b"app.sock")  # a bind() there
+        assert isinstance(await guest.call(sock), wire.Entry)
         view = {}
         for path in ("/o", "/o/pkg", "/o/old", "/o/pkg/sub"):
             view[path] = await guest.listdir(path)
-        attrs = {p: await guest.stat(p) for p in ("/o", "/o/pkg/a.py", "/o/hard", "/o/pkg/sub/b.py", "/o/pkg/ln")}
+        paths = ("/o", "/o/pkg/a.py", "/o/hard", "/o/pkg/sub/b.py", "/o/pkg/ln", "/o/pkg/app.sock")
+        attrs = {p: await guest.stat(p) for p in paths}
         snapshot.save(guest.router, dirs["root"] / "snap", with_nodes=False)
         snapshot.restore(fresh.router, dirs["root"] / "snap", with_nodes=False)
         for path, names in view.items():

@@ -274,3 +274,11 @@ def test_with_interception_every_listing_reaches_the_host_and_fires_its_event(vm
         assert sandbox.vfs.server.op_counts["OPENDIR"] >= 3
     finally:
         loop_thread.run(sandbox.aclose())
+
+
+def test_a_non_root_user_goes_on_writing_what_it_made_on_host_fs(box, loop_thread, host_dirs):
+    # Its files were the mount root's owner's (root): it could make a file but not append to it.
+    sh(box, loop_thread, "mkdir -p /work/shared && chmod 777 /work/shared")
+    script = "cd /work/shared && echo a > f && echo b >> f && mkdir d && echo c > d/g && cat f d/g && stat -c %u f d"
+    assert sh(box, loop_thread, script, user="nobody").split() == ["a", "b", "c", "65534", "65534"]
+    assert os.stat(host_dirs / "rw" / "shared" / "f").st_uid == 65534

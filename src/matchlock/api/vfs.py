@@ -65,6 +65,11 @@ class MountConfig:
                 raise UsageError(f"{label}: host_path {self.host_path} does not exist; fix: create it first")
             if self.type == "overlay" and not os.path.isdir(self.host_path):
                 raise UsageError(f"{label}: overlay host_path {self.host_path} is not a directory; fix: use host_fs")
+            if not (os.path.isdir(self.host_path) or os.path.isfile(self.host_path)):
+                raise UsageError(
+                    f"{label}: host_path {self.host_path} is neither a directory nor a regular file (a device, "
+                    "FIFO or socket is never served); fix: mount the directory that holds it"
+                )
         if (self.owner_uid is not None or self.owner_gid is not None) and self.type != "host_fs":
             raise UsageError(f"{label}: owner_uid/owner_gid are only supported for host_fs mounts")
         for name, value in (("owner_uid", self.owner_uid), ("owner_gid", self.owner_gid)):
@@ -143,6 +148,12 @@ class VFSConfig:
         for guest, mount in self.mounts.items():
             check_guest_path(guest, "vfs mount point")
             mount.validate(guest)
+        if self.workspace and not any(under(guest, self.workspace) for guest in self.mounts):
+            # Nothing would make it: commands then ran in / without a word.
+            raise UsageError(
+                f"vfs workspace {self.workspace} holds no mount (they are at {', '.join(sorted(self.mounts))}); "
+                f"fix: mount something at or under it (-v HOST:{self.workspace}/NAME) or drop the workspace"
+            )
         if self.interception is not None:
             if len(self.interception.rules) > MAX_RULES:
                 raise UsageError(f"{len(self.interception.rules)} vfs interception rules; at most {MAX_RULES}")
@@ -205,10 +216,15 @@ def parse_volume_spec(spec: str, workspace: str) -> tuple[str, MountConfig]:
     host = os.path.abspath(parts[0])
     if not os.path.exists(host):
         raise UsageError(f"invalid -v {spec!r}: host path {host} does not exist; fix: create it first")
+    if parts[0].endswith("/") and not os.path.isdir(host):
+        raise UsageError(f"invalid -v {spec!r}: host path {parts[0]} is not a directory; fix: drop the trailing '/'")
     guest = parts[1]
     if not guest.startswith("/"):
         if not workspace:
-            raise UsageError(f"invalid -v {spec!r}: relative guest path {guest!r} needs --workspace")
+            raise UsageError(
+                f"invalid -v {spec!r}: relative guest path {guest!r} needs --workspace; fix: give an absolute "
+                "guest path or --workspace"
+            )
         guest = posixpath.join(workspace, guest)
     guest = "/" + posixpath.normpath(guest).lstrip("/")
     option = parts[2] if len(parts) == 3 else "overlay"
@@ -222,9 +238,19 @@ def parse_volume_spec(spec: str, workspace: str) -> tuple[str, MountConfig]:
         key, sep, value = item.partition("=")
         if key not in ("uid", "gid") or not sep or not value.isdigit():
             raise UsageError(f"invalid -v {spec!r}: option {item!r} must be uid=N or gid=N")
+        if key in ids:
+            raise UsageError(f"invalid -v {spec!r}: {key}= is given twice; fix: give it once")
         ids[key] = int(value)
+    if ids and kind != "host_fs":
+        raise UsageError(
+            f"invalid -v {spec!r}: uid=/gid= apply only to host_fs and ro mounts, not {option}; "
+            f"fix: {parts[0]}:{parts[1]}:host_fs,{','.join(options)}"
+        )
     mount = MountConfig(kind, host, readonly, ids.get("uid"), ids.get("gid"))
-    mount.validate(guest)
+    try:
+        mount.validate(guest)
+    except UsageError as exc:
+        raise UsageError(f"invalid -v {spec!r}: {exc}") from None
     return guest, mount
 
 
@@ -244,14 +270,15 @@ def build_vfs(workspace: str, volumes: tuple[str, ...] | list[str]) -> VFSConfig
 
 
 def split_volume_flags(values: tuple[str, ...] | list[str]) -> list[str]:
-    """`-v` values are comma-splittable (as upstream's string slice); `uid=N`/`gid=N` items stay with their spec."""
+    """`-v` values are comma-splittable (as upstream's string slice); an option item (`uid=N`, or any
+    `key=value` with no ':', which cannot be a spec) stays with its spec, so an error names both."""
     specs: list[str] = []
     for value in values:
         for item in value.split(","):
             item = item.strip()
             if not item:
                 continue
-            if item.startswith(("uid=", "gid=")) and specs:
+            if specs and "=" in item and ":" not in item:
                 specs[-1] += "," + item
             else:
                 specs.append(item)

@@ -20,13 +20,15 @@ import tarfile
 from pathlib import Path
 
 from ..api.errors import ImageError
-from ..wire.boot import CA_PATH
+from ..wire.boot import CA_FALLBACK_PATHS, CA_PATH
 from .tree import LayerWriter, Opener, Tree, parent_chain, split, tar_member_opener
 
 # Top-level directories the runtime mounts over (tmpfs, proc, sysfs, devtmpfs).
 EXCLUDED_TOP = frozenset({"proc", "sys", "dev", "run", "tmp"})
-# Files the guest agent writes at boot.
-EXCLUDED_FILES = frozenset({("etc", "hosts"), ("etc", "hostname"), ("etc", "resolv.conf"), split(CA_PATH)})
+# Files the guest agent writes at boot (the CA where a mount covers CA_PATH too).
+EXCLUDED_FILES = frozenset(
+    {("etc", "hosts"), ("etc", "hostname"), ("etc", "resolv.conf")} | {split(p) for p in (CA_PATH, *CA_FALLBACK_PATHS)}
+)
 MAX_ENTRIES = 1_000_000
 
 # The guest side: tar every top-level entry except the mounted ones, without following symlinks.

@@ -22,7 +22,6 @@ import time
 
 from ..wire import agent as msgs
 from ..wire.boot import (
-    CA_PATH,
     GUEST_ADDRESS,
     GUEST_GATEWAY,
     GUEST_INTERFACE,
@@ -44,6 +43,7 @@ from ..wire.mux import (
 )
 from ..wire.replies import Fatal, Ready, Result
 from . import checkpoint, disks, netconfig, syscalls, timing, users
+from .etcfiles import EtcFiles
 from .handlers import ExecHandler, PortForwardHandler, ReadFileHandler, StreamHandler, WriteFileHandler, list_files
 
 AGENT_VERSION = "1"
@@ -352,7 +352,7 @@ class Agent:
             elif config.vfs and not self.restored:  # a clone's daemon came along, parked in the snapshot
                 raise RuntimeError("the host asked for mounts, but this guest has started its FUSE daemon already")
             if self.restored:  # a clone from a snapshot: disks mounted, network unchanged
-                ca_bundle = checkpoint.apply_restored_config(config, _write_etc, render_hosts, SYSTEM_BUNDLES)
+                ca_bundle = checkpoint.apply_restored_config(config, EtcFiles.current(), render_hosts, SYSTEM_BUNDLES)
             else:
                 ca_bundle = apply_config(config)
             self.privileged = config.privileged
@@ -376,14 +376,8 @@ def _uptime_ms() -> int:
 
 
 def _write_etc(path: str, content: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.islink(path):
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, content.encode())
-    finally:
-        os.close(fd)
+    """A file of the root the agent owns before any mount exists (prepare_root)."""
+    EtcFiles(()).write(path, content)
 
 
 def render_hosts(hostname: str, extra_hosts) -> str:
@@ -410,12 +404,13 @@ def apply_config(config: msgs.GuestConfig) -> str:
     """Apply the host's settings; returns the system CA bundle the sandbox CA joined ("" if none)."""
     syscalls.set_realtime_clock(config.time_ns)
     _socket.sethostname(config.hostname)
-    _write_etc("/etc/hostname", config.hostname + "\n")
-    _write_etc("/etc/hosts", render_hosts(config.hostname, config.extra_hosts))
+    etc = EtcFiles.current() if config.vfs else EtcFiles(())  # a mounted file is the user's: left as it is
+    etc.write("/etc/hostname", config.hostname + "\n")
+    etc.write("/etc/hosts", render_hosts(config.hostname, config.extra_hosts))
     if config.dns_servers:
-        _write_etc("/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in config.dns_servers))
+        etc.write("/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in config.dns_servers))
     _apply_network(config.network)
-    bundle = _install_ca(config.ca_certificate) if config.ca_certificate else ""
+    bundle = _install_ca(config.ca_certificate, etc) if config.ca_certificate else ""
     disks.mount_disks(config.disks)
     if _cpu_quota is not None:
         _set_cpu_quota(config.cpus)
@@ -431,18 +426,24 @@ SYSTEM_BUNDLES = (
 )
 
 
-def _install_ca(pem: str) -> str:
-    """The proxy's CA for this sandbox: its own file, and appended to the image's bundle."""
-    _write_etc(CA_PATH, pem)
+def _install_ca(pem: str, etc: EtcFiles) -> str:
+    """The proxy's CA for this sandbox: its own file, and appended to the image's bundle (unless a VFS
+    mount has the bundle). Returns the bundle, or the CA's file where it is not CA_PATH, or "" (CA_PATH)."""
+    ca_file = etc.ca_path()
+    etc.write(ca_file, pem)
+    alone = etc.ca_alone(ca_file)
     for bundle in SYSTEM_BUNDLES:
         if os.path.isfile(bundle):
+            real = os.path.realpath(bundle)
+            if etc.on_mount(real):
+                return alone  # the user's mounted bundle: TLS clients get the CA's own file
             try:
-                with open(os.path.realpath(bundle), "a") as f:
+                with open(real, "a") as f:
                     f.write("\n" + pem)
             except OSError:
                 continue  # a read-only or odd bundle: the CA file and env vars still work
             return bundle
-    return ""
+    return alone
 
 
 _cpu_quota: int | None = None  # the quota cpu.max holds, None without the cpu controller

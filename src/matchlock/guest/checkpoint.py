@@ -12,7 +12,6 @@ import os
 import time
 
 from ..wire import agent as msgs
-from ..wire.boot import CA_PATH
 from ..wire.checkpoint import WAKE_MAGIC, WAKE_RECORD_SIZE, decode_wake
 from ..wire.mux import Connection, Role
 from ..wire.replies import Result
@@ -76,33 +75,39 @@ def park(agent, stream: int) -> None:
     agent.flush_blocking()
 
 
-def apply_restored_config(config: msgs.GuestConfig, write_etc, render_hosts, system_bundles) -> str:
+def apply_restored_config(config: msgs.GuestConfig, etc, render_hosts, system_bundles) -> str:
     """A new host's settings for a restored clone: its disks are mounted and its network is the same,
-    so only the clock, names and the CA change. Returns the system bundle holding the new CA."""
+    so only the clock, names and the CA change. Returns the system bundle holding the new CA.
+
+    `etc` is an `etcfiles.EtcFiles`: nothing is written into a VFS mount (a clone's mounts are up)."""
     import _socket
 
     syscalls.set_realtime_clock(config.time_ns)
     _socket.sethostname(config.hostname)
-    write_etc("/etc/hostname", config.hostname + "\n")
-    write_etc("/etc/hosts", render_hosts(config.hostname, config.extra_hosts))
-    return replace_ca(config.ca_certificate, write_etc, system_bundles)
+    etc.write("/etc/hostname", config.hostname + "\n")
+    etc.write("/etc/hosts", render_hosts(config.hostname, config.extra_hosts))
+    return replace_ca(config.ca_certificate, etc, system_bundles)
 
 
-def replace_ca(pem: str, write_etc, system_bundles) -> str:
+def replace_ca(pem: str, etc, system_bundles) -> str:
     """Swap the sandbox CA for `pem` in its own file and in the system bundle ("" removes it)."""
+    ca_file = etc.ca_path()
     try:
-        with open(CA_PATH) as f:
+        with open(ca_file) as f:
             old = f.read()
     except OSError:
         old = ""
     if pem:
-        write_etc(CA_PATH, pem)
+        etc.write(ca_file, pem)
     elif old:
-        os.unlink(CA_PATH)
+        os.unlink(ca_file)
+    alone = etc.ca_alone(ca_file) if pem else ""
     for bundle in system_bundles:
         if not os.path.isfile(bundle):
             continue
         path = os.path.realpath(bundle)
+        if etc.on_mount(path):
+            return alone  # the user's mounted bundle, never changed
         try:
             with open(path) as f:
                 text = f.read()
@@ -113,4 +118,4 @@ def replace_ca(pem: str, write_etc, system_bundles) -> str:
         except OSError:
             continue  # a read-only or odd bundle: the CA file and env vars still work
         return bundle if pem else ""
-    return ""
+    return alone

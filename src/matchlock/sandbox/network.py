@@ -17,7 +17,7 @@ from ..net import namespace as ns
 from ..policy.engine import NetworkPolicy
 from ..vm.machine import MachineNetwork
 from ..wire.agent import GuestNetwork
-from ..wire.boot import CA_PATH
+from ..wire.boot import CA_FALLBACK_PATHS, CA_PATH
 from .early import take_early
 
 if TYPE_CHECKING:
@@ -91,7 +91,8 @@ class SandboxNetwork:
         if self.ca_pem:
             bundle = ca_bundle or CA_PATH
             env.update({name: bundle for name in CA_ENV_VARS})
-            env["NODE_EXTRA_CA_CERTS"] = CA_PATH
+            # The CA alone: CA_PATH, or where the guest put it because a VFS mount covers CA_PATH.
+            env["NODE_EXTRA_CA_CERTS"] = ca_bundle if ca_bundle in CA_FALLBACK_PATHS else CA_PATH
         env.update(self.policy.guest_environment())
         return env
 

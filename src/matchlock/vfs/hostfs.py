@@ -1,9 +1,11 @@
 """`host_fs` mounts: a host directory (or one file), read-write or read-only, resolved safely (`hostdir`).
 
 Read-only refuses every mutation with EROFS, setattr, rename and link included, and every open that
-could write. Files the guest creates belong on the host to the owner of the mount root (so the
-user who shared a directory owns what the agent writes there), and never carry setuid or setgid
-bits: a guest must not plant a set-id program in a directory a host user may run things from.
+could write. Files the guest's root creates belong on the host to the owner of the mount root (so the
+user who shared a directory owns what the agent writes there); another guest user's are its own, so it
+can go on writing them (they were root's, and `-u 1000` could not append to a file it had just made).
+They never carry setuid or setgid bits: a guest must not plant a set-id program in a directory a host
+user may run things from.
 With `owner_uid`/`owner_gid`, the guest sees every file as owned by them and may not chown.
 """
 
@@ -134,9 +136,17 @@ class HostFSProvider(Provider):
         if self.readonly:
             raise FsError(errno.EROFS)
 
-    def _own(self, path: Path) -> Attr:
-        if self.new_owner is not None:
-            self.dir.chown(path, *self.new_owner)
+    def _owner(self, caller: Caller) -> tuple[int, int] | None:
+        """Who owns a new file on the host: the mount root's owner for the guest's root (per id), else the caller."""
+        if self.new_owner is None:
+            return None
+        if self.owner_uid is not None or self.owner_gid is not None:
+            return self.new_owner  # the guest sees fixed owners anyway
+        return (caller.uid or self.new_owner[0], caller.gid or self.new_owner[1])
+
+    def _own(self, path: Path, caller: Caller) -> Attr:
+        if (owner := self._owner(caller)) is not None:
+            self.dir.chown(path, *owner)
         return self.getattr(path)
 
     # --- reads -----------------------------------------------------------------------------------------------
@@ -195,9 +205,9 @@ class HostFSProvider(Provider):
         fd = self.dir.open_file(path, flags & OPEN_FLAGS, create_mode=stat.S_IMODE(mode) & ~SETID_BITS)
         handle = HostFile(fd, self.ino_base, self)
         try:
-            if self.new_owner is not None:
+            if (owner := self._owner(caller)) is not None:
                 with translated():
-                    os.fchown(fd, *self.new_owner)
+                    os.fchown(fd, *owner)
             return handle, handle.fstat()
         except BaseException:
             handle.close()
@@ -206,7 +216,7 @@ class HostFSProvider(Provider):
     def mkdir(self, path: Path, mode: int, caller: Caller) -> Attr:
         self._writable()
         self.dir.mkdir(path, stat.S_IMODE(mode) & ~SETID_BITS)
-        return self._own(path)
+        return self._own(path, caller)
 
     def mknod(self, path: Path, mode: int, rdev: int, caller: Caller) -> Attr:
         self._writable()
@@ -215,12 +225,12 @@ class HostFSProvider(Provider):
         if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             raise FsError(errno.EPERM, "only regular files, FIFOs and sockets")
         self.dir.mknod(path, stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~SETID_BITS))
-        return self._own(path)
+        return self._own(path, caller)
 
     def symlink(self, path: Path, target: str, caller: Caller) -> Attr:
         self._writable()
         self.dir.symlink(path, target)
-        return self._own(path)
+        return self._own(path, caller)
 
     def link(self, source: Path, path: Path) -> Attr:
         self._writable()

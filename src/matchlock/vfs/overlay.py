@@ -125,10 +125,10 @@ class OverlayProvider(Provider):
             self._copy_file(path, st)
         elif kind == stat.S_IFLNK:
             self.upper.symlink(path, self.lower.readlink(path))
-        elif kind == stat.S_IFIFO:
+        elif kind in (stat.S_IFIFO, stat.S_IFSOCK):
             self.upper.mknod(path, st.st_mode)
         else:
-            raise FsError(errno.EPERM, "only files, directories, symlinks and FIFOs are copied up")
+            raise FsError(errno.EPERM, "only files, directories, symlinks, FIFOs and sockets are copied up")
         self.upper.chown(path, st.st_uid, st.st_gid)
         if kind != stat.S_IFLNK:
             self.upper.chmod(path, st.st_mode)
@@ -278,8 +278,9 @@ class OverlayProvider(Provider):
             return self._finish_new(path, caller, whited=whited, directory=True)
 
     def mknod(self, path: Path, mode: int, rdev: int, caller: Caller) -> Attr:
-        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO):
-            raise FsError(errno.EPERM, "only regular files and FIFOs")
+        # A socket node is as inert as a FIFO (the guest's bind() keeps its socket in the guest kernel).
+        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise FsError(errno.EPERM, "only regular files, FIFOs and sockets")
         with self.lock:
             whited = self._prepare_new(path)
             self.upper.mknod(path, mode)
@@ -344,8 +345,8 @@ class OverlayProvider(Provider):
                     raise FsError(errno.EEXIST)
                 if stat.S_ISDIR(existing.st_mode) != is_dir:
                     raise FsError(errno.EISDIR if stat.S_ISDIR(existing.st_mode) else errno.ENOTDIR)
-                if source == target:
-                    return
+                if source == target or _same_file(st, existing):
+                    return  # two names of one file: rename(2) does nothing (it removed the source)
                 self._remove(target, directory=is_dir)
             source_in_lower = self._in_lower(source)
             if is_dir:
@@ -365,6 +366,10 @@ class OverlayProvider(Provider):
                 self.opaque.add(target)
             if source_in_lower:
                 self.whiteouts.add(source)
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return not stat.S_ISDIR(a.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _copy_fd(source: int, target: int, size: int) -> None:

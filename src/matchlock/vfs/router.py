@@ -426,6 +426,8 @@ class Router(NodeTable):
         parts = self._parts(node)
         m, rel = self.route(parts)
         path = self._check("open", parts)
+        if truncating := bool(a.flags & os.O_TRUNC):  # `> file`: a truncate, refused before the bytes go
+            self._check("truncate", parts)
         if wants_write(a.flags) and m.readonly:
             raise FsError(errno.EROFS)
         if parts in self.virtual:
@@ -435,6 +437,8 @@ class Router(NodeTable):
             self.notifier.wrote(node, handle)  # O_TRUNC
         fh = self._open_handle(_Open(node, handle, flags=a.flags))
         self._emit("open", path, None, caller)
+        if truncating:
+            self._emit("truncate", path, None, caller)
         return wire.Opened(fh, self._cache_flags(parts, node))
 
     async def create(self, a: wire.Create, caller: Caller) -> wire.Result:

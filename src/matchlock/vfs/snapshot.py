@@ -498,7 +498,7 @@ def _restore_overlay(provider: OverlayProvider, where: Path, mount: str) -> None
 
 
 def _check_tree(top: Path, mount: str) -> None:
-    """A saved upper holds only directories, files, symlinks and FIFOs, within MAX_DEPTH and MAX_UPPER_ENTRIES."""
+    """A saved upper holds only directories, files, symlinks, FIFOs and sockets, within MAX_DEPTH and MAX_UPPER_ENTRIES."""
     try:
         if not stat.S_ISDIR(os.lstat(top).st_mode):
             raise _bad(f"overlay mount {mount}: its saved upper is no directory")
@@ -518,8 +518,10 @@ def _check_tree(top: Path, mount: str) -> None:
                     if depth + 1 > MAX_DEPTH:
                         raise _bad(f"overlay mount {mount}: saved upper deeper than {MAX_DEPTH}")
                     pending.append((Path(entry.path), depth + 1))
-                elif kind not in (stat.S_IFREG, stat.S_IFLNK, stat.S_IFIFO):
-                    raise _bad(f"overlay mount {mount}: {entry.path} is neither file, directory, symlink nor FIFO")
+                elif kind not in (stat.S_IFREG, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK):
+                    raise _bad(
+                        f"overlay mount {mount}: {entry.path} is neither file, directory, symlink, FIFO nor socket"
+                    )
 
 
 def _copy_tree(source: Path, target: Path, *, into: bool) -> None:

@@ -36,6 +36,8 @@ WAKE_SIZE = 64
 # Where guest init installs the sandbox CA; the host points the usual
 # environment variables at it.
 CA_PATH = "/etc/ssl/certs/matchlock-ca.crt"
+# Where it goes instead when a VFS mount covers CA_PATH (guest/etcfiles.py): the first one outside them.
+CA_FALLBACK_PATHS = ("/etc/matchlock-ca.crt", "/matchlock-ca.crt")
 
 # PATH for init and for every command, before image and user environment.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
