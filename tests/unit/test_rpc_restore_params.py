@@ -93,7 +93,7 @@ def test_a_missing_secret_is_named_with_the_fix() -> None:
     ("extra", "fragment"),
     [
         ({"image": "busybox"}, "image 'busybox' is not the image of snapshot 'snap1', 'alpine:latest'"),
-        ({"resources": {"cpus": 2}}, "resources.cpus is 2 but snapshot 'snap1' was taken with 1.0"),
+        ({"resources": {"cpus": 2}}, "resources.cpus is 2 but snapshot 'snap1' was taken with 1: "),
         ({"resources": {"memory_mb": 1024}}, "resources.memory_mb is 1024 but snapshot 'snap1' was taken with 512"),
         ({"resources": {"disk_size_mb": 100}}, "omit resources.disk_size_mb"),
     ],

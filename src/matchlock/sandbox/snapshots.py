@@ -335,6 +335,11 @@ async def _sync_and_copy(sandbox: Sandbox, directory: Path, *, keep_stopped: boo
 _RESOURCE_FLAGS = {"cpus": "--cpus", "memory_mb": "--memory", "disk_size_mb": "--disk-size"}
 
 
+def _number(value: object) -> str:
+    """A saved number as the flags print theirs (1.0 cpus as 1)."""
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _same_image(given: str, saved: str) -> bool:
     if given == saved:
         return True
@@ -470,7 +475,7 @@ class Restore:
                 flag = _RESOURCE_FLAGS[key]
                 raise RestoreMismatch(
                     f"resources.{key}", flag,
-                    f"is {value:g} but snapshot {name!r} was taken with {meta.get(key)}: "
+                    f"is {value:g} but snapshot {name!r} was taken with {_number(meta.get(key))}: "
                     "a restore keeps the snapshot's machine",
                     cli=f"omit {flag}", rpc=f"omit resources.{key}",
                 )  # fmt: skip
